@@ -1,0 +1,90 @@
+//! The results sender: drains the outbox to `POST /relay/v1/results` in batches. A result leaves the
+//! store only when the cloud lists its id as accepted, so an outage or a restart loses nothing, and the
+//! stable ids let the cloud drop the duplicates a lost answer causes.
+
+use super::Sessions;
+use crate::backoff::{Backoff, sleep_or_shutdown};
+use crate::ctx::Ctx;
+use crate::protocol::{ErrorCode, PATH_RESULTS, ResultsAck, ResultsBatch};
+use anyhow::Result;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+const BATCH: usize = 100;
+/// Even without a wake-up, look at the outbox this often.
+const SWEEP: Duration = Duration::from_secs(30);
+
+pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken) -> Result<()> {
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    let mut session_rx = sessions.subscribe();
+    loop {
+        // Drain while there is a session and something to send.
+        while let Some(session) = sessions.current() {
+            let batch = ctx.store.run(|s| s.outbox_batch(BATCH)).await?;
+            if batch.is_empty() {
+                break;
+            }
+            let body = ResultsBatch {
+                results: batch.iter().map(|(_, r)| r.clone()).collect(),
+            };
+            let sent = ctx
+                .cloud
+                .json::<_, ResultsAck>(
+                    http::Method::POST,
+                    PATH_RESULTS,
+                    Some(&session.token),
+                    Some(&body),
+                )
+                .await;
+            match sent {
+                Ok(ack) => {
+                    let accepted: HashSet<&str> = ack.accepted.iter().map(String::as_str).collect();
+                    let keys: Vec<u64> = batch
+                        .iter()
+                        .filter(|(_, r)| accepted.contains(r.result_id.as_str()))
+                        .map(|(k, _)| *k)
+                        .collect();
+                    let n = keys.len() as u64;
+                    ctx.store.run(move |s| s.outbox_remove(&keys)).await?;
+                    debug!(sent = n, duplicates = ack.duplicates, "results delivered");
+                    {
+                        let mut st = ctx.status.lock();
+                        st.results_sent += n;
+                        st.last_results_error = None;
+                    }
+                    backoff.reset();
+                    if n == 0 {
+                        // The cloud took nothing: do not spin on the same batch.
+                        warn!(
+                            "cloud acknowledged none of {} results; retrying later",
+                            batch.len()
+                        );
+                        if !sleep_or_shutdown(backoff.next_delay(), &shutdown).await {
+                            return Ok(());
+                        }
+                    }
+                }
+                Err(e) => {
+                    if e.code() == Some(ErrorCode::TokenInvalid) {
+                        sessions.invalidate(session.generation);
+                    }
+                    let d = backoff.next_delay();
+                    warn!(error = %e, retry_in = ?d, pending = batch.len(), "cannot deliver results");
+                    ctx.status.lock().last_results_error = Some(e.to_string());
+                    if !sleep_or_shutdown(d, &shutdown).await {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = ctx.outbox_wake.notified() => {}
+            changed = session_rx.changed() => if changed.is_err() { return Ok(()) },
+            _ = tokio::time::sleep(SWEEP) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! Command-line interface definitions (clap). No logic here: `main.rs` dispatches.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const DEFAULT_CONFIG: &str = "/etc/ucrelay/relay.toml";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ucrelay",
+    version,
+    about = "On-premises relay for cloud-managed VoIP/UC device fleets"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log line format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the relay daemon (what the systemd unit starts).
+    Run(ConfigArg),
+    /// Validate the configuration without starting anything (exit 0 when valid, 1 otherwise).
+    Check(ConfigArg),
+    /// Show the running relay's health: registration, channel, heartbeats (exit 0 when healthy).
+    Status(StatusArgs),
+    /// Start a reference cloud and a relay on loopback and show them working together.
+    Demo(DemoArgs),
+    /// Simulators for tests, demos and benchmarks.
+    #[command(subcommand)]
+    Sim(SimCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct ConfigArg {
+    /// Configuration file.
+    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Configuration file (used to find the admin socket).
+    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Admin socket to ask directly (instead of reading the config).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Print the status as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Exit 0 as soon as the whole flow has been shown (for scripts and CI), instead of running until Ctrl-C.
+    #[arg(long)]
+    pub once: bool,
+    /// Heartbeat interval of the demo relay (short, so there is something to watch).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SimCommand {
+    /// The reference cloud: registration, heartbeats, command channel, results, test API (plain HTTP).
+    Cloud(crate::sim::cloud::CloudArgs),
+}

@@ -1,0 +1,461 @@
+//! Outbound connections to the cloud: TCP, the optional HTTP CONNECT proxy, TLS, then either one
+//! HTTP/1.1 request or a WebSocket upgrade over the same kind of stream.
+//!
+//! One connector for both means the proxy and the TLS policy apply to every byte the relay sends to
+//! the cloud, and each step has its own deadline, so a silent peer can never wedge a caller. This module
+//! knows nothing about what the requests mean; the agents do.
+
+use crate::config::{CloudConfig, CloudUrl, ProxyConfig};
+use crate::protocol::{ErrorBody, ErrorCode};
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{ServerName, pem::PemObject};
+use serde::{Serialize, de::DeserializeOwned};
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// Largest response body the relay reads from the cloud (manifests, acks): anything bigger is refused.
+pub const MAX_BODY: usize = 16 * 1024 * 1024;
+/// Largest proxy CONNECT answer head.
+const MAX_PROXY_HEAD: usize = 8 * 1024;
+
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+pub type BoxIo = Box<dyn Io>;
+
+/// Why a cloud call failed, in words an admin can act on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CloudError {
+    /// Name resolution, TCP, proxy or TLS failed or timed out.
+    Connect { stage: &'static str, detail: String },
+    /// The request was sent but no complete answer arrived in time.
+    Timeout { what: &'static str, after: Duration },
+    /// The cloud answered with an error status.
+    Status {
+        status: u16,
+        code: ErrorCode,
+        message: String,
+    },
+    /// The cloud answered 2xx, but the body is not what the protocol says.
+    BadBody(String),
+    /// The connection broke mid-request.
+    Io(String),
+}
+
+impl CloudError {
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            CloudError::Status { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for CloudError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloudError::Connect { stage, detail } => write!(f, "{stage} failed: {detail}"),
+            CloudError::Timeout { what, after } => {
+                write!(
+                    f,
+                    "{what} timed out after {}",
+                    humantime::format_duration(*after)
+                )
+            }
+            CloudError::Status {
+                status,
+                code,
+                message,
+            } => {
+                write!(f, "cloud answered {status} {}: {message}", code.as_str())
+            }
+            CloudError::BadBody(d) => write!(f, "cloud answered with an unreadable body: {d}"),
+            CloudError::Io(d) => write!(f, "connection to cloud broke: {d}"),
+        }
+    }
+}
+
+impl std::error::Error for CloudError {}
+
+/// Connects to the cloud and speaks HTTP/1.1 or WebSocket over the connection.
+#[derive(Clone)]
+pub struct CloudClient {
+    url: CloudUrl,
+    proxy: Option<ProxyConfig>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+impl CloudClient {
+    pub fn new(cfg: &CloudConfig) -> anyhow::Result<CloudClient> {
+        let tls = if cfg.url.tls {
+            Some(Arc::new(client_tls_config(cfg.ca_file.as_deref())?))
+        } else {
+            None
+        };
+        Ok(CloudClient {
+            url: cfg.url.clone(),
+            proxy: cfg.proxy.clone(),
+            tls,
+            connect_timeout: cfg.connect_timeout,
+            request_timeout: cfg.request_timeout,
+        })
+    }
+
+    pub fn url(&self) -> &CloudUrl {
+        &self.url
+    }
+
+    /// Opens a stream to the cloud: through the proxy when set, then TLS when the URL is https.
+    /// Returns the local address of the TCP connection (the relay's address on the route to the cloud).
+    pub async fn connect(&self) -> Result<(BoxIo, SocketAddr), CloudError> {
+        let deadline = self.connect_timeout;
+        let step = async {
+            let (tcp, local) = match &self.proxy {
+                None => tcp_connect(&self.url.connect_target(), "connect to cloud").await?,
+                Some(p) => {
+                    let (mut tcp, local) = tcp_connect(&p.address(), "connect to proxy").await?;
+                    proxy_connect(&mut tcp, p, &self.url.connect_target()).await?;
+                    (tcp, local)
+                }
+            };
+            let io: BoxIo = match &self.tls {
+                None => Box::new(tcp),
+                Some(cfg) => {
+                    let name = ServerName::try_from(self.url.host.clone()).map_err(|e| {
+                        CloudError::Connect {
+                            stage: "TLS",
+                            detail: format!("bad server name: {e}"),
+                        }
+                    })?;
+                    let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|e| CloudError::Connect {
+                            stage: "TLS handshake",
+                            detail: e.to_string(),
+                        })?;
+                    Box::new(tls)
+                }
+            };
+            Ok::<_, CloudError>((io, local))
+        };
+        timeout(deadline, step)
+            .await
+            .map_err(|_| CloudError::Timeout {
+                what: "connecting to cloud",
+                after: deadline,
+            })?
+    }
+
+    /// Sends one JSON request and decodes a JSON answer. Errors carry the cloud's error code.
+    pub async fn json<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        method: http::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Req>,
+    ) -> Result<Resp, CloudError> {
+        let bytes = match body {
+            Some(b) => {
+                Bytes::from(serde_json::to_vec(b).map_err(|e| CloudError::Io(e.to_string()))?)
+            }
+            None => Bytes::new(),
+        };
+        let (status, body) = self.request(method, path, token, bytes).await?;
+        if !(200..300).contains(&status) {
+            return Err(status_error(status, &body));
+        }
+        serde_json::from_slice(&body)
+            .map_err(|e| CloudError::BadBody(format!("{e} (first bytes: {:?})", preview(&body))))
+    }
+
+    /// One HTTP/1.1 request on a fresh connection; the whole exchange is bounded by the connect and
+    /// request deadlines.
+    pub async fn request(
+        &self,
+        method: http::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Bytes,
+    ) -> Result<(u16, Bytes), CloudError> {
+        let (io, _) = self.connect().await?;
+        let rt = self.request_timeout;
+        let exchange = async {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+                .await
+                .map_err(|e| CloudError::Io(e.to_string()))?;
+            let conn_task = tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let mut req = http::Request::builder()
+                .method(method)
+                .uri(self.url.path(path))
+                .header(http::header::HOST, self.url.authority())
+                .header(http::header::USER_AGENT, user_agent())
+                .header(http::header::ACCEPT, "application/json");
+            if !body.is_empty() {
+                req = req.header(http::header::CONTENT_TYPE, "application/json");
+            }
+            if let Some(t) = token {
+                req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+            }
+            let req = req
+                .body(Full::new(body))
+                .map_err(|e| CloudError::Io(e.to_string()))?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| CloudError::Io(e.to_string()))?;
+            let status = resp.status().as_u16();
+            let body = Limited::new(resp.into_body(), MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| CloudError::BadBody(format!("reading body: {e}")))?
+                .to_bytes();
+            conn_task.abort();
+            Ok((status, body))
+        };
+        timeout(rt, exchange)
+            .await
+            .map_err(|_| CloudError::Timeout {
+                what: "cloud request",
+                after: rt,
+            })?
+    }
+
+    /// Opens the WebSocket command channel. A 401 before the upgrade comes back as `Status`.
+    pub async fn websocket(
+        &self,
+        path: &str,
+        token: &str,
+    ) -> Result<WebSocketStream<BoxIo>, CloudError> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::error::Error as WsError;
+        let (io, _) = self.connect().await?;
+        let scheme = if self.url.tls { "wss" } else { "ws" };
+        let uri = format!("{scheme}://{}{}", self.url.authority(), self.url.path(path));
+        let mut req = uri
+            .into_client_request()
+            .map_err(|e| CloudError::Io(e.to_string()))?;
+        let headers = req.headers_mut();
+        headers.insert(http::header::AUTHORIZATION, bearer(token)?);
+        headers.insert(
+            http::header::USER_AGENT,
+            http::HeaderValue::from_static(user_agent()),
+        );
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(MAX_BODY))
+            .max_frame_size(Some(MAX_BODY));
+        let rt = self.request_timeout;
+        let handshake = tokio_tungstenite::client_async_with_config(req, io, Some(config));
+        match timeout(rt, handshake).await {
+            Err(_) => Err(CloudError::Timeout {
+                what: "channel upgrade",
+                after: rt,
+            }),
+            Ok(Ok((ws, _))) => Ok(ws),
+            Ok(Err(WsError::Http(resp))) => {
+                let status = resp.status().as_u16();
+                let body = resp.body().clone().unwrap_or_default();
+                Err(status_error(status, &body))
+            }
+            Ok(Err(e)) => Err(CloudError::Io(format!("channel upgrade: {e}"))),
+        }
+    }
+}
+
+fn bearer(token: &str) -> Result<http::HeaderValue, CloudError> {
+    http::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+        CloudError::BadBody("the cloud's token contains characters not allowed in a header".into())
+    })
+}
+
+pub fn user_agent() -> &'static str {
+    concat!("ucrelay/", env!("CARGO_PKG_VERSION"))
+}
+
+fn preview(body: &[u8]) -> String {
+    String::from_utf8_lossy(&body[..body.len().min(40)]).into_owned()
+}
+
+/// Maps an error answer to a `CloudError`, reading the protocol's error body when there is one.
+fn status_error(status: u16, body: &[u8]) -> CloudError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => CloudError::Status {
+            status,
+            code: e.error.code,
+            message: e.error.message,
+        },
+        Err(_) => {
+            let code = match status {
+                401 => ErrorCode::TokenInvalid,
+                404 => ErrorCode::NotFound,
+                429 | 503 => ErrorCode::Busy,
+                400 => ErrorCode::BadRequest,
+                s if s >= 500 => ErrorCode::Internal,
+                _ => ErrorCode::Other,
+            };
+            let message = if body.is_empty() {
+                "no details".to_string()
+            } else {
+                preview(body)
+            };
+            CloudError::Status {
+                status,
+                code,
+                message,
+            }
+        }
+    }
+}
+
+async fn tcp_connect(
+    target: &str,
+    stage: &'static str,
+) -> Result<(TcpStream, SocketAddr), CloudError> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(target)
+        .await
+        .map_err(|e| CloudError::Connect {
+            stage: "name resolution",
+            detail: format!("{target}: {e}"),
+        })?
+        .collect();
+    if addrs.is_empty() {
+        return Err(CloudError::Connect {
+            stage: "name resolution",
+            detail: format!("{target}: no addresses"),
+        });
+    }
+    let mut last = String::new();
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                let local = s.local_addr().map_err(|e| CloudError::Io(e.to_string()))?;
+                return Ok((s, local));
+            }
+            Err(e) => last = format!("{addr}: {e}"),
+        }
+    }
+    Err(CloudError::Connect {
+        stage,
+        detail: last,
+    })
+}
+
+/// Asks an HTTP proxy for a tunnel with CONNECT and checks for a 2xx answer.
+async fn proxy_connect(
+    tcp: &mut TcpStream,
+    proxy: &ProxyConfig,
+    target: &str,
+) -> Result<(), CloudError> {
+    let mut head = format!(
+        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: {}\r\n",
+        user_agent()
+    );
+    if let Some(cred) = &proxy.credentials {
+        let enc = base64::engine::general_purpose::STANDARD.encode(cred.expose());
+        head.push_str(&format!("Proxy-Authorization: Basic {enc}\r\n"));
+    }
+    head.push_str("\r\n");
+    let io_err = |e: std::io::Error| CloudError::Connect {
+        stage: "proxy CONNECT",
+        detail: e.to_string(),
+    };
+    tcp.write_all(head.as_bytes()).await.map_err(io_err)?;
+    // Read byte by byte up to the blank line so no tunnelled byte is consumed.
+    let mut buf = Vec::with_capacity(256);
+    while !buf.ends_with(b"\r\n\r\n") {
+        if buf.len() >= MAX_PROXY_HEAD {
+            return Err(CloudError::Connect {
+                stage: "proxy CONNECT",
+                detail: "answer head too large".into(),
+            });
+        }
+        let b = tcp.read_u8().await.map_err(io_err)?;
+        buf.push(b);
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let status_line = text.lines().next().unwrap_or_default();
+    let code = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok());
+    match code {
+        Some(c) if (200..300).contains(&c) => Ok(()),
+        _ => Err(CloudError::Connect {
+            stage: "proxy CONNECT",
+            detail: format!(
+                "proxy {} refused the tunnel to {target}: {status_line}",
+                proxy.address()
+            ),
+        }),
+    }
+}
+
+/// TLS client config for the cloud: the system's roots, plus `ca_file` when set.
+pub fn client_tls_config(
+    ca_file: Option<&std::path::Path>,
+) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        let mut n = 0;
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| anyhow::anyhow!("cannot read CA file {}: {e}", path.display()))?
+        {
+            let cert =
+                cert.map_err(|e| anyhow::anyhow!("bad certificate in {}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| anyhow::anyhow!("unusable CA in {}: {e}", path.display()))?;
+            n += 1;
+        }
+        if n == 0 {
+            anyhow::bail!("no certificates found in CA file {}", path.display());
+        }
+    }
+    if roots.is_empty() {
+        anyhow::bail!(
+            "no trusted CA certificates: the system store is empty and no [cloud].ca_file is set"
+        );
+    }
+    Ok(rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_answers_map_to_codes() {
+        let e = status_error(
+            401,
+            br#"{"error":{"code":"pin_rejected","message":"nope"}}"#,
+        );
+        assert_eq!(e.code(), Some(ErrorCode::PinRejected));
+        assert_eq!(
+            status_error(502, b"<html>bad gateway").code(),
+            Some(ErrorCode::Internal)
+        );
+        assert_eq!(status_error(401, b"").code(), Some(ErrorCode::TokenInvalid));
+        let shown = status_error(500, b"<html>oops").to_string();
+        assert!(shown.contains("500") && shown.contains("oops"), "{shown}");
+    }
+}

@@ -1,0 +1,101 @@
+//! The daemon: opens the store, binds listeners, runs the long-lived jobs under one supervisor, and
+//! shuts everything down along one path.
+//!
+//! Order matters: everything that can fail on bad config or a busy state dir fails before any job
+//! starts. A job that ends on its own is a bug or a fatal error (the store broke): the daemon then
+//! stops the rest and exits non-zero so systemd restarts it.
+
+use crate::cloud::CloudClient;
+use crate::config::Config;
+use crate::ctx::Ctx;
+use crate::store::Store;
+use crate::{agent, ops};
+use anyhow::{Context, Result, anyhow};
+use std::future::Future;
+use std::time::Duration;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, error, info, info_span, warn};
+
+/// How long jobs get to finish after shutdown starts, before they are aborted.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
+
+/// Starts the relay and runs until `shutdown` is cancelled (Ok) or a job dies (Err).
+/// `ready` is called once the store is open and every listener is bound.
+pub async fn run(
+    config: Config,
+    shutdown: CancellationToken,
+    ready: impl FnOnce(&Ctx),
+) -> Result<()> {
+    let store = Store::open(&config.state_dir)?;
+    let relay_id = store
+        .relay_id()
+        .context("cannot read the relay id from the store")?;
+    let cloud = CloudClient::new(&config.cloud).context("cannot set up the cloud connection")?;
+    let admin_listener = ops::admin::bind(&config.admin.socket).await?;
+    if !config.cloud.url.tls {
+        warn!(url = %config.cloud.url, "cloud URL is plain http: traffic to the cloud is not encrypted (labs only)");
+    }
+    let ctx = Ctx::new(config, store, cloud, relay_id);
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        relay_id = %ctx.relay_id,
+        cloud = %ctx.config.cloud.url,
+        tenant = %ctx.config.cloud.tenant_id,
+        proxy = ?ctx.config.cloud.proxy.as_ref().map(|p| p.address()),
+        admin_socket = %ctx.config.admin.socket.display(),
+        "ucrelay starting"
+    );
+
+    let jobs = shutdown.child_token();
+    let mut set = JoinSet::new();
+    spawn(&mut set, "agent", agent::run(ctx.clone(), jobs.clone()));
+    spawn(
+        &mut set,
+        "admin",
+        ops::admin::serve(admin_listener, ctx.clone(), jobs.clone()),
+    );
+    ready(&ctx);
+
+    let outcome = tokio::select! {
+        _ = shutdown.cancelled() => {
+            info!("shutdown requested; stopping");
+            Ok(())
+        }
+        Some(joined) = set.join_next() => Err(match joined {
+            Ok((name, Ok(()))) => anyhow!("job {name} stopped unexpectedly"),
+            Ok((name, Err(e))) => e.context(format!("job {name} failed")),
+            Err(e) if e.is_panic() => anyhow!("a job panicked: {e}"),
+            Err(e) => anyhow!("a job was cancelled: {e}"),
+        }),
+    };
+    if let Err(e) = &outcome {
+        error!(error = %format!("{e:#}"), "stopping the relay");
+    }
+    jobs.cancel();
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while let Some(joined) = set.join_next().await {
+            if let Ok((name, Err(e))) = joined {
+                warn!(job = name, error = %format!("{e:#}"), "job ended with an error during shutdown");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        warn!("jobs still running after {SHUTDOWN_GRACE:?}; aborting them");
+        set.abort_all();
+        while set.join_next().await.is_some() {}
+    }
+    let _ = std::fs::remove_file(&ctx.config.admin.socket);
+    // Dropping the last handle closes the store cleanly.
+    drop(ctx);
+    info!("stopped");
+    outcome
+}
+
+fn spawn<F>(set: &mut JoinSet<(&'static str, Result<()>)>, name: &'static str, fut: F)
+where
+    F: Future<Output = Result<()>> + Send + 'static,
+{
+    set.spawn(async move { (name, fut.await) }.instrument(info_span!("job", name)));
+}

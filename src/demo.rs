@@ -1,0 +1,198 @@
+//! `ucrelay demo`: a reference cloud and a relay on loopback, in one process, with a throw-away state
+//! directory, narrating what happens. The relay runs exactly as `ucrelay run` would; the demo talks to
+//! the cloud only through its test API, like an external checker.
+
+use crate::cli::DemoArgs;
+use crate::config::Config;
+use crate::ctx::{ChannelState, Registration, StatusBoard};
+use crate::sim::{client, cloud};
+use anyhow::{Context, Result, anyhow, bail};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const TENANT: &str = "demo";
+const PIN: &str = "246810";
+
+pub async fn main(args: DemoArgs) -> Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("ucrelay-demo-")
+        .tempdir()
+        .context("cannot create a temp dir")?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let cloud_args = cloud::CloudArgs {
+        listen: "127.0.0.1:0".into(),
+        tenant: TENANT.into(),
+        pin: PIN.into(),
+        images: None,
+        provisioning: None,
+        state_file: None,
+        pin_grace: Duration::from_secs(24 * 3600),
+        pin_reset_cooldown: Duration::from_secs(24 * 3600),
+        inactive_after: Duration::from_secs(600),
+        heartbeat_interval: args.heartbeat_interval,
+    };
+    let cloud = cloud::start(listener, cloud_args).await?;
+    let cloud_addr = cloud.addr;
+    let config_path = dir.path().join("relay.toml");
+    let socket = dir.path().join("admin.sock");
+    std::fs::write(
+        &config_path,
+        format!(
+            "state_dir = {state:?}\n\n[cloud]\nurl = \"http://{cloud_addr}\"\ntenant_id = \"{TENANT}\"\npin = \"{PIN}\"\n\
+             heartbeat_interval = \"{hb}\"\nping_interval = \"5s\"\n\n[admin]\nsocket = {socket:?}\n",
+            state = dir.path().join("state"),
+            hb = humantime::format_duration(args.heartbeat_interval),
+        ),
+    )?;
+    let config = Config::load(&config_path)?;
+
+    let t0 = Instant::now();
+    let say = move |msg: String| println!("[{:>6.2}s] {msg}", t0.elapsed().as_secs_f64());
+    println!("ucrelay demo: a reference cloud and a relay, both on loopback");
+    println!("  reference cloud  http://{cloud_addr}  (tenant {TENANT}, PIN {PIN})");
+    println!("  relay config     {}", config_path.display());
+    println!(
+        "  try meanwhile    ucrelay status --socket {}",
+        socket.display()
+    );
+    println!();
+
+    let shutdown = CancellationToken::new();
+    {
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                s.cancel();
+            }
+        });
+    }
+    let (board_tx, board_rx) = tokio::sync::oneshot::channel::<Arc<StatusBoard>>();
+    let relay = tokio::spawn(crate::daemon::run(config, shutdown.clone(), move |ctx| {
+        let _ = board_tx.send(ctx.status.clone());
+    }));
+    let board = match board_rx.await {
+        Ok(b) => b,
+        Err(_) => {
+            let err = relay.await.map_err(|e| anyhow!("relay task failed: {e}"))?;
+            return Err(err
+                .err()
+                .unwrap_or_else(|| anyhow!("relay stopped before it was ready")));
+        }
+    };
+    say("relay started".into());
+
+    let narrated = narrate(&board, cloud_addr, &say, &shutdown, args.once).await;
+    shutdown.cancel();
+    let relay_result = relay.await.map_err(|e| anyhow!("relay task failed: {e}"))?;
+    cloud.shutdown().await?;
+    narrated?;
+    relay_result?;
+    println!(
+        "demo finished; the temporary state in {} is removed",
+        dir.path().display()
+    );
+    Ok(())
+}
+
+/// Prints each step as it happens. With `once`, returns after the whole flow has been shown.
+async fn narrate(
+    board: &StatusBoard,
+    cloud_addr: SocketAddr,
+    say: &impl Fn(String),
+    shutdown: &CancellationToken,
+    once: bool,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut registered = false;
+    let mut channel_up = false;
+    let mut heartbeats = 0u64;
+    let mut ping_done = false;
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let st = board.snapshot();
+        if !registered {
+            match &st.registration {
+                Registration::Registered => {
+                    registered = true;
+                    say("relay registered with the cloud (tenant ID + PIN accepted)".into());
+                }
+                Registration::Rejected(why) | Registration::Failed(why) => {
+                    say(format!("registration failing: {why}"))
+                }
+                Registration::Starting => {}
+            }
+        }
+        if st.heartbeats_ok > heartbeats {
+            heartbeats = st.heartbeats_ok;
+            let relays = client::get(cloud_addr, "/sim/relays").await?;
+            let seen = relays.get(0).cloned().unwrap_or_default();
+            say(format!(
+                "heartbeat {heartbeats} ok; the cloud counts {} and marks the relay {}",
+                seen["heartbeats"],
+                seen["state"].as_str().unwrap_or("?")
+            ));
+        }
+        if st.channel == ChannelState::Connected && !channel_up {
+            channel_up = true;
+            say("command channel (WebSocket) connected".into());
+        } else if let ChannelState::Disconnected(why) = &st.channel
+            && channel_up
+        {
+            channel_up = false;
+            say(format!("command channel down: {why}"));
+        }
+        if channel_up && !ping_done {
+            ping_done = true;
+            let sent = Instant::now();
+            let v = client::post(
+                cloud_addr,
+                "/sim/commands",
+                serde_json::json!({"name": "ping", "params": {"hello": "from the cloud"}}),
+            )
+            .await?;
+            let id = v["command_id"]
+                .as_str()
+                .ok_or_else(|| anyhow!("no command_id in {v}"))?
+                .to_string();
+            say(format!("cloud sent command ping ({id}) down the channel"));
+            let result = wait_for_result(cloud_addr, &id, shutdown).await?;
+            say(format!(
+                "relay answered {}: {} in {} ms",
+                result["result"].as_str().unwrap_or("?"),
+                result["payload"],
+                sent.elapsed().as_millis()
+            ));
+        }
+        if once && registered && channel_up && heartbeats >= 1 && ping_done {
+            say("demo complete: registered, heartbeating, channel up, command answered".into());
+            return Ok(());
+        }
+        if once && Instant::now() > deadline {
+            bail!("the demo flow did not complete within 60 s");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
+}
+
+async fn wait_for_result(
+    cloud_addr: SocketAddr,
+    id: &str,
+    shutdown: &CancellationToken,
+) -> Result<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline && !shutdown.is_cancelled() {
+        let v = client::get(cloud_addr, &format!("/sim/commands/{id}")).await?;
+        if v["state"] == "done" {
+            return Ok(v["result"].clone());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("no result for command {id} within 20 s")
+}

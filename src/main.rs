@@ -1,0 +1,132 @@
+//! The `ucrelay` binary: parses the command line, sets up logging, and dispatches. The only place
+//! that prints errors and picks exit codes.
+
+use clap::Parser;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+use ucrelay::cli::{Cli, Command, LogFormat, SimCommand};
+use ucrelay::config::Config;
+use ucrelay::ops::report::StatusReport;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // One TLS provider for the whole process (ring: small, no C toolchain beyond cc).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let default_level = match cli.command {
+        Command::Run(_) | Command::Sim(_) => "info",
+        Command::Demo(_) => "warn",
+        _ => "warn",
+    };
+    init_logging(cli.log_format, default_level);
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ucrelay: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, default_level: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Cancels the token on SIGTERM or SIGINT.
+fn on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        token.cancel();
+    });
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run(args) => {
+            let config = Config::load(&args.config)?;
+            let rt = runtime()?;
+            rt.block_on(async {
+                let token = CancellationToken::new();
+                on_signals(token.clone());
+                ucrelay::daemon::run(config, token, |_| {}).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check(args) => Ok(check(&args.config)),
+        Command::Status(args) => {
+            let socket = match args.socket {
+                Some(s) => s,
+                None => Config::load(&args.config)?.admin.socket,
+            };
+            let report: StatusReport =
+                match runtime()?.block_on(ucrelay::ops::admin::get_json(&socket, "/v1/status")) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        eprintln!("ucrelay: {e:#}");
+                        return Ok(ExitCode::from(2));
+                    }
+                };
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(if report.healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Demo(args) => {
+            runtime()?.block_on(ucrelay::demo::main(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sim(SimCommand::Cloud(args)) => {
+            runtime()?.block_on(ucrelay::sim::cloud::main(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `ucrelay check`: one line per check, like `nginx -t`.
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(c) => {
+            println!("ok    config {}", c.path.display());
+            println!("ok    cloud {} (tenant {})", c.cloud.url, c.cloud.tenant_id);
+            if !c.cloud.url.tls {
+                println!("warn  cloud.url uses plain http: traffic to the cloud is not encrypted");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("fail  {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! The local admin API: HTTP/1.1 on a Unix socket (mode 0660, so root and the ucrelay group only),
+//! and the client the CLI uses to reach it. Read-only for now: `GET /v1/status`.
+
+use crate::ctx::Ctx;
+use crate::ops::report::StatusReport;
+use anyhow::{Context, Result, anyhow, bail};
+use axum::{Json, Router, extract::State, routing::get};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+/// Binds the admin socket. A stale socket file (left by a killed relay) is replaced; a live one means
+/// another relay runs with this config, which is an error.
+pub async fn bind(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create admin socket directory {}", dir.display()))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            bail!(
+                "admin socket {} is in use: another ucrelay is already running with it",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale admin socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot bind admin socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot set mode 0660 on {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Serves the admin API until shutdown; removes the socket file on the way out.
+pub async fn serve(listener: UnixListener, ctx: Ctx, shutdown: CancellationToken) -> Result<()> {
+    let path: Option<PathBuf> = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf));
+    let app = Router::new()
+        .route("/v1/status", get(status))
+        .with_state(ctx);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    if let Some(p) = path {
+        let _ = std::fs::remove_file(p);
+    }
+    result.context("admin API server failed")
+}
+
+async fn status(State(ctx): State<Ctx>) -> Json<StatusReport> {
+    let pending = ctx.store.run(|s| s.outbox_len()).await.unwrap_or(0);
+    Json(StatusReport::build(&ctx, pending))
+}
+
+/// Fetches `path` from the admin API at `socket` and decodes the JSON answer.
+pub async fn get_json<T: serde::de::DeserializeOwned>(socket: &Path, path: &str) -> Result<T> {
+    let stream = match UnixStream::connect(socket).await {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            bail!(
+                "permission denied on {}: run as root or as a member of the ucrelay group",
+                socket.display()
+            )
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            bail!(
+                "ucrelay is not running (no admin socket answering at {})",
+                socket.display()
+            )
+        }
+        Err(e) => return Err(anyhow!(e).context(format!("cannot connect to {}", socket.display()))),
+    };
+    let exchange = async {
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = http::Request::get(path)
+            .header(http::header::HOST, "ucrelay")
+            .body(Empty::<Bytes>::new())?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), 16 << 20)
+            .collect()
+            .await
+            .map_err(|e| anyhow!("reading admin answer: {e}"))?
+            .to_bytes();
+        if !status.is_success() {
+            bail!(
+                "admin API answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        Ok::<_, anyhow::Error>(serde_json::from_slice(&body)?)
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "the relay did not answer on {} within 10 s",
+                socket.display()
+            )
+        })?
+}

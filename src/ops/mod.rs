@@ -1,0 +1,4 @@
+//! Local operations: the admin socket and what the CLI shows an admin (status).
+
+pub mod admin;
+pub mod report;

@@ -1,0 +1,266 @@
+//! The status report: what `ucrelay status` shows and the admin API serves. The JSON types are shared
+//! by the daemon (which builds them) and the CLI (which renders them), so both always agree.
+
+use crate::ctx::{ChannelState, Ctx, Registration};
+use serde::{Deserialize, Serialize};
+use std::time::SystemTime;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub version: String,
+    pub relay_id: String,
+    pub hostname: String,
+    pub started_at: String,
+    pub uptime_s: u64,
+    /// True when `problems` is empty.
+    pub healthy: bool,
+    /// Every unhealthy item, each in plain words with what to check.
+    pub problems: Vec<String>,
+    pub cloud: CloudReport,
+    pub jobs: Vec<JobReport>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CloudReport {
+    pub url: String,
+    pub tenant_id: String,
+    pub proxy: Option<String>,
+    pub registered: bool,
+    /// `registered`, `registering`, `pin_rejected`, `failed`.
+    pub registration: String,
+    pub registration_error: Option<String>,
+    pub registered_at: Option<String>,
+    pub registrations: u64,
+    /// `connected`, `connecting`, `disconnected`, `waiting_for_registration`.
+    pub channel: String,
+    pub channel_error: Option<String>,
+    pub channel_since: Option<String>,
+    pub reconnects: u64,
+    pub last_heartbeat: Option<String>,
+    pub last_heartbeat_ok: Option<bool>,
+    pub last_heartbeat_error: Option<String>,
+    pub heartbeats_ok: u64,
+    pub heartbeats_failed: u64,
+    pub heartbeat_interval_s: u64,
+    pub commands_received: u64,
+    pub results_pending: u64,
+    pub results_sent: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobReport {
+    pub name: String,
+    /// `on` or `off`.
+    pub state: String,
+    pub detail: String,
+}
+
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+impl StatusReport {
+    pub fn build(ctx: &Ctx, results_pending: u64) -> StatusReport {
+        let s = ctx.status.snapshot();
+        let cfg = &ctx.config;
+        let mut problems = Vec::new();
+        let (registration, registration_error) = match &s.registration {
+            Registration::Starting => {
+                problems.push(
+                    "not registered with the cloud yet: first attempt in progress".to_string(),
+                );
+                ("registering", None)
+            }
+            Registration::Registered => ("registered", None),
+            Registration::Rejected(why) => {
+                problems.push(format!(
+                    "PIN rejected by cloud ({why}): check [cloud] pin/pin_file and tenant_id in {}; after a PIN \
+                     reset the old PIN keeps working for 24 hours only",
+                    cfg.path.display()
+                ));
+                (
+                    "pin_rejected",
+                    Some(format!("PIN rejected by cloud: {why}")),
+                )
+            }
+            Registration::Failed(why) => {
+                problems.push(format!("not registered with the cloud: {why}"));
+                ("failed", Some(why.clone()))
+            }
+        };
+        let (channel, channel_error) = match &s.channel {
+            ChannelState::Connected => ("connected", None),
+            ChannelState::Connecting => ("connecting", None),
+            ChannelState::WaitingForRegistration => ("waiting_for_registration", None),
+            ChannelState::Disconnected(why) => ("disconnected", Some(why.clone())),
+        };
+        if s.registration == Registration::Registered && s.channel != ChannelState::Connected {
+            let why = channel_error.clone().unwrap_or_else(|| "connecting".into());
+            problems.push(format!("command channel is down: {why}"));
+        }
+        let (last_heartbeat, last_heartbeat_ok, last_heartbeat_error) = match &s.last_heartbeat {
+            None => (None, None, None),
+            Some((at, Ok(()))) => (Some(rfc3339(*at)), Some(true), None),
+            Some((at, Err(e))) => {
+                problems.push(format!("last heartbeat failed: {e}"));
+                (Some(rfc3339(*at)), Some(false), Some(e.clone()))
+            }
+        };
+        if results_pending > 0
+            && let Some(e) = &s.last_results_error
+        {
+            problems.push(format!(
+                "{results_pending} results waiting to be sent to the cloud: {e}"
+            ));
+        }
+        let job = |name: &str, on: bool, detail: &str| JobReport {
+            name: name.into(),
+            state: if on { "on" } else { "off" }.into(),
+            detail: detail.into(),
+        };
+        let jobs = vec![
+            job(
+                "management",
+                true,
+                "registration, heartbeats, command channel",
+            ),
+            job(
+                "download",
+                false,
+                if cfg.images.is_some() {
+                    "[images] is set, but this build has no download agent yet"
+                } else {
+                    "no [images] section"
+                },
+            ),
+            job(
+                "provisioning",
+                false,
+                if cfg.edge.is_some() || cfg.provisioning.is_some() {
+                    "[edge]/[provisioning] is set, but this build has no device-facing edge yet"
+                } else {
+                    "no [edge] section"
+                },
+            ),
+        ];
+        StatusReport {
+            version: env!("CARGO_PKG_VERSION").into(),
+            relay_id: ctx.relay_id.to_string(),
+            hostname: ctx.hostname.to_string(),
+            started_at: rfc3339(ctx.started_at),
+            uptime_s: ctx.started.elapsed().as_secs(),
+            healthy: problems.is_empty(),
+            problems,
+            cloud: CloudReport {
+                url: cfg.cloud.url.to_string(),
+                tenant_id: cfg.cloud.tenant_id.clone(),
+                proxy: cfg
+                    .cloud
+                    .proxy
+                    .as_ref()
+                    .map(|p| format!("http://{}", p.address())),
+                registered: s.registration == Registration::Registered,
+                registration: registration.into(),
+                registration_error,
+                registered_at: s.registered_at.map(rfc3339),
+                registrations: s.registrations,
+                channel: channel.into(),
+                channel_error,
+                channel_since: s.channel_since.map(rfc3339),
+                reconnects: s.reconnects,
+                last_heartbeat,
+                last_heartbeat_ok,
+                last_heartbeat_error,
+                heartbeats_ok: s.heartbeats_ok,
+                heartbeats_failed: s.heartbeats_failed,
+                heartbeat_interval_s: s.heartbeat_interval_s,
+                commands_received: s.commands_received,
+                results_pending,
+                results_sent: s.results_sent,
+            },
+            jobs,
+        }
+    }
+
+    /// The human view: a short table, then the problems.
+    pub fn render(&self) -> String {
+        let c = &self.cloud;
+        let mut rows: Vec<(&str, String)> = vec![
+            (
+                "health",
+                if self.healthy {
+                    "healthy".into()
+                } else {
+                    format!("UNHEALTHY ({} problems)", self.problems.len())
+                },
+            ),
+            ("version", self.version.clone()),
+            ("relay id", self.relay_id.clone()),
+            (
+                "uptime",
+                humantime::format_duration(std::time::Duration::from_secs(self.uptime_s))
+                    .to_string(),
+            ),
+            ("cloud", format!("{} (tenant {})", c.url, c.tenant_id)),
+        ];
+        if let Some(p) = &c.proxy {
+            rows.push(("proxy", p.clone()));
+        }
+        let reg = match (&c.registration_error, &c.registered_at) {
+            (Some(e), _) => format!("{} - {e}", c.registration),
+            (None, Some(at)) => format!("{} since {at}", c.registration),
+            (None, None) => c.registration.clone(),
+        };
+        rows.push(("registration", reg));
+        let chan = match (&c.channel_error, &c.channel_since) {
+            (Some(e), _) => format!("{} - {e}", c.channel),
+            (None, Some(at)) => format!("{} since {at}", c.channel),
+            (None, None) => c.channel.clone(),
+        };
+        rows.push(("channel", format!("{chan} ({} reconnects)", c.reconnects)));
+        let hb = match (
+            &c.last_heartbeat,
+            c.last_heartbeat_ok,
+            &c.last_heartbeat_error,
+        ) {
+            (None, _, _) => "none yet".to_string(),
+            (Some(at), Some(true), _) => format!("ok at {at}"),
+            (Some(at), _, e) => format!("FAILED at {at}: {}", e.clone().unwrap_or_default()),
+        };
+        rows.push(("last heartbeat", hb));
+        rows.push((
+            "heartbeats",
+            format!(
+                "{} ok, {} failed, every {}s",
+                c.heartbeats_ok, c.heartbeats_failed, c.heartbeat_interval_s
+            ),
+        ));
+        rows.push((
+            "commands",
+            format!(
+                "{} received, {} results sent, {} pending",
+                c.commands_received, c.results_sent, c.results_pending
+            ),
+        ));
+        for j in &self.jobs {
+            let label: &str = match j.name.as_str() {
+                "management" => "job management",
+                "download" => "job download",
+                _ => "job provisioning",
+            };
+            rows.push((label, format!("{} - {}", j.state, j.detail)));
+        }
+        let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        let mut out = String::new();
+        for (k, v) in rows {
+            out.push_str(&format!("{k:<width$}  {v}\n"));
+        }
+        if !self.problems.is_empty() {
+            out.push_str("\nproblems:\n");
+            for p in &self.problems {
+                out.push_str(&format!("  - {p}\n"));
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,486 @@
+//! Relay-to-cloud protocol v1: every message the relay and a cloud exchange, as plain serde types.
+//!
+//! Pure: no I/O, no clocks. Both sides (the relay's agent and the reference cloud in `sim`) use these
+//! types, so a change here is a protocol change and belongs in docs/protocol.md too.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The protocol version this build speaks. Sent at registration; a cloud that cannot speak it answers
+/// 400 `unsupported_version`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+pub const PATH_REGISTER: &str = "/relay/v1/register";
+pub const PATH_HEARTBEAT: &str = "/relay/v1/heartbeat";
+pub const PATH_CHANNEL: &str = "/relay/v1/channel";
+pub const PATH_RESULTS: &str = "/relay/v1/results";
+pub const PATH_DEVICE_STATUS: &str = "/relay/v1/device-status";
+pub const PATH_IMAGES: &str = "/relay/v1/images";
+
+/// `POST /relay/v1/register`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub protocol: u32,
+    pub tenant_id: String,
+    pub pin: String,
+    /// Generated once by the relay and kept in its store: the relay's identity across restarts.
+    pub relay_id: String,
+    pub hostname: String,
+    pub version: String,
+    #[serde(default)]
+    pub fqdn: Vec<String>,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+/// 200 answer to a registration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    /// Bearer token for every later call. Opaque to the relay.
+    pub token: String,
+    /// The interval the cloud asks for; the relay uses the smaller of this and its configured interval.
+    pub heartbeat_interval_s: u64,
+    /// Cloud clock at the time of the answer, RFC 3339, for skew diagnostics.
+    #[serde(default)]
+    pub server_time: Option<String>,
+}
+
+/// `POST /relay/v1/heartbeat` (bearer token).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    /// Increases by one per heartbeat sent in this process; restarts at 1 after a relay restart.
+    pub seq: u64,
+    pub uptime_s: u64,
+    pub version: String,
+    pub agents: AgentsState,
+    #[serde(default)]
+    pub images: Vec<ImageState>,
+    #[serde(default)]
+    pub devices: DeviceCounts,
+    #[serde(default)]
+    pub tasks: TaskCounts,
+    /// Results stored in the outbox and not yet acknowledged by the cloud.
+    #[serde(default)]
+    pub results_pending: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct AgentsState {
+    pub management: AgentState,
+    pub download: AgentState,
+    pub provisioning: AgentState,
+}
+
+/// State of one of the relay's jobs as reported to the cloud.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct AgentState {
+    /// `ok`, `degraded`, `off`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageState {
+    pub id: String,
+    /// `synced`, `syncing`, `failed`.
+    pub state: String,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct DeviceCounts {
+    pub known: u64,
+    pub online: u64,
+    pub offline: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TaskCounts {
+    pub scheduled: u64,
+    pub executing: u64,
+    pub done: u64,
+}
+
+/// 200 answer to a heartbeat.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    pub next_interval_s: u64,
+    /// Revision of the tenant's image manifest; a change tells the download agent to sync.
+    #[serde(default)]
+    pub images_revision: u64,
+    #[serde(default)]
+    pub server_time: Option<String>,
+}
+
+/// Body of every 4xx/5xx answer from the cloud.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Machine-readable error codes. Unknown codes from a newer cloud decode as `Other`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// 401 at registration: the tenant exists but this PIN is not (or no longer) valid.
+    PinRejected,
+    /// 401 at registration: no such tenant.
+    UnknownTenant,
+    /// 401 on any authenticated call: the token is unknown, expired or revoked; register again.
+    TokenInvalid,
+    /// 400: the body does not parse or a field is invalid.
+    BadRequest,
+    /// 400 at registration: the cloud does not speak the relay's protocol version.
+    UnsupportedVersion,
+    /// 409: the request conflicts with current state (for example a PIN reset inside the cooldown).
+    Conflict,
+    /// 404.
+    NotFound,
+    /// 429 or 503: slow down; `Retry-After` may say for how long.
+    Busy,
+    /// 5xx.
+    Internal,
+    #[serde(other)]
+    Other,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::PinRejected => "pin_rejected",
+            ErrorCode::UnknownTenant => "unknown_tenant",
+            ErrorCode::TokenInvalid => "token_invalid",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Busy => "busy",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Other => "other",
+        }
+    }
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorBody {
+            error: ErrorDetail {
+                code,
+                message: message.into(),
+            },
+        }
+    }
+}
+
+/// Outcome of a command or of one target of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Success,
+    Failure,
+    NotApplicable,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Failure => "failure",
+            Outcome::NotApplicable => "not_applicable",
+        }
+    }
+}
+
+/// Messages from the cloud to the relay on the command channel (WebSocket text frames, JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CloudMessage {
+    /// First frame after the upgrade: the cloud confirms the session.
+    Hello {
+        relay_id: String,
+        session_id: String,
+    },
+    /// A command to run. `id` is the cloud's and is echoed in the ack and in the result.
+    Command(Command),
+    /// Re-fetch the image manifest now.
+    ImagesSync {
+        #[serde(default)]
+        revision: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub params: serde_json::Value,
+}
+
+/// Messages from the relay to the cloud on the command channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RelayMessage {
+    /// The command was received, validated as a message, and stored; its result follows through
+    /// `POST /relay/v1/results`.
+    Ack { id: String },
+    /// The cloud sent something the relay could not use. `id` names the offending command when known.
+    Error {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        code: ChannelErrorCode,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChannelErrorCode {
+    /// Not JSON, or JSON without the fields its type needs.
+    MalformedMessage,
+    /// A `type` this relay does not know (a newer cloud); ignored.
+    UnknownMessage,
+    /// Binary frames are not part of the protocol.
+    UnsupportedFrame,
+}
+
+/// Why a text frame could not be used, with the command id when one could be read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeError {
+    pub id: Option<String>,
+    pub code: ChannelErrorCode,
+    pub message: String,
+}
+
+impl CloudMessage {
+    /// Decodes one text frame, telling a malformed frame from one of an unknown type so that the
+    /// relay can answer each properly and keep the channel up.
+    pub fn decode(text: &str) -> Result<CloudMessage, DecodeError> {
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| DecodeError {
+            id: None,
+            code: ChannelErrorCode::MalformedMessage,
+            message: format!("not JSON: {e}"),
+        })?;
+        let id = value.get("id").and_then(|v| v.as_str()).map(str::to_owned);
+        let Some(kind) = value
+            .get("type")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+        else {
+            return Err(DecodeError {
+                id,
+                code: ChannelErrorCode::MalformedMessage,
+                message: "missing string field \"type\"".into(),
+            });
+        };
+        if !matches!(kind.as_str(), "hello" | "command" | "images_sync") {
+            return Err(DecodeError {
+                id,
+                code: ChannelErrorCode::UnknownMessage,
+                message: format!("unknown message type {kind:?}"),
+            });
+        }
+        serde_json::from_value(value).map_err(|e| DecodeError {
+            id,
+            code: ChannelErrorCode::MalformedMessage,
+            message: format!("bad {kind} message: {e}"),
+        })
+    }
+}
+
+/// One result as stored in the relay's outbox and sent in `POST /relay/v1/results`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultRecord {
+    /// Stable id, assigned when the result is stored; retries reuse it so the cloud can de-duplicate.
+    pub result_id: String,
+    /// The command id (channel commands) or task id (tasks) this result belongs to.
+    pub command_id: String,
+    /// For tasks: the target device; absent for relay-level commands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// The command or task type, e.g. `ping`, `reboot`.
+    pub name: String,
+    pub result: Outcome,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default)]
+    pub payload: serde_json::Value,
+    /// RFC 3339 time the relay finished the work.
+    pub finished_at: String,
+}
+
+/// `POST /relay/v1/results` (bearer token).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultsBatch {
+    pub results: Vec<ResultRecord>,
+}
+
+/// 200 answer to a results batch: the ids the cloud has durably taken (new or already known).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ResultsAck {
+    pub accepted: Vec<String>,
+    /// How many of `accepted` the cloud had seen before (retries after a lost answer).
+    #[serde(default)]
+    pub duplicates: u64,
+}
+
+/// A map of string fields, used for free-form command parameters in docs and tests.
+pub type Params = BTreeMap<String, serde_json::Value>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::de::DeserializeOwned;
+
+    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(v: &T) {
+        let text = serde_json::to_string(v).unwrap();
+        let back: T = serde_json::from_str(&text).unwrap();
+        assert_eq!(&back, v, "round trip through {text}");
+    }
+
+    #[test]
+    fn register_round_trip() {
+        round_trip(&RegisterRequest {
+            protocol: PROTOCOL_VERSION,
+            tenant_id: "acme".into(),
+            pin: "123456".into(),
+            relay_id: "r-1".into(),
+            hostname: "vm1".into(),
+            version: "0.1.0".into(),
+            fqdn: vec!["relay.corp".into()],
+            addresses: vec!["10.0.0.5".into()],
+        });
+        round_trip(&RegisterResponse {
+            token: "t".into(),
+            heartbeat_interval_s: 120,
+            server_time: Some("2026-01-01T00:00:00Z".into()),
+        });
+    }
+
+    #[test]
+    fn heartbeat_round_trip() {
+        let mut hb = HeartbeatRequest {
+            seq: 7,
+            uptime_s: 99,
+            version: "0.1.0".into(),
+            ..Default::default()
+        };
+        hb.agents.management = AgentState {
+            state: "ok".into(),
+            reason: None,
+        };
+        hb.agents.download = AgentState {
+            state: "degraded".into(),
+            reason: Some("disk".into()),
+        };
+        hb.images.push(ImageState {
+            id: "img".into(),
+            state: "syncing".into(),
+            bytes_done: 1,
+            bytes_total: 2,
+            reason: None,
+        });
+        round_trip(&hb);
+        round_trip(&HeartbeatResponse {
+            next_interval_s: 120,
+            images_revision: 3,
+            server_time: None,
+        });
+    }
+
+    #[test]
+    fn error_body_wire_form() {
+        let body = ErrorBody::new(ErrorCode::PinRejected, "PIN rejected");
+        let text = serde_json::to_string(&body).unwrap();
+        assert_eq!(
+            text,
+            r#"{"error":{"code":"pin_rejected","message":"PIN rejected"}}"#
+        );
+        round_trip(&body);
+        let newer: ErrorBody =
+            serde_json::from_str(r#"{"error":{"code":"from_the_future","message":"x"}}"#).unwrap();
+        assert_eq!(newer.error.code, ErrorCode::Other);
+    }
+
+    #[test]
+    fn channel_messages_round_trip() {
+        round_trip(&CloudMessage::Hello {
+            relay_id: "r".into(),
+            session_id: "s".into(),
+        });
+        round_trip(&CloudMessage::Command(Command {
+            id: "c1".into(),
+            name: "ping".into(),
+            params: serde_json::json!({"echo": "x"}),
+        }));
+        round_trip(&CloudMessage::ImagesSync { revision: 4 });
+        round_trip(&RelayMessage::Ack { id: "c1".into() });
+        round_trip(&RelayMessage::Error {
+            id: Some("c1".into()),
+            code: ChannelErrorCode::MalformedMessage,
+            message: "m".into(),
+        });
+        let text = serde_json::to_string(&RelayMessage::Ack { id: "c1".into() }).unwrap();
+        assert_eq!(text, r#"{"type":"ack","id":"c1"}"#);
+    }
+
+    #[test]
+    fn decode_tells_malformed_from_unknown() {
+        let cmd = CloudMessage::decode(r#"{"type":"command","id":"c1","name":"ping"}"#).unwrap();
+        assert_eq!(
+            cmd,
+            CloudMessage::Command(Command {
+                id: "c1".into(),
+                name: "ping".into(),
+                params: serde_json::Value::Null
+            })
+        );
+        let e = CloudMessage::decode("{not json").unwrap_err();
+        assert_eq!(e.code, ChannelErrorCode::MalformedMessage);
+        let e = CloudMessage::decode(r#"{"id":"x"}"#).unwrap_err();
+        assert_eq!(
+            (e.code, e.id.as_deref()),
+            (ChannelErrorCode::MalformedMessage, Some("x"))
+        );
+        let e = CloudMessage::decode(r#"{"type":"teleport","id":"c9"}"#).unwrap_err();
+        assert_eq!(
+            (e.code, e.id.as_deref()),
+            (ChannelErrorCode::UnknownMessage, Some("c9"))
+        );
+        let e = CloudMessage::decode(r#"{"type":"command","id":"c2"}"#).unwrap_err();
+        assert_eq!(
+            (e.code, e.id.as_deref()),
+            (ChannelErrorCode::MalformedMessage, Some("c2"))
+        );
+    }
+
+    #[test]
+    fn results_round_trip() {
+        round_trip(&ResultsBatch {
+            results: vec![ResultRecord {
+                result_id: "r1".into(),
+                command_id: "c1".into(),
+                target: Some("10.0.0.9".into()),
+                name: "reboot".into(),
+                result: Outcome::NotApplicable,
+                reason: "model has no such mode".into(),
+                payload: serde_json::json!({"a": 1}),
+                finished_at: "2026-01-01T00:00:00Z".into(),
+            }],
+        });
+        round_trip(&ResultsAck {
+            accepted: vec!["r1".into()],
+            duplicates: 1,
+        });
+    }
+}

@@ -1,0 +1,5 @@
+//! Simulators that stand in for the real world in the demo, tests and benchmarks. Relay code never
+//! uses them; they talk to the relay only over the documented protocols.
+
+pub mod client;
+pub mod cloud;

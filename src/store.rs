@@ -1,0 +1,280 @@
+//! The embedded store (redb, one file in `state_dir`): the relay's identity, the command inbox and the
+//! results outbox. Every write is one durable transaction, so what was committed survives `kill -9`.
+//!
+//! Calls are synchronous (a commit fsyncs); async code goes through [`Store::run`], which moves the
+//! work to the blocking pool. Large blobs (firmware) never live here: only their metadata.
+
+use crate::protocol::{Command, ResultRecord};
+use anyhow::{Context, Result, anyhow};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// Results not yet acknowledged by the cloud, keyed by an increasing sequence number (send order).
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+/// Commands acknowledged to the cloud whose result is not stored yet, keyed by command id.
+const INBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("inbox");
+/// Commands already finished (id -> unix seconds), so a command the cloud sends again is not re-run.
+const DONE: TableDefinition<&str, u64> = TableDefinition::new("done");
+/// How long finished command ids are remembered.
+const DONE_KEEP: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+const SCHEMA_VERSION: &str = "1";
+pub const DB_FILE: &str = "ucrelay.redb";
+
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `state_dir`, creating the directory when needed. Fails clearly
+    /// when another process holds it.
+    pub fn open(state_dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("cannot create state_dir {}", state_dir.display()))?;
+        let path = state_dir.join(DB_FILE);
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(anyhow!(
+                    "store {} is in use by another ucrelay process (only one relay may use a state_dir)",
+                    path.display()
+                ));
+            }
+            Err(e) => {
+                return Err(anyhow!(e).context(format!("cannot open store {}", path.display())));
+            }
+        };
+        let store = Store {
+            db: Arc::new(db),
+            path,
+        };
+        store
+            .init()
+            .with_context(|| format!("cannot initialise store {}", store.path.display()))?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn init(&self) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut meta = tx.open_table(META)?;
+            let existing = meta.get("schema_version")?.map(|v| v.value().to_string());
+            match existing.as_deref() {
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION)?;
+                }
+                Some(SCHEMA_VERSION) => {}
+                Some(other) => {
+                    return Err(anyhow!(
+                        "schema version {other} was written by a newer ucrelay; this build knows {SCHEMA_VERSION}"
+                    ));
+                }
+            }
+            tx.open_table(OUTBOX)?;
+            tx.open_table(INBOX)?;
+            // Forget finished command ids past the keep period.
+            let cutoff = unix_now().saturating_sub(DONE_KEEP.as_secs());
+            tx.open_table(DONE)?.retain(|_, at| at >= cutoff)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Runs blocking store work off the async runtime.
+    pub async fn run<T, F>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(&Store) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| anyhow!("store task failed: {e}"))?
+    }
+
+    /// The relay's identity: generated on first start, then always the same.
+    pub fn relay_id(&self) -> Result<String> {
+        let tx = self.db.begin_write()?;
+        let id = {
+            let mut meta = tx.open_table(META)?;
+            let existing = meta.get("relay_id")?.map(|v| v.value().to_string());
+            match existing {
+                Some(id) => id,
+                None => {
+                    let id = uuid::Uuid::new_v4().to_string();
+                    meta.insert("relay_id", id.as_str())?;
+                    id
+                }
+            }
+        };
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// Stores a command before it is acknowledged to the cloud.
+    pub fn inbox_put(&self, cmd: &Command) -> Result<()> {
+        let bytes = serde_json::to_vec(cmd)?;
+        let tx = self.db.begin_write()?;
+        tx.open_table(INBOX)?
+            .insert(cmd.id.as_str(), bytes.as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Whether a command id is pending or finished: a command the cloud sends again (its ack was
+    /// lost) is acknowledged again but never run twice.
+    pub fn command_seen(&self, id: &str) -> Result<bool> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(INBOX)?.get(id)?.is_some() || tx.open_table(DONE)?.get(id)?.is_some())
+    }
+
+    pub fn inbox_all(&self) -> Result<Vec<Command>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(INBOX)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (_, v) = entry?;
+            match serde_json::from_slice::<Command>(v.value()) {
+                Ok(cmd) => out.push(cmd),
+                Err(e) => tracing::warn!(error = %e, "skipping unreadable inbox entry"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores a result in the outbox and, in the same transaction, drops its command from the inbox:
+    /// a command is never both finished and pending.
+    pub fn finish(&self, rec: &ResultRecord) -> Result<()> {
+        let bytes = serde_json::to_vec(rec)?;
+        let tx = self.db.begin_write()?;
+        {
+            let mut outbox = tx.open_table(OUTBOX)?;
+            let next = outbox.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+            outbox.insert(next, bytes.as_slice())?;
+            tx.open_table(INBOX)?.remove(rec.command_id.as_str())?;
+            tx.open_table(DONE)?
+                .insert(rec.command_id.as_str(), unix_now())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The oldest `max` results, with their outbox keys.
+    pub fn outbox_batch(&self, max: usize) -> Result<Vec<(u64, ResultRecord)>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(OUTBOX)?;
+        let mut out = Vec::new();
+        for entry in table.iter()?.take(max) {
+            let (k, v) = entry?;
+            match serde_json::from_slice::<ResultRecord>(v.value()) {
+                Ok(rec) => out.push((k.value(), rec)),
+                Err(e) => {
+                    tracing::error!(key = k.value(), error = %e, "unreadable outbox entry kept for inspection")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops results the cloud acknowledged.
+    pub fn outbox_remove(&self, keys: &[u64]) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut table = tx.open_table(OUTBOX)?;
+            for k in keys {
+                table.remove(*k)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn outbox_len(&self) -> Result<u64> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(OUTBOX)?.len()?)
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Outcome;
+
+    fn rec(id: &str, cmd: &str) -> ResultRecord {
+        ResultRecord {
+            result_id: id.into(),
+            command_id: cmd.into(),
+            target: None,
+            name: "ping".into(),
+            result: Outcome::Success,
+            reason: String::new(),
+            payload: serde_json::Value::Null,
+            finished_at: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn identity_is_stable_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = Store::open(dir.path()).unwrap().relay_id().unwrap();
+        let again = Store::open(dir.path()).unwrap().relay_id().unwrap();
+        assert_eq!(id, again);
+    }
+
+    #[test]
+    fn second_open_is_refused_while_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path())
+            .err()
+            .expect("second open must fail");
+        assert!(
+            err.to_string().contains("in use by another ucrelay"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn inbox_to_outbox_is_atomic_and_ordered() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let cmd = Command {
+            id: "c1".into(),
+            name: "ping".into(),
+            params: serde_json::Value::Null,
+        };
+        s.inbox_put(&cmd).unwrap();
+        assert!(s.command_seen("c1").unwrap());
+        assert!(!s.command_seen("c2").unwrap());
+        s.finish(&rec("r1", "c1")).unwrap();
+        s.finish(&rec("r2", "c2")).unwrap();
+        assert!(s.inbox_all().unwrap().is_empty());
+        assert!(
+            s.command_seen("c2").unwrap(),
+            "finished commands stay known"
+        );
+        let batch = s.outbox_batch(10).unwrap();
+        let ids: Vec<_> = batch.iter().map(|(_, r)| r.result_id.as_str()).collect();
+        assert_eq!(ids, ["r1", "r2"]);
+        s.outbox_remove(&[batch[0].0]).unwrap();
+        assert_eq!(s.outbox_len().unwrap(), 1);
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.outbox_batch(10).unwrap()[0].1.result_id, "r2");
+    }
+}

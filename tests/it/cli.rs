@@ -1,0 +1,117 @@
+//! The binary's command line: config errors name their field, `check`, `status` without a relay,
+//! and `demo --once` end to end.
+
+use crate::support::*;
+
+const GOOD: &str = "state_dir = \"state\"\n[cloud]\nurl = \"http://127.0.0.1:9\"\ntenant_id = \"acme\"\npin = \"1\"\n";
+
+/// Each broken config makes `run` and `check` exit 1 with the field named, and nothing is created.
+#[tokio::test]
+async fn config_errors_name_their_field_and_change_nothing() {
+    let cases: &[(&str, &str)] = &[
+        ("state_dir = \"s\"\n[cloud\n", "line 2"),
+        (&GOOD.replace("tenant_id", "tenant"), "cloud.tenant"),
+        (
+            &format!("{GOOD}heartbeat_interval = 5\n"),
+            "cloud.heartbeat_interval",
+        ),
+        (
+            &format!("{GOOD}heartbeat_interval = \"soon\"\n"),
+            "cloud.heartbeat_interval",
+        ),
+        (&format!("{GOOD}proxy = \"socks5://p:1\"\n"), "cloud.proxy"),
+        (&GOOD.replace("http://127.0.0.1:9", "ftp://x"), "cloud.url"),
+        (
+            &GOOD.replace("pin = \"1\"", "pin_file = \"missing-pin\""),
+            "cloud.pin_file",
+        ),
+        (
+            &format!("{GOOD}[edge]\nfqdn = [\"192.0.2.1\"]\npfx = \"r.pfx\"\n"),
+            "edge.fqdn[0]",
+        ),
+        (
+            &format!("{GOOD}[devices]\nsubnets = [\"nonsense\"]\n"),
+            "devices.subnets[0]",
+        ),
+        (&format!("{GOOD}[mystery]\n"), "mystery"),
+    ];
+    for (text, field) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, text).unwrap();
+        let p = path.to_str().unwrap();
+        let (code, _, err) = run_cli(&["run", "--config", p]).await;
+        assert_eq!(code, 1, "run must fail for {text:?}");
+        assert!(
+            err.contains(p) && err.contains(field),
+            "run error should name {p} and {field}: {err}"
+        );
+        let (code, out, _) = run_cli(&["check", "--config", p]).await;
+        assert_eq!(code, 1);
+        assert!(
+            out.starts_with("fail") && out.contains(field),
+            "check: {out}"
+        );
+        assert!(
+            !dir.path().join("state").exists(),
+            "nothing created for a bad config"
+        );
+    }
+    // An unreadable PIN file is named too.
+    let dir = tempfile::tempdir().unwrap();
+    let pin = dir.path().join("pin");
+    std::fs::create_dir(&pin).unwrap(); // a directory cannot be read as a file
+    let path = dir.path().join("relay.toml");
+    std::fs::write(
+        &path,
+        GOOD.replace("pin = \"1\"", &format!("pin_file = {pin:?}")),
+    )
+    .unwrap();
+    let (code, _, err) = run_cli(&["run", "--config", path.to_str().unwrap()]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("cloud.pin_file"), "{err}");
+}
+
+#[tokio::test]
+async fn check_accepts_the_shipped_example_configs() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("relay-config");
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    assert!(
+        !files.is_empty(),
+        "no example configs found in {}",
+        dir.display()
+    );
+    for f in files {
+        let (code, out, err) = run_cli(&["check", "--config", f.to_str().unwrap()]).await;
+        assert_eq!(code, 0, "{}: {out}{err}", f.display());
+        assert!(out.starts_with("ok"), "{out}");
+    }
+}
+
+#[tokio::test]
+async fn status_without_a_running_relay_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("admin.sock");
+    let (code, _, err) = run_cli(&["status", "--socket", sock.to_str().unwrap()]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("not running"), "{err}");
+}
+
+#[tokio::test]
+async fn demo_once_shows_the_whole_flow() {
+    let (code, out, err) = run_cli(&["demo", "--once", "--heartbeat-interval", "300ms"]).await;
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    for step in [
+        "relay registered",
+        "heartbeat 1 ok",
+        "command channel (WebSocket) connected",
+        "relay answered success",
+        "demo complete",
+    ] {
+        assert!(out.contains(step), "demo output lacks {step:?}:\n{out}");
+    }
+}

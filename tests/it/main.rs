@@ -1,0 +1,5 @@
+//! The one integration test binary: real processes and servers on loopback, waiting on readiness.
+
+mod agent;
+mod cli;
+mod support;
