@@ -1,0 +1,756 @@
+//! HTTP handlers of the reference cloud: the relay-facing protocol endpoints (`/relay/v1/...`),
+//! the JSON test API (`/sim/...`) and fault injection.
+//!
+//! Every error answer is a protocol `ErrorBody`. Request bodies are read and parsed here rather
+//! than by axum's extractors so that a bad body gets that form too. Nothing here logs a PIN or a
+//! token.
+
+use super::Shared;
+use super::channel::{self, Outgoing};
+use super::state::{
+    self, CommandRecord, CommandState, PinMatch, PinRefusal, RelayRecord, TokenRecord, fmt_time,
+};
+use crate::protocol::{
+    ErrorBody, ErrorCode, HeartbeatRequest, HeartbeatResponse, PATH_CHANNEL, PATH_DEVICE_STATUS,
+    PATH_HEARTBEAT, PATH_IMAGES, PATH_REGISTER, PATH_RESULTS, PROTOCOL_VERSION, RegisterRequest,
+    RegisterResponse, ResultRecord, ResultsAck, ResultsBatch,
+};
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tracing::{debug, error, info, warn};
+
+/// Largest request body taken: a full results batch (1000 records) with payloads fits easily.
+const MAX_BODY: usize = 16 << 20;
+/// Most records one results batch may carry.
+pub const MAX_RESULTS_PER_BATCH: usize = 1000;
+/// Longest id (relay, result, command) accepted.
+const MAX_ID_LEN: usize = 200;
+
+/// An error answer: HTTP status plus protocol error code and a message in plain words.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    code: ErrorCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
+    }
+    fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, ErrorCode::Conflict, message)
+    }
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            message,
+        )
+    }
+    fn token_invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, ErrorCode::TokenInvalid, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(ErrorBody::new(self.code, self.message))).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Fault injected into the relay-facing endpoints (register, heartbeat, results, images).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum FaultMode {
+    #[serde(rename = "none")]
+    None,
+    /// 500 with an `internal` ErrorBody.
+    #[serde(rename = "http_500")]
+    Http500,
+    /// 200 with a body that is not JSON.
+    #[serde(rename = "garbage")]
+    Garbage,
+    /// The request is read and never answered (until the cloud shuts down).
+    #[serde(rename = "hang")]
+    Hang,
+}
+
+pub(crate) fn router(shared: Arc<Shared>) -> axum::Router {
+    axum::Router::new()
+        .route(PATH_REGISTER, post(register))
+        .route(PATH_HEARTBEAT, post(heartbeat))
+        .route(PATH_CHANNEL, get(channel::upgrade))
+        .route(PATH_RESULTS, post(results))
+        .route(PATH_IMAGES, get(images))
+        .route(PATH_DEVICE_STATUS, post(device_status))
+        .route("/sim/relays", get(sim_relays))
+        .route("/sim/tenants/{tenant}/reset-pin", post(sim_reset_pin))
+        .route("/sim/stats", get(sim_stats))
+        .route("/sim/commands", post(sim_create_command))
+        .route("/sim/commands/{id}", get(sim_get_command))
+        .route("/sim/results", get(sim_results))
+        .route("/sim/channel/raw", post(sim_channel_raw))
+        .route("/sim/channel/errors", get(sim_channel_errors))
+        .route("/sim/channel/freeze", post(sim_channel_freeze))
+        .route("/sim/faults", get(sim_get_fault).post(sim_set_fault))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(shared)
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::not_found(format!("no such endpoint: {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::BadRequest,
+        format!("method {method} is not allowed on {}", uri.path()),
+    )
+}
+
+/// Reads a whole body, refusing one beyond [`MAX_BODY`].
+async fn read_body(body: Body) -> ApiResult<bytes::Bytes> {
+    axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::BadRequest,
+            format!("cannot read the request body (at most {MAX_BODY} bytes): {e}"),
+        )
+    })
+}
+
+fn parse<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+}
+
+/// Like [`parse`], but an empty body means `{}` (test-API calls whose fields are all optional).
+fn parse_or_empty<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        parse(b"{}")
+    } else {
+        parse(bytes)
+    }
+}
+
+fn check_id(what: &str, id: &str) -> ApiResult<()> {
+    if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(format!(
+            "{what} must be 1 to {MAX_ID_LEN} characters without control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// The relay behind the request's bearer token, or 401 `token_invalid`.
+pub(crate) fn bearer_relay(shared: &Shared, headers: &HeaderMap) -> ApiResult<String> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            ApiError::token_invalid("missing Authorization: Bearer token; register first")
+        })?;
+    let token = value
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+        .ok_or_else(|| ApiError::token_invalid("Authorization must be a Bearer token"))?;
+    let now = shared.now();
+    let rt = shared.lock();
+    rt.db.authenticate(token, now).map(|t| t.relay_id.clone()).ok_or_else(|| {
+        ApiError::token_invalid("token unknown, expired or revoked (the PIN it was obtained with may have been reset); register again")
+    })
+}
+
+/// Applies the current fault mode: `Some(answer)` when the request is to be faulted.
+async fn fault_gate(shared: &Shared, path: &str) -> Option<Response> {
+    let mode = {
+        let mut rt = shared.lock();
+        let mode = rt.fault;
+        if mode != FaultMode::None {
+            rt.db.p.stats.faulted_requests += 1;
+            rt.changed();
+        }
+        mode
+    };
+    if mode != FaultMode::None {
+        debug!(path, ?mode, "injected fault");
+    }
+    match mode {
+        FaultMode::None => None,
+        FaultMode::Http500 => {
+            Some(ApiError::internal("injected fault: internal error").into_response())
+        }
+        FaultMode::Garbage => Some(
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "text/html")],
+                "<html>oops",
+            )
+                .into_response(),
+        ),
+        FaultMode::Hang => {
+            info!(path, "injected fault: request left hanging");
+            shared.cancel.cancelled().await;
+            Some(
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::Busy,
+                    "cloud shutting down",
+                )
+                .into_response(),
+            )
+        }
+    }
+}
+
+/// Awaits the state file write for `generation`; a failure is a 500, since the change that
+/// was just made is not durable.
+async fn persist(shared: &Shared, generation: u64) -> ApiResult<()> {
+    shared.persist(generation).await.map_err(|e| {
+        error!(error = %format!("{e:#}"), "sim cloud: cannot write the state file");
+        ApiError::internal("cannot write the cloud's state file")
+    })
+}
+
+/// Whole seconds, like the protocol document's examples; the relay only uses it for skew hints.
+fn server_time(shared: &Shared) -> Option<String> {
+    Some(humantime::format_rfc3339_seconds(shared.now()).to_string())
+}
+
+fn interval_secs(shared: &Shared) -> u64 {
+    shared.args.heartbeat_interval.as_secs().max(1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Relay-facing protocol endpoints.
+
+async fn register(State(shared): State<Arc<Shared>>, body: Body) -> Response {
+    if let Some(r) = fault_gate(&shared, PATH_REGISTER).await {
+        return r;
+    }
+    match register_inner(&shared, body).await {
+        Ok(resp) => Json(resp).into_response(),
+        Err(e) => {
+            let mut rt = shared.lock();
+            rt.db.p.stats.registrations_rejected += 1;
+            rt.changed();
+            e.into_response()
+        }
+    }
+}
+
+async fn register_inner(shared: &Shared, body: Body) -> ApiResult<RegisterResponse> {
+    let bytes = read_body(body).await?;
+    let value: Value = parse(&bytes)?;
+    // The version is checked before the fields: a newer protocol may well not parse as v1.
+    if let Some(p) = value.get("protocol")
+        && p.as_u64() != Some(u64::from(PROTOCOL_VERSION))
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::UnsupportedVersion,
+            format!("this cloud speaks protocol {PROTOCOL_VERSION}; the relay sent protocol {p}"),
+        ));
+    }
+    let req: RegisterRequest = serde_json::from_value(value)
+        .map_err(|e| ApiError::bad_request(format!("invalid registration: {e}")))?;
+    check_id("relay_id", &req.relay_id)?;
+    if req.hostname.len() > 255
+        || req.version.len() > 100
+        || req.fqdn.len() > 100
+        || req.addresses.len() > 100
+    {
+        return Err(ApiError::bad_request(
+            "hostname, version, fqdn or addresses too long",
+        ));
+    }
+
+    let now = shared.now();
+    let token = uuid::Uuid::new_v4().to_string();
+    let generation = {
+        let mut rt = shared.lock();
+        let Some(tenant) = rt.db.p.tenants.get(&req.tenant_id) else {
+            warn!(tenant = %req.tenant_id, relay_id = %req.relay_id, "registration refused: unknown tenant");
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::UnknownTenant,
+                format!("unknown tenant {:?}", req.tenant_id),
+            ));
+        };
+        let matched = match tenant.check_pin(&req.pin, now) {
+            Ok(m) => m,
+            Err(refusal) => {
+                warn!(tenant = %req.tenant_id, relay_id = %req.relay_id, "registration refused: PIN not valid");
+                let message = match refusal {
+                    PinRefusal::Expired(until) => format!(
+                        "PIN not valid for tenant {}: it was replaced by a PIN reset and stopped being accepted at {}",
+                        req.tenant_id,
+                        fmt_time(until)
+                    ),
+                    PinRefusal::Wrong => format!("PIN not valid for tenant {}", req.tenant_id),
+                };
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    ErrorCode::PinRejected,
+                    message,
+                ));
+            }
+        };
+        let pin_generation = tenant.generation_of(matched);
+        let old_pin = matched == PinMatch::Previous;
+        rt.db.add_token(
+            token.clone(),
+            TokenRecord {
+                relay_id: req.relay_id.clone(),
+                tenant_id: req.tenant_id.clone(),
+                pin_generation,
+                old_pin,
+                issued_at: now,
+            },
+            now,
+        );
+        let registrations = {
+            let relay = rt
+                .db
+                .p
+                .relays
+                .entry(req.relay_id.clone())
+                .or_insert_with(|| RelayRecord {
+                    relay_id: req.relay_id.clone(),
+                    tenant_id: req.tenant_id.clone(),
+                    hostname: String::new(),
+                    version: String::new(),
+                    fqdn: Vec::new(),
+                    addresses: Vec::new(),
+                    registrations: 0,
+                    registered_at: now,
+                    heartbeats: 0,
+                    last_heartbeat: None,
+                    last_heartbeat_request: None,
+                    channel_connections: 0,
+                });
+            relay.tenant_id = req.tenant_id.clone();
+            relay.hostname = req.hostname.clone();
+            relay.version = req.version.clone();
+            relay.fqdn = req.fqdn.clone();
+            relay.addresses = req.addresses.clone();
+            relay.registrations += 1;
+            relay.registered_at = now;
+            relay.registrations
+        };
+        rt.db.p.last_registered = Some(req.relay_id.clone());
+        rt.db.p.stats.registrations += 1;
+        info!(
+            relay_id = %req.relay_id,
+            hostname = %req.hostname,
+            tenant = %req.tenant_id,
+            registrations,
+            with_old_pin = old_pin,
+            "relay registered"
+        );
+        rt.changed()
+    };
+    persist(shared, generation).await?;
+    Ok(RegisterResponse {
+        token,
+        heartbeat_interval_s: interval_secs(shared),
+        server_time: server_time(shared),
+    })
+}
+
+async fn heartbeat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
+    if let Some(r) = fault_gate(&shared, PATH_HEARTBEAT).await {
+        return r;
+    }
+    heartbeat_inner(&shared, &headers, body)
+        .await
+        .into_response()
+}
+
+async fn heartbeat_inner(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<Json<HeartbeatResponse>> {
+    let relay_id = bearer_relay(shared, headers)?;
+    let req: HeartbeatRequest = parse(&read_body(body).await?)?;
+    let now = shared.now();
+    {
+        let mut rt = shared.lock();
+        if let Some(relay) = rt.db.p.relays.get_mut(&relay_id) {
+            relay.heartbeats += 1;
+            relay.last_heartbeat = Some(now);
+            relay.last_heartbeat_request = Some(req);
+        }
+        rt.db.p.stats.heartbeats += 1;
+        // Not written at once: the flusher writes heartbeats at most once a second.
+        rt.changed();
+    }
+    Ok(Json(HeartbeatResponse {
+        next_interval_s: interval_secs(shared),
+        images_revision: 0,
+        server_time: server_time(shared),
+    }))
+}
+
+async fn results(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
+    if let Some(r) = fault_gate(&shared, PATH_RESULTS).await {
+        return r;
+    }
+    results_inner(&shared, &headers, body).await.into_response()
+}
+
+fn check_result(i: usize, r: &ResultRecord) -> ApiResult<()> {
+    let field = |name: &str| format!("results[{i}].{name}");
+    check_id(&field("result_id"), &r.result_id)?;
+    check_id(&field("command_id"), &r.command_id)?;
+    if r.name.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "{} must not be empty",
+            field("name")
+        )));
+    }
+    if !state::is_rfc3339(&r.finished_at) {
+        return Err(ApiError::bad_request(format!(
+            "{} must be an RFC 3339 time, got {:?}",
+            field("finished_at"),
+            r.finished_at
+        )));
+    }
+    Ok(())
+}
+
+async fn results_inner(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<Json<ResultsAck>> {
+    let relay_id = bearer_relay(shared, headers)?;
+    let batch: ResultsBatch = parse(&read_body(body).await?)?;
+    if batch.results.len() > MAX_RESULTS_PER_BATCH {
+        return Err(ApiError::bad_request(format!(
+            "batch of {} results; at most {MAX_RESULTS_PER_BATCH} per batch",
+            batch.results.len()
+        )));
+    }
+    // The whole batch is checked before anything is stored: a bad batch changes nothing.
+    for (i, r) in batch.results.iter().enumerate() {
+        check_result(i, r)?;
+    }
+    let (outcome, generation) = {
+        let mut rt = shared.lock();
+        let outcome = rt.db.ingest_results(&relay_id, batch.results);
+        (outcome, rt.changed())
+    };
+    // Acknowledged only once durable: the relay deletes acknowledged results from its outbox.
+    persist(shared, generation).await?;
+    Ok(Json(ResultsAck {
+        accepted: outcome.accepted,
+        duplicates: outcome.duplicates,
+    }))
+}
+
+async fn images(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Some(r) = fault_gate(&shared, PATH_IMAGES).await {
+        return r;
+    }
+    match bearer_relay(&shared, &headers) {
+        Ok(_) => Json(json!({"revision": 0, "images": []})).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn device_status(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    bearer_relay(&shared, &headers)?;
+    let value: Value = parse(&read_body(body).await?)?;
+    if !value.is_object() {
+        return Err(ApiError::bad_request("device status must be a JSON object"));
+    }
+    let mut rt = shared.lock();
+    rt.db.p.stats.device_status_reports += 1;
+    rt.changed();
+    Ok(Json(json!({})))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test API.
+
+async fn sim_relays(State(shared): State<Arc<Shared>>) -> Json<Vec<Value>> {
+    let now = shared.now();
+    let rt = shared.lock();
+    let list = rt
+        .db
+        .p
+        .relays
+        .values()
+        .map(|r| {
+            let conn = rt.channels.get(&r.relay_id);
+            json!({
+                "relay_id": r.relay_id,
+                "tenant_id": r.tenant_id,
+                "hostname": r.hostname,
+                "version": r.version,
+                "fqdn": r.fqdn,
+                "addresses": r.addresses,
+                "state": if r.is_active(now, shared.args.inactive_after) { "active" } else { "inactive" },
+                "heartbeats": r.heartbeats,
+                "registrations": r.registrations,
+                "registered_at": fmt_time(r.registered_at),
+                "last_heartbeat": r.last_heartbeat.map(fmt_time),
+                "last_heartbeat_request": r.last_heartbeat_request,
+                "channel": if conn.is_some() { "connected" } else { "disconnected" },
+                "channel_frozen": conn.is_some_and(|c| c.is_frozen()),
+                "channel_connections": r.channel_connections,
+            })
+        })
+        .collect();
+    Json(list)
+}
+
+async fn sim_reset_pin(
+    State(shared): State<Arc<Shared>>,
+    tenant: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(tenant_id) = tenant.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let now = shared.now();
+    let (pin, until, generation) = {
+        let mut rt = shared.lock();
+        let tenant = rt
+            .db
+            .p
+            .tenants
+            .get_mut(&tenant_id)
+            .ok_or_else(|| ApiError::not_found(format!("unknown tenant {tenant_id:?}")))?;
+        let pin = state::new_pin(tenant);
+        let until = tenant
+            .reset_pin(pin.clone(), now, shared.args.pin_grace, shared.args.pin_reset_cooldown)
+            .map_err(|e| {
+                ApiError::conflict(format!(
+                    "a PIN cannot be reset again within {} (last reset at {}; next reset possible at {})",
+                    state::plain_duration(shared.args.pin_reset_cooldown),
+                    fmt_time(e.last_reset),
+                    fmt_time(e.next_allowed)
+                ))
+            })?;
+        (pin, until, rt.changed())
+    };
+    info!(tenant = %tenant_id, old_pin_valid_until = %fmt_time(until), "tenant PIN reset");
+    persist(&shared, generation).await?;
+    Ok(Json(
+        json!({"pin": pin, "old_pin_valid_until": fmt_time(until)}),
+    ))
+}
+
+async fn sim_stats(State(shared): State<Arc<Shared>>) -> Json<state::Stats> {
+    Json(shared.lock().db.p.stats.clone())
+}
+
+#[derive(Deserialize)]
+struct NewCommand {
+    #[serde(default)]
+    relay_id: Option<String>,
+    name: String,
+    #[serde(default)]
+    params: Option<Value>,
+}
+
+/// The relay a test-API call is about: the one named, else the most recently registered one.
+fn target_relay(rt: &super::Runtime, relay_id: Option<String>) -> ApiResult<String> {
+    match relay_id {
+        Some(id) if rt.db.p.relays.contains_key(&id) => Ok(id),
+        Some(id) => Err(ApiError::not_found(format!("unknown relay {id:?}"))),
+        None => rt
+            .db
+            .p
+            .last_registered
+            .clone()
+            .ok_or_else(|| ApiError::bad_request("no relay has registered yet")),
+    }
+}
+
+async fn sim_create_command(
+    State(shared): State<Arc<Shared>>,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    let req: NewCommand = parse(&read_body(body).await?)?;
+    if req.name.is_empty() {
+        return Err(ApiError::bad_request("name must not be empty"));
+    }
+    let id = format!("cmd-{}", uuid::Uuid::new_v4());
+    let (relay_id, state, generation) = {
+        let mut rt = shared.lock();
+        let relay_id = target_relay(&rt, req.relay_id)?;
+        rt.db.add_command(CommandRecord {
+            id: id.clone(),
+            relay_id: relay_id.clone(),
+            name: req.name,
+            // An omitted `params` goes out as `{}`: relays can treat params as an object always.
+            params: req.params.unwrap_or_else(|| json!({})),
+            state: CommandState::Queued,
+            result: None,
+            created_at: shared.now(),
+        });
+        let idx = rt.db.p.commands.len() - 1;
+        rt.deliver_command(idx);
+        let state = rt.db.p.commands[idx].state;
+        (relay_id, state, rt.changed())
+    };
+    info!(%relay_id, command_id = %id, state = state.as_str(), "command created");
+    persist(&shared, generation).await?;
+    Ok(Json(
+        json!({"command_id": id, "relay_id": relay_id, "state": state.as_str()}),
+    ))
+}
+
+async fn sim_get_command(
+    State(shared): State<Arc<Shared>>,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(id) = id.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let rt = shared.lock();
+    let c = rt
+        .db
+        .command(&id)
+        .ok_or_else(|| ApiError::not_found(format!("unknown command {id:?}")))?;
+    Ok(Json(json!({
+        "id": c.id,
+        "relay_id": c.relay_id,
+        "name": c.name,
+        "params": c.params,
+        "state": c.state.as_str(),
+        "result": c.result,
+        "created_at": fmt_time(c.created_at),
+    })))
+}
+
+async fn sim_results(State(shared): State<Arc<Shared>>) -> Json<Vec<ResultRecord>> {
+    Json(
+        shared
+            .lock()
+            .db
+            .p
+            .results
+            .iter()
+            .map(|r| r.record.clone())
+            .collect(),
+    )
+}
+
+#[derive(Deserialize)]
+struct RawFrame {
+    #[serde(default)]
+    relay_id: Option<String>,
+    text: String,
+}
+
+async fn sim_channel_raw(State(shared): State<Arc<Shared>>, body: Body) -> ApiResult<Json<Value>> {
+    let req: RawFrame = parse(&read_body(body).await?)?;
+    let (written_tx, written_rx) = oneshot::channel();
+    let relay_id = {
+        let rt = shared.lock();
+        let relay_id = target_relay(&rt, req.relay_id)?;
+        let conn = rt
+            .channels
+            .get(&relay_id)
+            .ok_or_else(|| no_channel(&relay_id))?;
+        if conn.is_frozen() {
+            return Err(ApiError::conflict(format!(
+                "the channel of relay {relay_id} is frozen"
+            )));
+        }
+        conn.tx
+            .send(Outgoing {
+                text: req.text,
+                written: Some(written_tx),
+            })
+            .map_err(|_| no_channel(&relay_id))?;
+        relay_id
+    };
+    // Answered once the frame is on the socket, so a test can go straight on to look for the
+    // relay's reaction.
+    match tokio::time::timeout(Duration::from_secs(5), written_rx).await {
+        Ok(Ok(())) => Ok(Json(json!({"relay_id": relay_id, "sent": true}))),
+        Ok(Err(_)) => Err(ApiError::conflict(format!(
+            "the channel of relay {relay_id} closed before the frame was sent"
+        ))),
+        Err(_) => Err(ApiError::internal("the frame was not written within 5s")),
+    }
+}
+
+fn no_channel(relay_id: &str) -> ApiError {
+    ApiError::conflict(format!("relay {relay_id} has no open channel"))
+}
+
+async fn sim_channel_errors(
+    State(shared): State<Arc<Shared>>,
+) -> Json<Vec<channel::ChannelErrorEntry>> {
+    Json(shared.lock().channel_errors.clone())
+}
+
+#[derive(Deserialize)]
+struct FreezeRequest {
+    #[serde(default)]
+    relay_id: Option<String>,
+}
+
+async fn sim_channel_freeze(
+    State(shared): State<Arc<Shared>>,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    let req: FreezeRequest = parse_or_empty(&read_body(body).await?)?;
+    let rt = shared.lock();
+    let relay_id = target_relay(&rt, req.relay_id)?;
+    let conn = rt
+        .channels
+        .get(&relay_id)
+        .ok_or_else(|| no_channel(&relay_id))?;
+    conn.freeze.cancel();
+    Ok(Json(
+        json!({"relay_id": relay_id, "session_id": conn.session_id, "frozen": true}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct FaultRequest {
+    mode: FaultMode,
+}
+
+async fn sim_set_fault(State(shared): State<Arc<Shared>>, body: Body) -> ApiResult<Json<Value>> {
+    let req: FaultRequest = parse(&read_body(body).await?)?;
+    shared.lock().fault = req.mode;
+    info!(mode = ?req.mode, "fault mode set");
+    Ok(Json(json!({"mode": req.mode})))
+}
+
+async fn sim_get_fault(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    Json(json!({"mode": shared.lock().fault}))
+}

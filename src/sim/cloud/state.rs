@@ -1,0 +1,883 @@
+//! The reference cloud's data and the pure rules applied to it: tenants and their PIN window,
+//! bearer tokens, relays, commands, results with de-duplication, counters, and the state file.
+//!
+//! No networking and no clock here: every rule that depends on time takes `now` so that tests can
+//! move time freely. The only I/O is reading and atomically writing the state file.
+
+use crate::protocol::{HeartbeatRequest, ResultRecord};
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write as _;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Version of the state file layout; bumped when an older file could not be read correctly.
+pub const STATE_FORMAT: u32 = 1;
+
+/// How many tokens one relay may hold at once. Re-registering does not revoke older tokens (a relay
+/// whose answer was lost may still use one), but the list must not grow without end.
+pub const MAX_TOKENS_PER_RELAY: usize = 8;
+
+/// Formats a time as RFC 3339 (UTC, milliseconds). Clamped to the range humantime can print, so
+/// that absurd durations given on the command line (`--pin-grace 100000years`) cannot panic.
+pub fn fmt_time(t: SystemTime) -> String {
+    // 9999-12-31T23:59:59Z, the last second humantime formats.
+    let max = UNIX_EPOCH + Duration::from_secs(253_402_300_799);
+    let t = t.clamp(UNIX_EPOCH, max);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// `t + d` without the panic `SystemTime + Duration` has on overflow.
+pub fn add_time(t: SystemTime, d: Duration) -> SystemTime {
+    t.checked_add(d)
+        .unwrap_or(UNIX_EPOCH + Duration::from_secs(253_402_300_799))
+}
+
+/// Serde helpers storing `SystemTime` as RFC 3339 text, readable in the state file.
+mod time_text {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&fmt_time(*t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_rfc3339(&text).map_err(serde::de::Error::custom)
+    }
+
+    pub mod opt {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+            match t {
+                Some(t) => s.serialize_some(&fmt_time(*t)),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<SystemTime>, D::Error> {
+            let text: Option<String> = Option::deserialize(d)?;
+            text.map(|t| humantime::parse_rfc3339(&t).map_err(serde::de::Error::custom))
+                .transpose()
+        }
+    }
+}
+
+/// One tenant and its PIN history. `generation` counts resets: a token remembers the generation of
+/// the PIN it was obtained with, which is how tokens die with their PIN.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tenant {
+    pub pin: String,
+    #[serde(default)]
+    pub generation: u64,
+    #[serde(default)]
+    pub old_pin: Option<String>,
+    #[serde(default, with = "time_text::opt")]
+    pub old_pin_valid_until: Option<SystemTime>,
+    #[serde(default, with = "time_text::opt")]
+    pub last_reset: Option<SystemTime>,
+}
+
+/// Which PIN of a tenant a registration used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinMatch {
+    Current,
+    /// The PIN from before the last reset, still inside its grace window.
+    Previous,
+}
+
+/// Why a PIN was refused; the message tells the relay's admin what happened, in plain words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinRefusal {
+    /// The PIN replaced by the last reset; its grace window ended at the given time.
+    Expired(SystemTime),
+    /// Any other PIN.
+    Wrong,
+}
+
+/// Why a PIN reset was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResetTooSoon {
+    pub last_reset: SystemTime,
+    pub next_allowed: SystemTime,
+}
+
+impl Tenant {
+    pub fn new(pin: impl Into<String>) -> Self {
+        Tenant {
+            pin: pin.into(),
+            generation: 0,
+            old_pin: None,
+            old_pin_valid_until: None,
+            last_reset: None,
+        }
+    }
+
+    /// The PIN rules: the current PIN is always accepted; after a reset the previous PIN is accepted
+    /// until `reset time + grace` (exclusive), then refused.
+    pub fn check_pin(&self, pin: &str, now: SystemTime) -> Result<PinMatch, PinRefusal> {
+        if pin == self.pin {
+            return Ok(PinMatch::Current);
+        }
+        if let (Some(old), Some(until)) = (&self.old_pin, self.old_pin_valid_until)
+            && pin == old
+        {
+            return if now < until {
+                Ok(PinMatch::Previous)
+            } else {
+                Err(PinRefusal::Expired(until))
+            };
+        }
+        Err(PinRefusal::Wrong)
+    }
+
+    /// Sets `new_pin` as the tenant's PIN; the current one stays valid for `grace`. Refused while
+    /// the last reset is younger than `cooldown`. Returns the end of the old PIN's grace window.
+    pub fn reset_pin(
+        &mut self,
+        new_pin: String,
+        now: SystemTime,
+        grace: Duration,
+        cooldown: Duration,
+    ) -> Result<SystemTime, ResetTooSoon> {
+        if let Some(last) = self.last_reset {
+            let next_allowed = add_time(last, cooldown);
+            if now < next_allowed {
+                return Err(ResetTooSoon {
+                    last_reset: last,
+                    next_allowed,
+                });
+            }
+        }
+        let until = add_time(now, grace);
+        self.old_pin = Some(std::mem::replace(&mut self.pin, new_pin));
+        self.old_pin_valid_until = Some(until);
+        self.last_reset = Some(now);
+        self.generation += 1;
+        Ok(until)
+    }
+
+    /// Whether a token obtained with the PIN of `generation` is still good. Tokens of the current PIN
+    /// are; tokens of the previous PIN (obtained with it during the grace window, or before the
+    /// reset) die when that PIN's grace window ends, so a relay with a stale PIN finds out.
+    pub fn token_generation_valid(&self, generation: u64, now: SystemTime) -> bool {
+        if generation == self.generation {
+            return true;
+        }
+        generation + 1 == self.generation
+            && self.old_pin_valid_until.is_some_and(|until| now < until)
+    }
+
+    /// The generation to record in a token obtained with `m`.
+    pub fn generation_of(&self, m: PinMatch) -> u64 {
+        match m {
+            PinMatch::Current => self.generation,
+            PinMatch::Previous => self.generation.saturating_sub(1),
+        }
+    }
+}
+
+/// A six-digit PIN different from the ones the tenant has now.
+pub fn new_pin(tenant: &Tenant) -> String {
+    loop {
+        let pin = format!("{:06}", fastrand::u32(0..1_000_000));
+        if pin != tenant.pin && tenant.old_pin.as_deref() != Some(pin.as_str()) {
+            return pin;
+        }
+    }
+}
+
+/// A bearer token handed out at registration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub relay_id: String,
+    pub tenant_id: String,
+    /// Tenant PIN generation the token was obtained with (see [`Tenant::token_generation_valid`]).
+    pub pin_generation: u64,
+    /// Obtained with the previous PIN during its grace window.
+    #[serde(default)]
+    pub old_pin: bool,
+    #[serde(with = "time_text")]
+    pub issued_at: SystemTime,
+}
+
+/// What the cloud knows about one relay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelayRecord {
+    pub relay_id: String,
+    pub tenant_id: String,
+    pub hostname: String,
+    pub version: String,
+    #[serde(default)]
+    pub fqdn: Vec<String>,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub registrations: u64,
+    #[serde(with = "time_text")]
+    pub registered_at: SystemTime,
+    #[serde(default)]
+    pub heartbeats: u64,
+    #[serde(default, with = "time_text::opt")]
+    pub last_heartbeat: Option<SystemTime>,
+    #[serde(default)]
+    pub last_heartbeat_request: Option<HeartbeatRequest>,
+    #[serde(default)]
+    pub channel_connections: u64,
+}
+
+impl RelayRecord {
+    /// Active while the last heartbeat is younger than `inactive_after`. A heartbeat stamped in the
+    /// future (the clock went back) counts as fresh.
+    pub fn is_active(&self, now: SystemTime, inactive_after: Duration) -> bool {
+        match self.last_heartbeat {
+            None => false,
+            Some(last) => now
+                .duration_since(last)
+                .map(|age| age < inactive_after)
+                .unwrap_or(true),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandState {
+    Queued,
+    Sent,
+    Acked,
+    Done,
+}
+
+impl CommandState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandState::Queued => "queued",
+            CommandState::Sent => "sent",
+            CommandState::Acked => "acked",
+            CommandState::Done => "done",
+        }
+    }
+}
+
+/// A command created through the test API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandRecord {
+    pub id: String,
+    pub relay_id: String,
+    pub name: String,
+    #[serde(default)]
+    pub params: serde_json::Value,
+    pub state: CommandState,
+    #[serde(default)]
+    pub result: Option<ResultRecord>,
+    #[serde(with = "time_text")]
+    pub created_at: SystemTime,
+}
+
+impl CommandRecord {
+    /// States only move forward: an ack arriving after the result (the relay may post a result
+    /// before the ack frame is read) must not turn `done` back into `acked`.
+    pub fn advance(&mut self, to: CommandState) {
+        if to > self.state {
+            self.state = to;
+        }
+    }
+}
+
+/// A result as received, with the relay that reported it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredResult {
+    pub relay_id: String,
+    pub record: ResultRecord,
+}
+
+/// Counters shown by `GET /sim/stats`. Persisted with the rest so that they stay consistent with
+/// the stored results across a restart.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Stats {
+    pub image_bytes_served: u64,
+    pub heartbeats: u64,
+    pub results_received: u64,
+    pub duplicate_results: u64,
+    pub registrations: u64,
+    pub registrations_rejected: u64,
+    pub channel_connections: u64,
+    pub faulted_requests: u64,
+    pub device_status_reports: u64,
+    /// Frames from relays that were not a valid `RelayMessage`.
+    pub channel_bad_frames: u64,
+}
+
+/// Everything the state file holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Persisted {
+    pub format: u32,
+    #[serde(default)]
+    pub tenants: BTreeMap<String, Tenant>,
+    #[serde(default)]
+    pub relays: BTreeMap<String, RelayRecord>,
+    #[serde(default)]
+    pub tokens: BTreeMap<String, TokenRecord>,
+    /// Target of test-API calls that name no relay.
+    #[serde(default)]
+    pub last_registered: Option<String>,
+    #[serde(default)]
+    pub commands: Vec<CommandRecord>,
+    #[serde(default)]
+    pub results: Vec<StoredResult>,
+    #[serde(default)]
+    pub stats: Stats,
+}
+
+impl Default for Persisted {
+    fn default() -> Self {
+        Persisted {
+            format: STATE_FORMAT,
+            tenants: BTreeMap::new(),
+            relays: BTreeMap::new(),
+            tokens: BTreeMap::new(),
+            last_registered: None,
+            commands: Vec::new(),
+            results: Vec::new(),
+            stats: Stats::default(),
+        }
+    }
+}
+
+/// Outcome of taking in one results batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngestOutcome {
+    pub accepted: Vec<String>,
+    pub duplicates: u64,
+}
+
+/// The persisted data plus the indexes rebuilt from it at load.
+#[derive(Debug, Default)]
+pub struct Db {
+    pub p: Persisted,
+    command_index: HashMap<String, usize>,
+    seen_results: HashSet<String>,
+}
+
+impl Db {
+    pub fn new(p: Persisted) -> Self {
+        let command_index = p
+            .commands
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.id.clone(), i))
+            .collect();
+        let seen_results = p
+            .results
+            .iter()
+            .map(|r| r.record.result_id.clone())
+            .collect();
+        Db {
+            p,
+            command_index,
+            seen_results,
+        }
+    }
+
+    pub fn command(&self, id: &str) -> Option<&CommandRecord> {
+        self.command_index
+            .get(id)
+            .and_then(|&i| self.p.commands.get(i))
+    }
+
+    pub fn command_mut(&mut self, id: &str) -> Option<&mut CommandRecord> {
+        self.command_index
+            .get(id)
+            .and_then(|&i| self.p.commands.get_mut(i))
+    }
+
+    pub fn add_command(&mut self, cmd: CommandRecord) {
+        self.command_index
+            .insert(cmd.id.clone(), self.p.commands.len());
+        self.p.commands.push(cmd);
+    }
+
+    /// Commands to (re)send when `relay_id` connects: those never sent, and those sent on an earlier
+    /// connection but not acknowledged (delivery is at least once; the relay de-duplicates by id).
+    pub fn undelivered_commands(&self, relay_id: &str) -> Vec<usize> {
+        self.p
+            .commands
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| {
+                c.relay_id == relay_id
+                    && matches!(c.state, CommandState::Queued | CommandState::Sent)
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Takes in a results batch from `relay_id`: a result id never seen is stored (and completes its
+    /// command when that command belongs to the relay); a known one is only counted as a duplicate.
+    pub fn ingest_results(&mut self, relay_id: &str, records: Vec<ResultRecord>) -> IngestOutcome {
+        let mut accepted = Vec::with_capacity(records.len());
+        let mut duplicates = 0;
+        for record in records {
+            accepted.push(record.result_id.clone());
+            if !self.seen_results.insert(record.result_id.clone()) {
+                duplicates += 1;
+                self.p.stats.duplicate_results += 1;
+                continue;
+            }
+            self.p.stats.results_received += 1;
+            if let Some(cmd) = self.command_mut(&record.command_id)
+                && cmd.relay_id == relay_id
+            {
+                cmd.advance(CommandState::Done);
+                cmd.result = Some(record.clone());
+            }
+            self.p.results.push(StoredResult {
+                relay_id: relay_id.to_owned(),
+                record,
+            });
+        }
+        IngestOutcome {
+            accepted,
+            duplicates,
+        }
+    }
+
+    /// Records a new token for a relay, dropping that relay's oldest ones beyond
+    /// [`MAX_TOKENS_PER_RELAY`] and any token of any relay that can never be valid again.
+    pub fn add_token(&mut self, token: String, rec: TokenRecord, now: SystemTime) {
+        let tenants = &self.p.tenants;
+        self.p.tokens.retain(|_, t| {
+            tenants
+                .get(&t.tenant_id)
+                .is_some_and(|ten| ten.token_generation_valid(t.pin_generation, now))
+        });
+        let mut mine: Vec<(SystemTime, String)> = self
+            .p
+            .tokens
+            .iter()
+            .filter(|(_, t)| t.relay_id == rec.relay_id)
+            .map(|(k, t)| (t.issued_at, k.clone()))
+            .collect();
+        mine.sort();
+        let excess = (mine.len() + 1).saturating_sub(MAX_TOKENS_PER_RELAY);
+        for (_, k) in mine.into_iter().take(excess) {
+            self.p.tokens.remove(&k);
+        }
+        self.p.tokens.insert(token, rec);
+    }
+
+    /// The relay a valid token belongs to, or `None` (unknown, or its PIN's grace window is over).
+    pub fn authenticate(&self, token: &str, now: SystemTime) -> Option<&TokenRecord> {
+        let rec = self.p.tokens.get(token)?;
+        let tenant = self.p.tenants.get(&rec.tenant_id)?;
+        tenant
+            .token_generation_valid(rec.pin_generation, now)
+            .then_some(rec)
+    }
+}
+
+/// Reads a state file. `Ok(None)` when it does not exist; an error naming the file otherwise.
+pub fn load(path: &Path) -> anyhow::Result<Option<Persisted>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot read state file {}", path.display()));
+        }
+    };
+    let p: Persisted = serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "state file {} is corrupt (not the cloud's JSON state)",
+            path.display()
+        )
+    })?;
+    anyhow::ensure!(
+        p.format == STATE_FORMAT,
+        "state file {} has format {}, this build reads format {STATE_FORMAT}",
+        path.display(),
+        p.format
+    );
+    Ok(Some(p))
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old or the new file: a temporary
+/// file in the same directory, fsync, rename, fsync of the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let ctx = || format!("cannot write state file {}", path.display());
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(ctx)?;
+    tmp.write_all(bytes).with_context(ctx)?;
+    tmp.as_file().sync_all().with_context(ctx)?;
+    tmp.persist(path).map_err(|e| e.error).with_context(ctx)?;
+    // The rename is only durable once the directory entry is.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Plain words for a duration in messages: "24 hours", "30 minutes", else humantime's form.
+pub fn plain_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    let unit = |n: u64, word: &str| {
+        if n == 1 {
+            format!("1 {word}")
+        } else {
+            format!("{n} {word}s")
+        }
+    };
+    if d.subsec_nanos() == 0 && s > 0 && s.is_multiple_of(3600) {
+        unit(s / 3600, "hour")
+    } else if d.subsec_nanos() == 0 && s > 0 && s.is_multiple_of(60) {
+        unit(s / 60, "minute")
+    } else {
+        humantime::format_duration(d).to_string()
+    }
+}
+
+/// Checks that `s` looks like an RFC 3339 date-time (`YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`).
+pub fn is_rfc3339(s: &str) -> bool {
+    let b = s.as_bytes();
+    let digits =
+        |r: std::ops::Range<usize>| b.get(r).is_some_and(|x| x.iter().all(u8::is_ascii_digit));
+    if b.len() < 20
+        || !digits(0..4)
+        || b[4] != b'-'
+        || !digits(5..7)
+        || b[7] != b'-'
+        || !digits(8..10)
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || !digits(11..13)
+        || b[13] != b':'
+        || !digits(14..16)
+        || b[16] != b':'
+        || !digits(17..19)
+    {
+        return false;
+    }
+    let mut i = 19;
+    if b[i] == b'.' {
+        i += 1;
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == start {
+            return false;
+        }
+    }
+    match &b[i..] {
+        [b'Z' | b'z'] => true,
+        [b'+' | b'-', h1, h2, b':', m1, m2] => [h1, h2, m1, m2].iter().all(|c| c.is_ascii_digit()),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Outcome;
+
+    const H: Duration = Duration::from_secs(3600);
+
+    fn t0() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    }
+
+    #[test]
+    fn pin_window_rules() {
+        let mut t = Tenant::new("111111");
+        assert_eq!(t.check_pin("111111", t0()), Ok(PinMatch::Current));
+        assert_eq!(t.check_pin("999999", t0()), Err(PinRefusal::Wrong));
+
+        let until = t.reset_pin("222222".into(), t0(), 24 * H, 24 * H).unwrap();
+        assert_eq!(until, t0() + 24 * H);
+        // New PIN at once; old PIN inside the grace window only.
+        assert_eq!(t.check_pin("222222", t0()), Ok(PinMatch::Current));
+        assert_eq!(t.check_pin("111111", t0() + H), Ok(PinMatch::Previous));
+        assert_eq!(
+            t.check_pin("111111", t0() + 24 * H - Duration::from_millis(1)),
+            Ok(PinMatch::Previous)
+        );
+        assert_eq!(
+            t.check_pin("111111", t0() + 24 * H),
+            Err(PinRefusal::Expired(until))
+        );
+        assert_eq!(t.check_pin("222222", t0() + 48 * H), Ok(PinMatch::Current));
+    }
+
+    #[test]
+    fn reset_cooldown() {
+        let mut t = Tenant::new("111111");
+        t.reset_pin("222222".into(), t0(), 24 * H, 24 * H).unwrap();
+        let err = t
+            .reset_pin("333333".into(), t0() + 23 * H, 24 * H, 24 * H)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ResetTooSoon {
+                last_reset: t0(),
+                next_allowed: t0() + 24 * H
+            }
+        );
+        assert_eq!(t.pin, "222222", "a refused reset changes nothing");
+        t.reset_pin("333333".into(), t0() + 24 * H, 24 * H, 24 * H)
+            .unwrap();
+        // Only the PIN just replaced is in its grace window; the one before is gone.
+        assert_eq!(t.check_pin("222222", t0() + 25 * H), Ok(PinMatch::Previous));
+        assert_eq!(t.check_pin("111111", t0() + 25 * H), Err(PinRefusal::Wrong));
+        // No cooldown: back-to-back resets work.
+        t.reset_pin("444444".into(), t0() + 24 * H, H, Duration::ZERO)
+            .unwrap();
+        assert_eq!(t.generation, 3);
+    }
+
+    #[test]
+    fn huge_durations_do_not_panic() {
+        let mut t = Tenant::new("111111");
+        let until = t
+            .reset_pin("2".into(), t0(), Duration::MAX, Duration::MAX)
+            .unwrap();
+        assert!(fmt_time(until).starts_with("9999-12-31T23:59:59"));
+        assert!(t.reset_pin("3".into(), t0() + H, H, Duration::MAX).is_err());
+        assert_eq!(fmt_time(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+    }
+
+    fn db_with_tenant() -> Db {
+        let mut p = Persisted::default();
+        p.tenants.insert("acme".into(), Tenant::new("111111"));
+        Db::new(p)
+    }
+
+    fn token(relay: &str, generation: u64, at: SystemTime) -> TokenRecord {
+        TokenRecord {
+            relay_id: relay.into(),
+            tenant_id: "acme".into(),
+            pin_generation: generation,
+            old_pin: false,
+            issued_at: at,
+        }
+    }
+
+    #[test]
+    fn tokens_die_with_their_pin() {
+        let mut db = db_with_tenant();
+        db.add_token("before-reset".into(), token("r1", 0, t0()), t0());
+        assert!(db.authenticate("before-reset", t0()).is_some());
+        assert!(db.authenticate("nope", t0()).is_none());
+
+        let tenant = db.p.tenants.get_mut("acme").unwrap();
+        let until = tenant
+            .reset_pin("222222".into(), t0() + H, 24 * H, 24 * H)
+            .unwrap();
+        // A token obtained with the old PIN during the grace window.
+        let m = tenant.check_pin("111111", t0() + 2 * H).unwrap();
+        let g = tenant.generation_of(m);
+        assert_eq!((m, g), (PinMatch::Previous, 0));
+        db.add_token(
+            "with-old".into(),
+            token("r2", g, t0() + 2 * H),
+            t0() + 2 * H,
+        );
+        db.add_token(
+            "with-new".into(),
+            token("r3", 1, t0() + 2 * H),
+            t0() + 2 * H,
+        );
+
+        let just_before = until - Duration::from_millis(1);
+        for k in ["before-reset", "with-old", "with-new"] {
+            assert!(
+                db.authenticate(k, just_before).is_some(),
+                "{k} inside the grace window"
+            );
+        }
+        assert!(db.authenticate("before-reset", until).is_none());
+        assert!(db.authenticate("with-old", until).is_none());
+        assert!(db.authenticate("with-new", until + 100 * H).is_some());
+
+        // Dead tokens are dropped at the next registration.
+        db.add_token("later".into(), token("r3", 1, until), until);
+        assert_eq!(db.p.tokens.len(), 2);
+    }
+
+    #[test]
+    fn tokens_per_relay_are_capped() {
+        let mut db = db_with_tenant();
+        for i in 0..(MAX_TOKENS_PER_RELAY as u64 + 3) {
+            let at = t0() + Duration::from_secs(i);
+            db.add_token(format!("t{i}"), token("r1", 0, at), at);
+        }
+        db.add_token("other".into(), token("r2", 0, t0()), t0());
+        assert_eq!(db.p.tokens.len(), MAX_TOKENS_PER_RELAY + 1);
+        assert!(db.authenticate("t0", t0()).is_none(), "oldest dropped");
+        assert!(
+            db.authenticate(&format!("t{}", MAX_TOKENS_PER_RELAY + 2), t0())
+                .is_some()
+        );
+    }
+
+    fn result(id: &str, cmd: &str) -> ResultRecord {
+        ResultRecord {
+            result_id: id.into(),
+            command_id: cmd.into(),
+            target: None,
+            name: "ping".into(),
+            result: Outcome::Success,
+            reason: String::new(),
+            payload: serde_json::json!({"rtt_ms": 1}),
+            finished_at: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    fn command(id: &str, relay: &str) -> CommandRecord {
+        CommandRecord {
+            id: id.into(),
+            relay_id: relay.into(),
+            name: "ping".into(),
+            params: serde_json::json!({}),
+            state: CommandState::Sent,
+            result: None,
+            created_at: t0(),
+        }
+    }
+
+    #[test]
+    fn results_are_deduplicated() {
+        let mut db = db_with_tenant();
+        db.add_command(command("c1", "r1"));
+        db.add_command(command("c2", "r2"));
+        let out = db.ingest_results(
+            "r1",
+            vec![result("a", "c1"), result("b", "c2"), result("a", "c1")],
+        );
+        assert_eq!(
+            out,
+            IngestOutcome {
+                accepted: vec!["a".into(), "b".into(), "a".into()],
+                duplicates: 1
+            }
+        );
+        assert_eq!(db.command("c1").unwrap().state, CommandState::Done);
+        assert_eq!(
+            db.command("c1").unwrap().result.as_ref().unwrap().result_id,
+            "a"
+        );
+        // A result naming another relay's command is stored but does not complete that command.
+        assert_eq!(db.command("c2").unwrap().state, CommandState::Sent);
+
+        // A retry after a lost answer changes nothing but the duplicate count.
+        let before = db.p.results.clone();
+        let out = db.ingest_results("r1", vec![result("a", "c1"), result("b", "c2")]);
+        assert_eq!(out.duplicates, 2);
+        assert_eq!(db.p.results, before);
+        assert_eq!(
+            (db.p.stats.results_received, db.p.stats.duplicate_results),
+            (2, 3)
+        );
+
+        // An ack after the result does not move the command back.
+        db.command_mut("c1").unwrap().advance(CommandState::Acked);
+        assert_eq!(db.command("c1").unwrap().state, CommandState::Done);
+    }
+
+    #[test]
+    fn state_file_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cloud.json");
+        assert!(load(&path).unwrap().is_none());
+
+        let mut db = db_with_tenant();
+        db.p.tenants
+            .get_mut("acme")
+            .unwrap()
+            .reset_pin("222222".into(), t0(), 24 * H, 24 * H)
+            .unwrap();
+        db.add_token("tok".into(), token("r1", 1, t0()), t0());
+        db.p.relays.insert(
+            "r1".into(),
+            RelayRecord {
+                relay_id: "r1".into(),
+                tenant_id: "acme".into(),
+                hostname: "vm1".into(),
+                version: "0.1.0".into(),
+                fqdn: vec!["relay.corp".into()],
+                addresses: vec![],
+                registrations: 2,
+                registered_at: t0(),
+                heartbeats: 5,
+                last_heartbeat: Some(t0() + Duration::from_millis(1500)),
+                last_heartbeat_request: Some(HeartbeatRequest {
+                    seq: 5,
+                    ..Default::default()
+                }),
+                channel_connections: 1,
+            },
+        );
+        db.p.last_registered = Some("r1".into());
+        db.add_command(command("c1", "r1"));
+        db.ingest_results("r1", vec![result("a", "c1")]);
+
+        write_atomic(&path, &serde_json::to_vec_pretty(&db.p).unwrap()).unwrap();
+        let back = load(&path).unwrap().unwrap();
+        assert_eq!(back, db.p);
+        // Indexes are rebuilt: de-duplication survives the restart.
+        let mut db2 = Db::new(back);
+        assert_eq!(
+            db2.ingest_results("r1", vec![result("a", "c1")]).duplicates,
+            1
+        );
+        assert_eq!(db2.command("c1").unwrap().state, CommandState::Done);
+
+        std::fs::write(&path, b"{not json").unwrap();
+        let err = format!("{:#}", load(&path).unwrap_err());
+        assert!(err.contains("cloud.json"), "{err}");
+    }
+
+    #[test]
+    fn activity_and_words() {
+        let mut r = RelayRecord {
+            relay_id: "r".into(),
+            tenant_id: "acme".into(),
+            hostname: String::new(),
+            version: String::new(),
+            fqdn: vec![],
+            addresses: vec![],
+            registrations: 1,
+            registered_at: t0(),
+            heartbeats: 0,
+            last_heartbeat: None,
+            last_heartbeat_request: None,
+            channel_connections: 0,
+        };
+        let ten_min = Duration::from_secs(600);
+        assert!(!r.is_active(t0(), ten_min));
+        r.last_heartbeat = Some(t0());
+        assert!(r.is_active(t0() + Duration::from_secs(599), ten_min));
+        assert!(!r.is_active(t0() + ten_min, ten_min));
+        assert!(r.is_active(t0() - H, ten_min));
+
+        assert_eq!(plain_duration(24 * H), "24 hours");
+        assert_eq!(plain_duration(H), "1 hour");
+        assert_eq!(plain_duration(Duration::from_secs(120)), "2 minutes");
+        assert_eq!(plain_duration(Duration::from_secs(5)), "5s");
+
+        assert!(is_rfc3339("2026-01-01T00:00:00Z"));
+        assert!(is_rfc3339("2026-01-01T00:00:00.123456Z"));
+        assert!(is_rfc3339("2026-01-01T00:00:00+02:00"));
+        assert!(!is_rfc3339("2026-01-01"));
+        assert!(!is_rfc3339("2026-01-01T00:00:00"));
+        assert!(!is_rfc3339("2026-01-01T00:00:00.Z"));
+        assert!(!is_rfc3339("yesterday at noon, roughly"));
+    }
+}

@@ -1,0 +1,663 @@
+//! In-process tests of the reference cloud over real HTTP and WebSocket connections on
+//! 127.0.0.1:0. The pure rules (PIN window, tokens, de-duplication, state file) are tested in
+//! `state`.
+
+use super::*;
+use crate::protocol::{PATH_CHANNEL, PATH_HEARTBEAT, PATH_IMAGES, PATH_REGISTER, PATH_RESULTS};
+use bytes::Bytes;
+use futures_util::{SinkExt as _, StreamExt as _};
+use http_body_util::{BodyExt as _, Full};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+type Ws = tokio_tungstenite::WebSocketStream<TcpStream>;
+
+/// Guards every wait on the cloud so that a bug fails the test instead of hanging it.
+const GUARD: Duration = Duration::from_secs(10);
+
+fn args(state_file: Option<PathBuf>) -> CloudArgs {
+    CloudArgs {
+        listen: "127.0.0.1:0".into(),
+        tenant: "acme".into(),
+        pin: "123456".into(),
+        images: None,
+        provisioning: None,
+        state_file,
+        pin_grace: Duration::from_secs(24 * 3600),
+        pin_reset_cooldown: Duration::from_secs(24 * 3600),
+        inactive_after: Duration::from_secs(600),
+        heartbeat_interval: Duration::from_secs(120),
+    }
+}
+
+async fn start_cloud(args: CloudArgs) -> CloudHandle {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start(listener, args).await.unwrap()
+}
+
+/// One request on a fresh connection; returns the status and the body (JSON, or a JSON string
+/// holding the raw text when it is not JSON).
+async fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, Value) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, addr.to_string());
+    if let Some(t) = token {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    if body.is_some() {
+        req = req.header(http::header::CONTENT_TYPE, "application/json");
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body.unwrap_or("").to_owned())))
+        .unwrap();
+    let resp = tokio::time::timeout(GUARD, sender.send_request(req))
+        .await
+        .expect("no answer")
+        .unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+    (status, value)
+}
+
+async fn get(addr: SocketAddr, path: &str) -> Value {
+    let (status, v) = call(addr, "GET", path, None, None).await;
+    assert_eq!(status, 200, "GET {path}: {v}");
+    v
+}
+
+async fn post(addr: SocketAddr, path: &str, body: Value) -> (u16, Value) {
+    call(addr, "POST", path, None, Some(&body.to_string())).await
+}
+
+fn registration(relay_id: &str, pin: &str) -> String {
+    json!({
+        "protocol": 1, "tenant_id": "acme", "pin": pin, "relay_id": relay_id,
+        "hostname": "vm1", "version": "0.1.0", "fqdn": ["relay.corp"], "addresses": ["10.0.0.5"]
+    })
+    .to_string()
+}
+
+async fn register(addr: SocketAddr, relay_id: &str, pin: &str) -> (u16, Value) {
+    call(
+        addr,
+        "POST",
+        PATH_REGISTER,
+        None,
+        Some(&registration(relay_id, pin)),
+    )
+    .await
+}
+
+async fn register_ok(addr: SocketAddr, relay_id: &str, pin: &str) -> String {
+    let (status, v) = register(addr, relay_id, pin).await;
+    assert_eq!(status, 200, "{v}");
+    v["token"].as_str().unwrap().to_owned()
+}
+
+fn heartbeat_body() -> String {
+    json!({
+        "seq": 1, "uptime_s": 5, "version": "0.1.0",
+        "agents": {"management": {"state": "ok"}, "download": {"state": "off"}, "provisioning": {"state": "off"}}
+    })
+    .to_string()
+}
+
+async fn heartbeat(addr: SocketAddr, token: &str) -> (u16, Value) {
+    call(
+        addr,
+        "POST",
+        PATH_HEARTBEAT,
+        Some(token),
+        Some(&heartbeat_body()),
+    )
+    .await
+}
+
+fn error_code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("<no error code>")
+}
+
+fn result_body(ids: &[(&str, &str)]) -> String {
+    let results: Vec<Value> = ids
+        .iter()
+        .map(|(id, cmd)| {
+            json!({"result_id": id, "command_id": cmd, "name": "ping", "result": "success",
+                   "payload": {"rtt_ms": 3}, "finished_at": "2026-01-01T00:00:00Z"})
+        })
+        .collect();
+    json!({ "results": results }).to_string()
+}
+
+async fn connect_ws(addr: SocketAddr, token: &str) -> Ws {
+    let mut req = format!("ws://{addr}{PATH_CHANNEL}")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        http::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (ws, _) = tokio::time::timeout(GUARD, tokio_tungstenite::client_async(req, stream))
+        .await
+        .unwrap()
+        .unwrap();
+    ws
+}
+
+/// The next text frame, as JSON.
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        match tokio::time::timeout(GUARD, ws.next())
+            .await
+            .expect("no frame")
+        {
+            Some(Ok(Message::Text(t))) => return serde_json::from_str(t.as_str()).unwrap(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// Sends a ping and waits for its pong. The cloud handles frames in order, so once the pong is
+/// back every frame sent before the ping has been processed.
+async fn ping_roundtrip(ws: &mut Ws) {
+    ws.send(Message::Ping(Bytes::from_static(b"sync")))
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(GUARD, ws.next())
+            .await
+            .expect("no pong")
+        {
+            Some(Ok(Message::Pong(p))) if &p[..] == b"sync" => return,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a pong, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn register_heartbeat_results_and_errors() {
+    let cloud = start_cloud(args(None)).await;
+    let addr = cloud.addr;
+
+    let (status, v) = register(addr, "r-1", "123456").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["heartbeat_interval_s"], 120);
+    assert!(v["server_time"].as_str().unwrap().ends_with('Z'));
+    let token = v["token"].as_str().unwrap().to_owned();
+
+    let (status, v) = heartbeat(addr, &token).await;
+    assert_eq!(
+        (
+            status,
+            v["next_interval_s"].as_u64(),
+            v["images_revision"].as_u64()
+        ),
+        (200, Some(120), Some(0))
+    );
+
+    let relays = get(addr, "/sim/relays").await;
+    let r = &relays[0];
+    assert_eq!(
+        (
+            r["relay_id"].as_str(),
+            r["state"].as_str(),
+            r["heartbeats"].as_u64()
+        ),
+        (Some("r-1"), Some("active"), Some(1))
+    );
+    assert_eq!(
+        (r["registrations"].as_u64(), r["channel"].as_str()),
+        (Some(1), Some("disconnected"))
+    );
+    assert_eq!(r["last_heartbeat_request"]["seq"], 1);
+
+    // Authentication and body errors.
+    let (status, v) = call(addr, "POST", PATH_HEARTBEAT, None, Some(&heartbeat_body())).await;
+    assert_eq!((status, error_code(&v)), (401, "token_invalid"));
+    let (status, v) = heartbeat(addr, "not-a-token").await;
+    assert_eq!((status, error_code(&v)), (401, "token_invalid"));
+    let (status, v) = call(
+        addr,
+        "POST",
+        PATH_HEARTBEAT,
+        Some(&token),
+        Some("{\"seq\": \"x\""),
+    )
+    .await;
+    assert_eq!((status, error_code(&v)), (400, "bad_request"));
+
+    // Registration refusals, each with its code.
+    let (status, v) = register(addr, "r-1", "000000").await;
+    assert_eq!((status, error_code(&v)), (401, "pin_rejected"));
+    assert_eq!(v["error"]["message"], "PIN not valid for tenant acme");
+    let other_tenant = registration("r-1", "123456").replace("\"acme\"", "\"globex\"");
+    let (status, v) = call(addr, "POST", PATH_REGISTER, None, Some(&other_tenant)).await;
+    assert_eq!((status, error_code(&v)), (401, "unknown_tenant"));
+    let (status, v) = call(
+        addr,
+        "POST",
+        PATH_REGISTER,
+        None,
+        Some(r#"{"protocol": 2, "whatever": true}"#),
+    )
+    .await;
+    assert_eq!((status, error_code(&v)), (400, "unsupported_version"));
+    let (status, v) = call(addr, "POST", PATH_REGISTER, None, Some("<xml/>")).await;
+    assert_eq!((status, error_code(&v)), (400, "bad_request"));
+    let (status, v) = register(addr, "", "123456").await;
+    assert_eq!((status, error_code(&v)), (400, "bad_request"));
+
+    let (status, v) = call(addr, "GET", "/no/such/thing", None, None).await;
+    assert_eq!((status, error_code(&v)), (404, "not_found"));
+    let (status, v) = call(addr, "GET", PATH_REGISTER, None, None).await;
+    assert_eq!((status, error_code(&v)), (405, "bad_request"));
+    let (status, v) = call(addr, "GET", PATH_IMAGES, Some(&token), None).await;
+    assert_eq!((status, v), (200, json!({"revision": 0, "images": []})));
+    let (status, v) = call(
+        addr,
+        "POST",
+        "/relay/v1/device-status",
+        Some(&token),
+        Some(r#"{"devices": []}"#),
+    )
+    .await;
+    assert_eq!((status, v), (200, json!({})));
+
+    // Results: stored once, a retry only counts duplicates.
+    let batch = result_body(&[("res-1", "cmd-x"), ("res-2", "cmd-x")]);
+    let (status, v) = call(addr, "POST", PATH_RESULTS, Some(&token), Some(&batch)).await;
+    assert_eq!(
+        (status, v),
+        (
+            200,
+            json!({"accepted": ["res-1", "res-2"], "duplicates": 0})
+        )
+    );
+    let (status, v) = call(addr, "POST", PATH_RESULTS, Some(&token), Some(&batch)).await;
+    assert_eq!(
+        (status, v),
+        (
+            200,
+            json!({"accepted": ["res-1", "res-2"], "duplicates": 2})
+        )
+    );
+    assert_eq!(get(addr, "/sim/results").await.as_array().unwrap().len(), 2);
+    let ids: Vec<String> = (0..1001).map(|i| format!("big-{i}")).collect();
+    let pairs: Vec<(&str, &str)> = ids.iter().map(|i| (i.as_str(), "c")).collect();
+    let (status, v) = call(
+        addr,
+        "POST",
+        PATH_RESULTS,
+        Some(&token),
+        Some(&result_body(&pairs)),
+    )
+    .await;
+    assert_eq!((status, error_code(&v)), (400, "bad_request"));
+    let bad = result_body(&[("res-3", "c")]).replace("2026-01-01T00:00:00Z", "last tuesday");
+    let (status, v) = call(addr, "POST", PATH_RESULTS, Some(&token), Some(&bad)).await;
+    assert_eq!((status, error_code(&v)), (400, "bad_request"), "{v}");
+
+    // Fault injection covers the protocol endpoints, not the test API.
+    assert_eq!(
+        post(addr, "/sim/faults", json!({"mode": "http_500"})).await,
+        (200, json!({"mode": "http_500"}))
+    );
+    let (status, v) = heartbeat(addr, &token).await;
+    assert_eq!((status, error_code(&v)), (500, "internal"));
+    post(addr, "/sim/faults", json!({"mode": "garbage"})).await;
+    let (status, v) = register(addr, "r-1", "123456").await;
+    assert_eq!((status, v), (200, Value::String("<html>oops".into())));
+    let (status, _) = post(addr, "/sim/faults", json!({"mode": "sometimes"})).await;
+    assert_eq!(status, 400);
+    post(addr, "/sim/faults", json!({"mode": "none"})).await;
+    assert_eq!(heartbeat(addr, &token).await.0, 200);
+
+    let stats = get(addr, "/sim/stats").await;
+    let expect = json!({
+        "image_bytes_served": 0, "heartbeats": 2, "results_received": 2, "duplicate_results": 2,
+        "registrations": 1, "registrations_rejected": 5, "channel_connections": 0,
+        "faulted_requests": 2, "device_status_reports": 1, "channel_bad_frames": 0
+    });
+    assert_eq!(stats, expect);
+    tokio::time::timeout(GUARD, cloud.shutdown())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn pin_reset_window_and_stale_tokens() {
+    // No grace at all: the old PIN and its tokens die at the reset itself, so the expiry path is
+    // exercised without waiting. The longer window is covered by the pure tests in `state`.
+    let mut a = args(None);
+    a.pin_grace = Duration::ZERO;
+    let cloud = start_cloud(a).await;
+    let addr = cloud.addr;
+    let token = register_ok(addr, "r-1", "123456").await;
+
+    let (status, v) = post(addr, "/sim/tenants/acme/reset-pin", json!({})).await;
+    assert_eq!(status, 200, "{v}");
+    let new_pin = v["pin"].as_str().unwrap().to_owned();
+    assert!(
+        new_pin.len() == 6 && new_pin.bytes().all(|b| b.is_ascii_digit()) && new_pin != "123456"
+    );
+    assert!(v["old_pin_valid_until"].as_str().unwrap().ends_with('Z'));
+
+    let (status, v) = post(addr, "/sim/tenants/acme/reset-pin", json!({})).await;
+    assert_eq!((status, error_code(&v)), (409, "conflict"));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("within 24 hours"),
+        "{v}"
+    );
+    let (status, v) = post(addr, "/sim/tenants/globex/reset-pin", json!({})).await;
+    assert_eq!((status, error_code(&v)), (404, "not_found"));
+
+    // The relay with the stale PIN: its token stops working, then re-registering says why.
+    let (status, v) = heartbeat(addr, &token).await;
+    assert_eq!((status, error_code(&v)), (401, "token_invalid"));
+    let (status, v) = register(addr, "r-1", "123456").await;
+    assert_eq!((status, error_code(&v)), (401, "pin_rejected"));
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("reset"),
+        "{v}"
+    );
+    let token = register_ok(addr, "r-1", &new_pin).await;
+    assert_eq!(heartbeat(addr, &token).await.0, 200);
+    cloud.shutdown().await.unwrap();
+
+    // With a grace window the old PIN keeps working next to the new one.
+    let cloud = start_cloud(args(None)).await;
+    let addr = cloud.addr;
+    let old_token = register_ok(addr, "r-1", "123456").await;
+    let (_, v) = post(addr, "/sim/tenants/acme/reset-pin", json!({})).await;
+    let new_pin = v["pin"].as_str().unwrap().to_owned();
+    assert_eq!(heartbeat(addr, &old_token).await.0, 200);
+    register_ok(addr, "r-1", "123456").await;
+    register_ok(addr, "r-2", &new_pin).await;
+    cloud.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn channel_commands_acks_and_test_hooks() {
+    let cloud = start_cloud(args(None)).await;
+    let addr = cloud.addr;
+
+    // No command target before any registration; no upgrade without a valid token.
+    let (status, _) = post(addr, "/sim/commands", json!({"name": "ping"})).await;
+    assert_eq!(status, 400);
+    let token = register_ok(addr, "r-1", "123456").await;
+    let mut req = format!("ws://{addr}{PATH_CHANNEL}")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert(http::header::AUTHORIZATION, "Bearer nope".parse().unwrap());
+    match tokio_tungstenite::client_async(req, TcpStream::connect(addr).await.unwrap()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
+        other => panic!("expected a 401 answer, got {other:?}"),
+    }
+    let (status, v) = call(addr, "GET", PATH_CHANNEL, Some(&token), None).await;
+    assert_eq!((status, error_code(&v)), (400, "bad_request"));
+
+    // A command posted while the relay is offline waits for the channel.
+    let (_, v) = post(
+        addr,
+        "/sim/commands",
+        json!({"name": "ping", "params": {"echo": "a"}}),
+    )
+    .await;
+    assert_eq!(v["state"], "queued");
+    let first = v["command_id"].as_str().unwrap().to_owned();
+    assert!(first.starts_with("cmd-"));
+
+    let mut ws = connect_ws(addr, &token).await;
+    let hello = next_json(&mut ws).await;
+    assert_eq!(
+        (hello["type"].as_str(), hello["relay_id"].as_str()),
+        (Some("hello"), Some("r-1"))
+    );
+    let cmd = next_json(&mut ws).await;
+    assert_eq!(
+        cmd,
+        json!({"type": "command", "id": first, "name": "ping", "params": {"echo": "a"}})
+    );
+    assert_eq!(
+        get(addr, &format!("/sim/commands/{first}")).await["state"],
+        "sent"
+    );
+
+    // A command posted while connected goes out at once.
+    let (_, v) = post(
+        addr,
+        "/sim/commands",
+        json!({"relay_id": "r-1", "name": "reboot"}),
+    )
+    .await;
+    assert_eq!(v["state"], "sent");
+    let second = v["command_id"].as_str().unwrap().to_owned();
+    let cmd = next_json(&mut ws).await;
+    assert_eq!(
+        (cmd["id"].as_str(), cmd["params"].clone()),
+        (Some(second.as_str()), json!({}))
+    );
+
+    // Acks, error reports and junk from the relay.
+    ws.send(Message::text(
+        json!({"type": "ack", "id": first}).to_string(),
+    ))
+    .await
+    .unwrap();
+    ws.send(Message::text("{junk")).await.unwrap();
+    ws.send(Message::text(
+        json!({"type": "error", "id": "x1", "code": "malformed_message", "message": "not JSON"})
+            .to_string(),
+    ))
+    .await
+    .unwrap();
+    ping_roundtrip(&mut ws).await;
+    let c = get(addr, &format!("/sim/commands/{first}")).await;
+    assert_eq!(
+        (c["state"].as_str(), c["result"].is_null()),
+        (Some("acked"), true)
+    );
+    assert_eq!(
+        get(addr, "/sim/channel/errors").await,
+        json!([{"relay_id": "r-1", "id": "x1", "code": "malformed_message", "message": "not JSON"}])
+    );
+    assert_eq!(get(addr, "/sim/stats").await["channel_bad_frames"], 1);
+    let (status, _) = call(addr, "GET", "/sim/commands/cmd-unknown", None, None).await;
+    assert_eq!(status, 404);
+
+    // The result completes the command.
+    let batch = result_body(&[("res-1", &first)]);
+    assert_eq!(
+        call(addr, "POST", PATH_RESULTS, Some(&token), Some(&batch))
+            .await
+            .0,
+        200
+    );
+    let c = get(addr, &format!("/sim/commands/{first}")).await;
+    assert_eq!(
+        (c["state"].as_str(), c["result"]["result_id"].as_str()),
+        (Some("done"), Some("res-1"))
+    );
+
+    // Raw frames go out exactly as given.
+    let (status, _) = post(
+        addr,
+        "/sim/channel/raw",
+        json!({"text": "{\"type\":\"teleport\"}"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(next_json(&mut ws).await, json!({"type": "teleport"}));
+
+    // Frozen: commands wait; a new connection replaces the frozen one and gets them, plus the
+    // second command that was sent but never acknowledged.
+    let (status, _) = post(addr, "/sim/channel/freeze", json!({})).await;
+    assert_eq!(status, 200);
+    let (_, v) = post(addr, "/sim/commands", json!({"name": "dial"})).await;
+    assert_eq!(v["state"], "queued");
+    let third = v["command_id"].as_str().unwrap().to_owned();
+    let (status, _) = post(addr, "/sim/channel/raw", json!({"text": "x"})).await;
+    assert_eq!(status, 409);
+
+    let mut ws2 = connect_ws(addr, &token).await;
+    assert_eq!(next_json(&mut ws2).await["type"], "hello");
+    assert_eq!(
+        next_json(&mut ws2).await["id"].as_str(),
+        Some(second.as_str())
+    );
+    assert_eq!(
+        next_json(&mut ws2).await["id"].as_str(),
+        Some(third.as_str())
+    );
+    match tokio::time::timeout(GUARD, ws.next())
+        .await
+        .expect("old connection still open")
+    {
+        None | Some(Err(_)) | Some(Ok(Message::Close(_))) => {}
+        other => panic!("expected the replaced connection to end, got {other:?}"),
+    }
+    let relays = get(addr, "/sim/relays").await;
+    assert_eq!(
+        (
+            relays[0]["channel"].as_str(),
+            relays[0]["channel_connections"].as_u64()
+        ),
+        (Some("connected"), Some(2))
+    );
+    assert_eq!(relays[0]["channel_frozen"], false);
+    assert_eq!(get(addr, "/sim/stats").await["channel_connections"], 2);
+
+    // Shutdown closes the channel with a close frame and frees the port.
+    tokio::time::timeout(GUARD, cloud.shutdown())
+        .await
+        .unwrap()
+        .unwrap();
+    match tokio::time::timeout(GUARD, ws2.next())
+        .await
+        .expect("channel still open after shutdown")
+    {
+        Some(Ok(Message::Close(Some(f)))) => assert_eq!(u16::from(f.code), 1001),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    TcpListener::bind(addr)
+        .await
+        .expect("port still taken after shutdown");
+}
+
+#[tokio::test]
+async fn restart_keeps_state_only_with_a_state_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cloud.json");
+
+    let cloud = start_cloud(args(Some(path.clone()))).await;
+    let addr = cloud.addr;
+    let token = register_ok(addr, "r-1", "123456").await;
+    assert_eq!(heartbeat(addr, &token).await.0, 200);
+    let (_, v) = post(addr, "/sim/tenants/acme/reset-pin", json!({})).await;
+    let new_pin = v["pin"].as_str().unwrap().to_owned();
+    let (_, v) = post(addr, "/sim/commands", json!({"name": "ping"})).await;
+    let cmd = v["command_id"].as_str().unwrap().to_owned();
+    let batch = result_body(&[("res-1", &cmd)]);
+    assert_eq!(
+        call(addr, "POST", PATH_RESULTS, Some(&token), Some(&batch))
+            .await
+            .0,
+        200
+    );
+    cloud.shutdown().await.unwrap();
+
+    // Restarted with another --pin: the state file wins, tokens and de-duplication survive.
+    let mut a = args(Some(path.clone()));
+    a.pin = "999999".into();
+    let cloud = start_cloud(a).await;
+    let addr = cloud.addr;
+    assert_eq!(heartbeat(addr, &token).await.0, 200);
+    let (status, v) = call(addr, "POST", PATH_RESULTS, Some(&token), Some(&batch)).await;
+    assert_eq!((status, v["duplicates"].as_u64()), (200, Some(1)));
+    assert_eq!(
+        get(addr, &format!("/sim/commands/{cmd}")).await["state"],
+        "done"
+    );
+    let relays = get(addr, "/sim/relays").await;
+    assert_eq!(relays[0]["heartbeats"], 2);
+    assert_eq!(register(addr, "r-1", "999999").await.0, 401);
+    register_ok(addr, "r-1", &new_pin).await;
+    let (status, v) = post(addr, "/sim/tenants/acme/reset-pin", json!({})).await;
+    assert_eq!(
+        (status, error_code(&v)),
+        (409, "conflict"),
+        "the cooldown survives a restart"
+    );
+    cloud.shutdown().await.unwrap();
+
+    // Without a state file a restart forgets everything: the relay must register again.
+    let cloud = start_cloud(args(None)).await;
+    let addr = cloud.addr;
+    let (status, v) = heartbeat(addr, &token).await;
+    assert_eq!((status, error_code(&v)), (401, "token_invalid"));
+    let token = register_ok(addr, "r-1", "123456").await;
+    assert_eq!(heartbeat(addr, &token).await.0, 200);
+    cloud.shutdown().await.unwrap();
+
+    // A corrupt state file is refused, naming the file.
+    std::fs::write(&path, "{\"format\": 1, \"tenants\": 7}").unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = match start(listener, args(Some(path.clone()))).await {
+        Err(e) => format!("{e:#}"),
+        Ok(_) => panic!("a corrupt state file was accepted"),
+    };
+    assert!(err.contains(&path.display().to_string()), "{err}");
+}
+
+#[tokio::test]
+async fn hanging_requests_do_not_block_shutdown() {
+    let cloud = start_cloud(args(None)).await;
+    let addr = cloud.addr;
+    post(addr, "/sim/faults", json!({"mode": "hang"})).await;
+    let mut hung = tokio::spawn(async move {
+        call(
+            addr,
+            "POST",
+            PATH_REGISTER,
+            None,
+            Some(&registration("r", "123456")),
+        )
+        .await
+    });
+    // Asserts the fault itself: no answer for a while (the relay's timeout has to fire).
+    if let Ok(r) = tokio::time::timeout(Duration::from_millis(300), &mut hung).await {
+        panic!("hanging request was answered: {r:?}");
+    }
+    assert_eq!(get(addr, "/sim/stats").await["faulted_requests"], 1);
+    tokio::time::timeout(GUARD, cloud.shutdown())
+        .await
+        .expect("shutdown blocked by a hanging request")
+        .unwrap();
+    // Shutdown ends the hanging request: answered 503 busy, or the connection is closed.
+    if let Ok((status, v)) = tokio::time::timeout(GUARD, hung).await.unwrap() {
+        assert_eq!((status, error_code(&v)), (503, "busy"));
+    }
+}
