@@ -292,12 +292,13 @@ fn preview(body: &[u8]) -> String {
 /// Maps an error answer to a `CloudError`, reading the protocol's error body when there is one.
 fn status_error(status: u16, body: &[u8]) -> CloudError {
     match serde_json::from_slice::<ErrorBody>(body) {
-        Ok(e) => CloudError::Status {
+        // A code this build does not know is read by its HTTP status, below.
+        Ok(e) if e.error.code != ErrorCode::Other => CloudError::Status {
             status,
             code: e.error.code,
             message: e.error.message,
         },
-        Err(_) => {
+        _ => {
             let code = match status {
                 401 => ErrorCode::TokenInvalid,
                 404 => ErrorCode::NotFound,
@@ -455,6 +456,11 @@ mod tests {
             Some(ErrorCode::Internal)
         );
         assert_eq!(status_error(401, b"").code(), Some(ErrorCode::TokenInvalid));
+        let newer = status_error(
+            503,
+            br#"{"error":{"code":"from_the_future","message":"x"}}"#,
+        );
+        assert_eq!(newer.code(), Some(ErrorCode::Busy));
         let shown = status_error(500, b"<html>oops").to_string();
         assert!(shown.contains("500") && shown.contains("oops"), "{shown}");
     }

@@ -503,12 +503,7 @@ impl Config {
             )?,
         };
         if let Some(ca) = &cloud.ca_file {
-            std::fs::metadata(ca).map_err(|e| {
-                err(
-                    "cloud.ca_file",
-                    format!("cannot read {}: {e}", ca.display()),
-                )
-            })?;
+            check_pem_certs(ca).map_err(|m| err("cloud.ca_file", m))?;
         }
 
         // [admin]
@@ -584,12 +579,16 @@ impl Config {
                 let bandwidth_limit = match &i.bandwidth_limit {
                     None => None,
                     Some(s) => {
-                        let per = s.strip_suffix("/s").ok_or("").map_err(|_| {
-                            err(
-                                "images.bandwidth_limit",
-                                format!("{s:?} must be a rate such as \"20MB/s\""),
-                            )
-                        })?;
+                        let per = s
+                            .strip_suffix("/s")
+                            .or_else(|| s.strip_suffix("/S"))
+                            .ok_or("")
+                            .map_err(|_| {
+                                err(
+                                    "images.bandwidth_limit",
+                                    format!("{s:?} must be a rate such as \"20MB/s\""),
+                                )
+                            })?;
                         Some(parse_bytes(per).map_err(|m| err("images.bandwidth_limit", m))?)
                     }
                 };
@@ -673,6 +672,22 @@ fn unknown_field_name(msg: &str) -> Option<String> {
     Some(rest.split('`').next()?.to_string())
 }
 
+/// A CA bundle must be a readable PEM file with at least one certificate.
+fn check_pem_certs(path: &Path) -> Result<(), String> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+    let iter = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut n = 0;
+    for cert in iter {
+        cert.map_err(|e| format!("{}: not a PEM certificate bundle: {e}", path.display()))?;
+        n += 1;
+    }
+    if n == 0 {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(())
+}
+
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse::<SocketAddr>()
         .map_err(|_| format!("{s:?} is not an address like 0.0.0.0:443"))
@@ -727,10 +742,11 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
             ));
         }
     };
-    if n <= 0.0 || !n.is_finite() {
-        return Err(format!("{s:?} must be greater than zero"));
+    let bytes = n * mult as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("{s:?} must be at least one byte"));
     }
-    Ok((n * mult as f64) as u64)
+    Ok(bytes as u64)
 }
 
 #[cfg(test)]
@@ -896,6 +912,7 @@ admin_password = "789"
         assert_eq!(parse_bytes("1MiB").unwrap(), 1 << 20);
         assert_eq!(parse_bytes("1.5 kb").unwrap(), 1500);
         assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("0.5").is_err(), "rounds to zero bytes");
         assert!(parse_bytes("10 parsecs").is_err());
     }
 

@@ -79,6 +79,8 @@ pub struct AgentStatus {
     pub commands_received: u64,
     pub channel_errors_sent: u64,
     pub results_sent: u64,
+    /// Results the cloud refused as malformed (moved aside, not retried).
+    pub results_rejected: u64,
     pub last_results_error: Option<String>,
 }
 

@@ -47,7 +47,9 @@ pub async fn run(
         "ucrelay starting"
     );
 
-    let jobs = shutdown.child_token();
+    // The jobs' own token, cancelled only by the supervisor: a job that ends before that is a failure,
+    // never a side effect of the signal racing the job's exit.
+    let jobs = CancellationToken::new();
     let mut set = JoinSet::new();
     spawn(&mut set, "agent", agent::run(ctx.clone(), jobs.clone()));
     spawn(
@@ -58,6 +60,7 @@ pub async fn run(
     ready(&ctx);
 
     let outcome = tokio::select! {
+        biased;
         _ = shutdown.cancelled() => {
             info!("shutdown requested; stopping");
             Ok(())

@@ -119,6 +119,11 @@ fn check(path: &std::path::Path) -> ExitCode {
         Ok(c) => {
             println!("ok    config {}", c.path.display());
             println!("ok    cloud {} (tenant {})", c.cloud.url, c.cloud.tenant_id);
+            if c.cloud.heartbeat_interval > std::time::Duration::from_secs(600) {
+                println!(
+                    "warn  cloud.heartbeat_interval is over 10 minutes: the cloud will mark this relay inactive between heartbeats"
+                );
+            }
             if !c.cloud.url.tls {
                 println!("warn  cloud.url uses plain http: traffic to the cloud is not encrypted");
             }

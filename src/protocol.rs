@@ -4,7 +4,6 @@
 //! types, so a change here is a protocol change and belongs in docs/protocol.md too.
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 
 /// The protocol version this build speaks. Sent at registration; a cloud that cannot speak it answers
 /// 400 `unsupported_version`.
@@ -252,6 +251,9 @@ pub enum ChannelErrorCode {
     UnknownMessage,
     /// Binary frames are not part of the protocol.
     UnsupportedFrame,
+    /// A code from a newer peer.
+    #[serde(other)]
+    Other,
 }
 
 /// Why a text frame could not be used, with the command id when one could be read.
@@ -333,9 +335,6 @@ pub struct ResultsAck {
     #[serde(default)]
     pub duplicates: u64,
 }
-
-/// A map of string fields, used for free-form command parameters in docs and tests.
-pub type Params = BTreeMap<String, serde_json::Value>;
 
 #[cfg(test)]
 mod tests {

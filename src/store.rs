@@ -15,6 +15,8 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 /// Commands acknowledged to the cloud whose result is not stored yet, keyed by command id.
 const INBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("inbox");
+/// Results the cloud refused as malformed (400): kept for inspection, never retried.
+const REJECTED: TableDefinition<u64, &[u8]> = TableDefinition::new("rejected");
 /// Commands already finished (id -> unix seconds), so a command the cloud sends again is not re-run.
 const DONE: TableDefinition<&str, u64> = TableDefinition::new("done");
 /// How long finished command ids are remembered.
@@ -80,6 +82,7 @@ impl Store {
             }
             tx.open_table(OUTBOX)?;
             tx.open_table(INBOX)?;
+            tx.open_table(REJECTED)?;
             // Forget finished command ids past the keep period.
             let cutoff = unix_now().saturating_sub(DONE_KEEP.as_secs());
             tx.open_table(DONE)?.retain(|_, at| at >= cutoff)?;
@@ -197,6 +200,28 @@ impl Store {
         Ok(())
     }
 
+    /// Moves a result the cloud refused for good out of the outbox, so it cannot block the rest.
+    pub fn outbox_reject(&self, key: u64, reason: &str) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut outbox = tx.open_table(OUTBOX)?;
+            let entry = outbox.remove(key)?.map(|v| v.value().to_vec());
+            if let Some(bytes) = entry {
+                let mut rec: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+                rec["rejected_because"] = serde_json::Value::String(reason.to_string());
+                tx.open_table(REJECTED)?
+                    .insert(key, serde_json::to_vec(&rec)?.as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn rejected_len(&self) -> Result<u64> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(REJECTED)?.len()?)
+    }
+
     pub fn outbox_len(&self) -> Result<u64> {
         let tx = self.db.begin_read()?;
         Ok(tx.open_table(OUTBOX)?.len()?)
@@ -275,6 +300,9 @@ mod tests {
         assert_eq!(s.outbox_len().unwrap(), 1);
         drop(s);
         let s = Store::open(dir.path()).unwrap();
-        assert_eq!(s.outbox_batch(10).unwrap()[0].1.result_id, "r2");
+        let left = s.outbox_batch(10).unwrap();
+        assert_eq!(left[0].1.result_id, "r2");
+        s.outbox_reject(left[0].0, "bad").unwrap();
+        assert_eq!((s.outbox_len().unwrap(), s.rejected_len().unwrap()), (0, 1));
     }
 }

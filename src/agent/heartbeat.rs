@@ -173,6 +173,12 @@ async fn register(ctx: &Ctx) -> Result<RegisterResponse, RegisterError> {
             } => RegisterError::Rejected(format!(
                 "the cloud does not speak protocol v{PROTOCOL_VERSION}: {message}; upgrade ucrelay"
             )),
+            // Any other 401 at registration also means the credentials were refused.
+            CloudError::Status {
+                status: 401,
+                message,
+                ..
+            } => RegisterError::Rejected(message.clone()),
             _ => RegisterError::Failed(e.to_string()),
         })
 }

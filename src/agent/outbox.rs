@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 const BATCH: usize = 100;
 /// Even without a wake-up, look at the outbox this often.
@@ -20,10 +20,12 @@ const SWEEP: Duration = Duration::from_secs(30);
 pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken) -> Result<()> {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     let mut session_rx = sessions.subscribe();
+    // After the cloud refuses a batch as malformed, send one result at a time to find the bad one.
+    let mut batch_size = BATCH;
     loop {
         // Drain while there is a session and something to send.
         while let Some(session) = sessions.current() {
-            let batch = ctx.store.run(|s| s.outbox_batch(BATCH)).await?;
+            let batch = ctx.store.run(move |s| s.outbox_batch(batch_size)).await?;
             if batch.is_empty() {
                 break;
             }
@@ -56,6 +58,7 @@ pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken)
                         st.last_results_error = None;
                     }
                     backoff.reset();
+                    batch_size = BATCH;
                     if n == 0 {
                         // The cloud took nothing: do not spin on the same batch.
                         warn!(
@@ -65,6 +68,20 @@ pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken)
                         if !sleep_or_shutdown(backoff.next_delay(), &shutdown).await {
                             return Ok(());
                         }
+                    }
+                }
+                Err(e) if e.code() == Some(ErrorCode::BadRequest) => {
+                    if batch.len() > 1 {
+                        warn!(error = %e, "cloud refused a results batch; sending one at a time to isolate it");
+                        batch_size = 1;
+                    } else {
+                        // Retrying a result the cloud cannot read would block every later one.
+                        let (key, rec) = &batch[0];
+                        error!(result_id = %rec.result_id, command_id = %rec.command_id, error = %e,
+                            "cloud refused a result as malformed; kept in the store's rejected table, not retried");
+                        let (key, why) = (*key, e.to_string());
+                        ctx.store.run(move |s| s.outbox_reject(key, &why)).await?;
+                        ctx.status.lock().results_rejected += 1;
                     }
                 }
                 Err(e) => {

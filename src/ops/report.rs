@@ -45,6 +45,7 @@ pub struct CloudReport {
     pub commands_received: u64,
     pub results_pending: u64,
     pub results_sent: u64,
+    pub results_rejected: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,6 +107,12 @@ impl StatusReport {
                 (Some(rfc3339(*at)), Some(false), Some(e.clone()))
             }
         };
+        if s.results_rejected > 0 {
+            problems.push(format!(
+                "{} results were refused by the cloud as malformed and set aside (see the logs)",
+                s.results_rejected
+            ));
+        }
         if results_pending > 0
             && let Some(e) = &s.last_results_error
         {
@@ -177,6 +184,7 @@ impl StatusReport {
                 commands_received: s.commands_received,
                 results_pending,
                 results_sent: s.results_sent,
+                results_rejected: s.results_rejected,
             },
             jobs,
         }
