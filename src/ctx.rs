@@ -38,11 +38,14 @@ impl Ctx {
     }
 }
 
+/// The machine's name. /proc/sys is hidden under the unit's `ProcSubset=pid`, so /etc/hostname is
+/// the fallback.
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
         .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
+        .find(|s| !s.is_empty())
         .unwrap_or_else(|| "unknown".into())
 }
 

@@ -21,18 +21,8 @@ pub async fn main(args: DemoArgs) -> Result<()> {
         .tempdir()
         .context("cannot create a temp dir")?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let cloud_args = cloud::CloudArgs {
-        listen: "127.0.0.1:0".into(),
-        tenant: TENANT.into(),
-        pin: PIN.into(),
-        images: None,
-        provisioning: None,
-        state_file: None,
-        pin_grace: Duration::from_secs(24 * 3600),
-        pin_reset_cooldown: Duration::from_secs(24 * 3600),
-        inactive_after: Duration::from_secs(600),
-        heartbeat_interval: args.heartbeat_interval,
-    };
+    let mut cloud_args = cloud::CloudArgs::new(TENANT, PIN);
+    cloud_args.heartbeat_interval = args.heartbeat_interval;
     let cloud = cloud::start(listener, cloud_args).await?;
     let cloud_addr = cloud.addr;
     let config_path = dir.path().join("relay.toml");

@@ -66,6 +66,20 @@ pub struct CloudArgs {
     pub heartbeat_interval: Duration,
 }
 
+impl CloudArgs {
+    /// The command line's defaults for everything but tenant and PIN (for the demo and tests).
+    pub fn new(tenant: &str, pin: &str) -> CloudArgs {
+        #[derive(clap::Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            args: CloudArgs,
+        }
+        <Wrap as clap::Parser>::try_parse_from(["cloud", "--tenant", tenant, "--pin", pin])
+            .expect("tenant and PIN are the only required flags")
+            .args
+    }
+}
+
 /// A running cloud. Dropping it without [`CloudHandle::shutdown`] stops it too, without waiting.
 pub struct CloudHandle {
     pub addr: SocketAddr,

@@ -17,18 +17,7 @@ pub fn bin() -> &'static str {
 }
 
 pub fn cloud_args() -> cloud::CloudArgs {
-    cloud::CloudArgs {
-        listen: "127.0.0.1:0".into(),
-        tenant: TENANT.into(),
-        pin: PIN.into(),
-        images: None,
-        provisioning: None,
-        state_file: None,
-        pin_grace: Duration::from_secs(24 * 3600),
-        pin_reset_cooldown: Duration::from_secs(24 * 3600),
-        inactive_after: Duration::from_secs(600),
-        heartbeat_interval: Duration::from_secs(120),
-    }
+    cloud::CloudArgs::new(TENANT, PIN)
 }
 
 /// A reference cloud running in this process.
