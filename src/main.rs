@@ -14,7 +14,8 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let default_level = match cli.command {
         Command::Run(_) | Command::Sim(_) => "info",
-        Command::Demo(_) => "warn",
+        // The demo narrates on stdout; its loopback cloud is plain http by design.
+        Command::Demo(_) => "error",
         _ => "warn",
     };
     init_logging(cli.log_format, default_level);
