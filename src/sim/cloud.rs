@@ -8,20 +8,26 @@
 //! and fault injection to test the relay's handling of a broken cloud. State can be kept in a JSON
 //! file across restarts.
 //!
-//! It does not do TLS (tests and the demo run it on loopback), and it does not serve images or the
-//! provisioning tree yet: `--images` and `--provisioning` are accepted but unused.
+//! With `--provisioning DIR` it also serves the tenant's provisioning tree on the same listener:
+//! every path outside `/relay/` and `/sim/` is a file of DIR, behind Basic/Digest authentication
+//! as `PlcmSpIp`/`PlcmSpIp`, with PUT uploads (see `provisioning`).
+//!
+//! It does not do TLS (tests and the demo run it on loopback), and it does not serve images yet:
+//! `--images` is accepted but unused.
 //!
 //! Layout: this file holds the public API, the listener and shutdown; `state` the data and the
-//! pure rules; `api` the HTTP handlers; `channel` the WebSocket side.
+//! pure rules; `api` the HTTP handlers; `channel` the WebSocket side; `provisioning` the
+//! provisioning tree.
 
 mod api;
 mod channel;
+mod provisioning;
 mod state;
 
 use anyhow::Context as _;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -46,7 +52,8 @@ pub struct CloudArgs {
     /// Directory whose regular files are published as images (not served yet).
     #[arg(long, value_name = "DIR")]
     pub images: Option<PathBuf>,
-    /// Directory served as the tenant's provisioning tree (not served yet).
+    /// Directory served as the tenant's provisioning tree: every path outside /relay/ and /sim/,
+    /// behind Basic/Digest auth PlcmSpIp/PlcmSpIp, with PUT uploads. Created when missing.
     #[arg(long, value_name = "DIR")]
     pub provisioning: Option<PathBuf>,
     /// JSON file keeping tenants, relays, tokens, commands and results across restarts.
@@ -148,9 +155,19 @@ pub async fn start(listener: TcpListener, args: CloudArgs) -> anyhow::Result<Clo
         );
     }
 
+    let prov = match args.provisioning.clone() {
+        Some(dir) => Some(
+            tokio::task::spawn_blocking(move || provisioning::Provisioning::open(&dir))
+                .await
+                .context("provisioning tree")??,
+        ),
+        None => None,
+    };
+
     let cancel = CancellationToken::new();
     let shared = Arc::new(Shared {
         args: args.clone(),
+        prov,
         cancel: cancel.clone(),
         tracker: TaskTracker::new(),
         rt: Mutex::new(Runtime {
@@ -160,6 +177,7 @@ pub async fn start(listener: TcpListener, args: CloudArgs) -> anyhow::Result<Clo
             channel_errors: Vec::new(),
             fault: api::FaultMode::None,
             next_conn_id: 1,
+            prov_log: VecDeque::new(),
         }),
         written: tokio::sync::Mutex::new(0),
     });
@@ -218,6 +236,8 @@ pub(crate) struct Shared {
     /// Cancelled at shutdown; every task and connection watches it.
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
+    /// The provisioning tree, when `--provisioning` is given.
+    pub prov: Option<provisioning::Provisioning>,
     rt: Mutex<Runtime>,
     /// Highest `Runtime::generation` known to be in the state file. A tokio mutex so that writes
     /// happen one at a time, in order, without blocking the runtime.
@@ -234,6 +254,8 @@ pub(crate) struct Runtime {
     pub channel_errors: Vec<channel::ChannelErrorEntry>,
     pub fault: api::FaultMode,
     pub next_conn_id: u64,
+    /// The last provisioning requests, oldest first (`GET /sim/provisioning/log`).
+    pub prov_log: VecDeque<provisioning::LogEntry>,
 }
 
 impl Runtime {

@@ -3,3 +3,5 @@
 
 pub mod client;
 pub mod cloud;
+pub mod phone;
+pub mod pki;

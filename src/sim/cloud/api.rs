@@ -7,6 +7,7 @@
 
 use super::Shared;
 use super::channel::{self, Outgoing};
+use super::provisioning;
 use super::state::{
     self, CommandRecord, CommandState, PinMatch, PinRefusal, RelayRecord, TokenRecord, fmt_time,
 };
@@ -115,9 +116,23 @@ pub(crate) fn router(shared: Arc<Shared>) -> axum::Router {
         .route("/sim/channel/errors", get(sim_channel_errors))
         .route("/sim/channel/freeze", post(sim_channel_freeze))
         .route("/sim/faults", get(sim_get_fault).post(sim_set_fault))
-        .fallback(not_found)
+        .route(
+            "/sim/provisioning/log",
+            get(sim_provisioning_log).delete(sim_clear_provisioning_log),
+        )
+        .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(shared)
+}
+
+/// Paths outside the API: the provisioning tree when it is on, else 404.
+async fn fallback(State(shared): State<Arc<Shared>>, req: axum::extract::Request) -> Response {
+    if let Some(prov) = &shared.prov
+        && !provisioning::is_reserved(req.uri().path())
+    {
+        return provisioning::handle(shared.clone(), prov, req).await;
+    }
+    not_found(req.uri().clone()).await.into_response()
 }
 
 async fn not_found(uri: Uri) -> ApiError {
@@ -753,4 +768,15 @@ async fn sim_set_fault(State(shared): State<Arc<Shared>>, body: Body) -> ApiResu
 
 async fn sim_get_fault(State(shared): State<Arc<Shared>>) -> Json<Value> {
     Json(json!({"mode": shared.lock().fault}))
+}
+
+async fn sim_provisioning_log(
+    State(shared): State<Arc<Shared>>,
+) -> Json<Vec<provisioning::LogEntry>> {
+    Json(shared.lock().prov_log.iter().cloned().collect())
+}
+
+async fn sim_clear_provisioning_log(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    let cleared = std::mem::take(&mut shared.lock().prov_log).len();
+    Json(json!({"cleared": cleared}))
 }

@@ -313,6 +313,14 @@ pub struct Stats {
     pub device_status_reports: u64,
     /// Frames from relays that were not a valid `RelayMessage`.
     pub channel_bad_frames: u64,
+    /// Requests to the provisioning tree (`--provisioning`), whatever their answer.
+    pub provisioning_requests: u64,
+    /// Authentication challenges (401) sent by the provisioning tree.
+    pub provisioning_unauthorized: u64,
+    /// Body bytes received by PUT into the provisioning tree.
+    pub provisioning_bytes_in: u64,
+    /// Body bytes sent by GET from the provisioning tree.
+    pub provisioning_bytes_out: u64,
 }
 
 /// Everything the state file holds.

@@ -334,7 +334,9 @@ async fn register_heartbeat_results_and_errors() {
     let expect = json!({
         "image_bytes_served": 0, "heartbeats": 2, "results_received": 2, "duplicate_results": 2,
         "registrations": 1, "registrations_rejected": 5, "channel_connections": 0,
-        "faulted_requests": 2, "device_status_reports": 1, "channel_bad_frames": 0
+        "faulted_requests": 2, "device_status_reports": 1, "channel_bad_frames": 0,
+        "provisioning_requests": 0, "provisioning_unauthorized": 0,
+        "provisioning_bytes_in": 0, "provisioning_bytes_out": 0
     });
     assert_eq!(stats, expect);
     tokio::time::timeout(GUARD, cloud.shutdown())
@@ -660,4 +662,591 @@ async fn hanging_requests_do_not_block_shutdown() {
     if let Ok((status, v)) = tokio::time::timeout(GUARD, hung).await.unwrap() {
         assert_eq!((status, error_code(&v)), (503, "busy"));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Provisioning tree.
+
+const BASIC_OK: &str = "Basic UGxjbVNwSXA6UGxjbVNwSXA="; // PlcmSpIp:PlcmSpIp
+
+/// A cloud serving `<tmp>/tree`; `<tmp>` itself is "outside" for the traversal checks.
+async fn start_prov_cloud() -> (CloudHandle, tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    let mut a = args(None);
+    a.provisioning = Some(tree.clone());
+    let cloud = start_cloud(a).await;
+    (cloud, tmp, tree)
+}
+
+struct Answer {
+    status: u16,
+    headers: http::HeaderMap,
+    body: Bytes,
+}
+
+/// Sends one request on `sender` (so that several can share a connection).
+async fn send_on(
+    sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Answer {
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, addr.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = tokio::time::timeout(
+        GUARD,
+        sender.send_request(req.body(Full::new(body)).unwrap()),
+    )
+    .await
+    .expect("no answer")
+    .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = tokio::time::timeout(GUARD, resp.into_body().collect())
+        .await
+        .expect("body stalled")
+        .unwrap()
+        .to_bytes();
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+async fn connect_http(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// One request on a fresh connection.
+async fn prov(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Answer {
+    let mut sender = connect_http(addr).await;
+    send_on(&mut sender, addr, method, path, headers, body).await
+}
+
+/// Sends raw bytes (for request lines a client library would not write) and returns the status.
+async fn raw_status(addr: SocketAddr, request: &str) -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(GUARD, s.read_to_end(&mut out))
+        .await
+        .expect("no answer")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"))
+}
+
+fn md5_hex(s: &str) -> String {
+    use md5::Digest as _;
+    md5::Md5::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn challenge_param(challenge: &str, name: &str) -> Option<String> {
+    let at = challenge.find(&format!("{name}="))? + name.len() + 1;
+    let rest = &challenge[at..];
+    Some(match rest.strip_prefix('"') {
+        Some(q) => q[..q.find('"')?].to_owned(),
+        None => rest.split([',', ' ']).next()?.to_owned(),
+    })
+}
+
+/// Digest `Authorization` computed here from RFC 7616, independently of the cloud's code.
+fn digest_header(method: &str, uri: &str, nonce: &str, password: &str, qop: bool) -> String {
+    let ha1 = md5_hex(&format!("PlcmSpIp:ucrelay-sim:{password}"));
+    let ha2 = md5_hex(&format!("{method}:{uri}"));
+    if qop {
+        let response = md5_hex(&format!("{ha1}:{nonce}:0000000a:abcdef:auth:{ha2}"));
+        format!(
+            r#"Digest username="PlcmSpIp", realm="ucrelay-sim", nonce="{nonce}", uri="{uri}", qop=auth, nc=0000000a, cnonce="abcdef", response="{response}", algorithm=MD5"#
+        )
+    } else {
+        let response = md5_hex(&format!("{ha1}:{nonce}:{ha2}"));
+        format!(
+            r#"Digest username="PlcmSpIp", realm="ucrelay-sim", nonce="{nonce}", uri="{uri}", response="{response}""#
+        )
+    }
+}
+
+/// A fresh nonce from a 401.
+async fn nonce(addr: SocketAddr) -> String {
+    let a = prov(addr, "GET", "/000000000000.cfg", &[], Bytes::new()).await;
+    assert_eq!(a.status, 401);
+    let digest = a.headers.get_all("www-authenticate").iter().next().unwrap();
+    challenge_param(digest.to_str().unwrap(), "nonce").unwrap()
+}
+
+#[tokio::test]
+async fn provisioning_auth_challenges_and_schemes() {
+    let (cloud, _tmp, tree) = start_prov_cloud().await;
+    let addr = cloud.addr;
+    let cfg = b"<?xml version=\"1.0\"?><APPLICATION APP_FILE_PATH=\"sip.ld\" CONFIG_FILES=\"\"/>";
+    std::fs::write(tree.join("000000000000.cfg"), cfg).unwrap();
+
+    // The phones' connectivity test: challenged, Digest then Basic.
+    let a = prov(addr, "GET", "/000000000000.cfg", &[], Bytes::new()).await;
+    assert_eq!(a.status, 401);
+    let challenges: Vec<&str> = a
+        .headers
+        .get_all("www-authenticate")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(challenges.len(), 2, "{challenges:?}");
+    assert!(
+        challenges[0].starts_with(r#"Digest realm="ucrelay-sim", qop="auth", nonce=""#)
+            && challenges[0].ends_with("algorithm=MD5"),
+        "{challenges:?}"
+    );
+    assert_eq!(challenges[1], r#"Basic realm="ucrelay-sim""#);
+    let n = challenge_param(challenges[0], "nonce").unwrap();
+    assert!(n.len() >= 32, "{n}");
+    assert_ne!(n, nonce(addr).await, "nonces are fresh each time");
+
+    // Basic.
+    let a = prov(
+        addr,
+        "GET",
+        "/000000000000.cfg",
+        &[("authorization", BASIC_OK)],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!((a.status, &a.body[..]), (200, &cfg[..]));
+    assert_eq!(a.headers["content-type"], "application/xml");
+    assert_eq!(a.headers["content-length"], cfg.len().to_string().as_str());
+    assert!(
+        a.headers["last-modified"]
+            .to_str()
+            .unwrap()
+            .ends_with(" GMT")
+    );
+    let wrong = format!(
+        "Basic {}",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "PlcmSpIp:wrong")
+    );
+    let a = prov(
+        addr,
+        "GET",
+        "/000000000000.cfg",
+        &[("authorization", &wrong)],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(a.status, 401);
+    assert_eq!(a.headers.get_all("www-authenticate").iter().count(), 2);
+
+    // Digest, with qop=auth and in the legacy form, for GET and for a query string.
+    for qop in [true, false] {
+        let n = nonce(addr).await;
+        let h = digest_header("GET", "/000000000000.cfg", &n, "PlcmSpIp", qop);
+        let a = prov(
+            addr,
+            "GET",
+            "/000000000000.cfg",
+            &[("authorization", &h)],
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!((a.status, &a.body[..]), (200, &cfg[..]), "qop {qop}");
+    }
+    let n = nonce(addr).await;
+    let h = digest_header("GET", "/000000000000.cfg?x=1", &n, "PlcmSpIp", true);
+    let a = prov(
+        addr,
+        "GET",
+        "/000000000000.cfg?x=1",
+        &[("authorization", &h)],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+
+    // Digest refusals: wrong password, uri of another request, method changed; none stale.
+    let n = nonce(addr).await;
+    for (method, uri, path, password) in [
+        ("GET", "/000000000000.cfg", "/000000000000.cfg", "wrong"),
+        ("GET", "/other.cfg", "/000000000000.cfg", "PlcmSpIp"),
+        ("PUT", "/000000000000.cfg", "/000000000000.cfg", "PlcmSpIp"),
+    ] {
+        let h = digest_header(method, uri, &n, password, true);
+        let a = prov(addr, "GET", path, &[("authorization", &h)], Bytes::new()).await;
+        assert_eq!(a.status, 401, "{method} {uri} {password}");
+        let d = a.headers["www-authenticate"].to_str().unwrap();
+        assert!(!d.contains("stale"), "{d}");
+    }
+    // A correct answer to a nonce the cloud never gave (or forgot): stale, so retry at once.
+    let h = digest_header(
+        "GET",
+        "/000000000000.cfg",
+        "0123456789abcdef",
+        "PlcmSpIp",
+        true,
+    );
+    let a = prov(
+        addr,
+        "GET",
+        "/000000000000.cfg",
+        &[("authorization", &h)],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(a.status, 401);
+    assert!(
+        a.headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .ends_with(", stale=true"),
+        "{:?}",
+        a.headers
+    );
+
+    // The API stays the API.
+    let (status, v) = call(addr, "GET", "/relay/v1/nothing", None, None).await;
+    assert_eq!((status, error_code(&v)), (404, "not_found"));
+    let stats = get(addr, "/sim/stats").await;
+    assert_eq!(stats["provisioning_requests"], 15);
+    assert_eq!(stats["provisioning_unauthorized"], 11);
+    assert_eq!(stats["provisioning_bytes_out"], 4 * cfg.len());
+    cloud.shutdown().await.unwrap();
+
+    // Without --provisioning there is no tree.
+    let cloud = start_cloud(args(None)).await;
+    let (status, v) = call(cloud.addr, "GET", "/000000000000.cfg", None, None).await;
+    assert_eq!((status, error_code(&v)), (404, "not_found"));
+    cloud.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn provisioning_put_get_head_delete() {
+    let (cloud, _tmp, tree) = start_prov_cloud().await;
+    let addr = cloud.addr;
+    let auth = [("authorization", BASIC_OK)];
+    let data = Bytes::from(
+        std::iter::repeat_with(|| fastrand::u8(..))
+            .take(3 << 20)
+            .collect::<Vec<u8>>(),
+    );
+
+    let a = prov(
+        addr,
+        "PUT",
+        "/logs/0004f2e765da-app.log",
+        &auth,
+        data.clone(),
+    )
+    .await;
+    assert_eq!(a.status, 201);
+    let a = prov(
+        addr,
+        "GET",
+        "/logs/0004f2e765da-app.log",
+        &auth,
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.headers["content-type"], "text/plain");
+    assert!(a.body == data, "round trip changed the bytes");
+    assert_eq!(
+        std::fs::read(tree.join("logs/0004f2e765da-app.log")).unwrap(),
+        data
+    );
+
+    // Replaced: 204; a Digest PUT (computed for the PUT method) works too.
+    let n = nonce(addr).await;
+    let h = digest_header("PUT", "/logs/0004f2e765da-app.log", &n, "PlcmSpIp", true);
+    let a = prov(
+        addr,
+        "PUT",
+        "/logs/0004f2e765da-app.log",
+        &[("authorization", &h)],
+        Bytes::from_static(b"second"),
+    )
+    .await;
+    assert_eq!(a.status, 204);
+    let a = prov(
+        addr,
+        "HEAD",
+        "/logs/0004f2e765da-app.log",
+        &auth,
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!((a.status, a.body.len()), (200, 0));
+    assert_eq!(a.headers["content-length"], "6");
+    let a = prov(addr, "HEAD", "/nothing.cfg", &auth, Bytes::new()).await;
+    assert_eq!(a.status, 404);
+    let a = prov(addr, "GET", "/a.bin", &auth, Bytes::new()).await;
+    assert_eq!(a.status, 404);
+    std::fs::write(tree.join("a.bin"), b"x").unwrap();
+    assert_eq!(
+        prov(addr, "GET", "/a.bin", &auth, Bytes::new())
+            .await
+            .headers["content-type"],
+        "application/octet-stream"
+    );
+    // A directory is not a file.
+    assert_eq!(
+        prov(addr, "GET", "/logs", &auth, Bytes::new()).await.status,
+        404
+    );
+    assert_eq!(
+        prov(addr, "PUT", "/logs", &auth, Bytes::from_static(b"x"))
+            .await
+            .status,
+        409
+    );
+    assert_eq!(
+        prov(addr, "PUT", "/a.bin/x.cfg", &auth, Bytes::from_static(b"x"))
+            .await
+            .status,
+        409
+    );
+    assert_eq!(
+        prov(addr, "POST", "/a.bin", &auth, Bytes::new())
+            .await
+            .status,
+        405
+    );
+
+    // DELETE.
+    assert_eq!(
+        prov(addr, "DELETE", "/a.bin", &auth, Bytes::new())
+            .await
+            .status,
+        204
+    );
+    assert!(!tree.join("a.bin").exists());
+    assert_eq!(
+        prov(addr, "DELETE", "/a.bin", &auth, Bytes::new())
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        prov(addr, "DELETE", "/a.bin", &[], Bytes::new())
+            .await
+            .status,
+        401
+    );
+
+    // Too big: refused from the declared length, before anything is read.
+    let big = raw_status(
+        addr,
+        &format!(
+            "PUT /huge.bin HTTP/1.1\r\nHost: x\r\nAuthorization: {BASIC_OK}\r\nContent-Length: {}\r\n\r\n",
+            (1u64 << 30) + 1
+        ),
+    )
+    .await;
+    assert_eq!(big, 413);
+    assert!(!tree.join("huge.bin").exists());
+    // No temporary files left behind.
+    let names: Vec<String> = std::fs::read_dir(tree.join("logs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["0004f2e765da-app.log"]);
+
+    let stats = get(addr, "/sim/stats").await;
+    // Refused uploads are not read (the 409s above), so only stored bytes count.
+    assert_eq!(stats["provisioning_bytes_in"], data.len() + 6);
+    assert_eq!(stats["provisioning_bytes_out"], data.len() + 1);
+    cloud.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn provisioning_refuses_paths_out_of_the_tree() {
+    let (cloud, tmp, tree) = start_prov_cloud().await;
+    let addr = cloud.addr;
+    std::fs::write(tmp.path().join("secret"), b"outside").unwrap();
+    for path in [
+        "/../secret",
+        "/%2e%2e/secret",
+        "/a/..%2F..%2Fsecret",
+        "/a\\b",
+        "/a%5Cb",
+        "/x%00.cfg",
+    ] {
+        for method in ["GET", "PUT", "DELETE"] {
+            // With and without credentials: the path is checked first.
+            for auth in ["", &format!("Authorization: {BASIC_OK}\r\n")] {
+                let status = raw_status(
+                    addr,
+                    &format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 4\r\nConnection: close\r\n\r\nevil"),
+                )
+                .await;
+                assert_eq!(status, 400, "{method} {path}");
+            }
+        }
+    }
+    // Refused by the tree itself (not by the HTTP parser), and logged as such.
+    let log = get(addr, "/sim/provisioning/log").await;
+    let log = log.as_array().unwrap();
+    assert_eq!(log.len(), 36);
+    assert!(log.iter().all(|e| e["status"] == 400), "{log:?}");
+    assert_eq!(log[18]["path"], "/a\\b");
+    assert_eq!(
+        std::fs::read(tmp.path().join("secret")).unwrap(),
+        b"outside"
+    );
+    let mut outside: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    outside.sort();
+    assert_eq!(outside, ["secret", "tree"]);
+    assert_eq!(std::fs::read_dir(&tree).unwrap().count(), 0);
+
+    // A symbolic link leading out of the tree is not followed.
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(tmp.path(), tree.join("out")).unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("secret"), tree.join("s.cfg")).unwrap();
+        let auth = [("authorization", BASIC_OK)];
+        assert_eq!(
+            prov(addr, "GET", "/out/secret", &auth, Bytes::new())
+                .await
+                .status,
+            403
+        );
+        assert_eq!(
+            prov(addr, "GET", "/s.cfg", &auth, Bytes::new())
+                .await
+                .status,
+            403
+        );
+        assert_eq!(
+            prov(addr, "PUT", "/out/new", &auth, Bytes::from_static(b"x"))
+                .await
+                .status,
+            403
+        );
+        assert_eq!(
+            prov(addr, "DELETE", "/out/secret", &auth, Bytes::new())
+                .await
+                .status,
+            403
+        );
+        assert_eq!(
+            std::fs::read(tmp.path().join("secret")).unwrap(),
+            b"outside"
+        );
+        assert!(!tmp.path().join("new").exists());
+    }
+    cloud.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn provisioning_log_and_keep_alive() {
+    let (cloud, _tmp, tree) = start_prov_cloud().await;
+    let addr = cloud.addr;
+    std::fs::write(tree.join("0004f2e765da.cfg"), b"<APPLICATION/>").unwrap();
+
+    // What a proxy sends, on one pooled connection: a refused PUT with a body, then the same PUT
+    // with credentials, then a GET. The connection must survive the 401.
+    let mut sender = connect_http(addr).await;
+    let fwd = [
+        (
+            "user-agent",
+            "FileTransport PolycomVVX-VVX_411-UA/6.4.7.4560 (SN:0004f2e765da) Type/Application",
+        ),
+        ("x-forwarded-for", "10.1.2.3"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "relay.corp.example"),
+    ];
+    let a = send_on(
+        &mut sender,
+        addr,
+        "PUT",
+        "/0004f2e765da-app.log",
+        &fwd,
+        Bytes::from_static(b"log line\n"),
+    )
+    .await;
+    assert_eq!(a.status, 401);
+    assert!(a.headers.get("connection").is_none(), "{:?}", a.headers);
+    let mut with_auth = fwd.to_vec();
+    with_auth.push(("authorization", BASIC_OK));
+    let a = send_on(
+        &mut sender,
+        addr,
+        "PUT",
+        "/0004f2e765da-app.log",
+        &with_auth,
+        Bytes::from_static(b"log line\n"),
+    )
+    .await;
+    assert_eq!(a.status, 201);
+    let a = send_on(
+        &mut sender,
+        addr,
+        "GET",
+        "/0004f2e765da.cfg",
+        &with_auth,
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!((a.status, &a.body[..]), (200, &b"<APPLICATION/>"[..]));
+    assert!(sender.is_ready(), "connection closed");
+
+    let log = get(addr, "/sim/provisioning/log").await;
+    let log = log.as_array().unwrap();
+    assert_eq!(log.len(), 3);
+    assert_eq!(
+        log[0],
+        json!({
+            "method": "PUT", "path": "/0004f2e765da-app.log", "status": 401,
+            "user_agent": fwd[0].1, "x_forwarded_for": "10.1.2.3", "x_forwarded_proto": "https",
+            "x_forwarded_host": "relay.corp.example", "host": addr.to_string(),
+            "forwarded": null, "via": null, "auth": "none"
+        })
+    );
+    assert_eq!(
+        (log[1]["status"].as_u64(), log[1]["auth"].as_str()),
+        (Some(201), Some("basic"))
+    );
+    assert_eq!(
+        (log[2]["method"].as_str(), log[2]["status"].as_u64()),
+        (Some("GET"), Some(200))
+    );
+
+    // Bounded to the last 100.
+    for _ in 0..105 {
+        prov(addr, "GET", "/x.cfg?n=1", &[], Bytes::new()).await;
+    }
+    let log = get(addr, "/sim/provisioning/log").await;
+    assert_eq!(log.as_array().unwrap().len(), 100);
+    assert_eq!(log[99]["path"], "/x.cfg?n=1");
+    let (status, v) = call(addr, "DELETE", "/sim/provisioning/log", None, None).await;
+    assert_eq!((status, v["cleared"].as_u64()), (200, Some(100)));
+    assert_eq!(get(addr, "/sim/provisioning/log").await, json!([]));
+    cloud.shutdown().await.unwrap();
 }

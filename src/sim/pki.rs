@@ -1,0 +1,65 @@
+//! A throw-away PKI for the demo: a CA and a relay certificate (serverAuth, SAN = the FQDN), written
+//! as a PFX with its password file, plus the CA in PEM for clients. Labs only: the key material lives
+//! in a temp dir and dies with it.
+
+use anyhow::{Context, Result};
+use p12_keystore::{Certificate, KeyStore, KeyStoreEntry, PrivateKey, PrivateKeyChain};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use std::path::{Path, PathBuf};
+
+pub struct DemoPki {
+    pub ca_pem: PathBuf,
+    pub pfx: PathBuf,
+    pub password_file: PathBuf,
+}
+
+/// Writes `ca.pem`, `relay.pfx` and `relay.pfx.pass` into `dir`.
+pub fn make(dir: &Path, fqdn: &str) -> Result<DemoPki> {
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "ucrelay demo CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, &ca_key);
+
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec![fqdn.to_string()])?;
+    params.distinguished_name.push(DnType::CommonName, fqdn);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let leaf = params.signed_by(&key, &issuer)?;
+
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    let chain = [leaf.der().to_vec(), ca_cert.der().to_vec()]
+        .iter()
+        .map(|der| Certificate::from_der(der))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("cannot build the PFX chain: {e}"))?;
+    let private = PrivateKey::from_der(&key.serialize_der()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut store = KeyStore::new();
+    store.add_entry(
+        "relay",
+        KeyStoreEntry::PrivateKeyChain(PrivateKeyChain::new(b"relay".to_vec(), private, chain)),
+    );
+    let pfx_bytes = store
+        .writer(&password)
+        .write()
+        .map_err(|e| anyhow::anyhow!("cannot write the PFX: {e}"))?;
+
+    let out = DemoPki {
+        ca_pem: dir.join("ca.pem"),
+        pfx: dir.join("relay.pfx"),
+        password_file: dir.join("relay.pfx.pass"),
+    };
+    std::fs::write(&out.ca_pem, ca_cert.pem()).context("writing ca.pem")?;
+    std::fs::write(&out.pfx, pfx_bytes).context("writing relay.pfx")?;
+    std::fs::write(&out.password_file, format!("{password}\n"))
+        .context("writing relay.pfx.pass")?;
+    Ok(out)
+}
