@@ -34,6 +34,8 @@ pub enum Command {
     Check(ConfigArg),
     /// Show the running relay's health: registration, channel, heartbeats (exit 0 when healthy).
     Status(StatusArgs),
+    /// Re-read the configuration and the certificate in the running relay (like SIGHUP), and say what changed.
+    Reload(StatusArgs),
     /// Start a reference cloud and a relay on loopback and show them working together.
     Demo(DemoArgs),
     /// Simulators for tests, demos and benchmarks.

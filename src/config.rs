@@ -22,6 +22,7 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(2 * 3600);
 pub const DEFAULT_MAX_IMAGES: u32 = 40;
 pub const DEFAULT_MAX_TOTAL: u64 = 30 * 1000 * 1000 * 1000;
 pub const DEFAULT_EDGE_LISTEN: &str = "0.0.0.0:443";
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_ADMIN_SOCKET_NAME: &str = "admin.sock";
 pub const DEFAULT_DEVICE_SUBNETS: [&str; 3] = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"];
 
@@ -97,12 +98,19 @@ struct RawEdge {
     pfx: PathBuf,
     pfx_password_file: Option<PathBuf>,
     legacy_http_listen: Option<String>,
+    max_connections: Option<usize>,
+    header_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_header_size: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawProvisioning {
     upstream: String,
+    ca_file: Option<PathBuf>,
+    timeout: Option<String>,
+    connect_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -315,11 +323,24 @@ pub struct EdgeConfig {
     pub pfx: PathBuf,
     pub pfx_password_file: Option<PathBuf>,
     pub legacy_http_listen: Option<SocketAddr>,
+    /// Open device connections at most; one more gets 503 at once.
+    pub max_connections: usize,
+    /// Deadline for the TLS handshake and for each request's headers (slowloris, idle keep-alive).
+    pub header_timeout: Duration,
+    /// A connection that moves no byte for this long is closed.
+    pub idle_timeout: Duration,
+    /// Largest request head (request line + headers) in bytes.
+    pub max_header_size: usize,
 }
 
 #[derive(Debug, Clone)]
 pub struct ProvisioningConfig {
     pub upstream: String,
+    /// Extra CA bundle for an HTTPS upstream (beside the system roots).
+    pub ca_file: Option<PathBuf>,
+    /// Answer deadline (response headers) before the device gets 504.
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -549,6 +570,40 @@ impl Config {
                         .map(|s| parse_addr(&s))
                         .transpose()
                         .map_err(|m| err("edge.legacy_http_listen", m))?,
+                    max_connections: match e.max_connections {
+                        None => DEFAULT_MAX_CONNECTIONS,
+                        Some(0) => {
+                            return Err(err("edge.max_connections", "must be at least 1".into()));
+                        }
+                        Some(n) => n,
+                    },
+                    header_timeout: dur(
+                        "edge.header_timeout",
+                        &e.header_timeout,
+                        secs(10),
+                        ms(50),
+                        secs(300),
+                    )?,
+                    idle_timeout: dur(
+                        "edge.idle_timeout",
+                        &e.idle_timeout,
+                        secs(60),
+                        ms(100),
+                        secs(3600),
+                    )?,
+                    max_header_size: match &e.max_header_size {
+                        None => 32 * 1024,
+                        Some(v) => {
+                            let n = parse_bytes(v).map_err(|m| err("edge.max_header_size", m))?;
+                            if !(8192..=1 << 20).contains(&n) {
+                                return Err(err(
+                                    "edge.max_header_size",
+                                    format!("{v:?} must be between 8KiB and 1MiB"),
+                                ));
+                            }
+                            n as usize
+                        }
+                    },
                 })
             }
         };
@@ -558,8 +613,27 @@ impl Config {
             None => None,
             Some(p) => {
                 CloudUrl::parse(&p.upstream).map_err(|m| err("provisioning.upstream", m))?;
+                let ca_file = p.ca_file.map(|f| resolve(&f));
+                if let Some(ca) = &ca_file {
+                    check_pem_certs(ca).map_err(|m| err("provisioning.ca_file", m))?;
+                }
                 Some(ProvisioningConfig {
                     upstream: p.upstream,
+                    ca_file,
+                    timeout: dur(
+                        "provisioning.timeout",
+                        &p.timeout,
+                        secs(30),
+                        ms(50),
+                        secs(600),
+                    )?,
+                    connect_timeout: dur(
+                        "provisioning.connect_timeout",
+                        &p.connect_timeout,
+                        secs(5),
+                        ms(50),
+                        secs(60),
+                    )?,
                 })
             }
         };

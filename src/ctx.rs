@@ -20,10 +20,28 @@ pub struct Ctx {
     pub outbox_wake: Arc<Notify>,
     pub started: Instant,
     pub started_at: SystemTime,
+    /// The device-facing edge, when `[edge]` is configured.
+    pub edge: Option<Arc<crate::proxy::Edge>>,
+    /// Asks the daemon to reload config and certificate; the answer comes back on the oneshot.
+    pub reload: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<ReloadOutcome>>,
+}
+
+/// What a reload did, line by line, and whether everything asked for was applied.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ReloadOutcome {
+    pub ok: bool,
+    pub messages: Vec<String>,
 }
 
 impl Ctx {
-    pub fn new(config: Config, store: Store, cloud: CloudClient, relay_id: String) -> Ctx {
+    pub fn new(
+        config: Config,
+        store: Store,
+        cloud: CloudClient,
+        relay_id: String,
+        edge: Option<Arc<crate::proxy::Edge>>,
+        reload: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<ReloadOutcome>>,
+    ) -> Ctx {
         Ctx {
             config: Arc::new(config),
             store,
@@ -34,6 +52,8 @@ impl Ctx {
             outbox_wake: Arc::new(Notify::new()),
             started: Instant::now(),
             started_at: SystemTime::now(),
+            edge,
+            reload,
         }
     }
 }

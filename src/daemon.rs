@@ -8,8 +8,9 @@
 use crate::cloud::CloudClient;
 use crate::config::Config;
 use crate::ctx::Ctx;
+use crate::proxy::{self, Edge};
 use crate::store::Store;
-use crate::{agent, ops};
+use crate::{agent, ops, reload};
 use anyhow::{Context, Result, anyhow};
 use std::future::Future;
 use std::time::Duration;
@@ -27,16 +28,23 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: impl FnOnce(&Ctx),
 ) -> Result<()> {
+    // The certificate is checked before anything else starts: a relay with a bad one must not run.
+    let edge = Edge::new(&config)?;
     let store = Store::open(&config.state_dir)?;
     let relay_id = store
         .relay_id()
         .context("cannot read the relay id from the store")?;
     let cloud = CloudClient::new(&config.cloud).context("cannot set up the cloud connection")?;
+    let edge_listeners = match &edge {
+        Some(e) => Some(e.bind().await?),
+        None => None,
+    };
     let admin_listener = ops::admin::bind(&config.admin.socket).await?;
     if !config.cloud.url.tls {
         warn!(url = %config.cloud.url, "cloud URL is plain http: traffic to the cloud is not encrypted (labs only)");
     }
-    let ctx = Ctx::new(config, store, cloud, relay_id);
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+    let ctx = Ctx::new(config, store, cloud, relay_id, edge.clone(), reload_tx);
     info!(
         version = env!("CARGO_PKG_VERSION"),
         relay_id = %ctx.relay_id,
@@ -56,6 +64,14 @@ pub async fn run(
         &mut set,
         "admin",
         ops::admin::serve(admin_listener, ctx.clone(), jobs.clone()),
+    );
+    if let (Some(edge), Some(listeners)) = (edge, edge_listeners) {
+        spawn(&mut set, "edge", proxy::run(edge, listeners, jobs.clone()));
+    }
+    spawn(
+        &mut set,
+        "reload",
+        reload::run(ctx.clone(), reload_rx, jobs.clone()),
     );
     ready(&ctx);
 

@@ -14,6 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 const TENANT: &str = "demo";
 const PIN: &str = "246810";
+/// The name the demo phone uses for the relay (resolved to loopback by the phone itself).
+const FQDN: &str = "relay.demo.test";
+const PHONE_MAC: &str = "0004f2000001";
 
 pub async fn main(args: DemoArgs) -> Result<()> {
     let dir = tempfile::Builder::new()
@@ -21,8 +24,21 @@ pub async fn main(args: DemoArgs) -> Result<()> {
         .tempdir()
         .context("cannot create a temp dir")?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    // The tenant's provisioning tree at the reference cloud, which the relay's edge forwards to.
+    let prov_dir = dir.path().join("provisioning");
+    std::fs::create_dir_all(&prov_dir)?;
+    std::fs::write(
+        prov_dir.join("000000000000.cfg"),
+        "<APPLICATION APP_FILE_PATH=\"sip.ld\" CONFIG_FILES=\"[PHONE_MAC_ADDRESS]-user.cfg, common.cfg\"/>\n",
+    )?;
+    std::fs::write(
+        prov_dir.join(format!("{PHONE_MAC}.cfg")),
+        "<APPLICATION APP_FILE_PATH=\"sip.ld\" CONFIG_FILES=\"common.cfg\"/>\n",
+    )?;
+    let pki = crate::sim::pki::make(dir.path(), FQDN)?;
     let mut cloud_args = cloud::CloudArgs::new(TENANT, PIN);
     cloud_args.heartbeat_interval = args.heartbeat_interval;
+    cloud_args.provisioning = Some(prov_dir);
     let cloud = cloud::start(listener, cloud_args).await?;
     let cloud_addr = cloud.addr;
     let config_path = dir.path().join("relay.toml");
@@ -31,7 +47,11 @@ pub async fn main(args: DemoArgs) -> Result<()> {
         &config_path,
         format!(
             "state_dir = {state:?}\n\n[cloud]\nurl = \"http://{cloud_addr}\"\ntenant_id = \"{TENANT}\"\npin = \"{PIN}\"\n\
-             heartbeat_interval = \"{hb}\"\nping_interval = \"5s\"\n\n[admin]\nsocket = {socket:?}\n",
+             heartbeat_interval = \"{hb}\"\nping_interval = \"5s\"\n\n[admin]\nsocket = {socket:?}\n\n\
+             [edge]\nlisten = \"127.0.0.1:0\"\nfqdn = [\"{FQDN}\"]\npfx = {pfx:?}\npfx_password_file = {pass:?}\n\n\
+             [provisioning]\nupstream = \"http://{cloud_addr}\"\n\n[devices]\nsubnets = [\"127.0.0.0/8\"]\n",
+            pfx = pki.pfx,
+            pass = pki.password_file,
             state = dir.path().join("state"),
             hb = humantime::format_duration(args.heartbeat_interval),
         ),
@@ -58,11 +78,13 @@ pub async fn main(args: DemoArgs) -> Result<()> {
             }
         });
     }
-    let (board_tx, board_rx) = tokio::sync::oneshot::channel::<Arc<StatusBoard>>();
+    let (board_tx, board_rx) =
+        tokio::sync::oneshot::channel::<(Arc<StatusBoard>, Option<SocketAddr>)>();
     let relay = tokio::spawn(crate::daemon::run(config, shutdown.clone(), move |ctx| {
-        let _ = board_tx.send(ctx.status.clone());
+        let edge = ctx.edge.as_ref().and_then(|e| e.bound.get()).map(|b| b.0);
+        let _ = board_tx.send((ctx.status.clone(), edge));
     }));
-    let board = match board_rx.await {
+    let (board, edge_addr) = match board_rx.await {
         Ok(b) => b,
         Err(_) => {
             let err = relay.await.map_err(|e| anyhow!("relay task failed: {e}"))?;
@@ -72,8 +94,19 @@ pub async fn main(args: DemoArgs) -> Result<()> {
         }
     };
     say("relay started".into());
+    let edge_addr = edge_addr.ok_or_else(|| anyhow!("the relay's edge did not start"))?;
+    say(format!(
+        "device edge listening on https://{FQDN}:{} ({edge_addr})",
+        edge_addr.port()
+    ));
+    let phone = crate::sim::phone::ProvClient::new(
+        &format!("https://{FQDN}:{}/", edge_addr.port()),
+        PHONE_MAC,
+    )?
+    .with_root_ca_pem(&pki.ca_pem)?
+    .with_resolve(FQDN, edge_addr);
 
-    let narrated = narrate(&board, cloud_addr, &say, &shutdown, args.once).await;
+    let narrated = narrate(&board, cloud_addr, &phone, &say, &shutdown, args.once).await;
     shutdown.cancel();
     let relay_result = relay.await.map_err(|e| anyhow!("relay task failed: {e}"))?;
     cloud.shutdown().await?;
@@ -90,6 +123,7 @@ pub async fn main(args: DemoArgs) -> Result<()> {
 async fn narrate(
     board: &StatusBoard,
     cloud_addr: SocketAddr,
+    phone: &crate::sim::phone::ProvClient,
     say: &impl Fn(String),
     shutdown: &CancellationToken,
     once: bool,
@@ -99,6 +133,7 @@ async fn narrate(
     let mut channel_up = false;
     let mut heartbeats = 0u64;
     let mut ping_done = false;
+    let mut provisioned = false;
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
@@ -157,8 +192,28 @@ async fn narrate(
                 sent.elapsed().as_millis()
             ));
         }
-        if once && registered && channel_up && heartbeats >= 1 && ping_done {
-            say("demo complete: registered, heartbeating, channel up, command answered".into());
+        if ping_done && !provisioned {
+            provisioned = true;
+            say(format!(
+                "a simulated phone ({PHONE_MAC}) provisions through the relay's HTTPS edge:"
+            ));
+            // A phone's connectivity test: the zeros file must be answered with a challenge.
+            let probe = phone.get("/000000000000.cfg").await?;
+            say(format!(
+                "  phone GET /000000000000.cfg -> {} (connectivity test: challenged first, then {} auth)",
+                probe.status, probe.auth_used
+            ));
+            for (method, path, status) in phone.provision().await? {
+                let note = match status {
+                    401 => " (challenge from the provisioning server, passed through)",
+                    404 => " (no such file upstream)",
+                    _ => "",
+                };
+                say(format!("  phone {method} {path} -> {status}{note}"));
+            }
+        }
+        if once && registered && channel_up && heartbeats >= 1 && ping_done && provisioned {
+            say("demo complete: registered, heartbeating, channel up, command answered, phone provisioned".into());
             return Ok(());
         }
         if once && Instant::now() > deadline {

@@ -1,7 +1,8 @@
 //! ucrelay: an on-premises relay for cloud-managed VoIP/UC device fleets.
 //!
 //! The relay's jobs each have a module: `agent` (management agent: registration, heartbeats, command
-//! channel, results), and `ops` (local operations: admin socket, status). `protocol` holds the
+//! channel, results), and `proxy` (the device-facing edge: TLS with the PFX certificate, provisioning proxy), and `ops`
+//! (local operations: admin socket, status). `protocol` holds the
 //! relay-to-cloud wire types; `sim` the reference cloud used by the demo and tests, which talks to the
 //! relay only over that protocol.
 #![deny(unsafe_code)]
@@ -16,6 +17,8 @@ pub mod daemon;
 pub mod demo;
 pub mod ops;
 pub mod protocol;
+pub mod proxy;
+pub mod reload;
 pub mod secret;
 pub mod sim;
 pub mod store;

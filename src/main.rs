@@ -80,10 +80,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Check(args) => Ok(check(&args.config)),
         Command::Status(args) => {
-            let socket = match args.socket {
-                Some(s) => s,
-                None => Config::load(&args.config)?.admin.socket,
-            };
+            let socket = admin_socket(&args)?;
             let report: StatusReport =
                 match runtime()?.block_on(ucrelay::ops::admin::get_json(&socket, "/v1/status")) {
                     Ok(r) => r,
@@ -103,6 +100,24 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Command::Reload(args) => {
+            let socket = admin_socket(&args)?;
+            let outcome: ucrelay::ctx::ReloadOutcome = runtime()?.block_on(
+                ucrelay::ops::admin::call_json(&socket, http::Method::POST, "/v1/reload"),
+            )?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&outcome)?);
+            } else {
+                for m in &outcome.messages {
+                    println!("{}  {m}", if outcome.ok { "ok  " } else { "fail" });
+                }
+            }
+            Ok(if outcome.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
         Command::Demo(args) => {
             runtime()?.block_on(ucrelay::demo::main(args))?;
             Ok(ExitCode::SUCCESS)
@@ -112,6 +127,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The admin socket: given directly, or read from the config.
+fn admin_socket(args: &ucrelay::cli::StatusArgs) -> anyhow::Result<std::path::PathBuf> {
+    Ok(match &args.socket {
+        Some(s) => s.clone(),
+        None => Config::load(&args.config)?.admin.socket,
+    })
 }
 
 /// `ucrelay check`: one line per check, like `nginx -t`.
@@ -127,6 +150,30 @@ fn check(path: &std::path::Path) -> ExitCode {
             }
             if !c.cloud.url.tls {
                 println!("warn  cloud.url uses plain http: traffic to the cloud is not encrypted");
+            }
+            let mut failed = false;
+            if let Some(e) = &c.edge {
+                use ucrelay::proxy::cert::{self, Level};
+                let report = cert::load(
+                    &e.pfx,
+                    e.pfx_password_file.as_deref(),
+                    &e.fqdn,
+                    std::time::SystemTime::now(),
+                );
+                for check in &report.checks {
+                    let level = match check.level {
+                        Level::Ok => "ok  ",
+                        Level::Warn => "warn",
+                        Level::Fail => {
+                            failed = true;
+                            "fail"
+                        }
+                    };
+                    println!("{level}  certificate {}: {}", check.rule, check.message);
+                }
+            }
+            if failed {
+                return ExitCode::from(1);
             }
             ExitCode::SUCCESS
         }

@@ -4,7 +4,11 @@
 use crate::ctx::Ctx;
 use crate::ops::report::StatusReport;
 use anyhow::{Context, Result, anyhow, bail};
-use axum::{Json, Router, extract::State, routing::get};
+use axum::{
+    Json, Router,
+    extract::State,
+    routing::{get, post},
+};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
@@ -48,6 +52,7 @@ pub async fn serve(listener: UnixListener, ctx: Ctx, shutdown: CancellationToken
         .and_then(|a| a.as_pathname().map(Path::to_path_buf));
     let app = Router::new()
         .route("/v1/status", get(status))
+        .route("/v1/reload", post(reload))
         .with_state(ctx);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -63,8 +68,32 @@ async fn status(State(ctx): State<Ctx>) -> Json<StatusReport> {
     Json(StatusReport::build(&ctx, pending))
 }
 
+async fn reload(State(ctx): State<Ctx>) -> Json<crate::ctx::ReloadOutcome> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let failed = |why: &str| crate::ctx::ReloadOutcome {
+        ok: false,
+        messages: vec![why.to_string()],
+    };
+    if ctx.reload.send(tx).await.is_err() {
+        return Json(failed("the relay is shutting down"));
+    }
+    Json(
+        rx.await
+            .unwrap_or_else(|_| failed("the reload did not finish")),
+    )
+}
+
 /// Fetches `path` from the admin API at `socket` and decodes the JSON answer.
 pub async fn get_json<T: serde::de::DeserializeOwned>(socket: &Path, path: &str) -> Result<T> {
+    call_json(socket, http::Method::GET, path).await
+}
+
+/// Sends one request to the admin API at `socket` and decodes the JSON answer.
+pub async fn call_json<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    method: http::Method,
+    path: &str,
+) -> Result<T> {
     let stream = match UnixStream::connect(socket).await {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
@@ -92,7 +121,9 @@ pub async fn get_json<T: serde::de::DeserializeOwned>(socket: &Path, path: &str)
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let req = http::Request::get(path)
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
             .header(http::header::HOST, "ucrelay")
             .body(Empty::<Bytes>::new())?;
         let resp = sender.send_request(req).await?;
@@ -110,11 +141,11 @@ pub async fn get_json<T: serde::de::DeserializeOwned>(socket: &Path, path: &str)
         }
         Ok::<_, anyhow::Error>(serde_json::from_slice(&body)?)
     };
-    tokio::time::timeout(Duration::from_secs(10), exchange)
+    tokio::time::timeout(Duration::from_secs(30), exchange)
         .await
         .map_err(|_| {
             anyhow!(
-                "the relay did not answer on {} within 10 s",
+                "the relay did not answer on {} within 30 s",
                 socket.display()
             )
         })?

@@ -16,7 +16,11 @@ pub struct StatusReport {
     pub healthy: bool,
     /// Every unhealthy item, each in plain words with what to check.
     pub problems: Vec<String>,
+    /// Things to act on soon that do not make the relay unhealthy (a certificate near expiry).
+    pub warnings: Vec<String>,
     pub cloud: CloudReport,
+    /// The device-facing edge, when configured.
+    pub edge: Option<EdgeReport>,
     pub jobs: Vec<JobReport>,
 }
 
@@ -46,6 +50,84 @@ pub struct CloudReport {
     pub results_pending: u64,
     pub results_sent: u64,
     pub results_rejected: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EdgeReport {
+    pub listen: String,
+    pub legacy_http_listen: Option<String>,
+    pub fqdn: Vec<String>,
+    pub upstream: Option<String>,
+    pub certificate_subject: String,
+    pub certificate_sha256: String,
+    pub certificate_not_after: String,
+    pub certificate_days_left: i64,
+    /// Why the last reload's certificate was refused (the previous one still serves).
+    pub reload_error: Option<String>,
+    pub connections_open: u64,
+    pub connections_total: u64,
+    pub connections_refused: u64,
+    pub tls_handshake_failures: u64,
+    pub requests: u64,
+    pub status_2xx: u64,
+    pub status_3xx: u64,
+    pub status_4xx: u64,
+    pub status_5xx: u64,
+    pub bytes_out: u64,
+    pub legacy_forbidden: u64,
+}
+
+impl EdgeReport {
+    fn build(edge: &crate::proxy::Edge) -> EdgeReport {
+        use std::sync::atomic::Ordering::Relaxed;
+        let cert = edge.cert.current();
+        let st = &edge.stats;
+        let days_left = match cert.not_after.duration_since(SystemTime::now()) {
+            Ok(d) => (d.as_secs() / 86_400) as i64,
+            Err(e) => -((e.duration().as_secs() / 86_400) as i64) - 1,
+        };
+        EdgeReport {
+            listen: edge
+                .bound
+                .get()
+                .map(|b| b.0)
+                .unwrap_or(edge.cfg.listen)
+                .to_string(),
+            legacy_http_listen: edge
+                .bound
+                .get()
+                .and_then(|b| b.1)
+                .or(edge.cfg.legacy_http_listen)
+                .map(|a| a.to_string()),
+            fqdn: edge.cfg.fqdn.clone(),
+            upstream: edge
+                .upstream
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|u| u.describe()),
+            certificate_subject: cert.subject.clone(),
+            certificate_sha256: cert.sha256.clone(),
+            certificate_not_after: rfc3339(cert.not_after),
+            certificate_days_left: days_left,
+            reload_error: edge
+                .reload_error
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            connections_open: st.connections_open.load(Relaxed),
+            connections_total: st.connections_total.load(Relaxed),
+            connections_refused: st.connections_refused.load(Relaxed),
+            tls_handshake_failures: st.tls_handshake_failures.load(Relaxed),
+            requests: st.requests.load(Relaxed),
+            status_2xx: st.status_2xx.load(Relaxed),
+            status_3xx: st.status_3xx.load(Relaxed),
+            status_4xx: st.status_4xx.load(Relaxed),
+            status_5xx: st.status_5xx.load(Relaxed),
+            bytes_out: st.bytes_out.load(Relaxed),
+            legacy_forbidden: st.legacy_forbidden.load(Relaxed),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -125,6 +207,19 @@ impl StatusReport {
             state: if on { "on" } else { "off" }.into(),
             detail: detail.into(),
         };
+        let mut warnings = Vec::new();
+        let edge = ctx.edge.as_deref().map(EdgeReport::build);
+        if let Some(e) = &edge {
+            if let Some(why) = &e.reload_error {
+                problems.push(format!("certificate reload refused: {why}"));
+            }
+            if e.certificate_days_left < 30 {
+                warnings.push(format!(
+                    "edge certificate expires on {} ({} days left): renew it",
+                    e.certificate_not_after, e.certificate_days_left
+                ));
+            }
+        }
         let jobs = vec![
             job(
                 "management",
@@ -142,11 +237,15 @@ impl StatusReport {
             ),
             job(
                 "provisioning",
-                false,
-                if cfg.edge.is_some() || cfg.provisioning.is_some() {
-                    "[edge]/[provisioning] is set, but this build has no device-facing edge yet"
-                } else {
-                    "no [edge] section"
+                ctx.edge.is_some(),
+                &match (&ctx.edge, &cfg.provisioning) {
+                    (Some(e), Some(p)) => {
+                        format!("edge on {}, forwarding to {}", e.cfg.listen, p.upstream)
+                    }
+                    (Some(e), None) => {
+                        format!("edge on {}, no [provisioning] upstream", e.cfg.listen)
+                    }
+                    (None, _) => "no [edge] section".to_string(),
                 },
             ),
         ];
@@ -158,6 +257,8 @@ impl StatusReport {
             uptime_s: ctx.started.elapsed().as_secs(),
             healthy: problems.is_empty(),
             problems,
+            warnings,
+            edge,
             cloud: CloudReport {
                 url: cfg.cloud.url.to_string(),
                 tenant_id: cfg.cloud.tenant_id.clone(),
@@ -250,6 +351,30 @@ impl StatusReport {
                 c.commands_received, c.results_sent, c.results_pending
             ),
         ));
+        if let Some(e) = &self.edge {
+            rows.push(("edge", format!("{} (fqdn {})", e.listen, e.fqdn.join(", "))));
+            rows.push((
+                "certificate",
+                format!(
+                    "{} until {} ({} days)",
+                    e.certificate_subject, e.certificate_not_after, e.certificate_days_left
+                ),
+            ));
+            rows.push((
+                "edge traffic",
+                format!(
+                    "{} open, {} refused, {} TLS failures; {} requests (2xx {}, 4xx {}, 5xx {}), {} bytes out",
+                    e.connections_open,
+                    e.connections_refused,
+                    e.tls_handshake_failures,
+                    e.requests,
+                    e.status_2xx,
+                    e.status_4xx,
+                    e.status_5xx,
+                    e.bytes_out
+                ),
+            ));
+        }
         for j in &self.jobs {
             let label: &str = match j.name.as_str() {
                 "management" => "job management",
@@ -262,6 +387,12 @@ impl StatusReport {
         let mut out = String::new();
         for (k, v) in rows {
             out.push_str(&format!("{k:<width$}  {v}\n"));
+        }
+        if !self.warnings.is_empty() {
+            out.push_str("\nwarnings:\n");
+            for w in &self.warnings {
+                out.push_str(&format!("  - {w}\n"));
+            }
         }
         if !self.problems.is_empty() {
             out.push_str("\nproblems:\n");

@@ -2,4 +2,7 @@
 
 mod agent;
 mod cli;
+mod edge;
+mod nginx;
+mod pki;
 mod support;

@@ -1,0 +1,583 @@
+//! The device-facing edge (the provisioning proxy job): HTTPS on `[edge].listen` with the PFX
+//! certificate, optionally plain HTTP on `legacy_http_listen` for devices inside `[devices].subnets`,
+//! and every request that is not a cached image forwarded to `[provisioning].upstream`.
+//!
+//! Hostile input is stopped here: a cap on open connections (over it: 503 at once), deadlines on the
+//! TLS handshake, on reading request headers and on any stall, a header size cap, and path checks
+//! before routing. Nothing here caches provisioning answers.
+
+pub mod cert;
+mod forward;
+pub mod paths;
+pub mod tls;
+
+use crate::config::{Config, EdgeConfig};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use ipnet::IpNet;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+pub use forward::Upstream;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type EdgeBody = BoxBody<Bytes, BoxError>;
+
+/// A short plain-text answer of the edge's own (errors, refusals).
+pub fn text_response(status: StatusCode, text: &str) -> Response<EdgeBody> {
+    let body = format!(
+        "{} {}: {text}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Counters shown in `ucrelay status`.
+#[derive(Default, Debug)]
+pub struct EdgeStats {
+    pub connections_open: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub tls_handshake_failures: AtomicU64,
+    pub requests: AtomicU64,
+    pub status_2xx: AtomicU64,
+    pub status_3xx: AtomicU64,
+    pub status_4xx: AtomicU64,
+    pub status_5xx: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub legacy_forbidden: AtomicU64,
+}
+
+/// What the edge runs with; the certificate and the upstream can change on reload.
+pub struct Edge {
+    pub cfg: EdgeConfig,
+    pub cert: Arc<tls::CertSlot>,
+    pub upstream: RwLock<Option<Arc<Upstream>>>,
+    pub subnets: Vec<IpNet>,
+    pub stats: EdgeStats,
+    /// Why the last reload of the certificate was refused, if it was.
+    pub reload_error: RwLock<Option<String>>,
+    /// The addresses actually bound (a configured port 0 becomes a real port).
+    pub bound: std::sync::OnceLock<(SocketAddr, Option<SocketAddr>)>,
+}
+
+/// Every failed certificate rule as `rule: message`, for one-line errors.
+pub fn refusal(report: &cert::CertReport) -> String {
+    report
+        .failures()
+        .map(|c| format!("{}: {}", c.rule, c.message))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+pub struct EdgeListeners {
+    pub tls: TcpListener,
+    pub legacy: Option<TcpListener>,
+}
+
+impl Edge {
+    /// Loads and checks the certificate and prepares the upstream; fails with every broken rule named.
+    pub fn new(config: &Config) -> anyhow::Result<Option<Arc<Edge>>> {
+        let Some(e) = &config.edge else {
+            return Ok(None);
+        };
+        let report = cert::load(
+            &e.pfx,
+            e.pfx_password_file.as_deref(),
+            &e.fqdn,
+            std::time::SystemTime::now(),
+        );
+        for c in report
+            .checks
+            .iter()
+            .filter(|c| c.level == cert::Level::Warn)
+        {
+            warn!(rule = %c.rule, "certificate: {}", c.message);
+        }
+        let Some(loaded) = report.cert else {
+            anyhow::bail!(
+                "edge.pfx {}: certificate refused: {}",
+                e.pfx.display(),
+                refusal(&report)
+            );
+        };
+        info!(subject = %loaded.subject, sha256 = %loaded.sha256, "edge certificate loaded");
+        let upstream = config
+            .provisioning
+            .as_ref()
+            .map(Upstream::new)
+            .transpose()?
+            .map(Arc::new);
+        Ok(Some(Arc::new(Edge {
+            cfg: e.clone(),
+            cert: tls::CertSlot::new(loaded),
+            upstream: RwLock::new(upstream),
+            subnets: config.devices.subnets.clone(),
+            stats: EdgeStats::default(),
+            reload_error: RwLock::new(None),
+            bound: std::sync::OnceLock::new(),
+        })))
+    }
+
+    pub async fn bind(&self) -> anyhow::Result<EdgeListeners> {
+        use anyhow::Context;
+        let tls = TcpListener::bind(self.cfg.listen)
+            .await
+            .with_context(|| format!("cannot listen on edge.listen {}", self.cfg.listen))?;
+        let legacy = match self.cfg.legacy_http_listen {
+            None => None,
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("cannot listen on edge.legacy_http_listen {a}"))?,
+            ),
+        };
+        let _ = self.bound.set((
+            tls.local_addr()?,
+            legacy.as_ref().map(|l| l.local_addr()).transpose()?,
+        ));
+        Ok(EdgeListeners { tls, legacy })
+    }
+
+    fn upstream(&self) -> Option<Arc<Upstream>> {
+        self.upstream
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Serves both listeners until shutdown, then lets open connections finish their current request
+/// (bounded by the daemon's grace period).
+pub async fn run(
+    edge: Arc<Edge>,
+    listeners: EdgeListeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let tls_cfg = tls::server_config(edge.cert.clone())?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls_cfg);
+    let slots = Arc::new(Semaphore::new(edge.cfg.max_connections));
+    let tracker = TaskTracker::new();
+    let mut loops = tokio::task::JoinSet::new();
+    loops.spawn(accept_loop(
+        edge.clone(),
+        listeners.tls,
+        Some(acceptor),
+        slots.clone(),
+        tracker.clone(),
+        shutdown.clone(),
+    ));
+    if let Some(l) = listeners.legacy {
+        loops.spawn(accept_loop(
+            edge.clone(),
+            l,
+            None,
+            slots,
+            tracker.clone(),
+            shutdown.clone(),
+        ));
+    }
+    while let Some(r) = loops.join_next().await {
+        r??;
+    }
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+async fn accept_loop(
+    edge: Arc<Edge>,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    slots: Arc<Semaphore>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    info!(listen = %listener.local_addr()?, scheme, "edge listening");
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause instead of spinning.
+                    warn!(error = %e, "edge accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        edge.stats.connections_total.fetch_add(1, Ordering::Relaxed);
+        let permit = slots.clone().try_acquire_owned().ok();
+        let (edge, tls, shutdown) = (edge.clone(), tls.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            edge.stats.connections_open.fetch_add(1, Ordering::Relaxed);
+            connection(&edge, stream, peer, tls, permit.is_some(), shutdown).await;
+            edge.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+}
+
+async fn connection(
+    edge: &Arc<Edge>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    admitted: bool,
+    shutdown: CancellationToken,
+) {
+    let activity = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let io = ActivityIo {
+        inner: stream,
+        started,
+        last: activity.clone(),
+    };
+    let deadline = edge.cfg.header_timeout;
+    match tls {
+        None => {
+            serve_http(
+                edge, io, peer, "http", admitted, activity, started, shutdown,
+            )
+            .await
+        }
+        Some(acceptor) => match tokio::time::timeout(deadline, acceptor.accept(io)).await {
+            Ok(Ok(tls_io)) => {
+                serve_http(
+                    edge, tls_io, peer, "https", admitted, activity, started, shutdown,
+                )
+                .await
+            }
+            Ok(Err(e)) => {
+                edge.stats
+                    .tls_handshake_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(%peer, error = %e, "TLS handshake failed");
+            }
+            Err(_) => {
+                edge.stats
+                    .tls_handshake_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(%peer, "TLS handshake timed out");
+            }
+        },
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_http<I>(
+    edge: &Arc<Edge>,
+    mut io: I,
+    peer: SocketAddr,
+    scheme: &'static str,
+    admitted: bool,
+    activity: Arc<AtomicU64>,
+    started: Instant,
+    shutdown: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if !admitted {
+        // Over the connection cap: say so at once rather than leave the device hanging.
+        edge.stats
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        edge.stats.status_5xx.fetch_add(1, Ordering::Relaxed);
+        let msg = "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Type: text/plain\r\nContent-Length: 33\r\nConnection: close\r\n\r\n503 relay busy: too many devices\n";
+        let _ = tokio::time::timeout(Duration::from_secs(2), io.write_all(msg.as_bytes())).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), io.shutdown()).await;
+        return;
+    }
+    let svc_edge = edge.clone();
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let edge = svc_edge.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(edge, req, peer, scheme).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(edge.cfg.header_timeout)
+        .max_buf_size(edge.cfg.max_header_size)
+        .keep_alive(true);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    let idle = edge.cfg.idle_timeout;
+    let mut shutting_down = false;
+    loop {
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    debug!(%peer, error = %e, "edge connection ended with an error");
+                }
+                return;
+            }
+            _ = shutdown.cancelled(), if !shutting_down => {
+                // Finish the request in flight, then close.
+                shutting_down = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = tokio::time::sleep(Duration::from_secs(1).min(idle)) => {
+                let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+                if started.elapsed().saturating_sub(last) >= idle {
+                    debug!(%peer, "closing a connection idle for {idle:?}");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Routes one request: checks, then the image cache (later) or the upstream.
+async fn handle(
+    edge: Arc<Edge>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    scheme: &'static str,
+) -> Response<EdgeBody> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let mac = device_mac(req.headers());
+    edge.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let resp = route(&edge, req, peer, scheme).await;
+    let status = resp.status();
+    let counter = match status.as_u16() {
+        200..=299 => &edge.stats.status_2xx,
+        300..=399 => &edge.stats.status_3xx,
+        400..=499 => &edge.stats.status_4xx,
+        _ => &edge.stats.status_5xx,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    let (parts, body) = resp.into_parts();
+    let logged = AccessLogBody {
+        inner: body,
+        bytes: 0,
+        line: Some(AccessLine {
+            method: method.to_string(),
+            path,
+            status: status.as_u16(),
+            peer: peer.ip(),
+            mac,
+            started,
+        }),
+        edge: edge.clone(),
+    };
+    Response::from_parts(parts, logged.boxed())
+}
+
+async fn route(
+    edge: &Edge,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    scheme: &'static str,
+) -> Response<EdgeBody> {
+    if scheme == "http" && !edge.subnets.iter().any(|n| n.contains(&peer.ip())) {
+        edge.stats.legacy_forbidden.fetch_add(1, Ordering::Relaxed);
+        return text_response(
+            StatusCode::FORBIDDEN,
+            &format!(
+                "plain HTTP is only for devices inside [devices].subnets; {} is not",
+                peer.ip()
+            ),
+        );
+    }
+    match paths::check(req.uri().path(), req.uri().query()) {
+        Err(paths::PathError::TooLong) => {
+            return text_response(StatusCode::URI_TOO_LONG, "request target too long");
+        }
+        Err(paths::PathError::Bad(why)) => return text_response(StatusCode::BAD_REQUEST, why),
+        Ok(_) => {}
+    }
+    match edge.upstream() {
+        Some(up) => up.forward(req, peer.ip(), scheme).await,
+        None => text_response(
+            StatusCode::NOT_FOUND,
+            "no provisioning upstream is configured on this relay",
+        ),
+    }
+}
+
+/// The MAC from a phone's User-Agent, `... (SN:0004f2e765da) ...`, when present.
+fn device_mac(headers: &http::HeaderMap) -> Option<String> {
+    let ua = headers.get(header::USER_AGENT)?.to_str().ok()?;
+    let rest = &ua[ua.find("(SN:")? + 4..];
+    let mac: String = rest.chars().take_while(|c| c.is_ascii_hexdigit()).collect();
+    (mac.len() == 12).then(|| mac.to_ascii_lowercase())
+}
+
+struct AccessLine {
+    method: String,
+    path: String,
+    status: u16,
+    peer: IpAddr,
+    mac: Option<String>,
+    started: Instant,
+}
+
+/// Passes the response body through, counting bytes, and writes the access log line when the body
+/// is done (or the device went away), so the line has the real byte count and duration.
+struct AccessLogBody {
+    inner: EdgeBody,
+    bytes: u64,
+    line: Option<AccessLine>,
+    edge: Arc<Edge>,
+}
+
+impl Body for AccessLogBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(d) = frame.data_ref()
+        {
+            self.bytes += d.len() as u64;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for AccessLogBody {
+    fn drop(&mut self) {
+        if let Some(l) = self.line.take() {
+            self.edge
+                .stats
+                .bytes_out
+                .fetch_add(self.bytes, Ordering::Relaxed);
+            info!(
+                target: "ucrelay::access",
+                method = %l.method,
+                path = %l.path,
+                status = l.status,
+                bytes = self.bytes,
+                duration_ms = l.started.elapsed().as_millis() as u64,
+                client = %l.peer,
+                mac = %l.mac.as_deref().unwrap_or("-"),
+                "request"
+            );
+        }
+    }
+}
+
+/// A stream that records when it last moved a byte, for the idle watchdog.
+struct ActivityIo<T> {
+    inner: T,
+    started: Instant,
+    last: Arc<AtomicU64>,
+}
+
+impl<T> ActivityIo<T> {
+    fn touch(&self) {
+        self.last
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_from_user_agent() {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            header::USER_AGENT,
+            "FileTransport PolycomSoundStationIP-SSIP_5000-UA/4.0.3.7562 (SN:0004F2E765DA) Type/Application".parse().unwrap(),
+        );
+        assert_eq!(device_mac(&h).as_deref(), Some("0004f2e765da"));
+        h.insert(header::USER_AGENT, "curl/8.0".parse().unwrap());
+        assert_eq!(device_mac(&h), None);
+    }
+}
