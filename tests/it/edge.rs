@@ -404,7 +404,16 @@ async fn served_fingerprint(dir: &Path, ca: &Path, port: u16) -> String {
 }
 
 async fn sha256sum(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().await.unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        Command::new("sha256sum")
+            .arg(path)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("sha256sum finishes in time")
+    .unwrap();
     assert!(out.status.success());
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
@@ -877,6 +886,20 @@ async fn check_names_each_bad_certificate_rule() {
                 && l.contains(&format!("certificate {rule}: "))),
             "{name}: line format `fail  certificate <rule>: <message>`:\n{out}"
         );
+        // Only the broken rule fails (an IP-only certificate also covers no FQDN), so each case
+        // really isolates its rule: e.g. the rcgen-made expired leaf still chains correctly.
+        let mut failed: Vec<&str> = lines
+            .iter()
+            .filter(|(lvl, _, _)| lvl == "fail")
+            .map(|(_, r, _)| r.as_str())
+            .collect();
+        failed.sort_unstable();
+        let fqdn_rule = format!("fqdn {FQDN}");
+        let expected: Vec<&str> = match *name {
+            "ip-only" => vec![fqdn_rule.as_str(), "ip-identity"],
+            _ => vec![rule.as_str()],
+        };
+        assert_eq!(failed, expected, "{name}: failing rules:\n{out}");
     }
 }
 
@@ -1156,6 +1179,22 @@ async fn slowloris_oversized_heads_long_uris_and_traversal_are_contained() {
         );
     }
 
+    // header_timeout also ends a keep-alive connection that sits idle after a request.
+    let mut kept = http1(d.tls().await).await;
+    assert_eq!(get_on(&mut kept, r.port, "/open/hello.txt").await.0, 200);
+    let idle_from = Instant::now();
+    wait_for(
+        "the idle keep-alive connection to be closed",
+        Duration::from_secs(5),
+        || async { kept.is_closed().then_some(()) },
+    )
+    .await;
+    let idle = idle_from.elapsed();
+    assert!(
+        idle >= Duration::from_millis(800),
+        "closed after {idle:?}, before header_timeout (1 s)"
+    );
+
     // An oversized head (64 KiB cookie; max_header_size is 32 KiB): 431 or closed, never forwarded.
     let cookie = format!("Cookie: big={}", "c".repeat(64 * 1024));
     let rep = d
@@ -1247,9 +1286,13 @@ async fn over_max_connections_gets_503_at_once() {
     // The 503 comes right after the handshake, without waiting for a request.
     let mut third = d.tls().await;
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut buf)).await;
+    let ended = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut buf)).await;
     let raw = String::from_utf8_lossy(&buf);
     assert_eq!(status_of(&raw), Some(503), "{raw:?}");
+    assert!(
+        ended.is_ok(),
+        "the refused connection is closed after the 503"
+    );
     let e = r.edge().await;
     assert_eq!(count(&e, "connections_refused"), 2, "{e}");
     assert_eq!(count(&e, "status_5xx"), 2, "{e}");

@@ -5,4 +5,5 @@ mod cli;
 mod edge;
 mod nginx;
 mod pki;
+mod provisioning;
 mod support;

@@ -1,0 +1,514 @@
+#!/usr/bin/env bash
+# Provisioning-proxy benchmark: ucrelay's device-facing HTTPS edge against nginx as a
+# TLS-terminating reverse proxy, both in front of the same plain-HTTP upstream (a second nginx)
+# serving one 2 KB phone config file, both presenting the same certificate, both loaded by the
+# same wrk at the same connection counts, in one run.
+#
+#   usage: bench/proxy.sh            (from anywhere; needs root for apt-get when wrk is missing)
+#
+# Knobs (environment, all optional):
+#   BENCH_CONNS="16 256"   connection counts
+#   BENCH_DURATION=10s     measured wrk run per row
+#   BENCH_WARMUP=2s        unmeasured wrk run before each measured one
+#   BENCH_THREADS=2        wrk threads
+#   BENCH_KEEP=1           keep the temp dir (configs, logs, raw wrk output) and print its path
+#
+# A benchmark, not a test: it never judges the numbers and exits 0 whatever they are. It exits
+# non-zero only when it cannot set up the comparison (build, PKI, a server that does not come up).
+# Output: a Markdown table on stdout and in bench/results-proxy.md. Traffic stays on 127.0.0.1.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+conns_list=${BENCH_CONNS:-16 256}
+duration=${BENCH_DURATION:-10s}
+warmup=${BENCH_WARMUP:-2s}
+threads=${BENCH_THREADS:-2}
+fqdn=relay.bench.test
+file=000000000000.cfg
+results=$here/results-proxy.md
+
+say() { printf '[bench] %s\n' "$*" >&2; }
+die() {
+    printf '[bench] error: %s\n' "$*" >&2
+    exit 1
+}
+
+# ---------------------------------------------------------------------------------------------
+# Everything started here is recorded by pid and stopped on any exit: normal end, failure,
+# Ctrl-C or SIGTERM. Long-running foreground work (wrk) runs as a recorded background child that
+# the script waits on, so a signal interrupts the wait at once instead of after the run.
+pids=()
+tmp=""
+
+stop_pid() { # pid: TERM, up to 10 s to go, then KILL
+    local pid=$1 i
+    kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$? pid
+    trap - EXIT INT TERM
+    for pid in "${pids[@]}"; do
+        stop_pid "$pid"
+    done
+    wait 2>/dev/null || true
+    if [[ -n $tmp && -d $tmp ]]; then
+        if [[ ${BENCH_KEEP:-0} == 1 ]]; then
+            say "kept $tmp"
+        else
+            rm -rf "$tmp"
+        fi
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+forget_pid() { # drop a pid that has been stopped from the cleanup list
+    local keep=() p
+    for p in "${pids[@]}"; do
+        [[ $p == "$1" ]] || keep+=("$p")
+    done
+    pids=("${keep[@]}")
+}
+
+# A port nobody listens on, not handed out before in this run. Ports come from a range below the
+# kernel's ephemeral range so that wrk's and the proxies' outgoing connections cannot take them.
+used_ports=" "
+free_port() {
+    local p i
+    for ((i = 0; i < 200; i++)); do
+        p=$((20000 + RANDOM % 12000))
+        [[ $used_ports == *" $p "* ]] && continue
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            used_ports+="$p "
+            echo "$p"
+            return 0
+        fi
+    done
+    die "no free port found on 127.0.0.1"
+}
+
+# Polls `cmd...` every 0.1 s until it succeeds, for at most $1 seconds.
+wait_until() {
+    local secs=$1 i
+    shift
+    for ((i = 0; i < secs * 10; i++)); do
+        if "$@"; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    return 1
+}
+
+# 200 and exactly the file's bytes, over verified TLS (the CA, the FQDN) or plain HTTP.
+fetch_ok() { # url [curl args...]
+    local url=$1
+    shift
+    local code
+    code=$(curl -sS -o "$tmp/fetched" -w '%{http_code}' --max-time 2 "$@" "$url" 2>/dev/null) || return 1
+    [[ $code == 200 ]] && cmp -s "$tmp/fetched" "$tmp/www/$file"
+}
+
+# ---------------------------------------------------------------------------------------------
+# 1. Build.
+say "building the release binary (cargo build --release --locked)"
+(cd "$repo" && cargo build --release --locked) >&2
+bin=$repo/target/release/ucrelay
+[[ -x $bin ]] || die "$bin not found after the build"
+
+# 2. Tools.
+if ! command -v wrk >/dev/null; then
+    say "installing wrk"
+    if ! apt-get install -y wrk >/dev/null 2>&1; then
+        apt-get update >/dev/null && apt-get install -y wrk >/dev/null
+    fi
+fi
+command -v nginx >/dev/null || {
+    say "installing nginx"
+    apt-get install -y nginx-light >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y nginx >/dev/null; }
+}
+for t in wrk nginx openssl curl; do
+    command -v "$t" >/dev/null || die "$t is required"
+done
+ulimit -n 65536 2>/dev/null || true
+
+tmp=$(mktemp -d /tmp/ucrelay-bench.XXXXXX)
+mkdir -p "$tmp/www" "$tmp/logs" "$tmp/raw"
+
+# 3. One PKI; both servers present the same chain (leaf, intermediate, root) and key.
+say "making a throw-away PKI for $fqdn"
+bash "$repo/certs-example/gen-certs.sh" "$tmp/pki" "$fqdn" >"$tmp/logs/gen-certs.log" 2>&1 ||
+    die "gen-certs.sh failed: $(cat "$tmp/logs/gen-certs.log")"
+pki=$tmp/pki
+pem_blocks() { sed -n '/-----BEGIN/,/-----END/p'; }
+openssl pkcs12 -in "$pki/relay.pfx" -passin "file:$pki/relay.pfx.pass" -clcerts -nokeys |
+    pem_blocks >"$pki/nginx-chain.pem"
+openssl pkcs12 -in "$pki/relay.pfx" -passin "file:$pki/relay.pfx.pass" -cacerts -nokeys |
+    pem_blocks >>"$pki/nginx-chain.pem"
+openssl pkcs12 -in "$pki/relay.pfx" -passin "file:$pki/relay.pfx.pass" -nocerts -nodes |
+    pem_blocks >"$pki/nginx-key.pem"
+chmod 0600 "$pki/nginx-key.pem"
+
+# 4. The upstream: plain HTTP, one 2 KB config file, no auth, no access log.
+head -c 2048 /dev/urandom | base64 -w 64 | head -c 2048 >"$tmp/www/$file"
+[[ $(stat -c %s "$tmp/www/$file") == 2048 ]] || die "could not write the 2 KB config file"
+
+user_line=""
+[[ $(id -u) == 0 ]] && user_line="user root;" # the temp dirs are 0700
+
+nginx_common() { # prefix name: the parts both nginx instances share
+    cat <<EOF
+$user_line
+worker_processes auto;
+pid $1/$2.pid;
+error_log $tmp/logs/$2-error.log warn;
+events { worker_connections 8192; }
+EOF
+}
+nginx_temp_paths() {
+    cat <<EOF
+    client_body_temp_path $1/body;
+    proxy_temp_path $1/proxy;
+    fastcgi_temp_path $1/fastcgi;
+    uwsgi_temp_path $1/uwsgi;
+    scgi_temp_path $1/scgi;
+EOF
+}
+
+upstream_port=$(free_port)
+mkdir -p "$tmp/upstream"
+{
+    nginx_common "$tmp/upstream" upstream
+    cat <<EOF
+http {
+$(nginx_temp_paths "$tmp/upstream")
+    access_log off;
+    default_type text/plain;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    server {
+        listen 127.0.0.1:$upstream_port;
+        root $tmp/www;
+        location / { }
+    }
+}
+EOF
+} >"$tmp/upstream/nginx.conf"
+
+start_nginx() { # dir -> pid in $started
+    nginx -p "$1" -c "$1/nginx.conf" -e "$tmp/logs/$(basename "$1")-startup.log" \
+        -g 'daemon off;' >"$tmp/logs/$(basename "$1").out" 2>&1 &
+    started=$!
+    pids+=("$started")
+}
+say "starting the upstream (nginx, http://127.0.0.1:$upstream_port)"
+start_nginx "$tmp/upstream"
+wait_until 10 fetch_ok "http://127.0.0.1:$upstream_port/$file" ||
+    die "upstream nginx did not come up: $(cat "$tmp/logs/upstream-"*.log 2>/dev/null)"
+
+# 5. The reference cloud the relay registers with.
+say "starting the reference cloud"
+"$bin" sim cloud --listen 127.0.0.1:0 --tenant bench --pin 1 \
+    >"$tmp/logs/cloud.out" 2>"$tmp/logs/cloud.log" &
+pids+=("$!")
+cloud_ready() { grep -q '^ucrelay sim cloud listening on http://' "$tmp/logs/cloud.out"; }
+wait_until 20 cloud_ready || die "the reference cloud did not start: $(cat "$tmp/logs/cloud.log")"
+cloud_url=$(sed -n '1s/^ucrelay sim cloud listening on //p' "$tmp/logs/cloud.out")
+
+# 7. nginx as the TLS-terminating reverse proxy: one instance, two servers on two ports, one with
+#    a buffered access log, one without; the same upstream pool behind both.
+nginx_log_port=$(free_port)
+nginx_nolog_port=$(free_port)
+mkdir -p "$tmp/nginx"
+nginx_server() { # port access_log-line
+    cat <<EOF
+    server {
+        listen 127.0.0.1:$1 ssl;
+        server_name $fqdn;
+        $2
+        location / {
+            proxy_pass http://provisioning;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+            proxy_set_header X-Forwarded-Host \$host;
+        }
+    }
+EOF
+}
+{
+    nginx_common "$tmp/nginx" nginx
+    cat <<EOF
+http {
+$(nginx_temp_paths "$tmp/nginx")
+    default_type text/plain;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_certificate $pki/nginx-chain.pem;
+    ssl_certificate_key $pki/nginx-key.pem;
+    upstream provisioning {
+        server 127.0.0.1:$upstream_port;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+$(nginx_server "$nginx_log_port" "access_log $tmp/logs/nginx-access.log combined buffer=64k;")
+$(nginx_server "$nginx_nolog_port" "access_log off;")
+}
+EOF
+} >"$tmp/nginx/nginx.conf"
+say "starting nginx as the TLS reverse proxy (ports $nginx_log_port, $nginx_nolog_port)"
+start_nginx "$tmp/nginx"
+nginx_pid=$started
+tls_args=(--cacert "$pki/root-ca.crt")
+resolve_to() { echo "--resolve" "$fqdn:$1:127.0.0.1"; }
+# shellcheck disable=SC2046
+wait_until 10 fetch_ok "https://$fqdn:$nginx_log_port/$file" "${tls_args[@]}" $(resolve_to "$nginx_log_port") ||
+    die "nginx proxy did not come up: $(cat "$tmp/logs/nginx-"*.log 2>/dev/null)"
+# shellcheck disable=SC2046
+fetch_ok "https://$fqdn:$nginx_nolog_port/$file" "${tls_args[@]}" $(resolve_to "$nginx_nolog_port") ||
+    die "nginx proxy (no access log) does not serve the file"
+
+# 6. The relay; started once per log level.
+relay_pid=""
+relay_port=""
+start_relay() { # RUST_LOG value
+    relay_port=$(free_port)
+    local cfg=$tmp/relay-$1.toml
+    cat >"$cfg" <<EOF
+state_dir = "$tmp/relay-state"
+
+[cloud]
+url = "$cloud_url"
+tenant_id = "bench"
+pin = "1"
+
+[admin]
+socket = "$tmp/admin.sock"
+
+[edge]
+listen = "127.0.0.1:$relay_port"
+fqdn = ["$fqdn"]
+pfx = "$pki/relay.pfx"
+pfx_password_file = "$pki/relay.pfx.pass"
+
+[provisioning]
+upstream = "http://127.0.0.1:$upstream_port"
+
+[devices]
+subnets = ["127.0.0.0/8"]
+EOF
+    "$bin" check --config "$cfg" >"$tmp/logs/relay-check-$1.log" 2>&1 ||
+        die "ucrelay check refused the bench config: $(cat "$tmp/logs/relay-check-$1.log")"
+    say "starting ucrelay (RUST_LOG=$1, edge https://127.0.0.1:$relay_port)"
+    RUST_LOG=$1 "$bin" run --config "$cfg" 2>"$tmp/logs/relay-$1.log" &
+    relay_pid=$!
+    pids+=("$relay_pid")
+    edge_up() {
+        kill -0 "$relay_pid" 2>/dev/null || return 1
+        { "$bin" status --socket "$tmp/admin.sock" --json 2>/dev/null || true; } | grep -Eq '"edge": *\{'
+    }
+    wait_until 30 edge_up || die "ucrelay did not report its edge: $(tail -n 20 "$tmp/logs/relay-$1.log")"
+    # shellcheck disable=SC2046
+    wait_until 10 fetch_ok "https://$fqdn:$relay_port/$file" "${tls_args[@]}" $(resolve_to "$relay_port") ||
+        die "ucrelay's edge does not serve the file: $(tail -n 20 "$tmp/logs/relay-$1.log")"
+}
+stop_relay() {
+    stop_pid "$relay_pid"
+    wait "$relay_pid" 2>/dev/null || true
+    forget_pid "$relay_pid"
+    relay_pid=""
+}
+
+# The served certificate and the negotiated TLS parameters, as wrk's OpenSSL would see them.
+tls_info() { # port
+    local out
+    out=$(openssl s_client -connect "127.0.0.1:$1" -servername "$fqdn" -showcerts </dev/null 2>/dev/null) || true
+    local fp certs proto
+    fp=$(printf '%s\n' "$out" | openssl x509 -noout -fingerprint -sha256 2>/dev/null | sed 's/.*=//')
+    certs=$(printf '%s\n' "$out" | grep -c 'BEGIN CERTIFICATE' || true)
+    proto=$(printf '%s\n' "$out" | sed -n 's/^New, \(.*\), Cipher is \(.*\)$/\1 \2/p' | head -n 1)
+    echo "$fp|$certs|$proto"
+}
+
+# ---------------------------------------------------------------------------------------------
+# 8. Load.
+clk_tck=$(getconf CLK_TCK)
+cpu_ticks() { # pids...: utime + stime, all threads
+    local total=0 pid f
+    for pid in "$@"; do
+        [[ -r /proc/$pid/stat ]] || continue
+        read -r -a f <<<"$(sed 's/^.*) //' "/proc/$pid/stat")"
+        total=$((total + f[11] + f[12]))
+    done
+    echo "$total"
+}
+reset_peak_rss() { # pids...: start VmHWM afresh (root or owner only; harmless when refused)
+    local pid
+    for pid in "$@"; do
+        { echo 5 >"/proc/$pid/clear_refs"; } 2>/dev/null || true
+    done
+}
+peak_rss_kb() { # pids...: sum of VmHWM
+    local total=0 pid kb
+    for pid in "$@"; do
+        kb=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)
+        total=$((total + ${kb:-0}))
+    done
+    echo "$total"
+}
+server_pids() { # relay|nginx
+    if [[ $1 == relay ]]; then
+        echo "$relay_pid"
+    else
+        { echo "$nginx_pid"; pgrep -P "$nginx_pid" || true; } | tr '\n' ' '
+    fi
+}
+
+to_ms() { # "1.23ms" / "456.78us" / "1.02s" / "2.00m" -> milliseconds
+    awk -v v="$1" 'BEGIN {
+        if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
+        else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
+        else if (v ~ /m$/) { sub(/m$/, "", v); printf "%.3f", v * 60000 }
+        else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v * 1000 }
+        else printf "nan" }'
+}
+
+run_wrk() { # out-file wrk-args...: wrk as a recorded child, waited on
+    wrk "${@:2}" >"$1" 2>&1 &
+    local pid=$!
+    pids+=("$pid")
+    local rc=0
+    wait "$pid" || rc=$?
+    forget_pid "$pid"
+    return "$rc"
+}
+
+rows=() # tab-separated: label kind mode conns rps p50 p99 errors cpu_us_per_req rss_kb
+measure() { # label kind(relay|nginx) mode(log|nolog) port conns
+    local label=$1 kind=$2 mode=$3 port=$4 n=$5
+    local url=https://127.0.0.1:$port/$file
+    local raw=$tmp/raw/$kind-$mode-$n.txt
+    say "$label, $n connections: warm-up $warmup, then $duration"
+    run_wrk "$tmp/raw/warmup.txt" -t"$threads" -c"$n" -d"$warmup" "$url" || true
+    local sp
+    read -r -a sp <<<"$(server_pids "$kind")"
+    reset_peak_rss "${sp[@]}"
+    local c0 c1
+    c0=$(cpu_ticks "${sp[@]}")
+    run_wrk "$raw" -t"$threads" -c"$n" -d"$duration" --latency "$url" || say "wrk exited non-zero (see below)"
+    c1=$(cpu_ticks "${sp[@]}")
+    local rss
+    rss=$(peak_rss_kb "${sp[@]}")
+    local rps p50 p99 reqs non2xx sockerr
+    rps=$(awk '/^Requests\/sec:/ {print $2}' "$raw")
+    p50=$(awk '/Latency Distribution/ {d=1} d && $1 == "50%" {print $2; exit}' "$raw")
+    p99=$(awk '/Latency Distribution/ {d=1} d && $1 == "99%" {print $2; exit}' "$raw")
+    reqs=$(awk '/requests in/ {print $1; exit}' "$raw")
+    non2xx=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$raw")
+    sockerr=$(sed -n 's/.*Socket errors: connect \([0-9]*\), read \([0-9]*\), write \([0-9]*\), timeout \([0-9]*\).*/\1 \2 \3 \4/p' "$raw" |
+        awk '{print $1 + $2 + $3 + $4}')
+    if [[ -z $rps ]]; then
+        say "no result from wrk for $label at $n connections:"
+        sed 's/^/    /' "$raw" >&2
+    fi
+    local errors=$(( ${non2xx:-0} + ${sockerr:-0} ))
+    local cpu_us
+    cpu_us=$(awk -v t=$((c1 - c0)) -v hz="$clk_tck" -v r="${reqs:-0}" \
+        'BEGIN { if (r > 0) printf "%.0f", t * 1e6 / hz / r; else printf "n/a" }')
+    rows+=("$label	$kind	$mode	$n	${rps:-0}	$(to_ms "${p50:-nan}")	$(to_ms "${p99:-nan}")	$errors	$cpu_us	$rss")
+}
+
+tls_nginx=$(tls_info "$nginx_log_port")
+for mode in log nolog; do
+    if [[ $mode == log ]]; then
+        start_relay info
+        tls_relay=$(tls_info "$relay_port")
+        nginx_port=$nginx_log_port
+        relay_label="ucrelay, RUST_LOG=info"
+        nginx_label="nginx, access_log buffered"
+    else
+        start_relay warn
+        nginx_port=$nginx_nolog_port
+        relay_label="ucrelay, RUST_LOG=warn"
+        nginx_label="nginx, access_log off"
+    fi
+    # Alternate nginx and relay at each connection count so that drift hits both alike.
+    for n in $conns_list; do
+        measure "$nginx_label" nginx "$mode" "$nginx_port" "$n"
+        measure "$relay_label" relay "$mode" "$relay_port" "$n"
+    done
+    stop_relay
+done
+
+# ---------------------------------------------------------------------------------------------
+# 9. Report.
+IFS='|' read -r nginx_fp nginx_certs nginx_tls <<<"$tls_nginx"
+IFS='|' read -r relay_fp relay_certs relay_tls <<<"$tls_relay"
+same_cert="yes"
+[[ -n $nginx_fp && $nginx_fp == "$relay_fp" && $nginx_certs == "$relay_certs" ]] || same_cert="NO"
+table() {
+    printf '| server | conns | req/s | p50 ms | p99 ms | req/s relay/nginx | p99 relay/nginx | errors | server CPU µs/req | peak RSS MiB |\n'
+    printf '|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n'
+    local mode n row nrow
+    for mode in log nolog; do
+        for n in $conns_list; do
+            nrow="" row=""
+            local r
+            for r in "${rows[@]}"; do
+                IFS=$'\t' read -r -a f <<<"$r"
+                [[ ${f[2]} == "$mode" && ${f[3]} == "$n" ]] || continue
+                [[ ${f[1]} == nginx ]] && nrow=$r || row=$r
+            done
+            local x
+            for x in "$nrow" "$row"; do
+                [[ -n $x ]] || continue
+                IFS=$'\t' read -r -a f <<<"$x"
+                IFS=$'\t' read -r -a g <<<"$nrow"
+                awk -v l="${f[0]}" -v k="${f[1]}" -v n="${f[3]}" -v rps="${f[4]}" -v p50="${f[5]}" \
+                    -v p99="${f[6]}" -v err="${f[7]}" -v cpu="${f[8]}" -v rss="${f[9]}" \
+                    -v nrps="${g[4]:-0}" -v np99="${g[6]:-0}" 'BEGIN {
+                        rr = (k == "relay" && nrps > 0) ? sprintf("%.2fx", rps / nrps) : "-"
+                        pr = (k == "relay" && np99 > 0 && p99 != "nan") ? sprintf("%.2fx", p99 / np99) : "-"
+                        printf "| %s | %s | %.0f | %.2f | %.2f | %s | %s | %s | %s | %.1f |\n",
+                            l, n, rps, p50, p99, rr, pr, err, cpu, rss / 1024 }'
+            done
+        done
+    done
+}
+head_sha=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
+dirty=""
+[[ -n $(git -C "$repo" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]] && dirty=" (src/ modified)"
+cpu_model=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+report=$(
+    cat <<EOF
+# ucrelay provisioning-proxy benchmark
+
+- when: $(date -u '+%Y-%m-%d %H:%M UTC'); ucrelay $head_sha$dirty, release build
+- machine: $(nproc) CPUs ($cpu_model), kernel $(uname -r); wrk, both proxies and the upstream share these CPUs
+- load: wrk $(dpkg-query -W -f '${Version}' wrk 2>/dev/null || echo '?'), $threads threads, $duration per row after a $warmup warm-up, GET of a 2048-byte \`$file\`, keep-alive
+- nginx $(nginx -v 2>&1 | sed 's/^nginx version: nginx\///'), worker_processes auto, upstream keepalive 64; ucrelay on tokio's default runtime ($(nproc) workers)
+- TLS as OpenSSL (wrk's library) negotiates it: nginx ${nginx_tls:-?}, ucrelay ${relay_tls:-?}; same certificate and chain on both: $same_cert (leaf SHA-256 ${relay_fp:0:23}…, ${relay_certs} certificates sent by ucrelay, ${nginx_certs} by nginx)
+
+$(table)
+
+Ratios are ucrelay / nginx at the same connection count and logging setting: req/s above 1.00x and
+p99 at or below 1.00x meet the target. "errors" counts non-2xx answers plus socket errors. Server CPU
+is utime+stime of the proxy's processes (nginx: master and workers) over the measured run, per
+request. Peak RSS is VmHWM over the measured run (nginx: summed over its processes).
+EOF
+)
+printf '%s\n' "$report"
+printf '%s\n' "$report" >"$results"
+say "wrote $results"
