@@ -12,15 +12,19 @@
 //! every path outside `/relay/` and `/sim/` is a file of DIR, behind Basic/Digest authentication
 //! as `PlcmSpIp`/`PlcmSpIp`, with PUT uploads (see `provisioning`).
 //!
-//! It does not do TLS (tests and the demo run it on loopback), and it does not serve images yet:
-//! `--images` is accepted but unused.
+//! With `--images DIR` it publishes every regular file of DIR as one image and serves the files
+//! under `/files/<name>` with Range support, plus test hooks to corrupt, throttle or fail them
+//! (see `images`).
+//!
+//! It does not do TLS (tests and the demo run it on loopback).
 //!
 //! Layout: this file holds the public API, the listener and shutdown; `state` the data and the
 //! pure rules; `api` the HTTP handlers; `channel` the WebSocket side; `provisioning` the
-//! provisioning tree.
+//! provisioning tree; `images` the image catalog and file server.
 
 mod api;
 mod channel;
+mod images;
 mod provisioning;
 mod state;
 
@@ -49,7 +53,8 @@ pub struct CloudArgs {
     /// The tenant's PIN; used only when the state file does not know the tenant yet.
     #[arg(long)]
     pub pin: String,
-    /// Directory whose regular files are published as images (not served yet).
+    /// Directory whose regular files are published as images, one file each, downloadable under
+    /// /files/<name>. Created when missing.
     #[arg(long, value_name = "DIR")]
     pub images: Option<PathBuf>,
     /// Directory served as the tenant's provisioning tree: every path outside /relay/ and /sim/,
@@ -164,10 +169,13 @@ pub async fn start(listener: TcpListener, args: CloudArgs) -> anyhow::Result<Clo
         None => None,
     };
 
+    let images = images::Images::open(args.images.clone()).await?;
+
     let cancel = CancellationToken::new();
     let shared = Arc::new(Shared {
         args: args.clone(),
         prov,
+        images,
         cancel: cancel.clone(),
         tracker: TaskTracker::new(),
         rt: Mutex::new(Runtime {
@@ -178,6 +186,8 @@ pub async fn start(listener: TcpListener, args: CloudArgs) -> anyhow::Result<Clo
             fault: api::FaultMode::None,
             next_conn_id: 1,
             prov_log: VecDeque::new(),
+            image_faults: images::ImageFaults::default(),
+            image_counters: HashMap::new(),
         }),
         written: tokio::sync::Mutex::new(0),
     });
@@ -238,6 +248,8 @@ pub(crate) struct Shared {
     pub tracker: TaskTracker,
     /// The provisioning tree, when `--provisioning` is given.
     pub prov: Option<provisioning::Provisioning>,
+    /// The image catalog (empty without `--images`).
+    pub images: Arc<images::Images>,
     rt: Mutex<Runtime>,
     /// Highest `Runtime::generation` known to be in the state file. A tokio mutex so that writes
     /// happen one at a time, in order, without blocking the runtime.
@@ -256,6 +268,10 @@ pub(crate) struct Runtime {
     pub next_conn_id: u64,
     /// The last provisioning requests, oldest first (`GET /sim/provisioning/log`).
     pub prov_log: VecDeque<provisioning::LogEntry>,
+    /// Test hooks of `/files` (`POST /sim/images/faults`); not persisted.
+    pub image_faults: images::ImageFaults,
+    /// Per-file download counters by file name (`GET /sim/images`); not persisted.
+    pub image_counters: HashMap<String, images::FileCounters>,
 }
 
 impl Runtime {

@@ -36,6 +36,7 @@ pub const DEFAULT_PASSWORD: &str = "PlcmSpIp";
 pub const MAX_BODY: usize = 256 << 20;
 
 /// A simulated phone provisioning from `base` (see the module documentation).
+#[derive(Clone)]
 pub struct ProvClient {
     https: bool,
     /// Host name or IP address of the URL (IPv6 without brackets).

@@ -7,6 +7,7 @@
 
 use super::Shared;
 use super::channel::{self, Outgoing};
+use super::images;
 use super::provisioning;
 use super::state::{
     self, CommandRecord, CommandState, PinMatch, PinRefusal, RelayRecord, TokenRecord, fmt_time,
@@ -46,7 +47,7 @@ pub(crate) struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
@@ -56,13 +57,13 @@ impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
     }
-    fn not_found(message: impl Into<String>) -> Self {
+    pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
     }
     fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, ErrorCode::Conflict, message)
     }
-    fn internal(message: impl Into<String>) -> Self {
+    pub fn internal(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::Internal,
@@ -80,9 +81,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
-/// Fault injected into the relay-facing endpoints (register, heartbeat, results, images).
+/// Fault injected into the relay-facing endpoints (register, heartbeat, results, images, files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum FaultMode {
     #[serde(rename = "none")]
@@ -99,7 +100,14 @@ pub(crate) enum FaultMode {
 }
 
 pub(crate) fn router(shared: Arc<Shared>) -> axum::Router {
-    axum::Router::new()
+    let router = axum::Router::new();
+    // Only with `--images`: otherwise `/files/...` stays a path of the provisioning tree.
+    let router = if shared.args.images.is_some() {
+        router.route("/files/{name}", get(images::serve_file))
+    } else {
+        router
+    };
+    router
         .route(PATH_REGISTER, post(register))
         .route(PATH_HEARTBEAT, post(heartbeat))
         .route(PATH_CHANNEL, get(channel::upgrade))
@@ -116,6 +124,13 @@ pub(crate) fn router(shared: Arc<Shared>) -> axum::Router {
         .route("/sim/channel/errors", get(sim_channel_errors))
         .route("/sim/channel/freeze", post(sim_channel_freeze))
         .route("/sim/faults", get(sim_get_fault).post(sim_set_fault))
+        .route("/sim/images", get(images::sim_list))
+        .route("/sim/images/rescan", post(images::sim_rescan))
+        .route("/sim/images/sync", post(images::sim_sync))
+        .route(
+            "/sim/images/faults",
+            get(images::sim_get_faults).post(images::sim_set_faults),
+        )
         .route(
             "/sim/provisioning/log",
             get(sim_provisioning_log).delete(sim_clear_provisioning_log),
@@ -148,7 +163,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 }
 
 /// Reads a whole body, refusing one beyond [`MAX_BODY`].
-async fn read_body(body: Body) -> ApiResult<bytes::Bytes> {
+pub(crate) async fn read_body(body: Body) -> ApiResult<bytes::Bytes> {
     axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -158,13 +173,13 @@ async fn read_body(body: Body) -> ApiResult<bytes::Bytes> {
     })
 }
 
-fn parse<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+pub(crate) fn parse<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
     serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
 /// Like [`parse`], but an empty body means `{}` (test-API calls whose fields are all optional).
-fn parse_or_empty<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+pub(crate) fn parse_or_empty<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         parse(b"{}")
     } else {
@@ -202,7 +217,7 @@ pub(crate) fn bearer_relay(shared: &Shared, headers: &HeaderMap) -> ApiResult<St
 }
 
 /// Applies the current fault mode: `Some(answer)` when the request is to be faulted.
-async fn fault_gate(shared: &Shared, path: &str) -> Option<Response> {
+pub(crate) async fn fault_gate(shared: &Shared, path: &str) -> Option<Response> {
     let mode = {
         let mut rt = shared.lock();
         let mode = rt.fault;
@@ -408,7 +423,7 @@ async fn heartbeat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: 
 }
 
 async fn heartbeat_inner(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     headers: &HeaderMap,
     body: Body,
 ) -> ApiResult<Json<HeartbeatResponse>> {
@@ -426,9 +441,20 @@ async fn heartbeat_inner(
         // Not written at once: the flusher writes heartbeats at most once a second.
         rt.changed();
     }
+    let images_revision = match shared
+        .images
+        .rescan_if_older(images::HEARTBEAT_RESCAN)
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "sim cloud: image rescan failed; heartbeat answers the last revision");
+            shared.images.revision()
+        }
+    };
     Ok(Json(HeartbeatResponse {
         next_interval_s: interval_secs(shared),
-        images_revision: 0,
+        images_revision,
         server_time: server_time(shared),
     }))
 }
@@ -494,8 +520,11 @@ async fn images(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respon
     if let Some(r) = fault_gate(&shared, PATH_IMAGES).await {
         return r;
     }
-    match bearer_relay(&shared, &headers) {
-        Ok(_) => Json(json!({"revision": 0, "images": []})).into_response(),
+    if let Err(e) = bearer_relay(&shared, &headers) {
+        return e.into_response();
+    }
+    match images::manifest(&shared).await {
+        Ok(m) => Json(m).into_response(),
         Err(e) => e.into_response(),
     }
 }
@@ -689,10 +718,22 @@ struct RawFrame {
 
 async fn sim_channel_raw(State(shared): State<Arc<Shared>>, body: Body) -> ApiResult<Json<Value>> {
     let req: RawFrame = parse(&read_body(body).await?)?;
+    let relay_id = send_frame(&shared, req.relay_id, req.text).await?;
+    Ok(Json(json!({"relay_id": relay_id, "sent": true})))
+}
+
+/// Sends one text frame down the channel of `relay_id` (default: the last registered relay) and
+/// returns once it is on the socket, so a test can go straight on to look for the relay's
+/// reaction. 409 when the relay has no open channel or it is frozen.
+pub(crate) async fn send_frame(
+    shared: &Shared,
+    relay_id: Option<String>,
+    text: String,
+) -> ApiResult<String> {
     let (written_tx, written_rx) = oneshot::channel();
     let relay_id = {
         let rt = shared.lock();
-        let relay_id = target_relay(&rt, req.relay_id)?;
+        let relay_id = target_relay(&rt, relay_id)?;
         let conn = rt
             .channels
             .get(&relay_id)
@@ -704,16 +745,14 @@ async fn sim_channel_raw(State(shared): State<Arc<Shared>>, body: Body) -> ApiRe
         }
         conn.tx
             .send(Outgoing {
-                text: req.text,
+                text,
                 written: Some(written_tx),
             })
             .map_err(|_| no_channel(&relay_id))?;
         relay_id
     };
-    // Answered once the frame is on the socket, so a test can go straight on to look for the
-    // relay's reaction.
     match tokio::time::timeout(Duration::from_secs(5), written_rx).await {
-        Ok(Ok(())) => Ok(Json(json!({"relay_id": relay_id, "sent": true}))),
+        Ok(Ok(())) => Ok(relay_id),
         Ok(Err(_)) => Err(ApiError::conflict(format!(
             "the channel of relay {relay_id} closed before the frame was sent"
         ))),

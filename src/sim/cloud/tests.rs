@@ -1250,3 +1250,481 @@ async fn provisioning_log_and_keep_alive() {
     assert_eq!(get(addr, "/sim/provisioning/log").await, json!([]));
     cloud.shutdown().await.unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Images: catalog, file serving, test hooks.
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..len).map(|_| rng.u8(..)).collect()
+}
+
+fn sha_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A cloud publishing `dir`, with a registered relay `r-1`; returns the cloud and its token.
+async fn start_image_cloud(dir: &std::path::Path) -> (CloudHandle, String) {
+    let mut a = args(None);
+    a.images = Some(dir.to_path_buf());
+    let cloud = start_cloud(a).await;
+    let token = register_ok(cloud.addr, "r-1", "123456").await;
+    (cloud, token)
+}
+
+/// One request on a fresh connection for a file: status, headers and the raw body.
+async fn fetch(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, http::HeaderMap, Bytes) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, addr.to_string());
+    if let Some(t) = token {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(Full::new(Bytes::new())).unwrap();
+    let resp = tokio::time::timeout(GUARD, sender.send_request(req))
+        .await
+        .expect("no answer")
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = tokio::time::timeout(GUARD, resp.into_body().collect())
+        .await
+        .expect("body not complete")
+        .unwrap()
+        .to_bytes();
+    (status, headers, body)
+}
+
+fn hdr<'a>(h: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+#[tokio::test]
+async fn image_catalog_manifest_and_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = pseudo_random(1000, 1);
+    std::fs::write(dir.path().join("a.bin"), &a).unwrap();
+    std::fs::write(dir.path().join("b-6.4.7_x~1.txt"), b"hello").unwrap();
+    // Not published: dotfiles, names needing escapes, empty files, directories and their files.
+    std::fs::write(dir.path().join(".hidden"), b"x").unwrap();
+    std::fs::write(dir.path().join("bad name.bin"), b"x").unwrap();
+    std::fs::write(dir.path().join("empty.bin"), b"").unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    std::fs::write(dir.path().join("sub").join("deep.bin"), b"x").unwrap();
+
+    let (cloud, token) = start_image_cloud(dir.path()).await;
+    let addr = cloud.addr;
+    let (status, m) = call(addr, "GET", PATH_IMAGES, Some(&token), None).await;
+    assert_eq!(status, 200, "{m}");
+    let rev = m["revision"].as_u64().unwrap();
+    assert_ne!(rev, 0);
+    let (sha_a, sha_b) = (sha_hex(&a), sha_hex(b"hello"));
+    assert_eq!(
+        m["images"],
+        json!([
+            {"id": "a.bin", "product": "sim", "version": &sha_a[..12], "files": [
+                {"path": "/images/a.bin", "size": 1000, "sha256": sha_a, "url": "/files/a.bin"}]},
+            {"id": "b-6.4.7_x~1.txt", "product": "sim", "version": &sha_b[..12], "files": [
+                {"path": "/images/b-6.4.7_x~1.txt", "size": 5, "sha256": sha_b,
+                 "url": "/files/b-6.4.7_x~1.txt"}]},
+        ])
+    );
+    let (status, v) = call(addr, "GET", PATH_IMAGES, None, None).await;
+    assert_eq!((status, error_code(&v)), (401, "token_invalid"));
+    let (status, hb) = heartbeat(addr, &token).await;
+    assert_eq!((status, hb["images_revision"].as_u64()), (200, Some(rev)));
+
+    // The same directory gives the same revision in another process.
+    let (other, _) = start_image_cloud(dir.path()).await;
+    let (status, m2) = post(other.addr, "/sim/images/rescan", json!({})).await;
+    assert_eq!((status, m2["revision"].as_u64()), (200, Some(rev)));
+    other.shutdown().await.unwrap();
+
+    // Adding a file changes it; the heartbeat echoes the new one.
+    std::fs::write(dir.path().join("c.bin"), b"third").unwrap();
+    let (status, m) = post(addr, "/sim/images/rescan", json!({})).await;
+    let rev2 = m["revision"].as_u64().unwrap();
+    assert_eq!((status, m["images"].as_array().unwrap().len()), (200, 3));
+    assert_ne!(rev2, rev);
+    assert_eq!(heartbeat(addr, &token).await.1["images_revision"], rev2);
+
+    // Changing a file changes it; the manifest request itself rescans.
+    std::fs::write(dir.path().join("a.bin"), pseudo_random(1001, 2)).unwrap();
+    let (_, m) = call(addr, "GET", PATH_IMAGES, Some(&token), None).await;
+    let rev3 = m["revision"].as_u64().unwrap();
+    assert!(rev3 != rev && rev3 != rev2, "{rev} {rev2} {rev3}");
+    assert_eq!(m["images"][0]["files"][0]["size"], 1001);
+    assert_eq!(heartbeat(addr, &token).await.1["images_revision"], rev3);
+
+    // Back to the first contents: back to the first revision.
+    std::fs::write(dir.path().join("a.bin"), &a).unwrap();
+    std::fs::remove_file(dir.path().join("c.bin")).unwrap();
+    let (_, m) = call(addr, "GET", PATH_IMAGES, Some(&token), None).await;
+    assert_eq!(m["revision"], rev);
+
+    let list = get(addr, "/sim/images").await;
+    assert_eq!(
+        list[0],
+        json!({"id": "a.bin", "path": "/images/a.bin", "size": 1000, "sha256": sha_a,
+               "bytes_served": 0, "requests": 0, "range_requests": 0})
+    );
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    cloud.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn image_files_ranges_head_and_counters() {
+    const N: usize = 100_000;
+    let dir = tempfile::tempdir().unwrap();
+    let data = pseudo_random(N, 3);
+    std::fs::write(dir.path().join("fw.bin"), &data).unwrap();
+    std::fs::write(dir.path().join(".hidden"), b"secret").unwrap();
+    let etag = format!("\"{}\"", sha_hex(&data));
+    let (cloud, token) = start_image_cloud(dir.path()).await;
+    let addr = cloud.addr;
+    let t = Some(token.as_str());
+    let path = "/files/fw.bin";
+    let mut served = 0;
+
+    let (status, h, body) = fetch(addr, "GET", path, t, &[]).await;
+    assert_eq!(status, 200);
+    assert!(body == data, "whole file");
+    assert_eq!(hdr(&h, "content-length"), Some("100000"));
+    assert_eq!(hdr(&h, "accept-ranges"), Some("bytes"));
+    assert_eq!(hdr(&h, "etag"), Some(etag.as_str()));
+    assert_eq!(hdr(&h, "content-type"), Some("application/octet-stream"));
+    assert!(hdr(&h, "last-modified").unwrap().ends_with(" GMT"));
+    assert!(h.get("content-range").is_none());
+    served += N;
+
+    // Single ranges: exact, suffix, open-ended, clamped.
+    for (range, first, last) in [
+        ("bytes=10-19", 10, 19),
+        ("bytes=-100", N - 100, N - 1),
+        ("bytes=99990-", N - 10, N - 1),
+        ("bytes=99990-500000", N - 10, N - 1),
+    ] {
+        let (status, h, body) = fetch(addr, "GET", path, t, &[("range", range)]).await;
+        assert_eq!(status, 206, "{range}");
+        assert!(body == data[first..=last], "{range}");
+        let len = (last - first + 1).to_string();
+        assert_eq!(hdr(&h, "content-length"), Some(len.as_str()), "{range}");
+        let cr = format!("bytes {first}-{last}/{N}");
+        assert_eq!(hdr(&h, "content-range"), Some(cr.as_str()), "{range}");
+        assert_eq!(hdr(&h, "etag"), Some(etag.as_str()));
+        served += last - first + 1;
+    }
+
+    // Unsatisfiable.
+    let (status, h, body) = fetch(addr, "GET", path, t, &[("range", "bytes=100000-")]).await;
+    assert_eq!(status, 416);
+    assert_eq!(hdr(&h, "content-range"), Some("bytes */100000"));
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error_code(&v), "bad_request");
+
+    // Several ranges, or an If-Range that does not match: the whole file.
+    for extra in [
+        vec![("range", "bytes=0-1,5-6")],
+        vec![("range", "bytes=10-19"), ("if-range", "\"0000\"")],
+    ] {
+        let (status, _, body) = fetch(addr, "GET", path, t, &extra).await;
+        assert_eq!(status, 200, "{extra:?}");
+        assert!(body == data, "{extra:?}");
+        served += N;
+    }
+    let (status, _, body) = fetch(
+        addr,
+        "GET",
+        path,
+        t,
+        &[("range", "bytes=10-19"), ("if-range", &etag)],
+    )
+    .await;
+    assert_eq!((status, &body[..]), (206, &data[10..20]));
+    served += 10;
+
+    // HEAD: the headers of the GET, no body.
+    let (status, h, body) = fetch(addr, "HEAD", path, t, &[]).await;
+    assert_eq!((status, body.len()), (200, 0));
+    assert_eq!(hdr(&h, "content-length"), Some("100000"));
+    assert_eq!(hdr(&h, "accept-ranges"), Some("bytes"));
+    assert_eq!(hdr(&h, "etag"), Some(etag.as_str()));
+    let (status, h, body) = fetch(addr, "HEAD", path, t, &[("range", "bytes=0-9")]).await;
+    assert_eq!((status, body.len()), (206, 0));
+    assert_eq!(hdr(&h, "content-length"), Some("10"));
+    assert_eq!(hdr(&h, "content-range"), Some("bytes 0-9/100000"));
+
+    // Token required; unknown and unpublished names are 404.
+    let (status, _, body) = fetch(addr, "GET", path, None, &[]).await;
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((status, error_code(&v)), (401, "token_invalid"));
+    let (status, _, _) = fetch(addr, "GET", path, Some("nope"), &[]).await;
+    assert_eq!(status, 401);
+    for p in ["/files/nope.bin", "/files/.hidden", "/files/..%2Fx"] {
+        let (status, _, body) = fetch(addr, "GET", p, t, &[]).await;
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!((status, error_code(&v)), (404, "not_found"), "{p}");
+    }
+    let (status, _, _) = fetch(addr, "POST", path, t, &[]).await;
+    assert_eq!(status, 405);
+
+    // Counters: every body byte, per file and in the stats.
+    assert_eq!(get(addr, "/sim/stats").await["image_bytes_served"], served);
+    let list = get(addr, "/sim/images").await;
+    assert_eq!(
+        (
+            list[0]["bytes_served"].as_u64(),
+            list[0]["requests"].as_u64(),
+            list[0]["range_requests"].as_u64()
+        ),
+        (Some(served as u64), Some(11), Some(9))
+    );
+    cloud.shutdown().await.unwrap();
+
+    // Without --images there is no /files.
+    let plain = start_cloud(args(None)).await;
+    let token = register_ok(plain.addr, "r-1", "123456").await;
+    let (status, _, _) = fetch(plain.addr, "GET", path, Some(&token), &[]).await;
+    assert_eq!(status, 404);
+    plain.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn image_fault_hooks() {
+    const N: usize = 10_001;
+    let dir = tempfile::tempdir().unwrap();
+    let data = pseudo_random(N, 4);
+    std::fs::write(dir.path().join("fw.bin"), &data).unwrap();
+    std::fs::write(dir.path().join("ok.bin"), &data).unwrap();
+    let (cloud, token) = start_image_cloud(dir.path()).await;
+    let addr = cloud.addr;
+    let t = Some(token.as_str());
+
+    // Corrupt: same length, one byte flipped at len/2, wherever the range covers it.
+    let (status, v) = post(addr, "/sim/images/faults", json!({"corrupt": ["fw.bin"]})).await;
+    let want = json!({"corrupt": ["fw.bin"], "rate_bytes_per_s": null, "no_range": false, "fail_status": null});
+    assert_eq!((status, &v), (200, &want));
+    assert_eq!(get(addr, "/sim/images/faults").await, want);
+    let (status, _, body) = fetch(addr, "GET", "/files/fw.bin", t, &[]).await;
+    assert_eq!((status, body.len()), (200, N));
+    assert_ne!(sha_hex(&body), sha_hex(&data));
+    let diffs: Vec<usize> = (0..N).filter(|&i| body[i] != data[i]).collect();
+    assert_eq!(diffs, vec![N / 2]);
+    assert_eq!(body[N / 2], data[N / 2] ^ 0xFF);
+    let (status, _, body) = fetch(
+        addr,
+        "GET",
+        "/files/fw.bin",
+        t,
+        &[("range", "bytes=4990-5009")],
+    )
+    .await;
+    assert_eq!((status, body.len()), (206, 20));
+    assert_eq!(body[10], data[5000] ^ 0xFF);
+    assert_eq!(
+        (&body[..10], &body[11..]),
+        (&data[4990..5000], &data[5001..5010])
+    );
+    let (_, _, body) = fetch(addr, "GET", "/files/fw.bin", t, &[("range", "bytes=0-99")]).await;
+    assert!(body == data[..100]);
+    let (_, _, body) = fetch(addr, "GET", "/files/ok.bin", t, &[]).await;
+    assert!(body == data);
+
+    // No range support: 200 with the whole file, and saying so. Posting replaces every setting.
+    let (status, _) = post(addr, "/sim/images/faults", json!({"no_range": true})).await;
+    assert_eq!(status, 200);
+    let (status, h, body) =
+        fetch(addr, "GET", "/files/fw.bin", t, &[("range", "bytes=10-19")]).await;
+    assert_eq!(status, 200);
+    assert!(body == data, "whole and intact");
+    assert_eq!(hdr(&h, "accept-ranges"), Some("none"));
+    assert!(h.get("content-range").is_none());
+
+    // Failing status, for every request, token or not.
+    let (status, _) = post(addr, "/sim/images/faults", json!({"fail_status": 503})).await;
+    assert_eq!(status, 200);
+    let (status, _, body) = fetch(addr, "GET", "/files/fw.bin", t, &[]).await;
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((status, error_code(&v)), (503, "busy"));
+    let (status, _, _) = fetch(addr, "GET", "/files/nope.bin", None, &[]).await;
+    assert_eq!(status, 503);
+    let (status, _) = post(addr, "/sim/images/faults", json!({"fail_status": 500})).await;
+    assert_eq!(status, 200);
+    let (status, _, _) = fetch(addr, "HEAD", "/files/fw.bin", t, &[]).await;
+    assert_eq!(status, 500);
+
+    // Bad settings are refused and change nothing.
+    for bad in [
+        json!({"fail_status": 200}),
+        json!({"fail_status": 700}),
+        json!({"rate_bytes_per_s": 0}),
+        json!({"corrupt": "fw.bin"}),
+        json!({"bogus": true}),
+    ] {
+        let (status, v) = post(addr, "/sim/images/faults", bad.clone()).await;
+        assert_eq!((status, error_code(&v)), (400, "bad_request"), "{bad}");
+    }
+    assert_eq!(get(addr, "/sim/images/faults").await["fail_status"], 500);
+
+    // Cleared.
+    let (status, _) = post(addr, "/sim/images/faults", json!({})).await;
+    assert_eq!(status, 200);
+    let (status, h, body) =
+        fetch(addr, "GET", "/files/fw.bin", t, &[("range", "bytes=10-19")]).await;
+    assert_eq!((status, &body[..]), (206, &data[10..20]));
+    assert_eq!(hdr(&h, "accept-ranges"), Some("bytes"));
+    let list = get(addr, "/sim/images").await;
+    // fw.bin: 3 (corrupt) + 1 (no_range) + 2 (failed) + 1 = 7 requests, of which 4 with a Range.
+    assert_eq!(
+        (
+            list[0]["id"].as_str(),
+            list[0]["requests"].as_u64(),
+            list[0]["range_requests"].as_u64()
+        ),
+        (Some("fw.bin"), Some(7), Some(4))
+    );
+    cloud.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn image_throttling_and_dropped_clients() {
+    const N: usize = 200_000;
+    let dir = tempfile::tempdir().unwrap();
+    let data = pseudo_random(N, 5);
+    std::fs::write(dir.path().join("fw.bin"), &data).unwrap();
+    let (cloud, token) = start_image_cloud(dir.path()).await;
+    let addr = cloud.addr;
+    let t = Some(token.as_str());
+    let (status, _) = post(
+        addr,
+        "/sim/images/faults",
+        json!({"rate_bytes_per_s": 100_000}),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let started = std::time::Instant::now();
+    let (status, _, body) = fetch(addr, "GET", "/files/fw.bin", t, &[]).await;
+    let took = started.elapsed();
+    assert_eq!(status, 200);
+    assert!(body == data);
+    assert!(took >= Duration::from_millis(1500), "took {took:?}");
+
+    // The last scan is now over a second old, so a heartbeat rescans by itself.
+    let rev = cloud.shared.images.revision();
+    std::fs::write(dir.path().join("new.bin"), b"new").unwrap();
+    let rev2 = heartbeat(addr, &token).await.1["images_revision"]
+        .as_u64()
+        .unwrap();
+    assert!(rev2 != rev && rev2 != 0, "{rev} {rev2}");
+
+    // A client that goes away mid-body: only what was handed to the connection is counted.
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get("/files/fw.bin")
+        .header(http::header::HOST, addr.to_string())
+        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tokio::time::timeout(GUARD, sender.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut received = 0;
+    while received < 10_000 {
+        let frame = tokio::time::timeout(GUARD, body.frame())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        received += frame.data_ref().map_or(0, |d| d.len());
+    }
+    drop(body);
+    drop(sender);
+    conn.abort();
+    let served = get(addr, "/sim/stats").await["image_bytes_served"]
+        .as_u64()
+        .unwrap()
+        - N as u64;
+    assert!(
+        served >= received as u64 && served < N as u64,
+        "received {received}, counted {served}"
+    );
+
+    // The cloud is unharmed and, unthrottled, serves at full speed.
+    let (status, _) = post(addr, "/sim/images/faults", json!({})).await;
+    assert_eq!(status, 200);
+    let (status, _, body) = fetch(addr, "GET", "/files/fw.bin", t, &[]).await;
+    assert_eq!(status, 200);
+    assert!(body == data);
+    cloud.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn images_sync_goes_down_the_channel() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("fw.bin"), b"firmware").unwrap();
+    let (cloud, token) = start_image_cloud(dir.path()).await;
+    let addr = cloud.addr;
+    let (_, m) = call(addr, "GET", PATH_IMAGES, Some(&token), None).await;
+    let rev = m["revision"].as_u64().unwrap();
+
+    let mut ws = connect_ws(addr, &token).await;
+    assert_eq!(next_json(&mut ws).await["type"], "hello");
+    let (status, v) = post(addr, "/sim/images/sync", json!({})).await;
+    assert_eq!(
+        (status, v),
+        (
+            200,
+            json!({"relay_id": "r-1", "revision": rev, "sent": true})
+        )
+    );
+    let frame = next_json(&mut ws).await;
+    assert_eq!(frame, json!({"type": "images_sync", "revision": rev}));
+    assert_eq!(
+        crate::protocol::CloudMessage::decode(&frame.to_string()).unwrap(),
+        crate::protocol::CloudMessage::ImagesSync { revision: rev }
+    );
+
+    // A new file: the sync carries the new revision.
+    std::fs::write(dir.path().join("fw2.bin"), b"firmware 2").unwrap();
+    let (status, v) = post(addr, "/sim/images/sync", json!({"relay_id": "r-1"})).await;
+    assert_eq!(status, 200);
+    let rev2 = v["revision"].as_u64().unwrap();
+    assert_ne!(rev2, rev);
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "images_sync", "revision": rev2})
+    );
+
+    // No channel: 409; unknown relay: 404.
+    register_ok(addr, "r-2", "123456").await;
+    let (status, v) = post(addr, "/sim/images/sync", json!({"relay_id": "r-2"})).await;
+    assert_eq!((status, error_code(&v)), (409, "conflict"));
+    let (status, v) = post(addr, "/sim/images/sync", json!({"relay_id": "r-9"})).await;
+    assert_eq!((status, error_code(&v)), (404, "not_found"));
+    cloud.shutdown().await.unwrap();
+}
