@@ -34,6 +34,8 @@ pub enum Command {
     Check(ConfigArg),
     /// Show the running relay's health: registration, channel, heartbeats (exit 0 when healthy).
     Status(StatusArgs),
+    /// List the firmware images and their sync state; `images sync` and `images verify` act on them.
+    Images(ImagesArgs),
     /// Re-read the configuration and the certificate in the running relay (like SIGHUP), and say what changed.
     Reload(StatusArgs),
     /// Start a reference cloud and a relay on loopback and show them working together.
@@ -53,14 +55,34 @@ pub struct ConfigArg {
 #[derive(Args, Debug)]
 pub struct StatusArgs {
     /// Configuration file (used to find the admin socket).
-    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    #[arg(long, short, global = true, default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
     /// Admin socket to ask directly (instead of reading the config).
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub socket: Option<PathBuf>,
-    /// Print the status as JSON.
-    #[arg(long)]
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ImagesArgs {
+    #[command(flatten)]
+    pub target: StatusArgs,
+    #[command(subcommand)]
+    pub action: Option<ImagesAction>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImagesAction {
+    /// Fetch the manifest now and download what is missing or failed.
+    Sync {
+        /// Show progress and return when the sync round is over (exit 0 when every image is synced).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Re-hash every cached file; any that no longer matches is quarantined and fetched again.
+    Verify,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -234,6 +234,84 @@ impl CloudClient {
             })?
     }
 
+    /// Starts a GET whose body the caller streams (image downloads), with `Range: bytes=<from>-`
+    /// when `range_from` > 0. `url` is absolute or relative to the cloud URL; an absolute URL on
+    /// another host goes through the same proxy and TLS trust. The answer head must arrive within
+    /// the request deadline; the caller bounds each body read.
+    pub async fn get_stream(
+        &self,
+        url: &str,
+        token: Option<&str>,
+        range_from: u64,
+    ) -> Result<http::Response<hyper::body::Incoming>, CloudError> {
+        let (client, path) = if url.starts_with("http://") || url.starts_with("https://") {
+            let target = CloudUrl::parse(url)
+                .map_err(|e| CloudError::BadBody(format!("bad download url {url:?}: {e}")))?;
+            let uri: http::Uri = url
+                .parse()
+                .map_err(|e| CloudError::BadBody(format!("bad download url {url:?}: {e}")))?;
+            let path = uri
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_else(|| "/".into());
+            let mut c = self.clone();
+            if target.tls != self.url.tls
+                || target.host != self.url.host
+                || target.port != self.url.port
+            {
+                if target.tls && c.tls.is_none() {
+                    c.tls = Some(Arc::new(client_tls_config(None).map_err(|e| {
+                        CloudError::Connect {
+                            stage: "TLS",
+                            detail: e.to_string(),
+                        }
+                    })?));
+                }
+                if !target.tls {
+                    c.tls = None;
+                }
+            }
+            c.url = CloudUrl {
+                base_path: String::new(),
+                ..target
+            };
+            (c, path)
+        } else {
+            (self.clone(), self.url.path(url))
+        };
+        let (io, _) = client.connect().await?;
+        let rt = client.request_timeout;
+        let head = async {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+                .await
+                .map_err(|e| CloudError::Io(e.to_string()))?;
+            // Lives as long as the body is being read.
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let mut req = http::Request::get(&path)
+                .header(http::header::HOST, client.url.authority())
+                .header(http::header::USER_AGENT, user_agent());
+            if let Some(t) = token {
+                req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+            }
+            if range_from > 0 {
+                req = req.header(http::header::RANGE, format!("bytes={range_from}-"));
+            }
+            let req = req
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| CloudError::Io(e.to_string()))?;
+            sender
+                .send_request(req)
+                .await
+                .map_err(|e| CloudError::Io(e.to_string()))
+        };
+        timeout(rt, head).await.map_err(|_| CloudError::Timeout {
+            what: "download request",
+            after: rt,
+        })?
+    }
+
     /// Opens the WebSocket command channel. A 401 before the upgrade comes back as `Status`.
     pub async fn websocket(
         &self,

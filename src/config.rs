@@ -120,6 +120,10 @@ struct RawImages {
     max_images: Option<u32>,
     max_total: Option<String>,
     bandwidth_limit: Option<String>,
+    parallel: Option<usize>,
+    max_downloads: Option<usize>,
+    min_free: Option<String>,
+    sync_interval: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -348,8 +352,16 @@ pub struct ImagesConfig {
     pub dir: PathBuf,
     pub max_images: u32,
     pub max_total: u64,
-    /// Bytes per second.
+    /// Bytes per second, shared by all downloads from the cloud.
     pub bandwidth_limit: Option<u64>,
+    /// Files downloaded from the cloud at the same time.
+    pub parallel: usize,
+    /// Devices downloading images from the edge at the same time; more get 503 + Retry-After.
+    pub max_downloads: usize,
+    /// Free disk to leave untouched beside the cache, in bytes.
+    pub min_free: u64,
+    /// How often the manifest is fetched even without a hint from the cloud.
+    pub sync_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -674,6 +686,31 @@ impl Config {
                     max_images,
                     max_total,
                     bandwidth_limit,
+                    parallel: match i.parallel {
+                        None => 2,
+                        Some(n @ 1..=16) => n,
+                        Some(_) => {
+                            return Err(err("images.parallel", "must be between 1 and 16".into()));
+                        }
+                    },
+                    max_downloads: match i.max_downloads {
+                        None => 1000,
+                        Some(0) => {
+                            return Err(err("images.max_downloads", "must be at least 1".into()));
+                        }
+                        Some(n) => n,
+                    },
+                    min_free: match &i.min_free {
+                        None => 512 * 1000 * 1000,
+                        Some(v) => parse_bytes(v).map_err(|m| err("images.min_free", m))?,
+                    },
+                    sync_interval: dur(
+                        "images.sync_interval",
+                        &i.sync_interval,
+                        secs(3600),
+                        secs(1),
+                        secs(7 * 24 * 3600),
+                    )?,
                 })
             }
         };

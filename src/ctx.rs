@@ -20,6 +20,10 @@ pub struct Ctx {
     pub outbox_wake: Arc<Notify>,
     pub started: Instant,
     pub started_at: SystemTime,
+    /// The cloud session (token) the management agent keeps; other jobs borrow its token.
+    pub sessions: Arc<crate::agent::Sessions>,
+    /// The download agent's catalog, when `[images]` is configured.
+    pub images: Option<Arc<crate::download::Catalog>>,
     /// The device-facing edge, when `[edge]` is configured.
     pub edge: Option<Arc<crate::proxy::Edge>>,
     /// Asks the daemon to reload config and certificate; the answer comes back on the oneshot.
@@ -39,6 +43,7 @@ impl Ctx {
         store: Store,
         cloud: CloudClient,
         relay_id: String,
+        images: Option<Arc<crate::download::Catalog>>,
         edge: Option<Arc<crate::proxy::Edge>>,
         reload: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<ReloadOutcome>>,
     ) -> Ctx {
@@ -52,6 +57,8 @@ impl Ctx {
             outbox_wake: Arc::new(Notify::new()),
             started: Instant::now(),
             started_at: SystemTime::now(),
+            sessions: Arc::new(crate::agent::Sessions::new()),
+            images,
             edge,
             reload,
         }

@@ -31,6 +31,17 @@ pub async fn run(
     // The certificate is checked before anything else starts: a relay with a bad one must not run.
     let edge = Edge::new(&config)?;
     let store = Store::open(&config.state_dir)?;
+    let images = match &config.images {
+        Some(cfg) => {
+            let cat = crate::download::Catalog::open(cfg, &store)
+                .context("cannot open the image cache")?;
+            if let Some(e) = &edge {
+                let _ = e.images.set(cat.clone());
+            }
+            Some(cat)
+        }
+        None => None,
+    };
     let relay_id = store
         .relay_id()
         .context("cannot read the relay id from the store")?;
@@ -44,7 +55,15 @@ pub async fn run(
         warn!(url = %config.cloud.url, "cloud URL is plain http: traffic to the cloud is not encrypted (labs only)");
     }
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
-    let ctx = Ctx::new(config, store, cloud, relay_id, edge.clone(), reload_tx);
+    let ctx = Ctx::new(
+        config,
+        store,
+        cloud,
+        relay_id,
+        images.clone(),
+        edge.clone(),
+        reload_tx,
+    );
     info!(
         version = env!("CARGO_PKG_VERSION"),
         relay_id = %ctx.relay_id,
@@ -67,6 +86,13 @@ pub async fn run(
     );
     if let (Some(edge), Some(listeners)) = (edge, edge_listeners) {
         spawn(&mut set, "edge", proxy::run(edge, listeners, jobs.clone()));
+    }
+    if let Some(cat) = images {
+        spawn(
+            &mut set,
+            "download",
+            crate::download::run(ctx.clone(), cat, jobs.clone()),
+        );
     }
     spawn(
         &mut set,

@@ -39,6 +39,19 @@ pub async fn main(args: DemoArgs) -> Result<()> {
     let mut cloud_args = cloud::CloudArgs::new(TENANT, PIN);
     cloud_args.heartbeat_interval = args.heartbeat_interval;
     cloud_args.provisioning = Some(prov_dir);
+    // Two firmware images the cloud publishes for this tenant.
+    let images_dir = dir.path().join("cloud-images");
+    std::fs::create_dir_all(&images_dir)?;
+    for (name, mib) in [
+        ("3111-48450-001.sip.ld", 24u32),
+        ("3111-46162-001.sip.ld", 12),
+    ] {
+        let body: Vec<u8> = (0..mib * 1024 * 1024)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect();
+        std::fs::write(images_dir.join(name), body)?;
+    }
+    cloud_args.images = Some(images_dir);
     let cloud = cloud::start(listener, cloud_args).await?;
     let cloud_addr = cloud.addr;
     let config_path = dir.path().join("relay.toml");
@@ -49,7 +62,8 @@ pub async fn main(args: DemoArgs) -> Result<()> {
             "state_dir = {state:?}\n\n[cloud]\nurl = \"http://{cloud_addr}\"\ntenant_id = \"{TENANT}\"\npin = \"{PIN}\"\n\
              heartbeat_interval = \"{hb}\"\nping_interval = \"5s\"\n\n[admin]\nsocket = {socket:?}\n\n\
              [edge]\nlisten = \"127.0.0.1:0\"\nfqdn = [\"{FQDN}\"]\npfx = {pfx:?}\npfx_password_file = {pass:?}\n\n\
-             [provisioning]\nupstream = \"http://{cloud_addr}\"\n\n[devices]\nsubnets = [\"127.0.0.0/8\"]\n",
+             [provisioning]\nupstream = \"http://{cloud_addr}\"\n\n[devices]\nsubnets = [\"127.0.0.0/8\"]\n\n\
+             [images]\nbandwidth_limit = \"20MB/s\"\nmin_free = \"1MB\"\n",
             pfx = pki.pfx,
             pass = pki.password_file,
             state = dir.path().join("state"),
@@ -78,13 +92,17 @@ pub async fn main(args: DemoArgs) -> Result<()> {
             }
         });
     }
-    let (board_tx, board_rx) =
-        tokio::sync::oneshot::channel::<(Arc<StatusBoard>, Option<SocketAddr>)>();
+    type Ready = (
+        Arc<StatusBoard>,
+        Option<SocketAddr>,
+        Option<Arc<crate::download::Catalog>>,
+    );
+    let (board_tx, board_rx) = tokio::sync::oneshot::channel::<Ready>();
     let relay = tokio::spawn(crate::daemon::run(config, shutdown.clone(), move |ctx| {
         let edge = ctx.edge.as_ref().and_then(|e| e.bound.get()).map(|b| b.0);
-        let _ = board_tx.send((ctx.status.clone(), edge));
+        let _ = board_tx.send((ctx.status.clone(), edge, ctx.images.clone()));
     }));
-    let (board, edge_addr) = match board_rx.await {
+    let (board, edge_addr, images) = match board_rx.await {
         Ok(b) => b,
         Err(_) => {
             let err = relay.await.map_err(|e| anyhow!("relay task failed: {e}"))?;
@@ -106,7 +124,10 @@ pub async fn main(args: DemoArgs) -> Result<()> {
     .with_root_ca_pem(&pki.ca_pem)?
     .with_resolve(FQDN, edge_addr);
 
-    let narrated = narrate(&board, cloud_addr, &phone, &say, &shutdown, args.once).await;
+    let narrated = narrate(
+        &board, images, cloud_addr, &phone, &say, &shutdown, args.once,
+    )
+    .await;
     shutdown.cancel();
     let relay_result = relay.await.map_err(|e| anyhow!("relay task failed: {e}"))?;
     cloud.shutdown().await?;
@@ -122,6 +143,7 @@ pub async fn main(args: DemoArgs) -> Result<()> {
 /// Prints each step as it happens. With `once`, returns after the whole flow has been shown.
 async fn narrate(
     board: &StatusBoard,
+    images: Option<Arc<crate::download::Catalog>>,
     cloud_addr: SocketAddr,
     phone: &crate::sim::phone::ProvClient,
     say: &impl Fn(String),
@@ -133,6 +155,9 @@ async fn narrate(
     let mut channel_up = false;
     let mut heartbeats = 0u64;
     let mut ping_done = false;
+    let mut images_seen = 0u64;
+    let mut images_done = false;
+    let mut image_fetched = false;
     let mut provisioned = false;
     loop {
         if shutdown.is_cancelled() {
@@ -212,8 +237,65 @@ async fn narrate(
                 say(format!("  phone {method} {path} -> {status}{note}"));
             }
         }
-        if once && registered && channel_up && heartbeats >= 1 && ping_done && provisioned {
-            say("demo complete: registered, heartbeating, channel up, command answered, phone provisioned".into());
+        if let Some(r) = images.as_ref().map(|c| c.report())
+            && !images_done
+            && !r.images.is_empty()
+        {
+            let (done, total) = r
+                .images
+                .iter()
+                .fold((0, 0), |(d, t), i| (d + i.bytes_done, t + i.bytes_total));
+            // Progress roughly every 20 %.
+            if done * 5 / total.max(1) > images_seen || done == total {
+                images_seen = done * 5 / total.max(1);
+                say(format!(
+                    "download agent: {} images, {} of {} MB verified and cached (limited to 20 MB/s)",
+                    r.images.len(),
+                    done / 1_000_000,
+                    total / 1_000_000
+                ));
+            }
+            if r.images.iter().all(|i| i.state == "synced") {
+                images_done = true;
+                say("all images synced; each SHA-256 matched the manifest".into());
+            }
+        }
+        if images_done && provisioned && !image_fetched {
+            image_fetched = true;
+            let path = "/images/3111-46162-001.sip.ld";
+            let full = phone.get(path).await?;
+            let cut = full.body.len() / 2;
+            say(format!(
+                "phone GET {path} -> {} ({} bytes, served from the relay's cache)",
+                full.status,
+                full.body.len()
+            ));
+            let resumed = phone
+                .clone()
+                .with_header("Range", &format!("bytes={cut}-"))?
+                .get(path)
+                .await?;
+            let same = resumed.body[..] == full.body[cut..];
+            say(format!(
+                "phone resumes with Range: bytes={cut}- -> {} ({} bytes, {})",
+                resumed.status,
+                resumed.body.len(),
+                if same {
+                    "matching the first download"
+                } else {
+                    "MISMATCH"
+                }
+            ));
+        }
+        if once
+            && registered
+            && channel_up
+            && heartbeats >= 1
+            && ping_done
+            && provisioned
+            && image_fetched
+        {
+            say("demo complete: registered, heartbeating, channel up, command answered, phone provisioned, images synced and served".into());
             return Ok(());
         }
         if once && Instant::now() > deadline {

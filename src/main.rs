@@ -100,6 +100,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Command::Images(args) => {
+            let socket = admin_socket(&args.target)?;
+            runtime()?.block_on(images(&socket, args.target.json, args.action))
+        }
         Command::Reload(args) => {
             let socket = admin_socket(&args)?;
             let outcome: ucrelay::ctx::ReloadOutcome = runtime()?.block_on(
@@ -127,6 +131,149 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn images(
+    socket: &std::path::Path,
+    json: bool,
+    action: Option<ucrelay::cli::ImagesAction>,
+) -> anyhow::Result<ExitCode> {
+    use ucrelay::cli::ImagesAction;
+    use ucrelay::download::CatalogReport;
+    use ucrelay::ops::admin::{call_json, get_json};
+    let post = http::Method::POST;
+    match action {
+        None => {
+            let r: CatalogReport = get_json(socket, "/v1/images").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", render_images(&r));
+            }
+            let ok = r.refused.is_none() && r.images.iter().all(|i| i.state == "synced");
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Some(ImagesAction::Verify) => {
+            let v: serde_json::Value = call_json(socket, post, "/v1/images/verify").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("checked {} cached files", v["checked"]);
+                for p in v["quarantined"].as_array().into_iter().flatten() {
+                    println!(
+                        "fail  {} did not match its SHA-256: quarantined, fetching it again",
+                        p.as_str().unwrap_or("?")
+                    );
+                }
+            }
+            let clean = v["quarantined"].as_array().is_none_or(|a| a.is_empty());
+            Ok(if clean {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Some(ImagesAction::Sync { wait }) => {
+            let before: CatalogReport = get_json(socket, "/v1/images").await?;
+            let _: serde_json::Value = call_json(socket, post.clone(), "/v1/images/sync").await?;
+            if !wait {
+                println!("sync started; `ucrelay images` shows progress");
+                return Ok(ExitCode::SUCCESS);
+            }
+            use std::io::{IsTerminal, Write};
+            let tty = std::io::stdout().is_terminal();
+            let mut last_line = String::new();
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                let r: CatalogReport = get_json(socket, "/v1/images").await?;
+                let (done, total): (u64, u64) = r
+                    .images
+                    .iter()
+                    .fold((0, 0), |(d, t), i| (d + i.bytes_done, t + i.bytes_total));
+                let line = progress_line(done, total, &r);
+                if line != last_line {
+                    if tty {
+                        print!("\r{line}\x1b[K");
+                        let _ = std::io::stdout().flush();
+                    } else {
+                        println!("{line}");
+                    }
+                    last_line = line;
+                }
+                if r.sync_rounds > before.sync_rounds
+                    && r.images.iter().all(|i| i.state != "syncing")
+                {
+                    if tty {
+                        println!();
+                    }
+                    print!("{}", render_images(&r));
+                    let ok = r.refused.is_none() && r.images.iter().all(|i| i.state == "synced");
+                    if let Some(e) = r.refused.as_ref().or(r.last_sync_error.as_ref()) {
+                        println!("sync: {e}");
+                    }
+                    return Ok(if ok {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn progress_line(done: u64, total: u64, r: &ucrelay::download::CatalogReport) -> String {
+    use ucrelay::download::manifest::human_bytes;
+    let pct = (done * 100).checked_div(total).unwrap_or(100);
+    let filled = (pct / 5) as usize;
+    let syncing = r.images.iter().filter(|i| i.state == "syncing").count();
+    format!(
+        "[{}{}] {pct:>3}% {} / {}  ({syncing} syncing)",
+        "#".repeat(filled),
+        ".".repeat(20 - filled.min(20)),
+        human_bytes(done),
+        human_bytes(total)
+    )
+}
+
+fn render_images(r: &ucrelay::download::CatalogReport) -> String {
+    use ucrelay::download::manifest::human_bytes;
+    let mut out = format!("revision {}", r.revision);
+    if let Some(t) = &r.last_sync {
+        out.push_str(&format!(", last sync {t}"));
+    }
+    out.push('\n');
+    if let Some(why) = &r.refused {
+        out.push_str(&format!(
+            "manifest REFUSED (the previous one stays): {why}\n"
+        ));
+    }
+    out.push_str(&format!(
+        "{:<28} {:<8} {:>21}  {}\n",
+        "IMAGE", "STATE", "PROGRESS", "PATHS"
+    ));
+    for i in &r.images {
+        let paths: Vec<&str> = i.files.iter().map(|f| f.path.as_str()).collect();
+        out.push_str(&format!(
+            "{:<28} {:<8} {:>21}  {}\n",
+            i.id,
+            i.state,
+            format!(
+                "{} / {}",
+                human_bytes(i.bytes_done),
+                human_bytes(i.bytes_total)
+            ),
+            paths.join(" ")
+        ));
+        if let Some(why) = &i.reason {
+            out.push_str(&format!("{:<28} reason: {why}\n", ""));
+        }
+    }
+    out
 }
 
 /// The admin socket: given directly, or read from the config.

@@ -115,6 +115,35 @@ pub struct HeartbeatResponse {
     pub server_time: Option<String>,
 }
 
+/// `GET /relay/v1/images` (bearer token): the images this tenant's relays must hold.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ImageManifest {
+    /// Changes whenever the list or any file changes; heartbeats echo it so relays know to sync.
+    pub revision: u64,
+    pub images: Vec<Image>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Image {
+    pub id: String,
+    #[serde(default)]
+    pub product: String,
+    #[serde(default)]
+    pub version: String,
+    pub files: Vec<ImageFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageFile {
+    /// URL path under which devices download the file from the relay's edge, e.g. `/fw/sip.ld`.
+    pub path: String,
+    pub size: u64,
+    /// Lower-case hex SHA-256 of the whole file.
+    pub sha256: String,
+    /// Where the relay fetches it: absolute, or relative to the cloud URL. Must support Range.
+    pub url: String,
+}
+
 /// Body of every 4xx/5xx answer from the cloud.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -461,6 +490,24 @@ mod tests {
             (e.code, e.id.as_deref()),
             (ChannelErrorCode::MalformedMessage, Some("c2"))
         );
+    }
+
+    #[test]
+    fn manifest_round_trip() {
+        round_trip(&ImageManifest {
+            revision: 3,
+            images: vec![Image {
+                id: "vvx-6.4.7".into(),
+                product: "VVX".into(),
+                version: "6.4.7".into(),
+                files: vec![ImageFile {
+                    path: "/fw/sip.ld".into(),
+                    size: 10,
+                    sha256: "ab".repeat(32),
+                    url: "/files/sip.ld".into(),
+                }],
+            }],
+        });
     }
 
     #[test]

@@ -17,6 +17,10 @@ const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const INBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("inbox");
 /// Results the cloud refused as malformed (400): kept for inspection, never retried.
 const REJECTED: TableDefinition<u64, &[u8]> = TableDefinition::new("rejected");
+/// Download agent: the applied manifest and sync notes, by name.
+const IMAGE_META: TableDefinition<&str, &[u8]> = TableDefinition::new("image_meta");
+/// Download agent: one record per image file, keyed by its SHA-256.
+const IMAGE_FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("image_files");
 /// Commands already finished (id -> unix seconds), so a command the cloud sends again is not re-run.
 const DONE: TableDefinition<&str, u64> = TableDefinition::new("done");
 /// How long finished command ids are remembered.
@@ -83,6 +87,8 @@ impl Store {
             tx.open_table(OUTBOX)?;
             tx.open_table(INBOX)?;
             tx.open_table(REJECTED)?;
+            tx.open_table(IMAGE_META)?;
+            tx.open_table(IMAGE_FILES)?;
             // Forget finished command ids past the keep period.
             let cutoff = unix_now().saturating_sub(DONE_KEEP.as_secs());
             tx.open_table(DONE)?.retain(|_, at| at >= cutoff)?;
@@ -225,6 +231,63 @@ impl Store {
     pub fn outbox_len(&self) -> Result<u64> {
         let tx = self.db.begin_read()?;
         Ok(tx.open_table(OUTBOX)?.len()?)
+    }
+}
+
+impl Store {
+    pub fn image_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let tx = self.db.begin_read()?;
+        Ok(tx
+            .open_table(IMAGE_META)?
+            .get(key)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Sets (or with `None` removes) a download-agent note.
+    pub fn set_image_meta(&self, key: &str, value: Option<&[u8]>) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(IMAGE_META)?;
+            match value {
+                Some(v) => {
+                    t.insert(key, v)?;
+                }
+                None => {
+                    t.remove(key)?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn image_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(IMAGE_FILES)?;
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            let (k, v) = e?;
+            out.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Writes (or with `None` deletes) one image file record, durably.
+    pub fn set_image_file(&self, sha256: &str, value: Option<&[u8]>) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(IMAGE_FILES)?;
+            match value {
+                Some(v) => {
+                    t.insert(sha256, v)?;
+                }
+                None => {
+                    t.remove(sha256)?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 }
 

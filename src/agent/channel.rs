@@ -186,10 +186,16 @@ async fn on_text(ctx: &Ctx, text: &str) -> Option<RelayMessage> {
             None
         }
         Ok(CloudMessage::ImagesSync { revision }) => {
-            info!(
-                revision,
-                "cloud asked for an image sync, but the download agent is not configured"
-            );
+            match &ctx.images {
+                Some(cat) => {
+                    info!(revision, "cloud asked for an image sync");
+                    cat.wake.notify_one();
+                }
+                None => info!(
+                    revision,
+                    "cloud asked for an image sync, but [images] is not configured"
+                ),
+            }
             None
         }
         Ok(CloudMessage::Command(cmd)) => commands::accept(ctx, cmd).await,

@@ -91,6 +91,12 @@ pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken)
                 st.heartbeat_interval_s = interval.as_secs();
                 drop(st);
                 tracing::debug!(seq, "heartbeat ok");
+                // The cloud's image list changed: the download agent looks now.
+                if let Some(cat) = &ctx.images
+                    && resp.images_revision != cat.revision()
+                {
+                    cat.wake.notify_one();
+                }
                 jitter(interval, 0.05)
             }
             Err(e) => {
@@ -207,9 +213,44 @@ async fn heartbeat(ctx: &Ctx, token: &str, seq: u64) -> Result<HeartbeatResponse
                     reason: Some("command channel down".into()),
                 }
             },
-            download: off("not configured"),
-            provisioning: off("not configured"),
+            download: match &ctx.images {
+                None => off("not configured"),
+                Some(cat) => {
+                    let r = cat.report();
+                    match (&r.refused, r.images.iter().find(|i| i.state == "failed")) {
+                        (Some(why), _) => AgentState {
+                            state: "degraded".into(),
+                            reason: Some(format!("manifest refused: {why}")),
+                        },
+                        (None, Some(i)) => AgentState {
+                            state: "degraded".into(),
+                            reason: Some(format!(
+                                "image {} failed: {}",
+                                i.id,
+                                i.reason.clone().unwrap_or_default()
+                            )),
+                        },
+                        (None, None) => AgentState {
+                            state: "ok".into(),
+                            reason: None,
+                        },
+                    }
+                }
+            },
+            provisioning: if ctx.edge.is_some() {
+                AgentState {
+                    state: "ok".into(),
+                    reason: None,
+                }
+            } else {
+                off("not configured")
+            },
         },
+        images: ctx
+            .images
+            .as_ref()
+            .map(|c| c.heartbeat_states())
+            .unwrap_or_default(),
         results_pending: pending,
         ..Default::default()
     };

@@ -28,17 +28,17 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    fn new() -> Sessions {
+    pub(crate) fn new() -> Sessions {
         Sessions {
             tx: watch::channel(None).0,
         }
     }
 
-    fn current(&self) -> Option<Session> {
+    pub fn current(&self) -> Option<Session> {
         self.tx.borrow().clone()
     }
 
-    fn subscribe(&self) -> watch::Receiver<Option<Session>> {
+    pub fn subscribe(&self) -> watch::Receiver<Option<Session>> {
         self.tx.subscribe()
     }
 
@@ -58,7 +58,7 @@ impl Sessions {
     }
 
     /// Drops the session if it is still the one the caller used.
-    fn invalidate(&self, generation: u64) {
+    pub fn invalidate(&self, generation: u64) {
         self.tx.send_if_modified(|cur| match cur {
             Some(s) if s.generation == generation => {
                 *cur = None;
@@ -73,7 +73,7 @@ impl Sessions {
 /// inside with backoff; an error here means something is broken beyond retrying (the store).
 pub async fn run(ctx: Ctx, shutdown: CancellationToken) -> Result<()> {
     commands::recover_interrupted(&ctx).await?;
-    let sessions = Arc::new(Sessions::new());
+    let sessions = ctx.sessions.clone();
     tokio::try_join!(
         heartbeat::run(ctx.clone(), sessions.clone(), shutdown.clone()),
         channel::run(ctx.clone(), sessions.clone(), shutdown.clone()),

@@ -53,6 +53,9 @@ pub async fn serve(listener: UnixListener, ctx: Ctx, shutdown: CancellationToken
     let app = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/reload", post(reload))
+        .route("/v1/images", get(images))
+        .route("/v1/images/sync", post(images_sync))
+        .route("/v1/images/verify", post(images_verify))
         .with_state(ctx);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -66,6 +69,47 @@ pub async fn serve(listener: UnixListener, ctx: Ctx, shutdown: CancellationToken
 async fn status(State(ctx): State<Ctx>) -> Json<StatusReport> {
     let pending = ctx.store.run(|s| s.outbox_len()).await.unwrap_or(0);
     Json(StatusReport::build(&ctx, pending))
+}
+
+type ApiError = (http::StatusCode, Json<serde_json::Value>);
+
+fn no_images() -> ApiError {
+    (
+        http::StatusCode::NOT_FOUND,
+        Json(
+            serde_json::json!({"error": "the download agent is off: no [images] section in the config"}),
+        ),
+    )
+}
+
+async fn images(State(ctx): State<Ctx>) -> Result<Json<crate::download::CatalogReport>, ApiError> {
+    let cat = ctx.images.as_ref().ok_or_else(no_images)?;
+    Ok(Json(cat.report()))
+}
+
+async fn images_sync(State(ctx): State<Ctx>) -> Result<Json<serde_json::Value>, ApiError> {
+    let cat = ctx.images.as_ref().ok_or_else(no_images)?;
+    cat.wake.notify_one();
+    Ok(Json(
+        serde_json::json!({"triggered": true, "revision": cat.revision()}),
+    ))
+}
+
+async fn images_verify(State(ctx): State<Ctx>) -> Result<Json<serde_json::Value>, ApiError> {
+    let cat = ctx.images.clone().ok_or_else(no_images)?;
+    let c = cat.clone();
+    let (checked, quarantined) = ctx.store.run(move |s| c.verify(s)).await.map_err(|e| {
+        (
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({"error": format!("{e:#}")})),
+        )
+    })?;
+    if !quarantined.is_empty() {
+        cat.wake.notify_one();
+    }
+    Ok(Json(
+        serde_json::json!({"checked": checked, "quarantined": quarantined}),
+    ))
 }
 
 async fn reload(State(ctx): State<Ctx>) -> Json<crate::ctx::ReloadOutcome> {

@@ -21,6 +21,8 @@ pub struct StatusReport {
     pub cloud: CloudReport,
     /// The device-facing edge, when configured.
     pub edge: Option<EdgeReport>,
+    /// The image cache, when the download agent runs.
+    pub images: Option<crate::download::CatalogReport>,
     pub jobs: Vec<JobReport>,
 }
 
@@ -220,6 +222,26 @@ impl StatusReport {
                 ));
             }
         }
+        let images = ctx.images.as_ref().map(|c| c.report());
+        if let Some(r) = &images {
+            if let Some(why) = &r.refused {
+                problems.push(format!(
+                    "image manifest refused, the previous one stays: {why}"
+                ));
+            }
+            for i in r.images.iter().filter(|i| i.state == "failed") {
+                problems.push(format!(
+                    "image {} failed to sync: {} (retried automatically; `ucrelay images sync` retries now)",
+                    i.id,
+                    i.reason.clone().unwrap_or_default()
+                ));
+            }
+            if let Some(e) = &r.last_sync_error
+                && r.refused.is_none()
+            {
+                warnings.push(format!("last image sync: {e}"));
+            }
+        }
         let jobs = vec![
             job(
                 "management",
@@ -228,11 +250,10 @@ impl StatusReport {
             ),
             job(
                 "download",
-                false,
-                if cfg.images.is_some() {
-                    "[images] is set, but this build has no download agent yet"
-                } else {
-                    "no [images] section"
+                ctx.images.is_some(),
+                &match &ctx.images {
+                    Some(c) => format!("image cache in {}", c.cfg.dir.display()),
+                    None => "no [images] section".to_string(),
                 },
             ),
             job(
@@ -259,6 +280,7 @@ impl StatusReport {
             problems,
             warnings,
             edge,
+            images,
             cloud: CloudReport {
                 url: cfg.cloud.url.to_string(),
                 tenant_id: cfg.cloud.tenant_id.clone(),
@@ -372,6 +394,19 @@ impl StatusReport {
                     e.status_4xx,
                     e.status_5xx,
                     e.bytes_out
+                ),
+            ));
+        }
+        if let Some(i) = &self.images {
+            let synced = i.images.iter().filter(|x| x.state == "synced").count();
+            rows.push((
+                "images",
+                format!(
+                    "{synced}/{} synced (revision {}), {} active downloads, {} bytes served",
+                    i.images.len(),
+                    i.revision,
+                    i.downloads_active,
+                    i.bytes_served
                 ),
             ));
         }

@@ -81,6 +81,8 @@ pub struct Edge {
     pub stats: EdgeStats,
     /// Why the last reload of the certificate was refused, if it was.
     pub reload_error: RwLock<Option<String>>,
+    /// The image cache, when the download agent runs: its paths are served here.
+    pub images: std::sync::OnceLock<Arc<crate::download::Catalog>>,
     /// The addresses actually bound (a configured port 0 becomes a real port).
     pub bound: std::sync::OnceLock<(SocketAddr, Option<SocketAddr>)>,
 }
@@ -140,6 +142,7 @@ impl Edge {
             stats: EdgeStats::default(),
             reload_error: RwLock::new(None),
             bound: std::sync::OnceLock::new(),
+            images: std::sync::OnceLock::new(),
         })))
     }
 
@@ -408,12 +411,46 @@ async fn route(
             ),
         );
     }
-    match paths::check(req.uri().path(), req.uri().query()) {
+    let decoded = match paths::check(req.uri().path(), req.uri().query()) {
         Err(paths::PathError::TooLong) => {
             return text_response(StatusCode::URI_TOO_LONG, "request target too long");
         }
         Err(paths::PathError::Bad(why)) => return text_response(StatusCode::BAD_REQUEST, why),
-        Ok(_) => {}
+        Ok(p) => p,
+    };
+    if let Some(images) = edge.images.get() {
+        use crate::download::Lookup;
+        match images.lookup(&decoded) {
+            Lookup::Ready { file, sha256, size } => {
+                return crate::download::serve::serve(
+                    images,
+                    req.method(),
+                    req.headers(),
+                    &decoded,
+                    &file,
+                    &sha256,
+                    size,
+                )
+                .await;
+            }
+            Lookup::NotReady { done, size } => {
+                images
+                    .stats
+                    .refused_not_synced
+                    .fetch_add(1, Ordering::Relaxed);
+                let pct = (done * 100).checked_div(size).unwrap_or(0);
+                let mut r = text_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!(
+                        "{decoded} is still syncing to this relay ({pct}% done); it is served once verified"
+                    ),
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("60"));
+                return r;
+            }
+            Lookup::Unknown => {}
+        }
     }
     match edge.upstream() {
         Some(up) => up.forward(req, peer.ip(), scheme).await,

@@ -112,6 +112,9 @@ async fn demo_once_shows_the_whole_flow() {
         "relay answered success",
         "phone GET /000000000000.cfg -> 200",
         "phone PUT /0004f2000001-app.log -> 201",
+        "all images synced",
+        "phone resumes with Range",
+        "matching the first download",
         "demo complete",
     ] {
         assert!(out.contains(step), "demo output lacks {step:?}:\n{out}");

@@ -1,0 +1,367 @@
+//! Fetching one image file: resume from the partial file with Range, hash while writing, check the
+//! SHA-256, fsync, rename into place, record it. A file that fails its hash is discarded, never kept.
+
+use super::{Catalog, manifest::human_bytes};
+use crate::ctx::Ctx;
+use crate::protocol::ErrorCode;
+use http_body_util::BodyExt;
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Attempts per file in one sync round before it is marked failed (the round after retries it).
+const ATTEMPTS: u32 = 5;
+/// No byte for this long from the cloud: the download is abandoned and resumed.
+const STALL: Duration = Duration::from_secs(30);
+
+/// A shared byte-rate limit for all downloads from the cloud (token bucket, one second of burst).
+#[derive(Clone)]
+pub struct RateLimit {
+    inner: Option<Arc<tokio::sync::Mutex<(f64, Instant)>>>,
+    rate: f64,
+}
+
+impl RateLimit {
+    pub fn new(bytes_per_s: Option<u64>) -> RateLimit {
+        match bytes_per_s {
+            None => RateLimit {
+                inner: None,
+                rate: 0.0,
+            },
+            Some(r) => RateLimit {
+                inner: Some(Arc::new(tokio::sync::Mutex::new((
+                    r as f64,
+                    Instant::now(),
+                )))),
+                rate: r as f64,
+            },
+        }
+    }
+
+    /// Waits until `n` bytes may pass.
+    pub async fn take(&self, n: usize) {
+        let Some(m) = &self.inner else { return };
+        let mut bucket = m.lock().await;
+        let now = Instant::now();
+        bucket.0 =
+            (bucket.0 + now.duration_since(bucket.1).as_secs_f64() * self.rate).min(self.rate);
+        bucket.1 = now;
+        bucket.0 -= n as f64;
+        if bucket.0 < 0.0 {
+            // Holding the lock while waiting keeps the order fair between downloads.
+            tokio::time::sleep(Duration::from_secs_f64(-bucket.0 / self.rate)).await;
+        }
+    }
+}
+
+/// SHA-256 of a file, lower-case hex.
+pub fn hash_file(path: &std::path::Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Syncs one file with a few attempts; records the final state. Returns true when synced.
+pub async fn sync_file(
+    ctx: &Ctx,
+    catalog: &Arc<Catalog>,
+    limiter: &RateLimit,
+    sha256: &str,
+    size: u64,
+    url: &str,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut backoff = crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    let mut last = String::new();
+    for attempt in 1..=ATTEMPTS {
+        if shutdown.is_cancelled() {
+            return false;
+        }
+        match download(ctx, catalog, limiter, sha256, size, url, shutdown).await {
+            Ok(()) => {
+                let (c, s) = (catalog.clone(), sha256.to_string());
+                return match ctx
+                    .store
+                    .run(move |st| c.set_state(st, &s, "synced", None))
+                    .await
+                {
+                    Ok(()) => {
+                        info!(sha256, size, "image file synced and verified");
+                        true
+                    }
+                    Err(e) => {
+                        warn!(sha256, error = %format!("{e:#}"), "cannot record a synced file");
+                        false
+                    }
+                };
+            }
+            Err(e) => {
+                last = e;
+                if shutdown.is_cancelled() {
+                    return false;
+                }
+                let d = backoff.next_delay();
+                warn!(sha256, attempt, error = %last, retry_in = ?d, "image download failed");
+                if attempt < ATTEMPTS && !crate::backoff::sleep_or_shutdown(d, shutdown).await {
+                    return false;
+                }
+            }
+        }
+    }
+    let (c, s, why) = (catalog.clone(), sha256.to_string(), last.clone());
+    let _ = ctx
+        .store
+        .run(move |st| c.set_state(st, &s, "failed", Some(why)))
+        .await;
+    false
+}
+
+async fn download(
+    ctx: &Ctx,
+    catalog: &Arc<Catalog>,
+    limiter: &RateLimit,
+    sha256: &str,
+    size: u64,
+    url: &str,
+    shutdown: &CancellationToken,
+) -> Result<(), String> {
+    let state = catalog.file_state(sha256).ok_or("file no longer listed")?;
+    let part = catalog.partial_path(sha256);
+    let done_path = catalog.file_path(sha256);
+
+    // A complete file left by a crash between rename and record: verify it instead of fetching.
+    if std::fs::metadata(&done_path).map(|m| m.len()).ok() == Some(size) {
+        let p = done_path.clone();
+        let actual = tokio::task::spawn_blocking(move || hash_file(&p))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        if actual == sha256 {
+            state.done.store(size, Ordering::Relaxed);
+            return Ok(());
+        }
+        let _ = std::fs::remove_file(&done_path);
+    }
+
+    let mut offset = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+    if offset > size {
+        offset = 0;
+        let _ = std::fs::remove_file(&part);
+    }
+    // Free disk before each file, with the configured headroom.
+    let need = size - offset;
+    let free = super::free_bytes(&catalog.cfg.dir)
+        .map_err(|e| format!("cannot read free disk space: {e}"))?;
+    if free < need + catalog.cfg.min_free {
+        return Err(format!(
+            "not enough free disk in {}: need {} plus {} headroom, {} free",
+            catalog.cfg.dir.display(),
+            human_bytes(need),
+            human_bytes(catalog.cfg.min_free),
+            human_bytes(free)
+        ));
+    }
+
+    // The bytes already on disk count towards the hash.
+    let mut hasher = Sha256::new();
+    if offset > 0 {
+        let p = part.clone();
+        let (h, n) = tokio::task::spawn_blocking(move || -> std::io::Result<(Sha256, u64)> {
+            let mut f = std::fs::File::open(&p)?;
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut n = 0u64;
+            loop {
+                let r = f.read(&mut buf)?;
+                if r == 0 {
+                    break;
+                }
+                h.update(&buf[..r]);
+                n += r as u64;
+            }
+            Ok((h, n))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot read the partial file: {e}"))?;
+        hasher = h;
+        offset = n;
+    }
+    state.done.store(offset, Ordering::Relaxed);
+
+    if offset < size {
+        let token = ctx.sessions.current().map(|s| s.token);
+        let resp = ctx
+            .cloud
+            .get_stream(url, token.as_deref(), offset)
+            .await
+            .map_err(|e| {
+                if e.code() == Some(ErrorCode::TokenInvalid)
+                    && let Some(s) = ctx.sessions.current()
+                {
+                    ctx.sessions.invalidate(s.generation);
+                }
+                format!("download of {url}: {e}")
+            })?;
+        let status = resp.status().as_u16();
+        let mut file = match status {
+            206 => {
+                let start = content_range_start(resp.headers());
+                if start != Some(offset) {
+                    return Err(format!(
+                        "cloud answered a range starting at {start:?}, asked for {offset}"
+                    ));
+                }
+                tokio::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(&part)
+                    .await
+            }
+            200 => {
+                if offset > 0 {
+                    info!(
+                        sha256,
+                        offset, "cloud ignored the range; downloading from the start"
+                    );
+                }
+                offset = 0;
+                hasher = Sha256::new();
+                state.done.store(0, Ordering::Relaxed);
+                tokio::fs::File::create(&part).await
+            }
+            416 => {
+                let _ = std::fs::remove_file(&part);
+                return Err("cloud refused the resume range (416); starting over".into());
+            }
+            s => return Err(format!("download of {url}: cloud answered {s}")),
+        }
+        .map_err(|e| format!("cannot open {}: {e}", part.display()))?;
+        let mut body = resp.into_body();
+        let mut got = offset;
+        loop {
+            let frame = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let _ = file.flush().await;
+                    return Err("relay shutting down; the download resumes at the next start".into());
+                }
+                f = tokio::time::timeout(STALL, body.frame()) => f,
+            };
+            let frame = match frame {
+                Err(_) => {
+                    return Err(format!(
+                        "no data from the cloud for {}s; will resume",
+                        STALL.as_secs()
+                    ));
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    return Err(format!("download broke at byte {got}: {e}; will resume"));
+                }
+                Ok(Some(Ok(f))) => f,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if got + data.len() as u64 > size {
+                drop(file);
+                let _ = std::fs::remove_file(&part);
+                return Err(format!(
+                    "cloud sent more than the listed {size} bytes; discarded"
+                ));
+            }
+            limiter.take(data.len()).await;
+            file.write_all(&data)
+                .await
+                .map_err(|e| format!("cannot write {}: {e}", part.display()))?;
+            hasher.update(&data);
+            got += data.len() as u64;
+            state.done.store(got, Ordering::Relaxed);
+            catalog
+                .stats
+                .bytes_fetched
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        file.flush().await.map_err(|e| e.to_string())?;
+        file.sync_all()
+            .await
+            .map_err(|e| format!("cannot fsync {}: {e}", part.display()))?;
+        if got != size {
+            return Err(format!(
+                "download ended at {got} of {size} bytes; will resume"
+            ));
+        }
+    }
+
+    let actual = hex(&hasher.finalize());
+    if actual != sha256 {
+        let _ = std::fs::remove_file(&part);
+        state.done.store(0, Ordering::Relaxed);
+        return Err(format!(
+            "SHA-256 mismatch: the manifest says {sha256}, the download is {actual}; discarded"
+        ));
+    }
+    std::fs::rename(&part, &done_path)
+        .map_err(|e| format!("cannot move the verified file into place: {e}"))?;
+    if let Some(dir) = done_path.parent()
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+fn content_range_start(h: &http::HeaderMap) -> Option<u64> {
+    let v = h.get(http::header::CONTENT_RANGE)?.to_str().ok()?;
+    let rest = v.strip_prefix("bytes ")?;
+    rest.split('-').next()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_parses() {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            http::header::CONTENT_RANGE,
+            "bytes 100-199/200".parse().unwrap(),
+        );
+        assert_eq!(content_range_start(&h), Some(100));
+        h.insert(http::header::CONTENT_RANGE, "bytes */200".parse().unwrap());
+        assert_eq!(content_range_start(&h), None);
+    }
+
+    #[tokio::test]
+    async fn rate_limit_paces() {
+        let rl = RateLimit::new(Some(100_000));
+        let t = Instant::now();
+        for _ in 0..3 {
+            rl.take(100_000).await;
+        }
+        // One second of burst, then 100 KB/s.
+        assert!(
+            t.elapsed() >= Duration::from_millis(1900),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+}

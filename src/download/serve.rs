@@ -1,0 +1,286 @@
+//! Serving cached image files to devices on the edge: GET and HEAD, one byte range (206, or 416 when
+//! it cannot be met), ETag from the SHA-256, Last-Modified, If-None-Match and If-Range. The file is
+//! streamed in fixed-size chunks, so memory per download stays the same whatever the file's size.
+
+use super::Catalog;
+use crate::proxy::{BoxError, EdgeBody, text_response};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
+use http_body_util::{BodyExt, Empty, StreamBody};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio_util::io::ReaderStream;
+
+const CHUNK: usize = 64 * 1024;
+
+/// Answers one request for a verified file.
+pub async fn serve(
+    catalog: &Arc<Catalog>,
+    method: &Method,
+    headers: &HeaderMap,
+    device_path: &str,
+    file: &Path,
+    sha256: &str,
+    size: u64,
+) -> Response<EdgeBody> {
+    if method != Method::GET && method != Method::HEAD {
+        let mut r = text_response(StatusCode::METHOD_NOT_ALLOWED, "image files are read-only");
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let etag = format!("\"{sha256}\"");
+    let modified = std::fs::metadata(file)
+        .and_then(|m| m.modified())
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let mut base = Response::builder()
+        .header(header::ETAG, &etag)
+        .header(header::LAST_MODIFIED, http_date(modified))
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CONTENT_TYPE, content_type(device_path));
+
+    if let Some(inm) = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        && inm.split(',').any(|t| {
+            t.trim() == etag || t.trim() == "*" || t.trim().trim_start_matches("W/") == etag
+        })
+    {
+        return finish(
+            base.status(StatusCode::NOT_MODIFIED),
+            Empty::new().map_err(|n| match n {}).boxed(),
+        );
+    }
+
+    // A Range applies only when If-Range (if any) still names this exact file.
+    let if_range_ok = headers
+        .get(header::IF_RANGE)
+        .map(|v| v.to_str().map(|s| s.trim() == etag).unwrap_or(false))
+        .unwrap_or(true);
+    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        Some(r) if if_range_ok => match parse_range(r, size) {
+            RangeSpec::None => None,
+            RangeSpec::Unsatisfiable => {
+                let r = base
+                    .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                    .header(header::CONTENT_RANGE, format!("bytes */{size}"));
+                return finish(r, Empty::new().map_err(|n| match n {}).boxed());
+            }
+            RangeSpec::Range(a, b) => Some((a, b)),
+        },
+        _ => None,
+    };
+    let (status, start, len) = match range {
+        Some((a, b)) => {
+            base = base.header(header::CONTENT_RANGE, format!("bytes {a}-{b}/{size}"));
+            (StatusCode::PARTIAL_CONTENT, a, b - a + 1)
+        }
+        None => (StatusCode::OK, 0, size),
+    };
+    base = base.status(status).header(header::CONTENT_LENGTH, len);
+    if method == Method::HEAD {
+        return finish(base, Empty::new().map_err(|n| match n {}).boxed());
+    }
+    // The cap on devices downloading at once: past it, ask them to come back.
+    let Ok(permit) = catalog.serving.clone().try_acquire_owned() else {
+        catalog.stats.refused_busy.fetch_add(1, Ordering::Relaxed);
+        let mut r = text_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many devices are downloading images; retry shortly",
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
+        return r;
+    };
+    let mut f = match tokio::fs::File::open(file).await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(file = %file.display(), error = %e, "cannot open a synced image file");
+            return text_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cached image file unreadable",
+            );
+        }
+    };
+    if start > 0 && f.seek(std::io::SeekFrom::Start(start)).await.is_err() {
+        return text_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cached image file unreadable",
+        );
+    }
+    let stats = catalog.clone();
+    stats.stats.downloads_active.fetch_add(1, Ordering::Relaxed);
+    stats.stats.downloads_total.fetch_add(1, Ordering::Relaxed);
+    let guard = ActiveGuard {
+        catalog: catalog.clone(),
+        _permit: permit,
+    };
+    let stream = ReaderStream::with_capacity(f.take(len), CHUNK).map(move |chunk| {
+        let _keep = &guard;
+        chunk
+            .map(|b: Bytes| {
+                _keep
+                    .catalog
+                    .stats
+                    .bytes_served
+                    .fetch_add(b.len() as u64, Ordering::Relaxed);
+                hyper::body::Frame::data(b)
+            })
+            .map_err(|e| Box::new(e) as BoxError)
+    });
+    finish(base, BodyExt::boxed(StreamBody::new(stream)))
+}
+
+/// Ends an active download when the body is done or the device goes away.
+struct ActiveGuard {
+    catalog: Arc<Catalog>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.catalog
+            .stats
+            .downloads_active
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn finish(b: http::response::Builder, body: EdgeBody) -> Response<EdgeBody> {
+    b.body(body)
+        .unwrap_or_else(|e| text_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()))
+}
+
+enum RangeSpec {
+    None,
+    Unsatisfiable,
+    /// Inclusive first and last byte.
+    Range(u64, u64),
+}
+
+/// One byte range per RFC 9110 §14.1.2. Several ranges are answered with the whole file.
+fn parse_range(v: &str, size: u64) -> RangeSpec {
+    let Some(spec) = v.trim().strip_prefix("bytes=") else {
+        return RangeSpec::None;
+    };
+    if spec.contains(',') {
+        return RangeSpec::None;
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return RangeSpec::None;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    if a.is_empty() {
+        // The last b bytes.
+        let Ok(n) = b.parse::<u64>() else {
+            return RangeSpec::None;
+        };
+        if n == 0 || size == 0 {
+            return RangeSpec::Unsatisfiable;
+        }
+        return RangeSpec::Range(size.saturating_sub(n), size - 1);
+    }
+    let Ok(first) = a.parse::<u64>() else {
+        return RangeSpec::None;
+    };
+    let last = if b.is_empty() {
+        size.saturating_sub(1)
+    } else {
+        match b.parse::<u64>() {
+            Ok(l) if l >= first => l.min(size.saturating_sub(1)),
+            _ => return RangeSpec::None,
+        }
+    };
+    if first >= size {
+        RangeSpec::Unsatisfiable
+    } else {
+        RangeSpec::Range(first, last)
+    }
+}
+
+fn content_type(path: &str) -> &'static str {
+    let lower = path.to_ascii_lowercase();
+    match lower.rsplit('.').next().unwrap_or("") {
+        "cfg" | "xml" => "application/xml",
+        "zip" => "application/zip",
+        "gz" | "tgz" => "application/gzip",
+        "tar" => "application/x-tar",
+        "txt" | "log" => "text/plain",
+        "json" => "application/json",
+        _ => "application/octet-stream",
+    }
+}
+
+/// An IMF-fixdate, e.g. `Sun, 06 Nov 1994 08:49:37 GMT`.
+pub fn http_date(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const WD: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MON: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{}, {:02} {} {} {:02}:{:02}:{:02} GMT",
+        WD[days.rem_euclid(7) as usize],
+        day,
+        MON[(month - 1) as usize],
+        year,
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        let r = |s: &str| match parse_range(s, 1000) {
+            RangeSpec::None => "none".to_string(),
+            RangeSpec::Unsatisfiable => "416".to_string(),
+            RangeSpec::Range(a, b) => format!("{a}-{b}"),
+        };
+        assert_eq!(r("bytes=0-99"), "0-99");
+        assert_eq!(r("bytes=900-"), "900-999");
+        assert_eq!(r("bytes=-100"), "900-999");
+        assert_eq!(r("bytes=-5000"), "0-999");
+        assert_eq!(r("bytes=990-5000"), "990-999");
+        assert_eq!(r("bytes=1000-"), "416");
+        assert_eq!(r("bytes=-0"), "416");
+        assert_eq!(r("bytes=5-1"), "none");
+        assert_eq!(r("bytes=0-1,5-6"), "none");
+        assert_eq!(r("items=0-1"), "none");
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(
+            http_date(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(784_111_777)),
+            "Sun, 06 Nov 1994 08:49:37 GMT"
+        );
+        assert_eq!(
+            http_date(SystemTime::UNIX_EPOCH),
+            "Thu, 01 Jan 1970 00:00:00 GMT"
+        );
+    }
+}
