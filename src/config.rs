@@ -124,6 +124,7 @@ struct RawImages {
     max_downloads: Option<usize>,
     min_free: Option<String>,
     sync_interval: Option<String>,
+    sync_window: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -362,6 +363,69 @@ pub struct ImagesConfig {
     pub min_free: u64,
     /// How often the manifest is fetched even without a hint from the cloud.
     pub sync_interval: Duration,
+    /// Local-time window in which downloads from the cloud may run; always when absent.
+    pub sync_window: Option<SyncWindow>,
+}
+
+/// A daily window in local time, `"22:00-06:00"`; it may wrap past midnight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncWindow {
+    /// Minutes after local midnight.
+    pub start: u32,
+    pub end: u32,
+}
+
+impl SyncWindow {
+    pub fn parse(s: &str) -> Result<SyncWindow, String> {
+        let hm = |t: &str| -> Option<u32> {
+            let (h, m) = t.trim().split_once(':')?;
+            let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+            (h < 24 && m < 60).then_some(h * 60 + m)
+        };
+        let bad = || format!("{s:?} is not a window like \"22:00-06:00\" (local time)");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let (start, end) = (hm(a).ok_or_else(bad)?, hm(b).ok_or_else(bad)?);
+        if start == end {
+            return Err(format!("{s:?} is empty: start and end are the same"));
+        }
+        Ok(SyncWindow { start, end })
+    }
+
+    pub fn contains(&self, minute_of_day: u32) -> bool {
+        if self.start < self.end {
+            (self.start..self.end).contains(&minute_of_day)
+        } else {
+            minute_of_day >= self.start || minute_of_day < self.end
+        }
+    }
+
+    /// Minutes until the window next opens (0 when open now).
+    pub fn minutes_until_open(&self, minute_of_day: u32) -> u32 {
+        if self.contains(minute_of_day) {
+            0
+        } else {
+            (self.start + 1440 - minute_of_day) % 1440
+        }
+    }
+
+    /// Minutes after local midnight, now.
+    pub fn now_local() -> u32 {
+        let z = jiff::ZonedDateTime::now();
+        z.hour() as u32 * 60 + z.minute() as u32
+    }
+}
+
+impl fmt::Display for SyncWindow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:02}:{:02}-{:02}:{:02}",
+            self.start / 60,
+            self.start % 60,
+            self.end / 60,
+            self.end % 60
+        )
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -704,6 +768,12 @@ impl Config {
                         None => 512 * 1000 * 1000,
                         Some(v) => parse_bytes(v).map_err(|m| err("images.min_free", m))?,
                     },
+                    sync_window: i
+                        .sync_window
+                        .as_deref()
+                        .map(SyncWindow::parse)
+                        .transpose()
+                        .map_err(|m| err("images.sync_window", m))?,
                     sync_interval: dur(
                         "images.sync_interval",
                         &i.sync_interval,
@@ -1015,6 +1085,26 @@ admin_password = "789"
             e.to_string().starts_with("/etc/ucrelay/relay.toml: "),
             "{e}"
         );
+    }
+
+    #[test]
+    fn sync_windows() {
+        let w = SyncWindow::parse("22:00-06:00").unwrap();
+        assert!(
+            w.contains(23 * 60)
+                && w.contains(5 * 60 + 59)
+                && !w.contains(6 * 60)
+                && !w.contains(12 * 60)
+        );
+        assert_eq!(w.minutes_until_open(21 * 60), 60);
+        assert_eq!(w.minutes_until_open(23 * 60), 0);
+        let day = SyncWindow::parse("09:30-17:00").unwrap();
+        assert!(day.contains(9 * 60 + 30) && !day.contains(17 * 60));
+        assert_eq!(day.minutes_until_open(18 * 60), 15 * 60 + 30);
+        assert_eq!(day.to_string(), "09:30-17:00");
+        for bad in ["22-06", "25:00-01:00", "10:00-10:00", "x"] {
+            assert!(SyncWindow::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -178,8 +178,10 @@ async fn images(
             })
         }
         Some(ImagesAction::Sync { wait }) => {
-            let before: CatalogReport = get_json(socket, "/v1/images").await?;
-            let _: serde_json::Value = call_json(socket, post.clone(), "/v1/images/sync").await?;
+            let asked: serde_json::Value =
+                call_json(socket, post.clone(), "/v1/images/sync").await?;
+            // Our round is the first to start after the request; wait until it has finished.
+            let our_round = asked["rounds_started"].as_u64().unwrap_or(0) + 1;
             if !wait {
                 println!("sync started; `ucrelay images` shows progress");
                 return Ok(ExitCode::SUCCESS);
@@ -204,9 +206,7 @@ async fn images(
                     }
                     last_line = line;
                 }
-                if r.sync_rounds > before.sync_rounds
-                    && r.images.iter().all(|i| i.state != "syncing")
-                {
+                if r.sync_rounds >= our_round && r.images.iter().all(|i| i.state != "syncing") {
                     if tty {
                         println!();
                     }

@@ -93,7 +93,7 @@ pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken)
                 tracing::debug!(seq, "heartbeat ok");
                 // The cloud's image list changed: the download agent looks now.
                 if let Some(cat) = &ctx.images
-                    && resp.images_revision != cat.revision()
+                    && cat.is_new_revision(resp.images_revision)
                 {
                     cat.wake.notify_one();
                 }

@@ -91,7 +91,7 @@ pub async fn sync_file(
     let mut backoff = crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     let mut last = String::new();
     for attempt in 1..=ATTEMPTS {
-        if shutdown.is_cancelled() {
+        if shutdown.is_cancelled() || !in_window(catalog) {
             return false;
         }
         match download(ctx, catalog, limiter, sha256, size, url, shutdown).await {
@@ -287,6 +287,10 @@ async fn download(
                     "cloud sent more than the listed {size} bytes; discarded"
                 ));
             }
+            if !in_window(catalog) {
+                let _ = file.flush().await;
+                return Err("the sync window closed; the download resumes when it opens".into());
+            }
             limiter.take(data.len()).await;
             file.write_all(&data)
                 .await
@@ -326,6 +330,13 @@ async fn download(
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+fn in_window(catalog: &Catalog) -> bool {
+    catalog
+        .cfg
+        .sync_window
+        .is_none_or(|w| w.contains(crate::config::SyncWindow::now_local()))
 }
 
 fn content_range_start(h: &http::HeaderMap) -> Option<u64> {

@@ -110,6 +110,7 @@ mod tests {
             max_downloads: 100,
             min_free: 0,
             sync_interval: std::time::Duration::from_secs(3600),
+            sync_window: None,
         }
     }
 

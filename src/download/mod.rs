@@ -63,8 +63,11 @@ struct Inner {
     paths: HashMap<String, String>,
     refused: Option<String>,
     last_sync: Option<(SystemTime, Result<(), String>)>,
-    /// Sync rounds finished since start (lets `images sync --wait` see its round end).
+    /// Sync rounds started and finished since start (lets `images sync --wait` find its round).
+    rounds_started: u64,
     rounds: u64,
+    /// The revision of the last refused manifest, so a heartbeat repeating it does not refetch it.
+    refused_revision: Option<u64>,
 }
 
 /// Counters for the image serving side, shown in status.
@@ -237,6 +240,20 @@ impl Catalog {
             .revision
     }
 
+    /// Whether a revision the cloud announces is news: neither applied nor already refused.
+    pub fn is_new_revision(&self, revision: u64) -> bool {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        revision != inner.manifest.revision && Some(revision) != inner.refused_revision
+    }
+
+    /// Sync rounds started so far; a round numbered above this one starts after the call.
+    pub fn rounds_started(&self) -> u64 {
+        self.inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .rounds_started
+    }
+
     /// Per-image states for heartbeats and `ucrelay images`.
     pub fn report(&self) -> CatalogReport {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
@@ -385,6 +402,7 @@ impl Catalog {
             inner.paths = paths;
             inner.manifest = m;
             inner.refused = None;
+            inner.refused_revision = None;
             dropped
         };
         for sha in dropped {
@@ -396,12 +414,11 @@ impl Catalog {
         Ok(())
     }
 
-    fn refuse(&self, store: &crate::store::Store, why: &str) -> Result<()> {
+    fn refuse(&self, store: &crate::store::Store, revision: u64, why: &str) -> Result<()> {
         store.set_image_meta("refused", Some(why.as_bytes()))?;
-        self.inner
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .refused = Some(why.to_string());
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        inner.refused = Some(why.to_string());
+        inner.refused_revision = Some(revision);
         Ok(())
     }
 
@@ -544,9 +561,21 @@ pub async fn run(ctx: Ctx, catalog: Arc<Catalog>, shutdown: CancellationToken) -
             }
             Ok(false) => retry.next_delay().min(catalog.cfg.sync_interval),
             Err(e) => {
-                warn!(error = %e, "image sync failed");
+                warn!(error = %e, "image sync did not finish");
                 retry.next_delay().min(catalog.cfg.sync_interval)
             }
+        };
+        // Outside the sync window, look again when it opens.
+        let wait = match catalog.cfg.sync_window {
+            Some(w) if !catalog.pending().is_empty() => {
+                let until = w.minutes_until_open(crate::config::SyncWindow::now_local());
+                if until > 0 {
+                    Duration::from_secs(u64::from(until) * 60)
+                } else {
+                    wait
+                }
+            }
+            _ => wait,
         };
         catalog.note_sync(outcome.map(|_| ()).map_err(|e| e.to_string()));
         tokio::select! {
@@ -569,6 +598,11 @@ async fn sync_once(
     limiter: &fetch::RateLimit,
     shutdown: &CancellationToken,
 ) -> Result<bool, String> {
+    catalog
+        .inner
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .rounds_started += 1;
     let Some(session) = ctx.sessions.current() else {
         return Err("not registered with the cloud yet".into());
     };
@@ -589,7 +623,8 @@ async fn sync_once(
     if let Err(why) = manifest::validate(&manifest, &catalog.cfg) {
         warn!(revision = manifest.revision, reason = %why, "image manifest refused; the previous one stays");
         let (c, w) = (catalog.clone(), why.clone());
-        let _ = store.run(move |s| c.refuse(s, &w)).await;
+        let rev = manifest.revision;
+        let _ = store.run(move |s| c.refuse(s, rev, &w)).await;
         return Err(format!("manifest refused: {why}"));
     }
     if manifest.revision != catalog.revision()
@@ -611,6 +646,14 @@ async fn sync_once(
     let pending = catalog.pending();
     if pending.is_empty() {
         return Ok(true);
+    }
+    if let Some(w) = catalog.cfg.sync_window
+        && !w.contains(crate::config::SyncWindow::now_local())
+    {
+        return Err(format!(
+            "{} files wait for the sync window {w} (local time)",
+            pending.len()
+        ));
     }
     let slots = Arc::new(Semaphore::new(catalog.cfg.parallel));
     let mut set = tokio::task::JoinSet::new();

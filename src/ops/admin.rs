@@ -89,10 +89,15 @@ async fn images(State(ctx): State<Ctx>) -> Result<Json<crate::download::CatalogR
 
 async fn images_sync(State(ctx): State<Ctx>) -> Result<Json<serde_json::Value>, ApiError> {
     let cat = ctx.images.as_ref().ok_or_else(no_images)?;
+    // Read before waking the agent: the round this request asks for is the first one numbered
+    // above this, whether or not a round is running now.
+    let started = cat.rounds_started();
     cat.wake.notify_one();
-    Ok(Json(
-        serde_json::json!({"triggered": true, "revision": cat.revision()}),
-    ))
+    Ok(Json(serde_json::json!({
+        "triggered": true,
+        "revision": cat.revision(),
+        "rounds_started": started,
+    })))
 }
 
 async fn images_verify(State(ctx): State<Ctx>) -> Result<Json<serde_json::Value>, ApiError> {

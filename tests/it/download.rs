@@ -315,6 +315,12 @@ impl Node {
         );
     }
 
+    async fn wait_status_healthy(&self) -> Value {
+        self.relay
+            .wait_status("relay healthy", |s| s["healthy"] == true)
+            .await
+    }
+
     fn cached(&self, sha256: &str) -> PathBuf {
         self.cache.join("files").join(sha256)
     }
@@ -501,7 +507,8 @@ async fn sigkill_mid_file_resumes_without_refetching() {
     let fx = Fx::new().await;
     let data = fx.publish("big.bin", 6_000_000);
     let size = data.len() as u64;
-    fx.faults(json!({"rate_bytes_per_s": 2_000_000})).await;
+    // Slow enough that the checks below happen well before the file completes.
+    fx.faults(json!({"rate_bytes_per_s": 1_000_000})).await;
     let cfg = fx.config("relay", "");
     let mut node = fx.start(&cfg).await;
 
@@ -593,14 +600,6 @@ async fn corrupt_upstream_file_fails_and_is_never_served_then_recovers() {
     assert!(status["problems"].as_array().unwrap().is_empty());
 }
 
-impl Node {
-    async fn wait_status_healthy(&self) -> Value {
-        self.relay
-            .wait_status("relay healthy", |s| s["healthy"] == true)
-            .await
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // 4. A manifest over quota is refused whole.
 
@@ -682,7 +681,7 @@ async fn tls_connect(connector: &tokio_rustls::TlsConnector, port: u16) -> Tls {
 async fn a_hundred_devices_download_one_file_at_once() {
     const N: usize = 100;
     let fx = Fx::new().await;
-    let data = Arc::new(fx.publish("sip.ld", 1024 * 1024));
+    let data = Arc::new(fx.publish("sip.ld", 512 * 1024));
     let want = hex_sha256(&data);
     let node = fx.start(&fx.config("relay", "")).await;
     node.wait_synced(&["sip.ld"], SYNC_LIMIT).await;
@@ -777,7 +776,7 @@ async fn no_free_disk_fails_the_file_and_the_daemon_keeps_running() {
         problems.contains("fw.bin") && problems.contains("free disk"),
         "status explains it: {problems}"
     );
-    assert_eq!(status["cloud"]["channel"], "connected", "{status}");
+    assert_eq!(status["cloud"]["registered"], true, "{status}");
     node.assert_not_ready("/images/fw.bin", &data).await;
     assert_eq!(
         fx.served("fw.bin").await["bytes_served"],
