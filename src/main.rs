@@ -18,7 +18,7 @@ fn main() -> ExitCode {
         Command::Demo(_) => "error",
         _ => "warn",
     };
-    init_logging(cli.log_format, default_level);
+    let _log_guard = init_logging(cli.log_format, default_level);
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -28,17 +28,35 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat, default_level: &str) {
+/// Logs go to stderr through a background writer: a request never waits on a log write (one
+/// access line per device request would otherwise be a syscall on the request path), and lines are
+/// batched. Nothing is dropped: a full buffer makes the logger wait. The guard flushes on exit.
+fn init_logging(
+    format: LogFormat,
+    default_level: &str,
+) -> tracing_appender::non_blocking::WorkerGuard {
     use std::io::IsTerminal;
+    // rustls warns on every handshake whose SNI is an IP address (scanners, phones configured
+    // with the relay's IP); that is the client's business, not an operator's.
+    let default = format!("{default_level},rustls=error");
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(64 * 1024)
+        .thread_name("ucrelay-log")
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
+    guard
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -19,20 +19,27 @@ pub struct Upstream {
     base: CloudUrl,
     client: Client<Connector, Incoming>,
     timeout: Duration,
+    // Worked out once, not per request.
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    host: HeaderValue,
 }
 
 /// Headers that describe one connection, not the message: never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 impl Upstream {
     pub fn new(cfg: &ProvisioningConfig) -> anyhow::Result<Upstream> {
@@ -52,11 +59,40 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
             .build(https);
+        let bad = |e: String| anyhow::anyhow!("provisioning.upstream: {e}");
         Ok(Upstream {
+            scheme: if base.tls {
+                http::uri::Scheme::HTTPS
+            } else {
+                http::uri::Scheme::HTTP
+            },
+            authority: base
+                .connect_target()
+                .parse()
+                .map_err(|e| bad(format!("{e}")))?,
+            host: HeaderValue::from_str(&base.authority()).map_err(|e| bad(format!("{e}")))?,
             base,
             client,
             timeout: cfg.timeout,
         })
+    }
+
+    /// The upstream URI for a request: the device's path and query, unchanged, after the
+    /// upstream's base path (none, usually, so the path is reused as it is).
+    fn upstream_uri(&self, uri: &http::Uri) -> Result<http::Uri, String> {
+        let pq = match (self.base.base_path.is_empty(), uri.path_and_query()) {
+            (true, Some(pq)) => pq.clone(),
+            (true, None) => http::uri::PathAndQuery::from_static("/"),
+            (false, pq) => {
+                let tail = pq.map(|p| p.as_str()).unwrap_or("/");
+                self.base.path(tail).parse().map_err(|e| format!("{e}"))?
+            }
+        };
+        let mut p = http::uri::Parts::default();
+        p.scheme = Some(self.scheme.clone());
+        p.authority = Some(self.authority.clone());
+        p.path_and_query = Some(pq);
+        http::Uri::from_parts(p).map_err(|e| e.to_string())
     }
 
     pub fn describe(&self) -> String {
@@ -71,17 +107,15 @@ impl Upstream {
         proto: &'static str,
     ) -> Response<EdgeBody> {
         let (parts, body) = req.into_parts();
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        let scheme = if self.base.tls { "https" } else { "http" };
-        let uri = format!(
-            "{scheme}://{}{}",
-            self.base.authority(),
-            self.base.path(path_and_query)
-        );
+        let uri = match self.upstream_uri(&parts.uri) {
+            Ok(u) => u,
+            Err(e) => {
+                return text_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!("cannot forward this request: {e}"),
+                );
+            }
+        };
         let mut headers = parts.headers;
         let original_host = headers.get(header::HOST).cloned();
         strip_hop_by_hop(&mut headers);
@@ -89,22 +123,17 @@ impl Upstream {
         headers.remove(header::EXPECT);
         headers.remove(header::HOST);
         append_forwarded_for(&mut headers, client_ip);
-        headers.insert(
-            HeaderName::from_static("x-forwarded-proto"),
-            HeaderValue::from_static(proto),
-        );
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         if let Some(h) = original_host {
-            headers.insert(HeaderName::from_static("x-forwarded-host"), h);
+            headers.insert(X_FORWARDED_HOST, h);
         }
+        headers.insert(header::HOST, self.host.clone());
         let mut builder = Request::builder()
             .method(parts.method)
-            .uri(&uri)
+            .uri(uri)
             .version(http::Version::HTTP_11);
         if let Some(h) = builder.headers_mut() {
             *h = headers;
-            if let Ok(v) = HeaderValue::from_str(&self.base.authority()) {
-                h.insert(header::HOST, v);
-            }
         }
         let up_req = match builder.body(body) {
             Ok(r) => r,
@@ -157,21 +186,26 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Removes hop-by-hop headers, including any the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-        .collect();
-    for name in HOP_BY_HOP.iter().copied().map(str::to_string).chain(named) {
-        headers.remove(name.as_str());
+    // Names listed in Connection are hop-by-hop too; most requests carry none.
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
     }
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
-    let name = HeaderName::from_static("x-forwarded-for");
+    let name = X_FORWARDED_FOR;
     let value = match headers.get(&name).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
         _ => ip.to_string(),
