@@ -10,7 +10,10 @@
 #   BENCH_CONNS="16 256"   connection counts
 #   BENCH_DURATION=10s     measured wrk run per row
 #   BENCH_WARMUP=2s        unmeasured wrk run before each measured one
+#   BENCH_ROUNDS=3         rounds of the whole nginx/ucrelay alternation; the table shows medians
 #   BENCH_THREADS=2        wrk threads
+#   BENCH_NICE=-10         niceness of everything measured (as root; 0 to leave it alone), so that
+#                          niced background work (builds, test suites) gets out of the way
 #   BENCH_KEEP=1           keep the temp dir (configs, logs, raw wrk output) and print its path
 #
 # A benchmark, not a test: it never judges the numbers and exits 0 whatever they are. It exits
@@ -23,6 +26,7 @@ repo=$(cd "$here/.." && pwd)
 conns_list=${BENCH_CONNS:-16 256}
 duration=${BENCH_DURATION:-10s}
 warmup=${BENCH_WARMUP:-2s}
+rounds=${BENCH_ROUNDS:-3}
 threads=${BENCH_THREADS:-2}
 fqdn=relay.bench.test
 file=000000000000.cfg
@@ -123,7 +127,9 @@ fetch_ok() { # url [curl args...]
 # 1. Build.
 say "building the release binary (cargo build --release --locked)"
 (cd "$repo" && cargo build --release --locked) >&2
-bin=$repo/target/release/ucrelay
+target_dir=${CARGO_TARGET_DIR:-target}
+[[ $target_dir == /* ]] || target_dir=$repo/$target_dir
+bin=$target_dir/release/ucrelay
 [[ -x $bin ]] || die "$bin not found after the build"
 
 # 2. Tools.
@@ -133,14 +139,23 @@ if ! command -v wrk >/dev/null; then
         apt-get update >/dev/null && apt-get install -y wrk >/dev/null
     fi
 fi
-command -v nginx >/dev/null || {
+if ! command -v nginx >/dev/null; then
     say "installing nginx"
-    apt-get install -y nginx-light >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y nginx >/dev/null; }
-}
+    if ! apt-get install -y nginx >/dev/null 2>&1; then
+        apt-get update >/dev/null && apt-get install -y nginx >/dev/null
+    fi
+fi
 for t in wrk nginx openssl curl; do
     command -v "$t" >/dev/null || die "$t is required"
 done
 ulimit -n 65536 2>/dev/null || true
+
+# From here on every process inherits this niceness; the build above kept the default.
+bench_nice=${BENCH_NICE:--10}
+[[ $(id -u) == 0 ]] || bench_nice=${BENCH_NICE:-0}
+if [[ $bench_nice != 0 ]]; then
+    renice --priority "$bench_nice" -p $$ >/dev/null 2>&1 || say "could not renice to $bench_nice; running at the default priority"
+fi
 
 tmp=$(mktemp -d /tmp/ucrelay-bench.XXXXXX)
 mkdir -p "$tmp/www" "$tmp/logs" "$tmp/raw"
@@ -376,6 +391,20 @@ server_pids() { # relay|nginx
     fi
 }
 
+# CPU ticks of the whole machine, busy and total, from /proc/stat.
+machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
+# CPU ticks of everything this script runs: its long-lived children (and nginx workers), plus
+# itself and every child it has reaped (wrk, curl, awk...).
+own_ticks() {
+    local all=() p f
+    for p in "${pids[@]}"; do
+        all+=("$p")
+        mapfile -t -O "${#all[@]}" all < <(pgrep -P "$p" || true)
+    done
+    read -r -a f <<<"$(sed 's/^.*) //' "/proc/$$/stat")"
+    echo $(($(cpu_ticks "${all[@]}") + f[11] + f[12] + f[13] + f[14]))
+}
+
 to_ms() { # "1.23ms" / "456.78us" / "1.02s" / "2.00m" -> milliseconds
     awk -v v="$1" 'BEGIN {
         if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
@@ -395,20 +424,34 @@ run_wrk() { # out-file wrk-args...: wrk as a recorded child, waited on
     return "$rc"
 }
 
-rows=() # tab-separated: label kind mode conns rps p50 p99 errors cpu_us_per_req rss_kb
-measure() { # label kind(relay|nginx) mode(log|nolog) port conns
-    local label=$1 kind=$2 mode=$3 port=$4 n=$5
+# One line per measured run, tab-separated:
+#   label kind mode conns round req/s p50_ms p99_ms errors server_cpu_us_per_req peak_rss_kb other_cpu_%
+rows=$tmp/rows.tsv
+: >"$rows"
+measure() { # label kind(relay|nginx) mode(log|nolog) port conns round
+    local label=$1 kind=$2 mode=$3 port=$4 n=$5 round=$6
     local url=https://127.0.0.1:$port/$file
-    local raw=$tmp/raw/$kind-$mode-$n.txt
-    say "$label, $n connections: warm-up $warmup, then $duration"
+    local raw=$tmp/raw/$kind-$mode-$n-$round.txt
+    say "round $round/$rounds: $label, $n connections: warm-up $warmup, then $duration"
     run_wrk "$tmp/raw/warmup.txt" -t"$threads" -c"$n" -d"$warmup" "$url" || true
     local sp
     read -r -a sp <<<"$(server_pids "$kind")"
     reset_peak_rss "${sp[@]}"
-    local c0 c1
+    local c0 c1 m0 m1 o0 o1
     c0=$(cpu_ticks "${sp[@]}")
+    read -r -a m0 <<<"$(machine_ticks)"
+    o0=$(own_ticks)
     run_wrk "$raw" -t"$threads" -c"$n" -d"$duration" --latency "$url" || say "wrk exited non-zero (see below)"
+    o1=$(own_ticks)
+    read -r -a m1 <<<"$(machine_ticks)"
     c1=$(cpu_ticks "${sp[@]}")
+    # Share of the machine's CPU that processes outside the benchmark took during the run.
+    local other
+    other=$(awk -v busy=$((m1[0] - m0[0])) -v total=$((m1[1] - m0[1])) -v own=$((o1 - o0)) \
+        'BEGIN { o = total > 0 ? (busy - own) * 100 / total : 0; printf "%.0f", o < 0 ? 0 : o }')
+    if ((other > 10)); then
+        say "other processes took ${other}% of the CPU during this run: its numbers are disturbed"
+    fi
     local rss
     rss=$(peak_rss_kb "${sp[@]}")
     local rps p50 p99 reqs non2xx sockerr
@@ -427,7 +470,8 @@ measure() { # label kind(relay|nginx) mode(log|nolog) port conns
     local cpu_us
     cpu_us=$(awk -v t=$((c1 - c0)) -v hz="$clk_tck" -v r="${reqs:-0}" \
         'BEGIN { if (r > 0) printf "%.0f", t * 1e6 / hz / r; else printf "n/a" }')
-    rows+=("$label	$kind	$mode	$n	${rps:-0}	$(to_ms "${p50:-nan}")	$(to_ms "${p99:-nan}")	$errors	$cpu_us	$rss")
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$kind" "$mode" "$n" "$round" \
+        "${rps:-0}" "$(to_ms "${p50:-nan}")" "$(to_ms "${p99:-nan}")" "$errors" "$cpu_us" "$rss" "$other" >>"$rows"
 }
 
 tls_nginx=$(tls_info "$nginx_log_port")
@@ -444,10 +488,13 @@ for mode in log nolog; do
         relay_label="ucrelay, RUST_LOG=warn"
         nginx_label="nginx, access_log off"
     fi
-    # Alternate nginx and relay at each connection count so that drift hits both alike.
-    for n in $conns_list; do
-        measure "$nginx_label" nginx "$mode" "$nginx_port" "$n"
-        measure "$relay_label" relay "$mode" "$relay_port" "$n"
+    # Alternate nginx and relay at each connection count, round after round, so that drift and
+    # noisy neighbours hit both alike; the table reports the median of the rounds.
+    for ((round = 1; round <= rounds; round++)); do
+        for n in $conns_list; do
+            measure "$nginx_label" nginx "$mode" "$nginx_port" "$n" "$round"
+            measure "$relay_label" relay "$mode" "$relay_port" "$n" "$round"
+        done
     done
     stop_relay
 done
@@ -458,34 +505,45 @@ IFS='|' read -r nginx_fp nginx_certs nginx_tls <<<"$tls_nginx"
 IFS='|' read -r relay_fp relay_certs relay_tls <<<"$tls_relay"
 same_cert="yes"
 [[ -n $nginx_fp && $nginx_fp == "$relay_fp" && $nginx_certs == "$relay_certs" ]] || same_cert="NO"
-table() {
-    printf '| server | conns | req/s | p50 ms | p99 ms | req/s relay/nginx | p99 relay/nginx | errors | server CPU µs/req | peak RSS MiB |\n'
-    printf '|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n'
-    local mode n row nrow
-    for mode in log nolog; do
-        for n in $conns_list; do
-            nrow="" row=""
-            local r
-            for r in "${rows[@]}"; do
-                IFS=$'\t' read -r -a f <<<"$r"
-                [[ ${f[2]} == "$mode" && ${f[3]} == "$n" ]] || continue
-                [[ ${f[1]} == nginx ]] && nrow=$r || row=$r
-            done
-            local x
-            for x in "$nrow" "$row"; do
-                [[ -n $x ]] || continue
-                IFS=$'\t' read -r -a f <<<"$x"
-                IFS=$'\t' read -r -a g <<<"$nrow"
-                awk -v l="${f[0]}" -v k="${f[1]}" -v n="${f[3]}" -v rps="${f[4]}" -v p50="${f[5]}" \
-                    -v p99="${f[6]}" -v err="${f[7]}" -v cpu="${f[8]}" -v rss="${f[9]}" \
-                    -v nrps="${g[4]:-0}" -v np99="${g[6]:-0}" 'BEGIN {
-                        rr = (k == "relay" && nrps > 0) ? sprintf("%.2fx", rps / nrps) : "-"
-                        pr = (k == "relay" && np99 > 0 && p99 != "nan") ? sprintf("%.2fx", p99 / np99) : "-"
-                        printf "| %s | %s | %.0f | %.2f | %.2f | %s | %s | %s | %s | %.1f |\n",
-                            l, n, rps, p50, p99, rr, pr, err, cpu, rss / 1024 }'
-            done
-        done
-    done
+table() { # medians over the rounds; ratios from the medians
+    awk -F'\t' -v modes="log nolog" -v conns="$conns_list" '
+        function median(key, col,    n, i, j, v, a) {
+            n = cnt[key]
+            for (i = 1; i <= n; i++) a[i] = val[key, i, col] + 0
+            for (i = 2; i <= n; i++) { v = a[i]; for (j = i - 1; j >= 1 && a[j] > v; j--) a[j + 1] = a[j]; a[j + 1] = v }
+            return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+        }
+        function spread(key, col,    i, lo, hi, v) {
+            lo = hi = val[key, 1, col] + 0
+            for (i = 2; i <= cnt[key]; i++) { v = val[key, i, col] + 0; if (v < lo) lo = v; if (v > hi) hi = v }
+            return sprintf("%.0f–%.0f", lo, hi)
+        }
+        {
+            key = $3 SUBSEP $4 SUBSEP $2
+            label[key] = $1; i = ++cnt[key]
+            val[key, i, "rps"] = $6; val[key, i, "p50"] = $7; val[key, i, "p99"] = $8; val[key, i, "cpu"] = $10
+            err[key] += $9; if ($11 + 0 > rss[key]) rss[key] = $11 + 0
+            if ($12 + 0 > other[key]) other[key] = $12 + 0
+        }
+        END {
+            print "| server | conns | req/s | p50 ms | p99 ms | req/s relay/nginx | p99 relay/nginx | req/s range | errors | server CPU µs/req | peak RSS MiB | other CPU % |"
+            print "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+            nm = split(modes, M, " "); nc = split(conns, C, " ")
+            for (m = 1; m <= nm; m++) for (c = 1; c <= nc; c++) {
+                nk = M[m] SUBSEP C[c] SUBSEP "nginx"; rk = M[m] SUBSEP C[c] SUBSEP "relay"
+                if (!(nk in cnt) || !(rk in cnt)) continue
+                nrps = median(nk, "rps"); np99 = median(nk, "p99")
+                for (s = 1; s <= 2; s++) {
+                    k = s == 1 ? nk : rk
+                    rps = median(k, "rps"); p99 = median(k, "p99")
+                    rr = s == 2 && nrps > 0 ? sprintf("**%.2fx**", rps / nrps) : "-"
+                    pr = s == 2 && np99 > 0 ? sprintf("**%.2fx**", p99 / np99) : "-"
+                    printf "| %s | %s | %.0f | %.2f | %.2f | %s | %s | %s | %d | %.0f | %.1f | %d |\n", \
+                        label[k], C[c], rps, median(k, "p50"), p99, rr, pr, spread(k, "rps"), err[k], \
+                        median(k, "cpu"), rss[k] / 1024, other[k]
+                }
+            }
+        }' "$rows"
 }
 head_sha=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
 dirty=""
@@ -497,16 +555,21 @@ report=$(
 
 - when: $(date -u '+%Y-%m-%d %H:%M UTC'); ucrelay $head_sha$dirty, release build
 - machine: $(nproc) CPUs ($cpu_model), kernel $(uname -r); wrk, both proxies and the upstream share these CPUs
-- load: wrk $(dpkg-query -W -f '${Version}' wrk 2>/dev/null || echo '?'), $threads threads, $duration per row after a $warmup warm-up, GET of a 2048-byte \`$file\`, keep-alive
+- load: wrk $(dpkg-query -W -f '${Version}' wrk 2>/dev/null || echo '?'), $threads threads, $rounds rounds of $duration per row, each after a $warmup warm-up, GET of a 2048-byte \`$file\`, keep-alive
+- niceness of everything measured: $bench_nice
 - nginx $(nginx -v 2>&1 | sed 's/^nginx version: nginx\///'), worker_processes auto, upstream keepalive 64; ucrelay on tokio's default runtime ($(nproc) workers)
 - TLS as OpenSSL (wrk's library) negotiates it: nginx ${nginx_tls:-?}, ucrelay ${relay_tls:-?}; same certificate and chain on both: $same_cert (leaf SHA-256 ${relay_fp:0:23}…, ${relay_certs} certificates sent by ucrelay, ${nginx_certs} by nginx)
 
 $(table)
 
-Ratios are ucrelay / nginx at the same connection count and logging setting: req/s above 1.00x and
-p99 at or below 1.00x meet the target. "errors" counts non-2xx answers plus socket errors. Server CPU
-is utime+stime of the proxy's processes (nginx: master and workers) over the measured run, per
-request. Peak RSS is VmHWM over the measured run (nginx: summed over its processes).
+Each figure is the median over the rounds; "req/s range" is the lowest and highest round. Ratios
+are ucrelay / nginx (medians) at the same connection count and logging setting: req/s at or above
+1.00x and p99 at or below 1.00x meet the target. "errors" counts non-2xx answers plus socket errors
+over all rounds. Server CPU is utime+stime of the proxy's processes (nginx: master and workers)
+during the measured runs, per request. Peak RSS is the highest VmHWM of a measured run (nginx:
+summed over its processes, so shared pages count more than once). "other CPU %" is the largest
+share of the machine's CPU that processes outside the benchmark took during one of the row's runs
+(approximate): above about 10 the row was disturbed by other work and is worth rerunning.
 EOF
 )
 printf '%s\n' "$report"
