@@ -33,6 +33,9 @@ use tracing::{debug, info, warn};
 
 pub use forward::Upstream;
 
+/// Outgoing TLS bytes buffered per connection.
+const TLS_BUFFER: usize = 16 * 1024;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type EdgeBody = BoxBody<Bytes, BoxError>;
 
@@ -272,7 +275,10 @@ async fn connection(
             .await
         }
         Some(acceptor) => match tokio::time::timeout(deadline, acceptor.accept(io)).await {
-            Ok(Ok(tls_io)) => {
+            Ok(Ok(mut tls_io)) => {
+                // rustls buffers up to 64 KiB of outgoing data per connection by default; one
+                // record is enough to keep the socket busy and bounds memory per device.
+                tls_io.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
                 serve_http(
                     edge, tls_io, peer, "https", admitted, activity, started, shutdown,
                 )
