@@ -61,17 +61,23 @@ impl RateLimit {
 
 /// SHA-256 of a file, lower-case hex.
 pub fn hash_file(path: &std::path::Path) -> std::io::Result<String> {
+    Ok(hex(&hash_prefix(path)?.0.finalize()))
+}
+
+/// The running hash of everything in a file, and how many bytes that was (for resuming).
+fn hash_prefix(path: &std::path::Path) -> std::io::Result<(Sha256, u64)> {
     let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
     loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
+        let r = f.read(&mut buf)?;
+        if r == 0 {
+            return Ok((h, n));
         }
-        h.update(&buf[..n]);
+        h.update(&buf[..r]);
+        n += r as u64;
     }
-    Ok(hex(&h.finalize()))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -183,24 +189,10 @@ async fn download(
     let mut hasher = Sha256::new();
     if offset > 0 {
         let p = part.clone();
-        let (h, n) = tokio::task::spawn_blocking(move || -> std::io::Result<(Sha256, u64)> {
-            let mut f = std::fs::File::open(&p)?;
-            let mut h = Sha256::new();
-            let mut buf = vec![0u8; 1 << 20];
-            let mut n = 0u64;
-            loop {
-                let r = f.read(&mut buf)?;
-                if r == 0 {
-                    break;
-                }
-                h.update(&buf[..r]);
-                n += r as u64;
-            }
-            Ok((h, n))
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("cannot read the partial file: {e}"))?;
+        let (h, n) = tokio::task::spawn_blocking(move || hash_prefix(&p))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot read the partial file: {e}"))?;
         hasher = h;
         offset = n;
     }
