@@ -184,17 +184,7 @@ struct Reply {
 impl Reply {
     /// A header of the final response.
     fn header(&self, name: &str) -> Option<String> {
-        let last = self
-            .head
-            .split("\r\n\r\n")
-            .filter(|b| !b.trim().is_empty())
-            .last()?;
-        last.lines().skip(1).find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_string())
-        })
+        crate::support::final_header(&self.head, name)
     }
 }
 

@@ -279,3 +279,17 @@ pub async fn run_cli(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A header of the final response in curl's `-D` output (after any 100 Continue or 401).
+pub fn final_header(head: &str, name: &str) -> Option<String> {
+    let last = head
+        .split("\r\n\r\n")
+        .filter(|b| !b.trim().is_empty())
+        .last()?;
+    last.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
