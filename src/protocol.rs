@@ -15,6 +15,7 @@ pub const PATH_CHANNEL: &str = "/relay/v1/channel";
 pub const PATH_RESULTS: &str = "/relay/v1/results";
 pub const PATH_DEVICE_STATUS: &str = "/relay/v1/device-status";
 pub const PATH_IMAGES: &str = "/relay/v1/images";
+pub const PATH_DEVICES: &str = "/relay/v1/devices";
 
 /// `POST /relay/v1/register`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -111,6 +112,9 @@ pub struct HeartbeatResponse {
     /// Revision of the tenant's image manifest; a change tells the download agent to sync.
     #[serde(default)]
     pub images_revision: u64,
+    /// Revision of the tenant's device list; a change tells the relay to fetch `GET /relay/v1/devices`.
+    #[serde(default)]
+    pub devices_revision: u64,
     #[serde(default)]
     pub server_time: Option<String>,
 }
@@ -348,6 +352,10 @@ pub struct ResultRecord {
     pub payload: serde_json::Value,
     /// RFC 3339 time the relay finished the work.
     pub finished_at: String,
+    /// Set on a task's progress records (`name` = `task`, no `target`): the task's state and totals
+    /// at `finished_at`. The latest record by `progress.seq` wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<TaskProgress>,
 }
 
 /// `POST /relay/v1/results` (bearer token).
@@ -363,6 +371,150 @@ pub struct ResultsAck {
     /// How many of `accepted` the cloud had seen before (retries after a lost answer).
     #[serde(default)]
     pub duplicates: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device plane: commands and tasks against LAN devices, the cloud's device list, monitoring reports.
+
+/// Command names that act on one LAN device (`params.target` = `IP[:PORT]`), and task types.
+pub const DEVICE_COMMANDS: &[&str] = &[
+    "reboot",
+    "reset",
+    "dial",
+    "get_params",
+    "set_params",
+    "get_config",
+    "capture_screen",
+    "packet_capture",
+    "check_sync",
+];
+
+/// Name of the channel command that creates a scheduled task; its `params` are a [`TaskSpec`] and
+/// the command id is the task id.
+pub const TASK_COMMAND: &str = "task";
+/// Edit a task while it is still scheduled: params `{"task_id", ...TaskSpec fields to replace}`.
+pub const TASK_UPDATE_COMMAND: &str = "task_update";
+/// Cancel a task while it is still scheduled: params `{"task_id"}`.
+pub const TASK_CANCEL_COMMAND: &str = "task_cancel";
+
+/// A scheduled task as the cloud sends it (the `params` of a `task` command).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// Human name shown in `ucrelay tasks`; defaults to the type.
+    #[serde(default)]
+    pub name: String,
+    /// One of [`DEVICE_COMMANDS`].
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Devices, each `IP` or `IP:PORT`.
+    pub targets: Vec<String>,
+    /// The command parameters applied to every target (without `target`).
+    #[serde(default)]
+    pub payload: serde_json::Value,
+    /// RFC 3339 start time; absent or in the past = run now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+    /// Stop starting new targets once more than this percentage of finished targets failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_threshold_pct: Option<u8>,
+    /// Targets worked on at once (the relay caps it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+    /// Deadline per target, seconds (the relay's default when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_timeout_s: Option<u64>,
+}
+
+/// A task's state and totals, reported in `progress` records and shown by `ucrelay tasks`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TaskProgress {
+    /// Increases with every progress record of this task, so the cloud keeps the newest.
+    pub seq: u64,
+    /// `scheduled`, `executing`, `done`, `cancelled`, `halted` (failure threshold reached).
+    pub status: String,
+    pub total: u64,
+    pub success: u64,
+    pub failure: u64,
+    pub not_applicable: u64,
+    pub in_progress: u64,
+}
+
+/// One device in the cloud's device list (`GET /relay/v1/devices`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceEntry {
+    /// `IP` or `IP:PORT` of the device's REST API.
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct DeviceList {
+    pub revision: u64,
+    pub devices: Vec<DeviceEntry>,
+}
+
+/// One SIP line of a device as polled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LineStatus {
+    pub line: u32,
+    pub registered: bool,
+    #[serde(default)]
+    pub uri: String,
+}
+
+/// What one poll of a device found.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct DeviceReport {
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    pub online: bool,
+    /// Why the device counts as offline (or why a field is missing).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub model: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub firmware: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_s: Option<u64>,
+    /// RFC 3339: poll time minus uptime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reboot: Option<String>,
+    #[serde(default)]
+    pub lines: Vec<LineStatus>,
+    /// `idle`, or the state of the active call (`Connected`, `RingBack`, ...).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub call_state: String,
+    pub polled_at: String,
+}
+
+/// A change worth an operator's attention, raised by monitoring.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Alarm {
+    /// Stable id: the cloud de-duplicates retries by it.
+    pub id: String,
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// `device_offline`, `device_online`, `line_unregistered`, `line_registered`.
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<u32>,
+    pub message: String,
+    pub at: String,
+}
+
+/// `POST /relay/v1/device-status` (bearer token).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct DeviceStatusBatch {
+    #[serde(default)]
+    pub reports: Vec<DeviceReport>,
+    #[serde(default)]
+    pub alarms: Vec<Alarm>,
 }
 
 #[cfg(test)]
@@ -422,6 +574,7 @@ mod tests {
         round_trip(&HeartbeatResponse {
             next_interval_s: 120,
             images_revision: 3,
+            devices_revision: 2,
             server_time: None,
         });
     }
@@ -522,6 +675,7 @@ mod tests {
                 reason: "model has no such mode".into(),
                 payload: serde_json::json!({"a": 1}),
                 finished_at: "2026-01-01T00:00:00Z".into(),
+                progress: None,
             }],
         });
         round_trip(&ResultsAck {

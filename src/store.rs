@@ -313,6 +313,7 @@ mod tests {
             reason: String::new(),
             payload: serde_json::Value::Null,
             finished_at: "2026-01-01T00:00:00Z".into(),
+            progress: None,
         }
     }
 

@@ -86,6 +86,7 @@ fn record(
         reason: reason.into(),
         payload,
         finished_at: rfc3339(SystemTime::now()),
+        progress: None,
     }
 }
 

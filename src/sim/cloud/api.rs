@@ -455,6 +455,7 @@ async fn heartbeat_inner(
     Ok(Json(HeartbeatResponse {
         next_interval_s: interval_secs(shared),
         images_revision,
+        devices_revision: 0,
         server_time: server_time(shared),
     }))
 }

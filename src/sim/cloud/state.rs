@@ -745,6 +745,7 @@ mod tests {
             reason: String::new(),
             payload: serde_json::json!({"rtt_ms": 1}),
             finished_at: "2026-01-01T00:00:00Z".into(),
+            progress: None,
         }
     }
 
