@@ -36,6 +36,10 @@ pub enum Command {
     Status(StatusArgs),
     /// List the firmware images and their sync state; `images sync` and `images verify` act on them.
     Images(ImagesArgs),
+    /// List the devices the relay knows and what their last poll found (exit 1 when any is offline).
+    Devices(StatusArgs),
+    /// List scheduled tasks and their totals; `tasks show ID` lists each target's result.
+    Tasks(TasksArgs),
     /// Re-read the configuration and the certificate in the running relay (like SIGHUP), and say what changed.
     Reload(StatusArgs),
     /// Start a reference cloud and a relay on loopback and show them working together.
@@ -83,6 +87,23 @@ pub enum ImagesAction {
     },
     /// Re-hash every cached file; any that no longer matches is quarantined and fetched again.
     Verify,
+}
+
+#[derive(Args, Debug)]
+pub struct TasksArgs {
+    #[command(flatten)]
+    pub target: StatusArgs,
+    #[command(subcommand)]
+    pub action: Option<TasksAction>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TasksAction {
+    /// One task with the result of every target.
+    Show {
+        /// The task id the cloud gave the task.
+        id: String,
+    },
 }
 
 #[derive(Args, Debug, Clone)]

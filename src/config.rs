@@ -133,6 +133,14 @@ struct RawDevices {
     subnets: Option<Vec<String>>,
     poll_interval: Option<String>,
     admin_password: Option<String>,
+    admin_password_file: Option<PathBuf>,
+    scheme: Option<String>,
+    ca_file: Option<PathBuf>,
+    request_timeout: Option<String>,
+    poll_concurrency: Option<usize>,
+    task_concurrency: Option<usize>,
+    target_timeout: Option<String>,
+    monitoring: Option<bool>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -430,9 +438,40 @@ impl fmt::Display for SyncWindow {
 
 #[derive(Debug, Clone)]
 pub struct DevicesConfig {
+    /// False when relay.toml has no `[devices]` section: device commands are then answered
+    /// `not_applicable` and nothing is polled.
+    pub enabled: bool,
     pub subnets: Vec<IpNet>,
     pub poll_interval: Duration,
     pub admin_password: Option<Secret>,
+    /// `https` (default) or `http` for the device REST API.
+    pub scheme: DeviceScheme,
+    /// Verify device certificates against this CA. Absent (default): not verified, since phones
+    /// present vendor-signed certificates named after their MAC, not their address.
+    pub ca_file: Option<PathBuf>,
+    /// Deadline for one REST request to a device (connect, TLS, answer).
+    pub request_timeout: Duration,
+    /// Devices polled at once.
+    pub poll_concurrency: usize,
+    /// Task targets worked on at once (a task may ask for fewer).
+    pub task_concurrency: usize,
+    /// Deadline for one target of a task (all its requests together).
+    pub target_timeout: Duration,
+    /// Poll known devices every `poll_interval` (default on).
+    pub monitoring: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceScheme {
+    Https,
+    Http,
+}
+
+impl DevicesConfig {
+    /// True when `ip` is inside one of the configured device subnets.
+    pub fn allows(&self, ip: std::net::IpAddr) -> bool {
+        self.subnets.iter().any(|n| n.contains(&ip))
+    }
 }
 
 impl Config {
@@ -787,12 +826,21 @@ impl Config {
 
         // [devices]
         let devices = {
-            let d = raw.devices;
-            let (subnets, poll, password) = match d {
-                None => (None, None, None),
-                Some(d) => (d.subnets, d.poll_interval, d.admin_password),
-            };
-            let subnets = match subnets {
+            let enabled = raw.devices.is_some();
+            let d = raw.devices.unwrap_or(RawDevices {
+                subnets: None,
+                poll_interval: None,
+                admin_password: None,
+                admin_password_file: None,
+                scheme: None,
+                ca_file: None,
+                request_timeout: None,
+                poll_concurrency: None,
+                task_concurrency: None,
+                target_timeout: None,
+                monitoring: None,
+            });
+            let subnets = match d.subnets {
                 None => DEFAULT_DEVICE_SUBNETS
                     .iter()
                     .map(|s| s.parse().expect("default subnets are valid"))
@@ -810,16 +858,69 @@ impl Config {
                     out
                 }
             };
+            let admin_password = match (d.admin_password, d.admin_password_file) {
+                (Some(_), Some(_)) => {
+                    return Err(err(
+                        "devices.admin_password",
+                        "set either admin_password or admin_password_file, not both".into(),
+                    ));
+                }
+                (Some(p), None) => Some(Secret::new(p)),
+                (None, Some(f)) => Some(
+                    read_secret_file(&resolve(&f))
+                        .map_err(|m| err("devices.admin_password_file", m))?,
+                ),
+                (None, None) => None,
+            };
+            let scheme = match d.scheme.as_deref() {
+                None | Some("https") => DeviceScheme::Https,
+                Some("http") => DeviceScheme::Http,
+                Some(other) => {
+                    return Err(err(
+                        "devices.scheme",
+                        format!("{other:?} is not \"https\" or \"http\""),
+                    ));
+                }
+            };
+            let ca_file = d.ca_file.map(|f| resolve(&f));
+            if let Some(ca) = &ca_file {
+                check_pem_certs(ca).map_err(|m| err("devices.ca_file", m))?;
+            }
+            let count = |field: &str, v: Option<usize>, default: usize, max: usize| match v {
+                None => Ok(default),
+                Some(n) if (1..=max).contains(&n) => Ok(n),
+                Some(n) => Err(err(field, format!("{n} is out of range (1 to {max})"))),
+            };
             DevicesConfig {
+                enabled,
                 subnets,
                 poll_interval: dur(
                     "devices.poll_interval",
-                    &poll,
+                    &d.poll_interval,
                     DEFAULT_POLL_INTERVAL,
                     secs(1),
                     secs(7 * 24 * 3600),
                 )?,
-                admin_password: password.map(Secret::new),
+                admin_password,
+                scheme,
+                ca_file,
+                request_timeout: dur(
+                    "devices.request_timeout",
+                    &d.request_timeout,
+                    secs(10),
+                    ms(100),
+                    secs(300),
+                )?,
+                poll_concurrency: count("devices.poll_concurrency", d.poll_concurrency, 64, 4096)?,
+                task_concurrency: count("devices.task_concurrency", d.task_concurrency, 256, 4096)?,
+                target_timeout: dur(
+                    "devices.target_timeout",
+                    &d.target_timeout,
+                    secs(60),
+                    ms(100),
+                    secs(3600),
+                )?,
+                monitoring: d.monitoring.unwrap_or(true),
             }
         };
 

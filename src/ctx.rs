@@ -24,6 +24,8 @@ pub struct Ctx {
     pub sessions: Arc<crate::agent::Sessions>,
     /// The download agent's catalog, when `[images]` is configured.
     pub images: Option<Arc<crate::download::Catalog>>,
+    /// The device plane (commands, tasks, monitoring); inert when `[devices]` is absent.
+    pub devices: Arc<crate::devices::DevicePlane>,
     /// The device-facing edge, when `[edge]` is configured.
     pub edge: Option<Arc<crate::proxy::Edge>>,
     /// Asks the daemon to reload config and certificate; the answer comes back on the oneshot.
@@ -37,14 +39,20 @@ pub struct ReloadOutcome {
     pub messages: Vec<String>,
 }
 
+/// The optional jobs' shared state, handed to [`Ctx::new`].
+pub struct Jobs {
+    pub images: Option<Arc<crate::download::Catalog>>,
+    pub devices: Arc<crate::devices::DevicePlane>,
+    pub edge: Option<Arc<crate::proxy::Edge>>,
+}
+
 impl Ctx {
     pub fn new(
         config: Config,
         store: Store,
         cloud: CloudClient,
         relay_id: String,
-        images: Option<Arc<crate::download::Catalog>>,
-        edge: Option<Arc<crate::proxy::Edge>>,
+        jobs: Jobs,
         reload: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<ReloadOutcome>>,
     ) -> Ctx {
         Ctx {
@@ -58,8 +66,9 @@ impl Ctx {
             started: Instant::now(),
             started_at: SystemTime::now(),
             sessions: Arc::new(crate::agent::Sessions::new()),
-            images,
-            edge,
+            images: jobs.images,
+            devices: jobs.devices,
+            edge: jobs.edge,
             reload,
         }
     }

@@ -45,6 +45,8 @@ pub async fn run(
     let relay_id = store
         .relay_id()
         .context("cannot read the relay id from the store")?;
+    let devices = crate::devices::DevicePlane::new(&config.devices, &store)
+        .context("cannot set up the device plane")?;
     let cloud = CloudClient::new(&config.cloud).context("cannot set up the cloud connection")?;
     let edge_listeners = match &edge {
         Some(e) => Some(e.bind().await?),
@@ -60,8 +62,11 @@ pub async fn run(
         store,
         cloud,
         relay_id,
-        images.clone(),
-        edge.clone(),
+        crate::ctx::Jobs {
+            images: images.clone(),
+            devices: devices.clone(),
+            edge: edge.clone(),
+        },
         reload_tx,
     );
     info!(
@@ -94,6 +99,11 @@ pub async fn run(
             crate::download::run(ctx.clone(), cat, jobs.clone()),
         );
     }
+    spawn(
+        &mut set,
+        "devices",
+        crate::devices::run(ctx.clone(), devices, jobs.clone()),
+    );
     spawn(
         &mut set,
         "reload",

@@ -15,6 +15,7 @@ pub mod config;
 pub mod ctx;
 pub mod daemon;
 pub mod demo;
+pub mod devices;
 pub mod download;
 pub mod ops;
 pub mod protocol;

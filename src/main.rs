@@ -122,6 +122,42 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let socket = admin_socket(&args.target)?;
             runtime()?.block_on(images(&socket, args.target.json, args.action))
         }
+        Command::Devices(args) => {
+            let socket = admin_socket(&args)?;
+            let v: serde_json::Value =
+                runtime()?.block_on(ucrelay::ops::admin::get_json(&socket, "/v1/devices"))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", ucrelay::ops::views::render_devices(&v));
+            }
+            let offline = v["counts"]["offline"].as_u64().unwrap_or(0);
+            Ok(if offline == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Tasks(args) => {
+            let socket = admin_socket(&args.target)?;
+            let path = match &args.action {
+                None => "/v1/tasks".to_string(),
+                Some(ucrelay::cli::TasksAction::Show { id }) => format!(
+                    "/v1/tasks/{}",
+                    percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC)
+                ),
+            };
+            let v: serde_json::Value =
+                runtime()?.block_on(ucrelay::ops::admin::get_json(&socket, &path))?;
+            if args.target.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if args.action.is_some() {
+                print!("{}", ucrelay::ops::views::render_task(&v));
+            } else {
+                print!("{}", ucrelay::ops::views::render_tasks(&v));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Reload(args) => {
             let socket = admin_socket(&args)?;
             let outcome: ucrelay::ctx::ReloadOutcome = runtime()?.block_on(

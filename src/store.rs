@@ -23,6 +23,15 @@ const IMAGE_META: TableDefinition<&str, &[u8]> = TableDefinition::new("image_met
 const IMAGE_FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("image_files");
 /// Commands already finished (id -> unix seconds), so a command the cloud sends again is not re-run.
 const DONE: TableDefinition<&str, u64> = TableDefinition::new("done");
+/// Device plane: scheduled tasks by task id (JSON owned by `devices::tasks`).
+const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
+/// Device plane: finished targets of a task, keyed (task id, target): a target listed here is never
+/// run again, even after a crash.
+const TASK_TARGETS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("task_targets");
+/// Device plane: known devices by address (JSON owned by `devices`).
+const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+/// Device plane: monitoring alarms not yet acknowledged by the cloud, by alarm id.
+const ALARMS: TableDefinition<&str, &[u8]> = TableDefinition::new("alarms");
 /// How long finished command ids are remembered.
 const DONE_KEEP: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
@@ -89,6 +98,10 @@ impl Store {
             tx.open_table(REJECTED)?;
             tx.open_table(IMAGE_META)?;
             tx.open_table(IMAGE_FILES)?;
+            tx.open_table(TASKS)?;
+            tx.open_table(TASK_TARGETS)?;
+            tx.open_table(DEVICES)?;
+            tx.open_table(ALARMS)?;
             // Forget finished command ids past the keep period.
             let cutoff = unix_now().saturating_sub(DONE_KEEP.as_secs());
             tx.open_table(DONE)?.retain(|_, at| at >= cutoff)?;
@@ -284,6 +297,165 @@ impl Store {
                 None => {
                     t.remove(sha256)?;
                 }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+/// One write in a group commit (see [`Store::write_batch`]).
+#[derive(Debug)]
+pub enum Write {
+    /// A result for the outbox.
+    Result(ResultRecord),
+    /// A channel command's result: outbox, inbox entry dropped, id remembered (like [`Store::finish`]).
+    CommandDone(ResultRecord),
+    /// A command id to remember as handled without a result of its own.
+    CommandSeen(String),
+    /// A task record (insert or replace).
+    Task {
+        id: String,
+        value: Vec<u8>,
+    },
+    /// A finished target of a task.
+    TaskTarget {
+        task: String,
+        target: String,
+        value: Vec<u8>,
+    },
+    Device {
+        address: String,
+        value: Vec<u8>,
+    },
+    Alarm {
+        id: String,
+        value: Vec<u8>,
+    },
+}
+
+impl Store {
+    /// Applies many writes in one durable transaction: one fsync for a whole burst of task results,
+    /// instead of one per target.
+    pub fn write_batch(&self, writes: &[Write]) -> Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let tx = self.db.begin_write()?;
+        {
+            let mut outbox = tx.open_table(OUTBOX)?;
+            let mut inbox = tx.open_table(INBOX)?;
+            let mut done = tx.open_table(DONE)?;
+            let mut tasks = tx.open_table(TASKS)?;
+            let mut targets = tx.open_table(TASK_TARGETS)?;
+            let mut devices = tx.open_table(DEVICES)?;
+            let mut alarms = tx.open_table(ALARMS)?;
+            let mut next = outbox.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+            let now = unix_now();
+            for w in writes {
+                match w {
+                    Write::Result(rec) => {
+                        outbox.insert(next, serde_json::to_vec(rec)?.as_slice())?;
+                        next += 1;
+                    }
+                    Write::CommandDone(rec) => {
+                        outbox.insert(next, serde_json::to_vec(rec)?.as_slice())?;
+                        next += 1;
+                        inbox.remove(rec.command_id.as_str())?;
+                        done.insert(rec.command_id.as_str(), now)?;
+                    }
+                    Write::CommandSeen(id) => {
+                        inbox.remove(id.as_str())?;
+                        done.insert(id.as_str(), now)?;
+                    }
+                    Write::Task { id, value } => {
+                        tasks.insert(id.as_str(), value.as_slice())?;
+                    }
+                    Write::TaskTarget {
+                        task,
+                        target,
+                        value,
+                    } => {
+                        targets.insert((task.as_str(), target.as_str()), value.as_slice())?;
+                    }
+                    Write::Device { address, value } => {
+                        devices.insert(address.as_str(), value.as_slice())?;
+                    }
+                    Write::Alarm { id, value } => {
+                        alarms.insert(id.as_str(), value.as_slice())?;
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn all_of(&self, def: TableDefinition<&str, &[u8]>) -> Result<Vec<(String, Vec<u8>)>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(def)?;
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            let (k, v) = e?;
+            out.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    pub fn tasks_all(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        self.all_of(TASKS)
+    }
+
+    pub fn task(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(TASKS)?.get(id)?.map(|v| v.value().to_vec()))
+    }
+
+    /// The finished targets of one task.
+    pub fn task_targets(&self, task: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(TASK_TARGETS)?;
+        let mut out = Vec::new();
+        for e in t.range((task, "")..)? {
+            let (k, v) = e?;
+            let (tk, target) = k.value();
+            if tk != task {
+                break;
+            }
+            out.push((target.to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    pub fn devices_all(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        self.all_of(DEVICES)
+    }
+
+    pub fn devices_remove(&self, addresses: &[String]) -> Result<()> {
+        if addresses.is_empty() {
+            return Ok(());
+        }
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(DEVICES)?;
+            for a in addresses {
+                t.remove(a.as_str())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn alarms_all(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        self.all_of(ALARMS)
+    }
+
+    pub fn alarms_remove(&self, ids: &[String]) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(ALARMS)?;
+            for id in ids {
+                t.remove(id.as_str())?;
             }
         }
         tx.commit()?;

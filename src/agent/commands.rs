@@ -7,7 +7,10 @@
 
 use crate::ctx::Ctx;
 use crate::ops::report::{StatusReport, rfc3339};
-use crate::protocol::{Command, Outcome, RelayMessage, ResultRecord};
+use crate::protocol::{
+    Command, DEVICE_COMMANDS, Outcome, RelayMessage, ResultRecord, TASK_CANCEL_COMMAND,
+    TASK_COMMAND, TASK_UPDATE_COMMAND,
+};
 use anyhow::Result;
 use std::sync::{Arc, LazyLock};
 use std::time::SystemTime;
@@ -21,6 +24,24 @@ static RUNNING: LazyLock<Arc<Semaphore>> = LazyLock::new(|| Arc::new(Semaphore::
 pub async fn accept(ctx: &Ctx, cmd: Command) -> Option<RelayMessage> {
     ctx.status.lock().commands_received += 1;
     let id = cmd.id.clone();
+    // A task is stored as a task (it outlives restarts and resumes), not as a one-shot command.
+    if cmd.name == TASK_COMMAND {
+        let seen = {
+            let id = id.clone();
+            ctx.store.run(move |s| s.command_seen(&id)).await
+        };
+        return match seen {
+            Ok(true) => Some(RelayMessage::Ack { id }),
+            Ok(false) if crate::devices::tasks::accept(ctx, &ctx.devices, &cmd).await => {
+                Some(RelayMessage::Ack { id })
+            }
+            Ok(false) => None,
+            Err(e) => {
+                error!(command_id = %id, error = %format!("{e:#}"), "cannot read the store; not acknowledged");
+                None
+            }
+        };
+    }
     let stored = {
         let cmd = cmd.clone();
         ctx.store
@@ -91,7 +112,16 @@ fn record(
 }
 
 async fn execute(ctx: &Ctx, cmd: &Command) -> ResultRecord {
+    let task_op =
+        |done: crate::devices::ops::Done| record(cmd, done.result, done.reason, done.payload);
     match cmd.name.as_str() {
+        name if DEVICE_COMMANDS.contains(&name) => ctx.devices.command(cmd).await,
+        TASK_CANCEL_COMMAND => {
+            task_op(crate::devices::tasks::cancel(&ctx.devices, &cmd.params).await)
+        }
+        TASK_UPDATE_COMMAND => {
+            task_op(crate::devices::tasks::update(&ctx.devices, &cmd.params).await)
+        }
         "ping" => record(
             cmd,
             Outcome::Success,

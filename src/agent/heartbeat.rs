@@ -97,6 +97,7 @@ pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken)
                 {
                     cat.wake.notify_one();
                 }
+                ctx.devices.registry.note_revision(resp.devices_revision);
                 jitter(interval, 0.05)
             }
             Err(e) => {
@@ -252,7 +253,8 @@ async fn heartbeat(ctx: &Ctx, token: &str, seq: u64) -> Result<HeartbeatResponse
             .map(|c| c.heartbeat_states())
             .unwrap_or_default(),
         results_pending: pending,
-        ..Default::default()
+        devices: ctx.devices.registry.counts(),
+        tasks: ctx.devices.tasks.counts(),
     };
     ctx.cloud
         .json(http::Method::POST, PATH_HEARTBEAT, Some(token), Some(&req))

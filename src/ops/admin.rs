@@ -56,6 +56,9 @@ pub async fn serve(listener: UnixListener, ctx: Ctx, shutdown: CancellationToken
         .route("/v1/images", get(images))
         .route("/v1/images/sync", post(images_sync))
         .route("/v1/images/verify", post(images_verify))
+        .route("/v1/devices", get(devices))
+        .route("/v1/tasks", get(tasks))
+        .route("/v1/tasks/{id}", get(task))
         .with_state(ctx);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -115,6 +118,66 @@ async fn images_verify(State(ctx): State<Ctx>) -> Result<Json<serde_json::Value>
     Ok(Json(
         serde_json::json!({"checked": checked, "quarantined": quarantined}),
     ))
+}
+
+async fn devices(State(ctx): State<Ctx>) -> Json<serde_json::Value> {
+    let reg = &ctx.devices.registry;
+    Json(serde_json::json!({
+        "enabled": ctx.devices.cfg.enabled,
+        "poll_interval_s": ctx.devices.cfg.poll_interval.as_secs(),
+        "counts": reg.counts(),
+        "polls": reg.polls.load(std::sync::atomic::Ordering::Relaxed),
+        "devices": reg.list(),
+    }))
+}
+
+async fn tasks(State(ctx): State<Ctx>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "tasks": ctx.devices.tasks.list() }))
+}
+
+async fn task(
+    State(ctx): State<Ctx>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Some((rec, mut summary)) = ctx.devices.tasks.get(&id) else {
+        return Err((
+            http::StatusCode::NOT_FOUND,
+            Json(serde_json::json!({"error": format!("no task {id:?}")})),
+        ));
+    };
+    let done = {
+        let id = id.clone();
+        ctx.store
+            .run(move |s| s.task_targets(&id))
+            .await
+            .map_err(|e| {
+                (
+                    http::StatusCode::INTERNAL_SERVER_ERROR,
+                    Json(serde_json::json!({"error": format!("{e:#}")})),
+                )
+            })?
+    };
+    let mut finished: std::collections::HashMap<String, crate::devices::tasks::SubResult> = done
+        .into_iter()
+        .filter_map(|(t, v)| serde_json::from_slice(&v).ok().map(|s| (t, s)))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let results: Vec<serde_json::Value> = rec
+        .spec
+        .targets
+        .iter()
+        .map(|t| t.trim().to_string())
+        .filter(|t| seen.insert(t.clone()))
+        .map(|t| match finished.remove(&t) {
+            Some(s) => serde_json::json!({
+                "target": t, "result": s.result.as_str(), "reason": s.reason, "finished_at": s.finished_at,
+            }),
+            None => serde_json::json!({"target": t, "result": "pending"}),
+        })
+        .collect();
+    summary["payload"] = crate::devices::tasks::public_payload(&rec.spec.payload);
+    summary["results"] = serde_json::Value::Array(results);
+    Ok(Json(summary))
 }
 
 async fn reload(State(ctx): State<Ctx>) -> Json<crate::ctx::ReloadOutcome> {

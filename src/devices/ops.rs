@@ -1,0 +1,661 @@
+//! Device operations: each command type is validated into an [`Op`] before anything is sent, then
+//! performed over one REST session. Pure validation is separate from I/O so bad parameters are
+//! answered without touching the network.
+
+use super::client::{DeviceError, Session};
+use crate::protocol::Outcome;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Most parameters one `get_params` may ask for (the devices' own limit).
+pub const MAX_GET_PARAMS: usize = 20;
+const MAX_SET_PARAMS: usize = 200;
+const MAX_CONFIG_EXPORT: usize = 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// `safeReboot`, or `safeRestart` (application restart) when `restart`.
+    Reboot {
+        restart: bool,
+    },
+    Reset(ResetMode),
+    Dial {
+        destination: String,
+        line: u32,
+        kind: &'static str,
+    },
+    GetParams(Vec<String>),
+    SetParams(BTreeMap<String, String>),
+    GetConfig(ConfigSource),
+    CaptureScreen {
+        screen: String,
+    },
+    PacketCapture(Capture),
+    CheckSync,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ResetMode {
+    Web,
+    Local,
+    Device,
+    WebLocalDevice,
+    Factory,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ConfigSource {
+    ConfigFiles,
+    Local,
+    Web,
+    Device,
+    AllButDevice,
+}
+
+impl ConfigSource {
+    fn index(self) -> u8 {
+        match self {
+            ConfigSource::ConfigFiles => 0,
+            ConfigSource::Local => 1,
+            ConfigSource::Web => 2,
+            ConfigSource::Device => 3,
+            ConfigSource::AllButDevice => 4,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            ConfigSource::ConfigFiles => "config_files",
+            ConfigSource::Local => "local",
+            ConfigSource::Web => "web",
+            ConfigSource::Device => "device",
+            ConfigSource::AllButDevice => "all_but_device",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Capture {
+    Start {
+        filter: String,
+        max_size_mb: u32,
+        duration_min: u32,
+    },
+    /// Stop and keep the file (the device uploads it).
+    Stop,
+    /// Stop and drop the file.
+    Cancel,
+}
+
+fn obj(params: &Value) -> Result<&serde_json::Map<String, Value>, String> {
+    match params {
+        Value::Object(m) => Ok(m),
+        Value::Null => {
+            static EMPTY: std::sync::LazyLock<serde_json::Map<String, Value>> =
+                std::sync::LazyLock::new(serde_json::Map::new);
+            Ok(&EMPTY)
+        }
+        _ => Err("params must be a JSON object".into()),
+    }
+}
+
+fn opt_str<'a>(
+    m: &'a serde_json::Map<String, Value>,
+    key: &str,
+) -> Result<Option<&'a str>, String> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.as_str())),
+        Some(_) => Err(format!("{key} must be a string")),
+    }
+}
+
+fn opt_u32(m: &serde_json::Map<String, Value>, key: &str) -> Result<Option<u32>, String> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|v| u32::try_from(v).ok())
+            .map(Some)
+            .ok_or_else(|| format!("{key} must be a whole number")),
+        Some(Value::String(s)) => s
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("{key} must be a whole number, got {s:?}")),
+        Some(_) => Err(format!("{key} must be a whole number")),
+    }
+}
+
+fn param_name_ok(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 256
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-[]".contains(c))
+}
+
+/// True for parameter names whose values must never appear in logs or results.
+pub fn is_secret_param(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n.contains("password") || n.contains("passwd") || n.contains("secret") || n.ends_with(".pin")
+}
+
+/// Validates a command's parameters (without `target` / `password`, which the caller takes).
+pub fn parse(kind: &str, params: &Value) -> Result<Op, String> {
+    let m = obj(params)?;
+    match kind {
+        "reboot" => match opt_str(m, "mode")?.unwrap_or("reboot") {
+            "reboot" => Ok(Op::Reboot { restart: false }),
+            "restart" => Ok(Op::Reboot { restart: true }),
+            other => Err(format!(
+                "mode {other:?} is not \"reboot\" (full reboot) or \"restart\" (application restart)"
+            )),
+        },
+        "reset" => {
+            let mode = opt_str(m, "mode")?
+                .ok_or("mode is required: web, local, device, web_local_device or factory")?;
+            Ok(Op::Reset(match mode {
+                "web" => ResetMode::Web,
+                "local" => ResetMode::Local,
+                "device" => ResetMode::Device,
+                "web_local_device" | "all" => ResetMode::WebLocalDevice,
+                "factory" => ResetMode::Factory,
+                other => {
+                    return Err(format!(
+                        "mode {other:?} is not one of web, local, device, web_local_device, factory"
+                    ));
+                }
+            }))
+        }
+        "dial" => {
+            let destination = opt_str(m, "destination")?
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .ok_or("destination is required")?;
+            if destination.len() > 256 || destination.chars().any(char::is_control) {
+                return Err("destination must be at most 256 printable characters".into());
+            }
+            let kind = match opt_str(m, "type")?
+                .unwrap_or("TEL")
+                .to_ascii_uppercase()
+                .as_str()
+            {
+                "TEL" => "TEL",
+                "SIP" => "SIP",
+                "H323" => "H323",
+                other => return Err(format!("type {other:?} is not SIP, TEL or H323")),
+            };
+            let line = opt_u32(m, "line")?.unwrap_or(1);
+            if !(1..=48).contains(&line) {
+                return Err(format!("line {line} is out of range (1 to 48)"));
+            }
+            Ok(Op::Dial {
+                destination: destination.to_string(),
+                line,
+                kind,
+            })
+        }
+        "get_params" => {
+            let list = match m.get("params") {
+                Some(Value::Array(a)) => a,
+                _ => return Err("params must be a list of parameter names".into()),
+            };
+            if list.is_empty() || list.len() > MAX_GET_PARAMS {
+                return Err(format!(
+                    "params lists {} names; 1 to {MAX_GET_PARAMS} are allowed per command",
+                    list.len()
+                ));
+            }
+            let mut names = Vec::new();
+            for v in list {
+                match v.as_str() {
+                    Some(n) if param_name_ok(n) => names.push(n.to_string()),
+                    _ => return Err(format!("{v} is not a parameter name")),
+                }
+            }
+            Ok(Op::GetParams(names))
+        }
+        "set_params" => {
+            let map = match m.get("params") {
+                Some(Value::Object(o)) => o,
+                _ => {
+                    return Err("params must be an object of parameter names to values".into());
+                }
+            };
+            if map.is_empty() || map.len() > MAX_SET_PARAMS {
+                return Err(format!(
+                    "params sets {} values; 1 to {MAX_SET_PARAMS} are allowed",
+                    map.len()
+                ));
+            }
+            let mut out = BTreeMap::new();
+            for (k, v) in map {
+                if !param_name_ok(k) {
+                    return Err(format!("{k:?} is not a parameter name"));
+                }
+                let v = match v {
+                    Value::String(s) => s.clone(),
+                    Value::Number(n) => n.to_string(),
+                    Value::Bool(b) => if *b { "1" } else { "0" }.to_string(),
+                    _ => return Err(format!("value of {k} must be a string, number or bool")),
+                };
+                if v.len() > 4096 {
+                    return Err(format!("value of {k} is longer than 4096 characters"));
+                }
+                out.insert(k.clone(), v);
+            }
+            Ok(Op::SetParams(out))
+        }
+        "get_config" => {
+            let source = opt_str(m, "source")?
+                .ok_or("source is required: config_files, local, web, device or all_but_device")?;
+            Ok(Op::GetConfig(match source {
+                "config_files" => ConfigSource::ConfigFiles,
+                "local" => ConfigSource::Local,
+                "web" => ConfigSource::Web,
+                "device" => ConfigSource::Device,
+                "all_but_device" => ConfigSource::AllButDevice,
+                other => {
+                    return Err(format!(
+                        "source {other:?} is not one of config_files, local, web, device, all_but_device"
+                    ));
+                }
+            }))
+        }
+        "capture_screen" => {
+            let screen = opt_str(m, "screen")?.unwrap_or("mainScreen");
+            if !matches!(screen, "mainScreen" | "em/1" | "em/2" | "em/3") {
+                return Err(format!(
+                    "screen {screen:?} is not mainScreen, em/1, em/2 or em/3"
+                ));
+            }
+            Ok(Op::CaptureScreen {
+                screen: screen.to_string(),
+            })
+        }
+        "packet_capture" => {
+            let action =
+                opt_str(m, "action")?.ok_or("action is required: start, stop or cancel")?;
+            Ok(Op::PacketCapture(match action {
+                "start" => {
+                    let filter = opt_str(m, "filter")?.unwrap_or("").trim().to_string();
+                    if filter.len() > 256 || filter.chars().any(char::is_control) {
+                        return Err("filter must be at most 256 printable characters".into());
+                    }
+                    let max_size_mb = opt_u32(m, "max_size_mb")?.unwrap_or(10);
+                    if !(1..=10).contains(&max_size_mb) {
+                        return Err(format!(
+                            "max_size_mb {max_size_mb} is out of range (1 to 10)"
+                        ));
+                    }
+                    let duration_min = opt_u32(m, "duration_min")?.unwrap_or(60);
+                    if !(1..=2880).contains(&duration_min) {
+                        return Err(format!(
+                            "duration_min {duration_min} is out of range (1 to 2880)"
+                        ));
+                    }
+                    Capture::Start {
+                        filter,
+                        max_size_mb,
+                        duration_min,
+                    }
+                }
+                "stop" => Capture::Stop,
+                "cancel" => Capture::Cancel,
+                other => return Err(format!("action {other:?} is not start, stop or cancel")),
+            }))
+        }
+        "check_sync" => Ok(Op::CheckSync),
+        other => Err(format!("{other:?} is not a device command")),
+    }
+}
+
+/// What one operation came to.
+#[derive(Debug, Clone)]
+pub struct Done {
+    pub result: Outcome,
+    pub reason: String,
+    pub payload: Value,
+}
+
+impl Done {
+    fn ok(payload: Value) -> Done {
+        Done {
+            result: Outcome::Success,
+            reason: String::new(),
+            payload,
+        }
+    }
+}
+
+impl From<DeviceError> for Done {
+    fn from(e: DeviceError) -> Done {
+        let result = match &e {
+            DeviceError::Api(code) if code == "4004" => Outcome::NotApplicable,
+            _ => Outcome::Failure,
+        };
+        Done {
+            result,
+            reason: e.to_string(),
+            payload: Value::Null,
+        }
+    }
+}
+
+/// A JSON API call, retried a couple of times when the device says it is busy with another request.
+async fn call(
+    s: &mut Session,
+    path: &str,
+    data: Option<Value>,
+    get: bool,
+) -> Result<Value, DeviceError> {
+    let mut delay = Duration::from_millis(500);
+    for attempt in 0.. {
+        let r = if get {
+            s.get(path).await
+        } else {
+            s.post(path, data.clone()).await
+        };
+        match r {
+            Err(DeviceError::Busy) if attempt < 2 => {
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            other => return other.map(|r| r.data),
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+pub async fn perform(op: &Op, s: &mut Session) -> Done {
+    match run(op, s).await {
+        Ok(d) => d,
+        Err(e) => e.into(),
+    }
+}
+
+async fn run(op: &Op, s: &mut Session) -> Result<Done, DeviceError> {
+    match op {
+        Op::Reboot { restart } => {
+            let path = if *restart {
+                "/api/v1/mgmt/safeRestart"
+            } else {
+                "/api/v1/mgmt/safeReboot"
+            };
+            call(s, path, None, false).await?;
+            Ok(Done::ok(json!({"requested": if *restart { "restart" } else { "reboot" }})))
+        }
+        Op::Reset(mode) => {
+            let paths: &[&str] = match mode {
+                ResetMode::Web => &["/api/v1/mgmt/configReset/web"],
+                ResetMode::Local => &["/api/v1/mgmt/configReset/local"],
+                ResetMode::Device => &["/api/v1/mgmt/configReset/device"],
+                ResetMode::WebLocalDevice => &[
+                    "/api/v1/mgmt/configReset/web",
+                    "/api/v1/mgmt/configReset/local",
+                    "/api/v1/mgmt/configReset/device",
+                ],
+                ResetMode::Factory => &["/api/v1/mgmt/factoryReset"],
+            };
+            for p in paths {
+                call(s, p, None, false).await?;
+            }
+            Ok(Done::ok(json!({"cleared": paths.len()})))
+        }
+        Op::Dial {
+            destination,
+            line,
+            kind,
+        } => {
+            call(
+                s,
+                "/api/v1/callctrl/dial",
+                Some(json!({"Dest": destination, "Line": line.to_string(), "Type": kind})),
+                false,
+            )
+            .await?;
+            Ok(Done::ok(json!({"destination": destination, "line": line})))
+        }
+        Op::GetParams(names) => {
+            let data = call(s, "/api/v1/mgmt/config/get", Some(json!(names)), false).await?;
+            let mut found = serde_json::Map::new();
+            let mut missing = Vec::new();
+            for n in names {
+                match data.get(n) {
+                    Some(v) => {
+                        let value = if is_secret_param(n) {
+                            json!("***")
+                        } else {
+                            v.get("Value").cloned().unwrap_or(Value::Null)
+                        };
+                        found.insert(
+                            n.clone(),
+                            json!({"value": value, "source": v.get("Source").cloned().unwrap_or(Value::Null)}),
+                        );
+                    }
+                    None => missing.push(n.clone()),
+                }
+            }
+            Ok(Done::ok(json!({"params": found, "unknown": missing})))
+        }
+        Op::SetParams(map) => {
+            call(s, "/api/v1/mgmt/config/set", Some(json!(map)), false).await?;
+            Ok(Done::ok(json!({"set": map.keys().collect::<Vec<_>>()})))
+        }
+        Op::GetConfig(source) => {
+            let path = format!(
+                "/Utilities/configuration/exportFile?source={}",
+                source.index()
+            );
+            let (_, body) = s.get_raw(&path).await?;
+            let truncated = body.len() > MAX_CONFIG_EXPORT;
+            let text = String::from_utf8_lossy(&body[..body.len().min(MAX_CONFIG_EXPORT)]);
+            Ok(Done::ok(json!({
+                "source": source.name(),
+                "bytes": body.len(),
+                "truncated": truncated,
+                "content": mask_config(&text),
+            })))
+        }
+        Op::CaptureScreen { screen } => {
+            match s.get_raw(&format!("/captureScreen/{screen}")).await {
+                Ok((ctype, body)) => {
+                    use base64::Engine;
+                    Ok(Done::ok(json!({
+                        "screen": screen,
+                        "content_type": if ctype.is_empty() { "image/bmp".to_string() } else { ctype },
+                        "bytes": body.len(),
+                        "data_base64": base64::engine::general_purpose::STANDARD.encode(&body),
+                    })))
+                }
+                Err(DeviceError::Busy) => Ok(Done {
+                    result: Outcome::Failure,
+                    reason: "screen capture refused (HTTP 403): turn on up.screenCapture.enabled and Screen Capture on the device".into(),
+                    payload: Value::Null,
+                }),
+                Err(e) => Err(e),
+            }
+        }
+        Op::PacketCapture(c) => match c {
+            Capture::Start {
+                filter,
+                max_size_mb,
+                duration_min,
+            } => {
+                call(
+                    s,
+                    "/api/v1/mgmt/config/set",
+                    Some(json!({
+                        "diags.pcap.enabled": "1",
+                        "diags.pcap.background.enabled": "1",
+                        "diags.pcap.background.filter": filter,
+                        "diags.pcap.background.bufferSize": (max_size_mb * 1024).to_string(),
+                        "diags.pcap.background.duration": duration_min.to_string(),
+                    })),
+                    false,
+                )
+                .await?;
+                Ok(Done::ok(json!({
+                    "capture": "started",
+                    "filter": filter,
+                    "max_size_mb": max_size_mb,
+                    "duration_min": duration_min,
+                })))
+            }
+            Capture::Stop => {
+                call(s, "/api/v1/mgmt/network/uploadBgCapture", None, false).await?;
+                call(
+                    s,
+                    "/api/v1/mgmt/config/set",
+                    Some(json!({"diags.pcap.background.enabled": "0"})),
+                    false,
+                )
+                .await?;
+                Ok(Done::ok(json!({"capture": "stopped", "file": "uploaded by the device"})))
+            }
+            Capture::Cancel => {
+                call(
+                    s,
+                    "/api/v1/mgmt/config/set",
+                    Some(json!({"diags.pcap.background.enabled": "0"})),
+                    false,
+                )
+                .await?;
+                Ok(Done::ok(json!({"capture": "cancelled", "file": "dropped"})))
+            }
+        },
+        Op::CheckSync => {
+            call(s, "/api/v1/mgmt/updateConfiguration", None, false).await?;
+            Ok(Done::ok(json!({"requested": "configuration update"})))
+        }
+    }
+}
+
+/// Masks values of password-like parameters in an exported `name="value"` listing.
+fn mask_config(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    // Walk `name="value"` pairs; anything else is copied as is.
+    while let Some(eq) = rest.find("=\"") {
+        let (before, after) = rest.split_at(eq);
+        let name_start = before
+            .rfind(|c: char| c.is_whitespace() || c == '<')
+            .map(|i| i + 1)
+            .unwrap_or(0);
+        let name = &before[name_start..];
+        out.push_str(before);
+        out.push_str("=\"");
+        let after = &after[2..];
+        let end = after.find('"').unwrap_or(after.len());
+        if is_secret_param(name) {
+            out.push_str("***");
+        } else {
+            out.push_str(&after[..end]);
+        }
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_command_type_validates() {
+        assert_eq!(
+            parse("reboot", &Value::Null).unwrap(),
+            Op::Reboot { restart: false }
+        );
+        assert_eq!(
+            parse("reboot", &json!({"mode": "restart"})).unwrap(),
+            Op::Reboot { restart: true }
+        );
+        assert!(parse("reboot", &json!({"mode": "now"})).is_err());
+        assert_eq!(
+            parse("reset", &json!({"mode": "factory"})).unwrap(),
+            Op::Reset(ResetMode::Factory)
+        );
+        assert!(
+            parse("reset", &json!({}))
+                .unwrap_err()
+                .contains("mode is required")
+        );
+        assert!(
+            parse("dial", &json!({}))
+                .unwrap_err()
+                .contains("destination")
+        );
+        assert_eq!(
+            parse(
+                "dial",
+                &json!({"destination": "1234", "type": "sip", "line": 2})
+            )
+            .unwrap(),
+            Op::Dial {
+                destination: "1234".into(),
+                line: 2,
+                kind: "SIP"
+            }
+        );
+        assert!(parse("dial", &json!({"destination": "1", "line": 0})).is_err());
+        assert!(parse("dial", &json!({"destination": "1", "type": "FAX"})).is_err());
+        let names: Vec<String> = (0..21).map(|i| format!("p.{i}")).collect();
+        assert!(
+            parse("get_params", &json!({"params": names}))
+                .unwrap_err()
+                .contains("1 to 20")
+        );
+        assert!(parse("get_params", &json!({"params": ["a b"]})).is_err());
+        assert!(parse("set_params", &json!({"params": {}})).is_err());
+        assert!(parse("set_params", &json!({"params": {"a": [1]}})).is_err());
+        assert_eq!(
+            parse("set_params", &json!({"params": {"a.b": 1, "c": true}})).unwrap(),
+            Op::SetParams(BTreeMap::from([
+                ("a.b".to_string(), "1".to_string()),
+                ("c".to_string(), "1".to_string())
+            ]))
+        );
+        assert!(parse("get_config", &json!({"source": "cloud"})).is_err());
+        assert_eq!(
+            parse("get_config", &json!({"source": "all_but_device"})).unwrap(),
+            Op::GetConfig(ConfigSource::AllButDevice)
+        );
+        assert!(parse("capture_screen", &json!({"screen": "../x"})).is_err());
+        assert!(
+            parse(
+                "packet_capture",
+                &json!({"action": "start", "max_size_mb": 11})
+            )
+            .is_err()
+        );
+        assert!(
+            parse(
+                "packet_capture",
+                &json!({"action": "start", "duration_min": 2881})
+            )
+            .is_err()
+        );
+        assert!(
+            parse(
+                "packet_capture",
+                &json!({"action": "start", "duration_min": 0})
+            )
+            .is_err()
+        );
+        assert!(parse("packet_capture", &json!({"action": "stop"})).is_ok());
+        assert_eq!(parse("check_sync", &json!({})).unwrap(), Op::CheckSync);
+        assert!(parse("reboot", &json!([1])).is_err());
+        assert!(parse("format_disk", &json!({})).is_err());
+    }
+
+    #[test]
+    fn secrets_are_masked_in_exports() {
+        let t = "<x reg.1.auth.password=\"hunter2\" reg.1.address=\"1000\" />";
+        let m = mask_config(t);
+        assert!(!m.contains("hunter2"));
+        assert!(m.contains("reg.1.address=\"1000\""));
+        assert!(is_secret_param("device.auth.localAdminPassword"));
+        assert!(!is_secret_param("reg.1.address"));
+    }
+}

@@ -1,0 +1,789 @@
+//! Scheduled tasks: stored durably when the cloud sends them, started at their time whether or not
+//! the cloud is reachable then, fanned out to their targets with bounded concurrency and a deadline
+//! per target. Every finished target is stored (with its result in the outbox) in one transaction, so
+//! after `kill -9` the relay resumes the unfinished targets and never re-runs a finished one.
+
+use super::DevicePlane;
+use super::ops;
+use crate::ctx::Ctx;
+use crate::ops::report::rfc3339;
+use crate::protocol::{
+    Command, DEVICE_COMMANDS, Outcome, ResultRecord, TaskCounts, TaskProgress, TaskSpec,
+};
+use crate::store::{Store, Write};
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// Most targets one task may have (a tenant's whole fleet).
+pub const MAX_TARGETS: usize = 100_000;
+/// Below this many finished targets the failure threshold is not judged yet.
+const THRESHOLD_SAMPLE: u64 = 10;
+
+/// A task as the relay keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub id: String,
+    pub spec: TaskSpec,
+    /// `scheduled`, `executing`, `done`, `halted`, `cancelled`, `rejected`.
+    pub status: String,
+    #[serde(default)]
+    pub reason: String,
+    pub created_at: String,
+    #[serde(default)]
+    pub started_at: Option<String>,
+    #[serde(default)]
+    pub finished_at: Option<String>,
+    /// Progress record sequence (see [`TaskProgress::seq`]).
+    pub seq: u64,
+    pub total: u64,
+    #[serde(default)]
+    pub success: u64,
+    #[serde(default)]
+    pub failure: u64,
+    #[serde(default)]
+    pub not_applicable: u64,
+}
+
+impl TaskRecord {
+    fn finished(&self) -> u64 {
+        self.success + self.failure + self.not_applicable
+    }
+}
+
+/// One finished target, as stored and shown by `ucrelay tasks show`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubResult {
+    pub result: Outcome,
+    #[serde(default)]
+    pub reason: String,
+    pub finished_at: String,
+}
+
+struct Entry {
+    rec: TaskRecord,
+    running: bool,
+    in_progress: u64,
+    halted: bool,
+}
+
+/// Every task the relay knows, in memory, mirrored in the store at each state change.
+pub struct Book {
+    tasks: Mutex<BTreeMap<String, Entry>>,
+    wake: Notify,
+}
+
+fn unique_targets(spec: &TaskSpec) -> Vec<String> {
+    let mut seen = HashSet::new();
+    spec.targets
+        .iter()
+        .map(|t| t.trim().to_string())
+        .filter(|t| seen.insert(t.clone()))
+        .collect()
+}
+
+/// Splits the device password out of a task payload: it is used, never stored in results.
+fn payload_parts(payload: &Value) -> (Value, Option<String>) {
+    let mut p = payload.clone();
+    let pw = p
+        .as_object_mut()
+        .and_then(|m| m.remove("password"))
+        .and_then(|v| v.as_str().map(str::to_owned));
+    (p, pw)
+}
+
+/// The payload as shown to admins: the device password masked.
+pub fn public_payload(payload: &Value) -> Value {
+    let mut p = payload.clone();
+    if let Some(m) = p.as_object_mut() {
+        if m.contains_key("password") {
+            m.insert("password".into(), json!("***"));
+        }
+        if let Some(Value::Object(params)) = m.get_mut("params") {
+            for (k, v) in params.iter_mut() {
+                if ops::is_secret_param(k) {
+                    *v = json!("***");
+                }
+            }
+        }
+    }
+    p
+}
+
+/// Checks a task before it is accepted; the reason names what is wrong.
+pub fn validate(spec: &TaskSpec) -> Result<(), String> {
+    if !DEVICE_COMMANDS.contains(&spec.kind.as_str()) {
+        return Err(format!(
+            "type {:?} is not one of {}",
+            spec.kind,
+            DEVICE_COMMANDS.join(", ")
+        ));
+    }
+    let n = unique_targets(spec).len();
+    if n == 0 {
+        return Err("targets must list at least one device".into());
+    }
+    if n > MAX_TARGETS {
+        return Err(format!("{n} targets; at most {MAX_TARGETS} per task"));
+    }
+    if let Some(at) = &spec.at {
+        at.parse::<jiff::Timestamp>()
+            .map_err(|e| format!("at {at:?} is not an RFC 3339 time: {e}"))?;
+    }
+    if spec.failure_threshold_pct.is_some_and(|p| p > 100) {
+        return Err("failure_threshold_pct must be 0 to 100".into());
+    }
+    if spec.concurrency == Some(0) {
+        return Err("concurrency must be at least 1".into());
+    }
+    if spec.target_timeout_s == Some(0) {
+        return Err("target_timeout_s must be at least 1".into());
+    }
+    let (payload, _) = payload_parts(&spec.payload);
+    ops::parse(&spec.kind, &payload).map(|_| ())
+}
+
+fn due_at(spec: &TaskSpec) -> Option<SystemTime> {
+    let ts = spec.at.as_ref()?.parse::<jiff::Timestamp>().ok()?;
+    let secs = ts.as_second();
+    if secs <= 0 {
+        return None;
+    }
+    Some(SystemTime::UNIX_EPOCH + Duration::new(secs as u64, ts.subsec_nanosecond().max(0) as u32))
+}
+
+fn progress_record(rec: &TaskRecord, in_progress: u64) -> ResultRecord {
+    let result = match rec.status.as_str() {
+        "rejected" | "halted" => Outcome::Failure,
+        _ => Outcome::Success,
+    };
+    ResultRecord {
+        result_id: uuid::Uuid::new_v4().to_string(),
+        command_id: rec.id.clone(),
+        target: None,
+        name: "task".into(),
+        result,
+        reason: rec.reason.clone(),
+        payload: json!({"name": rec.spec.name, "type": rec.spec.kind}),
+        finished_at: rfc3339(SystemTime::now()),
+        progress: Some(TaskProgress {
+            seq: rec.seq,
+            status: rec.status.clone(),
+            total: rec.total,
+            success: rec.success,
+            failure: rec.failure,
+            not_applicable: rec.not_applicable,
+            in_progress,
+        }),
+    }
+}
+
+fn task_write(rec: &TaskRecord) -> Write {
+    Write::Task {
+        id: rec.id.clone(),
+        value: serde_json::to_vec(rec).unwrap_or_default(),
+    }
+}
+
+impl Book {
+    /// Loads every task; counts of executing tasks are rebuilt from their finished targets.
+    pub fn load(store: &Store) -> Result<Book> {
+        let mut tasks = BTreeMap::new();
+        for (id, bytes) in store.tasks_all()? {
+            let mut rec: TaskRecord = match serde_json::from_slice(&bytes) {
+                Ok(r) => r,
+                Err(e) => {
+                    error!(task_id = %id, error = %e, "unreadable task record; skipped");
+                    continue;
+                }
+            };
+            if rec.status == "executing" {
+                rec.success = 0;
+                rec.failure = 0;
+                rec.not_applicable = 0;
+                for (_, v) in store.task_targets(&id)? {
+                    if let Ok(sub) = serde_json::from_slice::<SubResult>(&v) {
+                        match sub.result {
+                            Outcome::Success => rec.success += 1,
+                            Outcome::Failure => rec.failure += 1,
+                            Outcome::NotApplicable => rec.not_applicable += 1,
+                        }
+                    }
+                }
+            }
+            tasks.insert(
+                id,
+                Entry {
+                    rec,
+                    running: false,
+                    in_progress: 0,
+                    halted: false,
+                },
+            );
+        }
+        Ok(Book {
+            tasks: Mutex::new(tasks),
+            wake: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+        self.tasks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.lock().contains_key(id)
+    }
+
+    pub fn counts(&self) -> TaskCounts {
+        let mut c = TaskCounts::default();
+        for e in self.lock().values() {
+            match e.rec.status.as_str() {
+                "scheduled" => c.scheduled += 1,
+                "executing" => c.executing += 1,
+                _ => c.done += 1,
+            }
+        }
+        c
+    }
+
+    /// Summaries for `ucrelay tasks`, newest first.
+    pub fn list(&self) -> Vec<Value> {
+        let mut v: Vec<Value> = self.lock().values().map(summary).collect();
+        v.sort_by(|a, b| b["created_at"].as_str().cmp(&a["created_at"].as_str()));
+        v
+    }
+
+    pub fn get(&self, id: &str) -> Option<(TaskRecord, Value)> {
+        self.lock().get(id).map(|e| (e.rec.clone(), summary(e)))
+    }
+}
+
+fn summary(e: &Entry) -> Value {
+    let r = &e.rec;
+    json!({
+        "id": r.id,
+        "name": if r.spec.name.is_empty() { &r.spec.kind } else { &r.spec.name },
+        "type": r.spec.kind,
+        "status": r.status,
+        "reason": r.reason,
+        "total": r.total,
+        "success": r.success,
+        "failure": r.failure,
+        "not_applicable": r.not_applicable,
+        "in_progress": e.in_progress,
+        "at": r.spec.at,
+        "created_at": r.created_at,
+        "started_at": r.started_at,
+        "finished_at": r.finished_at,
+    })
+}
+
+/// Takes a `task` command off the channel: validates and stores it (or its rejection) before the
+/// ack. Returns false when storing failed (no ack: the cloud sends it again).
+pub async fn accept(ctx: &Ctx, plane: &DevicePlane, cmd: &Command) -> bool {
+    if plane.tasks.contains(&cmd.id) {
+        info!(task_id = %cmd.id, "task already received; acknowledging again");
+        return true;
+    }
+    let now = rfc3339(SystemTime::now());
+    let parsed = serde_json::from_value::<TaskSpec>(cmd.params.clone());
+    let (spec, verdict) = match parsed {
+        Ok(spec) => {
+            let v = if !plane.cfg.enabled {
+                Err("the device plane is off: relay.toml has no [devices] section".to_string())
+            } else {
+                validate(&spec)
+            };
+            (spec, v)
+        }
+        Err(e) => (
+            TaskSpec {
+                name: String::new(),
+                kind: String::new(),
+                targets: vec![],
+                payload: Value::Null,
+                at: None,
+                failure_threshold_pct: None,
+                concurrency: None,
+                target_timeout_s: None,
+            },
+            Err(format!("not a task: {e}")),
+        ),
+    };
+    let mut rec = TaskRecord {
+        id: cmd.id.clone(),
+        total: unique_targets(&spec).len() as u64,
+        spec,
+        status: "scheduled".into(),
+        reason: String::new(),
+        created_at: now.clone(),
+        started_at: None,
+        finished_at: None,
+        seq: 1,
+        success: 0,
+        failure: 0,
+        not_applicable: 0,
+    };
+    let mut writes = vec![Write::CommandSeen(cmd.id.clone())];
+    if let Err(why) = &verdict {
+        warn!(task_id = %cmd.id, reason = %why, "task rejected");
+        rec.status = "rejected".into();
+        rec.reason = format!("bad task: {why}");
+        rec.finished_at = Some(now);
+    }
+    writes.push(task_write(&rec));
+    writes.push(Write::Result(progress_record(&rec, 0)));
+    if let Err(e) = plane.record(writes).await {
+        error!(task_id = %cmd.id, error = %e, "cannot store task; not acknowledged");
+        return false;
+    }
+    if verdict.is_ok() {
+        info!(task_id = %rec.id, r#type = %rec.spec.kind, targets = rec.total, at = ?rec.spec.at, "task scheduled");
+    }
+    let _ = ctx;
+    plane.tasks.lock().insert(
+        rec.id.clone(),
+        Entry {
+            rec,
+            running: false,
+            in_progress: 0,
+            halted: false,
+        },
+    );
+    plane.tasks.wake.notify_one();
+    true
+}
+
+/// `task_cancel`: only while scheduled.
+pub async fn cancel(plane: &DevicePlane, params: &Value) -> ops::Done {
+    let Some(id) = params.get("task_id").and_then(Value::as_str) else {
+        return fail("params.task_id is required");
+    };
+    let rec = {
+        let mut book = plane.tasks.lock();
+        let Some(e) = book.get_mut(id) else {
+            return fail(&format!("unknown task {id:?}"));
+        };
+        if e.rec.status != "scheduled" || e.running {
+            return fail(&format!(
+                "task {id} is {}; only a scheduled task can be cancelled",
+                e.rec.status
+            ));
+        }
+        e.rec.status = "cancelled".into();
+        e.rec.reason = "cancelled by the cloud".into();
+        e.rec.seq += 1;
+        e.rec.finished_at = Some(rfc3339(SystemTime::now()));
+        e.rec.clone()
+    };
+    match plane
+        .record(vec![
+            task_write(&rec),
+            Write::Result(progress_record(&rec, 0)),
+        ])
+        .await
+    {
+        Ok(()) => {
+            info!(task_id = %id, "task cancelled");
+            ops::Done {
+                result: Outcome::Success,
+                reason: String::new(),
+                payload: json!({"task_id": id, "status": "cancelled"}),
+            }
+        }
+        Err(e) => fail(&format!("cannot store the cancellation: {e}")),
+    }
+}
+
+/// `task_update`: replaces the given fields of a scheduled task.
+pub async fn update(plane: &DevicePlane, params: &Value) -> ops::Done {
+    let Some(id) = params.get("task_id").and_then(Value::as_str) else {
+        return fail("params.task_id is required");
+    };
+    let rec = {
+        let mut book = plane.tasks.lock();
+        let Some(e) = book.get_mut(id) else {
+            return fail(&format!("unknown task {id:?}"));
+        };
+        if e.rec.status != "scheduled" || e.running {
+            return fail(&format!(
+                "task {id} is {}; only a scheduled task can be edited",
+                e.rec.status
+            ));
+        }
+        let mut spec = match serde_json::to_value(&e.rec.spec) {
+            Ok(v) => v,
+            Err(e) => return fail(&format!("cannot edit: {e}")),
+        };
+        if let (Some(dst), Some(src)) = (spec.as_object_mut(), params.as_object()) {
+            for (k, v) in src {
+                if k != "task_id" {
+                    dst.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        let spec: TaskSpec = match serde_json::from_value(spec) {
+            Ok(s) => s,
+            Err(e) => return fail(&format!("bad task fields: {e}")),
+        };
+        if let Err(why) = validate(&spec) {
+            return fail(&format!("bad task: {why}"));
+        }
+        e.rec.total = unique_targets(&spec).len() as u64;
+        e.rec.spec = spec;
+        e.rec.seq += 1;
+        e.rec.clone()
+    };
+    match plane
+        .record(vec![
+            task_write(&rec),
+            Write::Result(progress_record(&rec, 0)),
+        ])
+        .await
+    {
+        Ok(()) => {
+            info!(task_id = %id, "task edited");
+            plane.tasks.wake.notify_one();
+            ops::Done {
+                result: Outcome::Success,
+                reason: String::new(),
+                payload: json!({"task_id": id, "status": "scheduled", "at": rec.spec.at, "total": rec.total}),
+            }
+        }
+        Err(e) => fail(&format!("cannot store the edit: {e}")),
+    }
+}
+
+fn fail(why: &str) -> ops::Done {
+    ops::Done {
+        result: Outcome::Failure,
+        reason: why.to_string(),
+        payload: Value::Null,
+    }
+}
+
+/// The scheduler: starts each task at its time (and resumes tasks a restart interrupted).
+pub async fn run(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken) -> Result<()> {
+    let mut running = tokio::task::JoinSet::new();
+    loop {
+        let now = SystemTime::now();
+        let mut next: Option<SystemTime> = None;
+        let mut start = Vec::new();
+        {
+            let mut book = plane.tasks.lock();
+            for (id, e) in book.iter_mut() {
+                let runnable = match e.rec.status.as_str() {
+                    "executing" => true,
+                    "scheduled" => match due_at(&e.rec.spec) {
+                        Some(t) if t > now => {
+                            next = Some(next.map_or(t, |n| n.min(t)));
+                            false
+                        }
+                        _ => true,
+                    },
+                    _ => false,
+                };
+                if runnable && !e.running {
+                    e.running = true;
+                    start.push(id.clone());
+                }
+            }
+        }
+        for id in start {
+            running.spawn(execute(ctx.clone(), plane.clone(), id, shutdown.clone()));
+        }
+        let wait = next
+            .and_then(|t| t.duration_since(SystemTime::now()).ok())
+            .unwrap_or(Duration::from_secs(60))
+            .min(Duration::from_secs(60));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = plane.tasks.wake.notified() => {}
+            Some(_) = running.join_next(), if !running.is_empty() => {}
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    // Targets in flight finish or hit their deadline; unstarted ones wait for the next start.
+    let drain = async { while running.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .is_err()
+    {
+        running.abort_all();
+    }
+    Ok(())
+}
+
+async fn execute(ctx: Ctx, plane: Arc<DevicePlane>, id: String, shutdown: CancellationToken) {
+    if let Err(e) = execute_inner(&ctx, &plane, &id, &shutdown).await {
+        error!(task_id = %id, error = %format!("{e:#}"), "task stopped; it resumes after a restart");
+    }
+    if let Some(e) = plane.tasks.lock().get_mut(&id) {
+        e.running = false;
+        e.in_progress = 0;
+    }
+}
+
+async fn execute_inner(
+    ctx: &Ctx,
+    plane: &Arc<DevicePlane>,
+    id: &str,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    // scheduled -> executing, durably, before the first target is touched.
+    let (rec, fresh) = {
+        let mut book = plane.tasks.lock();
+        let Some(e) = book.get_mut(id) else {
+            return Ok(());
+        };
+        let fresh = e.rec.status == "scheduled";
+        if fresh {
+            e.rec.status = "executing".into();
+            e.rec.started_at = Some(rfc3339(SystemTime::now()));
+            e.rec.seq += 1;
+        }
+        (e.rec.clone(), fresh)
+    };
+    if fresh {
+        plane
+            .record(vec![
+                task_write(&rec),
+                Write::Result(progress_record(&rec, 0)),
+            ])
+            .await
+            .map_err(anyhow::Error::msg)?;
+        info!(task_id = %id, r#type = %rec.spec.kind, targets = rec.total, "task started");
+    } else {
+        info!(task_id = %id, finished = rec.finished(), of = rec.total, "task resumed after a restart");
+    }
+    let id_owned = id.to_string();
+    let finished: HashSet<String> = ctx
+        .store
+        .run(move |s| s.task_targets(&id_owned))
+        .await?
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    let (payload, password) = payload_parts(&rec.spec.payload);
+    let op = Arc::new(ops::parse(&rec.spec.kind, &payload).map_err(anyhow::Error::msg)?);
+    let password = plane.password(password.as_deref());
+    let limit = rec
+        .spec
+        .concurrency
+        .map(|c| c as usize)
+        .unwrap_or(plane.cfg.task_concurrency)
+        .clamp(1, plane.cfg.task_concurrency);
+    let deadline = rec
+        .spec
+        .target_timeout_s
+        .map(Duration::from_secs)
+        .unwrap_or(plane.cfg.target_timeout);
+    let sem = Arc::new(Semaphore::new(limit));
+    let mut work = tokio::task::JoinSet::new();
+    let mut interrupted = false;
+    for target in unique_targets(&rec.spec) {
+        if finished.contains(&target) {
+            continue;
+        }
+        let permit = tokio::select! {
+            p = sem.clone().acquire_owned() => p?,
+            _ = shutdown.cancelled() => { interrupted = true; break; }
+        };
+        let halted = plane.tasks.lock().get(id).is_some_and(|e| e.halted);
+        let plane = plane.clone();
+        let op = op.clone();
+        let password = password.clone();
+        let task_id = id.to_string();
+        let kind = rec.spec.kind.clone();
+        let threshold = rec.spec.failure_threshold_pct;
+        work.spawn(async move {
+            let _permit = permit;
+            if let Some(e) = plane.tasks.lock().get_mut(&task_id) {
+                e.in_progress += 1;
+            }
+            let done = if halted {
+                ops::Done {
+                    result: Outcome::NotApplicable,
+                    reason: format!(
+                        "not run: the task halted because more than {}% of its targets failed",
+                        threshold.unwrap_or(0)
+                    ),
+                    payload: Value::Null,
+                }
+            } else {
+                match plane.check_target(&target) {
+                    Err(why) => fail(&why),
+                    Ok(t) => plane.run_op(&t, &password, &op, deadline).await,
+                }
+            };
+            finish_target(&plane, &task_id, &kind, &target, done).await
+        });
+        // Reap as we go so memory stays flat on huge tasks.
+        while let Some(r) = work.try_join_next() {
+            r??;
+        }
+    }
+    while let Some(r) = work.join_next().await {
+        r??;
+    }
+    if interrupted {
+        info!(task_id = %id, "relay stopping; the task's unfinished targets resume at the next start");
+        return Ok(());
+    }
+    let rec = {
+        let mut book = plane.tasks.lock();
+        let Some(e) = book.get_mut(id) else {
+            return Ok(());
+        };
+        e.rec.status = if e.halted { "halted" } else { "done" }.into();
+        if e.halted {
+            e.rec.reason = format!(
+                "halted: {} of {} finished targets failed (threshold {}%)",
+                e.rec.failure,
+                e.rec.finished(),
+                e.rec.spec.failure_threshold_pct.unwrap_or(0)
+            );
+        }
+        e.rec.finished_at = Some(rfc3339(SystemTime::now()));
+        e.rec.seq += 1;
+        e.rec.clone()
+    };
+    plane
+        .record(vec![
+            task_write(&rec),
+            Write::Result(progress_record(&rec, 0)),
+        ])
+        .await
+        .map_err(anyhow::Error::msg)?;
+    info!(task_id = %id, status = %rec.status, success = rec.success, failure = rec.failure, not_applicable = rec.not_applicable, "task finished");
+    Ok(())
+}
+
+/// Stores one target's outcome (sub-result + outbox record, one group commit), then counts it.
+async fn finish_target(
+    plane: &DevicePlane,
+    task_id: &str,
+    kind: &str,
+    target: &str,
+    done: ops::Done,
+) -> Result<()> {
+    let now = rfc3339(SystemTime::now());
+    let sub = SubResult {
+        result: done.result,
+        reason: done.reason.clone(),
+        finished_at: now.clone(),
+    };
+    let rec = ResultRecord {
+        result_id: uuid::Uuid::new_v4().to_string(),
+        command_id: task_id.to_string(),
+        target: Some(target.to_string()),
+        name: kind.to_string(),
+        result: done.result,
+        reason: done.reason,
+        payload: done.payload,
+        finished_at: now,
+        progress: None,
+    };
+    plane
+        .record(vec![
+            Write::TaskTarget {
+                task: task_id.to_string(),
+                target: target.to_string(),
+                value: serde_json::to_vec(&sub)?,
+            },
+            Write::Result(rec),
+        ])
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let mut book = plane.tasks.lock();
+    if let Some(e) = book.get_mut(task_id) {
+        e.in_progress = e.in_progress.saturating_sub(1);
+        match sub.result {
+            Outcome::Success => e.rec.success += 1,
+            Outcome::Failure => e.rec.failure += 1,
+            Outcome::NotApplicable => e.rec.not_applicable += 1,
+        }
+        if let Some(pct) = e.rec.spec.failure_threshold_pct {
+            let judged = e.rec.success + e.rec.failure;
+            if !e.halted
+                && judged >= THRESHOLD_SAMPLE.min(e.rec.total)
+                && e.rec.failure * 100 > u64::from(pct) * judged
+            {
+                e.halted = true;
+                warn!(
+                    task_id,
+                    failure = e.rec.failure,
+                    of = judged,
+                    threshold_pct = pct,
+                    "failure threshold exceeded; halting the task's remaining targets"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(kind: &str, targets: &[&str], payload: Value) -> TaskSpec {
+        TaskSpec {
+            name: String::new(),
+            kind: kind.into(),
+            targets: targets.iter().map(|s| s.to_string()).collect(),
+            payload,
+            at: None,
+            failure_threshold_pct: None,
+            concurrency: None,
+            target_timeout_s: None,
+        }
+    }
+
+    #[test]
+    fn tasks_are_validated_before_acceptance() {
+        assert!(validate(&spec("reboot", &["10.0.0.1"], Value::Null)).is_ok());
+        assert!(validate(&spec("explode", &["10.0.0.1"], Value::Null)).is_err());
+        assert!(validate(&spec("reboot", &[], Value::Null)).is_err());
+        assert!(
+            validate(&spec("reset", &["10.0.0.1"], json!({"mode": "x"})))
+                .unwrap_err()
+                .contains("mode")
+        );
+        let mut s = spec("reboot", &["10.0.0.1"], Value::Null);
+        s.at = Some("tomorrow".into());
+        assert!(validate(&s).is_err());
+        s.at = Some("2030-01-01T00:00:00Z".into());
+        assert!(validate(&s).is_ok());
+        s.failure_threshold_pct = Some(101);
+        assert!(validate(&s).is_err());
+    }
+
+    #[test]
+    fn duplicate_targets_count_once_and_password_is_split_off() {
+        let s = spec(
+            "reboot",
+            &["10.0.0.1", " 10.0.0.1", "10.0.0.2"],
+            Value::Null,
+        );
+        assert_eq!(unique_targets(&s), vec!["10.0.0.1", "10.0.0.2"]);
+        let (p, pw) = payload_parts(&json!({"mode": "restart", "password": "s3cret"}));
+        assert_eq!(pw.as_deref(), Some("s3cret"));
+        assert_eq!(p, json!({"mode": "restart"}));
+    }
+
+    #[test]
+    fn due_time_parses_rfc3339() {
+        let mut s = spec("reboot", &["10.0.0.1"], Value::Null);
+        assert!(due_at(&s).is_none());
+        s.at = Some("2030-01-01T00:00:00Z".into());
+        assert!(due_at(&s).unwrap() > SystemTime::now());
+    }
+}

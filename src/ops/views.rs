@@ -1,0 +1,215 @@
+//! Plain-text tables for `ucrelay devices` and `ucrelay tasks`, from the admin API's JSON.
+
+use serde_json::Value;
+use std::fmt::Write;
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or("")
+}
+
+fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+/// Column widths from the rows, so tables line up whatever the content.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<&str>, out: &mut String| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                let _ = write!(l, "{c:<width$}  ", width = w[i]);
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec(), &mut out);
+    for r in rows {
+        line(r.iter().map(String::as_str).collect(), &mut out);
+    }
+    out
+}
+
+pub fn render_devices(v: &Value) -> String {
+    let mut out = String::new();
+    if v["enabled"] == Value::Bool(false) {
+        out.push_str("device plane off: relay.toml has no [devices] section\n");
+        return out;
+    }
+    let c = &v["counts"];
+    let _ = writeln!(
+        out,
+        "{} devices known: {} online, {} offline, {} not polled yet (poll every {})\n",
+        n(&c["known"]),
+        n(&c["online"]),
+        n(&c["offline"]),
+        n(&c["known"]).saturating_sub(n(&c["online"]) + n(&c["offline"])),
+        humantime::format_duration(std::time::Duration::from_secs(n(&v["poll_interval_s"])))
+    );
+    let empty = vec![];
+    let rows: Vec<Vec<String>> = v["devices"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|d| {
+            let l = &d["last"];
+            let lines = l["lines"]
+                .as_array()
+                .map(|ls| {
+                    ls.iter()
+                        .map(|x| {
+                            format!(
+                                "{}:{}",
+                                n(&x["line"]),
+                                if x["registered"] == Value::Bool(true) {
+                                    "reg"
+                                } else {
+                                    "UNREG"
+                                }
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default();
+            let detail = if s(&l["reason"]).is_empty() {
+                format!(
+                    "{} {} up {} call {}",
+                    s(&l["model"]),
+                    s(&l["firmware"]),
+                    l["uptime_s"]
+                        .as_u64()
+                        .map(
+                            |u| humantime::format_duration(std::time::Duration::from_secs(u))
+                                .to_string()
+                        )
+                        .unwrap_or_else(|| "?".into()),
+                    s(&l["call_state"])
+                )
+            } else {
+                s(&l["reason"]).to_string()
+            };
+            vec![
+                s(&d["address"]).to_string(),
+                s(&d["mac"]).to_string(),
+                s(&d["state"]).to_string(),
+                lines,
+                s(&l["polled_at"]).to_string(),
+                detail,
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["ADDRESS", "MAC", "STATE", "LINES", "POLLED", "DETAIL"],
+        &rows,
+    ));
+    out
+}
+
+pub fn render_tasks(v: &Value) -> String {
+    let empty = vec![];
+    let list = v["tasks"].as_array().unwrap_or(&empty);
+    if list.is_empty() {
+        return "no tasks\n".into();
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|t| {
+            vec![
+                s(&t["id"]).to_string(),
+                s(&t["type"]).to_string(),
+                s(&t["status"]).to_string(),
+                n(&t["total"]).to_string(),
+                n(&t["success"]).to_string(),
+                n(&t["failure"]).to_string(),
+                n(&t["in_progress"]).to_string(),
+                t["at"].as_str().unwrap_or("now").to_string(),
+                s(&t["name"]).to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID", "TYPE", "STATUS", "TOTAL", "SUCCESS", "FAILURE", "RUNNING", "AT", "NAME",
+        ],
+        &rows,
+    )
+}
+
+pub fn render_task(t: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "task      {}", s(&t["id"]));
+    let _ = writeln!(out, "name      {}", s(&t["name"]));
+    let _ = writeln!(out, "type      {}", s(&t["type"]));
+    let _ = writeln!(out, "status    {}", s(&t["status"]));
+    if !s(&t["reason"]).is_empty() {
+        let _ = writeln!(out, "reason    {}", s(&t["reason"]));
+    }
+    let _ = writeln!(
+        out,
+        "totals    {} total, {} success, {} failure, {} not applicable, {} in progress",
+        n(&t["total"]),
+        n(&t["success"]),
+        n(&t["failure"]),
+        n(&t["not_applicable"]),
+        n(&t["in_progress"])
+    );
+    let _ = writeln!(out, "at        {}", t["at"].as_str().unwrap_or("now"));
+    if let Some(p) = t["started_at"].as_str() {
+        let _ = writeln!(out, "started   {p}");
+    }
+    if let Some(p) = t["finished_at"].as_str() {
+        let _ = writeln!(out, "finished  {p}");
+    }
+    out.push('\n');
+    let empty = vec![];
+    let rows: Vec<Vec<String>> = t["results"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|r| {
+            vec![
+                s(&r["target"]).to_string(),
+                s(&r["result"]).to_string(),
+                s(&r["reason"]).to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["TARGET", "RESULT", "REASON"], &rows));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn tables_line_up_and_show_failures() {
+        let t = render_tasks(&json!({"tasks": [
+            {"id": "task-1", "type": "reboot", "status": "done", "total": 3, "success": 2, "failure": 1, "in_progress": 0, "name": "night reboot"}
+        ]}));
+        assert!(t.starts_with("ID"));
+        assert!(t.contains("task-1  reboot  done"));
+        let one = render_task(
+            &json!({"id": "task-1", "status": "done", "total": 1, "results": [
+                {"target": "10.0.0.5", "result": "failure", "reason": "device unreachable: refused"}
+            ]}),
+        );
+        assert!(one.contains("10.0.0.5  failure  device unreachable: refused"));
+        let d = render_devices(&json!({"enabled": true, "poll_interval_s": 7200,
+            "counts": {"known": 1, "online": 0, "offline": 1},
+            "devices": [{"address": "10.0.0.5", "state": "offline", "last": {"reason": "device unreachable"}}]}));
+        assert!(d.contains("1 devices known: 0 online, 1 offline"));
+        assert!(d.contains("10.0.0.5"));
+    }
+}
