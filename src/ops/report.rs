@@ -23,7 +23,16 @@ pub struct StatusReport {
     pub edge: Option<EdgeReport>,
     /// The image cache, when the download agent runs.
     pub images: Option<crate::download::CatalogReport>,
+    /// Device plane totals (known / online / offline devices, tasks by state).
+    #[serde(default)]
+    pub devices: Option<DevicesReport>,
     pub jobs: Vec<JobReport>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DevicesReport {
+    pub devices: crate::protocol::DeviceCounts,
+    pub tasks: crate::protocol::TaskCounts,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -257,6 +266,18 @@ impl StatusReport {
                 },
             ),
             job(
+                "devices",
+                ctx.devices.cfg.enabled,
+                &if ctx.devices.cfg.enabled {
+                    format!(
+                        "commands, tasks and monitoring (poll every {})",
+                        humantime::format_duration(ctx.devices.cfg.poll_interval)
+                    )
+                } else {
+                    "no [devices] section".to_string()
+                },
+            ),
+            job(
                 "provisioning",
                 ctx.edge.is_some(),
                 &match (&ctx.edge, &cfg.provisioning) {
@@ -281,6 +302,10 @@ impl StatusReport {
             warnings,
             edge,
             images,
+            devices: ctx.devices.cfg.enabled.then(|| DevicesReport {
+                devices: ctx.devices.registry.counts(),
+                tasks: ctx.devices.tasks.counts(),
+            }),
             cloud: CloudReport {
                 url: cfg.cloud.url.to_string(),
                 tenant_id: cfg.cloud.tenant_id.clone(),
@@ -410,10 +435,25 @@ impl StatusReport {
                 ),
             ));
         }
+        if let Some(d) = &self.devices {
+            rows.push((
+                "devices",
+                format!(
+                    "{} known, {} online, {} offline; tasks {} scheduled, {} executing, {} finished",
+                    d.devices.known,
+                    d.devices.online,
+                    d.devices.offline,
+                    d.tasks.scheduled,
+                    d.tasks.executing,
+                    d.tasks.done
+                ),
+            ));
+        }
         for j in &self.jobs {
             let label: &str = match j.name.as_str() {
                 "management" => "job management",
                 "download" => "job download",
+                "devices" => "job devices",
                 _ => "job provisioning",
             };
             rows.push((label, format!("{} - {}", j.state, j.detail)));
