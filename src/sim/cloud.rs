@@ -223,7 +223,7 @@ pub async fn main(args: CloudArgs) -> anyhow::Result<()> {
     handle.shutdown().await
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+pub(crate) async fn wait_for_signal() -> anyhow::Result<()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
