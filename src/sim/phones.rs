@@ -35,6 +35,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+/// Most phones one simulator runs (a 16 million address /8 would need gigabytes).
+pub const MAX_PHONES: usize = 1_000_000;
+
 /// Options of `ucrelay sim phones`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct PhonesOptions {
@@ -87,6 +90,9 @@ impl PhonesOptions {
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.count == 0 {
             bail!("--count must be at least 1");
+        }
+        if self.count > MAX_PHONES {
+            bail!("--count {} is more than {MAX_PHONES} phones", self.count);
         }
         let first = u32::from(self.base_ip);
         let Some(last) = u32::try_from(self.count - 1)

@@ -983,6 +983,7 @@ fn options_stay_on_loopback_unless_allowed() {
     o.allow_non_loopback = true;
     assert!(o.validate().is_ok());
     assert!(opts(0, [127, 0, 0, 1]).validate().is_err());
+    assert!(opts(MAX_PHONES + 1, [127, 0, 0, 1]).validate().is_err());
     let mut o = opts(3, [255, 255, 255, 254]);
     o.allow_non_loopback = true;
     assert!(
