@@ -120,4 +120,6 @@ pub struct DemoArgs {
 pub enum SimCommand {
     /// The reference cloud: registration, heartbeats, command channel, results, test API (plain HTTP).
     Cloud(crate::sim::cloud::CloudArgs),
+    /// A fleet of simulated Poly phones speaking the device REST API, one per loopback address.
+    Phones(crate::sim::phones::PhonesOptions),
 }

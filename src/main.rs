@@ -184,6 +184,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(ucrelay::sim::cloud::main(args))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Sim(SimCommand::Phones(args)) => {
+            runtime()?.block_on(ucrelay::sim::phones::main(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

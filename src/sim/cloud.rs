@@ -18,12 +18,19 @@
 //!
 //! It does not do TLS (tests and the demo run it on loopback).
 //!
+//! Tasks (`/sim/tasks`) go to the relay as `task` commands on the channel and show the state and
+//! totals the relay reports back in its results; the tenant's device list (`/sim/devices`) is
+//! served at `GET /relay/v1/devices` with its revision in every heartbeat answer; device-status
+//! batches keep each device's latest report and every alarm.
+//!
 //! Layout: this file holds the public API, the listener and shutdown; `state` the data and the
-//! pure rules; `api` the HTTP handlers; `channel` the WebSocket side; `provisioning` the
-//! provisioning tree; `images` the image catalog and file server.
+//! pure rules; `api` the HTTP handlers; `devices` the device plane's handlers (tasks, device
+//! lists, device status); `channel` the WebSocket side; `provisioning` the provisioning tree;
+//! `images` the image catalog and file server.
 
 mod api;
 mod channel;
+mod devices;
 mod images;
 mod provisioning;
 mod state;
@@ -223,7 +230,7 @@ pub async fn main(args: CloudArgs) -> anyhow::Result<()> {
     handle.shutdown().await
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+pub(crate) async fn wait_for_signal() -> anyhow::Result<()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -4,4 +4,5 @@
 pub mod client;
 pub mod cloud;
 pub mod phone;
+pub mod phones;
 pub mod pki;

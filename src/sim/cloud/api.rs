@@ -7,6 +7,7 @@
 
 use super::Shared;
 use super::channel::{self, Outgoing};
+use super::devices;
 use super::images;
 use super::provisioning;
 use super::state::{
@@ -14,8 +15,8 @@ use super::state::{
 };
 use crate::protocol::{
     ErrorBody, ErrorCode, HeartbeatRequest, HeartbeatResponse, PATH_CHANNEL, PATH_DEVICE_STATUS,
-    PATH_HEARTBEAT, PATH_IMAGES, PATH_REGISTER, PATH_RESULTS, PROTOCOL_VERSION, RegisterRequest,
-    RegisterResponse, ResultRecord, ResultsAck, ResultsBatch,
+    PATH_DEVICES, PATH_HEARTBEAT, PATH_IMAGES, PATH_REGISTER, PATH_RESULTS, PROTOCOL_VERSION,
+    RegisterRequest, RegisterResponse, ResultRecord, ResultsAck, ResultsBatch,
 };
 use axum::Json;
 use axum::body::Body;
@@ -113,13 +114,29 @@ pub(crate) fn router(shared: Arc<Shared>) -> axum::Router {
         .route(PATH_CHANNEL, get(channel::upgrade))
         .route(PATH_RESULTS, post(results))
         .route(PATH_IMAGES, get(images))
-        .route(PATH_DEVICE_STATUS, post(device_status))
+        .route(PATH_DEVICE_STATUS, post(devices::device_status))
+        .route(PATH_DEVICES, get(devices::device_list))
         .route("/sim/relays", get(sim_relays))
         .route("/sim/tenants/{tenant}/reset-pin", post(sim_reset_pin))
         .route("/sim/stats", get(sim_stats))
         .route("/sim/commands", post(sim_create_command))
         .route("/sim/commands/{id}", get(sim_get_command))
         .route("/sim/results", get(sim_results))
+        .route(
+            "/sim/tasks",
+            get(devices::sim_list_tasks).post(devices::sim_create_task),
+        )
+        .route(
+            "/sim/tasks/{id}",
+            get(devices::sim_get_task)
+                .delete(devices::sim_cancel_task)
+                .patch(devices::sim_update_task),
+        )
+        .route(
+            "/sim/devices",
+            get(devices::sim_get_devices).post(devices::sim_set_devices),
+        )
+        .route("/sim/alarms", get(devices::sim_alarms))
         .route("/sim/channel/raw", post(sim_channel_raw))
         .route("/sim/channel/errors", get(sim_channel_errors))
         .route("/sim/channel/freeze", post(sim_channel_freeze))
@@ -187,7 +204,7 @@ pub(crate) fn parse_or_empty<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> 
     }
 }
 
-fn check_id(what: &str, id: &str) -> ApiResult<()> {
+pub(crate) fn check_id(what: &str, id: &str) -> ApiResult<()> {
     if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control) {
         return Err(ApiError::bad_request(format!(
             "{what} must be 1 to {MAX_ID_LEN} characters without control characters"
@@ -260,7 +277,7 @@ pub(crate) async fn fault_gate(shared: &Shared, path: &str) -> Option<Response> 
 
 /// Awaits the state file write for `generation`; a failure is a 500, since the change that
 /// was just made is not durable.
-async fn persist(shared: &Shared, generation: u64) -> ApiResult<()> {
+pub(crate) async fn persist(shared: &Shared, generation: u64) -> ApiResult<()> {
     shared.persist(generation).await.map_err(|e| {
         error!(error = %format!("{e:#}"), "sim cloud: cannot write the state file");
         ApiError::internal("cannot write the cloud's state file")
@@ -430,17 +447,20 @@ async fn heartbeat_inner(
     let relay_id = bearer_relay(shared, headers)?;
     let req: HeartbeatRequest = parse(&read_body(body).await?)?;
     let now = shared.now();
-    {
+    let devices_revision = {
         let mut rt = shared.lock();
+        let mut tenant = None;
         if let Some(relay) = rt.db.p.relays.get_mut(&relay_id) {
             relay.heartbeats += 1;
             relay.last_heartbeat = Some(now);
             relay.last_heartbeat_request = Some(req);
+            tenant = Some(relay.tenant_id.clone());
         }
         rt.db.p.stats.heartbeats += 1;
         // Not written at once: the flusher writes heartbeats at most once a second.
         rt.changed();
-    }
+        tenant.map_or(0, |t| rt.db.devices_revision(&t))
+    };
     let images_revision = match shared
         .images
         .rescan_if_older(images::HEARTBEAT_RESCAN)
@@ -455,7 +475,7 @@ async fn heartbeat_inner(
     Ok(Json(HeartbeatResponse {
         next_interval_s: interval_secs(shared),
         images_revision,
-        devices_revision: 0,
+        devices_revision,
         server_time: server_time(shared),
     }))
 }
@@ -528,22 +548,6 @@ async fn images(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respon
         Ok(m) => Json(m).into_response(),
         Err(e) => e.into_response(),
     }
-}
-
-async fn device_status(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    body: Body,
-) -> ApiResult<Json<Value>> {
-    bearer_relay(&shared, &headers)?;
-    let value: Value = parse(&read_body(body).await?)?;
-    if !value.is_object() {
-        return Err(ApiError::bad_request("device status must be a JSON object"));
-    }
-    let mut rt = shared.lock();
-    rt.db.p.stats.device_status_reports += 1;
-    rt.changed();
-    Ok(Json(json!({})))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -629,7 +633,7 @@ struct NewCommand {
 }
 
 /// The relay a test-API call is about: the one named, else the most recently registered one.
-fn target_relay(rt: &super::Runtime, relay_id: Option<String>) -> ApiResult<String> {
+pub(crate) fn target_relay(rt: &super::Runtime, relay_id: Option<String>) -> ApiResult<String> {
     match relay_id {
         Some(id) if rt.db.p.relays.contains_key(&id) => Ok(id),
         Some(id) => Err(ApiError::not_found(format!("unknown relay {id:?}"))),
@@ -651,15 +655,37 @@ async fn sim_create_command(
         return Err(ApiError::bad_request("name must not be empty"));
     }
     let id = format!("cmd-{}", uuid::Uuid::new_v4());
+    // An omitted `params` goes out as `{}`: relays can treat params as an object always.
+    let params = req.params.unwrap_or_else(|| json!({}));
+    let (relay_id, state) =
+        enqueue_command(&shared, req.relay_id, &id, req.name, params, |_, _| Ok(())).await?;
+    Ok(Json(
+        json!({"command_id": id, "relay_id": relay_id, "state": state.as_str()}),
+    ))
+}
+
+/// Creates command `id` for `relay_id` (default: the last registered relay), pushes it down the
+/// relay's channel when that is up (else it waits for the next connection, and is sent again on
+/// each connection until acknowledged), and returns once the change is in the state file.
+/// `with` runs under the same lock, before the command is added, to record what belongs with it
+/// (it may refuse, and then nothing is created).
+pub(crate) async fn enqueue_command(
+    shared: &Shared,
+    relay_id: Option<String>,
+    id: &str,
+    name: String,
+    params: Value,
+    with: impl FnOnce(&mut state::Db, &str) -> ApiResult<()>,
+) -> ApiResult<(String, CommandState)> {
     let (relay_id, state, generation) = {
         let mut rt = shared.lock();
-        let relay_id = target_relay(&rt, req.relay_id)?;
+        let relay_id = target_relay(&rt, relay_id)?;
+        with(&mut rt.db, &relay_id)?;
         rt.db.add_command(CommandRecord {
-            id: id.clone(),
+            id: id.to_owned(),
             relay_id: relay_id.clone(),
-            name: req.name,
-            // An omitted `params` goes out as `{}`: relays can treat params as an object always.
-            params: req.params.unwrap_or_else(|| json!({})),
+            name: name.clone(),
+            params,
             state: CommandState::Queued,
             result: None,
             created_at: shared.now(),
@@ -669,11 +695,9 @@ async fn sim_create_command(
         let state = rt.db.p.commands[idx].state;
         (relay_id, state, rt.changed())
     };
-    info!(%relay_id, command_id = %id, state = state.as_str(), "command created");
-    persist(&shared, generation).await?;
-    Ok(Json(
-        json!({"command_id": id, "relay_id": relay_id, "state": state.as_str()}),
-    ))
+    info!(%relay_id, command_id = %id, %name, state = state.as_str(), "command created");
+    persist(shared, generation).await?;
+    Ok((relay_id, state))
 }
 
 async fn sim_get_command(

@@ -1,10 +1,14 @@
 //! The reference cloud's data and the pure rules applied to it: tenants and their PIN window,
-//! bearer tokens, relays, commands, results with de-duplication, counters, and the state file.
+//! bearer tokens, relays, commands, results with de-duplication, tasks and their totals, device
+//! lists, device reports and alarms, counters, and the state file.
 //!
 //! No networking and no clock here: every rule that depends on time takes `now` so that tests can
 //! move time freely. The only I/O is reading and atomically writing the state file.
 
-use crate::protocol::{HeartbeatRequest, ResultRecord};
+use crate::protocol::{
+    Alarm, DeviceEntry, DeviceList, DeviceReport, HeartbeatRequest, Outcome, ResultRecord,
+    TASK_COMMAND, TASK_UPDATE_COMMAND, TaskProgress, TaskSpec,
+};
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -13,6 +17,8 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Version of the state file layout; bumped when an older file could not be read correctly.
+/// Fields added later (tasks, devices, reports, alarms) default to empty, so files written before
+/// them still load as format 1.
 pub const STATE_FORMAT: u32 = 1;
 
 /// How many tokens one relay may hold at once. Re-registering does not revoke older tokens (a relay
@@ -321,6 +327,33 @@ pub struct Stats {
     pub provisioning_bytes_in: u64,
     /// Body bytes sent by GET from the provisioning tree.
     pub provisioning_bytes_out: u64,
+    /// Device reports received in device-status batches (each counted, also when it replaces an
+    /// older report of the same device).
+    pub device_reports: u64,
+    /// Distinct alarms received.
+    pub alarms: u64,
+    /// Alarms received again (same id): retries after a lost answer.
+    pub duplicate_alarms: u64,
+}
+
+/// A task created through the test API. Its state and totals are not stored here: they come
+/// from the results the relay reports, indexed at load (see [`TaskView`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub id: String,
+    pub relay_id: String,
+    /// As last accepted by the relay (a successful `task_update` replaces fields).
+    pub spec: TaskSpec,
+    #[serde(with = "time_text")]
+    pub created_at: SystemTime,
+}
+
+/// An alarm as received, with the relay that raised it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredAlarm {
+    pub relay_id: String,
+    #[serde(flatten)]
+    pub alarm: Alarm,
 }
 
 /// Everything the state file holds.
@@ -342,6 +375,17 @@ pub struct Persisted {
     pub results: Vec<StoredResult>,
     #[serde(default)]
     pub stats: Stats,
+    #[serde(default)]
+    pub tasks: Vec<TaskRecord>,
+    /// Each tenant's device list, with its revision.
+    #[serde(default)]
+    pub device_lists: BTreeMap<String, DeviceList>,
+    /// The latest report of each device, by address.
+    #[serde(default)]
+    pub device_reports: BTreeMap<String, DeviceReport>,
+    /// Every distinct alarm, in arrival order.
+    #[serde(default)]
+    pub alarms: Vec<StoredAlarm>,
 }
 
 impl Default for Persisted {
@@ -355,6 +399,10 @@ impl Default for Persisted {
             commands: Vec::new(),
             results: Vec::new(),
             stats: Stats::default(),
+            tasks: Vec::new(),
+            device_lists: BTreeMap::new(),
+            device_reports: BTreeMap::new(),
+            alarms: Vec::new(),
         }
     }
 }
@@ -366,12 +414,75 @@ pub struct IngestOutcome {
     pub duplicates: u64,
 }
 
+/// What the relay has reported about one task, as indexes into [`Persisted::results`]: kept up
+/// to date as results arrive, so that reading a task never scans all results.
+#[derive(Debug, Default)]
+pub struct TaskView {
+    /// The progress record with the highest `progress.seq`.
+    pub progress: Option<usize>,
+    /// The latest result of each target, in the order targets first reported.
+    pub results: Vec<usize>,
+    by_target: HashMap<String, usize>,
+    pub success: u64,
+    pub failure: u64,
+    pub not_applicable: u64,
+}
+
+impl TaskView {
+    fn count(&mut self, outcome: Outcome, add: bool) {
+        let n = match outcome {
+            Outcome::Success => &mut self.success,
+            Outcome::Failure => &mut self.failure,
+            Outcome::NotApplicable => &mut self.not_applicable,
+        };
+        *n = if add { *n + 1 } else { n.saturating_sub(1) };
+    }
+}
+
+/// A task's state and totals as the test API shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TaskSummary {
+    pub id: String,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub relay_id: String,
+    /// `queued` (not yet acknowledged by the relay), `scheduled` (acknowledged, no progress
+    /// reported yet), `rejected` (the relay answered the task with a failure), or the status of
+    /// the relay's latest progress record.
+    pub status: String,
+    /// Why the relay rejected the task, when it did.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    pub total: u64,
+    pub success: u64,
+    pub failure: u64,
+    pub not_applicable: u64,
+    pub in_progress: u64,
+    pub at: Option<String>,
+    pub created_at: String,
+    /// `seq` of the latest progress record (0 before the first).
+    pub progress_seq: u64,
+}
+
+/// Outcome of taking in one device-status batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StatusOutcome {
+    pub reports: u64,
+    pub new_alarms: u64,
+    pub duplicate_alarms: u64,
+}
+
 /// The persisted data plus the indexes rebuilt from it at load.
 #[derive(Debug, Default)]
 pub struct Db {
     pub p: Persisted,
     command_index: HashMap<String, usize>,
     seen_results: HashSet<String>,
+    task_index: HashMap<String, usize>,
+    /// Parallel to `p.tasks`.
+    task_views: Vec<TaskView>,
+    seen_alarms: HashSet<String>,
 }
 
 impl Db {
@@ -387,11 +498,26 @@ impl Db {
             .iter()
             .map(|r| r.record.result_id.clone())
             .collect();
-        Db {
+        let task_index = p
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id.clone(), i))
+            .collect();
+        let task_views = p.tasks.iter().map(|_| TaskView::default()).collect();
+        let seen_alarms = p.alarms.iter().map(|a| a.alarm.id.clone()).collect();
+        let mut db = Db {
             p,
             command_index,
             seen_results,
+            task_index,
+            task_views,
+            seen_alarms,
+        };
+        for i in 0..db.p.results.len() {
+            db.index_task_result(i);
         }
+        db
     }
 
     pub fn command(&self, id: &str) -> Option<&CommandRecord> {
@@ -429,6 +555,10 @@ impl Db {
 
     /// Takes in a results batch from `relay_id`: a result id never seen is stored (and completes its
     /// command when that command belongs to the relay); a known one is only counted as a duplicate.
+    ///
+    /// A task's per-target results and progress records do not complete the task's command (they
+    /// only show the relay has it); they are indexed for the task instead. A successful result of a
+    /// `task_update` command applies the update to the cloud's copy of the task.
     pub fn ingest_results(&mut self, relay_id: &str, records: Vec<ResultRecord>) -> IngestOutcome {
         let mut accepted = Vec::with_capacity(records.len());
         let mut duplicates = 0;
@@ -440,21 +570,198 @@ impl Db {
                 continue;
             }
             self.p.stats.results_received += 1;
+            let task_part = record.target.is_some() || record.progress.is_some();
+            let mut update = None;
             if let Some(cmd) = self.command_mut(&record.command_id)
                 && cmd.relay_id == relay_id
             {
-                cmd.advance(CommandState::Done);
-                cmd.result = Some(record.clone());
+                if task_part && cmd.name == TASK_COMMAND {
+                    cmd.advance(CommandState::Acked);
+                } else {
+                    cmd.advance(CommandState::Done);
+                    cmd.result = Some(record.clone());
+                    if cmd.name == TASK_UPDATE_COMMAND && record.result == Outcome::Success {
+                        update = Some(cmd.params.clone());
+                    }
+                }
+            }
+            if let Some(params) = update {
+                self.apply_task_update(&params);
             }
             self.p.results.push(StoredResult {
                 relay_id: relay_id.to_owned(),
                 record,
             });
+            self.index_task_result(self.p.results.len() - 1);
         }
         IngestOutcome {
             accepted,
             duplicates,
         }
+    }
+
+    /// Adds stored result `i` to its task's view when it is a task's progress record or target
+    /// result from the task's relay.
+    fn index_task_result(&mut self, i: usize) {
+        let results = &self.p.results;
+        let stored = &results[i];
+        let Some(&t) = self.task_index.get(&stored.record.command_id) else {
+            return;
+        };
+        if self.p.tasks[t].relay_id != stored.relay_id {
+            return;
+        }
+        let view = &mut self.task_views[t];
+        if let Some(progress) = &stored.record.progress {
+            let newer = view.progress.is_none_or(|j| {
+                results[j]
+                    .record
+                    .progress
+                    .as_ref()
+                    .is_none_or(|old| progress.seq >= old.seq)
+            });
+            if newer {
+                view.progress = Some(i);
+            }
+        } else if let Some(target) = &stored.record.target {
+            match view.by_target.get(target) {
+                Some(&pos) => {
+                    let old = view.results[pos];
+                    view.count(results[old].record.result, false);
+                    view.results[pos] = i;
+                }
+                None => {
+                    view.by_target.insert(target.clone(), view.results.len());
+                    view.results.push(i);
+                }
+            }
+            view.count(stored.record.result, true);
+        }
+    }
+
+    /// Replaces the fields a `task_update` names (everything but `task_id`) in the task's spec.
+    /// An update that would not make a valid spec changes nothing.
+    fn apply_task_update(&mut self, params: &serde_json::Value) {
+        let Some(id) = params.get("task_id").and_then(|v| v.as_str()) else {
+            return;
+        };
+        let Some(&t) = self.task_index.get(id) else {
+            return;
+        };
+        let Ok(serde_json::Value::Object(mut spec)) = serde_json::to_value(&self.p.tasks[t].spec)
+        else {
+            return;
+        };
+        if let Some(fields) = params.as_object() {
+            for (k, v) in fields.iter().filter(|(k, _)| k.as_str() != "task_id") {
+                spec.insert(k.clone(), v.clone());
+            }
+        }
+        if let Ok(new) = serde_json::from_value(serde_json::Value::Object(spec)) {
+            self.p.tasks[t].spec = new;
+        }
+    }
+
+    pub fn add_task(&mut self, task: TaskRecord) {
+        self.task_index.insert(task.id.clone(), self.p.tasks.len());
+        self.p.tasks.push(task);
+        self.task_views.push(TaskView::default());
+    }
+
+    /// Index of task `id` in `p.tasks`.
+    pub fn task_index(&self, id: &str) -> Option<usize> {
+        self.task_index.get(id).copied()
+    }
+
+    pub fn task_view(&self, t: usize) -> &TaskView {
+        &self.task_views[t]
+    }
+
+    /// The relay's latest progress record of task `t`.
+    pub fn task_progress(&self, t: usize) -> Option<&TaskProgress> {
+        self.task_views[t]
+            .progress
+            .and_then(|i| self.p.results[i].record.progress.as_ref())
+    }
+
+    pub fn task_summary(&self, t: usize) -> TaskSummary {
+        let task = &self.p.tasks[t];
+        let view = &self.task_views[t];
+        let progress = self.task_progress(t);
+        let cmd = self.command(&task.id);
+        let rejection = cmd
+            .and_then(|c| c.result.as_ref())
+            .filter(|r| r.result == Outcome::Failure);
+        let (status, reason) = match (progress, rejection) {
+            (Some(p), _) => (p.status.clone(), String::new()),
+            (None, Some(r)) => ("rejected".to_owned(), r.reason.clone()),
+            (None, None) => {
+                let acked = cmd.is_some_and(|c| c.state >= CommandState::Acked);
+                let s = if acked { "scheduled" } else { "queued" };
+                (s.to_owned(), String::new())
+            }
+        };
+        TaskSummary {
+            id: task.id.clone(),
+            name: task.spec.name.clone(),
+            kind: task.spec.kind.clone(),
+            relay_id: task.relay_id.clone(),
+            status,
+            reason,
+            total: progress.map_or(task.spec.targets.len() as u64, |p| p.total),
+            success: view.success,
+            failure: view.failure,
+            not_applicable: view.not_applicable,
+            in_progress: progress.map_or(0, |p| p.in_progress),
+            at: task.spec.at.clone(),
+            created_at: fmt_time(task.created_at),
+            progress_seq: progress.map_or(0, |p| p.seq),
+        }
+    }
+
+    /// Replaces a tenant's device list; returns the new revision.
+    pub fn set_devices(&mut self, tenant: &str, devices: Vec<DeviceEntry>) -> u64 {
+        let list = self.p.device_lists.entry(tenant.to_owned()).or_default();
+        list.revision += 1;
+        list.devices = devices;
+        list.revision
+    }
+
+    /// Revision of a tenant's device list (0 before the first).
+    pub fn devices_revision(&self, tenant: &str) -> u64 {
+        self.p.device_lists.get(tenant).map_or(0, |l| l.revision)
+    }
+
+    /// Takes in a device-status batch: each report replaces the device's previous one; an alarm
+    /// is kept once, by id.
+    pub fn ingest_device_status(
+        &mut self,
+        relay_id: &str,
+        reports: Vec<DeviceReport>,
+        alarms: Vec<Alarm>,
+    ) -> StatusOutcome {
+        let mut out = StatusOutcome {
+            reports: reports.len() as u64,
+            ..Default::default()
+        };
+        self.p.stats.device_reports += out.reports;
+        for r in reports {
+            self.p.device_reports.insert(r.address.clone(), r);
+        }
+        for a in alarms {
+            if self.seen_alarms.insert(a.id.clone()) {
+                out.new_alarms += 1;
+                self.p.alarms.push(StoredAlarm {
+                    relay_id: relay_id.to_owned(),
+                    alarm: a,
+                });
+            } else {
+                out.duplicate_alarms += 1;
+            }
+        }
+        self.p.stats.alarms += out.new_alarms;
+        self.p.stats.duplicate_alarms += out.duplicate_alarms;
+        out
     }
 
     /// Records a new token for a relay, dropping that relay's oldest ones beyond
@@ -851,6 +1158,92 @@ mod tests {
         std::fs::write(&path, b"{not json").unwrap();
         let err = format!("{:#}", load(&path).unwrap_err());
         assert!(err.contains("cloud.json"), "{err}");
+    }
+
+    #[test]
+    fn files_from_before_the_device_plane_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cloud.json");
+        let mut db = db_with_tenant();
+        db.add_command(command("c1", "r1"));
+        let mut v = serde_json::to_value(&db.p).unwrap();
+        let m = v.as_object_mut().unwrap();
+        for k in ["tasks", "device_lists", "device_reports", "alarms"] {
+            m.remove(k).unwrap();
+        }
+        let stats = m["stats"].as_object_mut().unwrap();
+        for k in ["device_reports", "alarms", "duplicate_alarms"] {
+            stats.remove(k).unwrap();
+        }
+        write_atomic(&path, &serde_json::to_vec(&v).unwrap()).unwrap();
+        let back = load(&path).unwrap().unwrap();
+        assert_eq!(back, db.p);
+    }
+
+    #[test]
+    fn task_view_follows_results() {
+        let mut db = db_with_tenant();
+        db.add_command(CommandRecord {
+            name: TASK_COMMAND.into(),
+            ..command("t1", "r1")
+        });
+        db.add_task(TaskRecord {
+            id: "t1".into(),
+            relay_id: "r1".into(),
+            spec: TaskSpec {
+                name: "n".into(),
+                kind: "reboot".into(),
+                targets: vec!["a".into(), "b".into(), "c".into()],
+                payload: serde_json::json!({}),
+                at: None,
+                failure_threshold_pct: None,
+                concurrency: None,
+                target_timeout_s: None,
+            },
+            created_at: t0(),
+        });
+        let target = |id: &str, t: &str, outcome: Outcome| ResultRecord {
+            target: Some(t.into()),
+            result: outcome,
+            ..result(id, "t1")
+        };
+        let prog = |id: &str, seq: u64, status: &str| ResultRecord {
+            progress: Some(TaskProgress {
+                seq,
+                status: status.into(),
+                total: 3,
+                ..Default::default()
+            }),
+            ..result(id, "t1")
+        };
+        let t = db.task_index("t1").unwrap();
+        assert_eq!(
+            db.task_summary(t).status,
+            "queued",
+            "sent, not acknowledged"
+        );
+        db.ingest_results(
+            "r1",
+            vec![
+                target("1", "a", Outcome::Failure),
+                prog("p2", 2, "executing"),
+                target("2", "b", Outcome::Success),
+                prog("p1", 1, "scheduled"),
+                target("3", "a", Outcome::Success),
+            ],
+        );
+        // Another relay's results for the task are stored but not counted.
+        db.ingest_results("r2", vec![target("4", "c", Outcome::Failure)]);
+        let s = db.task_summary(t);
+        assert_eq!(
+            (s.status.as_str(), s.success, s.failure, s.progress_seq),
+            ("executing", 2, 0, 2)
+        );
+        assert_eq!(db.task_view(t).results.len(), 2);
+        assert_eq!(db.command("t1").unwrap().state, CommandState::Acked);
+        // Rebuilt identically from the stored results.
+        let db2 = Db::new(db.p.clone());
+        assert_eq!(db2.task_summary(t), s);
     }
 
     #[test]

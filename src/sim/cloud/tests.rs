@@ -276,10 +276,16 @@ async fn register_heartbeat_results_and_errors() {
         "POST",
         "/relay/v1/device-status",
         Some(&token),
-        Some(r#"{"devices": []}"#),
+        Some(r#"{"reports": []}"#),
     )
     .await;
-    assert_eq!((status, v), (200, json!({})));
+    assert_eq!(
+        (status, v),
+        (
+            200,
+            json!({"reports": 0, "alarms": 0, "duplicate_alarms": 0})
+        )
+    );
 
     // Results: stored once, a retry only counts duplicates.
     let batch = result_body(&[("res-1", "cmd-x"), ("res-2", "cmd-x")]);
@@ -336,7 +342,8 @@ async fn register_heartbeat_results_and_errors() {
         "registrations": 1, "registrations_rejected": 5, "channel_connections": 0,
         "faulted_requests": 2, "device_status_reports": 1, "channel_bad_frames": 0,
         "provisioning_requests": 0, "provisioning_unauthorized": 0,
-        "provisioning_bytes_in": 0, "provisioning_bytes_out": 0
+        "provisioning_bytes_in": 0, "provisioning_bytes_out": 0,
+        "device_reports": 0, "alarms": 0, "duplicate_alarms": 0
     });
     assert_eq!(stats, expect);
     tokio::time::timeout(GUARD, cloud.shutdown())
@@ -1726,5 +1733,744 @@ async fn images_sync_goes_down_the_channel() {
     assert_eq!((status, error_code(&v)), (409, "conflict"));
     let (status, v) = post(addr, "/sim/images/sync", json!({"relay_id": "r-9"})).await;
     assert_eq!((status, error_code(&v)), (404, "not_found"));
+    cloud.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device plane: tasks, device lists, device status.
+
+/// A result record of a task: per target, or a progress record when `progress` is given.
+fn task_result(
+    result_id: &str,
+    task_id: &str,
+    target: Option<&str>,
+    outcome: &str,
+    reason: &str,
+    progress: Option<Value>,
+) -> Value {
+    let mut r = json!({
+        "result_id": result_id, "command_id": task_id, "name": if target.is_some() { "reboot" } else { "task" },
+        "result": outcome, "reason": reason, "payload": {"n": 1},
+        "finished_at": "2026-01-01T00:00:00Z",
+    });
+    if let Some(t) = target {
+        r["target"] = json!(t);
+    }
+    if let Some(p) = progress {
+        r["progress"] = p;
+    }
+    r
+}
+
+fn progress(seq: u64, status: &str, total: u64, success: u64, in_progress: u64) -> Value {
+    json!({"seq": seq, "status": status, "total": total, "success": success, "failure": 0,
+           "not_applicable": 0, "in_progress": in_progress})
+}
+
+async fn post_results(addr: SocketAddr, token: &str, results: Vec<Value>) {
+    let body = json!({ "results": results }).to_string();
+    let (status, v) = call(addr, "POST", PATH_RESULTS, Some(token), Some(&body)).await;
+    assert_eq!(status, 200, "{v}");
+}
+
+async fn ack(ws: &mut Ws, id: &str) {
+    ws.send(Message::text(json!({"type": "ack", "id": id}).to_string()))
+        .await
+        .unwrap();
+    ping_roundtrip(ws).await;
+}
+
+#[tokio::test]
+async fn tasks_go_down_the_channel_and_follow_the_relays_results() {
+    let cloud = start_cloud(args(None)).await;
+    let addr = cloud.addr;
+    let (status, _) = post(
+        addr,
+        "/sim/tasks",
+        json!({"type": "reboot", "targets": ["10.0.0.1"]}),
+    )
+    .await;
+    assert_eq!(status, 400, "no relay registered yet");
+    let token = register_ok(addr, "r-1", "123456").await;
+
+    // Bad tasks change nothing.
+    for bad in [
+        json!({"type": "explode", "targets": ["10.0.0.1"]}),
+        json!({"type": "reboot", "targets": []}),
+        json!({"type": "reboot"}),
+        json!({"type": "reboot", "targets": ["10.0.0.1"], "at": "tomorrow"}),
+        json!({"type": "reboot", "targets": ["10.0.0.1"], "payload": [1]}),
+        json!({"type": "reboot", "targets": ["10.0.0.1"], "failure_threshold_pct": 101}),
+        json!({"type": "reboot", "targets": [""]}),
+    ] {
+        let (status, v) = post(addr, "/sim/tasks", bad.clone()).await;
+        assert_eq!((status, error_code(&v)), (400, "bad_request"), "{bad}");
+    }
+    let (_, v) = post(
+        addr,
+        "/sim/tasks",
+        json!({"type": "explode", "targets": ["x"]}),
+    )
+    .await;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("check_sync"),
+        "{v}"
+    );
+    assert_eq!(get(addr, "/sim/tasks").await, json!([]));
+
+    // Created while the relay is offline: queued, then delivered when it connects.
+    let (status, v) = post(
+        addr,
+        "/sim/tasks",
+        json!({"type": "reboot", "targets": ["10.0.0.1", "10.0.0.2:8443"],
+               "at": "2030-01-01T03:00:00Z", "concurrency": 5, "name": "night reboot"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let task_id = v["task_id"].as_str().unwrap().to_owned();
+    assert!(task_id.starts_with("task-"));
+    assert_eq!(
+        (v["relay_id"].as_str(), v["state"].as_str()),
+        (Some("r-1"), Some("queued"))
+    );
+    let path = format!("/sim/tasks/{task_id}");
+    let t = get(addr, &path).await;
+    assert_eq!(
+        (
+            t["status"].as_str(),
+            t["total"].as_u64(),
+            t["type"].as_str(),
+            t["name"].as_str()
+        ),
+        (
+            Some("queued"),
+            Some(2),
+            Some("reboot"),
+            Some("night reboot")
+        )
+    );
+
+    let mut ws = connect_ws(addr, &token).await;
+    assert_eq!(next_json(&mut ws).await["type"], "hello");
+    let cmd = next_json(&mut ws).await;
+    assert_eq!(
+        (
+            cmd["type"].as_str(),
+            cmd["id"].as_str(),
+            cmd["name"].as_str()
+        ),
+        (
+            Some("command"),
+            Some(task_id.as_str()),
+            Some(crate::protocol::TASK_COMMAND)
+        )
+    );
+    let spec: crate::protocol::TaskSpec = serde_json::from_value(cmd["params"].clone()).unwrap();
+    assert_eq!(
+        spec,
+        crate::protocol::TaskSpec {
+            name: "night reboot".into(),
+            kind: "reboot".into(),
+            targets: vec!["10.0.0.1".into(), "10.0.0.2:8443".into()],
+            payload: json!({}),
+            at: Some("2030-01-01T03:00:00Z".into()),
+            failure_threshold_pct: None,
+            concurrency: Some(5),
+            target_timeout_s: None,
+        }
+    );
+    assert_eq!(
+        get(addr, &path).await["status"],
+        "queued",
+        "sent but not acknowledged"
+    );
+    ack(&mut ws, &task_id).await;
+    assert_eq!(get(addr, &path).await["status"], "scheduled");
+
+    // Progress and per-target results; the newest progress record wins whatever the arrival
+    // order, and the latest result of a target replaces the earlier one.
+    post_results(
+        addr,
+        &token,
+        vec![
+            task_result(
+                "p1",
+                &task_id,
+                None,
+                "success",
+                "",
+                Some(progress(1, "executing", 2, 0, 2)),
+            ),
+            task_result(
+                "a1",
+                &task_id,
+                Some("10.0.0.1"),
+                "failure",
+                "timed out",
+                None,
+            ),
+            task_result(
+                "b1",
+                &task_id,
+                Some("10.0.0.2:8443"),
+                "not_applicable",
+                "no such mode",
+                None,
+            ),
+        ],
+    )
+    .await;
+    let t = get(addr, &path).await;
+    assert_eq!(
+        (
+            t["status"].as_str(),
+            t["success"].as_u64(),
+            t["failure"].as_u64(),
+            t["not_applicable"].as_u64(),
+            t["in_progress"].as_u64()
+        ),
+        (Some("executing"), Some(0), Some(1), Some(1), Some(2))
+    );
+    post_results(
+        addr,
+        &token,
+        vec![
+            task_result("a2", &task_id, Some("10.0.0.1"), "success", "", None),
+            task_result(
+                "p3",
+                &task_id,
+                None,
+                "success",
+                "",
+                Some(progress(3, "done", 2, 1, 0)),
+            ),
+            task_result(
+                "p2",
+                &task_id,
+                None,
+                "success",
+                "",
+                Some(progress(2, "executing", 2, 1, 1)),
+            ),
+        ],
+    )
+    .await;
+    let t = get(addr, &path).await;
+    assert_eq!(
+        (
+            t["status"].as_str(),
+            t["total"].as_u64(),
+            t["success"].as_u64(),
+            t["failure"].as_u64(),
+            t["not_applicable"].as_u64()
+        ),
+        (Some("done"), Some(2), Some(1), Some(0), Some(1))
+    );
+    assert_eq!(
+        (t["in_progress"].as_u64(), t["progress_seq"].as_u64()),
+        (Some(0), Some(3))
+    );
+    assert_eq!(
+        t["results"],
+        json!([
+            {"target": "10.0.0.1", "result": "success", "reason": "", "payload": {"n": 1},
+             "finished_at": "2026-01-01T00:00:00Z", "result_id": "a2"},
+            {"target": "10.0.0.2:8443", "result": "not_applicable", "reason": "no such mode",
+             "payload": {"n": 1}, "finished_at": "2026-01-01T00:00:00Z", "result_id": "b1"},
+        ])
+    );
+    // The task's command is acknowledged, not completed by its targets' results.
+    assert_eq!(
+        get(addr, &format!("/sim/commands/{task_id}")).await["state"],
+        "acked"
+    );
+
+    let list = get(addr, "/sim/tasks").await;
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(
+        (list[0]["id"].as_str(), list[0]["status"].as_str()),
+        (Some(task_id.as_str()), Some("done"))
+    );
+    assert!(list[0].get("results").is_none());
+    let (status, v) = call(addr, "GET", "/sim/tasks/task-nope", None, None).await;
+    assert_eq!((status, error_code(&v)), (404, "not_found"));
+
+    // A task the relay refuses outright.
+    let (_, v) = post(
+        addr,
+        "/sim/tasks",
+        json!({"type": "dial", "targets": ["8.8.8.8"], "payload": {"dest": "1"}}),
+    )
+    .await;
+    let refused = v["task_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        next_json(&mut ws).await["id"].as_str(),
+        Some(refused.as_str())
+    );
+    post_results(
+        addr,
+        &token,
+        vec![task_result(
+            "r1",
+            &refused,
+            None,
+            "failure",
+            "target 8.8.8.8 is outside the device subnets",
+            None,
+        )],
+    )
+    .await;
+    let t = get(addr, &format!("/sim/tasks/{refused}")).await;
+    assert_eq!(t["status"], "rejected");
+    assert!(t["reason"].as_str().unwrap().contains("outside"));
+    cloud.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn tasks_are_edited_and_cancelled_through_commands() {
+    let cloud = start_cloud(args(None)).await;
+    let addr = cloud.addr;
+    let token = register_ok(addr, "r-1", "123456").await;
+    let mut ws = connect_ws(addr, &token).await;
+    assert_eq!(next_json(&mut ws).await["type"], "hello");
+    let (_, v) = post(
+        addr,
+        "/sim/tasks",
+        json!({"type": "reboot", "targets": ["10.0.0.1"], "at": "2030-01-01T03:00:00Z"}),
+    )
+    .await;
+    let task_id = v["task_id"].as_str().unwrap().to_owned();
+    next_json(&mut ws).await;
+    let path = format!("/sim/tasks/{task_id}");
+
+    for bad in [
+        json!({}),
+        json!({"relay_id": "r-2"}),
+        json!({"targets": []}),
+        json!({"targets": "10.0.0.1"}),
+        json!({"type": "explode"}),
+        json!({"at": "soon"}),
+        json!({"concurrency": 0}),
+    ] {
+        let (status, v) = call(addr, "PATCH", &path, None, Some(&bad.to_string())).await;
+        assert_eq!((status, error_code(&v)), (400, "bad_request"), "{bad}");
+    }
+    let (status, _) = call(
+        addr,
+        "PATCH",
+        "/sim/tasks/task-nope",
+        None,
+        Some(r#"{"at": null}"#),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _) = call(addr, "DELETE", "/sim/tasks/task-nope", None, None).await;
+    assert_eq!(status, 404);
+
+    // Edit: a task_update command; the cloud's copy changes once the relay reports success.
+    let patch = json!({"targets": ["10.0.0.1", "10.0.0.3"], "at": "2030-01-02T03:00:00Z"});
+    let (status, v) = call(addr, "PATCH", &path, None, Some(&patch.to_string())).await;
+    assert_eq!(status, 200, "{v}");
+    let update_id = v["command_id"].as_str().unwrap().to_owned();
+    let cmd = next_json(&mut ws).await;
+    assert_eq!(
+        cmd,
+        json!({"type": "command", "id": update_id, "name": crate::protocol::TASK_UPDATE_COMMAND,
+               "params": {"task_id": task_id, "targets": ["10.0.0.1", "10.0.0.3"], "at": "2030-01-02T03:00:00Z"}})
+    );
+    assert_eq!(get(addr, &path).await["total"], 1);
+    post_results(
+        addr,
+        &token,
+        vec![json!({
+        "result_id": "u1", "command_id": update_id, "name": "task_update", "result": "success",
+        "finished_at": "2026-01-01T00:00:00Z"})],
+    )
+    .await;
+    let t = get(addr, &path).await;
+    assert_eq!(
+        (t["total"].as_u64(), t["at"].as_str()),
+        (Some(2), Some("2030-01-02T03:00:00Z"))
+    );
+    assert_eq!(t["targets"], json!(["10.0.0.1", "10.0.0.3"]));
+    assert_eq!(
+        get(addr, &format!("/sim/commands/{update_id}")).await["state"],
+        "done"
+    );
+
+    // A refused update changes nothing.
+    let (_, v) = call(
+        addr,
+        "PATCH",
+        &path,
+        None,
+        Some(r#"{"targets": ["10.9.9.9"]}"#),
+    )
+    .await;
+    let refused = v["command_id"].as_str().unwrap().to_owned();
+    next_json(&mut ws).await;
+    post_results(
+        addr,
+        &token,
+        vec![json!({
+        "result_id": "u2", "command_id": refused, "name": "task_update", "result": "failure",
+        "reason": "task is executing", "finished_at": "2026-01-01T00:00:00Z"})],
+    )
+    .await;
+    assert_eq!(
+        get(addr, &path).await["targets"],
+        json!(["10.0.0.1", "10.0.0.3"])
+    );
+
+    // Cancel: a task_cancel command; its outcome shows like any command's.
+    let (status, v) = call(addr, "DELETE", &path, None, None).await;
+    assert_eq!(status, 200, "{v}");
+    let cancel_id = v["command_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "command", "id": cancel_id, "name": crate::protocol::TASK_CANCEL_COMMAND,
+               "params": {"task_id": task_id}})
+    );
+    post_results(addr, &token, vec![
+        json!({"result_id": "c1", "command_id": cancel_id, "name": "task_cancel", "result": "success",
+               "finished_at": "2026-01-01T00:00:00Z"}),
+        task_result("p1", &task_id, None, "success", "", Some(progress(1, "cancelled", 2, 0, 0))),
+    ]).await;
+    let c = get(addr, &format!("/sim/commands/{cancel_id}")).await;
+    assert_eq!(
+        (c["state"].as_str(), c["result"]["result"].as_str()),
+        (Some("done"), Some("success"))
+    );
+    assert_eq!(get(addr, &path).await["status"], "cancelled");
+    cloud.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn device_list_revision_and_relay_fetch() {
+    let cloud = start_cloud(args(None)).await;
+    let addr = cloud.addr;
+    let token = register_ok(addr, "r-1", "123456").await;
+    let (_, v) = heartbeat(addr, &token).await;
+    assert_eq!(v["devices_revision"], 0);
+    let (status, v) = call(
+        addr,
+        "GET",
+        crate::protocol::PATH_DEVICES,
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!((status, v), (200, json!({"revision": 0, "devices": []})));
+    let (status, v) = call(addr, "GET", crate::protocol::PATH_DEVICES, None, None).await;
+    assert_eq!((status, error_code(&v)), (401, "token_invalid"));
+
+    for bad in [
+        json!({"devices": [{"address": "phone.example"}]}),
+        json!({"devices": [{"address": "10.0.0.1"}, {"address": "10.0.0.1"}]}),
+        json!({"devices": [{"mac": "0004f2000000"}]}),
+        json!({"devices": [{"address": "10.0.0.1"}], "tenant": "globex"}),
+    ] {
+        let (status, v) = post(addr, "/sim/devices", bad.clone()).await;
+        assert!(status == 400 || status == 404, "{bad}: {status} {v}");
+    }
+    let devices = json!([
+        {"address": "127.0.0.10:8443", "mac": "0004f2000000", "name": "lobby"},
+        {"address": "127.0.0.11"},
+    ]);
+    let (status, v) = post(addr, "/sim/devices", json!({"devices": devices})).await;
+    assert_eq!(
+        (status, v),
+        (200, json!({"tenant": "acme", "revision": 1, "devices": 2}))
+    );
+    let (_, v) = heartbeat(addr, &token).await;
+    assert_eq!(v["devices_revision"], 1);
+    let (status, v) = call(
+        addr,
+        "GET",
+        crate::protocol::PATH_DEVICES,
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let list: crate::protocol::DeviceList = serde_json::from_value(v).unwrap();
+    assert_eq!(list.revision, 1);
+    assert_eq!(list.devices[0].name.as_deref(), Some("lobby"));
+    assert_eq!(list.devices[1].address, "127.0.0.11");
+
+    post(
+        addr,
+        "/sim/devices",
+        json!({"devices": [{"address": "127.0.0.12"}]}),
+    )
+    .await;
+    let (_, v) = heartbeat(addr, &token).await;
+    assert_eq!(v["devices_revision"], 2);
+    let v = get(addr, "/sim/devices").await;
+    assert_eq!(
+        (
+            v["revision"].as_u64(),
+            v["devices"].as_array().unwrap().len()
+        ),
+        (Some(2), 1)
+    );
+
+    // Faults cover the device list like the other relay-facing endpoints.
+    post(addr, "/sim/faults", json!({"mode": "http_500"})).await;
+    let (status, _) = call(
+        addr,
+        "GET",
+        crate::protocol::PATH_DEVICES,
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!(status, 500);
+    cloud.shutdown().await.unwrap();
+}
+
+fn report(address: &str, online: bool, polled_at: &str) -> Value {
+    json!({"address": address, "mac": "0004f2000000", "online": online, "model": "VVX 411",
+           "firmware": "5.9.6.2327", "uptime_s": 60, "lines": [{"line": 1, "registered": true, "uri": "sip:1000@pbx.sim"}],
+           "call_state": "idle", "polled_at": polled_at})
+}
+
+fn alarm(id: &str, kind: &str) -> Value {
+    json!({"id": id, "address": "127.0.0.10", "kind": kind, "message": "m", "at": "2026-01-01T00:00:00Z"})
+}
+
+#[tokio::test]
+async fn device_status_keeps_latest_reports_and_distinct_alarms() {
+    let cloud = start_cloud(args(None)).await;
+    let addr = cloud.addr;
+    let token = register_ok(addr, "r-1", "123456").await;
+    let status_path = crate::protocol::PATH_DEVICE_STATUS;
+    let send = |body: Value| {
+        let token = token.clone();
+        async move {
+            call(
+                addr,
+                "POST",
+                status_path,
+                Some(&token),
+                Some(&body.to_string()),
+            )
+            .await
+        }
+    };
+
+    for bad in [
+        json!({"reports": [{"address": "x"}]}),
+        json!({"reports": "none"}),
+        json!({"alarms": [{"id": "", "address": "a", "kind": "device_offline", "message": "", "at": ""}]}),
+        json!([1, 2]),
+    ] {
+        let (status, v) = send(bad.clone()).await;
+        assert_eq!((status, error_code(&v)), (400, "bad_request"), "{bad}");
+    }
+    let (_, v) = send(json!({"reports": [{"address": "x"}]})).await;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("device-status"),
+        "{v}"
+    );
+    let (status, _) = call(addr, "POST", status_path, None, Some("{}")).await;
+    assert_eq!(status, 401);
+
+    let (status, v) = send(json!({
+        "reports": [report("127.0.0.10", true, "2026-01-01T00:00:00Z"), report("127.0.0.11", true, "2026-01-01T00:00:00Z")],
+        "alarms": [alarm("al-1", "line_unregistered")],
+    }))
+    .await;
+    assert_eq!(
+        (status, v),
+        (
+            200,
+            json!({"reports": 2, "alarms": 1, "duplicate_alarms": 0})
+        )
+    );
+    // A retry of an alarm is not stored twice; a newer report replaces the older one.
+    let (_, v) = send(json!({
+        "reports": [report("127.0.0.10", false, "2026-01-01T02:00:00Z")],
+        "alarms": [alarm("al-1", "line_unregistered"), alarm("al-2", "device_offline")],
+    }))
+    .await;
+    assert_eq!(v, json!({"reports": 1, "alarms": 1, "duplicate_alarms": 1}));
+
+    let v = get(addr, "/sim/devices").await;
+    assert_eq!(v["status"]["127.0.0.10"]["online"], false);
+    assert_eq!(
+        v["status"]["127.0.0.10"]["polled_at"],
+        "2026-01-01T02:00:00Z"
+    );
+    assert_eq!(
+        v["status"]["127.0.0.11"]["lines"][0]["uri"],
+        "sip:1000@pbx.sim"
+    );
+    let alarms = get(addr, "/sim/alarms").await;
+    let ids: Vec<&str> = alarms
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["al-1", "al-2"]);
+    assert_eq!(
+        (alarms[1]["kind"].as_str(), alarms[1]["relay_id"].as_str()),
+        (Some("device_offline"), Some("r-1"))
+    );
+    let stats = get(addr, "/sim/stats").await;
+    assert_eq!(
+        (
+            stats["device_reports"].as_u64(),
+            stats["alarms"].as_u64(),
+            stats["duplicate_alarms"].as_u64()
+        ),
+        (Some(3), Some(2), Some(1))
+    );
+    assert_eq!(stats["device_status_reports"], 2);
+    cloud.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn device_plane_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cloud.json");
+    let cloud = start_cloud(args(Some(path.clone()))).await;
+    let addr = cloud.addr;
+    let token = register_ok(addr, "r-1", "123456").await;
+    let (_, v) = post(
+        addr,
+        "/sim/tasks",
+        json!({"type": "check_sync", "targets": ["10.0.0.1", "10.0.0.2"]}),
+    )
+    .await;
+    let task_id = v["task_id"].as_str().unwrap().to_owned();
+    post_results(
+        addr,
+        &token,
+        vec![
+            task_result("a1", &task_id, Some("10.0.0.1"), "success", "", None),
+            task_result(
+                "p1",
+                &task_id,
+                None,
+                "success",
+                "",
+                Some(progress(4, "executing", 2, 1, 1)),
+            ),
+        ],
+    )
+    .await;
+    post(
+        addr,
+        "/sim/devices",
+        json!({"devices": [{"address": "10.0.0.1"}]}),
+    )
+    .await;
+    let (status, _) = call(
+        addr,
+        "POST",
+        crate::protocol::PATH_DEVICE_STATUS,
+        Some(&token),
+        Some(
+            &json!({"reports": [report("10.0.0.1", true, "2026-01-01T00:00:00Z")],
+                     "alarms": [alarm("al-1", "device_online")]})
+            .to_string(),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let before = get(addr, &format!("/sim/tasks/{task_id}")).await;
+    cloud.shutdown().await.unwrap();
+
+    let cloud = start_cloud(args(Some(path.clone()))).await;
+    let addr = cloud.addr;
+    assert_eq!(get(addr, &format!("/sim/tasks/{task_id}")).await, before);
+    assert_eq!(before["status"], "executing");
+    assert_eq!(before["success"], 1);
+    // The indexes are rebuilt: a later result of the same target still replaces the earlier one.
+    post_results(
+        addr,
+        &token,
+        vec![task_result(
+            "a2",
+            &task_id,
+            Some("10.0.0.1"),
+            "failure",
+            "x",
+            None,
+        )],
+    )
+    .await;
+    let t = get(addr, &format!("/sim/tasks/{task_id}")).await;
+    assert_eq!(
+        (t["success"].as_u64(), t["failure"].as_u64()),
+        (Some(0), Some(1))
+    );
+    let (_, v) = heartbeat(addr, &token).await;
+    assert_eq!(v["devices_revision"], 1);
+    let v = get(addr, "/sim/devices").await;
+    assert_eq!(v["status"]["10.0.0.1"]["online"], true);
+    assert_eq!(get(addr, "/sim/alarms").await.as_array().unwrap().len(), 1);
+    let (status, v) = call(
+        addr,
+        "POST",
+        crate::protocol::PATH_DEVICE_STATUS,
+        Some(&token),
+        Some(&json!({"alarms": [alarm("al-1", "device_online")]}).to_string()),
+    )
+    .await;
+    assert_eq!((status, v["duplicate_alarms"].as_u64()), (200, Some(1)));
+    cloud.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_ten_thousand_target_task() {
+    let cloud = start_cloud(args(None)).await;
+    let addr = cloud.addr;
+    let token = register_ok(addr, "r-1", "123456").await;
+    let targets: Vec<String> = (0..10_000)
+        .map(|i| format!("10.{}.{}.{}", i / 65536, i / 256 % 256, i % 256))
+        .collect();
+    let (status, v) = post(
+        addr,
+        "/sim/tasks",
+        json!({"type": "reboot", "targets": targets}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let task_id = v["task_id"].as_str().unwrap().to_owned();
+    for (b, chunk) in targets.chunks(1000).enumerate() {
+        let results = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let outcome = if (b * 1000 + i) % 10 == 0 {
+                    "failure"
+                } else {
+                    "success"
+                };
+                task_result(&format!("r-{t}"), &task_id, Some(t), outcome, "", None)
+            })
+            .collect();
+        post_results(addr, &token, results).await;
+    }
+    let t = get(addr, &format!("/sim/tasks/{task_id}")).await;
+    assert_eq!(
+        (
+            t["total"].as_u64(),
+            t["success"].as_u64(),
+            t["failure"].as_u64()
+        ),
+        (Some(10_000), Some(9_000), Some(1_000))
+    );
+    assert_eq!(t["results"].as_array().unwrap().len(), 10_000);
+    assert_eq!(t["results"][9_999]["target"], "10.0.39.15");
     cloud.shutdown().await.unwrap();
 }

@@ -1,0 +1,647 @@
+//! `ucrelay sim phones`: a fleet of simulated Poly desk phones speaking the device REST API, each
+//! on its own loopback address, for the relay's tests, the demo and benchmarks.
+//!
+//! One listener on `0.0.0.0:PORT` serves every phone: a connection belongs to the phone whose
+//! address it was made to (its local address), and a connection to any other address is reset at
+//! once. TLS and plain HTTP share the port: a first byte of 0x16 (a TLS handshake record) means
+//! TLS, with one self-signed certificate for all phones; anything else is plain HTTP.
+//!
+//! What a phone does is in `model` (state and rules) and `api` (the HTTP side). Besides the device
+//! API, every phone answers a test API under `/sim/` (no authentication, no faults): its state,
+//! fault injection, line registration, parameter changes by source, and fleet-wide counters.
+//!
+//! Built for 50,000 phones in one process: a phone is a small struct behind its own mutex in one
+//! vector indexed by address offset, and seeded parameters are computed rather than stored.
+
+mod api;
+pub mod model;
+
+pub use model::{CallSnapshot, Fault, FaultMode, LineSnapshot, PhoneState, Source};
+
+use anyhow::{Context as _, bail};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use model::{Fleet, Phone};
+use serde::Serialize;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+/// Most phones one simulator runs (a 16 million address /8 would need gigabytes).
+pub const MAX_PHONES: usize = 1_000_000;
+
+/// Options of `ucrelay sim phones`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PhonesOptions {
+    /// How many phones.
+    #[arg(long, default_value_t = 1)]
+    pub count: usize,
+    /// Address of the first phone; the others follow (IP+1, IP+2, ...).
+    #[arg(long, default_value = "127.0.0.10", value_name = "IP")]
+    pub base_ip: Ipv4Addr,
+    /// Port every phone listens on (TLS and plain HTTP); 0 picks a free one.
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+    /// Admin password of the device API (user `Polycom`).
+    #[arg(long, default_value = "456")]
+    pub admin_password: String,
+    /// How long a phone stays down when it reboots.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub reboot_time: Duration,
+    /// SIP lines per phone.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=model::MAX_LINES as i64))]
+    pub lines: u8,
+    /// Fault every phone starts with.
+    #[arg(long, value_enum, default_value_t = FaultMode::None)]
+    pub fault: FaultMode,
+    /// Delay of the `slow` fault, milliseconds.
+    #[arg(long, default_value_t = model::DEFAULT_SLOW_MS)]
+    pub fault_delay_ms: u32,
+    /// Allow phone addresses outside 127.0.0.0/8 (they must be configured on this host).
+    #[arg(long)]
+    pub allow_non_loopback: bool,
+}
+
+impl PhonesOptions {
+    /// `count` phones from `base_ip` with the command line's defaults, on a random port.
+    pub fn new(count: usize, base_ip: Ipv4Addr) -> PhonesOptions {
+        PhonesOptions {
+            count,
+            base_ip,
+            port: 0,
+            admin_password: "456".into(),
+            reboot_time: Duration::from_secs(3),
+            lines: 2,
+            fault: FaultMode::None,
+            fault_delay_ms: model::DEFAULT_SLOW_MS,
+            allow_non_loopback: false,
+        }
+    }
+
+    /// Checks the options; the error names the flag.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.count == 0 {
+            bail!("--count must be at least 1");
+        }
+        if self.count > MAX_PHONES {
+            bail!("--count {} is more than {MAX_PHONES} phones", self.count);
+        }
+        let first = u32::from(self.base_ip);
+        let Some(last) = u32::try_from(self.count - 1)
+            .ok()
+            .and_then(|n| first.checked_add(n))
+            .map(Ipv4Addr::from)
+        else {
+            bail!(
+                "--count {} phones from --base-ip {} run past 255.255.255.255",
+                self.count,
+                self.base_ip
+            );
+        };
+        let loopback = self.base_ip.is_loopback() && last.is_loopback();
+        if !self.allow_non_loopback && !loopback {
+            bail!(
+                "phone addresses {}..{} leave 127.0.0.0/8 (loopback); choose a --base-ip and --count inside it, or pass --allow-non-loopback if those addresses are configured on this host",
+                self.base_ip,
+                last
+            );
+        }
+        if self.base_ip.is_unspecified() || self.base_ip.is_multicast() || last.is_broadcast() {
+            bail!("--base-ip {} cannot be a phone address", self.base_ip);
+        }
+        if !(1..=model::MAX_LINES).contains(&self.lines) {
+            bail!("--lines must be 1 to {}", model::MAX_LINES);
+        }
+        if self.admin_password.is_empty() {
+            bail!("--admin-password must not be empty");
+        }
+        Ok(())
+    }
+}
+
+/// Fleet-wide counters (`GET /sim/stats`, [`Phones::stats`]).
+#[derive(Debug, Default)]
+struct Counters {
+    connections: AtomicU64,
+    tls_connections: AtomicU64,
+    /// Made to an address that is not a phone.
+    rejected_connections: AtomicU64,
+    /// Reset because the phone was rebooting or refusing.
+    reset_connections: AtomicU64,
+    requests: AtomicU64,
+    busy_refusals: AtomicU64,
+    auth_failures: AtomicU64,
+}
+
+/// A copy of the fleet-wide counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PhonesStats {
+    pub phones: usize,
+    pub connections: u64,
+    pub tls_connections: u64,
+    pub rejected_connections: u64,
+    pub reset_connections: u64,
+    pub requests: u64,
+    pub busy_refusals: u64,
+    pub auth_failures: u64,
+}
+
+/// What every connection and handler shares.
+struct Inner {
+    fleet: Fleet,
+    phones: Vec<Mutex<Phone>>,
+    /// `Polycom:<admin password>`, as Basic credentials decode.
+    credentials: String,
+    tls: tokio_rustls::TlsAcceptor,
+    cert_der: Vec<u8>,
+    counters: Counters,
+    /// Cancelled at shutdown.
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Inner {
+    /// The lock of one phone; a panic elsewhere must not take the phone down for good.
+    fn phone(&self, idx: usize) -> MutexGuard<'_, Phone> {
+        self.phones[idx].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts a reboot of `idx`. Its open connections are reset a moment later, once the
+    /// acknowledgement has had time to go out.
+    fn reboot(&self, idx: usize, now: Instant) {
+        let token = self.phone(idx).start_reboot(&self.fleet, now);
+        info!(phone = %self.fleet.ip(idx), down_for = ?self.fleet.reboot_time, "phone rebooting");
+        if let Some(token) = token {
+            self.tracker.spawn(async move {
+                tokio::time::sleep(ACK_GRACE).await;
+                token.cancel();
+            });
+        }
+    }
+
+    fn set_fault(&self, idx: usize, fault: Fault) {
+        let token = {
+            let mut p = self.phone(idx);
+            p.fault = fault;
+            // Refusing applies to connections already open as well.
+            if fault.mode == FaultMode::Refuse {
+                p.take_conn_token()
+            } else {
+                None
+            }
+        };
+        if let Some(t) = token {
+            t.cancel();
+        }
+    }
+}
+
+/// How long a rebooting phone keeps its connections open so that the acknowledgement leaves.
+const ACK_GRACE: Duration = Duration::from_millis(50);
+/// How long a new connection may take to send its first byte, and a TLS handshake to finish.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request head may take to arrive.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an open request gets to finish once shutdown starts.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// A running fleet. Dropping it stops it too, without waiting.
+pub struct Phones {
+    port: u16,
+    inner: Arc<Inner>,
+}
+
+impl Phones {
+    /// The port every phone listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.fleet.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.fleet.count == 0
+    }
+
+    /// IP address of phone `idx` (not checked against the count).
+    pub fn ip(&self, idx: usize) -> Ipv4Addr {
+        self.inner.fleet.ip(idx)
+    }
+
+    /// Socket address of phone `idx`'s API.
+    pub fn addr(&self, idx: usize) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.ip(idx)), self.port)
+    }
+
+    /// Every phone's API address, in index order.
+    pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        (0..self.len()).map(|i| self.addr(i))
+    }
+
+    /// The phone at `ip`, if any.
+    pub fn index_of(&self, ip: IpAddr) -> Option<usize> {
+        match ip {
+            IpAddr::V4(v4) => self.inner.fleet.index_of(v4),
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .and_then(|v4| self.inner.fleet.index_of(v4)),
+        }
+    }
+
+    pub fn mac(&self, idx: usize) -> String {
+        model::mac(idx)
+    }
+
+    /// The state of phone `idx`, as `GET /sim/state` shows it. Panics when `idx` is out of range.
+    pub fn state(&self, idx: usize) -> PhoneState {
+        self.inner
+            .phone(idx)
+            .snapshot(&self.inner.fleet, Instant::now())
+    }
+
+    /// Whether phone `idx` is down (rebooting).
+    pub fn is_down(&self, idx: usize) -> bool {
+        self.inner.phone(idx).is_down(Instant::now())
+    }
+
+    pub fn set_fault(&self, idx: usize, fault: Fault) {
+        self.inner.set_fault(idx, fault);
+    }
+
+    pub fn set_fault_all(&self, fault: Fault) {
+        for idx in 0..self.len() {
+            self.inner.set_fault(idx, fault);
+        }
+    }
+
+    /// Registers or unregisters line `line` (1-based) of phone `idx`.
+    pub fn set_line_registered(
+        &self,
+        idx: usize,
+        line: u8,
+        registered: bool,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (1..=self.inner.fleet.lines).contains(&line),
+            "line {line} does not exist (the phones have {} lines)",
+            self.inner.fleet.lines
+        );
+        self.inner.phone(idx).set_line_registered(line, registered);
+        Ok(())
+    }
+
+    /// Sets a parameter of phone `idx` in `source` (as the provisioning server, the web UI, ...
+    /// would). `Source::Default` cannot be changed and is ignored.
+    pub fn set_param(&self, idx: usize, source: Source, name: &str, value: &str) {
+        self.inner
+            .phone(idx)
+            .set_param(&self.inner.fleet, source, name, value, Instant::now());
+    }
+
+    /// Reboots phone `idx` as `safeReboot` would.
+    pub fn reboot(&self, idx: usize) {
+        self.inner.reboot(idx, Instant::now());
+    }
+
+    /// Fleet-wide counters.
+    pub fn stats(&self) -> PhonesStats {
+        stats(&self.inner)
+    }
+
+    /// The phones' TLS certificate (DER), for clients that want to pin it.
+    pub fn certificate_der(&self) -> &[u8] {
+        &self.inner.cert_der
+    }
+
+    /// Stops accepting, closes every connection and returns once all of that is done.
+    pub async fn shutdown(self) {
+        self.inner.cancel.cancel();
+        self.inner.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.inner.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("sim phones: some connections did not close within 10s");
+        }
+    }
+}
+
+impl Drop for Phones {
+    fn drop(&mut self) {
+        self.inner.cancel.cancel();
+    }
+}
+
+fn stats(inner: &Inner) -> PhonesStats {
+    let c = &inner.counters;
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    PhonesStats {
+        phones: inner.fleet.count,
+        connections: get(&c.connections),
+        tls_connections: get(&c.tls_connections),
+        rejected_connections: get(&c.rejected_connections),
+        reset_connections: get(&c.reset_connections),
+        requests: get(&c.requests),
+        busy_refusals: get(&c.busy_refusals),
+        auth_failures: get(&c.auth_failures),
+    }
+}
+
+/// Starts the fleet: binds `0.0.0.0:PORT` and serves until `shutdown` is cancelled (or
+/// [`Phones::shutdown`]).
+pub async fn start(opts: PhonesOptions, shutdown: CancellationToken) -> anyhow::Result<Phones> {
+    opts.validate()?;
+    let listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, opts.port));
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let port = listener
+        .local_addr()
+        .context("listener has no local address")?
+        .port();
+
+    let (tls, cert_der) = tls_acceptor()?;
+    let fleet = Fleet {
+        base: opts.base_ip,
+        count: opts.count,
+        lines: opts.lines,
+        reboot_time: opts.reboot_time,
+    };
+    let now = Instant::now();
+    let fault = Fault {
+        mode: opts.fault,
+        delay_ms: opts.fault_delay_ms,
+    };
+    let phones = (0..opts.count)
+        .map(|i| {
+            let mut p = Phone::new(i, now, &fleet);
+            p.fault = fault;
+            Mutex::new(p)
+        })
+        .collect();
+    let inner = Arc::new(Inner {
+        fleet,
+        phones,
+        credentials: format!("Polycom:{}", opts.admin_password),
+        tls,
+        cert_der,
+        counters: Counters::default(),
+        cancel: shutdown.child_token(),
+        tracker: TaskTracker::new(),
+    });
+    inner.tracker.spawn(accept_loop(listener, inner.clone()));
+    info!(port, count = opts.count, first = %opts.base_ip, "sim phones started");
+    Ok(Phones { port, inner })
+}
+
+/// CLI entry: starts the fleet, prints the readiness line, runs until SIGINT/SIGTERM.
+pub async fn main(opts: PhonesOptions) -> anyhow::Result<()> {
+    raise_fd_limit(opts.count);
+    let phones = start(opts.clone(), CancellationToken::new()).await?;
+    {
+        use std::io::Write as _;
+        let last = phones.ip(phones.len() - 1);
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "ucrelay sim phones ready: {} phones at {}..{} port {} (https and http), admin user Polycom",
+            phones.len(),
+            opts.base_ip,
+            last,
+            phones.port()
+        )?;
+        out.flush()?;
+    }
+    super::cloud::wait_for_signal().await?;
+    phones.shutdown().await;
+    Ok(())
+}
+
+/// Thousands of phones mean thousands of connections: lift the soft open-file limit to the hard
+/// one when it looks too small.
+fn raise_fd_limit(count: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let want = (count as u64).saturating_mul(2).saturating_add(1024);
+    if soft < want && hard > soft {
+        let new = want.min(hard);
+        if setrlimit(Resource::RLIMIT_NOFILE, new, hard).is_ok() {
+            info!(from = soft, to = new, "raised the open-file limit");
+        }
+    }
+}
+
+/// One self-signed certificate for every phone (CN `ucrelay-sim-phone`).
+fn tls_acceptor() -> anyhow::Result<(tokio_rustls::TlsAcceptor, Vec<u8>)> {
+    use rcgen::{CertificateParams, DnType, KeyPair};
+    let key = KeyPair::generate().context("cannot make the phones' key")?;
+    let mut params = CertificateParams::new(vec!["ucrelay-sim-phone".to_string()])?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "ucrelay-sim-phone");
+    let cert = params.self_signed(&key)?;
+    let cert_der = cert.der().to_vec();
+    let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key_der)
+        .context("cannot build the phones' TLS config")?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok((tokio_rustls::TlsAcceptor::from(Arc::new(cfg)), cert_der))
+}
+
+async fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = inner.cancel.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, _peer)) => {
+                inner.tracker.spawn(connection(stream, inner.clone()));
+            }
+            Err(e) => {
+                // Typically out of file descriptors: pause instead of spinning on the error.
+                warn!(error = %e, "sim phones: accept failed");
+                tokio::select! {
+                    _ = inner.cancel.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Closes a connection with a reset (RST), the way a phone that went away looks to a client.
+fn reset(stream: TcpStream) {
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
+
+async fn connection(stream: TcpStream, inner: Arc<Inner>) {
+    let idx = match stream.local_addr() {
+        Ok(SocketAddr::V4(a)) => inner.fleet.index_of(*a.ip()),
+        _ => None,
+    };
+    let Some(idx) = idx else {
+        inner
+            .counters
+            .rejected_connections
+            .fetch_add(1, Ordering::Relaxed);
+        reset(stream);
+        return;
+    };
+    let token = {
+        let mut p = inner.phone(idx);
+        if p.is_down(Instant::now()) || p.fault.mode == FaultMode::Refuse {
+            None
+        } else {
+            Some(p.conn_token())
+        }
+    };
+    let Some(token) = token else {
+        inner
+            .counters
+            .reset_connections
+            .fetch_add(1, Ordering::Relaxed);
+        reset(stream);
+        return;
+    };
+    inner.counters.connections.fetch_add(1, Ordering::Relaxed);
+    let _ = stream.set_nodelay(true);
+
+    let mut first = [0u8; 1];
+    let peeked = tokio::select! {
+        r = tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.peek(&mut first)) => r,
+        _ = token.cancelled() => return reset(stream),
+        _ = inner.cancel.cancelled() => return,
+    };
+    match peeked {
+        Ok(Ok(1..)) => {}
+        _ => return,
+    }
+    let io = PhoneIo {
+        tcp: stream,
+        reset: token.clone(),
+    };
+    if first[0] == 0x16 {
+        inner
+            .counters
+            .tls_connections
+            .fetch_add(1, Ordering::Relaxed);
+        let handshake = tokio::select! {
+            r = tokio::time::timeout(FIRST_BYTE_TIMEOUT, inner.tls.accept(io)) => r,
+            _ = token.cancelled() => return,
+            _ = inner.cancel.cancelled() => return,
+        };
+        match handshake {
+            Ok(Ok(tls)) => serve_http(TokioIo::new(tls), idx, inner, token).await,
+            Ok(Err(e)) => debug!(phone = idx, error = %e, "sim phones: TLS handshake failed"),
+            Err(_) => debug!(phone = idx, "sim phones: TLS handshake timed out"),
+        }
+    } else {
+        serve_http(TokioIo::new(io), idx, inner, token).await;
+    }
+}
+
+async fn serve_http<I>(io: I, idx: usize, inner: Arc<Inner>, token: CancellationToken)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let svc_inner = inner.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let inner = svc_inner.clone();
+        async move { api::handle(inner, idx, req).await }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                debug!(phone = idx, error = %e, "sim phones: connection ended with an error");
+            }
+        }
+        // Reboot or `refuse`: dropping the connection resets it (see `PhoneIo`).
+        _ = token.cancelled() => {}
+        _ = inner.cancel.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn.as_mut()).await;
+        }
+    }
+}
+
+/// The TCP stream of a phone connection. When dropped after the phone's connection token was
+/// cancelled (reboot, `refuse`) it closes with a reset rather than a FIN.
+struct PhoneIo {
+    tcp: TcpStream,
+    reset: CancellationToken,
+}
+
+impl Drop for PhoneIo {
+    fn drop(&mut self) {
+        if self.reset.is_cancelled() {
+            let _ = self.tcp.set_zero_linger();
+        }
+    }
+}
+
+impl AsyncRead for PhoneIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PhoneIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests;

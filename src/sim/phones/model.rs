@@ -1,0 +1,900 @@
+//! One simulated phone's state and the rules applied to it: identity derived from its index,
+//! uptime and reboots, SIP lines, the call, configuration parameters in layered sources, the
+//! background packet capture, and the injected fault.
+//!
+//! No networking here, and every rule that depends on time takes `now`, so the rules can be tested
+//! without waiting. The per-phone struct is kept small (the simulator holds 50,000 of them): the
+//! seeded parameters are computed from the index instead of stored, and only what a phone was told
+//! to change is kept, boxed, and only once something changed.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Models handed out by index, round robin.
+pub const MODELS: [&str; 4] = ["VVX 411", "VVX 450", "Trio 8800", "CCX 500"];
+
+/// Most lines a phone can have (`--lines`): registration is kept as a bit set.
+pub const MAX_LINES: u8 = 32;
+
+/// Domain of the simulated PBX in every line's SIP URI.
+pub const PBX_DOMAIN: &str = "pbx.sim";
+
+/// Host name the phones are provisioned from (their seeded `device.prov.serverName`).
+pub const PROV_SERVER: &str = "relay.sim";
+
+/// Where a parameter's value comes from, lowest precedence first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// Built into the firmware.
+    Default,
+    /// The provisioning server's configuration files.
+    ConfigFiles,
+    /// Settings kept in the phone's flash (`device.*`).
+    Device,
+    /// Pushed by a cloud management service.
+    Cloud,
+    /// Changed in the phone's web interface.
+    Web,
+    /// Changed on the phone itself, or through the REST API.
+    Local,
+}
+
+impl Source {
+    /// The sources that can hold changes, highest precedence first.
+    pub const LAYERS: [Source; 5] = [
+        Source::Local,
+        Source::Web,
+        Source::Cloud,
+        Source::Device,
+        Source::ConfigFiles,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Default => "default",
+            Source::ConfigFiles => "config_files",
+            Source::Device => "device",
+            Source::Cloud => "cloud",
+            Source::Web => "web",
+            Source::Local => "local",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Source> {
+        Some(match s {
+            "default" => Source::Default,
+            "config_files" => Source::ConfigFiles,
+            "device" => Source::Device,
+            "cloud" => Source::Cloud,
+            "web" => Source::Web,
+            "local" => Source::Local,
+            _ => return None,
+        })
+    }
+
+    /// Slot in [`Overrides`]; `None` for `Default`, which cannot be changed.
+    fn slot(self) -> Option<usize> {
+        match self {
+            Source::Default => None,
+            Source::ConfigFiles => Some(0),
+            Source::Device => Some(1),
+            Source::Cloud => Some(2),
+            Source::Web => Some(3),
+            Source::Local => Some(4),
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << self.slot().unwrap_or(7)
+    }
+}
+
+/// A fault injected into a phone (`--fault`, `POST /sim/fault`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultMode {
+    /// Behaves.
+    #[default]
+    None,
+    /// Every answer is delayed.
+    Slow,
+    /// Connections are reset as soon as they are accepted.
+    Refuse,
+    /// Every request gets HTTP 500 `{"Status":"5000"}`.
+    Error,
+    /// Requests are never answered; the connection stays open.
+    Hang,
+}
+
+/// Default delay of the `slow` fault.
+pub const DEFAULT_SLOW_MS: u32 = 2000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fault {
+    pub mode: FaultMode,
+    /// Delay of `slow`, milliseconds.
+    pub delay_ms: u32,
+}
+
+impl Default for Fault {
+    fn default() -> Self {
+        Fault {
+            mode: FaultMode::None,
+            delay_ms: DEFAULT_SLOW_MS,
+        }
+    }
+}
+
+/// What is the same for every phone of one simulator.
+#[derive(Debug, Clone)]
+pub struct Fleet {
+    pub base: Ipv4Addr,
+    pub count: usize,
+    pub lines: u8,
+    pub reboot_time: Duration,
+}
+
+impl Fleet {
+    pub fn ip(&self, idx: usize) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.base).wrapping_add(idx as u32))
+    }
+
+    /// The phone behind a local address, if any.
+    pub fn index_of(&self, ip: Ipv4Addr) -> Option<usize> {
+        let off = u32::from(ip).wrapping_sub(u32::from(self.base)) as usize;
+        (off < self.count).then_some(off)
+    }
+}
+
+/// `0004f2` (Polycom's OUI) followed by the index in 6 lowercase hex digits.
+pub fn mac(idx: usize) -> String {
+    format!("0004f2{:06x}", idx & 0xff_ffff)
+}
+
+pub fn model(idx: usize) -> &'static str {
+    MODELS[idx % MODELS.len()]
+}
+
+/// Even-index phones run older firmware (the older `device/info` form), odd-index ones newer.
+pub fn newer_firmware(idx: usize) -> bool {
+    idx % 2 == 1
+}
+
+/// The application version; also the `Firmware.Application` of the newer form.
+pub fn firmware(idx: usize) -> &'static str {
+    match (newer_firmware(idx), model(idx)) {
+        (false, _) => "5.9.6.2327",
+        (true, "CCX 500") => "8.1.3.1301",
+        (true, _) => "6.4.7.4560",
+    }
+}
+
+pub fn updater(idx: usize) -> &'static str {
+    if model(idx) == "CCX 500" {
+        "8.1.3.0016"
+    } else {
+        "6.4.7.3828"
+    }
+}
+
+pub fn boot_block(idx: usize) -> &'static str {
+    if model(idx) == "CCX 500" {
+        "3.1.0.0093"
+    } else {
+        "3.0.6.0123"
+    }
+}
+
+/// The user part of line `line` (1-based): unique across 50,000 phones and a few lines.
+pub fn line_user(idx: usize, line: u8) -> String {
+    (1000 + idx as u64 + (u64::from(line) - 1) * 100_000).to_string()
+}
+
+pub fn line_uri(idx: usize, line: u8) -> String {
+    format!("sip:{}@{PBX_DOMAIN}", line_user(idx, line))
+}
+
+/// Uptime a phone has when the simulator starts: a few hours to ten days, varied by index.
+pub fn initial_uptime(idx: usize) -> Duration {
+    let hours = (idx as u64 * 7) % 240 + 1;
+    let secs = (idx as u64 * 37) % 3600;
+    Duration::from_secs(hours * 3600 + secs)
+}
+
+/// The parameters a phone starts with, per source. Computed from the index on demand rather
+/// than stored per phone.
+pub fn seeds(idx: usize, lines: u8) -> Vec<(Source, String, String)> {
+    use Source::*;
+    let mut v: Vec<(Source, String, String)> = [
+        (Default, "apps.restapi.enabled", "1"),
+        (Default, "up.screenCapture.enabled", "0"),
+        (Default, "diags.pcap.enabled", "0"),
+        (Default, "diags.pcap.background.enabled", "0"),
+        (Default, "diags.pcap.background.filter", ""),
+        (Default, "diags.pcap.background.bufferSize", "1024"),
+        (Default, "diags.pcap.background.duration", "60"),
+        (Default, "diags.pcap.background.uploadURL", ""),
+        (Default, "diags.pcap.remote.enabled", "0"),
+        (Default, "device.set", "0"),
+        (Default, "device.prov.serverName", ""),
+        (Default, "device.prov.serverType", "FTP"),
+        (Default, "device.prov.user", "PlcmSpIp"),
+        (Default, "prov.polling.enabled", "0"),
+        (Default, "prov.polling.mode", "abs"),
+        (Default, "prov.polling.period", "86400"),
+        (Default, "tcpIpApp.sntp.address", ""),
+        (Default, "up.screenSaver.enabled", "0"),
+        (
+            Default,
+            "voIpProt.SIP.specialEvent.checkSync.alwaysReboot",
+            "0",
+        ),
+        (Default, "voIpProt.server.1.address", ""),
+        (Default, "voIpProt.server.1.port", "0"),
+        (ConfigFiles, "voIpProt.server.1.address", PBX_DOMAIN),
+        (ConfigFiles, "voIpProt.server.1.port", "5060"),
+        (ConfigFiles, "prov.polling.enabled", "1"),
+        (ConfigFiles, "tcpIpApp.sntp.address", "ntp.sim"),
+        (Device, "device.prov.serverName", PROV_SERVER),
+        (Device, "device.prov.serverType", "HTTPS"),
+    ]
+    .into_iter()
+    .map(|(s, n, v)| (s, n.to_owned(), v.to_owned()))
+    .collect();
+    for line in 1..=lines {
+        let user = line_user(idx, line);
+        v.push((Default, format!("reg.{line}.address"), String::new()));
+        v.push((ConfigFiles, format!("reg.{line}.address"), user.clone()));
+        v.push((ConfigFiles, format!("reg.{line}.label"), user.clone()));
+        v.push((ConfigFiles, format!("reg.{line}.auth.userId"), user));
+        v.push((
+            ConfigFiles,
+            format!("reg.{line}.displayName"),
+            format!("Phone {idx} line {line}"),
+        ));
+    }
+    v
+}
+
+/// The call in progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    pub handle: u32,
+    pub line: u8,
+    pub dest: String,
+    /// `SIP`, `TEL` or `H323`, as dialled.
+    pub kind: &'static str,
+    pub started: Instant,
+}
+
+impl Call {
+    pub fn handle_hex(&self) -> String {
+        format!("0x{:08x}", self.handle)
+    }
+}
+
+/// Changes on top of the seeded parameters, one map per changeable source.
+type Overrides = [BTreeMap<String, String>; 5];
+
+/// Answer codes of the device API (`Status` in the envelope).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    Ok,
+    InvalidInput,
+    DeviceBusy,
+    LineNotRegistered,
+    NotAllowed,
+    LineDoesNotExist,
+    NoCall,
+    InputTooLarge,
+}
+
+impl Code {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::Ok => "2000",
+            Code::InvalidInput => "4000",
+            Code::DeviceBusy => "4001",
+            Code::LineNotRegistered => "4002",
+            Code::NotAllowed => "4003",
+            Code::LineDoesNotExist => "4005",
+            Code::NoCall => "4007",
+            Code::InputTooLarge => "4009",
+        }
+    }
+}
+
+/// Dial types the API accepts.
+pub fn dial_kind(s: &str) -> Option<&'static str> {
+    match s.to_ascii_uppercase().as_str() {
+        "SIP" => Some("SIP"),
+        "TEL" => Some("TEL"),
+        "H323" => Some("H323"),
+        _ => None,
+    }
+}
+
+/// One simulated phone.
+#[derive(Debug)]
+pub struct Phone {
+    idx: u32,
+    /// A device-API request is being processed (the API serves one at a time).
+    pub busy: bool,
+    pub fault: Fault,
+    /// When the phone came up (in the future while it is rebooting).
+    booted_at: Instant,
+    /// Uptime it already had at `booted_at` (only before its first simulated reboot).
+    uptime_base: Duration,
+    pub reboots: u32,
+    /// Bit `n - 1` set = line `n` registered.
+    registered: u32,
+    call: Option<Box<Call>>,
+    last_call_end: Option<Instant>,
+    next_handle: u32,
+    /// Sources whose seeded values were cleared by a reset.
+    cleared_seeds: u8,
+    overrides: Option<Box<Overrides>>,
+    /// When the background capture started; `None` while not capturing.
+    capture_since: Option<Instant>,
+    pub captures_uploaded: u32,
+    /// Filter of the last uploaded capture.
+    capture_filter: Option<Box<str>>,
+    pub config_updates: u32,
+    /// Cancelled to reset every open connection of the phone (reboot, `refuse`); created when the
+    /// first connection needs one.
+    conns: Option<CancellationToken>,
+}
+
+impl Phone {
+    pub fn new(idx: usize, now: Instant, fleet: &Fleet) -> Phone {
+        let lines = u32::from(fleet.lines.min(MAX_LINES));
+        Phone {
+            idx: idx as u32,
+            busy: false,
+            fault: Fault::default(),
+            booted_at: now,
+            uptime_base: initial_uptime(idx),
+            reboots: 0,
+            registered: if lines >= 32 {
+                u32::MAX
+            } else {
+                (1u32 << lines) - 1
+            },
+            call: None,
+            last_call_end: None,
+            next_handle: 0xb53e_0000 ^ ((idx as u32) << 4),
+            cleared_seeds: 0,
+            overrides: None,
+            capture_since: None,
+            captures_uploaded: 0,
+            capture_filter: None,
+            config_updates: 0,
+            conns: None,
+        }
+    }
+
+    pub fn idx(&self) -> usize {
+        self.idx as usize
+    }
+
+    /// Down while rebooting: every connection is reset.
+    pub fn is_down(&self, now: Instant) -> bool {
+        now < self.booted_at
+    }
+
+    pub fn uptime(&self, now: Instant) -> Duration {
+        self.uptime_base + now.saturating_duration_since(self.booted_at)
+    }
+
+    /// The token open connections watch, created on first use.
+    pub fn conn_token(&mut self) -> CancellationToken {
+        self.conns
+            .get_or_insert_with(CancellationToken::new)
+            .clone()
+    }
+
+    /// Takes the connections' token: the caller cancels it to reset them; later connections get a
+    /// new one.
+    pub fn take_conn_token(&mut self) -> Option<CancellationToken> {
+        self.conns.take()
+    }
+
+    /// Starts a reboot: down for `reboot_time` from `now`, the call dropped, uptime counted from
+    /// the moment it is back. Returns the token whose cancellation resets open connections.
+    pub fn start_reboot(&mut self, fleet: &Fleet, now: Instant) -> Option<CancellationToken> {
+        self.reboots += 1;
+        self.end_call(now);
+        self.booted_at = now + fleet.reboot_time;
+        self.uptime_base = Duration::ZERO;
+        // A background capture starts over after the boot when its parameters still say so.
+        self.capture_since = None;
+        self.refresh_capture_with(fleet, self.booted_at);
+        self.take_conn_token()
+    }
+
+    // ----- lines and calls
+
+    pub fn line_registered(&self, line: u8) -> bool {
+        (1..=MAX_LINES).contains(&line) && self.registered & (1 << (line - 1)) != 0
+    }
+
+    pub fn set_line_registered(&mut self, line: u8, registered: bool) {
+        if (1..=MAX_LINES).contains(&line) {
+            let bit = 1 << (line - 1);
+            if registered {
+                self.registered |= bit;
+            } else {
+                self.registered &= !bit;
+            }
+        }
+    }
+
+    pub fn call(&self) -> Option<&Call> {
+        self.call.as_deref()
+    }
+
+    /// `idle`, or the state of the call.
+    pub fn call_state(&self) -> &'static str {
+        if self.call.is_some() {
+            "Connected"
+        } else {
+            "idle"
+        }
+    }
+
+    pub fn last_call_end(&self) -> Option<Instant> {
+        self.last_call_end
+    }
+
+    /// `POST /api/v1/callctrl/dial` once the body is parsed: checks in the order the API reports.
+    pub fn dial(
+        &mut self,
+        fleet: &Fleet,
+        dest: &str,
+        line: u8,
+        kind: &'static str,
+        now: Instant,
+    ) -> Code {
+        if dest.trim().is_empty() {
+            return Code::InvalidInput;
+        }
+        if line == 0 || line > fleet.lines {
+            return Code::LineDoesNotExist;
+        }
+        if !self.line_registered(line) {
+            return Code::LineNotRegistered;
+        }
+        if self.call.is_some() {
+            return Code::DeviceBusy;
+        }
+        self.next_handle = self.next_handle.wrapping_add(1);
+        self.call = Some(Box::new(Call {
+            handle: self.next_handle,
+            line,
+            dest: dest.trim().to_owned(),
+            kind,
+            started: now,
+        }));
+        Code::Ok
+    }
+
+    /// Ends the call; `NoCall` when idle or when `reference` names another call.
+    pub fn end_call_ref(&mut self, reference: Option<&str>, now: Instant) -> Code {
+        match &self.call {
+            None => Code::NoCall,
+            Some(c) if reference.is_some_and(|r| !r.eq_ignore_ascii_case(&c.handle_hex())) => {
+                Code::NoCall
+            }
+            Some(_) => {
+                self.end_call(now);
+                Code::Ok
+            }
+        }
+    }
+
+    fn end_call(&mut self, now: Instant) {
+        if self.call.take().is_some() {
+            self.last_call_end = Some(now);
+        }
+    }
+
+    // ----- parameters
+
+    /// The value a source holds for `name` (its change, else its seed unless cleared).
+    fn source_value(&self, fleet: &Fleet, source: Source, name: &str) -> Option<String> {
+        if let (Some(o), Some(slot)) = (&self.overrides, source.slot())
+            && let Some(v) = o[slot].get(name)
+        {
+            return Some(v.clone());
+        }
+        if self.cleared_seeds & source.bit() != 0 {
+            return None;
+        }
+        seeds(self.idx(), fleet.lines)
+            .into_iter()
+            .find(|(s, n, _)| *s == source && n == name)
+            .map(|(_, _, v)| v)
+    }
+
+    /// The value in force and where it comes from, skipping the sources in `skip`.
+    fn effective_without(
+        &self,
+        fleet: &Fleet,
+        name: &str,
+        skip: &[Source],
+    ) -> Option<(String, Source)> {
+        Source::LAYERS
+            .iter()
+            .chain(std::iter::once(&Source::Default))
+            .filter(|s| !skip.contains(s))
+            .find_map(|&s| self.source_value(fleet, s, name).map(|v| (v, s)))
+    }
+
+    pub fn effective(&self, fleet: &Fleet, name: &str) -> Option<(String, Source)> {
+        self.effective_without(fleet, name, &[])
+    }
+
+    fn is_on(&self, fleet: &Fleet, name: &str) -> bool {
+        self.effective(fleet, name).is_some_and(|(v, _)| v == "1")
+    }
+
+    /// Every parameter a source holds, by name.
+    pub fn source_params(&self, fleet: &Fleet, source: Source) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        if self.cleared_seeds & source.bit() == 0 {
+            for (s, n, v) in seeds(self.idx(), fleet.lines) {
+                if s == source {
+                    out.insert(n, v);
+                }
+            }
+        }
+        if let (Some(o), Some(slot)) = (&self.overrides, source.slot()) {
+            out.extend(o[slot].iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        out
+    }
+
+    /// Every known parameter with the value in force, leaving out the sources in `skip`.
+    pub fn all_params(&self, fleet: &Fleet, skip: &[Source]) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        // Lowest precedence first, so that higher sources overwrite.
+        for s in std::iter::once(Source::Default).chain(Source::LAYERS.iter().rev().copied()) {
+            if !skip.contains(&s) {
+                out.extend(self.source_params(fleet, s));
+            }
+        }
+        out
+    }
+
+    /// Sets `name` in `source` (not `Default`, which is fixed).
+    pub fn set_param(
+        &mut self,
+        fleet: &Fleet,
+        source: Source,
+        name: &str,
+        value: &str,
+        now: Instant,
+    ) {
+        let Some(slot) = source.slot() else { return };
+        let o = self.overrides.get_or_insert_with(Default::default);
+        o[slot].insert(name.to_owned(), value.to_owned());
+        self.refresh_capture_with(fleet, now);
+    }
+
+    /// Forgets everything a source holds, its seeds included.
+    pub fn clear_source(&mut self, fleet: &Fleet, source: Source, now: Instant) {
+        let Some(slot) = source.slot() else { return };
+        if let Some(o) = &mut self.overrides {
+            o[slot].clear();
+            if o.iter().all(BTreeMap::is_empty) {
+                self.overrides = None;
+            }
+        }
+        self.cleared_seeds |= source.bit();
+        self.refresh_capture_with(fleet, now);
+    }
+
+    /// Every parameter back to how the phone was made (the reboot is the caller's).
+    pub fn factory_reset(&mut self, fleet: &Fleet, now: Instant) {
+        self.overrides = None;
+        self.cleared_seeds = 0;
+        self.refresh_capture_with(fleet, now);
+    }
+
+    /// The REST API answers only while `apps.restapi.enabled` is "1".
+    pub fn api_enabled(&self, fleet: &Fleet) -> bool {
+        self.is_on(fleet, "apps.restapi.enabled")
+    }
+
+    pub fn screen_capture_enabled(&self, fleet: &Fleet) -> bool {
+        self.is_on(fleet, "up.screenCapture.enabled")
+    }
+
+    // ----- packet capture
+
+    fn refresh_capture_with(&mut self, fleet: &Fleet, now: Instant) {
+        let want = self.is_on(fleet, "diags.pcap.enabled")
+            && self.is_on(fleet, "diags.pcap.background.enabled");
+        match (want, self.capture_since) {
+            (true, None) => self.capture_since = Some(now),
+            (false, Some(_)) => self.capture_since = None,
+            _ => {}
+        }
+    }
+
+    /// Capturing (both `diags.pcap.enabled` and `diags.pcap.background.enabled` are "1").
+    pub fn capturing(&self) -> bool {
+        self.capture_since.is_some()
+    }
+
+    pub fn capture_since(&self) -> Option<Instant> {
+        self.capture_since
+    }
+
+    pub fn capture_filter(&self) -> Option<&str> {
+        self.capture_filter.as_deref()
+    }
+
+    /// `POST /api/v1/mgmt/network/uploadBgCapture`: records the upload (with the filter in force)
+    /// and ends the capture by turning the background capture off. `NotAllowed` when not
+    /// capturing.
+    pub fn upload_capture(&mut self, fleet: &Fleet, now: Instant) -> Code {
+        if self.capture_since.is_none() {
+            return Code::NotAllowed;
+        }
+        let filter = self
+            .effective(fleet, "diags.pcap.background.filter")
+            .map(|(v, _)| v)
+            .unwrap_or_default();
+        self.captures_uploaded += 1;
+        self.capture_filter = Some(filter.into_boxed_str());
+        self.set_param(
+            fleet,
+            Source::Local,
+            "diags.pcap.background.enabled",
+            "0",
+            now,
+        );
+        Code::Ok
+    }
+}
+
+/// A phone as `GET /sim/state` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhoneState {
+    pub index: usize,
+    pub address: String,
+    pub mac: String,
+    pub model: String,
+    pub firmware: String,
+    pub reboots: u32,
+    pub uptime_s: u64,
+    /// `idle`, or the state of the call (`Connected`).
+    pub call_state: String,
+    pub call: Option<CallSnapshot>,
+    /// Every known parameter with the value in force.
+    pub params: BTreeMap<String, String>,
+    pub config_updates: u32,
+    pub capturing: bool,
+    pub captures_uploaded: u32,
+    /// Filter of the last uploaded capture.
+    pub capture_filter: Option<String>,
+    pub lines: Vec<LineSnapshot>,
+    pub fault: Fault,
+    pub busy: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LineSnapshot {
+    pub line: u8,
+    pub registered: bool,
+    pub uri: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallSnapshot {
+    pub handle: String,
+    pub line: u8,
+    pub dest: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub duration_s: u64,
+}
+
+impl Phone {
+    pub fn lines(&self, fleet: &Fleet) -> Vec<LineSnapshot> {
+        (1..=fleet.lines)
+            .map(|line| LineSnapshot {
+                line,
+                registered: self.line_registered(line),
+                uri: line_uri(self.idx(), line),
+            })
+            .collect()
+    }
+
+    pub fn snapshot(&self, fleet: &Fleet, now: Instant) -> PhoneState {
+        let idx = self.idx();
+        PhoneState {
+            index: idx,
+            address: fleet.ip(idx).to_string(),
+            mac: mac(idx),
+            model: model(idx).to_owned(),
+            firmware: firmware(idx).to_owned(),
+            reboots: self.reboots,
+            uptime_s: self.uptime(now).as_secs(),
+            call_state: self.call_state().to_owned(),
+            call: self.call().map(|c| CallSnapshot {
+                handle: c.handle_hex(),
+                line: c.line,
+                dest: c.dest.clone(),
+                kind: c.kind.to_owned(),
+                duration_s: now.saturating_duration_since(c.started).as_secs(),
+            }),
+            params: self.all_params(fleet, &[]),
+            config_updates: self.config_updates,
+            capturing: self.capturing(),
+            captures_uploaded: self.captures_uploaded,
+            capture_filter: self.capture_filter().map(str::to_owned),
+            lines: self.lines(fleet),
+            fault: self.fault,
+            busy: self.busy,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fleet() -> Fleet {
+        Fleet {
+            base: Ipv4Addr::new(127, 0, 0, 10),
+            count: 8,
+            lines: 2,
+            reboot_time: Duration::from_secs(3),
+        }
+    }
+
+    #[test]
+    fn identity_by_index() {
+        let f = fleet();
+        assert_eq!(mac(0), "0004f2000000");
+        assert_eq!(mac(0x1234), "0004f2001234");
+        assert_eq!(f.ip(3), Ipv4Addr::new(127, 0, 0, 13));
+        assert_eq!(f.index_of(Ipv4Addr::new(127, 0, 0, 13)), Some(3));
+        assert_eq!(f.index_of(Ipv4Addr::new(127, 0, 0, 18)), None);
+        assert_eq!(f.index_of(Ipv4Addr::new(127, 0, 0, 9)), None);
+        assert_eq!(
+            (model(0), model(1), model(2), model(3), model(4)),
+            ("VVX 411", "VVX 450", "Trio 8800", "CCX 500", "VVX 411")
+        );
+        assert_eq!(firmware(0), "5.9.6.2327");
+        assert!(newer_firmware(1) && !newer_firmware(2));
+        assert_eq!(line_uri(5, 1), "sip:1005@pbx.sim");
+        assert_eq!(line_uri(5, 2), "sip:101005@pbx.sim");
+        assert_ne!(initial_uptime(1), initial_uptime(2));
+    }
+
+    #[test]
+    fn reboot_resets_uptime_and_call() {
+        let f = fleet();
+        let t0 = Instant::now();
+        let mut p = Phone::new(1, t0, &f);
+        assert!(p.uptime(t0) >= Duration::from_secs(3600));
+        assert_eq!(p.dial(&f, "1234", 1, "TEL", t0), Code::Ok);
+        p.start_reboot(&f, t0);
+        assert!(p.is_down(t0 + Duration::from_secs(2)));
+        assert!(!p.is_down(t0 + Duration::from_secs(3)));
+        assert_eq!(
+            p.uptime(t0 + Duration::from_secs(5)),
+            Duration::from_secs(2)
+        );
+        assert_eq!((p.reboots, p.call_state()), (1, "idle"));
+    }
+
+    #[test]
+    fn dial_rules() {
+        let f = fleet();
+        let t0 = Instant::now();
+        let mut p = Phone::new(0, t0, &f);
+        assert_eq!(p.dial(&f, " ", 1, "TEL", t0), Code::InvalidInput);
+        assert_eq!(p.dial(&f, "1", 3, "TEL", t0), Code::LineDoesNotExist);
+        assert_eq!(p.dial(&f, "1", 0, "TEL", t0), Code::LineDoesNotExist);
+        p.set_line_registered(2, false);
+        assert_eq!(p.dial(&f, "1", 2, "TEL", t0), Code::LineNotRegistered);
+        assert_eq!(p.dial(&f, "1", 1, "SIP", t0), Code::Ok);
+        assert_eq!(p.dial(&f, "2", 1, "SIP", t0), Code::DeviceBusy);
+        assert_eq!(p.end_call_ref(Some("0x0"), t0), Code::NoCall);
+        let h = p.call().unwrap().handle_hex();
+        assert_eq!(p.end_call_ref(Some(&h), t0), Code::Ok);
+        assert_eq!(p.end_call_ref(None, t0), Code::NoCall);
+        assert_eq!(dial_kind("sip"), Some("SIP"));
+        assert_eq!(dial_kind("ISDN"), None);
+    }
+
+    #[test]
+    fn layered_params_and_resets() {
+        let f = fleet();
+        let t0 = Instant::now();
+        let mut p = Phone::new(4, t0, &f);
+        let eff = |p: &Phone, n: &str| p.effective(&f, n).map(|(v, s)| (v, s.as_str()));
+        assert_eq!(
+            eff(&p, "reg.1.address"),
+            Some(("1004".into(), "config_files"))
+        );
+        assert_eq!(
+            eff(&p, "reg.2.address"),
+            Some(("101004".into(), "config_files"))
+        );
+        assert_eq!(eff(&p, "reg.3.address"), None);
+        assert_eq!(
+            eff(&p, "device.prov.serverName"),
+            Some((PROV_SERVER.into(), "device"))
+        );
+        assert_eq!(
+            eff(&p, "apps.restapi.enabled"),
+            Some(("1".into(), "default"))
+        );
+        assert_eq!(eff(&p, "no.such.param"), None);
+
+        p.set_param(&f, Source::Local, "reg.1.address", "777", t0);
+        p.set_param(&f, Source::Web, "reg.1.address", "888", t0);
+        p.set_param(&f, Source::Web, "made.up", "x", t0);
+        assert_eq!(eff(&p, "reg.1.address"), Some(("777".into(), "local")));
+        p.clear_source(&f, Source::Local, t0);
+        assert_eq!(eff(&p, "reg.1.address"), Some(("888".into(), "web")));
+        assert_eq!(p.source_params(&f, Source::Web).len(), 2);
+
+        // Clearing the device settings drops their seeds too.
+        p.clear_source(&f, Source::Device, t0);
+        assert_eq!(
+            eff(&p, "device.prov.serverName"),
+            Some(("".into(), "default"))
+        );
+        assert!(p.source_params(&f, Source::Device).is_empty());
+
+        p.factory_reset(&f, t0);
+        assert_eq!(
+            eff(&p, "reg.1.address"),
+            Some(("1004".into(), "config_files"))
+        );
+        assert_eq!(eff(&p, "made.up"), None);
+        assert_eq!(
+            eff(&p, "device.prov.serverName"),
+            Some((PROV_SERVER.into(), "device"))
+        );
+
+        let all = p.all_params(&f, &[Source::Device]);
+        assert_eq!(all["device.prov.serverName"], "");
+        assert_eq!(all["reg.1.address"], "1004");
+    }
+
+    #[test]
+    fn capture_follows_params() {
+        let f = fleet();
+        let t0 = Instant::now();
+        let mut p = Phone::new(0, t0, &f);
+        assert_eq!(p.upload_capture(&f, t0), Code::NotAllowed);
+        p.set_param(&f, Source::Local, "diags.pcap.enabled", "1", t0);
+        assert!(!p.capturing());
+        p.set_param(
+            &f,
+            Source::Local,
+            "diags.pcap.background.filter",
+            "udp port 5060",
+            t0,
+        );
+        p.set_param(&f, Source::Local, "diags.pcap.background.enabled", "1", t0);
+        assert!(p.capturing());
+        assert_eq!(p.upload_capture(&f, t0), Code::Ok);
+        assert!(!p.capturing());
+        assert_eq!(
+            (p.captures_uploaded, p.capture_filter()),
+            (1, Some("udp port 5060"))
+        );
+    }
+}
