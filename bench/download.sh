@@ -21,6 +21,7 @@
 #                           niced background work (builds, test suites) gets out of the way
 #   BENCH_KEEP=1            keep the temp dir (configs, logs, raw wrk output) and print its path
 #   CARGO_TARGET_DIR        where the release binary is built (cargo's default: the repo's target/)
+#   BENCH_BIN               a release binary to measure instead of building one
 #
 # A benchmark, not a test: it never judges the numbers by its exit code and exits 0 whatever they
 # are; it exits non-zero only when it cannot set the comparison up (build, tools, PKI, a server
@@ -136,11 +137,16 @@ secs_of() { # "20s" / "2m" / "20" -> seconds
 
 # ---------------------------------------------------------------------------------------------
 # 1. Build.
-say "building the release binary (cargo build --release --locked)"
-(cd "$repo" && cargo build --release --locked) >&2
-target_dir=${CARGO_TARGET_DIR:-target}
-[[ $target_dir == /* ]] || target_dir=$repo/$target_dir
-bin=$target_dir/release/ucrelay
+if [[ -n ${BENCH_BIN:-} ]]; then
+    bin=$BENCH_BIN
+    say "using the prebuilt binary $bin (BENCH_BIN)"
+else
+    say "building the release binary (cargo build --release --locked)"
+    (cd "$repo" && cargo build --release --locked) >&2
+    target_dir=${CARGO_TARGET_DIR:-target}
+    [[ $target_dir == /* ]] || target_dir=$repo/$target_dir
+    bin=$target_dir/release/ucrelay
+fi
 [[ -x $bin ]] || die "$bin not found after the build"
 # What was built: HEAD, plus whether the work tree's sources differed from it (checked again at
 # the end, so that an edit during the run is not passed off as the measured code).

@@ -17,6 +17,8 @@ const PIN: &str = "246810";
 /// The name the demo phone uses for the relay (resolved to loopback by the phone itself).
 const FQDN: &str = "relay.demo.test";
 const PHONE_MAC: &str = "0004f2000001";
+/// First of the demo's three desk phones (the next two follow).
+const DEMO_PHONES: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 50, 10);
 
 pub async fn main(args: DemoArgs) -> Result<()> {
     let dir = tempfile::Builder::new()
@@ -54,6 +56,18 @@ pub async fn main(args: DemoArgs) -> Result<()> {
     cloud_args.images = Some(images_dir);
     let cloud = cloud::start(listener, cloud_args).await?;
     let cloud_addr = cloud.addr;
+    // Three desk phones on their own loopback addresses, speaking the device REST API.
+    let phones_stop = CancellationToken::new();
+    let mut phone_opts = crate::sim::phones::PhonesOptions::new(3, DEMO_PHONES);
+    phone_opts.reboot_time = Duration::from_secs(2);
+    let phones = crate::sim::phones::start(phone_opts, phones_stop.clone()).await?;
+    let fleet: Vec<String> = phones.addrs().map(|a| a.to_string()).collect();
+    client::post(
+        cloud_addr,
+        "/sim/devices",
+        serde_json::json!({"devices": fleet.iter().map(|a| serde_json::json!({"address": a})).collect::<Vec<_>>()}),
+    )
+    .await?;
     let config_path = dir.path().join("relay.toml");
     let socket = dir.path().join("admin.sock");
     std::fs::write(
@@ -62,7 +76,7 @@ pub async fn main(args: DemoArgs) -> Result<()> {
             "state_dir = {state:?}\n\n[cloud]\nurl = \"http://{cloud_addr}\"\ntenant_id = \"{TENANT}\"\npin = \"{PIN}\"\n\
              heartbeat_interval = \"{hb}\"\nping_interval = \"5s\"\n\n[admin]\nsocket = {socket:?}\n\n\
              [edge]\nlisten = \"127.0.0.1:0\"\nfqdn = [\"{FQDN}\"]\npfx = {pfx:?}\npfx_password_file = {pass:?}\n\n\
-             [provisioning]\nupstream = \"http://{cloud_addr}\"\n\n[devices]\nsubnets = [\"127.0.0.0/8\"]\n\n\
+             [provisioning]\nupstream = \"http://{cloud_addr}\"\n\n[devices]\nsubnets = [\"127.0.0.0/8\"]\npoll_interval = \"30s\"\n\n\
              [images]\nbandwidth_limit = \"20MB/s\"\nmin_free = \"1MB\"\n",
             pfx = pki.pfx,
             pass = pki.password_file,
@@ -76,6 +90,7 @@ pub async fn main(args: DemoArgs) -> Result<()> {
     let say = move |msg: String| println!("[{:>6.2}s] {msg}", t0.elapsed().as_secs_f64());
     println!("ucrelay demo: a reference cloud and a relay, both on loopback");
     println!("  reference cloud  http://{cloud_addr}  (tenant {TENANT}, PIN {PIN})");
+    println!("  phones           {}", fleet.join(", "));
     println!("  relay config     {}", config_path.display());
     println!(
         "  try meanwhile    ucrelay status --socket {}",
@@ -125,10 +140,12 @@ pub async fn main(args: DemoArgs) -> Result<()> {
     .with_resolve(FQDN, edge_addr);
 
     let narrated = narrate(
-        &board, images, cloud_addr, &phone, &say, &shutdown, args.once,
+        &board, images, cloud_addr, &phone, &fleet, &say, &shutdown, args.once,
     )
     .await;
     shutdown.cancel();
+    phones_stop.cancel();
+    phones.shutdown().await;
     let relay_result = relay.await.map_err(|e| anyhow!("relay task failed: {e}"))?;
     cloud.shutdown().await?;
     narrated?;
@@ -146,6 +163,7 @@ async fn narrate(
     images: Option<Arc<crate::download::Catalog>>,
     cloud_addr: SocketAddr,
     phone: &crate::sim::phone::ProvClient,
+    fleet: &[String],
     say: &impl Fn(String),
     shutdown: &CancellationToken,
     once: bool,
@@ -159,6 +177,9 @@ async fn narrate(
     let mut images_done = false;
     let mut image_fetched = false;
     let mut provisioned = false;
+    let mut task: Option<String> = None;
+    let mut task_status = String::new();
+    let mut task_done = false;
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
@@ -287,7 +308,56 @@ async fn narrate(
                 }
             ));
         }
+        if ping_done && task.is_none() {
+            let v = client::post(
+                cloud_addr,
+                "/sim/tasks",
+                serde_json::json!({"type": "reboot", "name": "demo reboot wave", "targets": fleet}),
+            )
+            .await?;
+            let id = v["task_id"]
+                .as_str()
+                .ok_or_else(|| anyhow!("no task_id in {v}"))?
+                .to_string();
+            say(format!(
+                "cloud scheduled task {id}: reboot {} phones through the relay",
+                fleet.len()
+            ));
+            task = Some(id);
+        }
+        if let Some(id) = &task
+            && !task_done
+        {
+            let t = client::get(cloud_addr, &format!("/sim/tasks/{id}")).await?;
+            let status = t["status"].as_str().unwrap_or("?").to_string();
+            if status != task_status {
+                task_status = status.clone();
+                say(format!(
+                    "task {status}: {} of {} succeeded, {} failed",
+                    t["success"], t["total"], t["failure"]
+                ));
+            }
+            if status == "done"
+                && t["success"].as_u64().unwrap_or(0) + t["failure"].as_u64().unwrap_or(0)
+                    >= fleet.len() as u64
+            {
+                task_done = true;
+                for r in t["results"].as_array().into_iter().flatten() {
+                    say(format!(
+                        "  {} -> {}{}",
+                        r["target"].as_str().unwrap_or("?"),
+                        r["result"].as_str().unwrap_or("?"),
+                        r["reason"]
+                            .as_str()
+                            .filter(|s| !s.is_empty())
+                            .map(|s| format!(" ({s})"))
+                            .unwrap_or_default()
+                    ));
+                }
+            }
+        }
         if once
+            && task_done
             && registered
             && channel_up
             && heartbeats >= 1
@@ -295,7 +365,7 @@ async fn narrate(
             && provisioned
             && image_fetched
         {
-            say("demo complete: registered, heartbeating, channel up, command answered, phone provisioned, images synced and served".into());
+            say("demo complete: registered, heartbeating, channel up, command answered, reboot task done, phone provisioned, images synced and served".into());
             return Ok(());
         }
         if once && Instant::now() > deadline {
