@@ -139,10 +139,12 @@ pub async fn main(args: DemoArgs) -> Result<()> {
     .with_root_ca_pem(&pki.ca_pem)?
     .with_resolve(FQDN, edge_addr);
 
-    let narrated = narrate(
-        &board, images, cloud_addr, &phone, &fleet, &say, &shutdown, args.once,
-    )
-    .await;
+    let world = World {
+        cloud_addr,
+        phone: &phone,
+        fleet: &fleet,
+    };
+    let narrated = narrate(&board, images, &world, &say, &shutdown, args.once).await;
     shutdown.cancel();
     phones_stop.cancel();
     phones.shutdown().await;
@@ -158,16 +160,22 @@ pub async fn main(args: DemoArgs) -> Result<()> {
 }
 
 /// Prints each step as it happens. With `once`, returns after the whole flow has been shown.
+/// What the demo drives besides the relay: the reference cloud, the provisioning phone, the fleet.
+struct World<'a> {
+    cloud_addr: SocketAddr,
+    phone: &'a crate::sim::phone::ProvClient,
+    fleet: &'a [String],
+}
+
 async fn narrate(
     board: &StatusBoard,
     images: Option<Arc<crate::download::Catalog>>,
-    cloud_addr: SocketAddr,
-    phone: &crate::sim::phone::ProvClient,
-    fleet: &[String],
+    world: &World<'_>,
     say: &impl Fn(String),
     shutdown: &CancellationToken,
     once: bool,
 ) -> Result<()> {
+    let (cloud_addr, phone, fleet) = (world.cloud_addr, world.phone, world.fleet);
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut registered = false;
     let mut channel_up = false;
