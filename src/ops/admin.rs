@@ -240,7 +240,8 @@ pub async fn call_json<T: serde::de::DeserializeOwned>(
             .body(Empty::<Bytes>::new())?;
         let resp = sender.send_request(req).await?;
         let status = resp.status();
-        let body = Limited::new(resp.into_body(), 16 << 20)
+        // Local and trusted; a 50,000-device list is tens of MB.
+        let body = Limited::new(resp.into_body(), 512 << 20)
             .collect()
             .await
             .map_err(|e| anyhow!("reading admin answer: {e}"))?

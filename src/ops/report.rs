@@ -33,6 +33,9 @@ pub struct StatusReport {
 pub struct DevicesReport {
     pub devices: crate::protocol::DeviceCounts,
     pub tasks: crate::protocol::TaskCounts,
+    /// Device polls done since the relay started.
+    #[serde(default)]
+    pub polls: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -305,6 +308,11 @@ impl StatusReport {
             devices: ctx.devices.cfg.enabled.then(|| DevicesReport {
                 devices: ctx.devices.registry.counts(),
                 tasks: ctx.devices.tasks.counts(),
+                polls: ctx
+                    .devices
+                    .registry
+                    .polls
+                    .load(std::sync::atomic::Ordering::Relaxed),
             }),
             cloud: CloudReport {
                 url: cfg.cloud.url.to_string(),

@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# Device-plane benchmark: the relay driving large simulated fleets (`ucrelay sim phones`, each phone
+# on its own loopback address) for the reference cloud (`ucrelay sim cloud`), all on this machine.
+#
+#   usage: bench/devices.sh
+#
+# It measures:
+#   1. a reboot task to BENCH_TASK_PHONES (10,000) phones: wall time from the task's creation at the
+#      cloud until every target's result is at the cloud, relay CPU seconds and peak RSS
+#      (target: under 30 s);
+#   2. one monitoring cycle over BENCH_POLL_PHONES (50,000) phones with poll_interval compressed to
+#      BENCH_POLL_PERIOD (5m): relay CPU (average cores) and peak RSS over the period, and how many
+#      devices were polled and reported (targets: under one core on average, under 200 MB RSS).
+#
+# Knobs (environment): BENCH_TASK_PHONES, BENCH_POLL_PHONES, BENCH_POLL_PERIOD (seconds, default
+# 300), BENCH_BIN (a release binary to use instead of building one), BENCH_KEEP=1 (keep the temp dir).
+# A benchmark, not a test: exits 0 whatever the numbers are. Output: Markdown on stdout and in
+# bench/results-devices.md. All traffic stays on 127.0.0.0/8.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+task_phones=${BENCH_TASK_PHONES:-10000}
+poll_phones=${BENCH_POLL_PHONES:-50000}
+poll_period=${BENCH_POLL_PERIOD:-300}
+results=$here/results-devices.md
+
+say() { printf '[bench] %s\n' "$*" >&2; }
+die() {
+    printf '[bench] error: %s\n' "$*" >&2
+    exit 1
+}
+
+pids=()
+tmp=""
+cleanup() {
+    local rc=$? pid
+    trap - EXIT INT TERM
+    for pid in "${pids[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    sleep 1
+    for pid in "${pids[@]}"; do
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+    if [[ -n $tmp && -d $tmp && ${BENCH_KEEP:-0} != 1 ]]; then
+        rm -rf "$tmp"
+    elif [[ -n $tmp ]]; then
+        say "kept $tmp"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+command -v jq >/dev/null || die "jq is needed (apt-get install jq)"
+command -v curl >/dev/null || die "curl is needed"
+
+if [[ -n ${BENCH_BIN:-} ]]; then
+    bin=$BENCH_BIN
+else
+    say "building the release binary"
+    (cd "$repo" && cargo build --release --locked) >&2
+    target_dir=${CARGO_TARGET_DIR:-$repo/target}
+    bin=$target_dir/release/ucrelay
+fi
+[[ -x $bin ]] || die "$bin not found"
+tmp=$(mktemp -d /tmp/ucrelay-bench-devices.XXXXXX)
+# 50,000 phones and their connections need more than the usual 1,024 descriptors.
+ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+cpu_s() { # pid -> utime+stime seconds
+    awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat"
+}
+hwm_mb() { awk '/VmHWM/ { printf "%.1f", $2 * 1024 / 1e6 }' "/proc/$1/status"; }
+rss_mb() { awk '/VmRSS/ { printf "%.1f", $2 * 1024 / 1e6 }' "/proc/$1/status"; }
+
+# Starts a reference cloud, `count` phones from base_ip, and a relay; sets cloud/phones/relay pids,
+# cloud_url and phones_port.
+start_world() { # name count base_ip poll_interval
+    local name=$1 count=$2 base=$3 poll=$4 dir=$tmp/$1
+    mkdir -p "$dir"
+    "$bin" sim cloud --listen 127.0.0.1:0 --tenant bench --pin 424242 >"$dir/cloud.out" 2>"$dir/cloud.err" &
+    cloud_pid=$!
+    pids+=("$cloud_pid")
+    for _ in $(seq 100); do
+        cloud_url=$(grep -o 'http://127\.0\.0\.1:[0-9]*' "$dir/cloud.out" "$dir/cloud.err" 2>/dev/null | head -1 | cut -d: -f2-) || true
+        [[ -n $cloud_url ]] && break
+        sleep 0.1
+    done
+    [[ -n $cloud_url ]] || die "reference cloud did not start ($dir)"
+    RUST_LOG=warn "$bin" sim phones --count "$count" --base-ip "$base" --reboot-time 3s >"$dir/phones.out" 2>"$dir/phones.err" &
+    phones_pid=$!
+    pids+=("$phones_pid")
+    for _ in $(seq 600); do
+        phones_port=$(grep -o 'port [0-9]*' "$dir/phones.out" 2>/dev/null | head -1 | cut -d' ' -f2) || true
+        [[ -n $phones_port ]] && break
+        sleep 0.1
+    done
+    [[ -n $phones_port ]] || die "phones did not start ($dir)"
+    cat >"$dir/relay.toml" <<EOF
+state_dir = "$dir/state"
+
+[cloud]
+url = "$cloud_url"
+tenant_id = "bench"
+pin = "424242"
+heartbeat_interval = "5s"
+
+[admin]
+socket = "$dir/admin.sock"
+
+[devices]
+subnets = ["127.0.0.0/8"]
+poll_interval = "$poll"
+request_timeout = "10s"
+EOF
+    RUST_LOG=warn "$bin" run --config "$dir/relay.toml" 2>"$dir/relay.err" &
+    relay_pid=$!
+    pids+=("$relay_pid")
+    for _ in $(seq 200); do
+        "$bin" status --socket "$dir/admin.sock" --json 2>/dev/null | jq -e '.cloud.channel == "connected"' >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    die "relay did not connect ($dir)"
+}
+
+stop_world() {
+    kill -TERM "$relay_pid" "$phones_pid" "$cloud_pid" 2>/dev/null || true
+    wait "$relay_pid" "$phones_pid" "$cloud_pid" 2>/dev/null || true
+}
+
+targets_json() { # count base_ip port
+    python3 -c '
+import ipaddress, json, sys
+n, base, port = int(sys.argv[1]), ipaddress.IPv4Address(sys.argv[2]), sys.argv[3]
+print(json.dumps([f"{base + i}:{port}" for i in range(n)]))' "$@"
+}
+
+# ---------------------------------------------------------------------------------------------
+say "1. reboot task to $task_phones phones"
+start_world task "$task_phones" 127.1.0.1 2h
+targets_json "$task_phones" 127.1.0.1 "$phones_port" >"$tmp/targets.json"
+cpu0=$(cpu_s "$relay_pid")
+t0=$(date +%s.%N)
+task_id=$(jq -n --slurpfile t "$tmp/targets.json" '{type: "reboot", targets: $t[0], name: "bench reboot wave"}' |
+    curl -sf -X POST -H 'content-type: application/json' --data-binary @- "$cloud_url/sim/tasks" | jq -r .task_id)
+[[ -n $task_id && $task_id != null ]] || die "task not created"
+done_n=0
+for _ in $(seq 1200); do
+    read -r status done_n fail_n < <(curl -sf "$cloud_url/sim/tasks/$task_id" | jq -r '"\(.status) \(.success + .failure + .not_applicable) \(.failure)"')
+    [[ $status == done && $done_n -ge $task_phones ]] && break
+    sleep 0.1
+done
+t1=$(date +%s.%N)
+task_wall=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
+task_cpu=$(awk -v a="$cpu0" -v b="$(cpu_s "$relay_pid")" 'BEGIN { printf "%.1f", b - a }')
+task_hwm=$(hwm_mb "$relay_pid")
+say "task: $done_n results ($fail_n failed) at the cloud in $task_wall s, relay CPU $task_cpu s, peak RSS $task_hwm MB"
+stop_world
+
+# ---------------------------------------------------------------------------------------------
+say "2. monitoring cycle over $poll_phones phones, poll_interval ${poll_period}s"
+start_world poll "$poll_phones" 127.2.0.1 "${poll_period}s"
+targets_json "$poll_phones" 127.2.0.1 "$phones_port" | jq '{devices: map({address: .})}' |
+    curl -sf -X POST -H 'content-type: application/json' --data-binary @- "$cloud_url/sim/devices" >/dev/null
+rss_base=$(rss_mb "$relay_pid")
+cpu0=$(cpu_s "$relay_pid")
+t0=$(date +%s)
+peak=0
+while (($(date +%s) - t0 < poll_period)); do
+    r=$(rss_mb "$relay_pid")
+    peak=$(awk -v a="$peak" -v b="$r" 'BEGIN { print (b > a) ? b : a }')
+    sleep 1
+done
+elapsed=$(($(date +%s) - t0))
+poll_cpu=$(awk -v a="$cpu0" -v b="$(cpu_s "$relay_pid")" 'BEGIN { printf "%.1f", b - a }')
+poll_cores=$(awk -v c="$poll_cpu" -v e="$elapsed" 'BEGIN { printf "%.2f", c / e }')
+poll_hwm=$(hwm_mb "$relay_pid")
+st=$("$bin" status --socket "$tmp/poll/admin.sock" --json || true)
+polled=$(jq '.devices.polls' <<<"$st")
+online=$(jq '.devices.devices.online' <<<"$st")
+reported=$(curl -sf "$cloud_url/sim/devices" | jq '.status | length')
+say "monitoring: $polled polls ($online online, $reported reported) in ${elapsed}s, relay CPU $poll_cpu s ($poll_cores cores), RSS $rss_base -> peak $poll_hwm MB"
+stop_world
+
+task_ok=$(awk -v w="$task_wall" 'BEGIN { print (w < 30) ? "met" : "**not met**" }')
+cpu_ok=$(awk -v c="$poll_cores" 'BEGIN { print (c < 1) ? "met" : "**not met**" }')
+rss_ok=$(awk -v r="$poll_hwm" 'BEGIN { print (r < 200) ? "met" : "**not met**" }')
+{
+    echo "# Device plane benchmark"
+    echo
+    echo "- when: $(date -u '+%Y-%m-%d %H:%M UTC'); ucrelay $(git -C "$repo" rev-parse --short HEAD), release build, RUST_LOG=warn"
+    echo "- machine: $(nproc) cores; reference cloud, phone simulator and relay on the same machine"
+    echo
+    echo "| run | devices | wall s | relay CPU s | relay CPU cores avg | relay peak RSS MB | outcome | target |"
+    echo "|---|--:|--:|--:|--:|--:|---|---|"
+    echo "| reboot task, results at the cloud | $task_phones | $task_wall | $task_cpu | $(awk -v c="$task_cpu" -v w="$task_wall" 'BEGIN { printf "%.2f", c / w }') | $task_hwm | $done_n results, $fail_n failed | < 30 s: $task_ok |"
+    echo "| monitoring cycle (poll_interval ${poll_period}s) | $poll_phones | $elapsed | $poll_cpu | $poll_cores | $poll_hwm | $polled polls, $online online, $reported reported | < 1 core: $cpu_ok; < 200 MB: $rss_ok |"
+    echo
+    echo "Each poll is one TLS connection with three REST requests (device/info, lineInfo, callStatus);"
+    echo "each reboot target one TLS connection and one request. RSS is VmHWM of the relay process."
+} | tee "$results"
