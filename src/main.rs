@@ -65,23 +65,21 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// Cancels the token on SIGTERM or SIGINT.
-fn on_signals(token: CancellationToken) {
+/// Cancels the token on SIGTERM or SIGINT. The handlers are installed before this returns, so a
+/// signal sent right after readiness is never met by the default action (death without cleanup).
+fn on_signals(token: CancellationToken) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot install a SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install a SIGINT handler")?;
     tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            tracing::error!("cannot install signal handlers");
-            return;
-        };
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM received"),
             _ = int.recv() => tracing::info!("SIGINT received"),
         }
         token.cancel();
     });
+    Ok(())
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -91,7 +89,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = runtime()?;
             rt.block_on(async {
                 let token = CancellationToken::new();
-                on_signals(token.clone());
+                on_signals(token.clone())?;
                 ucrelay::daemon::run(config, token, |_| {}).await
             })?;
             Ok(ExitCode::SUCCESS)

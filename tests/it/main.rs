@@ -8,3 +8,4 @@ mod nginx;
 mod pki;
 mod provisioning;
 mod support;
+mod systemd;
