@@ -30,8 +30,9 @@ async fn until_match(
     pred: impl Fn(&str) -> bool,
 ) -> String {
     let mut buf = vec![0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let n = tokio::time::timeout(Duration::from_secs(20), sock.recv(&mut buf))
+        let n = tokio::time::timeout_at(deadline, sock.recv(&mut buf))
             .await
             .unwrap_or_else(|_| panic!("no {line} from the relay within 20 s; saw {seen:?}"))
             .unwrap();
@@ -137,4 +138,8 @@ async fn ready_only_once_listeners_accept_then_watchdog_reload_and_stopping() {
         .unwrap()
         .code();
     assert_eq!(code, Some(0));
+    // Text logs into a file (as into the journal) carry no colour codes.
+    let log = std::fs::read_to_string(dir.path().join("relay.log")).unwrap();
+    assert!(log.contains("ucrelay starting"), "{log}");
+    assert!(!log.contains('\x1b'), "ANSI escape in logs:\n{log}");
 }
