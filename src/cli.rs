@@ -48,6 +48,9 @@ pub enum Command {
     Images(ImagesArgs),
     /// Re-read the configuration and the certificate in the running relay (like SIGHUP), and say what changed.
     Reload(StatusArgs),
+    /// Diagnose the path to the cloud and the devices step by step, with a fix for each problem
+    /// (exit 0 when nothing failed, warnings included; 1 when a step failed). Bounded to 15 s.
+    Doctor(StatusArgs),
     /// Start a reference cloud and a relay on loopback and show them working together.
     Demo(DemoArgs),
     /// Simulators for tests, demos and benchmarks.

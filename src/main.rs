@@ -212,6 +212,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(ucrelay::sim::cloud::main(args))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Doctor(args) => {
+            let report = runtime()?.block_on(ucrelay::ops::doctor::run(
+                &args.config,
+                args.socket.as_deref(),
+            ));
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(ExitCode::from(report.exit_code))
+        }
         Command::Completions(args) => {
             use clap::CommandFactory;
             let shell: clap_complete::Shell = args.shell.into();

@@ -139,7 +139,7 @@ async fn completions_and_man_page_come_from_the_cli_definitions() {
     for shell in ["bash", "zsh", "fish"] {
         let (code, out, err) = run_cli(&["completions", shell]).await;
         assert_eq!(code, 0, "{err}");
-        for word in ["ucrelay", "status", "check", "config"] {
+        for word in ["ucrelay", "status", "doctor", "config"] {
             assert!(out.contains(word), "{shell} completion lacks {word}");
         }
     }

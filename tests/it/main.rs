@@ -2,6 +2,7 @@
 
 mod agent;
 mod cli;
+mod doctor;
 mod download;
 mod edge;
 mod nginx;
