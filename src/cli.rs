@@ -6,10 +6,20 @@ use std::time::Duration;
 
 pub const DEFAULT_CONFIG: &str = "/etc/ucrelay/relay.toml";
 
+/// The git revision this binary was built from ("unknown" outside a git checkout).
+pub const GIT_REV: &str = env!("UCRELAY_GIT_REV");
+/// What `ucrelay --version` prints after the name.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("UCRELAY_GIT_REV"),
+    ")"
+);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "ucrelay",
-    version,
+    version = VERSION,
     about = "On-premises relay for cloud-managed VoIP/UC device fleets"
 )]
 pub struct Cli {
@@ -42,11 +52,42 @@ pub enum Command {
     Tasks(TasksArgs),
     /// Re-read the configuration and the certificate in the running relay (like SIGHUP), and say what changed.
     Reload(StatusArgs),
+    /// Diagnose the path to the cloud and the devices step by step, with a fix for each problem
+    /// (exit 0 when nothing failed, warnings included; 1 when a step failed). Bounded to 15 s.
+    Doctor(StatusArgs),
     /// Start a reference cloud and a relay on loopback and show them working together.
     Demo(DemoArgs),
     /// Simulators for tests, demos and benchmarks.
     #[command(subcommand)]
     Sim(SimCommand),
+    /// Print a shell completion script (bash: save as /usr/share/bash-completion/completions/ucrelay).
+    Completions(CompletionsArgs),
+    /// Print the man page (roff), generated from these definitions.
+    #[command(hide = true)]
+    Man,
+}
+
+#[derive(Args, Debug)]
+pub struct CompletionsArgs {
+    #[arg(value_enum)]
+    pub shell: CompletionShell,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+impl From<CompletionShell> for clap_complete::Shell {
+    fn from(s: CompletionShell) -> Self {
+        match s {
+            CompletionShell::Bash => clap_complete::Shell::Bash,
+            CompletionShell::Zsh => clap_complete::Shell::Zsh,
+            CompletionShell::Fish => clap_complete::Shell::Fish,
+        }
+    }
 }
 
 #[derive(Args, Debug)]

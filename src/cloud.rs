@@ -189,6 +189,18 @@ impl CloudClient {
         token: Option<&str>,
         body: Bytes,
     ) -> Result<(u16, Bytes), CloudError> {
+        let (status, _, body) = self.request_with_headers(method, path, token, body).await?;
+        Ok((status, body))
+    }
+
+    /// [`Self::request`], keeping the answer's headers (`ucrelay doctor` reads the cloud's `Date`).
+    pub async fn request_with_headers(
+        &self,
+        method: http::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Bytes,
+    ) -> Result<(u16, http::HeaderMap, Bytes), CloudError> {
         let (io, _) = self.connect().await?;
         let rt = self.request_timeout;
         let exchange = async {
@@ -218,13 +230,14 @@ impl CloudClient {
                 .await
                 .map_err(|e| CloudError::Io(e.to_string()))?;
             let status = resp.status().as_u16();
-            let body = Limited::new(resp.into_body(), MAX_BODY)
+            let (head, body) = resp.into_parts();
+            let body = Limited::new(body, MAX_BODY)
                 .collect()
                 .await
                 .map_err(|e| CloudError::BadBody(format!("reading body: {e}")))?
                 .to_bytes();
             conn_task.abort();
-            Ok((status, body))
+            Ok((status, head.headers, body))
         };
         timeout(rt, exchange)
             .await
@@ -368,7 +381,7 @@ fn preview(body: &[u8]) -> String {
 }
 
 /// Maps an error answer to a `CloudError`, reading the protocol's error body when there is one.
-fn status_error(status: u16, body: &[u8]) -> CloudError {
+pub fn status_error(status: u16, body: &[u8]) -> CloudError {
     match serde_json::from_slice::<ErrorBody>(body) {
         // A code this build does not know is read by its HTTP status, below.
         Ok(e) if e.error.code != ErrorCode::Other => CloudError::Status {
@@ -399,7 +412,7 @@ fn status_error(status: u16, body: &[u8]) -> CloudError {
     }
 }
 
-async fn tcp_connect(
+pub(crate) async fn tcp_connect(
     target: &str,
     stage: &'static str,
 ) -> Result<(TcpStream, SocketAddr), CloudError> {
@@ -434,7 +447,7 @@ async fn tcp_connect(
 }
 
 /// Asks an HTTP proxy for a tunnel with CONNECT and checks for a 2xx answer.
-async fn proxy_connect(
+pub(crate) async fn proxy_connect(
     tcp: &mut TcpStream,
     proxy: &ProxyConfig,
     target: &str,

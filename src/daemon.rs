@@ -53,6 +53,7 @@ pub async fn run(
         None => None,
     };
     let admin_listener = ops::admin::bind(&config.admin.socket).await?;
+    let hup = reload::hangup().context("cannot install the SIGHUP handler")?;
     if !config.cloud.url.tls {
         warn!(url = %config.cloud.url, "cloud URL is plain http: traffic to the cloud is not encrypted (labs only)");
     }
@@ -107,23 +108,14 @@ pub async fn run(
     spawn(
         &mut set,
         "reload",
-        reload::run(ctx.clone(), reload_rx, jobs.clone()),
+        reload::run(ctx.clone(), hup, reload_rx, jobs.clone()),
     );
     ready(&ctx);
+    let mut last_status = ops::systemd::summary(&ctx);
+    ops::systemd::ready(&last_status);
 
-    let outcome = tokio::select! {
-        biased;
-        _ = shutdown.cancelled() => {
-            info!("shutdown requested; stopping");
-            Ok(())
-        }
-        Some(joined) = set.join_next() => Err(match joined {
-            Ok((name, Ok(()))) => anyhow!("job {name} stopped unexpectedly"),
-            Ok((name, Err(e))) => e.context(format!("job {name} failed")),
-            Err(e) if e.is_panic() => anyhow!("a job panicked: {e}"),
-            Err(e) => anyhow!("a job was cancelled: {e}"),
-        }),
-    };
+    let outcome = supervise(&ctx, &shutdown, &mut set, &mut last_status).await;
+    ops::systemd::stopping();
     if let Err(e) = &outcome {
         error!(error = %format!("{e:#}"), "stopping the relay");
     }
@@ -146,6 +138,66 @@ pub async fn run(
     drop(ctx);
     info!("stopped");
     outcome
+}
+
+/// The daemon's main loop: waits for the shutdown signal or a job's end, keeps systemd's status
+/// line current, and pets the watchdog only after the store has answered a read in time, so a
+/// relay whose store or runtime is wedged gets restarted instead of looking alive.
+async fn supervise(
+    ctx: &Ctx,
+    shutdown: &CancellationToken,
+    set: &mut JoinSet<(&'static str, Result<()>)>,
+    last_status: &mut String,
+) -> Result<()> {
+    let watchdog = ops::systemd::watchdog_interval();
+    // Without a watchdog the tick still refreshes the status line; the interval is then arbitrary.
+    let mut pet = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    pet.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut status_tick = tokio::time::interval(STATUS_REFRESH);
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The store's answer must come well within the pet interval.
+    let store_deadline = watchdog
+        .map(|w| (w / 2).min(Duration::from_secs(5)))
+        .unwrap_or(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                info!("shutdown requested; stopping");
+                return Ok(());
+            }
+            Some(joined) = set.join_next() => return Err(match joined {
+                Ok((name, Ok(()))) => anyhow!("job {name} stopped unexpectedly"),
+                Ok((name, Err(e))) => e.context(format!("job {name} failed")),
+                Err(e) if e.is_panic() => anyhow!("a job panicked: {e}"),
+                Err(e) => anyhow!("a job was cancelled: {e}"),
+            }),
+            _ = pet.tick(), if watchdog.is_some() => {
+                match store_answers(ctx, store_deadline).await {
+                    Ok(()) => ops::systemd::watchdog(),
+                    Err(e) => warn!(error = %format!("{e:#}"), "store health check failed; not petting the systemd watchdog"),
+                }
+            }
+            _ = status_tick.tick() => {
+                let now = ops::systemd::summary(ctx);
+                if now != *last_status {
+                    ops::systemd::status(&now);
+                    *last_status = now;
+                }
+            }
+        }
+    }
+}
+
+/// How often the status line for systemd is recomputed (sent only when it changed).
+const STATUS_REFRESH: Duration = Duration::from_secs(1);
+
+/// A trivial read of the store, bounded by `deadline`.
+async fn store_answers(ctx: &Ctx, deadline: Duration) -> Result<()> {
+    tokio::time::timeout(deadline, ctx.store.run(|s| s.outbox_len()))
+        .await
+        .map_err(|_| anyhow!("the store did not answer a read within {deadline:?}"))??;
+    Ok(())
 }
 
 fn spawn<F>(set: &mut JoinSet<(&'static str, Result<()>)>, name: &'static str, fut: F)

@@ -9,7 +9,14 @@ use ucrelay::config::Config;
 use ucrelay::ops::report::StatusReport;
 
 fn main() -> ExitCode {
+    install_panic_hook();
     let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Run(_) | Command::Sim(_) | Command::Demo(_)
+    ) {
+        default_sigpipe();
+    }
     // One TLS provider for the whole process (ring: small, no C toolchain beyond cc).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let default_level = match cli.command {
@@ -21,11 +28,73 @@ fn main() -> ExitCode {
     let _log_guard = init_logging(cli.log_format, default_level);
     match dispatch(cli) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("ucrelay: {e:#}");
-            ExitCode::from(1)
+        Err(e) => fail(&e),
+    }
+}
+
+/// Prints an error as one line, with its causes after colons, and picks the exit code: 2 when the
+/// running relay could not be reached at all, 1 for everything else.
+fn fail(e: &anyhow::Error) -> ExitCode {
+    eprintln!("error: {}", one_line(e));
+    let unreachable = e
+        .chain()
+        .any(|c| c.is::<ucrelay::ops::admin::Unreachable>());
+    ExitCode::from(if unreachable { 2 } else { 1 })
+}
+
+/// `{e:#}` joins the causes with ": "; newlines inside a message are folded and the
+/// " (os error N)" suffix of I/O errors is dropped (the words before it already say it).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut s = format!("{e:#}")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    while let Some(start) = s.find(" (os error ") {
+        match s[start..].find(')') {
+            Some(end) => s.replace_range(start..start + end + 1, ""),
+            None => break,
         }
     }
+    s
+}
+
+/// CLI commands write to stdout that may be a pipe closed early (`ucrelay completions bash |
+/// head`): let SIGPIPE end them quietly, like any Unix tool. The daemon keeps Rust's default
+/// (SIGPIPE ignored), where a peer closing a socket must be an error, not death.
+#[allow(unsafe_code)]
+fn default_sigpipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: called first thing in main, before any other thread exists; SIG_DFL installs no
+    // Rust code as a handler.
+    unsafe {
+        let _ = signal(Signal::SIGPIPE, SigHandler::SigDfl);
+    }
+}
+
+/// A panic is a bug: say so on one line instead of a backtrace dump (RUST_BACKTRACE set keeps
+/// Rust's own report, for developers).
+fn install_panic_hook() {
+    if std::env::var_os("RUST_BACKTRACE").is_some() {
+        return;
+    }
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("unknown cause");
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!(
+            "error: internal error (a bug, please report it): {}{at}",
+            msg.replace('\n', " ")
+        );
+    }));
 }
 
 /// Logs go to stderr through a background writer: a request never waits on a log write (one
@@ -54,7 +123,10 @@ fn init_logging(
         .with_writer(writer);
     match format {
         LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        // Colour only for a person at a terminal: never in the journal, a file or a pipe.
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .init(),
     }
     guard
 }
@@ -65,23 +137,21 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// Cancels the token on SIGTERM or SIGINT.
-fn on_signals(token: CancellationToken) {
+/// Cancels the token on SIGTERM or SIGINT. The handlers are installed before this returns, so a
+/// signal sent right after readiness is never met by the default action (death without cleanup).
+fn on_signals(token: CancellationToken) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot install a SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install a SIGINT handler")?;
     tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            tracing::error!("cannot install signal handlers");
-            return;
-        };
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM received"),
             _ = int.recv() => tracing::info!("SIGINT received"),
         }
         token.cancel();
     });
+    Ok(())
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -91,7 +161,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = runtime()?;
             rt.block_on(async {
                 let token = CancellationToken::new();
-                on_signals(token.clone());
+                on_signals(token.clone())?;
                 ucrelay::daemon::run(config, token, |_| {}).await
             })?;
             Ok(ExitCode::SUCCESS)
@@ -100,13 +170,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => {
             let socket = admin_socket(&args)?;
             let report: StatusReport =
-                match runtime()?.block_on(ucrelay::ops::admin::get_json(&socket, "/v1/status")) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        eprintln!("ucrelay: {e:#}");
-                        return Ok(ExitCode::from(2));
-                    }
-                };
+                runtime()?.block_on(ucrelay::ops::admin::get_json(&socket, "/v1/status"))?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -186,6 +250,34 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Sim(SimCommand::Phones(args)) => {
             runtime()?.block_on(ucrelay::sim::phones::main(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Doctor(args) => {
+            let report = runtime()?.block_on(ucrelay::ops::doctor::run(
+                &args.config,
+                args.socket.as_deref(),
+            ));
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(ExitCode::from(report.exit_code))
+        }
+        Command::Completions(args) => {
+            use clap::CommandFactory;
+            let shell: clap_complete::Shell = args.shell.into();
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "ucrelay",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(ExitCode::SUCCESS)
         }
     }

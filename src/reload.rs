@@ -11,13 +11,19 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+/// Installs the SIGHUP handler. Done before the daemon reports ready: until a handler exists, a
+/// SIGHUP (`systemctl reload`) would kill the process.
+pub fn hangup() -> anyhow::Result<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    Ok(signal(SignalKind::hangup())?)
+}
+
 pub async fn run(
     ctx: Ctx,
+    mut hup: tokio::signal::unix::Signal,
     mut requests: mpsc::Receiver<oneshot::Sender<ReloadOutcome>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = signal(SignalKind::hangup())?;
     loop {
         let reply = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -27,7 +33,10 @@ pub async fn run(
                 None => return Ok(()),
             },
         };
+        crate::ops::systemd::reloading();
         let outcome = reload(&ctx);
+        // Ready again whether or not the new config was taken: the relay keeps serving either way.
+        crate::ops::systemd::ready(&crate::ops::systemd::summary(&ctx));
         for m in &outcome.messages {
             if outcome.ok {
                 info!("reload: {m}");

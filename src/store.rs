@@ -122,6 +122,25 @@ impl Store {
             .map_err(|e| anyhow!("store task failed: {e}"))?
     }
 
+    /// The relay id recorded in the store under `state_dir`, read without creating or changing
+    /// anything. None when there is no store yet; an error when it cannot be read (a running relay
+    /// holds it, or permissions).
+    pub fn peek_relay_id(state_dir: &Path) -> Result<Option<String>> {
+        let path = state_dir.join(DB_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let db = redb::ReadOnlyDatabase::open(&path)
+            .with_context(|| format!("cannot open store {} read-only", path.display()))?;
+        let tx = db.begin_read()?;
+        let meta = match tx.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(meta.get("relay_id")?.map(|v| v.value().to_string()))
+    }
+
     /// The relay's identity: generated on first start, then always the same.
     pub fn relay_id(&self) -> Result<String> {
         let tx = self.db.begin_write()?;

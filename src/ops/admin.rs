@@ -195,6 +195,23 @@ async fn reload(State(ctx): State<Ctx>) -> Json<crate::ctx::ReloadOutcome> {
     )
 }
 
+/// Why the CLI could not talk to the daemon at all (as opposed to an answer it did not like). The
+/// CLI exits 2 for these, 1 for an unhealthy answer.
+#[derive(Debug, thiserror::Error)]
+pub enum Unreachable {
+    #[error(
+        "cannot open admin socket {}: permission denied — run as root or add yourself to the ucrelay group",
+        .0.display()
+    )]
+    PermissionDenied(PathBuf),
+    #[error("ucrelay is not running (no admin socket answering at {})", .0.display())]
+    NotRunning(PathBuf),
+    #[error("the relay did not answer on admin socket {} within 30 s", .0.display())]
+    NoAnswer(PathBuf),
+    #[error("cannot open admin socket {}: {}", .0.display(), .1)]
+    Other(PathBuf, std::io::Error),
+}
+
 /// Fetches `path` from the admin API at `socket` and decodes the JSON answer.
 pub async fn get_json<T: serde::de::DeserializeOwned>(socket: &Path, path: &str) -> Result<T> {
     call_json(socket, http::Method::GET, path).await
@@ -206,27 +223,16 @@ pub async fn call_json<T: serde::de::DeserializeOwned>(
     method: http::Method,
     path: &str,
 ) -> Result<T> {
-    let stream = match UnixStream::connect(socket).await {
-        Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            bail!(
-                "permission denied on {}: run as root or as a member of the ucrelay group",
-                socket.display()
-            )
+    let stream = UnixStream::connect(socket).await.map_err(|e| {
+        let path = socket.to_path_buf();
+        match e.kind() {
+            std::io::ErrorKind::PermissionDenied => Unreachable::PermissionDenied(path),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                Unreachable::NotRunning(path)
+            }
+            _ => Unreachable::Other(path, e),
         }
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            bail!(
-                "ucrelay is not running (no admin socket answering at {})",
-                socket.display()
-            )
-        }
-        Err(e) => return Err(anyhow!(e).context(format!("cannot connect to {}", socket.display()))),
-    };
+    })?;
     let exchange = async {
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
@@ -256,10 +262,5 @@ pub async fn call_json<T: serde::de::DeserializeOwned>(
     };
     tokio::time::timeout(Duration::from_secs(30), exchange)
         .await
-        .map_err(|_| {
-            anyhow!(
-                "the relay did not answer on {} within 30 s",
-                socket.display()
-            )
-        })?
+        .map_err(|_| Unreachable::NoAnswer(socket.to_path_buf()))?
 }

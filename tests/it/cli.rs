@@ -120,3 +120,116 @@ async fn demo_once_shows_the_whole_flow() {
         assert!(out.contains(step), "demo output lacks {step:?}:\n{out}");
     }
 }
+
+#[tokio::test]
+async fn version_names_the_git_revision() {
+    let (code, out, _) = run_cli(&["--version"]).await;
+    assert_eq!(code, 0);
+    let want = format!("ucrelay {} (git ", env!("CARGO_PKG_VERSION"));
+    assert!(out.starts_with(&want), "{out}");
+    let rev = out.trim().trim_start_matches(&want).trim_end_matches(')');
+    assert!(
+        rev == "unknown" || (rev.len() >= 7 && rev.chars().all(|c| c.is_ascii_hexdigit())),
+        "revision {rev:?} in {out}"
+    );
+}
+
+#[tokio::test]
+async fn completions_and_man_page_come_from_the_cli_definitions() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = run_cli(&["completions", shell]).await;
+        assert_eq!(code, 0, "{err}");
+        for word in ["ucrelay", "status", "doctor", "config"] {
+            assert!(out.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    // The bash script at least parses.
+    let (code, script, _) = run_cli(&["completions", "bash"]).await;
+    assert_eq!(code, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("ucrelay.bash");
+    std::fs::write(&f, script).unwrap();
+    let ok = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&f)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "bash -n rejects the completion script");
+
+    let (code, page, _) = run_cli(&["man"]).await;
+    assert_eq!(code, 0);
+    assert!(page.contains(".TH ucrelay 1"), "{page}");
+    assert!(page.contains("status") && page.contains("check"), "{page}");
+    // Hidden from the help it documents.
+    let (_, help, _) = run_cli(&["--help"]).await;
+    assert!(
+        !help.lines().any(|l| l.trim_start().starts_with("man ")),
+        "{help}"
+    );
+}
+
+/// Errors are one line with their cause, never a panic report.
+#[tokio::test]
+async fn errors_are_one_line_with_their_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    let missing = dir.path().join("no-such-pin");
+    std::fs::write(
+        &path,
+        GOOD.replace("pin = \"1\"", &format!("pin_file = {missing:?}")),
+    )
+    .unwrap();
+    let (code, out, err) = run_cli(&["run", "--config", path.to_str().unwrap()]).await;
+    assert_eq!(code, 1);
+    assert!(out.is_empty(), "{out}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot read {}: No such file or directory",
+            missing.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        !err.contains("os error") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+/// Someone outside the ucrelay group gets told what to do, and exit code 2. Needs root (to run the
+/// client as `nobody`); skipped with a note otherwise.
+#[tokio::test]
+async fn admin_socket_permission_denied_says_what_to_do() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    let runuser = std::path::Path::new("/usr/sbin/runuser").exists()
+        || std::path::Path::new("/sbin/runuser").exists();
+    if !root || !runuser {
+        eprintln!("skipped: needs root and runuser to act as an unprivileged user");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = dir.path().join("admin.sock");
+    let _listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o660)).unwrap();
+    let out = tokio::process::Command::new("runuser")
+        .args(["-u", "nobody", "--", bin(), "status", "--socket"])
+        .arg(&sock)
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(
+        err.trim(),
+        format!(
+            "error: cannot open admin socket {}: permission denied — run as root or add yourself to the ucrelay group",
+            sock.display()
+        )
+    );
+}

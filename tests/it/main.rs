@@ -3,9 +3,11 @@
 mod agent;
 mod cli;
 mod devices;
+mod doctor;
 mod download;
 mod edge;
 mod nginx;
 mod pki;
 mod provisioning;
 mod support;
+mod systemd;
