@@ -707,7 +707,7 @@ impl Config {
                         secs(3600),
                     )?,
                     max_header_size: match &e.max_header_size {
-                        None => 32 * 1024,
+                        None => 16 * 1024,
                         Some(v) => {
                             let n = parse_bytes(v).map_err(|m| err("edge.max_header_size", m))?;
                             if !(8192..=1 << 20).contains(&n) {
