@@ -5,6 +5,7 @@
 use crate::support::*;
 use std::collections::BTreeMap;
 use std::io::Read;
+use std::time::Duration;
 
 const SECRET_PIN: &str = "pin-5ec7e7a1";
 const DEVICE_PASSWORD: &str = "devpw-91b3c4";
@@ -69,6 +70,31 @@ fn unpack(path: &std::path::Path) -> BTreeMap<String, String> {
         out.insert(short, text);
     }
     out
+}
+
+#[tokio::test]
+async fn logs_never_show_secrets_through_registration_and_reload() {
+    let fx = Fixture::new().await;
+    let relay = Relay::start(&fx.cfg).await;
+    relay.wait_healthy().await;
+    let sock = relay.socket.to_str().unwrap().to_string();
+    // A reload through the admin socket, and one by signal.
+    let (code, out, err) = run_cli(&["reload", "--socket", &sock]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    fx.assert_clean("`ucrelay reload` output", &format!("{out}{err}"));
+    relay.signal("HUP");
+    wait_for(
+        "the SIGHUP reload in the logs",
+        Duration::from_secs(10),
+        || async { (relay.logs().matches("reload:").count() >= 2).then_some(()) },
+    )
+    .await;
+    let (code, out, err) = run_cli(&["status", "--socket", &sock, "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    fx.assert_clean("`ucrelay status` output", &out);
+    let logs = relay.logs();
+    assert!(logs.contains("registered with cloud"), "{logs}");
+    fx.assert_clean("the relay's logs", &logs);
 }
 
 #[tokio::test]
