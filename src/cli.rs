@@ -55,6 +55,9 @@ pub enum Command {
     /// Diagnose the path to the cloud and the devices step by step, with a fix for each problem
     /// (exit 0 when nothing failed, warnings included; 1 when a step failed). Bounded to 15 s.
     Doctor(StatusArgs),
+    /// Write a support bundle (tar.gz): status, images, logs, the config with secrets masked,
+    /// versions and a doctor run.
+    Diag(DiagArgs),
     /// Start a reference cloud and a relay on loopback and show them working together.
     Demo(DemoArgs),
     /// Simulators for tests, demos and benchmarks.
@@ -108,6 +111,19 @@ pub struct StatusArgs {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DiagArgs {
+    /// Configuration file.
+    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Admin socket to ask directly (instead of reading the config).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Where to write the bundle (default: ucrelay-diag-<host>-<time>.tar.gz here).
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -264,6 +264,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::from(report.exit_code))
         }
+        Command::Diag(args) => {
+            let output = args
+                .output
+                .unwrap_or_else(ucrelay::ops::diag::default_output);
+            let members = runtime()?.block_on(ucrelay::ops::diag::run(
+                &args.config,
+                args.socket.as_deref(),
+                &output,
+            ))?;
+            println!("wrote {} ({})", output.display(), members.join(", "));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Completions(args) => {
             use clap::CommandFactory;
             let shell: clap_complete::Shell = args.shell.into();

@@ -1,6 +1,7 @@
 //! Local operations: the admin socket and what the CLI shows an admin (status).
 
 pub mod admin;
+pub mod diag;
 pub mod doctor;
 pub mod report;
 pub mod systemd;

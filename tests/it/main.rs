@@ -9,5 +9,6 @@ mod edge;
 mod nginx;
 mod pki;
 mod provisioning;
+mod secrets;
 mod support;
 mod systemd;

@@ -1,0 +1,163 @@
+//! Secrets stay secret: a relay whose config holds a known PIN, certificate password and device
+//! admin password registers, reloads and is diagnosed; none of those values may appear in its
+//! logs, in the CLI's output or in the support bundle.
+
+use crate::support::*;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::time::Duration;
+
+const SECRET_PIN: &str = "pin-5ec7e7a1";
+const DEVICE_PASSWORD: &str = "devpw-91b3c4";
+
+struct Fixture {
+    _cloud: TestCloud,
+    dir: tempfile::TempDir,
+    cfg: RelayConfig,
+    pfx_password: String,
+}
+
+impl Fixture {
+    async fn new() -> Fixture {
+        let cloud = TestCloud::start(ucrelay::sim::cloud::CloudArgs::new(TENANT, SECRET_PIN)).await;
+        let dir = tempfile::tempdir().unwrap();
+        let pki = ucrelay::sim::pki::make(dir.path(), "relay.test").unwrap();
+        let pfx_password = std::fs::read_to_string(&pki.password_file)
+            .unwrap()
+            .trim()
+            .to_string();
+        let mut cfg = RelayConfig::new(dir.path(), &cloud.url());
+        cfg.pin_line = format!("pin = \"{SECRET_PIN}\"");
+        cfg.extra = format!(
+            "\n[edge]\nlisten = \"127.0.0.1:0\"\nfqdn = [\"relay.test\"]\npfx = {:?}\npfx_password_file = {:?}\n\n\
+             [provisioning]\nupstream = \"http://127.0.0.1:9\"\n\n\
+             [devices]\nsubnets = [\"127.0.0.0/8\"]\nadmin_password = \"{DEVICE_PASSWORD}\"\n",
+            pki.pfx, pki.password_file
+        );
+        Fixture {
+            _cloud: cloud,
+            dir,
+            cfg,
+            pfx_password,
+        }
+    }
+
+    fn secrets(&self) -> [&str; 3] {
+        [SECRET_PIN, &self.pfx_password, DEVICE_PASSWORD]
+    }
+
+    fn assert_clean(&self, what: &str, text: &str) {
+        for s in self.secrets() {
+            assert!(
+                !text.contains(s),
+                "{what} contains the secret {s:?}:\n{text}"
+            );
+        }
+    }
+}
+
+/// Unpacks a tar.gz into member name → contents.
+fn unpack(path: &std::path::Path) -> BTreeMap<String, String> {
+    let file = std::fs::File::open(path).unwrap();
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
+    let mut out = BTreeMap::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut text = String::new();
+        entry.read_to_string(&mut text).unwrap();
+        let short = name.split_once('/').map(|(_, n)| n.to_string()).unwrap();
+        out.insert(short, text);
+    }
+    out
+}
+
+#[tokio::test]
+async fn logs_never_show_secrets_through_registration_and_reload() {
+    let fx = Fixture::new().await;
+    let relay = Relay::start(&fx.cfg).await;
+    relay.wait_healthy().await;
+    let sock = relay.socket.to_str().unwrap().to_string();
+    // A reload through the admin socket, and one by signal.
+    let (code, out, err) = run_cli(&["reload", "--socket", &sock]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    fx.assert_clean("`ucrelay reload` output", &format!("{out}{err}"));
+    relay.signal("HUP");
+    wait_for(
+        "the SIGHUP reload in the logs",
+        Duration::from_secs(10),
+        || async { (relay.logs().matches("reload:").count() >= 2).then_some(()) },
+    )
+    .await;
+    let (code, out, err) = run_cli(&["status", "--socket", &sock, "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    fx.assert_clean("`ucrelay status` output", &out);
+    let logs = relay.logs();
+    assert!(logs.contains("registered with cloud"), "{logs}");
+    fx.assert_clean("the relay's logs", &logs);
+}
+
+#[tokio::test]
+async fn diag_bundle_has_its_members_and_no_secret() {
+    let fx = Fixture::new().await;
+    let relay = Relay::start(&fx.cfg).await;
+    relay.wait_healthy().await;
+    let config = fx.cfg.dir.join("relay.toml");
+    let bundle = fx.dir.path().join("support.tar.gz");
+    let (code, out, err) = run_cli(&[
+        "diag",
+        "--config",
+        config.to_str().unwrap(),
+        "--output",
+        bundle.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    fx.assert_clean("`ucrelay diag` output", &format!("{out}{err}"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&bundle).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let members = unpack(&bundle);
+    for name in [
+        "README.txt",
+        "config.toml",
+        "status.json",
+        "versions.txt",
+        "doctor.txt",
+        "doctor.json",
+        "notes.txt",
+    ] {
+        assert!(
+            members.contains_key(name),
+            "{name} missing: {:?}",
+            members.keys()
+        );
+    }
+    for (name, text) in &members {
+        fx.assert_clean(&format!("bundle member {name}"), text);
+    }
+    // The status is the running relay's; the config shows where secrets were.
+    let status: serde_json::Value = serde_json::from_str(&members["status.json"]).unwrap();
+    assert_eq!(status["cloud"]["registered"], true);
+    let config = &members["config.toml"];
+    assert!(config.contains("pin = \"***\""), "{config}");
+    assert!(config.contains("admin_password = \"***\""), "{config}");
+    assert!(config.contains("pfx_password_file"), "{config}");
+    assert!(members["versions.txt"].contains(env!("CARGO_PKG_VERSION")));
+    assert!(
+        members["doctor.txt"].contains("pin: "),
+        "{}",
+        members["doctor.txt"]
+    );
+    // What could not be collected says why: images are off in this config.
+    let notes = &members["notes.txt"];
+    assert!(notes.contains("images.json"), "{notes}");
+    assert!(
+        members.contains_key("journal.txt") || notes.contains("journal"),
+        "{notes}"
+    );
+    fx.assert_clean("the relay's logs", &relay.logs());
+}
