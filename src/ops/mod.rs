@@ -3,5 +3,6 @@
 pub mod admin;
 pub mod diag;
 pub mod doctor;
+pub mod metrics;
 pub mod report;
 pub mod systemd;

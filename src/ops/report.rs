@@ -24,6 +24,9 @@ pub struct StatusReport {
     /// The image cache, when the download agent runs.
     pub images: Option<crate::download::CatalogReport>,
     pub jobs: Vec<JobReport>,
+    /// Where `/metrics`, `/healthz` and `/ready` are served (the bound address), when configured.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -281,6 +284,7 @@ impl StatusReport {
             warnings,
             edge,
             images,
+            metrics_listen: crate::ops::metrics::bound().map(|a| a.to_string()),
             cloud: CloudReport {
                 url: cfg.cloud.url.to_string(),
                 tenant_id: cfg.cloud.tenant_id.clone(),

@@ -5,6 +5,7 @@ mod cli;
 mod doctor;
 mod download;
 mod edge;
+mod metrics;
 mod nginx;
 mod pki;
 mod provisioning;
