@@ -1,4 +1,5 @@
-//! Local operations: the admin socket and what the CLI shows an admin (status).
+//! Local operations: the admin socket and what the CLI shows an admin (status), `doctor` and
+//! `diag`, the metrics endpoint, and the daemon's notifications to systemd.
 
 pub mod admin;
 pub mod diag;
