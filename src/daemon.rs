@@ -53,6 +53,10 @@ pub async fn run(
         None => None,
     };
     let admin_listener = ops::admin::bind(&config.admin.socket).await?;
+    let metrics_listener = match config.admin.metrics_listen {
+        Some(addr) => Some(ops::metrics::bind(addr).await?),
+        None => None,
+    };
     let hup = reload::hangup().context("cannot install the SIGHUP handler")?;
     if !config.cloud.url.tls {
         warn!(url = %config.cloud.url, "cloud URL is plain http: traffic to the cloud is not encrypted (labs only)");
@@ -90,6 +94,16 @@ pub async fn run(
         "admin",
         ops::admin::serve(admin_listener, ctx.clone(), jobs.clone()),
     );
+    if let Some(listener) = metrics_listener {
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, "metrics, /healthz and /ready listening");
+        }
+        spawn(
+            &mut set,
+            "metrics",
+            ops::metrics::serve(listener, ctx.clone(), jobs.clone()),
+        );
+    }
     if let (Some(edge), Some(listeners)) = (edge, edge_listeners) {
         spawn(&mut set, "edge", proxy::run(edge, listeners, jobs.clone()));
     }

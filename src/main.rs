@@ -11,9 +11,10 @@ use ucrelay::ops::report::StatusReport;
 fn main() -> ExitCode {
     install_panic_hook();
     let cli = Cli::parse();
-    if !matches!(
+    // Commands that only print (no sockets that a peer could close under us).
+    if matches!(
         cli.command,
-        Command::Run(_) | Command::Sim(_) | Command::Demo(_)
+        Command::Completions(_) | Command::Man | Command::Check(_)
     ) {
         default_sigpipe();
     }
@@ -60,9 +61,10 @@ fn one_line(e: &anyhow::Error) -> String {
     s
 }
 
-/// CLI commands write to stdout that may be a pipe closed early (`ucrelay completions bash |
-/// head`): let SIGPIPE end them quietly, like any Unix tool. The daemon keeps Rust's default
-/// (SIGPIPE ignored), where a peer closing a socket must be an error, not death.
+/// Printing commands write to stdout that may be a pipe closed early (`ucrelay completions bash |
+/// head`): let SIGPIPE end them quietly, like any Unix tool. Everything that talks over sockets
+/// (the daemon above all) keeps Rust's default, SIGPIPE ignored, where a peer closing a socket
+/// must be an error, not death.
 #[allow(unsafe_code)]
 fn default_sigpipe() {
     use nix::sys::signal::{SigHandler, Signal, signal};
@@ -86,6 +88,10 @@ fn install_panic_hook() {
             .copied()
             .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
             .unwrap_or("unknown cause");
+        // `ucrelay status | head`: the reader went away; nothing to report.
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(1);
+        }
         let at = info
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))

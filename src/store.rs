@@ -205,6 +205,9 @@ impl Store {
                 .insert(rec.command_id.as_str(), unix_now())?;
         }
         tx.commit()?;
+        crate::ops::metrics::global()
+            .commands
+            .inc(&[("name", &rec.name), ("result", rec.result.as_str())]);
         Ok(())
     }
 

@@ -27,6 +27,9 @@ pub struct StatusReport {
     #[serde(default)]
     pub devices: Option<DevicesReport>,
     pub jobs: Vec<JobReport>,
+    /// Where `/metrics`, `/healthz` and `/ready` are served (the bound address), when configured.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -314,6 +317,7 @@ impl StatusReport {
                     .polls
                     .load(std::sync::atomic::Ordering::Relaxed),
             }),
+            metrics_listen: crate::ops::metrics::bound().map(|a| a.to_string()),
             cloud: CloudReport {
                 url: cfg.cloud.url.to_string(),
                 tenant_id: cfg.cloud.tenant_id.clone(),

@@ -384,6 +384,7 @@ async fn handle(
         _ => &edge.stats.status_5xx,
     };
     counter.fetch_add(1, Ordering::Relaxed);
+    crate::ops::metrics::global().edge_request(status.as_u16(), started.elapsed());
     let (parts, body) = resp.into_parts();
     let logged = AccessLogBody {
         inner: body,

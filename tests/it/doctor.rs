@@ -159,3 +159,71 @@ async fn next_to_a_running_relay() {
     assert_eq!(relays[0]["relay_id"], status["relay_id"]);
     relay.wait_healthy().await;
 }
+
+/// A TLS front for the reference cloud, with a certificate from a private CA (as a private cloud
+/// or a TLS-inspecting proxy would present).
+async fn tls_front(
+    dir: &std::path::Path,
+    cloud: std::net::SocketAddr,
+) -> (u16, std::path::PathBuf, tokio::task::JoinHandle<()>) {
+    let pki = ucrelay::sim::pki::make(dir, "localhost").unwrap();
+    let report = ucrelay::proxy::cert::load(
+        &pki.pfx,
+        Some(&pki.password_file),
+        &["localhost".to_string()],
+        std::time::SystemTime::now(),
+    );
+    let slot = ucrelay::proxy::tls::CertSlot::new(report.cert.expect("test certificate loads"));
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(ucrelay::proxy::tls::server_config(slot).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(tcp).await
+                    && let Ok(mut up) = tokio::net::TcpStream::connect(cloud).await
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+                }
+            });
+        }
+    });
+    (port, pki.ca_pem, task)
+}
+
+#[tokio::test]
+async fn tls_from_a_private_ca_is_named_and_trusted_only_through_ca_file() {
+    let cloud = TestCloud::start(cloud_args()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (port, ca, front) = tls_front(dir.path(), cloud.addr).await;
+
+    // Without ca_file: the handshake fails, naming the issuer, with the fix.
+    let mut cfg = RelayConfig::new(dir.path(), &format!("https://localhost:{port}"));
+    let (code, r, _) = doctor(&cfg.write()).await;
+    assert_eq!(code, 1, "{r:#}");
+    let tls = step(&r, "tls");
+    assert_eq!(tls["level"], "fail", "{r:#}");
+    assert!(
+        tls["message"].as_str().unwrap().contains("ucrelay demo CA"),
+        "{tls}"
+    );
+    assert!(tls["hint"].as_str().unwrap().contains("ca_file"), "{tls}");
+    assert_eq!(level(&r, "pin"), "skip");
+
+    // With the private CA in ca_file: works, but is flagged as not a public CA.
+    cfg.extra_cloud.push_str(&format!("ca_file = {ca:?}\n"));
+    let (code, r, _) = doctor(&cfg.write()).await;
+    front.abort();
+    assert_eq!(code, 0, "{r:#}");
+    let tls = step(&r, "tls");
+    assert_eq!(tls["level"], "warn", "{r:#}");
+    let msg = tls["message"].as_str().unwrap();
+    assert!(
+        msg.contains("ucrelay demo CA") && msg.contains("not a public CA"),
+        "{msg}"
+    );
+    assert_eq!(level(&r, "pin"), "ok", "{r:#}");
+    assert_eq!(level(&r, "clock"), "ok", "{r:#}");
+}

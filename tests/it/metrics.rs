@@ -1,0 +1,150 @@
+//! `[admin].metrics_listen`: Prometheus text that promtool accepts, `/healthz`, and `/ready`
+//! following registration (503 with the reason while the PIN is refused, 200 once registered).
+
+use crate::support::*;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// One HTTP/1.0 GET; returns (status, body).
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("metrics answer in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}
+
+/// promtool from PROMTOOL or PATH; CI must have it, elsewhere its absence is a printed skip.
+fn promtool() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("PROMTOOL") {
+        return Some(p.into());
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("promtool"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "promtool is required in CI (.ci/run provides it)"
+        );
+        eprintln!("note: promtool not found; the scrape is not checked by promtool here");
+    }
+    found
+}
+
+#[tokio::test]
+async fn metrics_health_and_readiness() {
+    let cloud = TestCloud::start(cloud_args()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = ucrelay::sim::pki::make(dir.path(), "relay.test").unwrap();
+    let pin_file = dir.path().join("pin");
+    std::fs::write(&pin_file, "000000\n").unwrap(); // wrong at first
+    let mut cfg = RelayConfig::new(dir.path(), &cloud.url());
+    cfg.pin_line = format!("pin_file = {pin_file:?}");
+    cfg.extra = format!(
+        "metrics_listen = \"127.0.0.1:0\"\n\n[edge]\nlisten = \"127.0.0.1:0\"\nfqdn = [\"relay.test\"]\n\
+         pfx = {:?}\npfx_password_file = {:?}\n\n[provisioning]\nupstream = \"http://127.0.0.1:9\"\n\n\
+         [devices]\nsubnets = [\"127.0.0.0/8\"]\n",
+        pki.pfx, pki.password_file
+    );
+    let relay = Relay::start(&cfg).await;
+    let status = relay
+        .wait_status("PIN rejected", |s| {
+            s["cloud"]["registration"] == "pin_rejected"
+        })
+        .await;
+    let addr: SocketAddr = status["metrics_listen"].as_str().unwrap().parse().unwrap();
+
+    assert_eq!(get(addr, "/healthz").await.0, 200);
+    let (code, body) = get(addr, "/ready").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("PIN rejected"), "{body}");
+
+    // The right PIN: registered, channel up, ready.
+    std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
+    let healthy = relay.wait_healthy().await;
+    wait_for("ready", Duration::from_secs(10), || async {
+        (get(addr, "/ready").await.0 == 200).then_some(())
+    })
+    .await;
+
+    // Something for each family: a command result, a device request through the edge (502: the
+    // upstream port is closed).
+    cloud.command("ping", json!({"n": 1})).await;
+    let edge: SocketAddr = healthy["edge"]["listen"].as_str().unwrap().parse().unwrap();
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(&pki.ca_pem)
+        .args([
+            "--resolve",
+            &format!("relay.test:{}:127.0.0.1", edge.port()),
+            &format!("https://relay.test:{}/0004f2000001.cfg", edge.port()),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "502");
+
+    let (code, text) = wait_for(
+        "metrics with the command counted",
+        Duration::from_secs(10),
+        || async {
+            let (code, text) = get(addr, "/metrics").await;
+            text.contains("ucrelay_commands_total{name=\"ping\",result=\"success\"} 1")
+                .then_some((code, text))
+        },
+    )
+    .await;
+    assert_eq!(code, 200);
+    for want in [
+        "# TYPE ucrelay_heartbeats_total counter",
+        "ucrelay_heartbeats_total{result=\"ok\"}",
+        "ucrelay_cloud_channel_up 1",
+        "ucrelay_cloud_registered 1",
+        "ucrelay_cloud_reconnects_total",
+        "ucrelay_edge_connections_open",
+        "ucrelay_edge_requests_total{class=\"5xx\"} 1",
+        "ucrelay_edge_request_duration_seconds_count{class=\"5xx\"} 1",
+        "ucrelay_edge_request_duration_seconds_bucket{class=\"5xx\",le=\"+Inf\"} 1",
+        "ucrelay_certificate_not_after_seconds",
+        "ucrelay_build_info{version=",
+    ] {
+        assert!(text.contains(want), "scrape lacks {want:?}:\n{text}");
+    }
+
+    if let Some(tool) = promtool() {
+        let mut child = tokio::process::Command::new(tool)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .await
+            .unwrap();
+        let out = child.wait_with_output().await.unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}{}\n{text}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
