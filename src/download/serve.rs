@@ -3,9 +3,9 @@
 //! streamed in fixed-size chunks, so memory per download stays the same whatever the file's size.
 
 use super::Catalog;
-use crate::proxy::{BoxError, EdgeBody, text_response};
+use crate::proxy::{BoxError, EdgeBody, SocketState, text_response};
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
+use http::{HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::{BodyExt, Empty, StreamBody};
 use std::path::Path;
 use std::sync::Arc;
@@ -19,13 +19,15 @@ const CHUNK: usize = 16 * 1024;
 /// Answers one request for a verified file.
 pub async fn serve(
     catalog: &Arc<Catalog>,
-    method: &Method,
-    headers: &HeaderMap,
+    req: &http::Request<hyper::body::Incoming>,
     device_path: &str,
     file: &Path,
     sha256: &str,
     size: u64,
 ) -> Response<EdgeBody> {
+    let (method, headers) = (req.method(), req.headers());
+    // The device's socket, which paces the body (absent only outside a real connection).
+    let socket = req.extensions().get::<Arc<SocketState>>().cloned();
     if method != Method::GET && method != Method::HEAD {
         let mut r = text_response(StatusCode::METHOD_NOT_ALLOWED, "image files are read-only");
         r.headers_mut()
@@ -117,6 +119,7 @@ pub async fn serve(
         file: f,
         pos: start,
         end: start + len,
+        socket,
         guard: ActiveGuard {
             catalog: catalog.clone(),
             _permit: permit,
@@ -128,12 +131,15 @@ pub async fn serve(
 /// A file range as body frames, one chunk per poll. Reads are positioned reads (`pread`) on the
 /// connection's own task: a firmware image being served to a fleet sits in the page cache, where
 /// a 16 KiB read takes microseconds, and going through the blocking pool for each chunk would
-/// cost more than the read. Each chunk is a fresh buffer handed to hyper, so a download holds at
-/// most a chunk or two however big the file.
+/// cost more than the read. The next chunk is read only when the device's socket has taken the
+/// previous one (`SocketState::poll_writable`), so a download holds one chunk, in hyper or as a
+/// TLS record in rustls, however big the file and however slow the device.
 struct FileChunks {
     file: std::fs::File,
     pos: u64,
     end: u64,
+    /// The device's socket: the next chunk waits until it has taken the last one.
+    socket: Option<Arc<SocketState>>,
     guard: ActiveGuard,
 }
 
@@ -142,12 +148,15 @@ impl futures_util::Stream for FileChunks {
 
     fn poll_next(
         mut self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
+        cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         use std::os::unix::fs::FileExt;
         use std::task::Poll;
         if self.pos >= self.end {
             return Poll::Ready(None);
+        }
+        if let Some(s) = &self.socket {
+            std::task::ready!(s.poll_writable(cx));
         }
         let n = CHUNK.min((self.end - self.pos) as usize);
         let mut buf = bytes::BytesMut::zeroed(n);

@@ -13,6 +13,7 @@ pub mod tls;
 
 use crate::config::{Config, EdgeConfig};
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -20,7 +21,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use ipnet::IpNet;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -259,30 +260,20 @@ async fn connection(
     admitted: bool,
     shutdown: CancellationToken,
 ) {
-    let activity = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
+    let socket = Arc::new(SocketState::new());
     let io = ActivityIo {
         inner: stream,
-        started,
-        last: activity.clone(),
+        state: socket.clone(),
     };
     let deadline = edge.cfg.header_timeout;
     match tls {
-        None => {
-            serve_http(
-                edge, io, peer, "http", admitted, activity, started, shutdown,
-            )
-            .await
-        }
+        None => serve_http(edge, io, peer, "http", admitted, socket, shutdown).await,
         Some(acceptor) => match tokio::time::timeout(deadline, acceptor.accept(io)).await {
             Ok(Ok(mut tls_io)) => {
                 // rustls buffers up to 64 KiB of outgoing data per connection by default; one
                 // record is enough to keep the socket busy and bounds memory per device.
                 tls_io.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
-                serve_http(
-                    edge, tls_io, peer, "https", admitted, activity, started, shutdown,
-                )
-                .await
+                serve_http(edge, tls_io, peer, "https", admitted, socket, shutdown).await
             }
             Ok(Err(e)) => {
                 edge.stats
@@ -307,8 +298,7 @@ async fn serve_http<I>(
     peer: SocketAddr,
     scheme: &'static str,
     admitted: bool,
-    activity: Arc<AtomicU64>,
-    started: Instant,
+    socket: Arc<SocketState>,
     shutdown: CancellationToken,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -325,8 +315,10 @@ async fn serve_http<I>(
         return;
     }
     let svc_edge = edge.clone();
-    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+    let svc_socket = socket.clone();
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let edge = svc_edge.clone();
+        req.extensions_mut().insert(svc_socket.clone());
         async move { Ok::<_, std::convert::Infallible>(handle(edge, req, peer, scheme).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -353,8 +345,7 @@ async fn serve_http<I>(
                 conn.as_mut().graceful_shutdown();
             }
             _ = tokio::time::sleep(Duration::from_secs(1).min(idle)) => {
-                let last = Duration::from_millis(activity.load(Ordering::Relaxed));
-                if started.elapsed().saturating_sub(last) >= idle {
+                if socket.idle_for() >= idle {
                     debug!(%peer, "closing a connection idle for {idle:?}");
                     return;
                 }
@@ -429,16 +420,8 @@ async fn route(
         use crate::download::Lookup;
         match images.lookup(&decoded) {
             Lookup::Ready { file, sha256, size } => {
-                return crate::download::serve::serve(
-                    images,
-                    req.method(),
-                    req.headers(),
-                    &decoded,
-                    &file,
-                    &sha256,
-                    size,
-                )
-                .await;
+                return crate::download::serve::serve(images, &req, &decoded, &file, &sha256, size)
+                    .await;
             }
             Lookup::NotReady { done, size } => {
                 images
@@ -542,18 +525,68 @@ impl Drop for AccessLogBody {
     }
 }
 
-/// A stream that records when it last moved a byte, for the idle watchdog.
-struct ActivityIo<T> {
-    inner: T,
+/// What a device connection's socket has been doing: when it last moved a byte (for the idle
+/// watchdog), and whether its last write found the kernel's send buffer full.
+///
+/// An image download reads the second to make its next chunk only once the socket has taken
+/// what was already written (see `download::serve`). Otherwise hyper queues one more chunk
+/// behind the TLS record that is waiting for the socket, and with a thousand slow downloads
+/// those idle chunks add up to tens of megabytes. The kernel's send buffer, not ours, is what
+/// keeps the wire busy in the meantime.
+pub struct SocketState {
     started: Instant,
-    last: Arc<AtomicU64>,
+    last_ms: AtomicU64,
+    blocked: AtomicBool,
+    unblocked: AtomicWaker,
 }
 
-impl<T> ActivityIo<T> {
-    fn touch(&self) {
-        self.last
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+impl SocketState {
+    fn new() -> SocketState {
+        SocketState {
+            started: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            blocked: AtomicBool::new(false),
+            unblocked: AtomicWaker::new(),
+        }
     }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+
+    /// Ready while the socket takes writes; otherwise wakes the caller once a write goes through.
+    pub fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.blocked.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        self.unblocked.register(cx.waker());
+        if self.blocked.load(Ordering::Acquire) {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    }
+
+    fn wrote(&self, r: &Poll<std::io::Result<usize>>) {
+        match r {
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.last_ms
+                    .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+                if self.blocked.swap(false, Ordering::AcqRel) {
+                    self.unblocked.wake();
+                }
+            }
+            Poll::Pending => self.blocked.store(true, Ordering::Release),
+            _ => {}
+        }
+    }
+}
+
+/// The device's TCP stream (under TLS, when there is TLS), reporting to its `SocketState`.
+struct ActivityIo<T> {
+    inner: T,
+    state: Arc<SocketState>,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
@@ -565,7 +598,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.touch();
+            self.state.last_ms.store(
+                self.state.started.elapsed().as_millis() as u64,
+                Ordering::Relaxed,
+            );
         }
         r
     }
@@ -578,9 +614,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, data);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
-        }
+        self.state.wrote(&r);
         r
     }
 
@@ -598,9 +632,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
-        }
+        self.state.wrote(&r);
         r
     }
 
@@ -612,6 +644,53 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Flag(AtomicBool);
+    impl std::task::Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn socket_state_blocks_until_a_write_goes_through() {
+        use tokio::io::AsyncReadExt;
+        let (near, mut far) = tokio::io::duplex(4096);
+        let state = Arc::new(SocketState::new());
+        let mut io = ActivityIo {
+            inner: near,
+            state: state.clone(),
+        };
+        let woken = Arc::new(Flag(AtomicBool::new(false)));
+        let waker = std::task::Waker::from(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(
+            state.poll_writable(&mut cx).is_ready(),
+            "a fresh socket takes writes"
+        );
+        // Fill the pipe until a write is refused.
+        let chunk = [7u8; 1024];
+        let mut refused = false;
+        for _ in 0..16 {
+            if Pin::new(&mut io).poll_write(&mut cx, &chunk).is_pending() {
+                refused = true;
+                break;
+            }
+        }
+        assert!(refused, "the 4 KiB pipe filled up");
+        assert!(state.poll_writable(&mut cx).is_pending());
+        assert!(!woken.0.load(Ordering::SeqCst));
+        // The peer reads; the next write goes through and wakes whoever waited.
+        let mut sink = vec![0u8; 4096];
+        far.read_exact(&mut sink).await.unwrap();
+        assert!(matches!(
+            Pin::new(&mut io).poll_write(&mut cx, &chunk),
+            Poll::Ready(Ok(1024))
+        ));
+        assert!(woken.0.load(Ordering::SeqCst), "the waiting body was woken");
+        assert!(state.poll_writable(&mut cx).is_ready());
+        assert!(state.idle_for() < Duration::from_secs(5));
+    }
 
     #[test]
     fn mac_from_user_agent() {
