@@ -103,27 +103,27 @@ fn install_panic_hook() {
     }));
 }
 
-/// Logs go to stderr through a background writer: a request never waits on a log write (one
-/// access line per device request would otherwise be a syscall on the request path), and lines are
-/// batched. Nothing is dropped: a full buffer makes the logger wait. The guard flushes on exit.
+/// Logs go to stderr through `ops::logwriter`: a request never waits on a log write (one access
+/// line per device request would otherwise be a syscall on the request path), lines are batched,
+/// warnings and errors go out at once, and nothing is dropped. The guard writes the rest on exit.
 fn init_logging(
     format: LogFormat,
     default_level: &str,
-) -> tracing_appender::non_blocking::WorkerGuard {
+) -> Option<ucrelay::ops::logwriter::LogGuard> {
     use std::io::IsTerminal;
     // rustls warns on every handshake whose SNI is an IP address (scanners, phones configured
     // with the relay's IP); that is the client's business, not an operator's.
     let default = format!("{default_level},rustls=error");
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .buffered_lines_limit(64 * 1024)
-        .thread_name("ucrelay-log")
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
+    let (writer, guard) = match ucrelay::ops::logwriter::spawn(std::io::stderr()) {
+        Ok((w, g)) => (BoxMakeWriter::new(w), Some(g)),
+        Err(e) => {
+            eprintln!("warning: no log writer thread ({e}); writing logs to stderr directly");
+            (BoxMakeWriter::new(std::io::stderr), None)
+        }
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod diag;
 pub mod doctor;
+pub mod logwriter;
 pub mod metrics;
 pub mod report;
 pub mod systemd;
