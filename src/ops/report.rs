@@ -92,6 +92,9 @@ pub struct EdgeReport {
     pub status_5xx: u64,
     pub bytes_out: u64,
     pub legacy_forbidden: u64,
+    /// Idle upstream connections kept for the next device connection.
+    #[serde(default)]
+    pub upstream_idle: u64,
 }
 
 impl EdgeReport {
@@ -143,6 +146,12 @@ impl EdgeReport {
             status_5xx: st.status_5xx.load(Relaxed),
             bytes_out: st.bytes_out.load(Relaxed),
             legacy_forbidden: st.legacy_forbidden.load(Relaxed),
+            upstream_idle: edge
+                .upstream
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map_or(0, |u| u.idle_connections() as u64),
         }
     }
 }

@@ -1,28 +1,36 @@
 //! Forwarding to the provisioning upstream: the request goes on unchanged apart from what a proxy
 //! must change (hop-by-hop headers dropped, Host rewritten, X-Forwarded-* added), bodies stream both
-//! ways, nothing is cached. Upstream connections are pooled and kept alive.
+//! ways, nothing is cached. Upstream connections are kept alive and reused (see `lane`).
 
+use super::lane::{Lane, LaneBody, LaneSlot, Pool, SendError, UpIo};
 use super::{EdgeBody, text_response};
 use crate::config::{CloudUrl, ProvisioningConfig};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::ServerName;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
-
-type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+use tokio::net::TcpStream;
+use tracing::debug;
 
 pub struct Upstream {
     base: CloudUrl,
-    client: Client<Connector, Incoming>,
+    /// For an https upstream: the connector (system roots or `ca_file`) and the name to verify.
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    connect_timeout: Duration,
     timeout: Duration,
+    pool: Arc<Pool>,
     // Worked out once, not per request.
-    scheme: http::uri::Scheme,
-    authority: http::uri::Authority,
+    target: String,
     host: HeaderValue,
+}
+
+/// Why the upstream gave no answer.
+enum Fail {
+    Connect(String),
+    Upstream(String),
 }
 
 /// Headers that describe one connection, not the message: never forwarded (RFC 9110 §7.6.1).
@@ -45,39 +53,28 @@ impl Upstream {
     pub fn new(cfg: &ProvisioningConfig) -> anyhow::Result<Upstream> {
         let base = CloudUrl::parse(&cfg.upstream)
             .map_err(|e| anyhow::anyhow!("provisioning.upstream: {e}"))?;
-        let tls = crate::cloud::client_tls_config(cfg.ca_file.as_deref())?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(cfg.connect_timeout));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .build(https);
         let bad = |e: String| anyhow::anyhow!("provisioning.upstream: {e}");
+        let tls = if base.tls {
+            let mut config = crate::cloud::client_tls_config(cfg.ca_file.as_deref())?;
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let name = ServerName::try_from(base.host.clone())
+                .map_err(|e| bad(format!("{}: {e}", base.host)))?;
+            Some((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
+        } else {
+            None
+        };
         Ok(Upstream {
-            scheme: if base.tls {
-                http::uri::Scheme::HTTPS
-            } else {
-                http::uri::Scheme::HTTP
-            },
-            authority: base
-                .connect_target()
-                .parse()
-                .map_err(|e| bad(format!("{e}")))?,
+            target: base.connect_target(),
             host: HeaderValue::from_str(&base.authority()).map_err(|e| bad(format!("{e}")))?,
             base,
-            client,
+            tls,
+            connect_timeout: cfg.connect_timeout,
             timeout: cfg.timeout,
+            pool: Arc::new(Pool::default()),
         })
     }
 
-    /// The upstream URI for a request: the device's path and query, unchanged, after the
+    /// The request target sent upstream: the device's path and query, unchanged, after the
     /// upstream's base path (none, usually, so the path is reused as it is).
     fn upstream_uri(&self, uri: &http::Uri) -> Result<http::Uri, String> {
         let pq = match (self.base.base_path.is_empty(), uri.path_and_query()) {
@@ -88,15 +85,85 @@ impl Upstream {
                 self.base.path(tail).parse().map_err(|e| format!("{e}"))?
             }
         };
-        let mut p = http::uri::Parts::default();
-        p.scheme = Some(self.scheme.clone());
-        p.authority = Some(self.authority.clone());
-        p.path_and_query = Some(pq);
-        http::Uri::from_parts(p).map_err(|e| e.to_string())
+        Ok(http::Uri::from(pq))
     }
 
     pub fn describe(&self) -> String {
         self.base.to_string()
+    }
+
+    /// Idle upstream connections waiting for a device connection.
+    pub fn idle_connections(&self) -> usize {
+        self.pool.len()
+    }
+
+    /// A new connection to the upstream: TCP, then TLS for an https upstream, each with the
+    /// connect deadline.
+    async fn connect(&self) -> Result<Lane, Fail> {
+        let deadline = self.connect_timeout;
+        let tcp = match tokio::time::timeout(deadline, TcpStream::connect(&self.target)).await {
+            Err(_) => {
+                return Err(Fail::Connect(format!(
+                    "{}: no connection within {}",
+                    self.target,
+                    humantime::format_duration(deadline)
+                )));
+            }
+            Ok(Err(e)) => return Err(Fail::Connect(format!("{}: {e}", self.target))),
+            Ok(Ok(s)) => s,
+        };
+        let _ = tcp.set_nodelay(true);
+        let io: UpIo = match &self.tls {
+            None => Box::new(tcp),
+            Some((connector, name)) => {
+                match tokio::time::timeout(deadline, connector.connect(name.clone(), tcp)).await {
+                    Err(_) => {
+                        return Err(Fail::Connect(format!(
+                            "{}: no TLS handshake within {}",
+                            self.target,
+                            humantime::format_duration(deadline)
+                        )));
+                    }
+                    Ok(Err(e)) => {
+                        return Err(Fail::Connect(format!("{}: TLS: {e}", self.target)));
+                    }
+                    Ok(Ok(s)) => Box::new(s),
+                }
+            }
+        };
+        Lane::handshake(io)
+            .await
+            .map_err(|e| Fail::Connect(format!("{}: {e}", self.target)))
+    }
+
+    /// Sends the request on the device connection's lane, a pooled connection or a new one. A
+    /// reused connection that turns out to be closed before the request went out is replaced by a
+    /// new one, once.
+    async fn exchange(
+        &self,
+        slot: Option<&LaneSlot>,
+        req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, Option<Lane>), Fail> {
+        let reused = slot
+            .and_then(|s| s.take(&self.pool))
+            .or_else(|| self.pool.take());
+        let (lane, fresh) = match reused {
+            Some(l) => (l, false),
+            None => (self.connect().await?, true),
+        };
+        match lane.exchange(req).await {
+            Ok(r) => Ok(r),
+            Err(SendError::NotSent(why, req)) if !fresh => {
+                debug!(upstream = %self.base, %why, "a kept-alive upstream connection was gone; using a new one");
+                match self.connect().await?.exchange(*req).await {
+                    Ok(r) => Ok(r),
+                    Err(SendError::NotSent(why, _)) => Err(Fail::Upstream(why)),
+                    Err(SendError::Failed(e)) => Err(Fail::Upstream(error_chain(&e))),
+                }
+            }
+            Err(SendError::NotSent(why, _)) => Err(Fail::Upstream(why)),
+            Err(SendError::Failed(e)) => Err(Fail::Upstream(error_chain(&e))),
+        }
     }
 
     /// Sends `req` upstream and returns its answer, or a 502/504 of our own.
@@ -106,7 +173,8 @@ impl Upstream {
         client_ip: IpAddr,
         proto: &'static str,
     ) -> Response<EdgeBody> {
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        let slot = parts.extensions.remove::<Arc<LaneSlot>>();
         let uri = match self.upstream_uri(&parts.uri) {
             Ok(u) => u,
             Err(e) => {
@@ -128,23 +196,13 @@ impl Upstream {
             headers.insert(X_FORWARDED_HOST, h);
         }
         headers.insert(header::HOST, self.host.clone());
-        let mut builder = Request::builder()
-            .method(parts.method)
-            .uri(uri)
-            .version(http::Version::HTTP_11);
-        if let Some(h) = builder.headers_mut() {
-            *h = headers;
-        }
-        let up_req = match builder.body(body) {
-            Ok(r) => r,
-            Err(e) => {
-                return text_response(
-                    StatusCode::BAD_REQUEST,
-                    &format!("cannot forward this request: {e}"),
-                );
-            }
-        };
-        match tokio::time::timeout(self.timeout, self.client.request(up_req)).await {
+        let mut up_req = Request::new(body);
+        *up_req.method_mut() = parts.method;
+        *up_req.uri_mut() = uri;
+        *up_req.version_mut() = http::Version::HTTP_11;
+        *up_req.headers_mut() = headers;
+        let answer = self.exchange(slot.as_deref(), up_req);
+        match tokio::time::timeout(self.timeout, answer).await {
             Err(_) => text_response(
                 StatusCode::GATEWAY_TIMEOUT,
                 &format!(
@@ -152,18 +210,19 @@ impl Upstream {
                     humantime::format_duration(self.timeout)
                 ),
             ),
-            Ok(Err(e)) => {
-                let why = if e.is_connect() {
-                    "cannot connect to the provisioning server"
-                } else {
-                    "provisioning server failed"
+            Ok(Err(fail)) => {
+                let (why, detail) = match fail {
+                    Fail::Connect(d) => ("cannot connect to the provisioning server", d),
+                    Fail::Upstream(d) => ("provisioning server failed", d),
                 };
-                tracing::warn!(upstream = %self.base, error = %error_chain(&e), "{why}");
+                tracing::warn!(upstream = %self.base, error = %detail, "{why}");
                 text_response(StatusCode::BAD_GATEWAY, why)
             }
-            Ok(Ok(resp)) => {
+            Ok(Ok((resp, lane))) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
+                let back = slot.map(|s| (s, self.pool.clone()));
+                let body = LaneBody::new(body, lane, back);
                 Response::from_parts(
                     parts,
                     body.map_err(|e| Box::new(e) as super::BoxError).boxed(),

@@ -8,6 +8,7 @@
 
 pub mod cert;
 mod forward;
+mod lane;
 pub mod paths;
 pub mod tls;
 
@@ -316,9 +317,12 @@ async fn serve_http<I>(
     }
     let svc_edge = edge.clone();
     let svc_socket = socket.clone();
+    // The upstream connection this device connection's requests use, kept between them.
+    let lanes = Arc::new(lane::LaneSlot::default());
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let edge = svc_edge.clone();
         req.extensions_mut().insert(svc_socket.clone());
+        req.extensions_mut().insert(lanes.clone());
         async move { Ok::<_, std::convert::Infallible>(handle(edge, req, peer, scheme).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();

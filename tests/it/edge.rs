@@ -1359,3 +1359,109 @@ async fn legacy_http_serves_only_device_subnets() {
         "the refused request was not forwarded"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// 8. Upstream connections: kept per device connection, pooled between them, replaced when closed.
+
+/// A plain-HTTP upstream that answers every request with `conn=<n> req=<m>` and silently closes
+/// each connection after `per_conn` answers (as servers do at their keep-alive limits).
+struct CountingUpstream {
+    addr: SocketAddr,
+    connections: Arc<AtomicU64>,
+    closed: Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingUpstream {
+    async fn start(per_conn: u64) -> CountingUpstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicU64::new(0));
+        let closed = Arc::new(tokio::sync::Notify::new());
+        let (c, n) = (connections.clone(), closed.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let conn = c.fetch_add(1, Ordering::SeqCst) + 1;
+                let n = n.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for req in 1..=per_conn {
+                        // One request head (the test sends no bodies).
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let mut chunk = [0u8; 4096];
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                            }
+                        }
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                        buf.drain(..end);
+                        let body = format!("conn={conn} req={req}");
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if sock.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    drop(sock);
+                    n.notify_one();
+                });
+            }
+        });
+        CountingUpstream {
+            addr,
+            connections,
+            closed,
+            task,
+        }
+    }
+}
+
+async fn get_text(sender: &mut SendRequest<Empty<Bytes>>, port: u16, i: u32) -> String {
+    let path = format!("/file-{i}.cfg");
+    let (status, body) = get_on(sender, port, &path).await;
+    assert_eq!(status, 200, "{path}: {body:?}");
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused_pooled_and_replaced_when_closed() {
+    let s = Setup::new().await;
+    let up = CountingUpstream::start(3).await;
+    let r = s
+        .relay(
+            "lanes",
+            &EdgeSpec::new(&s.cert, &format!("http://{}", up.addr)),
+        )
+        .await;
+    // One device connection: its requests share one upstream connection.
+    let mut phone = http1(tls_connect(&s.pki.ca, r.port).await).await;
+    let mut seen = Vec::new();
+    for i in 1..=3 {
+        seen.push(get_text(&mut phone, r.port, i).await);
+    }
+    assert_eq!(seen, ["conn=1 req=1", "conn=1 req=2", "conn=1 req=3"]);
+    // The upstream closes that connection without a word; the next request goes on a new one
+    // instead of failing.
+    tokio::time::timeout(Duration::from_secs(10), up.closed.notified())
+        .await
+        .expect("the upstream closed its first connection");
+    assert_eq!(get_text(&mut phone, r.port, 4).await, "conn=2 req=1");
+    drop(phone);
+
+    // A new device connection picks up the idle upstream connection the first one left behind.
+    wait_for(
+        "the first phone's upstream connection in the pool",
+        Duration::from_secs(10),
+        || async { (count(&r.edge().await, "upstream_idle") == 1).then_some(()) },
+    )
+    .await;
+    let mut second = http1(tls_connect(&s.pki.ca, r.port).await).await;
+    assert_eq!(get_text(&mut second, r.port, 5).await, "conn=2 req=2");
+    assert_eq!(up.connections.load(Ordering::SeqCst), 2);
+    let e = r.edge().await;
+    assert_eq!(count(&e, "status_2xx"), 5, "{e}");
+    up.task.abort();
+}
