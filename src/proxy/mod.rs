@@ -101,9 +101,33 @@ pub fn refusal(report: &cert::CertReport) -> String {
         .join("; ")
 }
 
+/// The edge's listening sockets: one per edge thread on each address, bound with SO_REUSEPORT so
+/// that the kernel spreads device connections over the threads.
 pub struct EdgeListeners {
-    pub tls: TcpListener,
-    pub legacy: Option<TcpListener>,
+    pub tls: Vec<std::net::TcpListener>,
+    pub legacy: Vec<std::net::TcpListener>,
+}
+
+/// `n` listening sockets on `addr` (the first one's port for all, when `addr` asks for port 0).
+/// Only sockets of the same user can join a SO_REUSEPORT group, so no other account can take a
+/// share of the devices' connections.
+async fn bind_group(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut out = Vec::with_capacity(n);
+    let mut at = addr;
+    for _ in 0..n {
+        let s = if at.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        s.set_reuseaddr(true)?;
+        s.set_reuseport(true)?;
+        s.bind(at)?;
+        let l = s.listen(1024)?;
+        at = l.local_addr()?;
+        out.push(l.into_std()?);
+    }
+    Ok(out)
 }
 
 impl Edge {
@@ -153,20 +177,19 @@ impl Edge {
 
     pub async fn bind(&self) -> anyhow::Result<EdgeListeners> {
         use anyhow::Context;
-        let tls = TcpListener::bind(self.cfg.listen)
+        let n = self.cfg.threads;
+        let tls = bind_group(self.cfg.listen, n)
             .await
             .with_context(|| format!("cannot listen on edge.listen {}", self.cfg.listen))?;
         let legacy = match self.cfg.legacy_http_listen {
-            None => None,
-            Some(a) => Some(
-                TcpListener::bind(a)
-                    .await
-                    .with_context(|| format!("cannot listen on edge.legacy_http_listen {a}"))?,
-            ),
+            None => Vec::new(),
+            Some(a) => bind_group(a, n)
+                .await
+                .with_context(|| format!("cannot listen on edge.legacy_http_listen {a}"))?,
         };
         let _ = self.bound.set((
-            tls.local_addr()?,
-            legacy.as_ref().map(|l| l.local_addr()).transpose()?,
+            tls[0].local_addr()?,
+            legacy.first().map(|l| l.local_addr()).transpose()?,
         ));
         Ok(EdgeListeners { tls, legacy })
     }
@@ -181,40 +204,103 @@ impl Edge {
 
 /// Serves both listeners until shutdown, then lets open connections finish their current request
 /// (bounded by the daemon's grace period).
+///
+/// Devices are served by `[edge].threads` threads, each with its own single-threaded event loop
+/// and its own listening sockets, as nginx runs one worker per CPU. A device connection, its TLS,
+/// its requests and its upstream connection then stay on one thread from start to end: no work
+/// stealing, no hand-off between threads, and no idle CPU while work waits in another thread's
+/// queue. What the threads share (certificate, upstream pool, image cache, counters) is behind
+/// atomics and short locks.
 pub async fn run(
     edge: Arc<Edge>,
     listeners: EdgeListeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    use anyhow::Context;
     let tls_cfg = tls::server_config(edge.cert.clone())?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls_cfg);
     let slots = Arc::new(Semaphore::new(edge.cfg.max_connections));
-    let tracker = TaskTracker::new();
-    let mut loops = tokio::task::JoinSet::new();
-    loops.spawn(accept_loop(
-        edge.clone(),
-        listeners.tls,
-        Some(acceptor),
-        slots.clone(),
-        tracker.clone(),
-        shutdown.clone(),
-    ));
-    if let Some(l) = listeners.legacy {
-        loops.spawn(accept_loop(
-            edge.clone(),
-            l,
-            None,
-            slots,
-            tracker.clone(),
-            shutdown.clone(),
-        ));
+    if let Some((tls_addr, legacy_addr)) = edge.bound.get() {
+        info!(
+            listen = %tls_addr,
+            legacy_http_listen = %legacy_addr.map_or("-".to_string(), |a| a.to_string()),
+            threads = listeners.tls.len(),
+            "edge listening"
+        );
     }
-    while let Some(r) = loops.join_next().await {
-        r??;
+    let mut legacy = listeners.legacy.into_iter();
+    let mut threads = Vec::new();
+    for (i, tls_listener) in listeners.tls.into_iter().enumerate() {
+        let work = EdgeThread {
+            edge: edge.clone(),
+            tls: tls_listener,
+            legacy: legacy.next(),
+            acceptor: acceptor.clone(),
+            slots: slots.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let (done, finished) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("ucrelay-edge-{i}"))
+            .spawn(move || {
+                let _ = done.send(work.run());
+            })
+            .context("cannot start an edge thread")?;
+        threads.push(async move {
+            finished
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("edge thread {i} stopped unexpectedly")))
+        });
     }
-    tracker.close();
-    tracker.wait().await;
+    // The first thread to fail ends the edge (and so the daemon) at once.
+    futures_util::future::try_join_all(threads).await?;
     Ok(())
+}
+
+/// One edge thread's share: a listener per address, and what every connection needs.
+struct EdgeThread {
+    edge: Arc<Edge>,
+    tls: std::net::TcpListener,
+    legacy: Option<std::net::TcpListener>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    slots: Arc<Semaphore>,
+    shutdown: CancellationToken,
+}
+
+impl EdgeThread {
+    fn run(self) -> anyhow::Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let tracker = TaskTracker::new();
+            let mut loops = tokio::task::JoinSet::new();
+            loops.spawn(accept_loop(
+                self.edge.clone(),
+                TcpListener::from_std(self.tls)?,
+                Some(self.acceptor),
+                self.slots.clone(),
+                tracker.clone(),
+                self.shutdown.clone(),
+            ));
+            if let Some(l) = self.legacy {
+                loops.spawn(accept_loop(
+                    self.edge.clone(),
+                    TcpListener::from_std(l)?,
+                    None,
+                    self.slots,
+                    tracker.clone(),
+                    self.shutdown.clone(),
+                ));
+            }
+            while let Some(r) = loops.join_next().await {
+                r??;
+            }
+            tracker.close();
+            tracker.wait().await;
+            Ok(())
+        })
+    }
 }
 
 async fn accept_loop(
@@ -226,7 +312,7 @@ async fn accept_loop(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let scheme = if tls.is_some() { "https" } else { "http" };
-    info!(listen = %listener.local_addr()?, scheme, "edge listening");
+    debug!(listen = %listener.local_addr()?, scheme, "edge thread listening");
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
