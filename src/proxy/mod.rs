@@ -101,33 +101,13 @@ pub fn refusal(report: &cert::CertReport) -> String {
         .join("; ")
 }
 
-/// The edge's listening sockets: one per edge thread on each address, bound with SO_REUSEPORT so
-/// that the kernel spreads device connections over the threads.
+/// The edge's listening sockets, one per address. Every edge thread waits on each of them (each
+/// thread's event loop holds a duplicate of the descriptor), and whichever thread is free first
+/// accepts a new connection. A busy thread rarely wins, so load spreads the way it does over
+/// nginx's workers, which a hash of the address (SO_REUSEPORT) would not do.
 pub struct EdgeListeners {
-    pub tls: Vec<std::net::TcpListener>,
-    pub legacy: Vec<std::net::TcpListener>,
-}
-
-/// `n` listening sockets on `addr` (the first one's port for all, when `addr` asks for port 0).
-/// Only sockets of the same user can join a SO_REUSEPORT group, so no other account can take a
-/// share of the devices' connections.
-async fn bind_group(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
-    let mut out = Vec::with_capacity(n);
-    let mut at = addr;
-    for _ in 0..n {
-        let s = if at.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        s.set_reuseaddr(true)?;
-        s.set_reuseport(true)?;
-        s.bind(at)?;
-        let l = s.listen(1024)?;
-        at = l.local_addr()?;
-        out.push(l.into_std()?);
-    }
-    Ok(out)
+    pub tls: std::net::TcpListener,
+    pub legacy: Option<std::net::TcpListener>,
 }
 
 impl Edge {
@@ -177,21 +157,26 @@ impl Edge {
 
     pub async fn bind(&self) -> anyhow::Result<EdgeListeners> {
         use anyhow::Context;
-        let n = self.cfg.threads;
-        let tls = bind_group(self.cfg.listen, n)
+        let tls = TcpListener::bind(self.cfg.listen)
             .await
             .with_context(|| format!("cannot listen on edge.listen {}", self.cfg.listen))?;
         let legacy = match self.cfg.legacy_http_listen {
-            None => Vec::new(),
-            Some(a) => bind_group(a, n)
-                .await
-                .with_context(|| format!("cannot listen on edge.legacy_http_listen {a}"))?,
+            None => None,
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("cannot listen on edge.legacy_http_listen {a}"))?,
+            ),
         };
         let _ = self.bound.set((
-            tls[0].local_addr()?,
-            legacy.first().map(|l| l.local_addr()).transpose()?,
+            tls.local_addr()?,
+            legacy.as_ref().map(|l| l.local_addr()).transpose()?,
         ));
-        Ok(EdgeListeners { tls, legacy })
+        // Handed to the edge threads, whose event loops register them again.
+        Ok(EdgeListeners {
+            tls: tls.into_std()?,
+            legacy: legacy.map(|l| l.into_std()).transpose()?,
+        })
     }
 
     fn upstream(&self) -> Option<Arc<Upstream>> {
@@ -205,8 +190,8 @@ impl Edge {
 /// Serves both listeners until shutdown, then lets open connections finish their current request
 /// (bounded by the daemon's grace period).
 ///
-/// Devices are served by `[edge].threads` threads, each with its own single-threaded event loop
-/// and its own listening sockets, as nginx runs one worker per CPU. A device connection, its TLS,
+/// Devices are served by `[edge].threads` threads, each with its own single-threaded event loop,
+/// as nginx runs one worker per CPU. A device connection, its TLS,
 /// its requests and its upstream connection then stay on one thread from start to end: no work
 /// stealing, no hand-off between threads, and no idle CPU while work waits in another thread's
 /// queue. What the threads share (certificate, upstream pool, image cache, counters) is behind
@@ -224,17 +209,20 @@ pub async fn run(
         info!(
             listen = %tls_addr,
             legacy_http_listen = %legacy_addr.map_or("-".to_string(), |a| a.to_string()),
-            threads = listeners.tls.len(),
+            threads = edge.cfg.threads,
             "edge listening"
         );
     }
-    let mut legacy = listeners.legacy.into_iter();
     let mut threads = Vec::new();
-    for (i, tls_listener) in listeners.tls.into_iter().enumerate() {
+    for i in 0..edge.cfg.threads {
         let work = EdgeThread {
             edge: edge.clone(),
-            tls: tls_listener,
-            legacy: legacy.next(),
+            tls: listeners.tls.try_clone()?,
+            legacy: listeners
+                .legacy
+                .as_ref()
+                .map(|l| l.try_clone())
+                .transpose()?,
             acceptor: acceptor.clone(),
             slots: slots.clone(),
             shutdown: shutdown.clone(),
@@ -257,7 +245,7 @@ pub async fn run(
     Ok(())
 }
 
-/// One edge thread's share: a listener per address, and what every connection needs.
+/// One edge thread's share: its copies of the listeners, and what every connection needs.
 struct EdgeThread {
     edge: Arc<Edge>,
     tls: std::net::TcpListener,
