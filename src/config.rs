@@ -22,8 +22,6 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(2 * 3600);
 pub const DEFAULT_MAX_IMAGES: u32 = 40;
 pub const DEFAULT_MAX_TOTAL: u64 = 30 * 1000 * 1000 * 1000;
 pub const DEFAULT_EDGE_LISTEN: &str = "0.0.0.0:443";
-/// Edge threads at most.
-pub const MAX_EDGE_THREADS: usize = 64;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_ADMIN_SOCKET_NAME: &str = "admin.sock";
 pub const DEFAULT_DEVICE_SUBNETS: [&str; 3] = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"];
@@ -104,7 +102,6 @@ struct RawEdge {
     header_timeout: Option<String>,
     idle_timeout: Option<String>,
     max_header_size: Option<String>,
-    threads: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -347,8 +344,6 @@ pub struct EdgeConfig {
     pub idle_timeout: Duration,
     /// Largest request head (request line + headers) in bytes.
     pub max_header_size: usize,
-    /// Threads serving devices, each with its own listening socket and event loop.
-    pub threads: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -696,19 +691,6 @@ impl Config {
                             return Err(err("edge.max_connections", "must be at least 1".into()));
                         }
                         Some(n) => n,
-                    },
-                    threads: match e.threads {
-                        // One per CPU, like nginx's `worker_processes auto`.
-                        None => std::thread::available_parallelism()
-                            .map_or(1, |n| n.get())
-                            .min(MAX_EDGE_THREADS),
-                        Some(n @ 1..=MAX_EDGE_THREADS) => n,
-                        Some(n) => {
-                            return Err(err(
-                                "edge.threads",
-                                format!("{n} is outside 1..={MAX_EDGE_THREADS}"),
-                            ));
-                        }
                     },
                     header_timeout: dur(
                         "edge.header_timeout",
@@ -1177,14 +1159,6 @@ admin_password = "789"
             field_of(&format!("{MINIMAL}\n[edge]\nfqdn = []\npfx = \"x.pfx\"\n")),
             "edge.fqdn"
         );
-        for threads in ["0", "65"] {
-            assert_eq!(
-                field_of(&format!(
-                    "{MINIMAL}\n[edge]\nfqdn = [\"relay.example\"]\npfx = \"x.pfx\"\nthreads = {threads}\n"
-                )),
-                "edge.threads"
-            );
-        }
         assert_eq!(
             field_of(&format!("{MINIMAL}\n[images]\nmax_total = \"lots\"\n")),
             "images.max_total"

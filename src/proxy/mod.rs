@@ -101,13 +101,9 @@ pub fn refusal(report: &cert::CertReport) -> String {
         .join("; ")
 }
 
-/// The edge's listening sockets, one per address. Every edge thread waits on each of them (each
-/// thread's event loop holds a duplicate of the descriptor), and whichever thread is free first
-/// accepts a new connection. A busy thread rarely wins, so load spreads the way it does over
-/// nginx's workers, which a hash of the address (SO_REUSEPORT) would not do.
 pub struct EdgeListeners {
-    pub tls: std::net::TcpListener,
-    pub legacy: Option<std::net::TcpListener>,
+    pub tls: TcpListener,
+    pub legacy: Option<TcpListener>,
 }
 
 impl Edge {
@@ -172,11 +168,7 @@ impl Edge {
             tls.local_addr()?,
             legacy.as_ref().map(|l| l.local_addr()).transpose()?,
         ));
-        // Handed to the edge threads, whose event loops register them again.
-        Ok(EdgeListeners {
-            tls: tls.into_std()?,
-            legacy: legacy.map(|l| l.into_std()).transpose()?,
-        })
+        Ok(EdgeListeners { tls, legacy })
     }
 
     fn upstream(&self) -> Option<Arc<Upstream>> {
@@ -189,106 +181,40 @@ impl Edge {
 
 /// Serves both listeners until shutdown, then lets open connections finish their current request
 /// (bounded by the daemon's grace period).
-///
-/// Devices are served by `[edge].threads` threads, each with its own single-threaded event loop,
-/// as nginx runs one worker per CPU. A device connection, its TLS,
-/// its requests and its upstream connection then stay on one thread from start to end: no work
-/// stealing, no hand-off between threads, and no idle CPU while work waits in another thread's
-/// queue. What the threads share (certificate, upstream pool, image cache, counters) is behind
-/// atomics and short locks.
 pub async fn run(
     edge: Arc<Edge>,
     listeners: EdgeListeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    use anyhow::Context;
     let tls_cfg = tls::server_config(edge.cert.clone())?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls_cfg);
     let slots = Arc::new(Semaphore::new(edge.cfg.max_connections));
-    if let Some((tls_addr, legacy_addr)) = edge.bound.get() {
-        info!(
-            listen = %tls_addr,
-            legacy_http_listen = %legacy_addr.map_or("-".to_string(), |a| a.to_string()),
-            threads = edge.cfg.threads,
-            "edge listening"
-        );
+    let tracker = TaskTracker::new();
+    let mut loops = tokio::task::JoinSet::new();
+    loops.spawn(accept_loop(
+        edge.clone(),
+        listeners.tls,
+        Some(acceptor),
+        slots.clone(),
+        tracker.clone(),
+        shutdown.clone(),
+    ));
+    if let Some(l) = listeners.legacy {
+        loops.spawn(accept_loop(
+            edge.clone(),
+            l,
+            None,
+            slots,
+            tracker.clone(),
+            shutdown.clone(),
+        ));
     }
-    let mut threads = Vec::new();
-    for i in 0..edge.cfg.threads {
-        let work = EdgeThread {
-            edge: edge.clone(),
-            tls: listeners.tls.try_clone()?,
-            legacy: listeners
-                .legacy
-                .as_ref()
-                .map(|l| l.try_clone())
-                .transpose()?,
-            acceptor: acceptor.clone(),
-            slots: slots.clone(),
-            shutdown: shutdown.clone(),
-        };
-        let (done, finished) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name(format!("ucrelay-edge-{i}"))
-            .spawn(move || {
-                let _ = done.send(work.run());
-            })
-            .context("cannot start an edge thread")?;
-        threads.push(async move {
-            finished
-                .await
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("edge thread {i} stopped unexpectedly")))
-        });
+    while let Some(r) = loops.join_next().await {
+        r??;
     }
-    // The first thread to fail ends the edge (and so the daemon) at once.
-    futures_util::future::try_join_all(threads).await?;
+    tracker.close();
+    tracker.wait().await;
     Ok(())
-}
-
-/// One edge thread's share: its copies of the listeners, and what every connection needs.
-struct EdgeThread {
-    edge: Arc<Edge>,
-    tls: std::net::TcpListener,
-    legacy: Option<std::net::TcpListener>,
-    acceptor: tokio_rustls::TlsAcceptor,
-    slots: Arc<Semaphore>,
-    shutdown: CancellationToken,
-}
-
-impl EdgeThread {
-    fn run(self) -> anyhow::Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async move {
-            let tracker = TaskTracker::new();
-            let mut loops = tokio::task::JoinSet::new();
-            loops.spawn(accept_loop(
-                self.edge.clone(),
-                TcpListener::from_std(self.tls)?,
-                Some(self.acceptor),
-                self.slots.clone(),
-                tracker.clone(),
-                self.shutdown.clone(),
-            ));
-            if let Some(l) = self.legacy {
-                loops.spawn(accept_loop(
-                    self.edge.clone(),
-                    TcpListener::from_std(l)?,
-                    None,
-                    self.slots,
-                    tracker.clone(),
-                    self.shutdown.clone(),
-                ));
-            }
-            while let Some(r) = loops.join_next().await {
-                r??;
-            }
-            tracker.close();
-            tracker.wait().await;
-            Ok(())
-        })
-    }
 }
 
 async fn accept_loop(
@@ -300,7 +226,7 @@ async fn accept_loop(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let scheme = if tls.is_some() { "https" } else { "http" };
-    debug!(listen = %listener.local_addr()?, scheme, "edge thread listening");
+    info!(listen = %listener.local_addr()?, scheme, "edge listening");
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
