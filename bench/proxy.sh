@@ -15,6 +15,7 @@
 #   BENCH_NICE=-10         niceness of everything measured (as root; 0 to leave it alone), so that
 #                          niced background work (builds, test suites) gets out of the way
 #   BENCH_KEEP=1           keep the temp dir (configs, logs, raw wrk output) and print its path
+#   BENCH_BIN              a release binary to measure instead of building one
 #
 # A benchmark, not a test: it never judges the numbers and exits 0 whatever they are. It exits
 # non-zero only when it cannot set up the comparison (build, PKI, a server that does not come up).
@@ -125,11 +126,16 @@ fetch_ok() { # url [curl args...]
 
 # ---------------------------------------------------------------------------------------------
 # 1. Build.
-say "building the release binary (cargo build --release --locked)"
-(cd "$repo" && cargo build --release --locked) >&2
-target_dir=${CARGO_TARGET_DIR:-target}
-[[ $target_dir == /* ]] || target_dir=$repo/$target_dir
-bin=$target_dir/release/ucrelay
+if [[ -n ${BENCH_BIN:-} ]]; then
+    bin=$BENCH_BIN
+    say "using the prebuilt binary $bin (BENCH_BIN)"
+else
+    say "building the release binary (cargo build --release --locked)"
+    (cd "$repo" && cargo build --release --locked) >&2
+    target_dir=${CARGO_TARGET_DIR:-target}
+    [[ $target_dir == /* ]] || target_dir=$repo/$target_dir
+    bin=$target_dir/release/ucrelay
+fi
 [[ -x $bin ]] || die "$bin not found after the build"
 
 # 2. Tools.
