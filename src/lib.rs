@@ -1,10 +1,12 @@
 //! ucrelay: an on-premises relay for cloud-managed VoIP/UC device fleets.
 //!
-//! The relay's jobs each have a module: `agent` (management agent: registration, heartbeats, command
-//! channel, results), and `proxy` (the device-facing edge: TLS with the PFX certificate, provisioning proxy), and `ops`
-//! (local operations: admin socket, status). `protocol` holds the
-//! relay-to-cloud wire types; `sim` the reference cloud used by the demo and tests, which talks to the
-//! relay only over that protocol.
+//! Each of the relay's jobs has a module: `agent` (management agent: registration, heartbeats,
+//! command channel, results), `devices` (device control, scheduled tasks and monitoring over the
+//! devices' REST API), `download` (firmware image sync and serving), `proxy` (the device-facing
+//! edge: TLS with the PFX certificate, the provisioning proxy) and `ops` (local operations: admin
+//! socket, status, doctor, diag, metrics, logs). `protocol` holds the relay-to-cloud wire types;
+//! `sim` the reference cloud and the phone simulator used by the demo, the tests and the
+//! benchmarks, which talk to the relay only over the documented protocols.
 #![deny(unsafe_code)]
 
 pub mod agent;
