@@ -75,7 +75,7 @@ fn unpack(path: &std::path::Path) -> BTreeMap<String, String> {
 #[tokio::test]
 async fn logs_never_show_secrets_through_registration_and_reload() {
     let fx = Fixture::new().await;
-    let relay = Relay::start(&fx.cfg).await;
+    let mut relay = Relay::start(&fx.cfg).await;
     relay.wait_healthy().await;
     let sock = relay.socket.to_str().unwrap().to_string();
     // A reload through the admin socket, and one by signal.
@@ -92,7 +92,7 @@ async fn logs_never_show_secrets_through_registration_and_reload() {
     let (code, out, err) = run_cli(&["status", "--socket", &sock, "--json"]).await;
     assert_eq!(code, 0, "{err}");
     fx.assert_clean("`ucrelay status` output", &out);
-    let logs = relay.logs();
+    let logs = relay.stop_for_logs().await;
     assert!(logs.contains("registered with cloud"), "{logs}");
     fx.assert_clean("the relay's logs", &logs);
 }
@@ -100,7 +100,7 @@ async fn logs_never_show_secrets_through_registration_and_reload() {
 #[tokio::test]
 async fn diag_bundle_has_its_members_and_no_secret() {
     let fx = Fixture::new().await;
-    let relay = Relay::start(&fx.cfg).await;
+    let mut relay = Relay::start(&fx.cfg).await;
     relay.wait_healthy().await;
     let config = fx.cfg.dir.join("relay.toml");
     let bundle = fx.dir.path().join("support.tar.gz");
@@ -159,5 +159,5 @@ async fn diag_bundle_has_its_members_and_no_secret() {
         members.contains_key("journal.txt") || notes.contains("journal"),
         "{notes}"
     );
-    fx.assert_clean("the relay's logs", &relay.logs());
+    fx.assert_clean("the relay's logs", &relay.stop_for_logs().await);
 }

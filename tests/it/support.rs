@@ -241,6 +241,15 @@ impl Relay {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Stops the relay (SIGTERM) and returns its whole log: lines still buffered in the relay are
+    /// written when it exits, so a check that a secret never appears sees every line.
+    pub async fn stop_for_logs(&mut self) -> String {
+        self.signal("TERM");
+        let code = self.wait_exit(Duration::from_secs(20)).await;
+        assert_eq!(code, Some(0), "the relay stops cleanly on SIGTERM");
+        self.logs()
+    }
+
     pub fn signal(&self, sig: &str) {
         let pid = self.child.id().expect("relay is running");
         let ok = std::process::Command::new("kill")

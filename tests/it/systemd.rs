@@ -101,13 +101,18 @@ async fn ready_only_once_listeners_accept_then_watchdog_reload_and_stopping() {
 
     // The watchdog is petted while the store answers.
     until(&notify, "WATCHDOG=1", &mut seen).await;
-    // The status line follows the registration.
-    let line = until_prefix(
-        &notify,
-        "STATUS=registered, command channel connected",
-        &mut seen,
-    )
-    .await;
+    // The status line follows the registration (it may already have come with READY=1, when
+    // the relay registered before its listeners were up).
+    const REGISTERED: &str = "STATUS=registered, command channel connected";
+    let earlier = seen
+        .iter()
+        .flat_map(|m| m.lines())
+        .find(|l| l.starts_with(REGISTERED))
+        .map(str::to_string);
+    let line = match earlier {
+        Some(l) => l,
+        None => until_prefix(&notify, REGISTERED, &mut seen).await,
+    };
     assert!(line.contains("edge on 127.0.0.1:"), "{line}");
 
     // SIGHUP: RELOADING=1, then READY=1 again.
