@@ -169,15 +169,12 @@ pub struct DeviceClient {
 
 impl DeviceClient {
     pub fn new(cfg: &DevicesConfig) -> anyhow::Result<DeviceClient> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()?;
         let tls = match &cfg.ca_file {
-            None => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
-                .with_no_client_auth(),
+            None => unverified_tls_config()?,
             Some(ca) => {
+                let provider = Arc::new(rustls::crypto::ring::default_provider());
+                let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+                    .with_safe_default_protocol_versions()?;
                 let mut roots = rustls::RootCertStore::empty();
                 for cert in CertificateDer::pem_file_iter(ca)
                     .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", ca.display()))?
@@ -414,6 +411,17 @@ fn envelope(status: u16, body: &[u8]) -> Result<Reply, DeviceError> {
 fn preview(body: &[u8]) -> String {
     let s = String::from_utf8_lossy(&body[..body.len().min(120)]);
     s.replace(['\n', '\r'], " ")
+}
+
+/// The TLS client settings for devices without `[devices].ca_file`: any certificate is accepted
+/// (see `AnyCertificate`), the handshake signature is still checked.
+pub fn unverified_tls_config() -> Result<rustls::ClientConfig, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth())
 }
 
 /// Device certificates are vendor-signed and named after the MAC, so by default they are not
