@@ -368,28 +368,17 @@ pub async fn cancel(plane: &DevicePlane, params: &Value) -> ops::Done {
     };
     let rec = {
         let mut book = plane.tasks.lock();
-        let Some(e) = book.get_mut(id) else {
-            return fail(&format!("unknown task {id:?}"));
+        let e = match scheduled(&mut book, id, "cancelled") {
+            Ok(e) => e,
+            Err(done) => return done,
         };
-        if e.rec.status != "scheduled" || e.running {
-            return fail(&format!(
-                "task {id} is {}; only a scheduled task can be cancelled",
-                e.rec.status
-            ));
-        }
         e.rec.status = "cancelled".into();
         e.rec.reason = "cancelled by the cloud".into();
         e.rec.seq += 1;
         e.rec.finished_at = Some(rfc3339(SystemTime::now()));
         e.rec.clone()
     };
-    match plane
-        .record(vec![
-            task_write(&rec),
-            Write::Result(progress_record(&rec, 0)),
-        ])
-        .await
-    {
+    match store_change(plane, &rec).await {
         Ok(()) => {
             info!(task_id = %id, "task cancelled");
             ops::Done {
@@ -409,15 +398,10 @@ pub async fn update(plane: &DevicePlane, params: &Value) -> ops::Done {
     };
     let rec = {
         let mut book = plane.tasks.lock();
-        let Some(e) = book.get_mut(id) else {
-            return fail(&format!("unknown task {id:?}"));
+        let e = match scheduled(&mut book, id, "edited") {
+            Ok(e) => e,
+            Err(done) => return done,
         };
-        if e.rec.status != "scheduled" || e.running {
-            return fail(&format!(
-                "task {id} is {}; only a scheduled task can be edited",
-                e.rec.status
-            ));
-        }
         let mut spec = match serde_json::to_value(&e.rec.spec) {
             Ok(v) => v,
             Err(e) => return fail(&format!("cannot edit: {e}")),
@@ -441,13 +425,7 @@ pub async fn update(plane: &DevicePlane, params: &Value) -> ops::Done {
         e.rec.seq += 1;
         e.rec.clone()
     };
-    match plane
-        .record(vec![
-            task_write(&rec),
-            Write::Result(progress_record(&rec, 0)),
-        ])
-        .await
-    {
+    match store_change(plane, &rec).await {
         Ok(()) => {
             info!(task_id = %id, "task edited");
             plane.tasks.wake.notify_one();
@@ -459,6 +437,36 @@ pub async fn update(plane: &DevicePlane, params: &Value) -> ops::Done {
         }
         Err(e) => fail(&format!("cannot store the edit: {e}")),
     }
+}
+
+/// The task named by `task_cancel` or `task_update`, if it is still scheduled (`verb` says what
+/// was asked, for the refusal).
+fn scheduled<'a>(
+    book: &'a mut BTreeMap<String, Entry>,
+    id: &str,
+    verb: &str,
+) -> Result<&'a mut Entry, ops::Done> {
+    let Some(e) = book.get_mut(id) else {
+        return Err(fail(&format!("unknown task {id:?}")));
+    };
+    if e.rec.status != "scheduled" || e.running {
+        return Err(fail(&format!(
+            "task {id} is {}; only a scheduled task can be {verb}",
+            e.rec.status
+        )));
+    }
+    Ok(e)
+}
+
+/// Stores a changed task together with the progress record that tells the cloud.
+async fn store_change(plane: &DevicePlane, rec: &TaskRecord) -> Result<(), String> {
+    plane
+        .record(vec![
+            task_write(rec),
+            Write::Result(progress_record(rec, 0)),
+        ])
+        .await
+        .map_err(|e| e.to_string())
 }
 
 fn fail(why: &str) -> ops::Done {
