@@ -25,48 +25,13 @@ poll_phones=${BENCH_POLL_PHONES:-50000}
 poll_period=${BENCH_POLL_PERIOD:-300}
 results=$here/results-devices.md
 
-say() { printf '[bench] %s\n' "$*" >&2; }
-die() {
-    printf '[bench] error: %s\n' "$*" >&2
-    exit 1
-}
-
-pids=()
-tmp=""
-cleanup() {
-    local rc=$? pid
-    trap - EXIT INT TERM
-    for pid in "${pids[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    sleep 1
-    for pid in "${pids[@]}"; do
-        kill -KILL "$pid" 2>/dev/null || true
-    done
-    wait 2>/dev/null || true
-    if [[ -n $tmp && -d $tmp && ${BENCH_KEEP:-0} != 1 ]]; then
-        rm -rf "$tmp"
-    elif [[ -n $tmp ]]; then
-        say "kept $tmp"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# shellcheck source=bench/lib.sh
+source "$here/lib.sh"
 
 command -v jq >/dev/null || die "jq is needed (apt-get install jq)"
 command -v curl >/dev/null || die "curl is needed"
 
-if [[ -n ${BENCH_BIN:-} ]]; then
-    bin=$BENCH_BIN
-else
-    say "building the release binary"
-    (cd "$repo" && cargo build --release --locked) >&2
-    target_dir=${CARGO_TARGET_DIR:-$repo/target}
-    bin=$target_dir/release/ucrelay
-fi
-[[ -x $bin ]] || die "$bin not found"
+bench_binary
 tmp=$(mktemp -d /tmp/ucrelay-bench-devices.XXXXXX)
 # 50,000 phones and their connections need more than the usual 1,024 descriptors.
 ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)"

@@ -40,114 +40,12 @@ fqdn=relay.bench.test
 image=fw-256.bin
 results=$here/results-download.md
 
-say() { printf '[bench] %s\n' "$*" >&2; }
-die() {
-    printf '[bench] error: %s\n' "$*" >&2
-    exit 1
-}
-
-# ---------------------------------------------------------------------------------------------
-# Every process started here is recorded by pid and stopped on any exit: normal end, failure,
-# Ctrl-C or SIGTERM. Long runs (wrk, curl) are recorded background children that the script waits
-# on, so a signal interrupts the wait at once.
-pids=()
-tmp=""
-
-stop_pid() { # pid: TERM, up to 10 s to go, then KILL
-    local pid=$1 i
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for ((i = 0; i < 100; i++)); do
-        kill -0 "$pid" 2>/dev/null || return 0
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local rc=$? pid
-    trap - EXIT INT TERM
-    for pid in "${pids[@]}"; do
-        stop_pid "$pid"
-    done
-    wait 2>/dev/null || true
-    if [[ -n $tmp && -d $tmp ]]; then
-        if [[ ${BENCH_KEEP:-0} == 1 ]]; then
-            say "kept $tmp"
-        else
-            rm -rf "$tmp"
-        fi
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-forget_pid() { # drop a pid that has ended from the cleanup list
-    local keep=() p
-    for p in "${pids[@]}"; do
-        [[ $p == "$1" ]] || keep+=("$p")
-    done
-    pids=("${keep[@]}")
-}
-
-run_child() { # out-file cmd...: run cmd as a recorded child with stdout+stderr to out-file, wait
-    "${@:2}" >"$1" 2>&1 &
-    local pid=$! rc=0
-    pids+=("$pid")
-    wait "$pid" || rc=$?
-    forget_pid "$pid"
-    return "$rc"
-}
-
-# A port nobody listens on and not handed out before in this run, below the ephemeral range so
-# that wrk's outgoing connections cannot take it.
-used_ports=" "
-free_port() {
-    local p i
-    for ((i = 0; i < 200; i++)); do
-        p=$((20000 + RANDOM % 12000))
-        [[ $used_ports == *" $p "* ]] && continue
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            used_ports+="$p "
-            echo "$p"
-            return 0
-        fi
-    done
-    die "no free port found on 127.0.0.1"
-}
-
-# Polls `cmd...` every 0.1 s until it succeeds, for at most $1 seconds.
-wait_until() {
-    local secs=$1 i
-    shift
-    for ((i = 0; i < secs * 10; i++)); do
-        if "$@"; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    return 1
-}
-
-secs_of() { # "20s" / "2m" / "20" -> seconds
-    awk -v v="$1" 'BEGIN { m = 1; if (v ~ /m$/) m = 60; if (v ~ /h$/) m = 3600; sub(/[smh]$/, "", v); print v * m }'
-}
+# shellcheck source=bench/lib.sh
+source "$here/lib.sh"
 
 # ---------------------------------------------------------------------------------------------
 # 1. Build.
-if [[ -n ${BENCH_BIN:-} ]]; then
-    bin=$BENCH_BIN
-    say "using the prebuilt binary $bin (BENCH_BIN)"
-else
-    say "building the release binary (cargo build --release --locked)"
-    (cd "$repo" && cargo build --release --locked) >&2
-    target_dir=${CARGO_TARGET_DIR:-target}
-    [[ $target_dir == /* ]] || target_dir=$repo/$target_dir
-    bin=$target_dir/release/ucrelay
-fi
-[[ -x $bin ]] || die "$bin not found after the build"
+bench_binary
 # What was built: HEAD, plus whether the work tree's sources differed from it (checked again at
 # the end, so that an edit during the run is not passed off as the measured code).
 src_state() { { git -C "$repo" diff HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || true; } | sha256sum | cut -c1-16; }
@@ -203,7 +101,6 @@ say "making a throw-away PKI for $fqdn"
 bash "$repo/certs-example/gen-certs.sh" "$tmp/pki" "$fqdn" >"$tmp/logs/gen-certs.log" 2>&1 ||
     die "gen-certs.sh failed: $(cat "$tmp/logs/gen-certs.log")"
 pki=$tmp/pki
-pem_blocks() { sed -n '/-----BEGIN/,/-----END/p'; }
 openssl pkcs12 -in "$pki/relay.pfx" -passin "file:$pki/relay.pfx.pass" -clcerts -nokeys |
     pem_blocks >"$pki/nginx-chain.pem"
 openssl pkcs12 -in "$pki/relay.pfx" -passin "file:$pki/relay.pfx.pass" -cacerts -nokeys |
@@ -357,15 +254,6 @@ for side in nginx relay; do
     [[ $got == "$want_sha" ]] || die "$side served different bytes: sha256 $got, want $want_sha"
 done
 
-# The served certificate and the negotiated TLS parameters, as wrk's OpenSSL sees them.
-tls_info() { # port
-    local out fp certs proto
-    out=$(openssl s_client -connect "127.0.0.1:$1" -servername "$fqdn" -showcerts </dev/null 2>/dev/null) || true
-    fp=$(printf '%s\n' "$out" | openssl x509 -noout -fingerprint -sha256 2>/dev/null | sed 's/.*=//')
-    certs=$(printf '%s\n' "$out" | grep -c 'BEGIN CERTIFICATE' || true)
-    proto=$(printf '%s\n' "$out" | sed -n 's/^New, \(.*\), Cipher is \(.*\)$/\1 \2/p' | head -n 1)
-    echo "$fp|$certs|$proto"
-}
 IFS='|' read -r nginx_fp nginx_certs nginx_tls <<<"$(tls_info "$nginx_port")"
 IFS='|' read -r relay_fp relay_certs relay_tls <<<"$(tls_info "$relay_port")"
 same_cert="yes"
@@ -373,16 +261,6 @@ same_cert="yes"
 
 # ---------------------------------------------------------------------------------------------
 # 9. Measuring helpers.
-clk_tck=$(getconf CLK_TCK)
-cpu_ticks() { # pids...: utime + stime, all threads
-    local total=0 pid f
-    for pid in "$@"; do
-        [[ -r /proc/$pid/stat ]] || continue
-        read -r -a f <<<"$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null)" || continue
-        total=$((total + f[11] + f[12]))
-    done
-    echo "$total"
-}
 status_kb() { # field pids...: sum of a /proc/PID/status field (VmRSS, VmHWM), in kB
     local field=$1 total=0 pid kb
     shift
@@ -391,30 +269,6 @@ status_kb() { # field pids...: sum of a /proc/PID/status field (VmRSS, VmHWM), i
         total=$((total + ${kb:-0}))
     done
     echo "$total"
-}
-reset_hwm() { # pids...: start VmHWM afresh (harmless when refused)
-    local pid
-    for pid in "$@"; do
-        { echo 5 >"/proc/$pid/clear_refs"; } 2>/dev/null || true
-    done
-}
-server_pids() { # relay|nginx
-    if [[ $1 == relay ]]; then
-        echo "$relay_pid"
-    else
-        { echo "$nginx_pid"; pgrep -P "$nginx_pid" || true; } | tr '\n' ' '
-    fi
-}
-# Busy and total CPU ticks of the whole machine, and of everything this script runs.
-machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
-own_ticks() {
-    local all=() p f
-    for p in "${pids[@]}"; do
-        all+=("$p")
-        mapfile -t -O "${#all[@]}" all < <(pgrep -P "$p" || true)
-    done
-    read -r -a f <<<"$(sed 's/^.*) //' "/proc/$$/stat")"
-    echo $(($(cpu_ticks "${all[@]}") + f[11] + f[12] + f[13] + f[14]))
 }
 to_mbps() { # wrk's "Transfer/sec" value ("1.02GB", "512.34MB", "900.00KB", "12B") -> MB/s (10^6)
     awk -v v="$1" 'BEGIN {

@@ -33,87 +33,8 @@ fqdn=relay.bench.test
 file=000000000000.cfg
 results=$here/results-proxy.md
 
-say() { printf '[bench] %s\n' "$*" >&2; }
-die() {
-    printf '[bench] error: %s\n' "$*" >&2
-    exit 1
-}
-
-# ---------------------------------------------------------------------------------------------
-# Everything started here is recorded by pid and stopped on any exit: normal end, failure,
-# Ctrl-C or SIGTERM. Long-running foreground work (wrk) runs as a recorded background child that
-# the script waits on, so a signal interrupts the wait at once instead of after the run.
-pids=()
-tmp=""
-
-stop_pid() { # pid: TERM, up to 10 s to go, then KILL
-    local pid=$1 i
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for ((i = 0; i < 100; i++)); do
-        kill -0 "$pid" 2>/dev/null || return 0
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local rc=$? pid
-    trap - EXIT INT TERM
-    for pid in "${pids[@]}"; do
-        stop_pid "$pid"
-    done
-    wait 2>/dev/null || true
-    if [[ -n $tmp && -d $tmp ]]; then
-        if [[ ${BENCH_KEEP:-0} == 1 ]]; then
-            say "kept $tmp"
-        else
-            rm -rf "$tmp"
-        fi
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-forget_pid() { # drop a pid that has been stopped from the cleanup list
-    local keep=() p
-    for p in "${pids[@]}"; do
-        [[ $p == "$1" ]] || keep+=("$p")
-    done
-    pids=("${keep[@]}")
-}
-
-# A port nobody listens on, not handed out before in this run. Ports come from a range below the
-# kernel's ephemeral range so that wrk's and the proxies' outgoing connections cannot take them.
-used_ports=" "
-free_port() {
-    local p i
-    for ((i = 0; i < 200; i++)); do
-        p=$((20000 + RANDOM % 12000))
-        [[ $used_ports == *" $p "* ]] && continue
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            used_ports+="$p "
-            echo "$p"
-            return 0
-        fi
-    done
-    die "no free port found on 127.0.0.1"
-}
-
-# Polls `cmd...` every 0.1 s until it succeeds, for at most $1 seconds.
-wait_until() {
-    local secs=$1 i
-    shift
-    for ((i = 0; i < secs * 10; i++)); do
-        if "$@"; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    return 1
-}
+# shellcheck source=bench/lib.sh
+source "$here/lib.sh"
 
 # 200 and exactly the file's bytes, over verified TLS (the CA, the FQDN) or plain HTTP.
 fetch_ok() { # url [curl args...]
@@ -126,17 +47,7 @@ fetch_ok() { # url [curl args...]
 
 # ---------------------------------------------------------------------------------------------
 # 1. Build.
-if [[ -n ${BENCH_BIN:-} ]]; then
-    bin=$BENCH_BIN
-    say "using the prebuilt binary $bin (BENCH_BIN)"
-else
-    say "building the release binary (cargo build --release --locked)"
-    (cd "$repo" && cargo build --release --locked) >&2
-    target_dir=${CARGO_TARGET_DIR:-target}
-    [[ $target_dir == /* ]] || target_dir=$repo/$target_dir
-    bin=$target_dir/release/ucrelay
-fi
-[[ -x $bin ]] || die "$bin not found after the build"
+bench_binary
 
 # 2. Tools.
 if ! command -v wrk >/dev/null; then
@@ -171,7 +82,6 @@ say "making a throw-away PKI for $fqdn"
 bash "$repo/certs-example/gen-certs.sh" "$tmp/pki" "$fqdn" >"$tmp/logs/gen-certs.log" 2>&1 ||
     die "gen-certs.sh failed: $(cat "$tmp/logs/gen-certs.log")"
 pki=$tmp/pki
-pem_blocks() { sed -n '/-----BEGIN/,/-----END/p'; }
 openssl pkcs12 -in "$pki/relay.pfx" -passin "file:$pki/relay.pfx.pass" -clcerts -nokeys |
     pem_blocks >"$pki/nginx-chain.pem"
 openssl pkcs12 -in "$pki/relay.pfx" -passin "file:$pki/relay.pfx.pass" -cacerts -nokeys |
@@ -352,35 +262,9 @@ stop_relay() {
     relay_pid=""
 }
 
-# The served certificate and the negotiated TLS parameters, as wrk's OpenSSL would see them.
-tls_info() { # port
-    local out
-    out=$(openssl s_client -connect "127.0.0.1:$1" -servername "$fqdn" -showcerts </dev/null 2>/dev/null) || true
-    local fp certs proto
-    fp=$(printf '%s\n' "$out" | openssl x509 -noout -fingerprint -sha256 2>/dev/null | sed 's/.*=//')
-    certs=$(printf '%s\n' "$out" | grep -c 'BEGIN CERTIFICATE' || true)
-    proto=$(printf '%s\n' "$out" | sed -n 's/^New, \(.*\), Cipher is \(.*\)$/\1 \2/p' | head -n 1)
-    echo "$fp|$certs|$proto"
-}
 
 # ---------------------------------------------------------------------------------------------
 # 8. Load.
-clk_tck=$(getconf CLK_TCK)
-cpu_ticks() { # pids...: utime + stime, all threads
-    local total=0 pid f
-    for pid in "$@"; do
-        [[ -r /proc/$pid/stat ]] || continue
-        read -r -a f <<<"$(sed 's/^.*) //' "/proc/$pid/stat")"
-        total=$((total + f[11] + f[12]))
-    done
-    echo "$total"
-}
-reset_peak_rss() { # pids...: start VmHWM afresh (root or owner only; harmless when refused)
-    local pid
-    for pid in "$@"; do
-        { echo 5 >"/proc/$pid/clear_refs"; } 2>/dev/null || true
-    done
-}
 peak_rss_kb() { # pids...: sum of VmHWM
     local total=0 pid kb
     for pid in "$@"; do
@@ -389,27 +273,7 @@ peak_rss_kb() { # pids...: sum of VmHWM
     done
     echo "$total"
 }
-server_pids() { # relay|nginx
-    if [[ $1 == relay ]]; then
-        echo "$relay_pid"
-    else
-        { echo "$nginx_pid"; pgrep -P "$nginx_pid" || true; } | tr '\n' ' '
-    fi
-}
 
-# CPU ticks of the whole machine, busy and total, from /proc/stat.
-machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
-# CPU ticks of everything this script runs: its long-lived children (and nginx workers), plus
-# itself and every child it has reaped (wrk, curl, awk...).
-own_ticks() {
-    local all=() p f
-    for p in "${pids[@]}"; do
-        all+=("$p")
-        mapfile -t -O "${#all[@]}" all < <(pgrep -P "$p" || true)
-    done
-    read -r -a f <<<"$(sed 's/^.*) //' "/proc/$$/stat")"
-    echo $(($(cpu_ticks "${all[@]}") + f[11] + f[12] + f[13] + f[14]))
-}
 
 to_ms() { # "1.23ms" / "456.78us" / "1.02s" / "2.00m" -> milliseconds
     awk -v v="$1" 'BEGIN {
@@ -442,7 +306,7 @@ measure() { # label kind(relay|nginx) mode(log|nolog) port conns round
     run_wrk "$tmp/raw/warmup.txt" -t"$threads" -c"$n" -d"$warmup" "$url" || true
     local sp
     read -r -a sp <<<"$(server_pids "$kind")"
-    reset_peak_rss "${sp[@]}"
+    reset_hwm "${sp[@]}"
     local c0 c1 m0 m1 o0 o1
     c0=$(cpu_ticks "${sp[@]}")
     read -r -a m0 <<<"$(machine_ticks)"
