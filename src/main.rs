@@ -116,12 +116,12 @@ fn init_logging(
     let default = format!("{default_level},rustls=error");
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    use tracing_subscriber::fmt::writer::BoxMakeWriter;
-    let (writer, guard) = match ucrelay::ops::logwriter::spawn(std::io::stderr()) {
-        Ok((w, g)) => (BoxMakeWriter::new(w), Some(g)),
+    use ucrelay::ops::logwriter::{self, LogWriter};
+    let (writer, guard) = match logwriter::spawn(std::io::stderr()) {
+        Ok((w, g)) => (w, Some(g)),
         Err(e) => {
             eprintln!("warning: no log writer thread ({e}); writing logs to stderr directly");
-            (BoxMakeWriter::new(std::io::stderr), None)
+            (LogWriter::direct(), None)
         }
     };
     let builder = tracing_subscriber::fmt()

@@ -65,7 +65,15 @@ impl Shared {
 /// The `MakeWriter` for `tracing_subscriber::fmt`: each event is one `write` of a whole line.
 #[derive(Clone)]
 pub struct LogWriter {
-    shared: Arc<Shared>,
+    /// `None`: no writer thread (it could not be started); lines go straight to stderr.
+    shared: Option<Arc<Shared>>,
+}
+
+impl LogWriter {
+    /// Writes each line to stderr at once, for when the writer thread cannot be started.
+    pub fn direct() -> LogWriter {
+        LogWriter { shared: None }
+    }
 }
 
 /// Writes out what is left and stops the writer thread when dropped.
@@ -94,7 +102,7 @@ fn spawn_with<W: Write + Send + 'static>(
         .spawn(move || writer_loop(&s, out, linger))?;
     Ok((
         LogWriter {
-            shared: shared.clone(),
+            shared: Some(shared.clone()),
         },
         LogGuard {
             shared,
@@ -154,13 +162,16 @@ impl Drop for LogGuard {
 
 /// One event's line; `urgent` for warnings and errors.
 pub struct Line<'a> {
-    shared: &'a Shared,
+    shared: Option<&'a Shared>,
     urgent: bool,
 }
 
 impl Write for Line<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.shared.append(buf, self.urgent);
+        match self.shared {
+            Some(s) => s.append(buf, self.urgent),
+            None => std::io::stderr().write_all(buf)?,
+        }
         Ok(buf.len())
     }
 
@@ -174,14 +185,14 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
 
     fn make_writer(&'a self) -> Line<'a> {
         Line {
-            shared: &self.shared,
+            shared: self.shared.as_deref(),
             urgent: false,
         }
     }
 
     fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Line<'a> {
         Line {
-            shared: &self.shared,
+            shared: self.shared.as_deref(),
             urgent: *meta.level() <= Level::WARN,
         }
     }
