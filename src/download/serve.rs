@@ -3,7 +3,7 @@
 //! streamed in fixed-size chunks, so memory per download stays the same whatever the file's size.
 
 use super::Catalog;
-use crate::proxy::{BoxError, EdgeBody, SocketState, text_response};
+use crate::proxy::{BoxError, DeviceConn, EdgeBody, SocketState, text_response};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::{BodyExt, Empty, StreamBody};
@@ -27,7 +27,10 @@ pub async fn serve(
 ) -> Response<EdgeBody> {
     let (method, headers) = (req.method(), req.headers());
     // The device's socket, which paces the body (absent only outside a real connection).
-    let socket = req.extensions().get::<Arc<SocketState>>().cloned();
+    let socket = req
+        .extensions()
+        .get::<Arc<DeviceConn>>()
+        .map(|c| c.socket.clone());
     if method != Method::GET && method != Method::HEAD {
         let mut r = text_response(StatusCode::METHOD_NOT_ALLOWED, "image files are read-only");
         r.headers_mut()

@@ -2,6 +2,7 @@
 //! must change (hop-by-hop headers dropped, Host rewritten, X-Forwarded-* added), bodies stream both
 //! ways, nothing is cached. Upstream connections are kept alive and reused (see `lane`).
 
+use super::DeviceConn;
 use super::lane::{Lane, LaneBody, LaneSlot, Pool, SendError, UpIo};
 use super::{EdgeBody, text_response};
 use crate::config::{CloudUrl, ProvisioningConfig};
@@ -174,7 +175,7 @@ impl Upstream {
         proto: &'static str,
     ) -> Response<EdgeBody> {
         let (mut parts, body) = req.into_parts();
-        let slot = parts.extensions.remove::<Arc<LaneSlot>>();
+        let device = parts.extensions.remove::<Arc<DeviceConn>>();
         let uri = match self.upstream_uri(&parts.uri) {
             Ok(u) => u,
             Err(e) => {
@@ -201,7 +202,7 @@ impl Upstream {
         *up_req.uri_mut() = uri;
         *up_req.version_mut() = http::Version::HTTP_11;
         *up_req.headers_mut() = headers;
-        let answer = self.exchange(slot.as_deref(), up_req);
+        let answer = self.exchange(device.as_deref().map(|d| &d.lanes), up_req);
         match tokio::time::timeout(self.timeout, answer).await {
             Err(_) => text_response(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -221,7 +222,7 @@ impl Upstream {
             Ok(Ok((resp, lane))) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                let back = slot.map(|s| (s, self.pool.clone()));
+                let back = device.map(|d| (d, self.pool.clone()));
                 let body = LaneBody::new(body, lane, back);
                 Response::from_parts(
                     parts,

@@ -11,6 +11,7 @@
 //! handshake with the upstream. A pooled connection stays usable until the upstream closes it or
 //! it has been idle for [`IDLE`]; the pool keeps at most [`POOL_MAX`].
 
+use super::DeviceConn;
 use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{Builder, Connection, SendRequest};
@@ -217,21 +218,21 @@ impl Drop for LaneSlot {
 pub struct LaneBody {
     inner: Incoming,
     lane: Option<Lane>,
-    back: Option<(Arc<LaneSlot>, Arc<Pool>)>,
+    back: Option<(Arc<DeviceConn>, Arc<Pool>)>,
 }
 
 impl LaneBody {
     pub fn new(
         inner: Incoming,
         lane: Option<Lane>,
-        back: Option<(Arc<LaneSlot>, Arc<Pool>)>,
+        back: Option<(Arc<DeviceConn>, Arc<Pool>)>,
     ) -> Self {
         LaneBody { inner, lane, back }
     }
 
     fn give_back(&mut self) {
-        if let (Some(lane), Some((slot, pool))) = (self.lane.take(), self.back.take()) {
-            slot.put(pool, lane);
+        if let (Some(lane), Some((device, pool))) = (self.lane.take(), self.back.take()) {
+            device.lanes.put(pool, lane);
         }
     }
 }

@@ -316,13 +316,13 @@ async fn serve_http<I>(
         return;
     }
     let svc_edge = edge.clone();
-    let svc_socket = socket.clone();
-    // The upstream connection this device connection's requests use, kept between them.
-    let lanes = Arc::new(lane::LaneSlot::default());
+    let device = Arc::new(DeviceConn {
+        socket: socket.clone(),
+        lanes: lane::LaneSlot::default(),
+    });
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let edge = svc_edge.clone();
-        req.extensions_mut().insert(svc_socket.clone());
-        req.extensions_mut().insert(lanes.clone());
+        req.extensions_mut().insert(device.clone());
         async move { Ok::<_, std::convert::Infallible>(handle(edge, req, peer, scheme).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -585,6 +585,14 @@ impl SocketState {
             _ => {}
         }
     }
+}
+
+/// What the requests of one device connection share; each request carries it in its extensions.
+pub struct DeviceConn {
+    /// Paces image bodies.
+    pub socket: Arc<SocketState>,
+    /// The upstream connection the requests use, kept between them.
+    lanes: lane::LaneSlot,
 }
 
 /// The device's TCP stream (under TLS, when there is TLS), reporting to its `SocketState`.
