@@ -106,8 +106,7 @@ fn reload(ctx: &Ctx) -> ReloadOutcome {
                             Some(u) => format!("provisioning upstream is now {}", u.describe()),
                             None => "provisioning upstream removed".to_string(),
                         });
-                        *edge.upstream.write().unwrap_or_else(|e| e.into_inner()) =
-                            up.map(Arc::new);
+                        edge.upstream.set(up.map(Arc::new));
                     }
                     Err(e) => {
                         ok = false;

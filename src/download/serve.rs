@@ -3,7 +3,7 @@
 //! streamed in fixed-size chunks, so memory per download stays the same whatever the file's size.
 
 use super::Catalog;
-use crate::proxy::{BoxError, DeviceConn, EdgeBody, SocketState, text_response};
+use crate::proxy::{BoxError, EdgeBody, SocketState, text_response};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::{BodyExt, Empty, StreamBody};
@@ -20,17 +20,13 @@ const CHUNK: usize = 16 * 1024;
 pub async fn serve(
     catalog: &Arc<Catalog>,
     req: &http::Request<hyper::body::Incoming>,
+    socket: Option<Arc<SocketState>>,
     device_path: &str,
     file: &Path,
     sha256: &str,
     size: u64,
 ) -> Response<EdgeBody> {
     let (method, headers) = (req.method(), req.headers());
-    // The device's socket, which paces the body (absent only outside a real connection).
-    let socket = req
-        .extensions()
-        .get::<Arc<DeviceConn>>()
-        .map(|c| c.socket.clone());
     if method != Method::GET && method != Method::HEAD {
         let mut r = text_response(StatusCode::METHOD_NOT_ALLOWED, "image files are read-only");
         r.headers_mut()

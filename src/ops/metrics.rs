@@ -16,6 +16,7 @@
 //! The registry is process-wide ([`global`]): one relay per process, and code deep in a module
 //! (the store, the edge's request path) can count without threading a handle through.
 
+use super::shard::Sharded;
 use crate::ctx::{ChannelState, Ctx, Registration};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -78,11 +79,17 @@ impl CounterVec {
     }
 }
 
-/// A histogram with fixed upper bounds (seconds); the sum is kept in microseconds.
+/// A histogram with fixed upper bounds (seconds); the sum is kept in microseconds. Sharded, since
+/// the edge observes one for every request (see `shard`).
 #[derive(Debug)]
 pub struct Histogram {
     bounds: &'static [f64],
-    buckets: Vec<AtomicU64>,
+    shards: Sharded<HistogramShard>,
+}
+
+#[derive(Debug)]
+struct HistogramShard {
+    buckets: Box<[AtomicU64]>,
     count: AtomicU64,
     sum_us: AtomicU64,
 }
@@ -96,35 +103,43 @@ impl Histogram {
     pub fn new(bounds: &'static [f64]) -> Histogram {
         Histogram {
             bounds,
-            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
-            count: AtomicU64::new(0),
-            sum_us: AtomicU64::new(0),
+            shards: Sharded::new(|| HistogramShard {
+                buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+                count: AtomicU64::new(0),
+                sum_us: AtomicU64::new(0),
+            }),
         }
     }
 
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
+        let shard = self.shards.local();
         if let Some(i) = self.bounds.iter().position(|b| secs <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            shard.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_us
+        shard.count.fetch_add(1, Ordering::Relaxed);
+        shard
+            .sum_us
             .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 
     fn render(&self, out: &mut String, name: &str, labels: &Labels) {
         let mut cumulative = 0;
-        for (b, n) in self.bounds.iter().zip(&self.buckets) {
-            cumulative += n.load(Ordering::Relaxed);
+        for (i, b) in self.bounds.iter().enumerate() {
+            cumulative += self
+                .shards
+                .iter()
+                .map(|s| s.buckets[i].load(Ordering::Relaxed))
+                .sum::<u64>();
             let mut l = labels.clone();
             l.push(("le", fmt_value(*b)));
             let _ = writeln!(out, "{name}_bucket{} {cumulative}", fmt_labels(&l));
         }
-        let count = self.count.load(Ordering::Relaxed);
+        let count = self.shards.sum(|s| &s.count);
         let mut l = labels.clone();
         l.push(("le", "+Inf".into()));
         let _ = writeln!(out, "{name}_bucket{} {count}", fmt_labels(&l));
-        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let sum = self.shards.sum(|s| &s.sum_us) as f64 / 1e6;
         let _ = writeln!(out, "{name}_sum{} {}", fmt_labels(labels), fmt_value(sum));
         let _ = writeln!(out, "{name}_count{} {count}", fmt_labels(labels));
     }
@@ -513,12 +528,11 @@ pub fn register_relay(ctx: &Ctx) {
     );
 
     if let Some(edge) = &ctx.edge {
-        use std::sync::atomic::Ordering::Relaxed;
         let e = edge.clone();
         r.gauge_fn(
             "ucrelay_edge_connections_open",
             "Device connections open on the edge",
-            move || e.stats.connections_open.load(Relaxed) as f64,
+            move || e.stats.sum(|c| &c.connections_open) as f64,
         );
         let e = edge.clone();
         r.counters_fn(
@@ -527,10 +541,10 @@ pub fn register_relay(ctx: &Ctx) {
             move || {
                 let s = &e.stats;
                 vec![
-                    (l("class", "2xx"), s.status_2xx.load(Relaxed)),
-                    (l("class", "3xx"), s.status_3xx.load(Relaxed)),
-                    (l("class", "4xx"), s.status_4xx.load(Relaxed)),
-                    (l("class", "5xx"), s.status_5xx.load(Relaxed)),
+                    (l("class", "2xx"), s.sum(|c| &c.status_2xx)),
+                    (l("class", "3xx"), s.sum(|c| &c.status_3xx)),
+                    (l("class", "4xx"), s.sum(|c| &c.status_4xx)),
+                    (l("class", "5xx"), s.sum(|c| &c.status_5xx)),
                 ]
             },
         );
@@ -538,7 +552,7 @@ pub fn register_relay(ctx: &Ctx) {
         r.counter_fn(
             "ucrelay_edge_tls_handshake_failures_total",
             "TLS handshakes that failed on the edge",
-            move || e.stats.tls_handshake_failures.load(Relaxed),
+            move || e.stats.sum(|c| &c.tls_handshake_failures),
         );
         let e = edge.clone();
         r.gauge_fn(

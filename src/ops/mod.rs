@@ -7,5 +7,6 @@ pub mod doctor;
 pub mod logwriter;
 pub mod metrics;
 pub mod report;
+pub mod shard;
 pub mod systemd;
 pub mod views;

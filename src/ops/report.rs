@@ -99,7 +99,6 @@ pub struct EdgeReport {
 
 impl EdgeReport {
     fn build(edge: &crate::proxy::Edge) -> EdgeReport {
-        use std::sync::atomic::Ordering::Relaxed;
         let cert = edge.cert.current();
         let st = &edge.stats;
         let days_left = match cert.not_after.duration_since(SystemTime::now()) {
@@ -120,12 +119,7 @@ impl EdgeReport {
                 .or(edge.cfg.legacy_http_listen)
                 .map(|a| a.to_string()),
             fqdn: edge.cfg.fqdn.clone(),
-            upstream: edge
-                .upstream
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .map(|u| u.describe()),
+            upstream: edge.upstream.get().1.map(|u| u.describe()),
             certificate_subject: cert.subject.clone(),
             certificate_sha256: cert.sha256.clone(),
             certificate_not_after: rfc3339(cert.not_after),
@@ -135,22 +129,21 @@ impl EdgeReport {
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
-            connections_open: st.connections_open.load(Relaxed),
-            connections_total: st.connections_total.load(Relaxed),
-            connections_refused: st.connections_refused.load(Relaxed),
-            tls_handshake_failures: st.tls_handshake_failures.load(Relaxed),
-            requests: st.requests.load(Relaxed),
-            status_2xx: st.status_2xx.load(Relaxed),
-            status_3xx: st.status_3xx.load(Relaxed),
-            status_4xx: st.status_4xx.load(Relaxed),
-            status_5xx: st.status_5xx.load(Relaxed),
-            bytes_out: st.bytes_out.load(Relaxed),
-            legacy_forbidden: st.legacy_forbidden.load(Relaxed),
+            connections_open: st.sum(|c| &c.connections_open),
+            connections_total: st.sum(|c| &c.connections_total),
+            connections_refused: st.sum(|c| &c.connections_refused),
+            tls_handshake_failures: st.sum(|c| &c.tls_handshake_failures),
+            requests: st.sum(|c| &c.requests),
+            status_2xx: st.sum(|c| &c.status_2xx),
+            status_3xx: st.sum(|c| &c.status_3xx),
+            status_4xx: st.sum(|c| &c.status_4xx),
+            status_5xx: st.sum(|c| &c.status_5xx),
+            bytes_out: st.sum(|c| &c.bytes_out),
+            legacy_forbidden: st.sum(|c| &c.legacy_forbidden),
             upstream_idle: edge
                 .upstream
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
+                .get()
+                .1
                 .map_or(0, |u| u.idle_connections() as u64),
         }
     }

@@ -142,12 +142,10 @@ impl Upstream {
     /// new one, once.
     async fn exchange(
         &self,
-        slot: Option<&LaneSlot>,
+        slot: &LaneSlot,
         req: Request<Incoming>,
     ) -> Result<(Response<Incoming>, Option<Lane>), Fail> {
-        let reused = slot
-            .and_then(|s| s.take(&self.pool))
-            .or_else(|| self.pool.take());
+        let reused = slot.take(&self.pool).or_else(|| self.pool.take());
         let (lane, fresh) = match reused {
             Some(l) => (l, false),
             None => (self.connect().await?, true),
@@ -171,11 +169,10 @@ impl Upstream {
     pub async fn forward(
         &self,
         req: Request<Incoming>,
-        client_ip: IpAddr,
-        proto: &'static str,
+        device: &Arc<DeviceConn>,
     ) -> Response<EdgeBody> {
-        let (mut parts, body) = req.into_parts();
-        let device = parts.extensions.remove::<Arc<DeviceConn>>();
+        let (client_ip, proto) = (device.peer.ip(), device.scheme);
+        let (parts, body) = req.into_parts();
         let uri = match self.upstream_uri(&parts.uri) {
             Ok(u) => u,
             Err(e) => {
@@ -202,7 +199,7 @@ impl Upstream {
         *up_req.uri_mut() = uri;
         *up_req.version_mut() = http::Version::HTTP_11;
         *up_req.headers_mut() = headers;
-        let answer = self.exchange(device.as_deref().map(|d| &d.lanes), up_req);
+        let answer = self.exchange(&device.lanes, up_req);
         match tokio::time::timeout(self.timeout, answer).await {
             Err(_) => text_response(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -222,8 +219,7 @@ impl Upstream {
             Ok(Ok((resp, lane))) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                let back = device.map(|d| (d, self.pool.clone()));
-                let body = LaneBody::new(body, lane, back);
+                let body = LaneBody::new(body, lane, device.clone());
                 Response::from_parts(
                     parts,
                     body.map_err(|e| Box::new(e) as super::BoxError).boxed(),

@@ -178,34 +178,66 @@ impl Pool {
     }
 }
 
-/// What a device connection keeps between its requests: the lane the last one used, and the pool
-/// it goes back to when the device connection ends.
+/// What a device connection keeps between its requests: the pool its upstream connections belong
+/// to, and the lane the last request used, which goes back to that pool when the device
+/// connection ends. The slot holds on to the pool so that a request does not have to take a
+/// reference to it, shared by every connection, each time.
 #[derive(Default)]
 pub struct LaneSlot {
-    held: Mutex<Option<(Arc<Pool>, Lane)>>,
+    held: Mutex<Option<Held>>,
+}
+
+struct Held {
+    pool: Arc<Pool>,
+    lane: Option<Lane>,
 }
 
 impl LaneSlot {
-    fn lock(&self) -> MutexGuard<'_, Option<(Arc<Pool>, Lane)>> {
+    fn lock(&self) -> MutexGuard<'_, Option<Held>> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The held lane, if it belongs to `pool` (a reload may have changed the upstream).
+    /// The held lane, if it belongs to `pool`; a lane of another pool (a reload changed the
+    /// upstream) goes back to its own. The lane a request takes comes back with `restore`.
     pub fn take(&self, pool: &Arc<Pool>) -> Option<Lane> {
-        let (p, lane) = self.lock().take()?;
-        (Arc::ptr_eq(&p, pool) && !lane.is_closed()).then_some(lane)
+        let mut held = self.lock();
+        match held.as_mut() {
+            Some(h) if Arc::ptr_eq(&h.pool, pool) => h.lane.take().filter(|l| !l.is_closed()),
+            _ => {
+                if let Some(Held {
+                    pool: old,
+                    lane: Some(lane),
+                }) = held.take()
+                {
+                    old.put(lane);
+                }
+                *held = Some(Held {
+                    pool: pool.clone(),
+                    lane: None,
+                });
+                None
+            }
+        }
     }
 
-    pub fn put(&self, pool: Arc<Pool>, lane: Lane) {
-        if let Some((old_pool, old)) = self.lock().replace((pool, lane)) {
-            old_pool.put(old);
+    /// Keeps the lane the last request used (taken from this slot, from the pool or new) for
+    /// the next one.
+    pub fn restore(&self, lane: Lane) {
+        if let Some(h) = self.lock().as_mut()
+            && let Some(old) = h.lane.replace(lane)
+        {
+            h.pool.put(old);
         }
     }
 }
 
 impl Drop for LaneSlot {
     fn drop(&mut self) {
-        if let Some((pool, lane)) = self.lock().take() {
+        if let Some(Held {
+            pool,
+            lane: Some(lane),
+        }) = self.lock().take()
+        {
             pool.put(lane);
         }
     }
@@ -218,21 +250,21 @@ impl Drop for LaneSlot {
 pub struct LaneBody {
     inner: Incoming,
     lane: Option<Lane>,
-    back: Option<(Arc<DeviceConn>, Arc<Pool>)>,
+    device: Arc<DeviceConn>,
 }
 
 impl LaneBody {
-    pub fn new(
-        inner: Incoming,
-        lane: Option<Lane>,
-        back: Option<(Arc<DeviceConn>, Arc<Pool>)>,
-    ) -> Self {
-        LaneBody { inner, lane, back }
+    pub fn new(inner: Incoming, lane: Option<Lane>, device: Arc<DeviceConn>) -> Self {
+        LaneBody {
+            inner,
+            lane,
+            device,
+        }
     }
 
     fn give_back(&mut self) {
-        if let (Some(lane), Some((device, pool))) = (self.lane.take(), self.back.take()) {
-            device.lanes.put(pool, lane);
+        if let Some(lane) = self.lane.take() {
+            self.device.lanes.restore(lane);
         }
     }
 }

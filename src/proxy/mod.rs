@@ -20,7 +20,7 @@ use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use ipnet::IpNet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -61,9 +61,12 @@ pub fn text_response(status: StatusCode, text: &str) -> Response<EdgeBody> {
     resp
 }
 
-/// Counters shown in `ucrelay status`.
+/// Counters shown in `ucrelay status`, one copy per thread (see `ops::shard`): read them with
+/// `sum`, bump them through `local()`.
+pub type EdgeStats = crate::ops::shard::Sharded<EdgeCounters>;
+
 #[derive(Default, Debug)]
-pub struct EdgeStats {
+pub struct EdgeCounters {
     pub connections_open: AtomicU64,
     pub connections_total: AtomicU64,
     pub connections_refused: AtomicU64,
@@ -81,7 +84,7 @@ pub struct EdgeStats {
 pub struct Edge {
     pub cfg: EdgeConfig,
     pub cert: Arc<tls::CertSlot>,
-    pub upstream: RwLock<Option<Arc<Upstream>>>,
+    pub upstream: UpstreamSlot,
     pub subnets: Vec<IpNet>,
     pub stats: EdgeStats,
     /// Why the last reload of the certificate was refused, if it was.
@@ -142,7 +145,7 @@ impl Edge {
         Ok(Some(Arc::new(Edge {
             cfg: e.clone(),
             cert: tls::CertSlot::new(loaded),
-            upstream: RwLock::new(upstream),
+            upstream: UpstreamSlot::new(upstream),
             subnets: config.devices.subnets.clone(),
             stats: EdgeStats::default(),
             reload_error: RwLock::new(None),
@@ -170,12 +173,44 @@ impl Edge {
         ));
         Ok(EdgeListeners { tls, legacy })
     }
+}
 
-    fn upstream(&self) -> Option<Arc<Upstream>> {
-        self.upstream
+/// The provisioning upstream in service, which a reload may replace. Each device connection takes
+/// it once, with its generation, and its requests only check the generation: reading that shared
+/// number is cheap, while taking the lock and a reference for every request would make the CPUs
+/// pass those cache lines back and forth (see `ops::shard`).
+pub struct UpstreamSlot {
+    current: RwLock<Option<Arc<Upstream>>>,
+    generation: AtomicU64,
+}
+
+impl UpstreamSlot {
+    fn new(up: Option<Arc<Upstream>>) -> UpstreamSlot {
+        UpstreamSlot {
+            current: RwLock::new(up),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// The upstream in service and its generation.
+    pub fn get(&self) -> (u64, Option<Arc<Upstream>>) {
+        // The generation first: a value newer than its generation only costs a second look.
+        let generation = self.generation.load(Ordering::Acquire);
+        let up = self
+            .current
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .clone();
+        (generation, up)
+    }
+
+    pub fn set(&self, up: Option<Arc<Upstream>>) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = up;
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 }
 
@@ -241,13 +276,22 @@ async fn accept_loop(
             },
         };
         let _ = stream.set_nodelay(true);
-        edge.stats.connections_total.fetch_add(1, Ordering::Relaxed);
+        edge.stats
+            .local()
+            .connections_total
+            .fetch_add(1, Ordering::Relaxed);
         let permit = slots.clone().try_acquire_owned().ok();
         let (edge, tls, shutdown) = (edge.clone(), tls.clone(), shutdown.clone());
         tracker.spawn(async move {
-            edge.stats.connections_open.fetch_add(1, Ordering::Relaxed);
+            edge.stats
+                .local()
+                .connections_open
+                .fetch_add(1, Ordering::Relaxed);
             connection(&edge, stream, peer, tls, permit.is_some(), shutdown).await;
-            edge.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+            edge.stats
+                .local()
+                .connections_open
+                .fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
     }
@@ -278,12 +322,14 @@ async fn connection(
             }
             Ok(Err(e)) => {
                 edge.stats
+                    .local()
                     .tls_handshake_failures
                     .fetch_add(1, Ordering::Relaxed);
                 debug!(%peer, error = %e, "TLS handshake failed");
             }
             Err(_) => {
                 edge.stats
+                    .local()
                     .tls_handshake_failures
                     .fetch_add(1, Ordering::Relaxed);
                 debug!(%peer, "TLS handshake timed out");
@@ -307,23 +353,29 @@ async fn serve_http<I>(
     if !admitted {
         // Over the connection cap: say so at once rather than leave the device hanging.
         edge.stats
+            .local()
             .connections_refused
             .fetch_add(1, Ordering::Relaxed);
-        edge.stats.status_5xx.fetch_add(1, Ordering::Relaxed);
+        edge.stats
+            .local()
+            .status_5xx
+            .fetch_add(1, Ordering::Relaxed);
         let msg = "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Type: text/plain\r\nContent-Length: 33\r\nConnection: close\r\n\r\n503 relay busy: too many devices\n";
         let _ = tokio::time::timeout(Duration::from_secs(2), io.write_all(msg.as_bytes())).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), io.shutdown()).await;
         return;
     }
-    let svc_edge = edge.clone();
-    let device = Arc::new(DeviceConn {
+    let conn = Arc::new(DeviceConn {
+        edge: edge.clone(),
+        peer,
+        scheme,
         socket: socket.clone(),
+        upstream: edge.upstream.get(),
         lanes: lane::LaneSlot::default(),
     });
-    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-        let edge = svc_edge.clone();
-        req.extensions_mut().insert(device.clone());
-        async move { Ok::<_, std::convert::Infallible>(handle(edge, req, peer, scheme).await) }
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let conn = conn.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(conn, req).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -358,25 +410,21 @@ async fn serve_http<I>(
     }
 }
 
-/// Routes one request: checks, then the image cache (later) or the upstream.
-async fn handle(
-    edge: Arc<Edge>,
-    req: Request<Incoming>,
-    peer: SocketAddr,
-    scheme: &'static str,
-) -> Response<EdgeBody> {
+/// Routes one request: checks, then the image cache or the upstream.
+async fn handle(conn: Arc<DeviceConn>, req: Request<Incoming>) -> Response<EdgeBody> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let mac = device_mac(req.headers());
-    edge.stats.requests.fetch_add(1, Ordering::Relaxed);
-    let resp = route(&edge, req, peer, scheme).await;
+    let resp = route(&conn, req).await;
     let status = resp.status();
+    let stats = conn.edge.stats.local();
+    stats.requests.fetch_add(1, Ordering::Relaxed);
     let counter = match status.as_u16() {
-        200..=299 => &edge.stats.status_2xx,
-        300..=399 => &edge.stats.status_3xx,
-        400..=499 => &edge.stats.status_4xx,
-        _ => &edge.stats.status_5xx,
+        200..=299 => &stats.status_2xx,
+        300..=399 => &stats.status_3xx,
+        400..=499 => &stats.status_4xx,
+        _ => &stats.status_5xx,
     };
     counter.fetch_add(1, Ordering::Relaxed);
     crate::ops::metrics::global().edge_request(status.as_u16(), started.elapsed());
@@ -388,23 +436,22 @@ async fn handle(
             method: method.to_string(),
             path,
             status: status.as_u16(),
-            peer: peer.ip(),
             mac,
             started,
         }),
-        edge: edge.clone(),
+        conn,
     };
     Response::from_parts(parts, logged.boxed())
 }
 
-async fn route(
-    edge: &Edge,
-    req: Request<Incoming>,
-    peer: SocketAddr,
-    scheme: &'static str,
-) -> Response<EdgeBody> {
-    if scheme == "http" && !edge.subnets.iter().any(|n| n.contains(&peer.ip())) {
-        edge.stats.legacy_forbidden.fetch_add(1, Ordering::Relaxed);
+async fn route(conn: &Arc<DeviceConn>, req: Request<Incoming>) -> Response<EdgeBody> {
+    let edge = &conn.edge;
+    let peer = conn.peer;
+    if conn.scheme == "http" && !edge.subnets.iter().any(|n| n.contains(&peer.ip())) {
+        edge.stats
+            .local()
+            .legacy_forbidden
+            .fetch_add(1, Ordering::Relaxed);
         return text_response(
             StatusCode::FORBIDDEN,
             &format!(
@@ -424,8 +471,11 @@ async fn route(
         use crate::download::Lookup;
         match images.lookup(&decoded) {
             Lookup::Ready { file, sha256, size } => {
-                return crate::download::serve::serve(images, &req, &decoded, &file, &sha256, size)
-                    .await;
+                let socket = Some(conn.socket.clone());
+                return crate::download::serve::serve(
+                    images, &req, socket, &decoded, &file, &sha256, size,
+                )
+                .await;
             }
             Lookup::NotReady { done, size } => {
                 images
@@ -446,8 +496,16 @@ async fn route(
             Lookup::Unknown => {}
         }
     }
-    match edge.upstream() {
-        Some(up) => up.forward(req, peer.ip(), scheme).await,
+    // The connection's upstream, unless a reload has changed it since the connection started.
+    let reloaded;
+    let upstream = if conn.upstream.0 == edge.upstream.generation() {
+        conn.upstream.1.as_ref()
+    } else {
+        reloaded = edge.upstream.get().1;
+        reloaded.as_ref()
+    };
+    match upstream {
+        Some(up) => up.forward(req, conn).await,
         None => text_response(
             StatusCode::NOT_FOUND,
             "no provisioning upstream is configured on this relay",
@@ -467,7 +525,6 @@ struct AccessLine {
     method: String,
     path: String,
     status: u16,
-    peer: IpAddr,
     mac: Option<String>,
     started: Instant,
 }
@@ -478,7 +535,7 @@ struct AccessLogBody {
     inner: EdgeBody,
     bytes: u64,
     line: Option<AccessLine>,
-    edge: Arc<Edge>,
+    conn: Arc<DeviceConn>,
 }
 
 impl Body for AccessLogBody {
@@ -510,8 +567,10 @@ impl Body for AccessLogBody {
 impl Drop for AccessLogBody {
     fn drop(&mut self) {
         if let Some(l) = self.line.take() {
-            self.edge
+            self.conn
+                .edge
                 .stats
+                .local()
                 .bytes_out
                 .fetch_add(self.bytes, Ordering::Relaxed);
             info!(
@@ -521,7 +580,7 @@ impl Drop for AccessLogBody {
                 status = l.status,
                 bytes = self.bytes,
                 duration_ms = l.started.elapsed().as_millis() as u64,
-                client = %l.peer,
+                client = %self.conn.peer.ip(),
                 mac = %l.mac.as_deref().unwrap_or("-"),
                 "request"
             );
@@ -587,10 +646,17 @@ impl SocketState {
     }
 }
 
-/// What the requests of one device connection share; each request carries it in its extensions.
+/// One device connection: what its requests share. Each request holds a reference to this,
+/// which only its own connection touches, instead of references to the edge-wide values, which
+/// every connection would touch (see `ops::shard`).
 pub struct DeviceConn {
+    edge: Arc<Edge>,
+    peer: SocketAddr,
+    scheme: &'static str,
     /// Paces image bodies.
     pub socket: Arc<SocketState>,
+    /// The upstream in service when the connection started, with its generation.
+    upstream: (u64, Option<Arc<Upstream>>),
     /// The upstream connection the requests use, kept between them.
     lanes: lane::LaneSlot,
 }
