@@ -101,6 +101,7 @@ impl EdgeReport {
     fn build(edge: &crate::proxy::Edge) -> EdgeReport {
         let cert = edge.cert.current();
         let st = &edge.stats;
+        let (_, upstream) = edge.upstream.get();
         let days_left = match cert.not_after.duration_since(SystemTime::now()) {
             Ok(d) => (d.as_secs() / 86_400) as i64,
             Err(e) => -((e.duration().as_secs() / 86_400) as i64) - 1,
@@ -119,7 +120,7 @@ impl EdgeReport {
                 .or(edge.cfg.legacy_http_listen)
                 .map(|a| a.to_string()),
             fqdn: edge.cfg.fqdn.clone(),
-            upstream: edge.upstream.get().1.map(|u| u.describe()),
+            upstream: upstream.as_ref().map(|u| u.describe()),
             certificate_subject: cert.subject.clone(),
             certificate_sha256: cert.sha256.clone(),
             certificate_not_after: rfc3339(cert.not_after),
@@ -140,11 +141,7 @@ impl EdgeReport {
             status_5xx: st.sum(|c| &c.status_5xx),
             bytes_out: st.sum(|c| &c.bytes_out),
             legacy_forbidden: st.sum(|c| &c.legacy_forbidden),
-            upstream_idle: edge
-                .upstream
-                .get()
-                .1
-                .map_or(0, |u| u.idle_connections() as u64),
+            upstream_idle: upstream.map_or(0, |u| u.idle_connections() as u64),
         }
     }
 }
