@@ -176,7 +176,7 @@ pub struct DemoArgs {
 #[derive(Subcommand, Debug)]
 pub enum SimCommand {
     /// The reference cloud: registration, heartbeats, command channel, results, test API (plain HTTP).
-    Cloud(crate::sim::cloud::CloudArgs),
+    Cloud(ucrelay_sim::cloud::CloudArgs),
     /// A fleet of simulated Poly phones speaking the device REST API, one per loopback address.
-    Phones(crate::sim::phones::PhonesOptions),
+    Phones(ucrelay_sim::phones::PhonesOptions),
 }

@@ -3,14 +3,14 @@
 //! the cloud only through its test API, like an external checker.
 
 use crate::cli::DemoArgs;
-use crate::config::Config;
-use crate::ctx::{ChannelState, Registration, StatusBoard};
-use crate::sim::{client, cloud};
 use anyhow::{Context, Result, anyhow, bail};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+use ucrelay_relay::config::Config;
+use ucrelay_relay::ctx::{ChannelState, Registration, StatusBoard};
+use ucrelay_sim::{client, cloud};
 
 const TENANT: &str = "demo";
 const PIN: &str = "246810";
@@ -37,7 +37,7 @@ pub async fn main(args: DemoArgs) -> Result<()> {
         prov_dir.join(format!("{PHONE_MAC}.cfg")),
         "<APPLICATION APP_FILE_PATH=\"sip.ld\" CONFIG_FILES=\"common.cfg\"/>\n",
     )?;
-    let pki = crate::sim::pki::make(dir.path(), FQDN)?;
+    let pki = ucrelay_sim::pki::make(dir.path(), FQDN)?;
     let mut cloud_args = cloud::CloudArgs::new(TENANT, PIN);
     cloud_args.heartbeat_interval = args.heartbeat_interval;
     cloud_args.provisioning = Some(prov_dir);
@@ -58,9 +58,9 @@ pub async fn main(args: DemoArgs) -> Result<()> {
     let cloud_addr = cloud.addr;
     // Three desk phones on their own loopback addresses, speaking the device REST API.
     let phones_stop = CancellationToken::new();
-    let mut phone_opts = crate::sim::phones::PhonesOptions::new(3, DEMO_PHONES);
+    let mut phone_opts = ucrelay_sim::phones::PhonesOptions::new(3, DEMO_PHONES);
     phone_opts.reboot_time = Duration::from_secs(2);
-    let phones = crate::sim::phones::start(phone_opts, phones_stop.clone()).await?;
+    let phones = ucrelay_sim::phones::start(phone_opts, phones_stop.clone()).await?;
     let fleet: Vec<String> = phones.addrs().map(|a| a.to_string()).collect();
     client::post(
         cloud_addr,
@@ -110,13 +110,17 @@ pub async fn main(args: DemoArgs) -> Result<()> {
     type Ready = (
         Arc<StatusBoard>,
         Option<SocketAddr>,
-        Option<Arc<crate::download::Catalog>>,
+        Option<Arc<ucrelay_relay::download::Catalog>>,
     );
     let (board_tx, board_rx) = tokio::sync::oneshot::channel::<Ready>();
-    let relay = tokio::spawn(crate::daemon::run(config, shutdown.clone(), move |ctx| {
-        let edge = ctx.edge.as_ref().and_then(|e| e.bound.get()).map(|b| b.0);
-        let _ = board_tx.send((ctx.status.clone(), edge, ctx.images.clone()));
-    }));
+    let relay = tokio::spawn(ucrelay_relay::daemon::run(
+        config,
+        shutdown.clone(),
+        move |ctx| {
+            let edge = ctx.edge.as_ref().and_then(|e| e.bound.get()).map(|b| b.0);
+            let _ = board_tx.send((ctx.status.clone(), edge, ctx.images.clone()));
+        },
+    ));
     let (board, edge_addr, images) = match board_rx.await {
         Ok(b) => b,
         Err(_) => {
@@ -132,7 +136,7 @@ pub async fn main(args: DemoArgs) -> Result<()> {
         "device edge listening on https://{FQDN}:{} ({edge_addr})",
         edge_addr.port()
     ));
-    let phone = crate::sim::phone::ProvClient::new(
+    let phone = ucrelay_sim::phone::ProvClient::new(
         &format!("https://{FQDN}:{}/", edge_addr.port()),
         PHONE_MAC,
     )?
@@ -163,13 +167,13 @@ pub async fn main(args: DemoArgs) -> Result<()> {
 /// What the demo drives besides the relay: the reference cloud, the provisioning phone, the fleet.
 struct World<'a> {
     cloud_addr: SocketAddr,
-    phone: &'a crate::sim::phone::ProvClient,
+    phone: &'a ucrelay_sim::phone::ProvClient,
     fleet: &'a [String],
 }
 
 async fn narrate(
     board: &StatusBoard,
-    images: Option<Arc<crate::download::Catalog>>,
+    images: Option<Arc<ucrelay_relay::download::Catalog>>,
     world: &World<'_>,
     say: &impl Fn(String),
     shutdown: &CancellationToken,

@@ -1,15 +1,19 @@
 //! The `ucrelay` binary: parses the command line, sets up logging, and dispatches. The only place
 //! that prints errors and picks exit codes.
 
+mod cli;
+mod demo;
+
+use crate::cli::{Cli, Command, LogFormat, SimCommand};
 use clap::Parser;
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
-use ucrelay::cli::{Cli, Command, LogFormat, SimCommand};
-use ucrelay::config::Config;
-use ucrelay::ops::report::StatusReport;
+use ucrelay_relay::config::Config;
+use ucrelay_relay::ops::report::StatusReport;
 
 fn main() -> ExitCode {
     install_panic_hook();
+    ucrelay_relay::util::build::set_revision(cli::GIT_REV);
     let cli = Cli::parse();
     // Commands that only print (no sockets that a peer could close under us).
     if matches!(
@@ -39,7 +43,7 @@ fn fail(e: &anyhow::Error) -> ExitCode {
     eprintln!("error: {}", one_line(e));
     let unreachable = e
         .chain()
-        .any(|c| c.is::<ucrelay::ops::admin::Unreachable>());
+        .any(|c| c.is::<ucrelay_relay::ops::admin::Unreachable>());
     ExitCode::from(if unreachable { 2 } else { 1 })
 }
 
@@ -109,14 +113,14 @@ fn install_panic_hook() {
 fn init_logging(
     format: LogFormat,
     default_level: &str,
-) -> Option<ucrelay::ops::logwriter::LogGuard> {
+) -> Option<ucrelay_relay::ops::logwriter::LogGuard> {
     use std::io::IsTerminal;
     // rustls warns on every handshake whose SNI is an IP address (scanners, phones configured
     // with the relay's IP); that is the client's business, not an operator's.
     let default = format!("{default_level},rustls=error");
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    use ucrelay::ops::logwriter::{self, LogWriter};
+    use ucrelay_relay::ops::logwriter::{self, LogWriter};
     let (writer, guard) = match logwriter::spawn(std::io::stderr()) {
         Ok((w, g)) => (w, Some(g)),
         Err(e) => {
@@ -168,7 +172,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             rt.block_on(async {
                 let token = CancellationToken::new();
                 on_signals(token.clone())?;
-                ucrelay::daemon::run(config, token, |_| {}).await
+                ucrelay_relay::daemon::run(config, token, |_| {}).await
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -176,7 +180,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => {
             let socket = admin_socket(&args)?;
             let report: StatusReport =
-                runtime()?.block_on(ucrelay::ops::admin::get_json(&socket, "/v1/status"))?;
+                runtime()?.block_on(ucrelay_relay::ops::admin::get_json(&socket, "/v1/status"))?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -195,11 +199,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Devices(args) => {
             let socket = admin_socket(&args)?;
             let v: serde_json::Value =
-                runtime()?.block_on(ucrelay::ops::admin::get_json(&socket, "/v1/devices"))?;
+                runtime()?.block_on(ucrelay_relay::ops::admin::get_json(&socket, "/v1/devices"))?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                print!("{}", ucrelay::ops::views::render_devices(&v));
+                print!("{}", ucrelay_relay::ops::views::render_devices(&v));
             }
             let offline = v["counts"]["offline"].as_u64().unwrap_or(0);
             Ok(if offline == 0 {
@@ -212,26 +216,26 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let socket = admin_socket(&args.target)?;
             let path = match &args.action {
                 None => "/v1/tasks".to_string(),
-                Some(ucrelay::cli::TasksAction::Show { id }) => format!(
+                Some(crate::cli::TasksAction::Show { id }) => format!(
                     "/v1/tasks/{}",
                     percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC)
                 ),
             };
             let v: serde_json::Value =
-                runtime()?.block_on(ucrelay::ops::admin::get_json(&socket, &path))?;
+                runtime()?.block_on(ucrelay_relay::ops::admin::get_json(&socket, &path))?;
             if args.target.json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else if args.action.is_some() {
-                print!("{}", ucrelay::ops::views::render_task(&v));
+                print!("{}", ucrelay_relay::ops::views::render_task(&v));
             } else {
-                print!("{}", ucrelay::ops::views::render_tasks(&v));
+                print!("{}", ucrelay_relay::ops::views::render_tasks(&v));
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Reload(args) => {
             let socket = admin_socket(&args)?;
-            let outcome: ucrelay::ctx::ReloadOutcome = runtime()?.block_on(
-                ucrelay::ops::admin::call_json(&socket, http::Method::POST, "/v1/reload"),
+            let outcome: ucrelay_relay::ctx::ReloadOutcome = runtime()?.block_on(
+                ucrelay_relay::ops::admin::call_json(&socket, http::Method::POST, "/v1/reload"),
             )?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&outcome)?);
@@ -247,19 +251,19 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Demo(args) => {
-            runtime()?.block_on(ucrelay::demo::main(args))?;
+            runtime()?.block_on(crate::demo::main(args))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Sim(SimCommand::Cloud(args)) => {
-            runtime()?.block_on(ucrelay::sim::cloud::main(args))?;
+            runtime()?.block_on(ucrelay_sim::cloud::main(args))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Sim(SimCommand::Phones(args)) => {
-            runtime()?.block_on(ucrelay::sim::phones::main(args))?;
+            runtime()?.block_on(ucrelay_sim::phones::main(args))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Doctor(args) => {
-            let report = runtime()?.block_on(ucrelay::ops::doctor::run(
+            let report = runtime()?.block_on(ucrelay_relay::ops::doctor::run(
                 &args.config,
                 args.socket.as_deref(),
             ));
@@ -273,8 +277,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Diag(args) => {
             let output = args
                 .output
-                .unwrap_or_else(ucrelay::ops::diag::default_output);
-            let members = runtime()?.block_on(ucrelay::ops::diag::run(
+                .unwrap_or_else(ucrelay_relay::ops::diag::default_output);
+            let members = runtime()?.block_on(ucrelay_relay::ops::diag::run(
                 &args.config,
                 args.socket.as_deref(),
                 &output,
@@ -304,11 +308,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn images(
     socket: &std::path::Path,
     json: bool,
-    action: Option<ucrelay::cli::ImagesAction>,
+    action: Option<crate::cli::ImagesAction>,
 ) -> anyhow::Result<ExitCode> {
-    use ucrelay::cli::ImagesAction;
-    use ucrelay::download::CatalogReport;
-    use ucrelay::ops::admin::{call_json, get_json};
+    use crate::cli::ImagesAction;
+    use ucrelay_relay::download::CatalogReport;
+    use ucrelay_relay::ops::admin::{call_json, get_json};
     let post = http::Method::POST;
     match action {
         None => {
@@ -394,8 +398,8 @@ async fn images(
     }
 }
 
-fn progress_line(done: u64, total: u64, r: &ucrelay::download::CatalogReport) -> String {
-    use ucrelay::download::manifest::human_bytes;
+fn progress_line(done: u64, total: u64, r: &ucrelay_relay::download::CatalogReport) -> String {
+    use ucrelay_relay::download::manifest::human_bytes;
     let pct = (done * 100).checked_div(total).unwrap_or(100);
     let filled = (pct / 5) as usize;
     let syncing = r.images.iter().filter(|i| i.state == "syncing").count();
@@ -408,8 +412,8 @@ fn progress_line(done: u64, total: u64, r: &ucrelay::download::CatalogReport) ->
     )
 }
 
-fn render_images(r: &ucrelay::download::CatalogReport) -> String {
-    use ucrelay::download::manifest::human_bytes;
+fn render_images(r: &ucrelay_relay::download::CatalogReport) -> String {
+    use ucrelay_relay::download::manifest::human_bytes;
     let mut out = format!("revision {}", r.revision);
     if let Some(t) = &r.last_sync {
         out.push_str(&format!(", last sync {t}"));
@@ -445,7 +449,7 @@ fn render_images(r: &ucrelay::download::CatalogReport) -> String {
 }
 
 /// The admin socket: given directly, or read from the config.
-fn admin_socket(args: &ucrelay::cli::StatusArgs) -> anyhow::Result<std::path::PathBuf> {
+fn admin_socket(args: &crate::cli::StatusArgs) -> anyhow::Result<std::path::PathBuf> {
     Ok(match &args.socket {
         Some(s) => s.clone(),
         None => Config::load(&args.config)?.admin.socket,
@@ -468,7 +472,7 @@ fn check(path: &std::path::Path) -> ExitCode {
             }
             let mut failed = false;
             if let Some(e) = &c.edge {
-                use ucrelay::proxy::cert::{self, Level};
+                use ucrelay_relay::proxy::cert::{self, Level};
                 let report = cert::load(
                     &e.pfx,
                     e.pfx_password_file.as_deref(),

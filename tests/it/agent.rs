@@ -482,7 +482,7 @@ async fn sigterm_exits_zero_and_the_store_reopens_clean() {
     assert_eq!(code, Some(0), "logs:\n{}", relay.logs());
     assert!(!cfg.socket().exists(), "admin socket removed on exit");
     let store =
-        ucrelay::store::Store::open(&cfg.state_dir()).expect("store reopens after shutdown");
+        ucrelay_relay::store::Store::open(&cfg.state_dir()).expect("store reopens after shutdown");
     assert_eq!(store.relay_id().unwrap(), id, "identity kept");
     drop(store);
 

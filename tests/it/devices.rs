@@ -6,7 +6,7 @@ use crate::support::*;
 use serde_json::{Value, json};
 use std::net::Ipv4Addr;
 use std::time::Duration;
-use ucrelay::sim::phones::{self, Phones, PhonesOptions};
+use ucrelay_sim::phones::{self, Phones, PhonesOptions};
 
 async fn fleet(count: usize, base: Ipv4Addr) -> (Phones, tokio_util::sync::CancellationToken) {
     let token = tokio_util::sync::CancellationToken::new();
@@ -266,7 +266,7 @@ async fn a_task_runs_on_time_while_the_cloud_is_down_and_reports_after() {
         "task stored on the relay",
         Duration::from_secs(10),
         || async {
-            let v: Value = ucrelay::ops::admin::get_json(&relay.socket, "/v1/tasks")
+            let v: Value = ucrelay_relay::ops::admin::get_json(&relay.socket, "/v1/tasks")
                 .await
                 .ok()?;
             (v["tasks"][0]["status"] == "scheduled").then_some(())
@@ -287,9 +287,10 @@ async fn a_task_runs_on_time_while_the_cloud_is_down_and_reports_after() {
         "task done on the relay",
         Duration::from_secs(20),
         || async {
-            let v: Value = ucrelay::ops::admin::get_json(&relay.socket, &format!("/v1/tasks/{id}"))
-                .await
-                .ok()?;
+            let v: Value =
+                ucrelay_relay::ops::admin::get_json(&relay.socket, &format!("/v1/tasks/{id}"))
+                    .await
+                    .ok()?;
             (v["status"] == "done").then_some(v)
         },
     )
@@ -328,8 +329,8 @@ async fn a_task_resumes_after_sigkill_without_rerunning_finished_targets() {
     let n = 12;
     let (phones, _t) = fleet(n, Ipv4Addr::new(127, 0, 4, 10)).await;
     // Each request takes a while, so the relay dies mid-task.
-    phones.set_fault_all(ucrelay::sim::phones::Fault {
-        mode: ucrelay::sim::phones::FaultMode::Slow,
+    phones.set_fault_all(ucrelay_sim::phones::Fault {
+        mode: ucrelay_sim::phones::FaultMode::Slow,
         delay_ms: 300,
     });
     let cloud = TestCloud::start(cloud_args()).await;
@@ -353,9 +354,10 @@ async fn a_task_resumes_after_sigkill_without_rerunning_finished_targets() {
         "a few targets finished",
         Duration::from_secs(20),
         || async {
-            let v: Value = ucrelay::ops::admin::get_json(&relay.socket, &format!("/v1/tasks/{id}"))
-                .await
-                .ok()?;
+            let v: Value =
+                ucrelay_relay::ops::admin::get_json(&relay.socket, &format!("/v1/tasks/{id}"))
+                    .await
+                    .ok()?;
             let done: Vec<String> = v["results"]
                 .as_array()?
                 .iter()
@@ -390,8 +392,8 @@ async fn a_hanging_phone_does_not_stall_a_task_and_thresholds_halt_a_bad_wave() 
     let (phones, _t) = fleet(5, Ipv4Addr::new(127, 0, 5, 10)).await;
     phones.set_fault(
         2,
-        ucrelay::sim::phones::Fault {
-            mode: ucrelay::sim::phones::FaultMode::Hang,
+        ucrelay_sim::phones::Fault {
+            mode: ucrelay_sim::phones::FaultMode::Hang,
             delay_ms: 0,
         },
     );
@@ -425,13 +427,13 @@ async fn a_hanging_phone_does_not_stall_a_task_and_thresholds_halt_a_bad_wave() 
     assert_eq!(hung["target"], target(&phones, 2));
 
     // A wave where every phone refuses: halted after the sample, the rest not run.
-    phones.set_fault_all(ucrelay::sim::phones::Fault {
-        mode: ucrelay::sim::phones::FaultMode::Error,
+    phones.set_fault_all(ucrelay_sim::phones::Fault {
+        mode: ucrelay_sim::phones::FaultMode::Error,
         delay_ms: 0,
     });
     let (many, _t2) = fleet(30, Ipv4Addr::new(127, 0, 5, 100)).await;
-    many.set_fault_all(ucrelay::sim::phones::Fault {
-        mode: ucrelay::sim::phones::FaultMode::Error,
+    many.set_fault_all(ucrelay_sim::phones::Fault {
+        mode: ucrelay_sim::phones::FaultMode::Error,
         delay_ms: 0,
     });
     let targets: Vec<String> = (0..30).map(|i| target(&many, i)).collect();
@@ -480,7 +482,7 @@ async fn scheduled_tasks_can_be_edited_and_cancelled_but_not_once_running() {
     .await;
     let r = wait_command(&cloud, &edit).await;
     assert_eq!(r["result"]["result"], "success", "{r}");
-    let v: Value = ucrelay::ops::admin::get_json(&relay.socket, &format!("/v1/tasks/{id}"))
+    let v: Value = ucrelay_relay::ops::admin::get_json(&relay.socket, &format!("/v1/tasks/{id}"))
         .await
         .unwrap();
     assert_eq!(v["total"], 2);
@@ -493,8 +495,8 @@ async fn scheduled_tasks_can_be_edited_and_cancelled_but_not_once_running() {
     // A running task cannot be cancelled.
     phones.set_fault(
         0,
-        ucrelay::sim::phones::Fault {
-            mode: ucrelay::sim::phones::FaultMode::Slow,
+        ucrelay_sim::phones::Fault {
+            mode: ucrelay_sim::phones::FaultMode::Slow,
             delay_ms: 1500,
         },
     );
@@ -628,8 +630,8 @@ async fn monitoring_polls_the_cloud_list_reports_status_and_raises_alarms() {
     phones.set_line_registered(0, 2, false).unwrap();
     phones.set_fault(
         1,
-        ucrelay::sim::phones::Fault {
-            mode: ucrelay::sim::phones::FaultMode::Refuse,
+        ucrelay_sim::phones::Fault {
+            mode: ucrelay_sim::phones::FaultMode::Refuse,
             delay_ms: 0,
         },
     );
@@ -656,7 +658,7 @@ async fn monitoring_polls_the_cloud_list_reports_status_and_raises_alarms() {
     assert!(out.contains("2:UNREG"), "{out}");
 
     phones.set_line_registered(0, 2, true).unwrap();
-    phones.set_fault(1, ucrelay::sim::phones::Fault::default());
+    phones.set_fault(1, ucrelay_sim::phones::Fault::default());
     wait_for("recovery alarms", Duration::from_secs(20), || async {
         let a = cloud.get("/sim/alarms").await;
         (kinds(&a, "line_registered", &target(&phones, 0))

@@ -43,7 +43,7 @@ fn random_bytes(n: usize) -> Vec<u8> {
 
 struct Fx {
     cloud: TestCloud,
-    pki: ucrelay::sim::pki::DemoPki,
+    pki: ucrelay_sim::pki::DemoPki,
     published: PathBuf,
     /// Relay logs, printed (tail) when the test panics.
     logs: std::sync::Mutex<Vec<PathBuf>>,
@@ -84,7 +84,7 @@ impl Fx {
         args.images = Some(published.clone());
         let cloud = TestCloud::start(args).await;
         std::fs::create_dir_all(dir.path().join("pki")).unwrap();
-        let pki = ucrelay::sim::pki::make(&dir.path().join("pki"), FQDN).unwrap();
+        let pki = ucrelay_sim::pki::make(&dir.path().join("pki"), FQDN).unwrap();
         Fx {
             cloud,
             pki,

@@ -48,7 +48,7 @@ fn promtool() -> Option<std::path::PathBuf> {
 async fn metrics_health_and_readiness() {
     let cloud = TestCloud::start(cloud_args()).await;
     let dir = tempfile::tempdir().unwrap();
-    let pki = ucrelay::sim::pki::make(dir.path(), "relay.test").unwrap();
+    let pki = ucrelay_sim::pki::make(dir.path(), "relay.test").unwrap();
     let pin_file = dir.path().join("pin");
     std::fs::write(&pin_file, "000000\n").unwrap(); // wrong at first
     let mut cfg = RelayConfig::new(dir.path(), &cloud.url());

@@ -5,7 +5,7 @@
 use crate::support::*;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use ucrelay::sim::phone::ProvClient;
+use ucrelay_sim::phone::ProvClient;
 
 const FQDN: &str = "relay.test";
 const MAC: &str = "0004f2e765da";
@@ -30,7 +30,7 @@ async fn phone_provisions_through_the_edge_with_digest_and_streams_a_100mb_uploa
     let mut args = cloud_args();
     args.provisioning = Some(prov.clone());
     let cloud = TestCloud::start(args).await;
-    let pki = ucrelay::sim::pki::make(dir.path(), FQDN).unwrap();
+    let pki = ucrelay_sim::pki::make(dir.path(), FQDN).unwrap();
 
     let mut cfg = RelayConfig::new(dir.path(), &cloud.url());
     cfg.extra = format!(

@@ -19,9 +19,9 @@ struct Fixture {
 
 impl Fixture {
     async fn new() -> Fixture {
-        let cloud = TestCloud::start(ucrelay::sim::cloud::CloudArgs::new(TENANT, SECRET_PIN)).await;
+        let cloud = TestCloud::start(ucrelay_sim::cloud::CloudArgs::new(TENANT, SECRET_PIN)).await;
         let dir = tempfile::tempdir().unwrap();
-        let pki = ucrelay::sim::pki::make(dir.path(), "relay.test").unwrap();
+        let pki = ucrelay_sim::pki::make(dir.path(), "relay.test").unwrap();
         let pfx_password = std::fs::read_to_string(&pki.password_file)
             .unwrap()
             .trim()

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
-use ucrelay::sim::{client, cloud};
+use ucrelay_sim::{client, cloud};
 
 pub const TENANT: &str = "acme";
 pub const PIN: &str = "123456";
@@ -204,7 +204,7 @@ impl Relay {
         wait_for("the relay's admin socket", Duration::from_secs(20), || {
             let socket = socket.clone();
             async move {
-                ucrelay::ops::admin::get_json::<Value>(&socket, "/v1/status")
+                ucrelay_relay::ops::admin::get_json::<Value>(&socket, "/v1/status")
                     .await
                     .ok()
             }
@@ -214,7 +214,7 @@ impl Relay {
     }
 
     pub async fn status(&self) -> Value {
-        ucrelay::ops::admin::get_json::<Value>(&self.socket, "/v1/status")
+        ucrelay_relay::ops::admin::get_json::<Value>(&self.socket, "/v1/status")
             .await
             .expect("status answers")
     }

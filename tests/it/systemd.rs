@@ -48,7 +48,7 @@ async fn until_match(
 async fn ready_only_once_listeners_accept_then_watchdog_reload_and_stopping() {
     let cloud = TestCloud::start(cloud_args()).await;
     let dir = tempfile::tempdir().unwrap();
-    let pki = ucrelay::sim::pki::make(dir.path(), "relay.test").unwrap();
+    let pki = ucrelay_sim::pki::make(dir.path(), "relay.test").unwrap();
     let mut cfg = RelayConfig::new(dir.path(), &cloud.url());
     cfg.extra = format!(
         "\n[edge]\nlisten = \"127.0.0.1:0\"\nlegacy_http_listen = \"127.0.0.1:0\"\nfqdn = [\"relay.test\"]\n\
@@ -84,7 +84,7 @@ async fn ready_only_once_listeners_accept_then_watchdog_reload_and_stopping() {
         .await
         .expect("admin socket accepts connections when READY=1 arrives");
     // ...and so do both edge listeners, on the ports they bound.
-    let status: Value = ucrelay::ops::admin::get_json(&cfg.socket(), "/v1/status")
+    let status: Value = ucrelay_relay::ops::admin::get_json(&cfg.socket(), "/v1/status")
         .await
         .unwrap();
     for key in ["listen", "legacy_http_listen"] {

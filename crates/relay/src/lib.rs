@@ -11,18 +11,16 @@
 
 pub mod agent;
 pub mod backoff;
-pub mod cli;
 pub mod cloud;
 pub mod config;
 pub mod ctx;
 pub mod daemon;
-pub mod demo;
 pub mod devices;
 pub mod download;
 pub mod ops;
-pub mod protocol;
+pub use ucrelay_protocol as protocol;
 pub mod proxy;
 pub mod reload;
 pub mod secret;
-pub mod sim;
 pub mod store;
+pub mod util;

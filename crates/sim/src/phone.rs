@@ -640,7 +640,7 @@ fn parse_challenges(value: &str) -> Vec<Challenge> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::cloud::{self, CloudArgs};
+    use crate::cloud::{self, CloudArgs};
     use hyper::body::Incoming;
     use std::convert::Infallible;
 
@@ -803,7 +803,7 @@ mod tests {
         );
 
         // What the cloud saw: the phone's User-Agent, Digest after the challenge.
-        let seen = crate::sim::client::get(cloud.addr, "/sim/provisioning/log")
+        let seen = crate::client::get(cloud.addr, "/sim/provisioning/log")
             .await
             .unwrap();
         let seen = seen.as_array().unwrap();

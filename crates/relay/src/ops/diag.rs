@@ -226,7 +226,7 @@ fn versions() -> String {
     format!(
         "ucrelay {}\ngit revision {}\nos {os}\nkernel {kernel}\narch {}\nhostname {}\ncollected {}\n",
         env!("CARGO_PKG_VERSION"),
-        crate::cli::GIT_REV,
+        crate::util::build::revision(),
         std::env::consts::ARCH,
         crate::ctx::hostname(),
         jiff::Timestamp::now(),

@@ -415,7 +415,7 @@ pub fn register_relay(ctx: &Ctx) {
             vec![(
                 vec![
                     ("version", env!("CARGO_PKG_VERSION").to_string()),
-                    ("revision", crate::cli::GIT_REV.to_string()),
+                    ("revision", crate::util::build::revision().to_string()),
                 ],
                 1.0,
             )]

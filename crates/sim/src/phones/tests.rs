@@ -826,8 +826,8 @@ async fn injected_faults() {
 #[tokio::test]
 async fn tls_and_plain_http_on_one_port() {
     let phones = fleet(2, [127, 0, 2, 10], |_| {}).await;
-    // Any certificate, as the relay's device client accepts a phone's vendor-signed one.
-    let cfg = crate::devices::client::unverified_tls_config().unwrap();
+    // The phone's own certificate, pinned: it names the MAC, not the address, so no CA check fits.
+    let cfg = pinned_client_config(phones.certificate_der().to_vec());
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
     let tcp = TcpStream::connect(phones.addr(1)).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("127.0.2.11").unwrap();
@@ -976,4 +976,64 @@ async fn many_phones_answer_at_once() {
     }
     assert_eq!(phones.stats().requests, 300);
     phones.shutdown().await;
+}
+
+/// A TLS client that trusts exactly one certificate (and still checks the handshake signature).
+fn pinned_client_config(der: Vec<u8>) -> rustls::ClientConfig {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+    #[derive(Debug)]
+    struct Pinned(Vec<u8>, Arc<rustls::crypto::CryptoProvider>);
+    impl ServerCertVerifier for Pinned {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            if end_entity.as_ref() == self.0.as_slice() {
+                Ok(ServerCertVerified::assertion())
+            } else {
+                Err(rustls::Error::General("not the pinned certificate".into()))
+            }
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &self.1.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &self.1.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.1.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Pinned(der, provider)))
+        .with_no_client_auth()
 }

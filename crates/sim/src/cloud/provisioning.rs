@@ -629,8 +629,17 @@ fn display(prov: &Provisioning, path: &Path) -> String {
     }
 }
 
-/// HTTP dates as the relay's edge writes them.
-pub(crate) use crate::download::serve::http_date;
+/// An HTTP date (RFC 9110 IMF-fixdate, `Sun, 06 Nov 1994 08:49:37 GMT`).
+pub(crate) fn http_date(t: std::time::SystemTime) -> String {
+    jiff::Timestamp::try_from(t)
+        .ok()
+        .and_then(|ts| {
+            jiff::fmt::rfc2822::DateTimePrinter::new()
+                .timestamp_to_rfc9110_string(&ts)
+                .ok()
+        })
+        .unwrap_or_default()
+}
 
 // ---------------------------------------------------------------------------------------------
 // Authentication.
