@@ -399,7 +399,7 @@ async fn images(
 }
 
 fn progress_line(done: u64, total: u64, r: &ucrelay_relay::download::CatalogReport) -> String {
-    use ucrelay_relay::download::manifest::human_bytes;
+    use ucrelay_relay::util::bytes::human_bytes;
     let pct = (done * 100).checked_div(total).unwrap_or(100);
     let filled = (pct / 5) as usize;
     let syncing = r.images.iter().filter(|i| i.state == "syncing").count();
@@ -413,7 +413,7 @@ fn progress_line(done: u64, total: u64, r: &ucrelay_relay::download::CatalogRepo
 }
 
 fn render_images(r: &ucrelay_relay::download::CatalogReport) -> String {
-    use ucrelay_relay::download::manifest::human_bytes;
+    use ucrelay_relay::util::bytes::human_bytes;
     let mut out = format!("revision {}", r.revision);
     if let Some(t) = &r.last_sync {
         out.push_str(&format!(", last sync {t}"));

@@ -4,7 +4,7 @@
 //! All of the file is checked before anything starts. Every error names the file, the field and what
 //! is wrong with it. Runtime code never sees a raw value or a "must be set by now" `Option`.
 
-use crate::secret::Secret;
+use crate::util::secret::Secret;
 use ipnet::IpNet;
 use serde::Deserialize;
 use std::fmt;

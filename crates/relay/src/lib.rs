@@ -10,7 +10,6 @@
 #![deny(unsafe_code)]
 
 pub mod agent;
-pub mod backoff;
 pub mod cloud;
 pub mod config;
 pub mod ctx;
@@ -21,6 +20,5 @@ pub mod ops;
 pub use ucrelay_protocol as protocol;
 pub mod proxy;
 pub mod reload;
-pub mod secret;
 pub mod store;
 pub mod util;

@@ -205,7 +205,7 @@ impl Store {
                 .insert(rec.command_id.as_str(), unix_now())?;
         }
         tx.commit()?;
-        crate::ops::metrics::global()
+        crate::util::metrics::global()
             .commands
             .inc(&[("name", &rec.name), ("result", rec.result.as_str())]);
         Ok(())

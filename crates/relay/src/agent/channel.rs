@@ -7,9 +7,9 @@
 //! connection stayed up for a stable period.
 
 use super::{Sessions, commands};
-use crate::backoff::{Backoff, sleep_or_shutdown};
 use crate::ctx::{ChannelState, Ctx};
 use crate::protocol::{ChannelErrorCode, CloudMessage, ErrorCode, PATH_CHANNEL, RelayMessage};
+use crate::util::backoff::{Backoff, sleep_or_shutdown};
 use anyhow::Result;
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;

@@ -6,11 +6,12 @@
 //! this relay cannot do instead of waiting.
 
 use crate::ctx::Ctx;
-use crate::ops::report::{StatusReport, rfc3339};
+use crate::ops::report::StatusReport;
 use crate::protocol::{
     Command, DEVICE_COMMANDS, Outcome, RelayMessage, ResultRecord, TASK_CANCEL_COMMAND,
     TASK_COMMAND, TASK_UPDATE_COMMAND,
 };
+use crate::util::time::rfc3339;
 use anyhow::Result;
 use std::sync::{Arc, LazyLock};
 use std::time::SystemTime;

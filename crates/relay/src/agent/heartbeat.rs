@@ -2,13 +2,13 @@
 //! A rejected PIN is retried only every `pin_retry_interval`; other failures back off exponentially.
 
 use super::Sessions;
-use crate::backoff::{Backoff, jitter, sleep_or_shutdown};
 use crate::cloud::CloudError;
 use crate::ctx::{Ctx, Registration};
 use crate::protocol::{
     AgentState, AgentsState, ErrorCode, HeartbeatRequest, HeartbeatResponse, PATH_HEARTBEAT,
     PATH_REGISTER, PROTOCOL_VERSION, RegisterRequest, RegisterResponse,
 };
+use crate::util::backoff::{Backoff, jitter, sleep_or_shutdown};
 use anyhow::Result;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};

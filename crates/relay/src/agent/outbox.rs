@@ -3,9 +3,9 @@
 //! stable ids let the cloud drop the duplicates a lost answer causes.
 
 use super::Sessions;
-use crate::backoff::{Backoff, sleep_or_shutdown};
 use crate::ctx::Ctx;
 use crate::protocol::{ErrorCode, PATH_RESULTS, ResultsAck, ResultsBatch};
+use crate::util::backoff::{Backoff, sleep_or_shutdown};
 use anyhow::Result;
 use std::collections::HashSet;
 use std::sync::Arc;

@@ -6,7 +6,7 @@
 //! Every step has a deadline; redirects are never followed; answers are size-capped.
 
 use crate::config::{DeviceScheme, DevicesConfig};
-use crate::secret::Secret;
+use crate::util::secret::Secret;
 use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};

@@ -12,10 +12,10 @@ pub mod tasks;
 
 use crate::config::DevicesConfig;
 use crate::ctx::Ctx;
-use crate::ops::report::rfc3339;
 use crate::protocol::{Command, Outcome, ResultRecord};
-use crate::secret::Secret;
 use crate::store::Write;
+use crate::util::secret::Secret;
+use crate::util::time::rfc3339;
 use anyhow::Result;
 use client::{DeviceClient, Target};
 use serde_json::Value;

@@ -5,15 +5,15 @@
 
 use super::DevicePlane;
 use super::client::{DeviceError, Session, Target};
-use crate::backoff::Backoff;
 use crate::config::DevicesConfig;
 use crate::ctx::Ctx;
-use crate::ops::report::rfc3339;
 use crate::protocol::{
     Alarm, DeviceCounts, DeviceList, DeviceReport, DeviceStatusBatch, ErrorCode, LineStatus,
     PATH_DEVICE_STATUS, PATH_DEVICES,
 };
 use crate::store::{Store, Write};
+use crate::util::backoff::Backoff;
+use crate::util::time::rfc3339;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

@@ -6,11 +6,11 @@
 use super::DevicePlane;
 use super::ops;
 use crate::ctx::Ctx;
-use crate::ops::report::rfc3339;
 use crate::protocol::{
     Command, DEVICE_COMMANDS, Outcome, ResultRecord, TaskCounts, TaskProgress, TaskSpec,
 };
 use crate::store::{Store, Write};
+use crate::util::time::rfc3339;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};

@@ -1,9 +1,10 @@
 //! Fetching one image file: resume from the partial file with Range, hash while writing, check the
 //! SHA-256, fsync, rename into place, record it. A file that fails its hash is discarded, never kept.
 
-use super::{Catalog, manifest::human_bytes};
+use super::Catalog;
 use crate::ctx::Ctx;
 use crate::protocol::ErrorCode;
+use crate::util::bytes::human_bytes;
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 use std::io::Read;
@@ -94,7 +95,8 @@ pub async fn sync_file(
     url: &str,
     shutdown: &CancellationToken,
 ) -> bool {
-    let mut backoff = crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    let mut backoff =
+        crate::util::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     let mut last = String::new();
     for attempt in 1..=ATTEMPTS {
         if shutdown.is_cancelled() || !in_window(catalog) {
@@ -125,7 +127,8 @@ pub async fn sync_file(
                 }
                 let d = backoff.next_delay();
                 warn!(sha256, attempt, error = %last, retry_in = ?d, "image download failed");
-                if attempt < ATTEMPTS && !crate::backoff::sleep_or_shutdown(d, shutdown).await {
+                if attempt < ATTEMPTS && !crate::util::backoff::sleep_or_shutdown(d, shutdown).await
+                {
                     return false;
                 }
             }
@@ -173,7 +176,7 @@ async fn download(
     }
     // Free disk before each file, with the configured headroom.
     let need = size - offset;
-    let free = super::free_bytes(&catalog.cfg.dir)
+    let free = crate::util::bytes::free_bytes(&catalog.cfg.dir)
         .map_err(|e| format!("cannot read free disk space: {e}"))?;
     if free < need + catalog.cfg.min_free {
         return Err(format!(

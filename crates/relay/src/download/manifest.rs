@@ -3,6 +3,7 @@
 
 use crate::config::ImagesConfig;
 use crate::protocol::ImageManifest;
+use crate::util::bytes::human_bytes;
 use std::collections::{HashMap, HashSet};
 
 /// Checks the limits and the shape of every entry. Returns the reason for refusing it, if any.
@@ -28,7 +29,7 @@ pub fn validate(m: &ImageManifest, cfg: &ImagesConfig) -> Result<(), String> {
             return Err(format!("image {} lists no files", img.id));
         }
         for f in &img.files {
-            if let Err(why) = crate::proxy::paths::check(&f.path, None) {
+            if let Err(why) = crate::util::paths::check(&f.path, None) {
                 return Err(format!(
                     "image {}: path {:?} is not servable: {why:?}",
                     img.id, f.path
@@ -78,21 +79,6 @@ pub fn validate(m: &ImageManifest, cfg: &ImagesConfig) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1000.0 && u < UNITS.len() - 1 {
-        v /= 1000.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 #[cfg(test)]
@@ -168,11 +154,5 @@ mod tests {
                 .unwrap_err()
                 .contains("listed twice")
         );
-    }
-
-    #[test]
-    fn sizes_read_well() {
-        assert_eq!(human_bytes(999), "999 B");
-        assert_eq!(human_bytes(30_000_000_000), "30.0 GB");
     }
 }

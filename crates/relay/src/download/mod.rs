@@ -15,7 +15,7 @@ use crate::protocol::{ErrorCode, ImageManifest, ImageState, PATH_IMAGES};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -318,7 +318,7 @@ impl Catalog {
             last_sync: inner
                 .last_sync
                 .as_ref()
-                .map(|(t, _)| crate::ops::report::rfc3339(*t)),
+                .map(|(t, _)| crate::util::time::rfc3339(*t)),
             last_sync_error: inner.last_sync.as_ref().and_then(|(_, r)| r.clone().err()),
             sync_rounds: inner.rounds,
             downloads_active: self.stats.downloads_active.load(Ordering::Relaxed),
@@ -546,7 +546,7 @@ pub struct FileReport {
 /// channel message, `ucrelay images sync`), every `sync_interval`, and retries failures with backoff.
 pub async fn run(ctx: Ctx, catalog: Arc<Catalog>, shutdown: CancellationToken) -> Result<()> {
     let mut retry =
-        crate::backoff::Backoff::new(Duration::from_secs(30), Duration::from_secs(1800));
+        crate::util::backoff::Backoff::new(Duration::from_secs(30), Duration::from_secs(1800));
     let limiter = fetch::RateLimit::new(catalog.cfg.bandwidth_limit);
     let mut sessions = ctx.sessions.subscribe();
     loop {
@@ -677,10 +677,4 @@ async fn sync_once(
         all &= r.unwrap_or(false);
     }
     Ok(all)
-}
-
-/// Free bytes on the filesystem holding `dir`.
-pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
-    let st = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
-    Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
 }

@@ -883,13 +883,12 @@ async fn pin_and_clock(r: &mut Run, config: &Config, reachable: bool, running: O
     let cloud_time = headers
         .get(http::header::DATE)
         .and_then(|v| v.to_str().ok())
-        .and_then(parse_http_date)
+        .and_then(crate::util::time::parse_http_date)
         .or_else(|| {
             serde_json::from_slice::<serde_json::Value>(&body)
                 .ok()
                 .and_then(|v| v["server_time"].as_str().map(str::to_string))
-                .and_then(|t| t.parse::<jiff::Timestamp>().ok())
-                .and_then(to_system_time)
+                .and_then(|t| crate::util::time::parse_rfc3339(&t))
         });
     let Some(cloud_time) = cloud_time else {
         r.skip("clock", "the cloud's answer carries no Date header");
@@ -924,17 +923,6 @@ async fn pin_and_clock(r: &mut Run, config: &Config, reachable: bool, running: O
             format!("within {} s of the cloud's clock", secs.max(1)),
         );
     }
-}
-
-fn parse_http_date(s: &str) -> Option<SystemTime> {
-    jiff::fmt::rfc2822::parse(s)
-        .ok()
-        .and_then(|z| to_system_time(z.timestamp()))
-}
-
-fn to_system_time(t: jiff::Timestamp) -> Option<SystemTime> {
-    let secs = u64::try_from(t.as_second()).ok()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
 }
 
 /// The edge's ports: free to bind, or bound by the running relay.
@@ -996,9 +984,9 @@ fn disk(r: &mut Run, config: &Config) {
         }
         p
     };
-    let human = crate::download::manifest::human_bytes;
+    let human = crate::util::bytes::human_bytes;
     let state = existing(&config.state_dir);
-    let state_free = match crate::download::free_bytes(&state) {
+    let state_free = match crate::util::bytes::free_bytes(&state) {
         Ok(f) => f,
         Err(e) => {
             r.warn(
@@ -1029,7 +1017,7 @@ fn disk(r: &mut Run, config: &Config) {
         return;
     };
     let dir = existing(&images.dir);
-    let free = crate::download::free_bytes(&dir).unwrap_or(state_free);
+    let free = crate::util::bytes::free_bytes(&dir).unwrap_or(state_free);
     let cached = dir_size(&images.dir.join("files"));
     // What the cache may still grow by, plus the reserve the download agent keeps untouched.
     let needed = images.max_total.saturating_sub(cached) + images.min_free;
@@ -1222,16 +1210,6 @@ async fn devices(r: &mut Run, socket: &Path, running: Option<&Running>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn http_dates_parse() {
-        let t = parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
-        assert_eq!(
-            t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(),
-            784111777
-        );
-        assert!(parse_http_date("yesterday").is_none());
-    }
 
     #[test]
     fn deadlines_shrink_to_the_budget() {

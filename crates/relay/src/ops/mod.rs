@@ -7,6 +7,5 @@ pub mod doctor;
 pub mod logwriter;
 pub mod metrics;
 pub mod report;
-pub mod shard;
 pub mod systemd;
 pub mod views;

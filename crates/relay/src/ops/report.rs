@@ -2,6 +2,7 @@
 //! by the daemon (which builds them) and the CLI (which renders them), so both always agree.
 
 use crate::ctx::{ChannelState, Ctx, Registration};
+use crate::util::time::rfc3339;
 use serde::{Deserialize, Serialize};
 use std::time::SystemTime;
 
@@ -152,10 +153,6 @@ pub struct JobReport {
     /// `on` or `off`.
     pub state: String,
     pub detail: String,
-}
-
-pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 impl StatusReport {

@@ -9,10 +9,10 @@
 pub mod cert;
 mod forward;
 mod lane;
-pub mod paths;
 pub mod tls;
 
 use crate::config::{Config, EdgeConfig};
+use crate::util::paths;
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use http::{Request, Response, StatusCode, header};
@@ -63,7 +63,7 @@ pub fn text_response(status: StatusCode, text: &str) -> Response<EdgeBody> {
 
 /// Counters shown in `ucrelay status`, one copy per thread (see `ops::shard`): read them with
 /// `sum`, bump them through `local()`.
-pub type EdgeStats = crate::ops::shard::Sharded<EdgeCounters>;
+pub type EdgeStats = crate::util::shard::Sharded<EdgeCounters>;
 
 #[derive(Default, Debug)]
 pub struct EdgeCounters {
@@ -427,7 +427,7 @@ async fn handle(conn: Arc<DeviceConn>, req: Request<Incoming>) -> Response<EdgeB
         _ => &stats.status_5xx,
     };
     counter.fetch_add(1, Ordering::Relaxed);
-    crate::ops::metrics::global().edge_request(status.as_u16(), started.elapsed());
+    crate::util::metrics::global().edge_request(status.as_u16(), started.elapsed());
     let (parts, body) = resp.into_parts();
     let logged = AccessLogBody {
         inner: body,

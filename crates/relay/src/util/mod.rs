@@ -1,3 +1,11 @@
-//! Small helpers every part of the relay uses. A leaf: nothing here imports the rest of the crate.
+//! Small helpers every part of the relay uses. A leaf: nothing here imports the rest of the crate,
+//! so any module may use it without drawing a dependency on another job.
 
+pub mod backoff;
 pub mod build;
+pub mod bytes;
+pub mod metrics;
+pub mod paths;
+pub mod secret;
+pub mod shard;
+pub mod time;

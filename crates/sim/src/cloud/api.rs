@@ -286,7 +286,16 @@ pub(crate) async fn persist(shared: &Shared, generation: u64) -> ApiResult<()> {
 
 /// Whole seconds, like the protocol document's examples; the relay only uses it for skew hints.
 fn server_time(shared: &Shared) -> Option<String> {
-    Some(humantime::format_rfc3339_seconds(shared.now()).to_string())
+    let secs = shared
+        .now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    Some(
+        jiff::Timestamp::from_second(i64::try_from(secs).ok()?)
+            .ok()?
+            .to_string(),
+    )
 }
 
 fn interval_secs(shared: &Shared) -> u64 {
