@@ -110,7 +110,7 @@ pub async fn main(args: DemoArgs) -> Result<()> {
     type Ready = (
         Arc<StatusBoard>,
         Option<SocketAddr>,
-        Option<Arc<ucrelay_relay::download::Catalog>>,
+        Option<Arc<ucrelay_relay::cache::Catalog>>,
     );
     let (board_tx, board_rx) = tokio::sync::oneshot::channel::<Ready>();
     let relay = tokio::spawn(ucrelay_relay::daemon::run(
@@ -173,7 +173,7 @@ struct World<'a> {
 
 async fn narrate(
     board: &StatusBoard,
-    images: Option<Arc<ucrelay_relay::download::Catalog>>,
+    images: Option<Arc<ucrelay_relay::cache::Catalog>>,
     world: &World<'_>,
     say: &impl Fn(String),
     shutdown: &CancellationToken,

@@ -311,7 +311,7 @@ async fn images(
     action: Option<crate::cli::ImagesAction>,
 ) -> anyhow::Result<ExitCode> {
     use crate::cli::ImagesAction;
-    use ucrelay_relay::download::CatalogReport;
+    use ucrelay_relay::cache::CatalogReport;
     use ucrelay_relay::ops::admin::{call_json, get_json};
     let post = http::Method::POST;
     match action {
@@ -398,7 +398,7 @@ async fn images(
     }
 }
 
-fn progress_line(done: u64, total: u64, r: &ucrelay_relay::download::CatalogReport) -> String {
+fn progress_line(done: u64, total: u64, r: &ucrelay_relay::cache::CatalogReport) -> String {
     use ucrelay_relay::util::bytes::human_bytes;
     let pct = (done * 100).checked_div(total).unwrap_or(100);
     let filled = (pct / 5) as usize;
@@ -412,7 +412,7 @@ fn progress_line(done: u64, total: u64, r: &ucrelay_relay::download::CatalogRepo
     )
 }
 
-fn render_images(r: &ucrelay_relay::download::CatalogReport) -> String {
+fn render_images(r: &ucrelay_relay::cache::CatalogReport) -> String {
     use ucrelay_relay::util::bytes::human_bytes;
     let mut out = format!("revision {}", r.revision);
     if let Some(t) = &r.last_sync {
@@ -472,7 +472,7 @@ fn check(path: &std::path::Path) -> ExitCode {
             }
             let mut failed = false;
             if let Some(e) = &c.edge {
-                use ucrelay_relay::proxy::cert::{self, Level};
+                use ucrelay_relay::edge::cert::{self, Level};
                 let report = cert::load(
                     &e.pfx,
                     e.pfx_password_file.as_deref(),

@@ -167,16 +167,16 @@ async fn tls_front(
     cloud: std::net::SocketAddr,
 ) -> (u16, std::path::PathBuf, tokio::task::JoinHandle<()>) {
     let pki = ucrelay_sim::pki::make(dir, "localhost").unwrap();
-    let report = ucrelay_relay::proxy::cert::load(
+    let report = ucrelay_relay::edge::cert::load(
         &pki.pfx,
         Some(&pki.password_file),
         &["localhost".to_string()],
         std::time::SystemTime::now(),
     );
     let slot =
-        ucrelay_relay::proxy::tls::CertSlot::new(report.cert.expect("test certificate loads"));
+        ucrelay_relay::edge::tls::CertSlot::new(report.cert.expect("test certificate loads"));
     let acceptor =
-        tokio_rustls::TlsAcceptor::from(ucrelay_relay::proxy::tls::server_config(slot).unwrap());
+        tokio_rustls::TlsAcceptor::from(ucrelay_relay::edge::tls::server_config(slot).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let task = tokio::spawn(async move {

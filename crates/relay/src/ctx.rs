@@ -23,11 +23,11 @@ pub struct Ctx {
     /// The cloud session (token) the management agent keeps; other jobs borrow its token.
     pub sessions: Arc<crate::agent::Sessions>,
     /// The download agent's catalog, when `[images]` is configured.
-    pub images: Option<Arc<crate::download::Catalog>>,
+    pub images: Option<Arc<crate::cache::Catalog>>,
     /// The device plane (commands, tasks, monitoring); inert when `[devices]` is absent.
     pub devices: Arc<crate::devices::DevicePlane>,
     /// The device-facing edge, when `[edge]` is configured.
-    pub edge: Option<Arc<crate::proxy::Edge>>,
+    pub edge: Option<Arc<crate::edge::Edge>>,
     /// Asks the daemon to reload config and certificate; the answer comes back on the oneshot.
     pub reload: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<ReloadOutcome>>,
 }
@@ -41,9 +41,9 @@ pub struct ReloadOutcome {
 
 /// The optional jobs' shared state, handed to [`Ctx::new`].
 pub struct Jobs {
-    pub images: Option<Arc<crate::download::Catalog>>,
+    pub images: Option<Arc<crate::cache::Catalog>>,
     pub devices: Arc<crate::devices::DevicePlane>,
-    pub edge: Option<Arc<crate::proxy::Edge>>,
+    pub edge: Option<Arc<crate::edge::Edge>>,
 }
 
 impl Ctx {

@@ -8,7 +8,7 @@
 use crate::cloud::CloudClient;
 use crate::config::Config;
 use crate::ctx::Ctx;
-use crate::proxy::{self, Edge};
+use crate::edge::{self, Edge};
 use crate::store::Store;
 use crate::{agent, ops, reload};
 use anyhow::{Context, Result, anyhow};
@@ -33,8 +33,8 @@ pub async fn run(
     let store = Store::open(&config.state_dir)?;
     let images = match &config.images {
         Some(cfg) => {
-            let cat = crate::download::Catalog::open(cfg, &store)
-                .context("cannot open the image cache")?;
+            let cat =
+                crate::cache::Catalog::open(cfg, &store).context("cannot open the image cache")?;
             if let Some(e) = &edge {
                 let _ = e.images.set(cat.clone());
             }
@@ -105,7 +105,7 @@ pub async fn run(
         );
     }
     if let (Some(edge), Some(listeners)) = (edge, edge_listeners) {
-        spawn(&mut set, "edge", proxy::run(edge, listeners, jobs.clone()));
+        spawn(&mut set, "edge", edge::run(edge, listeners, jobs.clone()));
     }
     if let Some(cat) = images {
         spawn(

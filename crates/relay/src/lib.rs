@@ -10,6 +10,7 @@
 #![deny(unsafe_code)]
 
 pub mod agent;
+pub mod cache;
 pub mod cloud;
 pub mod config;
 pub mod ctx;
@@ -18,7 +19,7 @@ pub mod devices;
 pub mod download;
 pub mod ops;
 pub use ucrelay_protocol as protocol;
-pub mod proxy;
+pub mod edge;
 pub mod reload;
 pub mod store;
 pub mod util;

@@ -5,7 +5,7 @@
 
 use crate::config::Config;
 use crate::ctx::{Ctx, ReloadOutcome};
-use crate::proxy::{Upstream, cert};
+use crate::edge::{cert, provisioning::Upstream};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -84,7 +84,7 @@ fn reload(ctx: &Ctx) -> ReloadOutcome {
                     ok = false;
                     let why = format!(
                         "certificate refused: {}; the previous certificate stays in service",
-                        crate::proxy::refusal(&report)
+                        crate::edge::refusal(&report)
                     );
                     *edge.reload_error.write().unwrap_or_else(|e| e.into_inner()) =
                         Some(why.clone());

@@ -1,13 +1,12 @@
 //! Fetching one image file: resume from the partial file with Range, hash while writing, check the
 //! SHA-256, fsync, rename into place, record it. A file that fails its hash is discarded, never kept.
 
-use super::Catalog;
+use crate::cache::{Catalog, hash_file, hash_prefix, hex};
 use crate::ctx::Ctx;
 use crate::protocol::ErrorCode;
 use crate::util::bytes::human_bytes;
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
-use std::io::Read;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -58,31 +57,6 @@ impl RateLimit {
             tokio::time::sleep(Duration::from_secs_f64(-bucket.0 / self.rate)).await;
         }
     }
-}
-
-/// SHA-256 of a file, lower-case hex.
-pub fn hash_file(path: &std::path::Path) -> std::io::Result<String> {
-    Ok(hex(&hash_prefix(path)?.0.finalize()))
-}
-
-/// The running hash of everything in a file, and how many bytes that was (for resuming).
-fn hash_prefix(path: &std::path::Path) -> std::io::Result<(Sha256, u64)> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0u64;
-    loop {
-        let r = f.read(&mut buf)?;
-        if r == 0 {
-            return Ok((h, n));
-        }
-        h.update(&buf[..r]);
-        n += r as u64;
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Syncs one file with a few attempts; records the final state. Returns true when synced.

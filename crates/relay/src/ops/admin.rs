@@ -85,7 +85,7 @@ fn no_images() -> ApiError {
     )
 }
 
-async fn images(State(ctx): State<Ctx>) -> Result<Json<crate::download::CatalogReport>, ApiError> {
+async fn images(State(ctx): State<Ctx>) -> Result<Json<crate::cache::CatalogReport>, ApiError> {
     let cat = ctx.images.as_ref().ok_or_else(no_images)?;
     Ok(Json(cat.report()))
 }

@@ -248,7 +248,7 @@ pub async fn run(config_path: &Path, socket: Option<&Path>) -> Report {
 }
 
 fn certificate(r: &mut Run, config: &Config) {
-    use crate::proxy::cert::{self, Level as CertLevel};
+    use crate::edge::cert::{self, Level as CertLevel};
     let Some(e) = &config.edge else {
         r.skip("certificate", "no [edge] section: no certificate needed");
         return;

@@ -23,7 +23,7 @@ pub struct StatusReport {
     /// The device-facing edge, when configured.
     pub edge: Option<EdgeReport>,
     /// The image cache, when the download agent runs.
-    pub images: Option<crate::download::CatalogReport>,
+    pub images: Option<crate::cache::CatalogReport>,
     /// Device plane totals (known / online / offline devices, tasks by state).
     #[serde(default)]
     pub devices: Option<DevicesReport>,
@@ -99,7 +99,7 @@ pub struct EdgeReport {
 }
 
 impl EdgeReport {
-    fn build(edge: &crate::proxy::Edge) -> EdgeReport {
+    fn build(edge: &crate::edge::Edge) -> EdgeReport {
         let cert = edge.cert.current();
         let st = &edge.stats;
         let (_, upstream) = edge.upstream.get();

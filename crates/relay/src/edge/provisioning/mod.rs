@@ -1,17 +1,22 @@
-//! Forwarding to the provisioning upstream: the request goes on unchanged apart from what a proxy
-//! must change (hop-by-hop headers dropped, Host rewritten, X-Forwarded-* added), bodies stream both
-//! ways, nothing is cached. Upstream connections are kept alive and reused (see `lane`).
+//! The provisioning handler: forwards a device request to `[provisioning].upstream`. The request goes
+//! on unchanged apart from what a proxy must change (hop-by-hop headers dropped, Host rewritten,
+//! X-Forwarded-* added), bodies stream both ways, nothing is cached. Upstream connections are kept
+//! alive and reused (see `lane`).
 
-use super::DeviceConn;
-use super::lane::{Lane, LaneBody, LaneSlot, Pool, SendError, UpIo};
-use super::{EdgeBody, text_response};
+mod lane;
+
+use super::body::{BoxError, EdgeBody, text_response};
+use super::conn::DeviceConn;
 use crate::config::{CloudUrl, ProvisioningConfig};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+pub use lane::LaneSlot;
+use lane::{Lane, LaneBody, Pool, SendError, UpIo};
 use rustls::pki_types::ServerName;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tracing::debug;
@@ -220,10 +225,7 @@ impl Upstream {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 let body = LaneBody::new(body, lane, device.clone());
-                Response::from_parts(
-                    parts,
-                    body.map_err(|e| Box::new(e) as super::BoxError).boxed(),
-                )
+                Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed())
             }
         }
     }
@@ -268,6 +270,45 @@ fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
     };
     if let Ok(v) = HeaderValue::from_str(&value) {
         headers.insert(name, v);
+    }
+}
+
+/// The provisioning upstream in service, which a reload may replace. Each device connection takes
+/// it once, with its generation, and its requests only check the generation: reading that shared
+/// number is cheap, while taking the lock and a reference for every request would make the CPUs
+/// pass those cache lines back and forth (see `util::shard`).
+pub struct UpstreamSlot {
+    current: RwLock<Option<Arc<Upstream>>>,
+    generation: AtomicU64,
+}
+
+impl UpstreamSlot {
+    pub(crate) fn new(up: Option<Arc<Upstream>>) -> UpstreamSlot {
+        UpstreamSlot {
+            current: RwLock::new(up),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// The upstream in service and its generation.
+    pub fn get(&self) -> (u64, Option<Arc<Upstream>>) {
+        // The generation first: a value newer than its generation only costs a second look.
+        let generation = self.generation.load(Ordering::Acquire);
+        let up = self
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        (generation, up)
+    }
+
+    pub fn set(&self, up: Option<Arc<Upstream>>) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = up;
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 }
 

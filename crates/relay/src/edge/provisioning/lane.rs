@@ -11,7 +11,7 @@
 //! handshake with the upstream. A pooled connection stays usable until the upstream closes it or
 //! it has been idle for [`IDLE`]; the pool keeps at most [`POOL_MAX`].
 
-use super::DeviceConn;
+use crate::edge::conn::DeviceConn;
 use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{Builder, Connection, SendRequest};

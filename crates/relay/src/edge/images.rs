@@ -1,13 +1,15 @@
-//! Serving cached image files to devices on the edge: GET and HEAD, one byte range (206, or 416 when
+//! The image handler: serves verified files from the image cache to devices: GET and HEAD, one byte range (206, or 416 when
 //! it cannot be met), ETag from the SHA-256, Last-Modified, If-None-Match and If-Range. The file is
 //! streamed in fixed-size chunks, so memory per download stays the same whatever the file's size.
 
-use super::Catalog;
-use crate::proxy::{BoxError, EdgeBody, SocketState, text_response};
+use super::body::{BoxError, EdgeBody, text_response};
+use super::conn::SocketState;
+use crate::cache::{Catalog, Lookup};
 use crate::util::time::http_date;
 use bytes::Bytes;
-use http::{HeaderValue, Method, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper::body::Incoming;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -17,8 +19,40 @@ use std::time::SystemTime;
 /// once every kilobyte held per connection counts.
 const CHUNK: usize = 16 * 1024;
 
+/// The answer for `path` when it is an image path: the file once verified, else 503 with
+/// `Retry-After` while it syncs. `None` when the cache does not list the path.
+pub async fn answer(
+    cache: &Arc<Catalog>,
+    req: &Request<Incoming>,
+    socket: &Arc<SocketState>,
+    path: &str,
+) -> Option<Response<EdgeBody>> {
+    match cache.lookup(path) {
+        Lookup::Ready { file, sha256, size } => {
+            Some(serve(cache, req, Some(socket.clone()), path, &file, &sha256, size).await)
+        }
+        Lookup::NotReady { done, size } => {
+            cache
+                .stats
+                .refused_not_synced
+                .fetch_add(1, Ordering::Relaxed);
+            let pct = (done * 100).checked_div(size).unwrap_or(0);
+            let mut r = text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "{path} is still syncing to this relay ({pct}% done); it is served once verified"
+                ),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("60"));
+            Some(r)
+        }
+        Lookup::Unknown => None,
+    }
+}
+
 /// Answers one request for a verified file.
-pub async fn serve(
+async fn serve(
     catalog: &Arc<Catalog>,
     req: &http::Request<hyper::body::Incoming>,
     socket: Option<Arc<SocketState>>,

@@ -1,0 +1,349 @@
+//! The device-facing edge: the one HTTP server devices talk to. It owns the listeners (HTTPS on
+//! `[edge].listen` with the PFX certificate, plain HTTP on `legacy_http_listen` for devices inside
+//! `[devices].subnets`), TLS, the limits, routing, the body types and each connection's socket
+//! state. Two handlers sit under it and never import each other: [`images`] serves verified files
+//! from the image cache, [`provisioning`] forwards everything else to `[provisioning].upstream`.
+//!
+//! Hostile input is stopped here: a cap on open connections (over it: 503 at once), deadlines on the
+//! TLS handshake, on reading request headers and on any stall, a header size cap, and path checks
+//! before routing. Nothing here caches provisioning answers.
+
+pub mod body;
+pub mod cert;
+pub mod conn;
+pub mod images;
+pub mod provisioning;
+mod router;
+pub mod tls;
+
+use crate::config::{Config, EdgeConfig};
+use conn::{ActivityIo, DeviceConn, SocketState};
+use http::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use ipnet::IpNet;
+use provisioning::{Upstream, UpstreamSlot};
+use router::handle;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+/// Outgoing TLS bytes buffered per connection.
+const TLS_BUFFER: usize = 16 * 1024;
+
+/// Counters shown in `ucrelay status`, one copy per thread (see `util::shard`): read them with
+/// `sum`, bump them through `local()`.
+pub type EdgeStats = crate::util::shard::Sharded<EdgeCounters>;
+
+#[derive(Default, Debug)]
+pub struct EdgeCounters {
+    pub connections_open: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub tls_handshake_failures: AtomicU64,
+    pub requests: AtomicU64,
+    pub status_2xx: AtomicU64,
+    pub status_3xx: AtomicU64,
+    pub status_4xx: AtomicU64,
+    pub status_5xx: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub legacy_forbidden: AtomicU64,
+}
+
+/// What the edge runs with; the certificate and the upstream can change on reload.
+pub struct Edge {
+    pub cfg: EdgeConfig,
+    pub cert: Arc<tls::CertSlot>,
+    pub upstream: UpstreamSlot,
+    pub subnets: Vec<IpNet>,
+    pub stats: EdgeStats,
+    /// Why the last reload of the certificate was refused, if it was.
+    pub reload_error: RwLock<Option<String>>,
+    /// The image cache, when the download agent runs: its paths are served here.
+    pub images: std::sync::OnceLock<Arc<crate::cache::Catalog>>,
+    /// The addresses actually bound (a configured port 0 becomes a real port).
+    pub bound: std::sync::OnceLock<(SocketAddr, Option<SocketAddr>)>,
+}
+
+/// Every failed certificate rule as `rule: message`, for one-line errors.
+pub fn refusal(report: &cert::CertReport) -> String {
+    report
+        .failures()
+        .map(|c| format!("{}: {}", c.rule, c.message))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+pub struct EdgeListeners {
+    pub tls: TcpListener,
+    pub legacy: Option<TcpListener>,
+}
+
+impl Edge {
+    /// Loads and checks the certificate and prepares the upstream; fails with every broken rule named.
+    pub fn new(config: &Config) -> anyhow::Result<Option<Arc<Edge>>> {
+        let Some(e) = &config.edge else {
+            return Ok(None);
+        };
+        let report = cert::load(
+            &e.pfx,
+            e.pfx_password_file.as_deref(),
+            &e.fqdn,
+            std::time::SystemTime::now(),
+        );
+        for c in report
+            .checks
+            .iter()
+            .filter(|c| c.level == cert::Level::Warn)
+        {
+            warn!(rule = %c.rule, "certificate: {}", c.message);
+        }
+        let Some(loaded) = report.cert else {
+            anyhow::bail!(
+                "edge.pfx {}: certificate refused: {}",
+                e.pfx.display(),
+                refusal(&report)
+            );
+        };
+        info!(subject = %loaded.subject, sha256 = %loaded.sha256, "edge certificate loaded");
+        let upstream = config
+            .provisioning
+            .as_ref()
+            .map(Upstream::new)
+            .transpose()?
+            .map(Arc::new);
+        Ok(Some(Arc::new(Edge {
+            cfg: e.clone(),
+            cert: tls::CertSlot::new(loaded),
+            upstream: UpstreamSlot::new(upstream),
+            subnets: config.devices.subnets.clone(),
+            stats: EdgeStats::default(),
+            reload_error: RwLock::new(None),
+            bound: std::sync::OnceLock::new(),
+            images: std::sync::OnceLock::new(),
+        })))
+    }
+
+    pub async fn bind(&self) -> anyhow::Result<EdgeListeners> {
+        use anyhow::Context;
+        let tls = TcpListener::bind(self.cfg.listen)
+            .await
+            .with_context(|| format!("cannot listen on edge.listen {}", self.cfg.listen))?;
+        let legacy = match self.cfg.legacy_http_listen {
+            None => None,
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("cannot listen on edge.legacy_http_listen {a}"))?,
+            ),
+        };
+        let _ = self.bound.set((
+            tls.local_addr()?,
+            legacy.as_ref().map(|l| l.local_addr()).transpose()?,
+        ));
+        Ok(EdgeListeners { tls, legacy })
+    }
+}
+
+/// Serves both listeners until shutdown, then lets open connections finish their current request
+/// (bounded by the daemon's grace period).
+pub async fn run(
+    edge: Arc<Edge>,
+    listeners: EdgeListeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let tls_cfg = tls::server_config(edge.cert.clone())?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls_cfg);
+    let slots = Arc::new(Semaphore::new(edge.cfg.max_connections));
+    let tracker = TaskTracker::new();
+    let mut loops = tokio::task::JoinSet::new();
+    loops.spawn(accept_loop(
+        edge.clone(),
+        listeners.tls,
+        Some(acceptor),
+        slots.clone(),
+        tracker.clone(),
+        shutdown.clone(),
+    ));
+    if let Some(l) = listeners.legacy {
+        loops.spawn(accept_loop(
+            edge.clone(),
+            l,
+            None,
+            slots,
+            tracker.clone(),
+            shutdown.clone(),
+        ));
+    }
+    while let Some(r) = loops.join_next().await {
+        r??;
+    }
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+async fn accept_loop(
+    edge: Arc<Edge>,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    slots: Arc<Semaphore>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    info!(listen = %listener.local_addr()?, scheme, "edge listening");
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause instead of spinning.
+                    warn!(error = %e, "edge accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        edge.stats
+            .local()
+            .connections_total
+            .fetch_add(1, Ordering::Relaxed);
+        let permit = slots.clone().try_acquire_owned().ok();
+        let (edge, tls, shutdown) = (edge.clone(), tls.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            edge.stats
+                .local()
+                .connections_open
+                .fetch_add(1, Ordering::Relaxed);
+            connection(&edge, stream, peer, tls, permit.is_some(), shutdown).await;
+            edge.stats
+                .local()
+                .connections_open
+                .fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+}
+
+async fn connection(
+    edge: &Arc<Edge>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    admitted: bool,
+    shutdown: CancellationToken,
+) {
+    let socket = Arc::new(SocketState::new());
+    let io = ActivityIo {
+        inner: stream,
+        state: socket.clone(),
+    };
+    let deadline = edge.cfg.header_timeout;
+    match tls {
+        None => serve_http(edge, io, peer, "http", admitted, socket, shutdown).await,
+        Some(acceptor) => match tokio::time::timeout(deadline, acceptor.accept(io)).await {
+            Ok(Ok(mut tls_io)) => {
+                // rustls buffers up to 64 KiB of outgoing data per connection by default; one
+                // record is enough to keep the socket busy and bounds memory per device.
+                tls_io.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
+                serve_http(edge, tls_io, peer, "https", admitted, socket, shutdown).await
+            }
+            Ok(Err(e)) => {
+                edge.stats
+                    .local()
+                    .tls_handshake_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(%peer, error = %e, "TLS handshake failed");
+            }
+            Err(_) => {
+                edge.stats
+                    .local()
+                    .tls_handshake_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(%peer, "TLS handshake timed out");
+            }
+        },
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_http<I>(
+    edge: &Arc<Edge>,
+    mut io: I,
+    peer: SocketAddr,
+    scheme: &'static str,
+    admitted: bool,
+    socket: Arc<SocketState>,
+    shutdown: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if !admitted {
+        // Over the connection cap: say so at once rather than leave the device hanging.
+        edge.stats
+            .local()
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        edge.stats
+            .local()
+            .status_5xx
+            .fetch_add(1, Ordering::Relaxed);
+        let msg = "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Type: text/plain\r\nContent-Length: 33\r\nConnection: close\r\n\r\n503 relay busy: too many devices\n";
+        let _ = tokio::time::timeout(Duration::from_secs(2), io.write_all(msg.as_bytes())).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), io.shutdown()).await;
+        return;
+    }
+    let conn = Arc::new(DeviceConn {
+        edge: edge.clone(),
+        peer,
+        scheme,
+        socket: socket.clone(),
+        upstream: edge.upstream.get(),
+        lanes: provisioning::LaneSlot::default(),
+    });
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let conn = conn.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(conn, req).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(edge.cfg.header_timeout)
+        .max_buf_size(edge.cfg.max_header_size)
+        .keep_alive(true);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    let idle = edge.cfg.idle_timeout;
+    let mut shutting_down = false;
+    loop {
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    debug!(%peer, error = %e, "edge connection ended with an error");
+                }
+                return;
+            }
+            _ = shutdown.cancelled(), if !shutting_down => {
+                // Finish the request in flight, then close.
+                shutting_down = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = tokio::time::sleep(Duration::from_secs(1).min(idle)) => {
+                if socket.idle_for() >= idle {
+                    debug!(%peer, "closing a connection idle for {idle:?}");
+                    return;
+                }
+            }
+        }
+    }
+}
