@@ -234,7 +234,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Reload(args) => {
             let socket = admin_socket(&args)?;
-            let outcome: ucrelay_relay::ctx::ReloadOutcome = runtime()?.block_on(
+            let outcome: ucrelay_relay::ops::ReloadOutcome = runtime()?.block_on(
                 ucrelay_relay::ops::admin::call_json(&socket, http::Method::POST, "/v1/reload"),
             )?;
             if args.json {

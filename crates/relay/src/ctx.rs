@@ -1,7 +1,10 @@
-//! `Ctx`: what every long-lived task shares (config, store, cloud client, the live status board).
-//! Cheap to clone.
+//! `Ctx`: the services every long-lived job shares: the validated config, the store, the cloud
+//! connector and session, and the status board the management agent keeps. Cheap to clone.
+//!
+//! It carries services, never a job's own state: each job's state reaches it once, as the argument
+//! of its `run(ctx, state, shutdown)`, so no job can reach into another through `Ctx`.
 
-use crate::cloud::CloudClient;
+use crate::cloud::{CloudClient, Sessions};
 use crate::config::Config;
 use crate::store::Store;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -13,63 +16,30 @@ pub struct Ctx {
     pub config: Arc<Config>,
     pub store: Store,
     pub cloud: CloudClient,
+    /// The cloud session (bearer token) the management agent keeps; other jobs use its token.
+    pub sessions: Arc<Sessions>,
     pub relay_id: Arc<str>,
     pub hostname: Arc<str>,
     pub status: Arc<StatusBoard>,
-    /// Wakes the results sender when a result lands in the outbox.
-    pub outbox_wake: Arc<Notify>,
+    /// Wakes the results sender when a result lands in the outbox (whoever stored it).
+    pub results_wake: Arc<Notify>,
     pub started: Instant,
     pub started_at: SystemTime,
-    /// The cloud session (token) the management agent keeps; other jobs borrow its token.
-    pub sessions: Arc<crate::agent::Sessions>,
-    /// The download agent's catalog, when `[images]` is configured.
-    pub images: Option<Arc<crate::cache::Catalog>>,
-    /// The device plane (commands, tasks, monitoring); inert when `[devices]` is absent.
-    pub devices: Arc<crate::devices::DevicePlane>,
-    /// The device-facing edge, when `[edge]` is configured.
-    pub edge: Option<Arc<crate::edge::Edge>>,
-    /// Asks the daemon to reload config and certificate; the answer comes back on the oneshot.
-    pub reload: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<ReloadOutcome>>,
-}
-
-/// What a reload did, line by line, and whether everything asked for was applied.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct ReloadOutcome {
-    pub ok: bool,
-    pub messages: Vec<String>,
-}
-
-/// The optional jobs' shared state, handed to [`Ctx::new`].
-pub struct Jobs {
-    pub images: Option<Arc<crate::cache::Catalog>>,
-    pub devices: Arc<crate::devices::DevicePlane>,
-    pub edge: Option<Arc<crate::edge::Edge>>,
 }
 
 impl Ctx {
-    pub fn new(
-        config: Config,
-        store: Store,
-        cloud: CloudClient,
-        relay_id: String,
-        jobs: Jobs,
-        reload: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<ReloadOutcome>>,
-    ) -> Ctx {
+    pub fn new(config: Config, store: Store, cloud: CloudClient, relay_id: String) -> Ctx {
         Ctx {
             config: Arc::new(config),
             store,
             cloud,
+            sessions: Arc::new(Sessions::new()),
             relay_id: relay_id.into(),
             hostname: hostname().into(),
             status: Arc::new(StatusBoard::default()),
-            outbox_wake: Arc::new(Notify::new()),
+            results_wake: Arc::new(Notify::new()),
             started: Instant::now(),
             started_at: SystemTime::now(),
-            sessions: Arc::new(crate::agent::Sessions::new()),
-            images: jobs.images,
-            devices: jobs.devices,
-            edge: jobs.edge,
-            reload,
         }
     }
 }

@@ -20,6 +20,6 @@ pub mod download;
 pub mod ops;
 pub use ucrelay_protocol as protocol;
 pub mod edge;
-pub mod reload;
+
 pub mod store;
 pub mod util;

@@ -6,7 +6,9 @@
 //! a deadline too. Reconnects use capped exponential backoff with full jitter, reset after the
 //! connection stayed up for a stable period.
 
-use super::{Sessions, commands};
+use super::Dispatch;
+use super::commands::Runner;
+use crate::cloud::Sessions;
 use crate::ctx::{ChannelState, Ctx};
 use crate::protocol::{ChannelErrorCode, CloudMessage, ErrorCode, PATH_CHANNEL, RelayMessage};
 use crate::util::backoff::{Backoff, sleep_or_shutdown};
@@ -23,7 +25,13 @@ const STABLE_AFTER: Duration = Duration::from_secs(60);
 /// Missed ping intervals after which the peer is considered dead.
 const MISSED_PINGS: u32 = 3;
 
-pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken) -> Result<()> {
+pub async fn run(
+    ctx: Ctx,
+    sessions: Arc<Sessions>,
+    runner: &Runner,
+    dispatch: &dyn Dispatch,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let mut backoff = Backoff::new(Duration::from_secs(1), ctx.config.cloud.reconnect_max);
     let mut rx = sessions.subscribe();
     let mut attempts = 0u64;
@@ -59,7 +67,7 @@ pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken)
                     st.channel_since = Some(SystemTime::now());
                 }
                 info!("command channel connected");
-                let reason = serve(&ctx, ws, &shutdown).await;
+                let reason = serve(&ctx, ws, runner, dispatch, &shutdown).await;
                 if shutdown.is_cancelled() {
                     ctx.status.lock().channel =
                         ChannelState::Disconnected("relay shutting down".into());
@@ -88,6 +96,8 @@ pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken)
 async fn serve(
     ctx: &Ctx,
     ws: tokio_tungstenite::WebSocketStream<crate::cloud::BoxIo>,
+    runner: &Runner,
+    dispatch: &dyn Dispatch,
     shutdown: &CancellationToken,
 ) -> String {
     let ping_every = ctx.config.cloud.ping_interval;
@@ -135,7 +145,7 @@ async fn serve(
                 last_rx = Instant::now();
                 match msg {
                     Message::Text(text) => {
-                        if let Some(reply) = on_text(ctx, text.as_str()).await {
+                        if let Some(reply) = on_text(ctx, runner, dispatch, text.as_str()).await {
                             if matches!(reply, RelayMessage::Error { .. }) {
                                 ctx.status.lock().channel_errors_sent += 1;
                             }
@@ -170,7 +180,12 @@ async fn serve(
 }
 
 /// Handles one text frame; returns the reply to send at once, if any.
-async fn on_text(ctx: &Ctx, text: &str) -> Option<RelayMessage> {
+async fn on_text(
+    ctx: &Ctx,
+    runner: &Runner,
+    dispatch: &dyn Dispatch,
+    text: &str,
+) -> Option<RelayMessage> {
     match CloudMessage::decode(text) {
         Err(e) => {
             warn!(code = ?e.code, error = %e.message, "unusable message on the command channel");
@@ -186,18 +201,9 @@ async fn on_text(ctx: &Ctx, text: &str) -> Option<RelayMessage> {
             None
         }
         Ok(CloudMessage::ImagesSync { revision }) => {
-            match &ctx.images {
-                Some(cat) => {
-                    info!(revision, "cloud asked for an image sync");
-                    cat.wake.notify_one();
-                }
-                None => info!(
-                    revision,
-                    "cloud asked for an image sync, but [images] is not configured"
-                ),
-            }
+            dispatch.images_revision(revision, true);
             None
         }
-        Ok(CloudMessage::Command(cmd)) => commands::accept(ctx, cmd).await,
+        Ok(CloudMessage::Command(cmd)) => runner.accept(ctx, cmd).await,
     }
 }

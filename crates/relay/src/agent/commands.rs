@@ -1,28 +1,57 @@
 //! Commands from the channel: stored before they are acknowledged, run, and their result stored in
 //! the outbox in the same transaction that drops them from the inbox.
 //!
-//! Relay-level commands live here (`ping`, `relay_status`); device commands join with the device
-//! plane. An unknown name is acknowledged and answered `not_applicable`, so a newer cloud learns what
-//! this relay cannot do instead of waiting.
+//! `ping` is the agent's own command; every other one goes to [`Dispatch::execute`], which knows
+//! the device commands, task edits and `relay_status`, and answers an unknown name
+//! `not_applicable`, so a newer cloud learns what this relay cannot do instead of waiting.
+//!
+//! Every command runs as a task on the [`Runner`]'s tracker, never detached: shutdown waits for
+//! them.
 
+use super::Dispatch;
 use crate::ctx::Ctx;
-use crate::ops::report::StatusReport;
-use crate::protocol::{
-    Command, DEVICE_COMMANDS, Outcome, RelayMessage, ResultRecord, TASK_CANCEL_COMMAND,
-    TASK_COMMAND, TASK_UPDATE_COMMAND,
-};
+use crate::protocol::{Command, Outcome, RelayMessage, ResultRecord, TASK_COMMAND};
 use crate::util::time::rfc3339;
 use anyhow::Result;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 /// At most this many commands run at once; the rest wait their turn (they are already stored).
-static RUNNING: LazyLock<Arc<Semaphore>> = LazyLock::new(|| Arc::new(Semaphore::new(64)));
+const RUNNING_MAX: usize = 64;
 
-/// Takes a command off the channel. Returns the ack to send, once the command is durably stored.
-pub async fn accept(ctx: &Ctx, cmd: Command) -> Option<RelayMessage> {
+/// Runs the commands the channel hands over, each on a tracked task.
+pub struct Runner {
+    dispatch: Arc<dyn Dispatch>,
+    slots: Arc<Semaphore>,
+    tasks: TaskTracker,
+}
+
+impl Runner {
+    pub fn new(dispatch: Arc<dyn Dispatch>) -> Runner {
+        Runner {
+            dispatch,
+            slots: Arc::new(Semaphore::new(RUNNING_MAX)),
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// Waits for every command that started to finish.
+    pub async fn drain(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Takes a command off the channel. Returns the ack to send, once the command is durably
+    /// stored.
+    pub async fn accept(&self, ctx: &Ctx, cmd: Command) -> Option<RelayMessage> {
+        accept(self, ctx, cmd).await
+    }
+}
+
+async fn accept(runner: &Runner, ctx: &Ctx, cmd: Command) -> Option<RelayMessage> {
     ctx.status.lock().commands_received += 1;
     let id = cmd.id.clone();
     // A task is stored as a task (it outlives restarts and resumes), not as a one-shot command.
@@ -33,9 +62,7 @@ pub async fn accept(ctx: &Ctx, cmd: Command) -> Option<RelayMessage> {
         };
         return match seen {
             Ok(true) => Some(RelayMessage::Ack { id }),
-            Ok(false) if crate::devices::tasks::accept(ctx, &ctx.devices, &cmd).await => {
-                Some(RelayMessage::Ack { id })
-            }
+            Ok(false) if runner.dispatch.accept_task(&cmd).await => Some(RelayMessage::Ack { id }),
             Ok(false) => None,
             Err(e) => {
                 error!(command_id = %id, error = %format!("{e:#}"), "cannot read the store; not acknowledged");
@@ -68,12 +95,12 @@ pub async fn accept(ctx: &Ctx, cmd: Command) -> Option<RelayMessage> {
         }
     }
     info!(command_id = %id, name = %cmd.name, "command received");
-    let ctx = ctx.clone();
-    tokio::spawn(async move {
-        let Ok(_permit) = RUNNING.clone().acquire_owned().await else {
+    let (ctx, dispatch, slots) = (ctx.clone(), runner.dispatch.clone(), runner.slots.clone());
+    runner.tasks.spawn(async move {
+        let Ok(_permit) = slots.acquire_owned().await else {
             return;
         };
-        let rec = execute(&ctx, &cmd).await;
+        let rec = execute(dispatch.as_ref(), &cmd).await;
         finish(&ctx, rec).await;
     });
     Some(RelayMessage::Ack { id })
@@ -85,7 +112,7 @@ async fn finish(ctx: &Ctx, rec: ResultRecord) {
     match ctx.store.run(move |s| s.finish(&rec)).await {
         Ok(()) => {
             info!(command_id = %id, result = outcome.as_str(), "command finished");
-            ctx.outbox_wake.notify_one();
+            ctx.results_wake.notify_one();
         }
         Err(e) => {
             error!(command_id = %id, error = %format!("{e:#}"), "cannot store command result")
@@ -93,7 +120,8 @@ async fn finish(ctx: &Ctx, rec: ResultRecord) {
     }
 }
 
-fn record(
+/// A result for a relay-level command (no target).
+pub fn record(
     cmd: &Command,
     result: Outcome,
     reason: impl Into<String>,
@@ -112,48 +140,15 @@ fn record(
     }
 }
 
-async fn execute(ctx: &Ctx, cmd: &Command) -> ResultRecord {
-    let task_op =
-        |done: crate::devices::ops::Done| record(cmd, done.result, done.reason, done.payload);
+async fn execute(dispatch: &dyn Dispatch, cmd: &Command) -> ResultRecord {
     match cmd.name.as_str() {
-        name if DEVICE_COMMANDS.contains(&name) => ctx.devices.command(cmd).await,
-        TASK_CANCEL_COMMAND => {
-            task_op(crate::devices::tasks::cancel(&ctx.devices, &cmd.params).await)
-        }
-        TASK_UPDATE_COMMAND => {
-            task_op(crate::devices::tasks::update(&ctx.devices, &cmd.params).await)
-        }
         "ping" => record(
             cmd,
             Outcome::Success,
             "",
             serde_json::json!({ "echo": cmd.params, "relay_time": rfc3339(SystemTime::now()) }),
         ),
-        "relay_status" => {
-            let pending = ctx.store.run(|s| s.outbox_len()).await.unwrap_or(0);
-            let report = StatusReport::build(ctx, pending);
-            match serde_json::to_value(report) {
-                Ok(v) => record(cmd, Outcome::Success, "", v),
-                Err(e) => record(
-                    cmd,
-                    Outcome::Failure,
-                    format!("cannot encode status: {e}"),
-                    serde_json::Value::Null,
-                ),
-            }
-        }
-        other => {
-            warn!(command_id = %cmd.id, name = %other, "unknown command");
-            record(
-                cmd,
-                Outcome::NotApplicable,
-                format!(
-                    "unknown command {other:?} (ucrelay {} does not support it)",
-                    env!("CARGO_PKG_VERSION")
-                ),
-                serde_json::Value::Null,
-            )
-        }
+        _ => dispatch.execute(cmd).await,
     }
 }
 

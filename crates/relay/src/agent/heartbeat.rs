@@ -1,8 +1,9 @@
 //! Registration and heartbeats. Registers with tenant ID + PIN, then heartbeats every interval.
 //! A rejected PIN is retried only every `pin_retry_interval`; other failures back off exponentially.
 
-use super::Sessions;
+use super::Dispatch;
 use crate::cloud::CloudError;
+use crate::cloud::Sessions;
 use crate::ctx::{Ctx, Registration};
 use crate::protocol::{
     AgentState, AgentsState, ErrorCode, HeartbeatRequest, HeartbeatResponse, PATH_HEARTBEAT,
@@ -23,7 +24,12 @@ enum RegisterError {
     Failed(String),
 }
 
-pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken) -> Result<()> {
+pub async fn run(
+    ctx: Ctx,
+    sessions: Arc<Sessions>,
+    dispatch: Arc<dyn Dispatch>,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let cfg = &ctx.config.cloud;
     let mut interval = cfg.heartbeat_interval;
     ctx.status.lock().heartbeat_interval_s = interval.as_secs();
@@ -76,7 +82,7 @@ pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken)
         };
 
         seq += 1;
-        let wait = match heartbeat(&ctx, &session.token, seq).await {
+        let wait = match heartbeat(&ctx, dispatch.as_ref(), &session.token, seq).await {
             Ok(resp) => {
                 hb_backoff.reset();
                 reg_backoff.reset();
@@ -91,13 +97,9 @@ pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken)
                 st.heartbeat_interval_s = interval.as_secs();
                 drop(st);
                 tracing::debug!(seq, "heartbeat ok");
-                // The cloud's image list changed: the download agent looks now.
-                if let Some(cat) = &ctx.images
-                    && cat.is_new_revision(resp.images_revision)
-                {
-                    cat.wake.notify_one();
-                }
-                ctx.devices.registry.note_revision(resp.devices_revision);
+                // The cloud's image or device list may have changed: their jobs look.
+                dispatch.images_revision(resp.images_revision, false);
+                dispatch.devices_revision(resp.devices_revision);
                 jitter(interval, 0.05)
             }
             Err(e) => {
@@ -155,7 +157,7 @@ async fn register(ctx: &Ctx) -> Result<RegisterResponse, RegisterError> {
         pin: pin.expose().to_string(),
         relay_id: ctx.relay_id.to_string(),
         hostname: ctx.hostname.to_string(),
-        version: env!("CARGO_PKG_VERSION").into(),
+        version: crate::util::build::VERSION.into(),
         fqdn: ctx
             .config
             .edge
@@ -190,71 +192,39 @@ async fn register(ctx: &Ctx) -> Result<RegisterResponse, RegisterError> {
         })
 }
 
-async fn heartbeat(ctx: &Ctx, token: &str, seq: u64) -> Result<HeartbeatResponse, CloudError> {
+async fn heartbeat(
+    ctx: &Ctx,
+    dispatch: &dyn Dispatch,
+    token: &str,
+    seq: u64,
+) -> Result<HeartbeatResponse, CloudError> {
     let pending = ctx.store.run(|s| s.outbox_len()).await.unwrap_or(0);
     let st = ctx.status.snapshot();
-    let channel_ok = st.channel == crate::ctx::ChannelState::Connected;
-    let off = |why: &str| AgentState {
-        state: "off".into(),
-        reason: Some(why.into()),
+    let jobs = dispatch.report();
+    let management = if st.channel == crate::ctx::ChannelState::Connected {
+        AgentState {
+            state: "ok".into(),
+            reason: None,
+        }
+    } else {
+        AgentState {
+            state: "degraded".into(),
+            reason: Some("command channel down".into()),
+        }
     };
     let req = HeartbeatRequest {
         seq,
         uptime_s: ctx.started.elapsed().as_secs(),
-        version: env!("CARGO_PKG_VERSION").into(),
+        version: crate::util::build::VERSION.into(),
         agents: AgentsState {
-            management: if channel_ok {
-                AgentState {
-                    state: "ok".into(),
-                    reason: None,
-                }
-            } else {
-                AgentState {
-                    state: "degraded".into(),
-                    reason: Some("command channel down".into()),
-                }
-            },
-            download: match &ctx.images {
-                None => off("not configured"),
-                Some(cat) => {
-                    let r = cat.report();
-                    match (&r.refused, r.images.iter().find(|i| i.state == "failed")) {
-                        (Some(why), _) => AgentState {
-                            state: "degraded".into(),
-                            reason: Some(format!("manifest refused: {why}")),
-                        },
-                        (None, Some(i)) => AgentState {
-                            state: "degraded".into(),
-                            reason: Some(format!(
-                                "image {} failed: {}",
-                                i.id,
-                                i.reason.clone().unwrap_or_default()
-                            )),
-                        },
-                        (None, None) => AgentState {
-                            state: "ok".into(),
-                            reason: None,
-                        },
-                    }
-                }
-            },
-            provisioning: if ctx.edge.is_some() {
-                AgentState {
-                    state: "ok".into(),
-                    reason: None,
-                }
-            } else {
-                off("not configured")
-            },
+            management,
+            download: jobs.download,
+            provisioning: jobs.provisioning,
         },
-        images: ctx
-            .images
-            .as_ref()
-            .map(|c| c.heartbeat_states())
-            .unwrap_or_default(),
+        images: jobs.images,
         results_pending: pending,
-        devices: ctx.devices.registry.counts(),
-        tasks: ctx.devices.tasks.counts(),
+        devices: jobs.devices,
+        tasks: jobs.tasks,
     };
     ctx.cloud
         .json(http::Method::POST, PATH_HEARTBEAT, Some(token), Some(&req))

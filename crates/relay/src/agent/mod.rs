@@ -1,83 +1,83 @@
-//! The management agent: registration and heartbeats, the command channel, and the results outbox.
+//! The management agent: the relay's link to the cloud. Registration and heartbeats, the command
+//! channel, and the results outbox.
 //!
-//! Three loops share one [`Sessions`] cell. The heartbeat loop owns registration: it is the only one
-//! that creates a session. The others use the current token and, when the cloud says it is no longer
-//! valid (401), invalidate it, which wakes the heartbeat loop to register again.
+//! Three loops share the cloud session (`cloud::Sessions`). The heartbeat loop owns registration:
+//! it is the only one that creates a session. The others use the current token and, when the cloud
+//! says it is no longer valid (401), invalidate it, which wakes the heartbeat loop to register again.
+//!
+//! The agent knows none of the other jobs. What it needs from them (running a device command,
+//! taking a task, what the heartbeat reports, passing on the revisions the cloud announces) it asks
+//! through [`Dispatch`], which the daemon implements over the jobs it started.
 
 mod channel;
 mod commands;
 mod heartbeat;
 mod outbox;
 
+pub use commands::record;
+
 use crate::ctx::Ctx;
+use crate::protocol::{AgentState, Command, DeviceCounts, ImageState, ResultRecord, TaskCounts};
 use anyhow::Result;
+use futures_util::future::BoxFuture;
 use std::sync::Arc;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-/// A registration: the cloud's bearer token, and a generation number so that a stale 401 (about an
-/// older token) cannot throw away a newer session.
-#[derive(Clone, Debug)]
-pub struct Session {
-    pub token: Arc<str>,
-    pub generation: u64,
+/// What the management agent asks of the rest of the relay.
+pub trait Dispatch: Send + Sync + 'static {
+    /// Takes a scheduled task (a `task` command): true once it is stored durably and may be
+    /// acknowledged, false to leave it unacknowledged (the cloud sends it again).
+    fn accept_task<'a>(&'a self, cmd: &'a Command) -> BoxFuture<'a, bool>;
+    /// Runs a command that is not the agent's own (`ping` is) to its result.
+    fn execute<'a>(&'a self, cmd: &'a Command) -> BoxFuture<'a, ResultRecord>;
+    /// What the next heartbeat says about the other jobs.
+    fn report(&self) -> JobsReport;
+    /// The cloud announced the revision of the image manifest (heartbeat answer, `images_sync`).
+    fn images_revision(&self, revision: u64, asked: bool);
+    /// The cloud announced the revision of the device list (heartbeat answer).
+    fn devices_revision(&self, revision: u64);
 }
 
-pub struct Sessions {
-    tx: watch::Sender<Option<Session>>,
+/// The other jobs, as a heartbeat reports them.
+#[derive(Debug, Clone, Default)]
+pub struct JobsReport {
+    pub download: AgentState,
+    pub provisioning: AgentState,
+    pub images: Vec<ImageState>,
+    pub devices: DeviceCounts,
+    pub tasks: TaskCounts,
 }
 
-impl Sessions {
-    pub(crate) fn new() -> Sessions {
-        Sessions {
-            tx: watch::channel(None).0,
-        }
-    }
-
-    pub fn current(&self) -> Option<Session> {
-        self.tx.borrow().clone()
-    }
-
-    pub fn subscribe(&self) -> watch::Receiver<Option<Session>> {
-        self.tx.subscribe()
-    }
-
-    fn set(&self, token: String) -> Session {
-        let generation = self
-            .tx
-            .borrow()
-            .as_ref()
-            .map(|s| s.generation + 1)
-            .unwrap_or(1);
-        let s = Session {
-            token: token.into(),
-            generation,
-        };
-        self.tx.send_replace(Some(s.clone()));
-        s
-    }
-
-    /// Drops the session if it is still the one the caller used.
-    pub fn invalidate(&self, generation: u64) {
-        self.tx.send_if_modified(|cur| match cur {
-            Some(s) if s.generation == generation => {
-                *cur = None;
-                true
-            }
-            _ => false,
-        });
-    }
+/// The agent's own state, handed to [`run`].
+pub struct Agent {
+    pub dispatch: Arc<dyn Dispatch>,
 }
 
 /// Runs the management agent until shutdown. Expected failures (cloud down, PIN rejected) are handled
 /// inside with backoff; an error here means something is broken beyond retrying (the store).
-pub async fn run(ctx: Ctx, shutdown: CancellationToken) -> Result<()> {
+///
+/// Commands that are running when shutdown comes are waited for before this returns (the daemon's
+/// grace period bounds the wait); one cut short is reported as interrupted at the next start.
+pub async fn run(ctx: Ctx, agent: Agent, shutdown: CancellationToken) -> Result<()> {
     commands::recover_interrupted(&ctx).await?;
+    let runner = commands::Runner::new(agent.dispatch.clone());
     let sessions = ctx.sessions.clone();
-    tokio::try_join!(
-        heartbeat::run(ctx.clone(), sessions.clone(), shutdown.clone()),
-        channel::run(ctx.clone(), sessions.clone(), shutdown.clone()),
+    let loops = tokio::try_join!(
+        heartbeat::run(
+            ctx.clone(),
+            sessions.clone(),
+            agent.dispatch.clone(),
+            shutdown.clone()
+        ),
+        channel::run(
+            ctx.clone(),
+            sessions.clone(),
+            &runner,
+            agent.dispatch.as_ref(),
+            shutdown.clone()
+        ),
         outbox::run(ctx.clone(), sessions.clone(), shutdown.clone()),
-    )?;
-    Ok(())
+    );
+    runner.drain().await;
+    loops.map(|_| ())
 }

@@ -2,7 +2,7 @@
 //! store only when the cloud lists its id as accepted, so an outage or a restart loses nothing, and the
 //! stable ids let the cloud drop the duplicates a lost answer causes.
 
-use super::Sessions;
+use crate::cloud::Sessions;
 use crate::ctx::Ctx;
 use crate::protocol::{ErrorCode, PATH_RESULTS, ResultsAck, ResultsBatch};
 use crate::util::backoff::{Backoff, sleep_or_shutdown};
@@ -98,7 +98,7 @@ pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken)
             }
         }
         tokio::select! {
-            _ = ctx.outbox_wake.notified() => {}
+            _ = ctx.results_wake.notified() => {}
             changed = session_rx.changed() => if changed.is_err() { return Ok(()) },
             _ = tokio::time::sleep(SWEEP) => {}
             _ = shutdown.cancelled() => return Ok(()),

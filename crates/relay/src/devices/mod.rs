@@ -5,9 +5,9 @@
 //! cloud cannot use the relay as an open proxy. One request at a time per device (phones answer 403
 //! to a second one), a deadline on every step, bounded concurrency everywhere.
 
+pub mod actions;
 pub mod client;
 pub mod monitor;
-pub mod ops;
 pub mod tasks;
 
 use crate::config::DevicesConfig;
@@ -105,19 +105,19 @@ impl DevicePlane {
         &self,
         target: &Target,
         password: &Secret,
-        op: &ops::Op,
+        op: &actions::Op,
         deadline: std::time::Duration,
-    ) -> ops::Done {
+    ) -> actions::Done {
         let work = async {
             let _guard = self.lock(target).await;
             match self.client.session(target, password).await {
-                Ok(mut s) => ops::perform(op, &mut s).await,
+                Ok(mut s) => actions::perform(op, &mut s).await,
                 Err(e) => e.into(),
             }
         };
         let done = match tokio::time::timeout(deadline, work).await {
             Ok(d) => d,
-            Err(_) => ops::Done {
+            Err(_) => actions::Done {
                 result: Outcome::Failure,
                 reason: format!(
                     "device did not finish within {}",
@@ -173,14 +173,14 @@ impl DevicePlane {
         rec
     }
 
-    async fn command_inner(&self, cmd: &Command, target: Option<&str>) -> ops::Done {
-        let fail = |reason: String| ops::Done {
+    async fn command_inner(&self, cmd: &Command, target: Option<&str>) -> actions::Done {
+        let fail = |reason: String| actions::Done {
             result: Outcome::Failure,
             reason,
             payload: Value::Null,
         };
         if !self.cfg.enabled {
-            return ops::Done {
+            return actions::Done {
                 result: Outcome::NotApplicable,
                 reason: "the device plane is off: relay.toml has no [devices] section".into(),
                 payload: Value::Null,
@@ -208,7 +208,7 @@ impl DevicePlane {
             }
             None => None,
         };
-        let op = match ops::parse(&cmd.name, &params) {
+        let op = match actions::parse(&cmd.name, &params) {
             Ok(op) => op,
             Err(why) => return fail(format!("bad parameters: {why}")),
         };
@@ -264,7 +264,7 @@ async fn recorder(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken
             let _ = ack.send(outcome.clone());
         }
         if has_results && outcome.is_ok() {
-            ctx.outbox_wake.notify_one();
+            ctx.results_wake.notify_one();
         }
     }
 }

@@ -4,7 +4,7 @@
 //! after `kill -9` the relay resumes the unfinished targets and never re-runs a finished one.
 
 use super::DevicePlane;
-use super::ops;
+use super::actions;
 use crate::ctx::Ctx;
 use crate::protocol::{
     Command, DEVICE_COMMANDS, Outcome, ResultRecord, TaskCounts, TaskProgress, TaskSpec,
@@ -107,7 +107,7 @@ pub fn public_payload(payload: &Value) -> Value {
         }
         if let Some(Value::Object(params)) = m.get_mut("params") {
             for (k, v) in params.iter_mut() {
-                if ops::is_secret_param(k) {
+                if actions::is_secret_param(k) {
                     *v = json!("***");
                 }
             }
@@ -146,7 +146,7 @@ pub fn validate(spec: &TaskSpec) -> Result<(), String> {
         return Err("target_timeout_s must be at least 1".into());
     }
     let (payload, _) = payload_parts(&spec.payload);
-    ops::parse(&spec.kind, &payload).map(|_| ())
+    actions::parse(&spec.kind, &payload).map(|_| ())
 }
 
 fn due_at(spec: &TaskSpec) -> Option<SystemTime> {
@@ -362,7 +362,7 @@ pub async fn accept(ctx: &Ctx, plane: &DevicePlane, cmd: &Command) -> bool {
 }
 
 /// `task_cancel`: only while scheduled.
-pub async fn cancel(plane: &DevicePlane, params: &Value) -> ops::Done {
+pub async fn cancel(plane: &DevicePlane, params: &Value) -> actions::Done {
     let Some(id) = params.get("task_id").and_then(Value::as_str) else {
         return fail("params.task_id is required");
     };
@@ -381,7 +381,7 @@ pub async fn cancel(plane: &DevicePlane, params: &Value) -> ops::Done {
     match store_change(plane, &rec).await {
         Ok(()) => {
             info!(task_id = %id, "task cancelled");
-            ops::Done {
+            actions::Done {
                 result: Outcome::Success,
                 reason: String::new(),
                 payload: json!({"task_id": id, "status": "cancelled"}),
@@ -392,7 +392,7 @@ pub async fn cancel(plane: &DevicePlane, params: &Value) -> ops::Done {
 }
 
 /// `task_update`: replaces the given fields of a scheduled task.
-pub async fn update(plane: &DevicePlane, params: &Value) -> ops::Done {
+pub async fn update(plane: &DevicePlane, params: &Value) -> actions::Done {
     let Some(id) = params.get("task_id").and_then(Value::as_str) else {
         return fail("params.task_id is required");
     };
@@ -429,7 +429,7 @@ pub async fn update(plane: &DevicePlane, params: &Value) -> ops::Done {
         Ok(()) => {
             info!(task_id = %id, "task edited");
             plane.tasks.wake.notify_one();
-            ops::Done {
+            actions::Done {
                 result: Outcome::Success,
                 reason: String::new(),
                 payload: json!({"task_id": id, "status": "scheduled", "at": rec.spec.at, "total": rec.total}),
@@ -445,7 +445,7 @@ fn scheduled<'a>(
     book: &'a mut BTreeMap<String, Entry>,
     id: &str,
     verb: &str,
-) -> Result<&'a mut Entry, ops::Done> {
+) -> Result<&'a mut Entry, actions::Done> {
     let Some(e) = book.get_mut(id) else {
         return Err(fail(&format!("unknown task {id:?}")));
     };
@@ -469,8 +469,8 @@ async fn store_change(plane: &DevicePlane, rec: &TaskRecord) -> Result<(), Strin
         .map_err(|e| e.to_string())
 }
 
-fn fail(why: &str) -> ops::Done {
-    ops::Done {
+fn fail(why: &str) -> actions::Done {
+    actions::Done {
         result: Outcome::Failure,
         reason: why.to_string(),
         payload: Value::Null,
@@ -580,7 +580,7 @@ async fn execute_inner(
         .map(|(t, _)| t)
         .collect();
     let (payload, password) = payload_parts(&rec.spec.payload);
-    let op = Arc::new(ops::parse(&rec.spec.kind, &payload).map_err(anyhow::Error::msg)?);
+    let op = Arc::new(actions::parse(&rec.spec.kind, &payload).map_err(anyhow::Error::msg)?);
     let password = plane.password(password.as_deref());
     let limit = rec
         .spec
@@ -617,7 +617,7 @@ async fn execute_inner(
                 e.in_progress += 1;
             }
             let done = if halted {
-                ops::Done {
+                actions::Done {
                     result: Outcome::NotApplicable,
                     reason: format!(
                         "not run: the task halted because more than {}% of its targets failed",
@@ -680,7 +680,7 @@ async fn finish_target(
     task_id: &str,
     kind: &str,
     target: &str,
-    done: ops::Done,
+    done: actions::Done,
 ) -> Result<()> {
     let now = rfc3339(SystemTime::now());
     let sub = SubResult {

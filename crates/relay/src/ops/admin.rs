@@ -1,7 +1,7 @@
 //! The local admin API: HTTP/1.1 on a Unix socket (mode 0660, so root and the ucrelay group only),
 //! and the client the CLI uses to reach it. Read-only for now: `GET /v1/status`.
 
-use crate::ctx::Ctx;
+use super::Running;
 use crate::ops::report::StatusReport;
 use anyhow::{Context, Result, anyhow, bail};
 use axum::{
@@ -45,7 +45,11 @@ pub async fn bind(path: &Path) -> Result<UnixListener> {
 }
 
 /// Serves the admin API until shutdown; removes the socket file on the way out.
-pub async fn serve(listener: UnixListener, ctx: Ctx, shutdown: CancellationToken) -> Result<()> {
+pub async fn serve(
+    listener: UnixListener,
+    ctx: Running,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let path: Option<PathBuf> = listener
         .local_addr()
         .ok()
@@ -69,7 +73,7 @@ pub async fn serve(listener: UnixListener, ctx: Ctx, shutdown: CancellationToken
     result.context("admin API server failed")
 }
 
-async fn status(State(ctx): State<Ctx>) -> Json<StatusReport> {
+async fn status(State(ctx): State<Running>) -> Json<StatusReport> {
     let pending = ctx.store.run(|s| s.outbox_len()).await.unwrap_or(0);
     Json(StatusReport::build(&ctx, pending))
 }
@@ -85,12 +89,12 @@ fn no_images() -> ApiError {
     )
 }
 
-async fn images(State(ctx): State<Ctx>) -> Result<Json<crate::cache::CatalogReport>, ApiError> {
+async fn images(State(ctx): State<Running>) -> Result<Json<crate::cache::CatalogReport>, ApiError> {
     let cat = ctx.images.as_ref().ok_or_else(no_images)?;
     Ok(Json(cat.report()))
 }
 
-async fn images_sync(State(ctx): State<Ctx>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn images_sync(State(ctx): State<Running>) -> Result<Json<serde_json::Value>, ApiError> {
     let cat = ctx.images.as_ref().ok_or_else(no_images)?;
     // Read before waking the agent: the round this request asks for is the first one numbered
     // above this, whether or not a round is running now.
@@ -103,7 +107,7 @@ async fn images_sync(State(ctx): State<Ctx>) -> Result<Json<serde_json::Value>, 
     })))
 }
 
-async fn images_verify(State(ctx): State<Ctx>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn images_verify(State(ctx): State<Running>) -> Result<Json<serde_json::Value>, ApiError> {
     let cat = ctx.images.clone().ok_or_else(no_images)?;
     let c = cat.clone();
     let (checked, quarantined) = ctx.store.run(move |s| c.verify(s)).await.map_err(|e| {
@@ -120,7 +124,7 @@ async fn images_verify(State(ctx): State<Ctx>) -> Result<Json<serde_json::Value>
     ))
 }
 
-async fn devices(State(ctx): State<Ctx>) -> Json<serde_json::Value> {
+async fn devices(State(ctx): State<Running>) -> Json<serde_json::Value> {
     let reg = &ctx.devices.registry;
     Json(serde_json::json!({
         "enabled": ctx.devices.cfg.enabled,
@@ -131,12 +135,12 @@ async fn devices(State(ctx): State<Ctx>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn tasks(State(ctx): State<Ctx>) -> Json<serde_json::Value> {
+async fn tasks(State(ctx): State<Running>) -> Json<serde_json::Value> {
     Json(serde_json::json!({ "tasks": ctx.devices.tasks.list() }))
 }
 
 async fn task(
-    State(ctx): State<Ctx>,
+    State(ctx): State<Running>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Some((rec, mut summary)) = ctx.devices.tasks.get(&id) else {
@@ -180,9 +184,9 @@ async fn task(
     Ok(Json(summary))
 }
 
-async fn reload(State(ctx): State<Ctx>) -> Json<crate::ctx::ReloadOutcome> {
+async fn reload(State(ctx): State<Running>) -> Json<super::ReloadOutcome> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let failed = |why: &str| crate::ctx::ReloadOutcome {
+    let failed = |why: &str| super::ReloadOutcome {
         ok: false,
         messages: vec![why.to_string()],
     };

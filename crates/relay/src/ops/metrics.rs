@@ -1,7 +1,8 @@
 //! `/metrics`, `/healthz` and `/ready` on `[admin].metrics_listen`: the series read from the running
 //! relay at scrape time, registered next to the owned ones in `util::metrics`.
 
-use crate::ctx::{ChannelState, Ctx, Registration};
+use super::Running;
+use crate::ctx::{ChannelState, Registration};
 use crate::util::metrics::global;
 use std::sync::OnceLock;
 use std::time::SystemTime;
@@ -13,7 +14,7 @@ fn unix_secs(t: SystemTime) -> f64 {
 }
 
 /// Registers the series read from the running relay's state at scrape time.
-pub fn register_relay(ctx: &Ctx) {
+pub fn register_relay(ctx: &Running) {
     let r = &global().registry;
     let l = |k: &'static str, v: &str| vec![(k, v.to_string())];
 
@@ -236,7 +237,7 @@ pub fn register_relay(ctx: &Ctx) {
 }
 
 /// Whether the relay is ready to serve: registered, and (with an edge) the edge bound.
-pub fn readiness(ctx: &Ctx) -> Result<(), String> {
+pub fn readiness(ctx: &Running) -> Result<(), String> {
     let st = ctx.status.snapshot();
     match &st.registration {
         Registration::Registered => {}
@@ -274,7 +275,7 @@ pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpL
 /// Serves `/metrics`, `/healthz` and `/ready` until shutdown.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    ctx: Ctx,
+    ctx: Running,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
     use axum::{Router, extract::State, http::StatusCode, http::header, routing::get};
@@ -290,7 +291,7 @@ pub async fn serve(
     async fn healthz() -> &'static str {
         "ok\n"
     }
-    async fn ready(State(ctx): State<Ctx>) -> (StatusCode, String) {
+    async fn ready(State(ctx): State<Running>) -> (StatusCode, String) {
         match readiness(&ctx) {
             Ok(()) => (StatusCode::OK, "ready\n".into()),
             Err(why) => (

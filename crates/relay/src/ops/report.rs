@@ -1,7 +1,8 @@
 //! The status report: what `ucrelay status` shows and the admin API serves. The JSON types are shared
 //! by the daemon (which builds them) and the CLI (which renders them), so both always agree.
 
-use crate::ctx::{ChannelState, Ctx, Registration};
+use super::Running;
+use crate::ctx::{ChannelState, Registration};
 use crate::util::time::rfc3339;
 use serde::{Deserialize, Serialize};
 use std::time::SystemTime;
@@ -156,7 +157,7 @@ pub struct JobReport {
 }
 
 impl StatusReport {
-    pub fn build(ctx: &Ctx, results_pending: u64) -> StatusReport {
+    pub fn build(ctx: &Running, results_pending: u64) -> StatusReport {
         let s = ctx.status.snapshot();
         let cfg = &ctx.config;
         let mut problems = Vec::new();

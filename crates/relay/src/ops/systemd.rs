@@ -5,7 +5,7 @@
 //! A failed send is logged once and otherwise ignored: systemd going away must not take the relay
 //! with it.
 
-use crate::ctx::{ChannelState, Ctx, Registration};
+use crate::ctx::{ChannelState, Registration};
 use sd_notify::NotifyState;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -62,7 +62,7 @@ pub fn watchdog_interval() -> Option<Duration> {
 }
 
 /// The state an admin sees in `systemctl status ucrelay`: registration, then the channel.
-pub fn summary(ctx: &Ctx) -> String {
+pub fn summary(ctx: &super::Running) -> String {
     let st = ctx.status.snapshot();
     let cloud = match &st.registration {
         Registration::Starting => return "registering with the cloud".into(),

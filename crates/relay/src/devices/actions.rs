@@ -1,6 +1,6 @@
-//! Device operations: each command type is validated into an [`Op`] before anything is sent, then
-//! performed over one REST session. Pure validation is separate from I/O so bad parameters are
-//! answered without touching the network.
+//! Device actions: what a device command or a task target does to one device. Each command type is
+//! validated into an [`Op`] before anything is sent, then performed over one REST session. Pure
+//! validation is separate from I/O, so bad parameters are answered without touching the network.
 
 use super::client::{DeviceError, Session};
 use crate::protocol::Outcome;

@@ -1,5 +1,7 @@
 //! The daemon: opens the store, binds listeners, runs the long-lived jobs under one supervisor, and
-//! shuts everything down along one path.
+//! shuts everything down along one path. It is the one place that knows every job: it hands each
+//! its state as the argument of its `run`, and wires the management agent to the others through
+//! [`dispatch::Jobs`].
 //!
 //! Order matters: everything that can fail on bad config or a busy state dir fails before any job
 //! starts. A job that ends on its own is a bug or a fatal error (the store broke): the daemon then
@@ -10,9 +12,13 @@ use crate::config::Config;
 use crate::ctx::Ctx;
 use crate::edge::{self, Edge};
 use crate::store::Store;
-use crate::{agent, ops, reload};
+use crate::{agent, ops};
+
+mod dispatch;
+pub mod reload;
 use anyhow::{Context, Result, anyhow};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -26,7 +32,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 pub async fn run(
     config: Config,
     shutdown: CancellationToken,
-    ready: impl FnOnce(&Ctx),
+    ready: impl FnOnce(&ops::Running),
 ) -> Result<()> {
     // The certificate is checked before anything else starts: a relay with a bad one must not run.
     let edge = Edge::new(&config)?;
@@ -62,20 +68,19 @@ pub async fn run(
         warn!(url = %config.cloud.url, "cloud URL is plain http: traffic to the cloud is not encrypted (labs only)");
     }
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
-    let ctx = Ctx::new(
-        config,
-        store,
-        cloud,
-        relay_id,
-        crate::ctx::Jobs {
-            images: images.clone(),
-            devices: devices.clone(),
-            edge: edge.clone(),
-        },
-        reload_tx,
-    );
+    let ctx = Ctx::new(config, store, cloud, relay_id);
+    let running = ops::Running {
+        ctx: ctx.clone(),
+        images: images.clone(),
+        devices: devices.clone(),
+        edge: edge.clone(),
+        reload: reload_tx,
+    };
+    let dispatch = Arc::new(dispatch::Jobs {
+        running: running.clone(),
+    });
     info!(
-        version = env!("CARGO_PKG_VERSION"),
+        version = crate::util::build::VERSION,
         relay_id = %ctx.relay_id,
         cloud = %ctx.config.cloud.url,
         tenant = %ctx.config.cloud.tenant_id,
@@ -88,11 +93,15 @@ pub async fn run(
     // never a side effect of the signal racing the job's exit.
     let jobs = CancellationToken::new();
     let mut set = JoinSet::new();
-    spawn(&mut set, "agent", agent::run(ctx.clone(), jobs.clone()));
+    spawn(
+        &mut set,
+        "agent",
+        agent::run(ctx.clone(), agent::Agent { dispatch }, jobs.clone()),
+    );
     spawn(
         &mut set,
         "admin",
-        ops::admin::serve(admin_listener, ctx.clone(), jobs.clone()),
+        ops::admin::serve(admin_listener, running.clone(), jobs.clone()),
     );
     if let Some(listener) = metrics_listener {
         if let Ok(addr) = listener.local_addr() {
@@ -101,7 +110,7 @@ pub async fn run(
         spawn(
             &mut set,
             "metrics",
-            ops::metrics::serve(listener, ctx.clone(), jobs.clone()),
+            ops::metrics::serve(listener, running.clone(), jobs.clone()),
         );
     }
     if let (Some(edge), Some(listeners)) = (edge, edge_listeners) {
@@ -122,13 +131,13 @@ pub async fn run(
     spawn(
         &mut set,
         "reload",
-        reload::run(ctx.clone(), hup, reload_rx, jobs.clone()),
+        reload::run(running.clone(), hup, reload_rx, jobs.clone()),
     );
-    ready(&ctx);
-    let mut last_status = ops::systemd::summary(&ctx);
+    ready(&running);
+    let mut last_status = ops::systemd::summary(&running);
     ops::systemd::ready(&last_status);
 
-    let outcome = supervise(&ctx, &shutdown, &mut set, &mut last_status).await;
+    let outcome = supervise(&running, &shutdown, &mut set, &mut last_status).await;
     ops::systemd::stopping();
     if let Err(e) = &outcome {
         error!(error = %format!("{e:#}"), "stopping the relay");
@@ -148,7 +157,8 @@ pub async fn run(
         while set.join_next().await.is_some() {}
     }
     let _ = std::fs::remove_file(&ctx.config.admin.socket);
-    // Dropping the last handle closes the store cleanly.
+    // Dropping the last handles closes the store cleanly.
+    drop(running);
     drop(ctx);
     info!("stopped");
     outcome
@@ -158,7 +168,7 @@ pub async fn run(
 /// line current, and pets the watchdog only after the store has answered a read in time, so a
 /// relay whose store or runtime is wedged gets restarted instead of looking alive.
 async fn supervise(
-    ctx: &Ctx,
+    ctx: &ops::Running,
     shutdown: &CancellationToken,
     set: &mut JoinSet<(&'static str, Result<()>)>,
     last_status: &mut String,

@@ -4,8 +4,8 @@
 //! serving; no connection is cut either way.
 
 use crate::config::Config;
-use crate::ctx::{Ctx, ReloadOutcome};
 use crate::edge::{cert, provisioning::Upstream};
+use crate::ops::{ReloadOutcome, Running};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -19,7 +19,7 @@ pub fn hangup() -> anyhow::Result<tokio::signal::unix::Signal> {
 }
 
 pub async fn run(
-    ctx: Ctx,
+    ctx: Running,
     mut hup: tokio::signal::unix::Signal,
     mut requests: mpsc::Receiver<oneshot::Sender<ReloadOutcome>>,
     shutdown: CancellationToken,
@@ -50,7 +50,7 @@ pub async fn run(
     }
 }
 
-fn reload(ctx: &Ctx) -> ReloadOutcome {
+fn reload(ctx: &Running) -> ReloadOutcome {
     let mut messages = Vec::new();
     let new = match Config::load(&ctx.config.path) {
         Ok(c) => c,

@@ -5,6 +5,10 @@
 //! the cloud, and each step has its own deadline, so a silent peer can never wedge a caller. This module
 //! knows nothing about what the requests mean; the agents do.
 
+mod session;
+
+pub use session::{Session, Sessions};
+
 use crate::config::{CloudConfig, CloudUrl, ProxyConfig};
 use crate::protocol::{ErrorBody, ErrorCode};
 use base64::Engine;
