@@ -78,7 +78,7 @@ async fn accept(runner: &Runner, ctx: &Ctx, cmd: Command) -> Option<RelayMessage
                     return Ok(false);
                 }
                 s.inbox_put(&cmd)?;
-                Ok(true)
+                Ok::<_, crate::store::StoreError>(true)
             })
             .await
     };

@@ -361,7 +361,7 @@ impl Catalog {
             state: state.to_string(),
             reason,
         };
-        store.set_image_file(sha256, Some(&serde_json::to_vec(&rec)?))
+        Ok(store.set_image_file(sha256, Some(&serde_json::to_vec(&rec)?))?)
     }
 
     /// Applies an accepted manifest: records it, indexes its paths, drops what it no longer lists.

@@ -17,7 +17,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{ServerName, pem::PemObject};
 use serde::{Serialize, de::DeserializeOwned};
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,23 +35,57 @@ pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 pub type BoxIo = Box<dyn Io>;
 
-/// Why a cloud call failed, in words an admin can act on.
-#[derive(Debug, Clone, PartialEq)]
+/// A lower-level error kept as the cause of a [`CloudError`]; shared, so the error stays `Clone`.
+pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
+
+pub(crate) fn cause(e: impl std::error::Error + Send + Sync + 'static) -> Option<Cause> {
+    Some(Arc::new(e))
+}
+
+/// Why a cloud call failed, in words an admin can act on. `Display` is what status and logs show;
+/// the lower-level error, when there is one, stays reachable as `source()`.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CloudError {
     /// Name resolution, TCP, proxy or TLS failed or timed out.
-    Connect { stage: &'static str, detail: String },
+    #[error("{stage} failed: {detail}")]
+    Connect {
+        stage: &'static str,
+        detail: String,
+        #[source]
+        source: Option<Cause>,
+    },
     /// The request was sent but no complete answer arrived in time.
+    #[error("{what} timed out after {}", humantime::format_duration(*after))]
     Timeout { what: &'static str, after: Duration },
     /// The cloud answered with an error status.
+    #[error("cloud answered {status} {}: {message}", code.as_str())]
     Status {
         status: u16,
         code: ErrorCode,
         message: String,
     },
     /// The cloud answered 2xx, but the body is not what the protocol says.
-    BadBody(String),
+    #[error("cloud answered with an unreadable body: {detail}")]
+    BadBody {
+        detail: String,
+        #[source]
+        source: Option<Cause>,
+    },
     /// The connection broke mid-request.
-    Io(String),
+    #[error("connection to cloud broke: {detail}")]
+    Io {
+        detail: String,
+        #[source]
+        source: Option<Cause>,
+    },
+}
+
+/// Equal when they say the same thing (the causes compare by their message).
+impl PartialEq for CloudError {
+    fn eq(&self, other: &Self) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+            && self.to_string() == other.to_string()
+    }
 }
 
 impl CloudError {
@@ -62,33 +95,23 @@ impl CloudError {
             _ => None,
         }
     }
-}
 
-impl fmt::Display for CloudError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CloudError::Connect { stage, detail } => write!(f, "{stage} failed: {detail}"),
-            CloudError::Timeout { what, after } => {
-                write!(
-                    f,
-                    "{what} timed out after {}",
-                    humantime::format_duration(*after)
-                )
-            }
-            CloudError::Status {
-                status,
-                code,
-                message,
-            } => {
-                write!(f, "cloud answered {status} {}: {message}", code.as_str())
-            }
-            CloudError::BadBody(d) => write!(f, "cloud answered with an unreadable body: {d}"),
-            CloudError::Io(d) => write!(f, "connection to cloud broke: {d}"),
+    /// A broken connection, with its cause.
+    pub(crate) fn io(e: impl std::error::Error + Send + Sync + 'static) -> CloudError {
+        CloudError::Io {
+            detail: e.to_string(),
+            source: cause(e),
+        }
+    }
+
+    /// A body that is not what the protocol says.
+    pub(crate) fn bad_body(detail: impl Into<String>) -> CloudError {
+        CloudError::BadBody {
+            detail: detail.into(),
+            source: None,
         }
     }
 }
-
-impl std::error::Error for CloudError {}
 
 /// Connects to the cloud and speaks HTTP/1.1 or WebSocket over the connection.
 #[derive(Clone)]
@@ -140,6 +163,7 @@ impl CloudClient {
                         CloudError::Connect {
                             stage: "TLS",
                             detail: format!("bad server name: {e}"),
+                            source: cause(e),
                         }
                     })?;
                     let tls = tokio_rustls::TlsConnector::from(cfg.clone())
@@ -148,6 +172,7 @@ impl CloudClient {
                         .map_err(|e| CloudError::Connect {
                             stage: "TLS handshake",
                             detail: e.to_string(),
+                            source: cause(e),
                         })?;
                     Box::new(tls)
                 }
@@ -171,9 +196,7 @@ impl CloudClient {
         body: Option<&Req>,
     ) -> Result<Resp, CloudError> {
         let bytes = match body {
-            Some(b) => {
-                Bytes::from(serde_json::to_vec(b).map_err(|e| CloudError::Io(e.to_string()))?)
-            }
+            Some(b) => Bytes::from(serde_json::to_vec(b).map_err(CloudError::io)?),
             None => Bytes::new(),
         };
         let (status, body) = self.request(method, path, token, bytes).await?;
@@ -181,7 +204,7 @@ impl CloudClient {
             return Err(status_error(status, &body));
         }
         serde_json::from_slice(&body)
-            .map_err(|e| CloudError::BadBody(format!("{e} (first bytes: {:?})", preview(&body))))
+            .map_err(|e| CloudError::bad_body(format!("{e} (first bytes: {:?})", preview(&body))))
     }
 
     /// One HTTP/1.1 request on a fresh connection; the whole exchange is bounded by the connect and
@@ -210,7 +233,7 @@ impl CloudClient {
         let exchange = async {
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
                 .await
-                .map_err(|e| CloudError::Io(e.to_string()))?;
+                .map_err(CloudError::io)?;
             let conn_task = tokio::spawn(async move {
                 let _ = conn.await;
             });
@@ -226,19 +249,14 @@ impl CloudClient {
             if let Some(t) = token {
                 req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
             }
-            let req = req
-                .body(Full::new(body))
-                .map_err(|e| CloudError::Io(e.to_string()))?;
-            let resp = sender
-                .send_request(req)
-                .await
-                .map_err(|e| CloudError::Io(e.to_string()))?;
+            let req = req.body(Full::new(body)).map_err(CloudError::io)?;
+            let resp = sender.send_request(req).await.map_err(CloudError::io)?;
             let status = resp.status().as_u16();
             let (head, body) = resp.into_parts();
             let body = Limited::new(body, MAX_BODY)
                 .collect()
                 .await
-                .map_err(|e| CloudError::BadBody(format!("reading body: {e}")))?
+                .map_err(|e| CloudError::bad_body(format!("reading body: {e}")))?
                 .to_bytes();
             conn_task.abort();
             Ok((status, head.headers, body))
@@ -263,10 +281,10 @@ impl CloudClient {
     ) -> Result<http::Response<hyper::body::Incoming>, CloudError> {
         let (client, path) = if url.starts_with("http://") || url.starts_with("https://") {
             let target = CloudUrl::parse(url)
-                .map_err(|e| CloudError::BadBody(format!("bad download url {url:?}: {e}")))?;
+                .map_err(|e| CloudError::bad_body(format!("bad download url {url:?}: {e}")))?;
             let uri: http::Uri = url
                 .parse()
-                .map_err(|e| CloudError::BadBody(format!("bad download url {url:?}: {e}")))?;
+                .map_err(|e| CloudError::bad_body(format!("bad download url {url:?}: {e}")))?;
             let path = uri
                 .path_and_query()
                 .map(|p| p.as_str().to_string())
@@ -281,6 +299,7 @@ impl CloudClient {
                         CloudError::Connect {
                             stage: "TLS",
                             detail: e.to_string(),
+                            source: None,
                         }
                     })?));
                 }
@@ -301,7 +320,7 @@ impl CloudClient {
         let head = async {
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
                 .await
-                .map_err(|e| CloudError::Io(e.to_string()))?;
+                .map_err(CloudError::io)?;
             // Lives as long as the body is being read.
             tokio::spawn(async move {
                 let _ = conn.await;
@@ -315,13 +334,8 @@ impl CloudClient {
             if range_from > 0 {
                 req = req.header(http::header::RANGE, format!("bytes={range_from}-"));
             }
-            let req = req
-                .body(Full::new(Bytes::new()))
-                .map_err(|e| CloudError::Io(e.to_string()))?;
-            sender
-                .send_request(req)
-                .await
-                .map_err(|e| CloudError::Io(e.to_string()))
+            let req = req.body(Full::new(Bytes::new())).map_err(CloudError::io)?;
+            sender.send_request(req).await.map_err(CloudError::io)
         };
         timeout(rt, head).await.map_err(|_| CloudError::Timeout {
             what: "download request",
@@ -340,9 +354,7 @@ impl CloudClient {
         let (io, _) = self.connect().await?;
         let scheme = if self.url.tls { "wss" } else { "ws" };
         let uri = format!("{scheme}://{}{}", self.url.authority(), self.url.path(path));
-        let mut req = uri
-            .into_client_request()
-            .map_err(|e| CloudError::Io(e.to_string()))?;
+        let mut req = uri.into_client_request().map_err(CloudError::io)?;
         let headers = req.headers_mut();
         headers.insert(http::header::AUTHORIZATION, bearer(token)?);
         headers.insert(
@@ -365,14 +377,17 @@ impl CloudClient {
                 let body = resp.body().clone().unwrap_or_default();
                 Err(status_error(status, &body))
             }
-            Ok(Err(e)) => Err(CloudError::Io(format!("channel upgrade: {e}"))),
+            Ok(Err(e)) => Err(CloudError::Io {
+                detail: format!("channel upgrade: {e}"),
+                source: cause(e),
+            }),
         }
     }
 }
 
 fn bearer(token: &str) -> Result<http::HeaderValue, CloudError> {
     http::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
-        CloudError::BadBody("the cloud's token contains characters not allowed in a header".into())
+        CloudError::bad_body("the cloud's token contains characters not allowed in a header")
     })
 }
 
@@ -425,28 +440,35 @@ pub(crate) async fn tcp_connect(
         .map_err(|e| CloudError::Connect {
             stage: "name resolution",
             detail: format!("{target}: {e}"),
+            source: cause(e),
         })?
         .collect();
     if addrs.is_empty() {
         return Err(CloudError::Connect {
             stage: "name resolution",
             detail: format!("{target}: no addresses"),
+            source: None,
         });
     }
-    let mut last = String::new();
+    let mut last = None;
     for addr in addrs {
         match TcpStream::connect(addr).await {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
-                let local = s.local_addr().map_err(|e| CloudError::Io(e.to_string()))?;
+                let local = s.local_addr().map_err(CloudError::io)?;
                 return Ok((s, local));
             }
-            Err(e) => last = format!("{addr}: {e}"),
+            Err(e) => last = Some((addr, e)),
         }
     }
+    let (detail, source) = match last {
+        Some((addr, e)) => (format!("{addr}: {e}"), cause(e)),
+        None => (format!("{target}: no addresses"), None),
+    };
     Err(CloudError::Connect {
         stage,
-        detail: last,
+        detail,
+        source,
     })
 }
 
@@ -468,6 +490,7 @@ pub(crate) async fn proxy_connect(
     let io_err = |e: std::io::Error| CloudError::Connect {
         stage: "proxy CONNECT",
         detail: e.to_string(),
+        source: cause(e),
     };
     tcp.write_all(head.as_bytes()).await.map_err(io_err)?;
     // Read byte by byte up to the blank line so no tunnelled byte is consumed.
@@ -477,6 +500,7 @@ pub(crate) async fn proxy_connect(
             return Err(CloudError::Connect {
                 stage: "proxy CONNECT",
                 detail: "answer head too large".into(),
+                source: None,
             });
         }
         let b = tcp.read_u8().await.map_err(io_err)?;
@@ -496,6 +520,7 @@ pub(crate) async fn proxy_connect(
                 "proxy {} refused the tunnel to {target}: {status_line}",
                 proxy.address()
             ),
+            source: None,
         }),
     }
 }

@@ -315,6 +315,9 @@ pub struct Done {
     pub result: Outcome,
     pub reason: String,
     pub payload: Value,
+    /// The device error behind a failure, kept typed for whoever must tell kinds of failure apart
+    /// (an unreachable device is not one the relay has learnt about).
+    pub cause: Option<DeviceError>,
 }
 
 impl Done {
@@ -323,6 +326,7 @@ impl Done {
             result: Outcome::Success,
             reason: String::new(),
             payload,
+            cause: None,
         }
     }
 }
@@ -337,6 +341,7 @@ impl From<DeviceError> for Done {
             result,
             reason: e.to_string(),
             payload: Value::Null,
+            cause: Some(e),
         }
     }
 }
@@ -471,6 +476,7 @@ async fn run(op: &Op, s: &mut Session) -> Result<Done, DeviceError> {
                     result: Outcome::Failure,
                     reason: "screen capture refused (HTTP 403): turn on up.screenCapture.enabled and Screen Capture on the device".into(),
                     payload: Value::Null,
+                    cause: None,
                 }),
                 Err(e) => Err(e),
             }

@@ -67,28 +67,61 @@ impl fmt::Display for Target {
     }
 }
 
+/// A lower-level error kept as the cause of a [`DeviceError`]; shared, so the error stays `Clone`
+/// (one failure may be reported for a command and remembered by monitoring).
+pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
+
+fn cause(e: impl std::error::Error + Send + Sync + 'static) -> Cause {
+    Arc::new(e)
+}
+
 /// Why a device request did not give an answer we can use. `Display` is the reason reported to the
-/// cloud and shown to admins.
-#[derive(Debug, Clone, PartialEq)]
+/// cloud and shown to admins; the lower-level error stays reachable as `source()`.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum DeviceError {
     /// No TCP connection (refused, unreachable, reset during connect).
-    Unreachable(String),
+    #[error("device unreachable: {0}")]
+    Unreachable(#[source] Cause),
+    /// The connection broke before the answer was complete.
+    #[error("device unreachable: connection closed: {0}")]
+    Closed(#[source] Cause),
     /// The deadline passed.
+    #[error("device did not answer in time ({0})")]
     Timeout(&'static str),
     /// TLS handshake failed.
-    Tls(String),
+    #[error("TLS handshake with the device failed: {0}")]
+    Tls(#[source] Cause),
     /// 401: the admin password was refused.
+    #[error(
+        "device refused the admin password (HTTP 401); set it in the command or [devices].admin_password"
+    )]
     Auth,
     /// 403: the device is busy with another request (phones take one at a time).
+    #[error("device busy with another request (HTTP 403)")]
     Busy,
     /// 404 on an API path: the REST API is turned off on the device.
+    #[error("device REST API is turned off (HTTP 404; set apps.restapi.enabled=1)")]
     ApiDisabled,
     /// Any other HTTP status.
+    #[error("device answered HTTP {0}")]
     Http(u16),
     /// The envelope's `Status` is not 2000.
+    #[error("device answered status {0}: {meaning}", meaning = api_code_meaning(.0))]
     Api(String),
-    /// The answer could not be read.
+    /// The answer could not be read as the API's envelope.
+    #[error("unreadable answer from the device: {0}")]
     BadReply(String),
+    /// The HTTP exchange failed in a way that is not a lost connection.
+    #[error("unreadable answer from the device: {0}")]
+    Exchange(#[source] Cause),
+}
+
+/// Equal when they say the same thing (the causes compare by their message).
+impl PartialEq for DeviceError {
+    fn eq(&self, other: &Self) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+            && self.to_string() == other.to_string()
+    }
 }
 
 impl DeviceError {
@@ -96,7 +129,10 @@ impl DeviceError {
     pub fn is_unreachable(&self) -> bool {
         matches!(
             self,
-            DeviceError::Unreachable(_) | DeviceError::Timeout(_) | DeviceError::Tls(_)
+            DeviceError::Unreachable(_)
+                | DeviceError::Closed(_)
+                | DeviceError::Timeout(_)
+                | DeviceError::Tls(_)
         )
     }
 }
@@ -122,34 +158,6 @@ pub fn api_code_meaning(code: &str) -> &'static str {
         "5000" => "failed to process request",
         "5500" => "internal server error",
         _ => "unknown status code",
-    }
-}
-
-impl fmt::Display for DeviceError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            DeviceError::Unreachable(why) => write!(f, "device unreachable: {why}"),
-            DeviceError::Timeout(step) => write!(f, "device did not answer in time ({step})"),
-            DeviceError::Tls(why) => write!(f, "TLS handshake with the device failed: {why}"),
-            DeviceError::Auth => write!(
-                f,
-                "device refused the admin password (HTTP 401); set it in the command or [devices].admin_password"
-            ),
-            DeviceError::Busy => write!(f, "device busy with another request (HTTP 403)"),
-            DeviceError::ApiDisabled => write!(
-                f,
-                "device REST API is turned off (HTTP 404; set apps.restapi.enabled=1)"
-            ),
-            DeviceError::Http(code) => write!(f, "device answered HTTP {code}"),
-            DeviceError::Api(code) => {
-                write!(
-                    f,
-                    "device answered status {code}: {}",
-                    api_code_meaning(code)
-                )
-            }
-            DeviceError::BadReply(why) => write!(f, "unreadable answer from the device: {why}"),
-        }
     }
 }
 
@@ -239,7 +247,7 @@ impl Session {
         let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(self.addr))
             .await
             .map_err(|_| DeviceError::Timeout("connect"))?
-            .map_err(|e| DeviceError::Unreachable(e.to_string()))?;
+            .map_err(|e| DeviceError::Unreachable(cause(e)))?;
         let _ = tcp.set_nodelay(true);
         let sender = match self.client.scheme {
             DeviceScheme::Http => handshake(TokioIo::new(tcp)).await?,
@@ -253,9 +261,9 @@ impl Session {
                 .map_err(|_| DeviceError::Timeout("TLS handshake"))?
                 .map_err(|e| {
                     if e.kind() == std::io::ErrorKind::InvalidData {
-                        DeviceError::Tls(e.to_string())
+                        DeviceError::Tls(cause(e))
                     } else {
-                        DeviceError::Unreachable(e.to_string())
+                        DeviceError::Unreachable(cause(e))
                     }
                 })?;
                 handshake(TokioIo::new(tls)).await?
@@ -314,19 +322,19 @@ impl Session {
         }
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| DeviceError::BadReply(format!("cannot build request: {e}")))?;
+            .map_err(|e| DeviceError::Exchange(cause(e)))?;
         let sender = self.sender.as_mut().expect("connected above");
         let timeout = self.client.timeout;
         let exchange = async {
             sender
                 .ready()
                 .await
-                .map_err(|e| DeviceError::Unreachable(e.to_string()))?;
+                .map_err(|e| DeviceError::Unreachable(cause(e)))?;
             let resp = sender.send_request(req).await.map_err(|e| {
                 if e.is_incomplete_message() || e.is_closed() {
-                    DeviceError::Unreachable(format!("connection closed: {e}"))
+                    DeviceError::Closed(cause(e))
                 } else {
-                    DeviceError::BadReply(e.to_string())
+                    DeviceError::Exchange(cause(e))
                 }
             })?;
             let status = resp.status().as_u16();
@@ -366,7 +374,7 @@ where
         .max_buf_size(MAX_REPLY.max(64 * 1024))
         .handshake(io)
         .await
-        .map_err(|e| DeviceError::Unreachable(e.to_string()))?;
+        .map_err(|e| DeviceError::Unreachable(cause(e)))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });

@@ -17,7 +17,7 @@ use crate::store::Write;
 use crate::util::secret::Secret;
 use crate::util::time::rfc3339;
 use anyhow::Result;
-use client::{DeviceClient, Target};
+use client::{DeviceClient, DeviceError, Target};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -124,12 +124,11 @@ impl DevicePlane {
                     humantime::format_duration(deadline)
                 ),
                 payload: Value::Null,
+                cause: Some(DeviceError::Timeout("the command's deadline")),
             },
         };
         // A device that answered (even with an error) is one we know about.
-        if !done.reason.starts_with("device unreachable")
-            && !done.reason.starts_with("device did not")
-        {
+        if !done.cause.as_ref().is_some_and(DeviceError::is_unreachable) {
             self.registry.learn(target, None);
         }
         done
@@ -178,12 +177,14 @@ impl DevicePlane {
             result: Outcome::Failure,
             reason,
             payload: Value::Null,
+            cause: None,
         };
         if !self.cfg.enabled {
             return actions::Done {
                 result: Outcome::NotApplicable,
                 reason: "the device plane is off: relay.toml has no [devices] section".into(),
                 payload: Value::Null,
+                cause: None,
             };
         }
         let Some(target) = target else {

@@ -385,6 +385,7 @@ pub async fn cancel(plane: &DevicePlane, params: &Value) -> actions::Done {
                 result: Outcome::Success,
                 reason: String::new(),
                 payload: json!({"task_id": id, "status": "cancelled"}),
+                cause: None,
             }
         }
         Err(e) => fail(&format!("cannot store the cancellation: {e}")),
@@ -433,6 +434,7 @@ pub async fn update(plane: &DevicePlane, params: &Value) -> actions::Done {
                 result: Outcome::Success,
                 reason: String::new(),
                 payload: json!({"task_id": id, "status": "scheduled", "at": rec.spec.at, "total": rec.total}),
+                cause: None,
             }
         }
         Err(e) => fail(&format!("cannot store the edit: {e}")),
@@ -474,6 +476,7 @@ fn fail(why: &str) -> actions::Done {
         result: Outcome::Failure,
         reason: why.to_string(),
         payload: Value::Null,
+        cause: None,
     }
 }
 
@@ -624,6 +627,7 @@ async fn execute_inner(
                         threshold.unwrap_or(0)
                     ),
                     payload: Value::Null,
+                    cause: None,
                 }
             } else {
                 match plane.check_target(&target) {

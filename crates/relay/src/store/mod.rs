@@ -4,11 +4,16 @@
 //! Calls are synchronous (a commit fsyncs); async code goes through [`Store::run`], which moves the
 //! work to the blocking pool. Large blobs (firmware) never live here: only their metadata.
 
+mod error;
+
+pub use error::StoreError;
+
 use crate::protocol::{Command, ResultRecord};
-use anyhow::{Context, Result, anyhow};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 /// Results not yet acknowledged by the cloud, keyed by an increasing sequence number (send order).
@@ -48,28 +53,23 @@ impl Store {
     /// Opens (or creates) the store in `state_dir`, creating the directory when needed. Fails clearly
     /// when another process holds it.
     pub fn open(state_dir: &Path) -> Result<Store> {
-        std::fs::create_dir_all(state_dir)
-            .with_context(|| format!("cannot create state_dir {}", state_dir.display()))?;
+        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::StateDir {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
         let path = state_dir.join(DB_FILE);
         let db = match Database::create(&path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                return Err(anyhow!(
-                    "store {} is in use by another ucrelay process (only one relay may use a state_dir)",
-                    path.display()
-                ));
+                return Err(StoreError::InUse { path });
             }
-            Err(e) => {
-                return Err(anyhow!(e).context(format!("cannot open store {}", path.display())));
-            }
+            Err(source) => return Err(StoreError::Open { path, source }),
         };
         let store = Store {
             db: Arc::new(db),
             path,
         };
-        store
-            .init()
-            .with_context(|| format!("cannot initialise store {}", store.path.display()))?;
+        store.init()?;
         Ok(store)
     }
 
@@ -88,9 +88,10 @@ impl Store {
                 }
                 Some(SCHEMA_VERSION) => {}
                 Some(other) => {
-                    return Err(anyhow!(
-                        "schema version {other} was written by a newer ucrelay; this build knows {SCHEMA_VERSION}"
-                    ));
+                    return Err(StoreError::Schema {
+                        found: other.to_string(),
+                        known: SCHEMA_VERSION,
+                    });
                 }
             }
             tx.open_table(OUTBOX)?;
@@ -110,16 +111,18 @@ impl Store {
         Ok(())
     }
 
-    /// Runs blocking store work off the async runtime.
-    pub async fn run<T, F>(&self, f: F) -> Result<T>
+    /// Runs blocking store work off the async runtime. The work may fail with its own error type,
+    /// as long as a [`StoreError`] converts into it.
+    pub async fn run<T, E, F>(&self, f: F) -> Result<T, E>
     where
-        F: FnOnce(&Store) -> Result<T> + Send + 'static,
+        F: FnOnce(&Store) -> Result<T, E> + Send + 'static,
         T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
     {
         let store = self.clone();
         tokio::task::spawn_blocking(move || f(&store))
             .await
-            .map_err(|e| anyhow!("store task failed: {e}"))?
+            .map_err(|e| E::from(StoreError::Task(e.to_string())))?
     }
 
     /// The relay id recorded in the store under `state_dir`, read without creating or changing
@@ -130,8 +133,13 @@ impl Store {
         if !path.exists() {
             return Ok(None);
         }
-        let db = redb::ReadOnlyDatabase::open(&path)
-            .with_context(|| format!("cannot open store {} read-only", path.display()))?;
+        let db = match redb::ReadOnlyDatabase::open(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoreError::InUse { path });
+            }
+            Err(source) => return Err(StoreError::Open { path, source }),
+        };
         let tx = db.begin_read()?;
         let meta = match tx.open_table(META) {
             Ok(t) => t,

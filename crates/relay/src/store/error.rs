@@ -1,0 +1,70 @@
+//! What can go wrong in the store, as a type its callers can branch on (a full disk is not a
+//! corrupt file), with the database's own error kept as the source.
+
+use std::path::PathBuf;
+
+/// A failed store operation.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The state directory could not be created.
+    #[error("cannot create state_dir {}", path.display())]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another process has the database open.
+    #[error(
+        "store {} is in use by another ucrelay process (only one relay may use a state_dir)",
+        path.display()
+    )]
+    InUse { path: PathBuf },
+    /// The database file could not be opened (permissions, corruption).
+    #[error("cannot open store {}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: redb::DatabaseError,
+    },
+    /// The file was written by a newer ucrelay with a schema this build does not know.
+    #[error("schema version {found} was written by a newer ucrelay; this build knows {known}")]
+    Schema { found: String, known: &'static str },
+    /// A read, write or commit failed.
+    #[error("store operation failed")]
+    Db(#[source] redb::Error),
+    /// A record could not be encoded.
+    #[error("cannot encode a store record")]
+    Encode(#[from] serde_json::Error),
+    /// The blocking task running the operation died (a panic inside it).
+    #[error("store task failed: {0}")]
+    Task(String),
+}
+
+impl StoreError {
+    /// True when the disk under the store is full: the operation can succeed once space returns.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Db(redb::Error::Io(e)) => e.raw_os_error() == Some(nix::libc::ENOSPC),
+            StoreError::StateDir { source, .. } => source.raw_os_error() == Some(nix::libc::ENOSPC),
+            _ => false,
+        }
+    }
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> StoreError {
+                StoreError::Db(redb::Error::from(e))
+            }
+        }
+    )*};
+}
+
+from_redb!(
+    redb::Error,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
