@@ -203,6 +203,9 @@ pub fn load(
     }
 }
 
+/// A rule's way of recording its outcome.
+type Push<'p> = dyn FnMut(Level, &str, String) + 'p;
+
 /// The rules in order; pushes their checks and returns the certificate when all of them allow it.
 fn run(
     checks: &mut Vec<Check>,
@@ -213,8 +216,44 @@ fn run(
 ) -> Option<LoadedCert> {
     let mut push =
         |level, rule: &str, message: String| checks.push(Check::new(level, rule, message));
+    let bytes = rule_pfx_file(&mut push, pfx);
+    let archive = rule_pfx_password(&mut push, pfx, bytes, password_file)?;
+    let (certs, leaf_index, signing_key) = rule_private_key(&mut push, &archive)?;
+    let leaf = &certs[leaf_index];
+    if let Some(key) = &signing_key {
+        rule_key_match(&mut push, key.as_ref(), leaf);
+    }
+    let chain = rule_chain(&mut push, &certs, leaf_index);
+    push_eku_check(&mut push, &leaf.x509);
+    let ids = Identities::of(&leaf.x509);
+    push_identity_check(&mut push, &ids);
+    for fqdn in fqdns {
+        let (level, message) = fqdn_check(fqdn, &ids);
+        push(level, &format!("fqdn {fqdn}"), message);
+    }
+    let not_after = rule_validity(&mut push, &leaf.x509, now);
 
-    // 1. pfx-file
+    // Built only when every rule above passed; `load` drops it otherwise anyway, this just
+    // avoids the work and keeps the rule results the single source of truth.
+    if checks.iter().any(|c| c.level == Level::Fail) {
+        return None;
+    }
+    let signing_key = signing_key?;
+    let chain_der = chain
+        .iter()
+        .map(|&i| CertificateDer::from(certs[i].der.to_vec()))
+        .collect();
+    Some(LoadedCert {
+        key: Arc::new(CertifiedKey::new(chain_der, signing_key)),
+        subject: leaf.x509.subject().to_string(),
+        dns_names: ids.names().to_vec(),
+        not_after: system_time(not_after),
+        sha256: hex_sha256(leaf.der),
+    })
+}
+
+/// Rule 1, `pfx-file`: the file can be read (and is not absurdly large).
+fn rule_pfx_file(push: &mut Push<'_>, pfx: &Path) -> Result<Vec<u8>, String> {
     let bytes = read_limited(pfx, MAX_PFX_BYTES, "PFX file", "edge.pfx");
     match &bytes {
         Ok(b) => push(
@@ -224,9 +263,17 @@ fn run(
         ),
         Err(e) => push(Level::Fail, RULE_PFX_FILE, e.clone()),
     }
+    bytes
+}
 
-    // 2. pfx-password. The password file is read even when the PFX is not, so a broken install
-    // reports both files at once.
+/// Rule 2, `pfx-password`: the password file reads and opens the PFX. The password file is read even
+/// when the PFX is not, so a broken install reports both files at once.
+fn rule_pfx_password(
+    push: &mut Push<'_>,
+    pfx: &Path,
+    bytes: Result<Vec<u8>, String>,
+    password_file: Option<&Path>,
+) -> Option<Pkcs12Archive> {
     let password = match read_password(password_file) {
         Ok(p) => p,
         Err(e) => {
@@ -252,9 +299,18 @@ fn run(
             }
         },
     );
+    Some(archive)
+}
 
-    // 3. private-key
-    let certs = match pfx_certs(&archive) {
+/// Rule 3, `private-key`: the PFX holds a certificate and a private key rustls can sign with. Returns
+/// the certificates, which of them is the leaf, and the key (`None` when unusable: the rules on
+/// the certificate still run).
+#[allow(clippy::type_complexity)]
+fn rule_private_key<'a>(
+    push: &mut Push<'_>,
+    archive: &'a Pkcs12Archive,
+) -> Option<(Vec<PfxCert<'a>>, usize, Option<Arc<dyn SigningKey>>)> {
+    let certs = match pfx_certs(archive) {
         Ok(c) => c,
         Err(e) => {
             push(Level::Fail, RULE_PRIVATE_KEY, e);
@@ -277,7 +333,7 @@ fn run(
         );
         return None;
     }
-    let (key_index, leaf_index) = pair_key_with_leaf(&archive, &certs);
+    let (key_index, leaf_index) = pair_key_with_leaf(archive, &certs);
     let leaf = &certs[leaf_index];
     let key_bag = &archive.keys[key_index];
     let signing_key = match signing_key(key_bag.key.as_der(), Some(leaf.x509.public_key())) {
@@ -322,33 +378,41 @@ fn run(
             None
         }
     };
+    Some((certs, leaf_index, signing_key))
+}
 
-    // 4. key-match (needs a usable key; the certificate rules below do not)
-    if let Some(key) = &signing_key {
-        match key.public_key() {
-            Some(spki) if same_public_key(&spki, leaf.x509.public_key()) => push(
-                Level::Ok,
-                RULE_KEY_MATCH,
-                format!("the private key belongs to the leaf certificate {}", leaf.x509.subject()),
+/// Rule 4, `key-match`: the private key belongs to the leaf certificate.
+fn rule_key_match(push: &mut Push<'_>, key: &dyn SigningKey, leaf: &PfxCert<'_>) {
+    match key.public_key() {
+        Some(spki) if same_public_key(&spki, leaf.x509.public_key()) => push(
+            Level::Ok,
+            RULE_KEY_MATCH,
+            format!(
+                "the private key belongs to the leaf certificate {}",
+                leaf.x509.subject()
             ),
-            Some(_) => push(
-                Level::Fail,
-                RULE_KEY_MATCH,
-                format!(
-                    "the private key does not belong to the leaf certificate {}: export the PFX from the key and certificate that were issued together",
-                    leaf.x509.subject()
-                ),
+        ),
+        Some(_) => push(
+            Level::Fail,
+            RULE_KEY_MATCH,
+            format!(
+                "the private key does not belong to the leaf certificate {}: export the PFX from the key and certificate that were issued together",
+                leaf.x509.subject()
             ),
-            None => push(
-                Level::Fail,
-                RULE_KEY_MATCH,
-                "cannot derive the public key of the private key to compare it with the certificate".to_owned(),
-            ),
-        }
+        ),
+        None => push(
+            Level::Fail,
+            RULE_KEY_MATCH,
+            "cannot derive the public key of the private key to compare it with the certificate"
+                .to_owned(),
+        ),
     }
+}
 
-    // 5. chain
-    let (chain, chain_result) = build_chain(&certs, leaf_index);
+/// Rule 5, `chain`: the chain from the leaf up to a root is complete. Returns the chain's indices.
+fn rule_chain(push: &mut Push<'_>, certs: &[PfxCert<'_>], leaf_index: usize) -> Vec<usize> {
+    let leaf = &certs[leaf_index];
+    let (chain, chain_result) = build_chain(certs, leaf_index);
     match &chain_result {
         Err(e) => push(Level::Fail, RULE_CHAIN, e.clone()),
         Ok(()) => {
@@ -383,22 +447,13 @@ fn run(
             }
         }
     }
+    chain
+}
 
-    // 6. eku-server-auth
-    push_eku_check(&mut push, &leaf.x509);
-
-    // 7. ip-identity
-    let ids = Identities::of(&leaf.x509);
-    push_identity_check(&mut push, &ids);
-
-    // 8. fqdn <name>
-    for fqdn in fqdns {
-        let (level, message) = fqdn_check(fqdn, &ids);
-        push(level, &format!("fqdn {fqdn}"), message);
-    }
-
-    // 9. validity
-    let validity = leaf.x509.validity();
+/// Rule 9, `validity`: valid now, with a warning within the renewal window. Returns `not_after` (Unix
+/// seconds).
+fn rule_validity(push: &mut Push<'_>, leaf: &X509Certificate<'_>, now: SystemTime) -> i64 {
+    let validity = leaf.validity();
     let (not_before, not_after) = (
         validity.not_before.timestamp(),
         validity.not_after.timestamp(),
@@ -440,24 +495,7 @@ fn run(
             format!("valid until {until}, {days} days left"),
         );
     }
-
-    // Built only when every rule above passed; `load` drops it otherwise anyway, this just
-    // avoids the work and keeps the rule results the single source of truth.
-    if checks.iter().any(|c| c.level == Level::Fail) {
-        return None;
-    }
-    let signing_key = signing_key?;
-    let chain_der = chain
-        .iter()
-        .map(|&i| CertificateDer::from(certs[i].der.to_vec()))
-        .collect();
-    Some(LoadedCert {
-        key: Arc::new(CertifiedKey::new(chain_der, signing_key)),
-        subject: leaf.x509.subject().to_string(),
-        dns_names: ids.names().to_vec(),
-        not_after: system_time(not_after),
-        sha256: hex_sha256(leaf.der),
-    })
+    not_after
 }
 
 /// Reads a whole file of at most `limit` bytes; the error names the file, the OS error and the

@@ -2,8 +2,11 @@
 //! relay at scrape time, registered next to the owned ones in `util::metrics`.
 
 use super::Running;
+use crate::cache::Catalog;
 use crate::ctx::{ChannelState, Registration};
-use crate::util::metrics::global;
+use crate::edge::Edge;
+use crate::util::metrics::{Labels, Registry, global};
+use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::SystemTime;
 
@@ -16,8 +19,23 @@ fn unix_secs(t: SystemTime) -> f64 {
 /// Registers the series read from the running relay's state at scrape time.
 pub fn register_relay(ctx: &Running) {
     let r = &global().registry;
-    let l = |k: &'static str, v: &str| vec![(k, v.to_string())];
+    register_process(r, ctx);
+    register_devices(r, ctx);
+    register_cloud(r, ctx);
+    if let Some(edge) = &ctx.edge {
+        register_edge(r, edge);
+    }
+    if let Some(cat) = &ctx.images {
+        register_images(r, cat);
+    }
+}
 
+fn label(k: &'static str, v: &str) -> Labels {
+    vec![(k, v.to_string())]
+}
+
+/// Uptime and build.
+fn register_process(r: &Registry, ctx: &Running) {
     let c = ctx.clone();
     r.gauge_fn(
         "ucrelay_up_seconds",
@@ -30,13 +48,17 @@ pub fn register_relay(ctx: &Running) {
         move || {
             vec![(
                 vec![
-                    ("version", env!("CARGO_PKG_VERSION").to_string()),
+                    ("version", crate::util::build::VERSION.to_string()),
                     ("revision", crate::util::build::revision().to_string()),
                 ],
                 1.0,
             )]
         },
     );
+}
+
+/// Device and task counts from the device plane.
+fn register_devices(r: &Registry, ctx: &Running) {
     for (name, help, pick) in [
         (
             "ucrelay_devices_known",
@@ -90,6 +112,10 @@ pub fn register_relay(ctx: &Running) {
                 .load(std::sync::atomic::Ordering::Relaxed) as f64
         },
     );
+}
+
+/// The management agent's link to the cloud, from its status board.
+fn register_cloud(r: &Registry, ctx: &Running) {
     let c = ctx.clone();
     r.gauge_fn(
         "ucrelay_cloud_registered",
@@ -113,8 +139,8 @@ pub fn register_relay(ctx: &Running) {
         move || {
             let s = c.status.lock();
             vec![
-                (l("result", "ok"), s.heartbeats_ok),
-                (l("result", "failed"), s.heartbeats_failed),
+                (label("result", "ok"), s.heartbeats_ok),
+                (label("result", "failed"), s.heartbeats_failed),
             ]
         },
     );
@@ -142,98 +168,100 @@ pub fn register_relay(ctx: &Running) {
         "Results acknowledged by the cloud",
         move || c.status.lock().results_sent,
     );
+}
 
-    if let Some(edge) = &ctx.edge {
-        let e = edge.clone();
-        r.gauge_fn(
-            "ucrelay_edge_connections_open",
-            "Device connections open on the edge",
-            move || e.stats.sum(|c| &c.connections_open) as f64,
-        );
-        let e = edge.clone();
-        r.counters_fn(
-            "ucrelay_edge_requests_total",
-            "Device requests answered by the edge, by status class",
-            move || {
-                let s = &e.stats;
-                vec![
-                    (l("class", "2xx"), s.sum(|c| &c.status_2xx)),
-                    (l("class", "3xx"), s.sum(|c| &c.status_3xx)),
-                    (l("class", "4xx"), s.sum(|c| &c.status_4xx)),
-                    (l("class", "5xx"), s.sum(|c| &c.status_5xx)),
-                ]
-            },
-        );
-        let e = edge.clone();
-        r.counter_fn(
-            "ucrelay_edge_tls_handshake_failures_total",
-            "TLS handshakes that failed on the edge",
-            move || e.stats.sum(|c| &c.tls_handshake_failures),
-        );
-        let e = edge.clone();
-        r.gauge_fn(
-            "ucrelay_certificate_not_after_seconds",
-            "Expiry of the edge certificate in service (Unix time)",
-            move || unix_secs(e.cert.current().not_after),
-        );
-    }
+/// The edge's counters and certificate.
+fn register_edge(r: &Registry, edge: &Arc<Edge>) {
+    let e = edge.clone();
+    r.gauge_fn(
+        "ucrelay_edge_connections_open",
+        "Device connections open on the edge",
+        move || e.stats.sum(|c| &c.connections_open) as f64,
+    );
+    let e = edge.clone();
+    r.counters_fn(
+        "ucrelay_edge_requests_total",
+        "Device requests answered by the edge, by status class",
+        move || {
+            let s = &e.stats;
+            vec![
+                (label("class", "2xx"), s.sum(|c| &c.status_2xx)),
+                (label("class", "3xx"), s.sum(|c| &c.status_3xx)),
+                (label("class", "4xx"), s.sum(|c| &c.status_4xx)),
+                (label("class", "5xx"), s.sum(|c| &c.status_5xx)),
+            ]
+        },
+    );
+    let e = edge.clone();
+    r.counter_fn(
+        "ucrelay_edge_tls_handshake_failures_total",
+        "TLS handshakes that failed on the edge",
+        move || e.stats.sum(|c| &c.tls_handshake_failures),
+    );
+    let e = edge.clone();
+    r.gauge_fn(
+        "ucrelay_certificate_not_after_seconds",
+        "Expiry of the edge certificate in service (Unix time)",
+        move || unix_secs(e.cert.current().not_after),
+    );
+}
 
-    if let Some(cat) = &ctx.images {
-        use std::sync::atomic::Ordering::Relaxed;
-        let c = cat.clone();
-        r.counter_fn(
-            "ucrelay_image_bytes_synced_total",
-            "Image bytes downloaded from the cloud",
-            move || c.stats.bytes_fetched.load(Relaxed),
-        );
-        let c = cat.clone();
-        r.counter_fn(
-            "ucrelay_image_bytes_served_total",
-            "Image bytes served to devices",
-            move || c.stats.bytes_served.load(Relaxed),
-        );
-        let c = cat.clone();
-        r.gauge_fn(
-            "ucrelay_image_downloads_active",
-            "Devices downloading an image from the edge now",
-            move || c.stats.downloads_active.load(Relaxed) as f64,
-        );
-        let c = cat.clone();
-        r.gauges_fn(
-            "ucrelay_image_state",
-            "1 for each image's current state (synced, syncing, failed)",
-            move || {
-                c.report()
-                    .images
-                    .into_iter()
-                    .map(|i| (vec![("image", i.id), ("state", i.state)], 1.0))
-                    .collect()
-            },
-        );
-        let c = cat.clone();
-        r.gauges_fn(
-            "ucrelay_image_bytes",
-            "Bytes of each image on disk (done) and listed (total)",
-            move || {
-                c.report()
-                    .images
-                    .into_iter()
-                    .flat_map(|i| {
-                        [
-                            (
-                                vec![("image", i.id.clone()), ("kind", "done".into())],
-                                i.bytes_done as f64,
-                            ),
-                            (
-                                vec![("image", i.id), ("kind", "total".into())],
-                                i.bytes_total as f64,
-                            ),
-                        ]
-                    })
-                    .collect()
-            },
-        );
-    }
+/// The image cache.
+fn register_images(r: &Registry, cat: &Arc<Catalog>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = cat.clone();
+    r.counter_fn(
+        "ucrelay_image_bytes_synced_total",
+        "Image bytes downloaded from the cloud",
+        move || c.stats.bytes_fetched.load(Relaxed),
+    );
+    let c = cat.clone();
+    r.counter_fn(
+        "ucrelay_image_bytes_served_total",
+        "Image bytes served to devices",
+        move || c.stats.bytes_served.load(Relaxed),
+    );
+    let c = cat.clone();
+    r.gauge_fn(
+        "ucrelay_image_downloads_active",
+        "Devices downloading an image from the edge now",
+        move || c.stats.downloads_active.load(Relaxed) as f64,
+    );
+    let c = cat.clone();
+    r.gauges_fn(
+        "ucrelay_image_state",
+        "1 for each image's current state (synced, syncing, failed)",
+        move || {
+            c.report()
+                .images
+                .into_iter()
+                .map(|i| (vec![("image", i.id), ("state", i.state)], 1.0))
+                .collect()
+        },
+    );
+    let c = cat.clone();
+    r.gauges_fn(
+        "ucrelay_image_bytes",
+        "Bytes of each image on disk (done) and listed (total)",
+        move || {
+            c.report()
+                .images
+                .into_iter()
+                .flat_map(|i| {
+                    [
+                        (
+                            vec![("image", i.id.clone()), ("kind", "done".into())],
+                            i.bytes_done as f64,
+                        ),
+                        (
+                            vec![("image", i.id), ("kind", "total".into())],
+                            i.bytes_total as f64,
+                        ),
+                    ]
+                })
+                .collect()
+        },
+    );
 }
 
 /// Whether the relay is ready to serve: registered, and (with an edge) the edge bound.

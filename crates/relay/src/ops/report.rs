@@ -2,7 +2,9 @@
 //! by the daemon (which builds them) and the CLI (which renders them), so both always agree.
 
 use super::Running;
-use crate::ctx::{ChannelState, Registration};
+use crate::cache::CatalogReport;
+use crate::config::Config;
+use crate::ctx::{AgentStatus, ChannelState, Registration};
 use crate::util::time::rfc3339;
 use serde::{Deserialize, Serialize};
 use std::time::SystemTime;
@@ -148,19 +150,14 @@ impl EdgeReport {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct JobReport {
-    pub name: String,
-    /// `on` or `off`.
-    pub state: String,
-    pub detail: String,
-}
-
-impl StatusReport {
-    pub fn build(ctx: &Running, results_pending: u64) -> StatusReport {
-        let s = ctx.status.snapshot();
-        let cfg = &ctx.config;
-        let mut problems = Vec::new();
+impl CloudReport {
+    fn build(
+        s: &AgentStatus,
+        cfg: &Config,
+        results_pending: u64,
+        found: &mut Findings,
+    ) -> CloudReport {
+        let problems = &mut found.problems;
         let (registration, registration_error) = match &s.registration {
             Registration::Starting => {
                 problems.push(
@@ -216,93 +213,160 @@ impl StatusReport {
                 "{results_pending} results waiting to be sent to the cloud: {e}"
             ));
         }
-        let job = |name: &str, on: bool, detail: &str| JobReport {
-            name: name.into(),
-            state: if on { "on" } else { "off" }.into(),
-            detail: detail.into(),
-        };
-        let mut warnings = Vec::new();
+        CloudReport {
+            url: cfg.cloud.url.to_string(),
+            tenant_id: cfg.cloud.tenant_id.clone(),
+            proxy: cfg
+                .cloud
+                .proxy
+                .as_ref()
+                .map(|p| format!("http://{}", p.address())),
+            registered: s.registration == Registration::Registered,
+            registration: registration.into(),
+            registration_error,
+            registered_at: s.registered_at.map(rfc3339),
+            registrations: s.registrations,
+            channel: channel.into(),
+            channel_error,
+            channel_since: s.channel_since.map(rfc3339),
+            reconnects: s.reconnects,
+            last_heartbeat,
+            last_heartbeat_ok,
+            last_heartbeat_error,
+            heartbeats_ok: s.heartbeats_ok,
+            heartbeats_failed: s.heartbeats_failed,
+            heartbeat_interval_s: s.heartbeat_interval_s,
+            commands_received: s.commands_received,
+            results_pending,
+            results_sent: s.results_sent,
+            results_rejected: s.results_rejected,
+        }
+    }
+}
+
+impl EdgeReport {
+    /// A refused certificate reload is a problem; a certificate near expiry a warning.
+    fn findings(&self, found: &mut Findings) {
+        if let Some(why) = &self.reload_error {
+            found
+                .problems
+                .push(format!("certificate reload refused: {why}"));
+        }
+        if self.certificate_days_left < 30 {
+            found.warnings.push(format!(
+                "edge certificate expires on {} ({} days left): renew it",
+                self.certificate_not_after, self.certificate_days_left
+            ));
+        }
+    }
+}
+
+/// A refused manifest and failed images are problems; a failed sync round a warning.
+fn image_findings(r: &CatalogReport, found: &mut Findings) {
+    if let Some(why) = &r.refused {
+        found.problems.push(format!(
+            "image manifest refused, the previous one stays: {why}"
+        ));
+    }
+    for i in r.images.iter().filter(|i| i.state == "failed") {
+        found.problems.push(format!(
+            "image {} failed to sync: {} (retried automatically; `ucrelay images sync` retries now)",
+            i.id,
+            i.reason.clone().unwrap_or_default()
+        ));
+    }
+    if let Some(e) = &r.last_sync_error
+        && r.refused.is_none()
+    {
+        found.warnings.push(format!("last image sync: {e}"));
+    }
+}
+
+/// Which jobs run, and on what.
+fn jobs(ctx: &Running) -> Vec<JobReport> {
+    let job = |name: &str, on: bool, detail: &str| JobReport {
+        name: name.into(),
+        state: if on { "on" } else { "off" }.into(),
+        detail: detail.into(),
+    };
+    let devices = &ctx.devices.cfg;
+    vec![
+        job(
+            "management",
+            true,
+            "registration, heartbeats, command channel",
+        ),
+        job(
+            "download",
+            ctx.images.is_some(),
+            &match &ctx.images {
+                Some(c) => format!("image cache in {}", c.cfg.dir.display()),
+                None => "no [images] section".to_string(),
+            },
+        ),
+        job(
+            "devices",
+            devices.enabled,
+            &if devices.enabled {
+                format!(
+                    "commands, tasks and monitoring (poll every {})",
+                    humantime::format_duration(devices.poll_interval)
+                )
+            } else {
+                "no [devices] section".to_string()
+            },
+        ),
+        job(
+            "provisioning",
+            ctx.edge.is_some(),
+            &match (&ctx.edge, &ctx.config.provisioning) {
+                (Some(e), Some(p)) => {
+                    format!("edge on {}, forwarding to {}", e.cfg.listen, p.upstream)
+                }
+                (Some(e), None) => format!("edge on {}, no [provisioning] upstream", e.cfg.listen),
+                (None, _) => "no [edge] section".to_string(),
+            },
+        ),
+    ]
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobReport {
+    pub name: String,
+    /// `on` or `off`.
+    pub state: String,
+    pub detail: String,
+}
+
+/// What is wrong (the relay is unhealthy) and what deserves a look, gathered while building.
+#[derive(Default)]
+struct Findings {
+    problems: Vec<String>,
+    warnings: Vec<String>,
+}
+
+impl StatusReport {
+    pub fn build(ctx: &Running, results_pending: u64) -> StatusReport {
+        let s = ctx.status.snapshot();
+        let mut found = Findings::default();
+        let cloud = CloudReport::build(&s, &ctx.config, results_pending, &mut found);
         let edge = ctx.edge.as_deref().map(EdgeReport::build);
         if let Some(e) = &edge {
-            if let Some(why) = &e.reload_error {
-                problems.push(format!("certificate reload refused: {why}"));
-            }
-            if e.certificate_days_left < 30 {
-                warnings.push(format!(
-                    "edge certificate expires on {} ({} days left): renew it",
-                    e.certificate_not_after, e.certificate_days_left
-                ));
-            }
+            e.findings(&mut found);
         }
         let images = ctx.images.as_ref().map(|c| c.report());
         if let Some(r) = &images {
-            if let Some(why) = &r.refused {
-                problems.push(format!(
-                    "image manifest refused, the previous one stays: {why}"
-                ));
-            }
-            for i in r.images.iter().filter(|i| i.state == "failed") {
-                problems.push(format!(
-                    "image {} failed to sync: {} (retried automatically; `ucrelay images sync` retries now)",
-                    i.id,
-                    i.reason.clone().unwrap_or_default()
-                ));
-            }
-            if let Some(e) = &r.last_sync_error
-                && r.refused.is_none()
-            {
-                warnings.push(format!("last image sync: {e}"));
-            }
+            image_findings(r, &mut found);
         }
-        let jobs = vec![
-            job(
-                "management",
-                true,
-                "registration, heartbeats, command channel",
-            ),
-            job(
-                "download",
-                ctx.images.is_some(),
-                &match &ctx.images {
-                    Some(c) => format!("image cache in {}", c.cfg.dir.display()),
-                    None => "no [images] section".to_string(),
-                },
-            ),
-            job(
-                "devices",
-                ctx.devices.cfg.enabled,
-                &if ctx.devices.cfg.enabled {
-                    format!(
-                        "commands, tasks and monitoring (poll every {})",
-                        humantime::format_duration(ctx.devices.cfg.poll_interval)
-                    )
-                } else {
-                    "no [devices] section".to_string()
-                },
-            ),
-            job(
-                "provisioning",
-                ctx.edge.is_some(),
-                &match (&ctx.edge, &cfg.provisioning) {
-                    (Some(e), Some(p)) => {
-                        format!("edge on {}, forwarding to {}", e.cfg.listen, p.upstream)
-                    }
-                    (Some(e), None) => {
-                        format!("edge on {}, no [provisioning] upstream", e.cfg.listen)
-                    }
-                    (None, _) => "no [edge] section".to_string(),
-                },
-            ),
-        ];
         StatusReport {
-            version: env!("CARGO_PKG_VERSION").into(),
+            version: crate::util::build::VERSION.into(),
             relay_id: ctx.relay_id.to_string(),
             hostname: ctx.hostname.to_string(),
             started_at: rfc3339(ctx.started_at),
             uptime_s: ctx.started.elapsed().as_secs(),
-            healthy: problems.is_empty(),
-            problems,
-            warnings,
+            healthy: found.problems.is_empty(),
+            problems: found.problems,
+            warnings: found.warnings,
             edge,
             images,
             devices: ctx.devices.cfg.enabled.then(|| DevicesReport {
@@ -315,35 +379,8 @@ impl StatusReport {
                     .load(std::sync::atomic::Ordering::Relaxed),
             }),
             metrics_listen: crate::ops::metrics::bound().map(|a| a.to_string()),
-            cloud: CloudReport {
-                url: cfg.cloud.url.to_string(),
-                tenant_id: cfg.cloud.tenant_id.clone(),
-                proxy: cfg
-                    .cloud
-                    .proxy
-                    .as_ref()
-                    .map(|p| format!("http://{}", p.address())),
-                registered: s.registration == Registration::Registered,
-                registration: registration.into(),
-                registration_error,
-                registered_at: s.registered_at.map(rfc3339),
-                registrations: s.registrations,
-                channel: channel.into(),
-                channel_error,
-                channel_since: s.channel_since.map(rfc3339),
-                reconnects: s.reconnects,
-                last_heartbeat,
-                last_heartbeat_ok,
-                last_heartbeat_error,
-                heartbeats_ok: s.heartbeats_ok,
-                heartbeats_failed: s.heartbeats_failed,
-                heartbeat_interval_s: s.heartbeat_interval_s,
-                commands_received: s.commands_received,
-                results_pending,
-                results_sent: s.results_sent,
-                results_rejected: s.results_rejected,
-            },
-            jobs,
+            cloud,
+            jobs: jobs(ctx),
         }
     }
 
