@@ -27,17 +27,25 @@ fn main() {
         Ok(r) if !r.trim().is_empty() => r.trim().to_string(),
         _ if !own_checkout => "unknown".into(),
         _ => {
-            // Rebuild when HEAD moves: HEAD itself (branch switch, detached commit), the branch it
-            // points to, and packed-refs (where a branch may live after `git gc`).
+            // Rebuild when HEAD moves: HEAD itself (branch switch, detached commit), packed-refs
+            // (where a branch may live after `git gc`) and the directory of the branch's own ref
+            // (a commit rewrites the file, or creates it when the branch was packed). Only paths
+            // that exist are named: cargo treats a missing one as changed, and would rebuild the
+            // binary on every run.
+            let mut watch = Vec::new();
             for p in ["HEAD", "packed-refs"] {
-                if let Some(path) = git(&["rev-parse", "--git-path", p]) {
-                    println!("cargo:rerun-if-changed={path}");
-                }
+                watch.extend(git(&["rev-parse", "--git-path", p]));
             }
             if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"])
                 && let Some(path) = git(&["rev-parse", "--git-path", &branch])
+                && let Some(dir) = std::path::Path::new(&path).parent()
             {
-                println!("cargo:rerun-if-changed={path}");
+                watch.push(dir.to_string_lossy().into_owned());
+            }
+            for path in watch {
+                if std::path::Path::new(&path).exists() {
+                    println!("cargo:rerun-if-changed={path}");
+                }
             }
             git(&["rev-parse", "--short=10", "HEAD"]).unwrap_or_else(|| "unknown".into())
         }
