@@ -1,7 +1,9 @@
-//! Relay-to-cloud protocol v1: every message the relay and a cloud exchange, as plain serde types.
-//!
-//! Pure: no I/O, no clocks. Both sides (the relay's agent and the reference cloud in `sim`) use these
-//! types, so a change here is a protocol change and belongs in docs/protocol.md too.
+//! The ucrelay relay-to-cloud protocol, version 1: every message a relay and a cloud exchange, as
+//! plain serde types, with the endpoint paths and the command names. Pure: no I/O, no clocks, no
+//! async runtime, only serde. The relay (`ucrelay-relay`) and the reference cloud (`ucrelay-sim`)
+//! each build on it independently, and docs/protocol.md is its reference: every JSON example there
+//! is parsed into its type and written back by this crate's tests, so a change here is a change
+//! to the document, and the other way round.
 
 use serde::{Deserialize, Serialize};
 
@@ -516,6 +518,9 @@ pub struct DeviceStatusBatch {
     #[serde(default)]
     pub alarms: Vec<Alarm>,
 }
+
+#[cfg(test)]
+mod doc_examples;
 
 #[cfg(test)]
 mod tests {

@@ -1,12 +1,16 @@
-//! ucrelay: an on-premises relay for cloud-managed VoIP/UC device fleets.
+//! The ucrelay relay: its four jobs and the services they share. The binary (`ucrelay run`) calls
+//! [`daemon::run`], which opens the shared services, hands each job its state and supervises them.
 //!
-//! Each of the relay's jobs has a module: `agent` (management agent: registration, heartbeats,
-//! command channel, results), `devices` (device control, scheduled tasks and monitoring over the
-//! devices' REST API), `download` (firmware image sync and serving), `proxy` (the device-facing
-//! edge: TLS with the PFX certificate, the provisioning proxy) and `ops` (local operations: admin
-//! socket, status, doctor, diag, metrics, logs). `protocol` holds the relay-to-cloud wire types;
-//! `sim` the reference cloud and the phone simulator used by the demo, the tests and the
-//! benchmarks, which talk to the relay only over the documented protocols.
+//! Shared services, which any job may use: [`config`] (the validated configuration), [`store`]
+//! (the durable redb store), [`cloud`] (the connector and session to the cloud), [`cache`] (the
+//! image cache on disk), [`ctx`] (what bundles them) and [`util`] (leaf helpers: time, metrics,
+//! backoff, secrets). The jobs, which never import one another: [`agent`] (registration,
+//! heartbeats, the command channel, the results outbox), [`devices`] (device commands, tasks and
+//! monitoring over the devices' REST API), [`download`] (image sync into the cache) and [`edge`]
+//! (the device-facing HTTPS server, with image serving and the provisioning proxy as its two
+//! handlers). Above them, [`ops`] reads what the jobs publish (status, admin socket, metrics,
+//! doctor, diag), and [`daemon`] wires it all. Wire types come from `ucrelay-protocol`; this crate
+//! cannot depend on the simulators.
 #![deny(unsafe_code)]
 
 pub mod agent;

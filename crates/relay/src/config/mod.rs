@@ -1,5 +1,5 @@
-//! Configuration: the TOML file as written ([`raw`], serde, unknown fields rejected), checked by
-//! [`validate`] into the typed `Config` the rest of the daemon uses.
+//! Configuration: the TOML file as written (`raw`, serde, unknown fields rejected), checked by
+//! `validate` into the typed `Config` the rest of the daemon uses.
 //!
 //! All of the file is checked before anything starts. Every error names the file, the field and what
 //! is wrong with it. Runtime code never sees a raw value or a "must be set by now" `Option`.

@@ -1,7 +1,7 @@
 //! The daemon: opens the store, binds listeners, runs the long-lived jobs under one supervisor, and
 //! shuts everything down along one path. It is the one place that knows every job: it hands each
 //! its state as the argument of its `run`, and wires the management agent to the others through
-//! [`dispatch::Jobs`].
+//! `dispatch::Jobs`.
 //!
 //! Order matters: everything that can fail on bad config or a busy state dir fails before any job
 //! starts. A job that ends on its own is a bug or a fatal error (the store broke): the daemon then
