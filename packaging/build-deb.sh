@@ -25,7 +25,8 @@ if ! cargo deb --version >/dev/null 2>&1; then
   exit 1
 fi
 
-cargo build --locked --profile "$profile" --bin ucrelay
+# The appliance binary leaves the simulators out (no `sim` feature): see the README.
+cargo build --locked --profile "$profile" --bin ucrelay --no-default-features
 bin=$outdir/ucrelay
 
 gen=target/packaging

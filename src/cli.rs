@@ -61,8 +61,12 @@ pub enum Command {
     /// Start a reference cloud and a relay on loopback and show them working together.
     Demo(DemoArgs),
     /// Simulators for tests, demos and benchmarks.
+    #[cfg(feature = "sim")]
     #[command(subcommand)]
     Sim(SimCommand),
+    /// Simulators for tests, demos and benchmarks (not in this build).
+    #[cfg(not(feature = "sim"))]
+    Sim(NotBuilt),
     /// Print a shell completion script (bash: save as /usr/share/bash-completion/completions/ucrelay).
     Completions(CompletionsArgs),
     /// Print the man page (roff), generated from these definitions.
@@ -173,10 +177,20 @@ pub struct DemoArgs {
     pub heartbeat_interval: Duration,
 }
 
+#[cfg(feature = "sim")]
 #[derive(Subcommand, Debug)]
 pub enum SimCommand {
     /// The reference cloud: registration, heartbeats, command channel, results, test API (plain HTTP).
     Cloud(ucrelay_sim::cloud::CloudArgs),
     /// A fleet of simulated Poly phones speaking the device REST API, one per loopback address.
     Phones(ucrelay_sim::phones::PhonesOptions),
+}
+
+/// The arguments of a command this build leaves out (the simulators, without the `sim` feature):
+/// taken whole, so the command can say plainly why it is missing.
+#[cfg(not(feature = "sim"))]
+#[derive(Args, Debug, Clone)]
+pub struct NotBuilt {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    pub args: Vec<String>,
 }

@@ -2,9 +2,12 @@
 //! that prints errors and picks exit codes.
 
 mod cli;
+#[cfg(feature = "sim")]
 mod demo;
 
-use crate::cli::{Cli, Command, LogFormat, SimCommand};
+#[cfg(feature = "sim")]
+use crate::cli::SimCommand;
+use crate::cli::{Cli, Command, LogFormat};
 use clap::Parser;
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
@@ -250,18 +253,26 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        #[cfg(feature = "sim")]
         Command::Demo(args) => {
             runtime()?.block_on(crate::demo::main(args))?;
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(feature = "sim")]
         Command::Sim(SimCommand::Cloud(args)) => {
             runtime()?.block_on(ucrelay_sim::cloud::main(args))?;
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(feature = "sim")]
         Command::Sim(SimCommand::Phones(args)) => {
             runtime()?.block_on(ucrelay_sim::phones::main(args))?;
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(not(feature = "sim"))]
+        Command::Demo(_) | Command::Sim(_) => anyhow::bail!(
+            "this ucrelay was built without the simulators (the appliance package leaves them out); \
+             run the demo from a source checkout: cargo run --locked -- demo"
+        ),
         Command::Doctor(args) => {
             let report = runtime()?.block_on(ucrelay_relay::ops::doctor::run(
                 &args.config,

@@ -198,26 +198,23 @@ async fn errors_are_one_line_with_their_cause() {
 }
 
 /// Someone outside the ucrelay group gets told what to do, and exit code 2. Needs root (to run the
-/// client as `nobody`); skipped with a note otherwise.
+/// client as `nobody`).
 #[tokio::test]
+#[ignore = "needs root, to run the client as nobody (scripts/test runs it when root)"]
 async fn admin_socket_permission_denied_says_what_to_do() {
     use std::os::unix::fs::PermissionsExt;
     let root = std::process::Command::new("id")
         .arg("-u")
         .output()
         .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-    let runuser = std::path::Path::new("/usr/sbin/runuser").exists()
-        || std::path::Path::new("/sbin/runuser").exists();
-    if !root || !runuser {
-        eprintln!("skipped: needs root and runuser to act as an unprivileged user");
-        return;
-    }
+    assert!(root, "this test needs root: run it as root (scripts/test does)");
+    let runuser = peer("runuser");
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let sock = dir.path().join("admin.sock");
     let _listener = tokio::net::UnixListener::bind(&sock).unwrap();
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o660)).unwrap();
-    let out = tokio::process::Command::new("runuser")
+    let out = tokio::process::Command::new(runuser)
         .args(["-u", "nobody", "--", bin(), "status", "--socket"])
         .arg(&sock)
         .output()

@@ -238,7 +238,7 @@ impl Node {
         let url = format!("https://{FQDN}:{}{path}", self.port);
         let out = tokio::time::timeout(
             Duration::from_secs(30),
-            Command::new("curl")
+            Command::new(peer("curl"))
                 .args(["-sS", "--max-time", "20", "--cacert"])
                 .arg(&self.ca)
                 .args(["--resolve", &resolve, "-D"])

@@ -235,7 +235,7 @@ impl Device {
         let started = Instant::now();
         let out = tokio::time::timeout(
             Duration::from_secs(30),
-            Command::new("curl")
+            Command::new(peer("curl"))
                 .args(["-sS", "--max-time", "20", "--cacert"])
                 .arg(&self.ca)
                 .args(["--resolve", &resolve, "-D"])
@@ -359,7 +359,7 @@ fn status_of(raw: &str) -> Option<u16> {
 async fn s_client(dir: &Path, ca: &Path, port: u16, extra: &[&str]) -> (bool, String, String) {
     let out = tokio::time::timeout(
         Duration::from_secs(20),
-        Command::new("openssl")
+        Command::new(peer("openssl"))
             .args([
                 "s_client",
                 "-connect",

@@ -24,26 +24,6 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body.to_string())
 }
 
-/// promtool from PROMTOOL or PATH; CI must have it, elsewhere its absence is a printed skip.
-fn promtool() -> Option<std::path::PathBuf> {
-    if let Some(p) = std::env::var_os("PROMTOOL") {
-        return Some(p.into());
-    }
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("promtool"))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "promtool is required in CI (.ci/run provides it)"
-        );
-        eprintln!("note: promtool not found; the scrape is not checked by promtool here");
-    }
-    found
-}
-
 #[tokio::test]
 async fn metrics_health_and_readiness() {
     let cloud = TestCloud::start(cloud_args()).await;
@@ -84,7 +64,7 @@ async fn metrics_health_and_readiness() {
     // upstream port is closed).
     cloud.command("ping", json!({"n": 1})).await;
     let edge: SocketAddr = healthy["edge"]["listen"].as_str().unwrap().parse().unwrap();
-    let out = tokio::process::Command::new("curl")
+    let out = tokio::process::Command::new(peer("curl"))
         .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
         .arg(&pki.ca_pem)
         .args([
@@ -124,7 +104,8 @@ async fn metrics_health_and_readiness() {
         assert!(text.contains(want), "scrape lacks {want:?}:\n{text}");
     }
 
-    if let Some(tool) = promtool() {
+    {
+        let tool = peer("promtool");
         let mut child = tokio::process::Command::new(tool)
             .args(["check", "metrics"])
             .stdin(std::process::Stdio::piped())

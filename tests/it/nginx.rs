@@ -3,7 +3,7 @@
 //! unauthenticated `/open/` for simple checks and `/open/echo`, which answers with the request headers
 //! the proxy sent. Runs as a child process on a free loopback port and is stopped on drop.
 
-use crate::support::wait_for;
+use crate::support::{peer, wait_for};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -74,7 +74,7 @@ http {{
         std::fs::create_dir_all(dir.join("tmp")).unwrap();
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf).unwrap();
-        let child = Command::new("/usr/sbin/nginx")
+        let child = Command::new(peer("nginx"))
             .arg("-p")
             .arg(&dir)
             .arg("-e")
@@ -87,7 +87,7 @@ http {{
             .stderr(std::fs::File::create(dir.join("logs/stderr.log")).unwrap())
             .kill_on_drop(true)
             .spawn()
-            .expect("spawn /usr/sbin/nginx");
+            .expect("spawn nginx");
         let mut nginx = Nginx {
             port,
             docroot,

@@ -3,6 +3,7 @@
 //! deliberately broken variants the certificate checks must refuse. The expired one is made with
 //! rcgen, because OpenSSL 3.0's `x509 -req` cannot set a validity period in the past.
 
+use crate::support::peer;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -21,7 +22,7 @@ pub async fn openssl(dir: &Path, args: &[&str]) -> String {
 
 /// Like [`openssl`], with `input` fed to its stdin.
 pub async fn openssl_with_input(dir: &Path, args: &[&str], input: Option<&[u8]>) -> String {
-    let mut child = Command::new("openssl")
+    let mut child = Command::new(peer("openssl"))
         .args(args)
         .current_dir(dir)
         .stdin(if input.is_some() {

@@ -90,7 +90,7 @@ async fn phone_provisions_through_the_edge_with_digest_and_streams_a_100mb_uploa
     // as a real Digest client does, then streams the file.
     let resolve = format!("{FQDN}:{}:127.0.0.1", edge.port());
     let url = format!("https://{FQDN}:{}/{MAC}-app.log", edge.port());
-    let out = tokio::process::Command::new("curl")
+    let out = tokio::process::Command::new(peer("curl"))
         .args([
             "-sS",
             "--digest",

@@ -16,6 +16,42 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_ucrelay")
 }
 
+/// A third-party program a test uses as a real peer (nginx, curl, openssl, ...), found on PATH or
+/// in /usr/sbin. A missing one fails the test with the Debian package that provides it, never a
+/// bare "No such file" panic; `scripts/test` installs them all.
+pub fn peer(program: &str) -> PathBuf {
+    let package = match program {
+        "nginx" => "nginx-light",
+        "testssl" => "testssl.sh",
+        "promtool" => "prometheus (scripts/test extracts promtool alone)",
+        "tc" | "ip" => "iproute2",
+        "runuser" => "util-linux",
+        other => other,
+    };
+    if program == "promtool"
+        && let Some(p) = std::env::var_os("PROMTOOL")
+    {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return p;
+        }
+    }
+    let dirs = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    dirs.iter()
+        .map(PathBuf::as_path)
+        .chain([Path::new("/usr/sbin"), Path::new("/sbin")])
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "this test needs `{program}`, which is not installed: run scripts/test (it installs the \
+                 test peers as root) or apt-get install {package}"
+            )
+        })
+}
+
 pub fn cloud_args() -> cloud::CloudArgs {
     cloud::CloudArgs::new(TENANT, PIN)
 }
