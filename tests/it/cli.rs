@@ -207,7 +207,10 @@ async fn admin_socket_permission_denied_says_what_to_do() {
         .arg("-u")
         .output()
         .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-    assert!(root, "this test needs root: run it as root (scripts/test does)");
+    assert!(
+        root,
+        "this test needs root: run it as root (scripts/test does)"
+    );
     let runuser = peer("runuser");
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
