@@ -484,12 +484,26 @@ fn check(path: &std::path::Path) -> ExitCode {
             let mut failed = false;
             if let Some(e) = &c.edge {
                 use ucrelay_relay::edge::cert::{self, Level};
-                let report = cert::load(
-                    &e.pfx,
-                    e.pfx_password_file.as_deref(),
-                    &e.fqdn,
-                    std::time::SystemTime::now(),
-                );
+                let now = std::time::SystemTime::now();
+                let report = match &e.pfx {
+                    Some(pfx) => cert::load(pfx, e.pfx_password_file.as_deref(), &e.fqdn, now),
+                    None => {
+                        // The certificate comes from the cloud: check the one kept, if any.
+                        let dir = ucrelay_relay::edge::cloudcert::dir(&c.state_dir);
+                        let pfx = dir.join("relay.pfx");
+                        if !pfx.exists() {
+                            println!(
+                                "ok    certificate: no edge.pfx: the edge waits for the certificate uploaded in the cloud (none received yet)"
+                            );
+                            return ExitCode::SUCCESS;
+                        }
+                        println!(
+                            "ok    certificate: no edge.pfx: checking the certificate uploaded in the cloud, kept in {}",
+                            dir.display()
+                        );
+                        cert::load(&pfx, Some(&dir.join("relay.pfx.pass")), &e.fqdn, now)
+                    }
+                };
                 for check in &report.checks {
                     let level = match check.level {
                         Level::Ok => "ok  ",

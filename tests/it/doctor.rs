@@ -173,8 +173,10 @@ async fn tls_front(
         &["localhost".to_string()],
         std::time::SystemTime::now(),
     );
-    let slot =
-        ucrelay_relay::edge::tls::CertSlot::new(report.cert.expect("test certificate loads"));
+    let slot = ucrelay_relay::edge::tls::CertSlot::new(
+        report.cert.expect("test certificate loads"),
+        ucrelay_relay::edge::tls::CertSource::File(pki.pfx.clone()),
+    );
     let acceptor =
         tokio_rustls::TlsAcceptor::from(ucrelay_relay::edge::tls::server_config(slot).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -69,6 +69,9 @@ fn check(ty: &str, text: &str) -> Result<(), String> {
         "TaskSpec" => round_trip::<TaskSpec>(text),
         "TaskProgress" => round_trip::<TaskProgress>(text),
         "ErrorBody" => round_trip::<ErrorBody>(text),
+        "SiteInfo" => round_trip::<SiteInfo>(text),
+        "CertificateUpload" => round_trip::<CertificateUpload>(text),
+        "CertificateAnswer" => round_trip::<CertificateAnswer>(text),
         "" => Err("the fence names no type (write ```json TypeName)".into()),
         other => Err(format!("unknown type {other:?}: add it to this test")),
     }

@@ -33,6 +33,12 @@ pub struct RegisterRequest {
     pub fqdn: Vec<String>,
     #[serde(default)]
     pub addresses: Vec<String>,
+    /// The device subnets this relay serves (`[devices].subnets`, CIDR); empty when its device
+    /// plane is off. The cloud routes device work only to a relay whose subnets hold the device.
+    /// Absent (a relay older than the fleet): the cloud takes it to reach every device outside
+    /// isolated sites.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnets: Option<Vec<String>>,
 }
 
 /// 200 answer to a registration.
@@ -64,6 +70,16 @@ pub struct HeartbeatRequest {
     /// Results stored in the outbox and not yet acknowledged by the cloud.
     #[serde(default)]
     pub results_pending: u64,
+    /// The names devices use for this relay (`[edge].fqdn`), as at registration: repeated so that
+    /// a change reaches the cloud without a new registration.
+    #[serde(default)]
+    pub fqdn: Vec<String>,
+    /// The relay's IP addresses; the cloud places the relay in the site whose subnets hold one.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// The device subnets this relay serves (CIDR), as at registration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnets: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -119,6 +135,28 @@ pub struct HeartbeatResponse {
     pub devices_revision: u64,
     #[serde(default)]
     pub server_time: Option<String>,
+    /// The site the cloud placed this relay in (by its addresses, longest prefix); absent when its
+    /// addresses are in no site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<SiteInfo>,
+    /// The tasks whose targets this relay holds a lease on (see `TaskSpec::lease_s`). A leased
+    /// task missing from this list, in an answer to a heartbeat sent after the relay stored the
+    /// task, has been handed to another relay: the relay starts none of its remaining targets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leases: Vec<String>,
+}
+
+/// A site as the cloud tells a relay about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteInfo {
+    pub name: String,
+    /// An isolated site's devices are served only by its own relays, which serve nothing else.
+    #[serde(default)]
+    pub isolated: bool,
+    /// The base URL the site's devices download images from (`https://<shared FQDN>/` unless
+    /// the site sets its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download_path: Option<String>,
 }
 
 /// `GET /relay/v1/images` (bearer token): the images this tenant's relays must hold.
@@ -243,6 +281,11 @@ pub enum CloudMessage {
     Hello {
         relay_id: String,
         session_id: String,
+        /// The tasks this relay holds a lease on as this connection opens; like
+        /// `HeartbeatResponse::leases`, a leased task stored before this frame and missing here
+        /// was handed to another relay.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        leases: Option<Vec<String>>,
     },
     /// A command to run. `id` is the cloud's and is echoed in the ack and in the result.
     Command(Command),
@@ -398,6 +441,44 @@ pub const TASK_COMMAND: &str = "task";
 pub const TASK_UPDATE_COMMAND: &str = "task_update";
 /// Cancel a task while it is still scheduled: params `{"task_id"}`.
 pub const TASK_CANCEL_COMMAND: &str = "task_cancel";
+/// Install the tenant's edge certificate: params [`CertificateUpload`]. `success` once it serves
+/// (payload [`CertificateAnswer`]); `failure` with every failed rule otherwise.
+pub const INSTALL_CERTIFICATE_COMMAND: &str = "install_certificate";
+
+/// The params of an `install_certificate` command: a PFX uploaded in the cloud for the whole
+/// tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateUpload {
+    /// The cloud's id of this upload.
+    pub upload_id: String,
+    /// The PKCS#12 file, standard base64.
+    pub pfx_base64: String,
+    pub password: String,
+}
+
+/// The payload of a relay's answer to `install_certificate`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CertificateAnswer {
+    pub upload_id: String,
+    /// `installed` (serving now), `stored` (passed every rule but a local `edge.pfx` takes
+    /// precedence) or `refused`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<String>,
+    /// Every rule that failed, by its `ucrelay check` name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<FailedRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedRule {
+    pub rule: String,
+    pub message: String,
+}
 
 /// A scheduled task as the cloud sends it (the `params` of a `task` command).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -425,6 +506,22 @@ pub struct TaskSpec {
     /// Deadline per target, seconds (the relay's default when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_timeout_s: Option<u64>,
+    /// The task this command is part of, when the command id is not the task id: a further share
+    /// of a task's targets for a relay that may already hold the task (it then adds them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    /// The targets are leased: another relay can take them over. The relay starts a target only
+    /// while its channel is up and the cloud confirmed the lease (heartbeat answer or `hello`)
+    /// less than half of this many seconds ago; the cloud moves unfinished targets of a relay it
+    /// has not heard from for this long. Absent: the task is this relay's alone and runs even
+    /// while the cloud is unreachable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_s: Option<u64>,
+    /// The lease these targets belong to (the id of the command that opened it). A relay that
+    /// holds the task under another lease drops that lease's unstarted targets first: the cloud
+    /// opens a new lease only after taking the old one back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_id: Option<String>,
 }
 
 /// A task's state and totals, reported in `progress` records and shown by `ucrelay tasks`.
@@ -544,6 +641,7 @@ mod tests {
             version: "0.1.0".into(),
             fqdn: vec!["relay.corp".into()],
             addresses: vec!["10.0.0.5".into()],
+            subnets: Some(vec!["10.20.0.0/16".into()]),
         });
         round_trip(&RegisterResponse {
             token: "t".into(),
@@ -581,6 +679,12 @@ mod tests {
             images_revision: 3,
             devices_revision: 2,
             server_time: None,
+            site: Some(SiteInfo {
+                name: "hq".into(),
+                isolated: true,
+                download_path: None,
+            }),
+            leases: vec!["task-1".into()],
         });
     }
 
@@ -603,6 +707,12 @@ mod tests {
         round_trip(&CloudMessage::Hello {
             relay_id: "r".into(),
             session_id: "s".into(),
+            leases: None,
+        });
+        round_trip(&CloudMessage::Hello {
+            relay_id: "r".into(),
+            session_id: "s".into(),
+            leases: Some(vec![]),
         });
         round_trip(&CloudMessage::Command(Command {
             id: "c1".into(),

@@ -91,6 +91,10 @@ pub struct AgentStatus {
     /// Results the cloud refused as malformed (moved aside, not retried).
     pub results_rejected: u64,
     pub last_results_error: Option<String>,
+    /// The site the cloud placed this relay in, from the last heartbeat answer.
+    pub site: Option<crate::protocol::SiteInfo>,
+    /// The addresses the relay reported in its last registration or heartbeat.
+    pub addresses: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]

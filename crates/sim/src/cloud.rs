@@ -29,8 +29,11 @@
 //! `images` the image catalog and file server.
 
 mod api;
+mod assign;
+mod certificates;
 mod channel;
 mod devices;
+mod fleet;
 mod images;
 mod provisioning;
 mod state;
@@ -195,6 +198,9 @@ pub async fn start(listener: TcpListener, args: CloudArgs) -> anyhow::Result<Clo
             prov_log: VecDeque::new(),
             image_faults: images::ImageFaults::default(),
             image_counters: HashMap::new(),
+            channel_down: HashMap::new(),
+            started_at: SystemTime::now(),
+            shares: HashMap::new(),
         }),
         written: tokio::sync::Mutex::new(0),
     });
@@ -206,6 +212,7 @@ pub async fn start(listener: TcpListener, args: CloudArgs) -> anyhow::Result<Clo
     let tracker = shared.tracker.clone();
     tracker.spawn(accept_loop(listener, router, shared.clone()));
     tracker.spawn(flusher(shared.clone()));
+    tracker.spawn(lease_keeper(shared.clone()));
     info!(%addr, tenant = %args.tenant, "sim cloud started");
     Ok(CloudHandle {
         addr,
@@ -279,6 +286,12 @@ pub(crate) struct Runtime {
     pub image_faults: images::ImageFaults,
     /// Per-file download counters by file name (`GET /sim/images`); not persisted.
     pub image_counters: HashMap<String, images::FileCounters>,
+    /// When each relay's channel last went down (a relay never connected since the start counts
+    /// as down since `started_at`).
+    pub channel_down: HashMap<String, SystemTime>,
+    pub started_at: SystemTime,
+    /// Each tenant's monitoring shares, recomputed when their inputs change.
+    pub shares: HashMap<String, assign::ShareCache>,
 }
 
 impl Runtime {
@@ -396,6 +409,37 @@ async fn flusher(shared: Arc<Shared>) {
             _ = shared.cancel.cancelled() => break,
             _ = tick.tick() => {
                 if let Err(e) = shared.persist_latest().await {
+                    warn!(error = %format!("{e:#}"), "sim cloud: cannot write the state file");
+                }
+            }
+        }
+    }
+}
+
+/// Takes back the leases of relays that went silent and hands their targets on, checking a few
+/// times per `--inactive-after` (at most once a second, at least every 100 ms).
+async fn lease_keeper(shared: Arc<Shared>) {
+    let every =
+        (shared.args.inactive_after / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.cancel.cancelled() => break,
+            _ = tick.tick() => {
+                let generation = {
+                    let mut rt = shared.lock();
+                    let now = shared.now();
+                    let deliver = rt.expire_leases(now, shared.args.inactive_after);
+                    if deliver.is_empty() {
+                        continue;
+                    }
+                    for idx in deliver {
+                        rt.deliver_command(idx);
+                    }
+                    rt.changed()
+                };
+                if let Err(e) = shared.persist(generation).await {
                     warn!(error = %format!("{e:#}"), "sim cloud: cannot write the state file");
                 }
             }

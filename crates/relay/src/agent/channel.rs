@@ -195,9 +195,15 @@ async fn on_text(
                 message: e.message,
             })
         }
-        Ok(CloudMessage::Hello { session_id, .. }) => {
+        Ok(CloudMessage::Hello {
+            session_id, leases, ..
+        }) => {
             debug!(%session_id, "channel session confirmed");
             ctx.status.lock().session_id = Some(session_id);
+            // Every task stored so far came on an earlier frame: the list is authoritative.
+            if let Some(leases) = leases {
+                dispatch.leases(&leases, std::time::Instant::now());
+            }
             None
         }
         Ok(CloudMessage::ImagesSync { revision }) => {

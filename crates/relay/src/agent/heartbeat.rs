@@ -82,6 +82,7 @@ pub async fn run(
         };
 
         seq += 1;
+        let sent_at = Instant::now();
         let wait = match heartbeat(&ctx, dispatch.as_ref(), &session.token, seq).await {
             Ok(resp) => {
                 hb_backoff.reset();
@@ -95,8 +96,18 @@ pub async fn run(
                 st.heartbeats_ok += 1;
                 st.last_heartbeat = Some((SystemTime::now(), Ok(())));
                 st.heartbeat_interval_s = interval.as_secs();
+                if st.site != resp.site {
+                    match &resp.site {
+                        Some(site) => {
+                            info!(site = %site.name, isolated = site.isolated, "the cloud placed this relay in a site")
+                        }
+                        None => info!("the cloud placed this relay in no site"),
+                    }
+                    st.site = resp.site.clone();
+                }
                 drop(st);
                 tracing::debug!(seq, "heartbeat ok");
+                dispatch.leases(&resp.leases, sent_at);
                 // The cloud's image or device list may have changed: their jobs look.
                 dispatch.images_revision(resp.images_revision, false);
                 dispatch.devices_revision(resp.devices_revision);
@@ -164,8 +175,10 @@ async fn register(ctx: &Ctx) -> Result<RegisterResponse, RegisterError> {
             .as_ref()
             .map(|e| e.fqdn.clone())
             .unwrap_or_default(),
-        addresses: Vec::new(),
+        addresses: super::reported_addresses(&ctx.config),
+        subnets: super::reported_subnets(&ctx.config),
     };
+    ctx.status.lock().addresses = req.addresses.clone();
     ctx.cloud
         .json(http::Method::POST, PATH_REGISTER, None, Some(&req))
         .await
@@ -225,7 +238,16 @@ async fn heartbeat(
         results_pending: pending,
         devices: jobs.devices,
         tasks: jobs.tasks,
+        fqdn: ctx
+            .config
+            .edge
+            .as_ref()
+            .map(|e| e.fqdn.clone())
+            .unwrap_or_default(),
+        addresses: super::reported_addresses(&ctx.config),
+        subnets: super::reported_subnets(&ctx.config),
     };
+    ctx.status.lock().addresses = req.addresses.clone();
     ctx.cloud
         .json(http::Method::POST, PATH_HEARTBEAT, Some(token), Some(&req))
         .await

@@ -36,6 +36,54 @@ pub trait Dispatch: Send + Sync + 'static {
     fn images_revision(&self, revision: u64, asked: bool);
     /// The cloud announced the revision of the device list (heartbeat answer).
     fn devices_revision(&self, revision: u64);
+    /// The cloud listed the task leases this relay holds (heartbeat answer or `hello`): leases
+    /// stored before `as_of` and missing from the list were taken back.
+    fn leases(&self, leases: &[String], as_of: std::time::Instant);
+}
+
+/// The device subnets this relay reports: its `[devices].subnets`, or none when the device plane
+/// is off.
+pub fn reported_subnets(config: &crate::config::Config) -> Option<Vec<String>> {
+    Some(if config.devices.enabled {
+        config
+            .devices
+            .subnets
+            .iter()
+            .map(|n| n.to_string())
+            .collect()
+    } else {
+        Vec::new()
+    })
+}
+
+/// The addresses this relay reports, which the cloud places it in a site by: `[cloud].addresses`
+/// when set, else the edge's listen addresses when they name one, else the host's interface
+/// addresses (loopback and link-local left out).
+pub fn reported_addresses(config: &crate::config::Config) -> Vec<String> {
+    if !config.cloud.addresses.is_empty() {
+        return config
+            .cloud
+            .addresses
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+    }
+    let mut out: Vec<String> = Vec::new();
+    if let Some(e) = &config.edge {
+        for a in std::iter::once(e.listen).chain(e.legacy_http_listen) {
+            let ip = a.ip();
+            if !ip.is_unspecified() && !out.contains(&ip.to_string()) {
+                out.push(ip.to_string());
+            }
+        }
+    }
+    if out.is_empty() {
+        out = crate::util::net::interface_addresses()
+            .into_iter()
+            .map(|a| a.to_string())
+            .collect();
+    }
+    out
 }
 
 /// The other jobs, as a heartbeat reports them.

@@ -82,6 +82,9 @@ pub struct CloudConfig {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     pub reconnect_max: Duration,
+    /// The addresses the relay reports to the cloud (which places it in a site by them); empty:
+    /// discovered (the edge's listen addresses, else the host's interface addresses).
+    pub addresses: Vec<std::net::IpAddr>,
 }
 
 /// Where the PIN comes from. A file is read again before every registration attempt, so an admin who
@@ -243,7 +246,9 @@ pub struct AdminConfig {
 pub struct EdgeConfig {
     pub listen: SocketAddr,
     pub fqdn: Vec<String>,
-    pub pfx: PathBuf,
+    /// The local certificate. `None`: the edge waits for the certificate the cloud uploads for
+    /// the tenant (kept in the state dir once it passed every rule).
+    pub pfx: Option<PathBuf>,
     pub pfx_password_file: Option<PathBuf>,
     pub legacy_http_listen: Option<SocketAddr>,
     /// Open device connections at most; one more gets 503 at once.
@@ -516,7 +521,10 @@ admin_password = "789"
         let p = c.cloud.proxy.unwrap();
         assert_eq!((p.host.as_str(), p.port), ("proxy.corp", 3128));
         assert_eq!(p.credentials.unwrap().expose(), "user:pw");
-        assert_eq!(c.edge.unwrap().pfx, PathBuf::from("/etc/ucrelay/relay.pfx"));
+        assert_eq!(
+            c.edge.unwrap().pfx,
+            Some(PathBuf::from("/etc/ucrelay/relay.pfx"))
+        );
         let i = c.images.unwrap();
         assert_eq!(
             (i.max_total, i.bandwidth_limit),
@@ -534,6 +542,12 @@ admin_password = "789"
             ("proxy = \"socks5://x\"", "cloud.proxy"),
             ("ping_interval = \"0s\"", "cloud.ping_interval"),
             ("pin_file = \"/nonexistent/pin\"", "cloud.pin"),
+            ("addresses = [\"10.0.0.300\"]", "cloud.addresses[0]"),
+            (
+                "addresses = [\"10.0.0.1\", \"relay.corp\"]",
+                "cloud.addresses[1]",
+            ),
+            ("addresses = \"10.0.0.1\"", "cloud.addresses"),
         ];
         for (line, field) in cases {
             let text = MINIMAL.replace("pin = \"123456\"", &format!("pin = \"123456\"\n{line}"));
@@ -582,6 +596,36 @@ admin_password = "789"
         );
         let e = parse(&MINIMAL.replace("tenant_id = \"acme\"", "")).unwrap_err();
         assert!(e.message.contains("tenant_id"), "{e}");
+    }
+
+    #[test]
+    fn fleet_keys() {
+        // An [edge] without pfx waits for the cloud's certificate; addresses are reported as given.
+        let c = parse(&format!(
+            "{}\n[edge]\nfqdn = [\"relay.corp.example\"]\n",
+            MINIMAL.replace(
+                "pin = \"123456\"",
+                "pin = \"123456\"\naddresses = [\"10.1.2.3\", \"fd00::5\"]"
+            )
+        ))
+        .unwrap();
+        let e = c.edge.unwrap();
+        assert_eq!(e.pfx, None);
+        assert_eq!(
+            c.cloud.addresses,
+            vec![
+                "10.1.2.3".parse::<std::net::IpAddr>().unwrap(),
+                "fd00::5".parse().unwrap()
+            ]
+        );
+        // A password file without a pfx means nothing: named as the field to fix.
+        assert_eq!(
+            field_of(&format!(
+                "{MINIMAL}\n[edge]\nfqdn = [\"relay.corp.example\"]\npfx_password_file = \"/etc/ucrelay/p\"\n"
+            )),
+            "edge.pfx_password_file"
+        );
+        assert!(parse(MINIMAL).unwrap().cloud.addresses.is_empty());
     }
 
     #[test]

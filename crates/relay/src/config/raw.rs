@@ -32,6 +32,7 @@ pub(super) struct RawCloud {
     pub(super) connect_timeout: Option<String>,
     pub(super) request_timeout: Option<String>,
     pub(super) reconnect_max: Option<String>,
+    pub(super) addresses: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -46,7 +47,7 @@ pub(super) struct RawAdmin {
 pub(super) struct RawEdge {
     pub(super) listen: Option<String>,
     pub(super) fqdn: Vec<String>,
-    pub(super) pfx: PathBuf,
+    pub(super) pfx: Option<PathBuf>,
     pub(super) pfx_password_file: Option<PathBuf>,
     pub(super) legacy_http_listen: Option<String>,
     pub(super) max_connections: Option<usize>,

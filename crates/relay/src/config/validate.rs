@@ -217,6 +217,24 @@ fn cloud(v: &Check, c: RawCloud) -> Result<CloudConfig> {
             ms(100),
             secs(3600),
         )?,
+        addresses: match c.addresses {
+            None => Vec::new(),
+            Some(list) if list.len() > 64 => {
+                return Err(v.err("cloud.addresses", "at most 64 addresses"));
+            }
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .map(|(i, a)| {
+                    a.trim().parse::<std::net::IpAddr>().map_err(|_| {
+                        v.err(
+                            &format!("cloud.addresses[{i}]"),
+                            format!("{a:?} is not an IP address"),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+        },
     })
 }
 
@@ -247,8 +265,16 @@ fn edge(v: &Check, e: RawEdge) -> Result<EdgeConfig> {
             e.listen.as_deref().unwrap_or(DEFAULT_EDGE_LISTEN),
         )?,
         fqdn: e.fqdn,
-        pfx: v.resolve(&e.pfx),
-        pfx_password_file: e.pfx_password_file.map(|p| v.resolve(&p)),
+        pfx_password_file: match (&e.pfx, e.pfx_password_file) {
+            (None, Some(_)) => {
+                return Err(v.err(
+                    "edge.pfx_password_file",
+                    "is set but edge.pfx is not: set pfx too, or remove both to use the certificate uploaded in the cloud",
+                ));
+            }
+            (_, p) => p.map(|p| v.resolve(&p)),
+        },
+        pfx: e.pfx.map(|p| v.resolve(&p)),
         legacy_http_listen: e
             .legacy_http_listen
             .map(|s| v.addr("edge.legacy_http_listen", &s))

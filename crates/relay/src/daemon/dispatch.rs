@@ -4,10 +4,11 @@
 
 use crate::agent::{self, JobsReport};
 use crate::devices::{self, DevicePlane};
+use crate::edge;
 use crate::ops::{Running, report::StatusReport};
 use crate::protocol::{
-    AgentState, Command, DEVICE_COMMANDS, Outcome, ResultRecord, TASK_CANCEL_COMMAND,
-    TASK_UPDATE_COMMAND,
+    AgentState, CertificateUpload, Command, DEVICE_COMMANDS, INSTALL_CERTIFICATE_COMMAND, Outcome,
+    ResultRecord, TASK_CANCEL_COMMAND, TASK_UPDATE_COMMAND,
 };
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
@@ -29,6 +30,7 @@ impl Jobs {
             name if DEVICE_COMMANDS.contains(&name) => self.devices().command(cmd).await,
             TASK_CANCEL_COMMAND => done(devices::tasks::cancel(self.devices(), &cmd.params).await),
             TASK_UPDATE_COMMAND => done(devices::tasks::update(self.devices(), &cmd.params).await),
+            INSTALL_CERTIFICATE_COMMAND => self.install_certificate(cmd).await,
             "relay_status" => {
                 let ctx = &self.running.ctx;
                 let pending = ctx.store.run(|s| s.outbox_len()).await.unwrap_or(0);
@@ -55,6 +57,50 @@ impl Jobs {
                     serde_json::Value::Null,
                 )
             }
+        }
+    }
+}
+
+impl Jobs {
+    /// `install_certificate`: the tenant's certificate, pushed by the cloud, goes to the edge,
+    /// which checks it by the rules of `ucrelay check` and swaps it in when it passes.
+    async fn install_certificate(&self, cmd: &Command) -> ResultRecord {
+        let Some(edge) = self.running.edge.clone() else {
+            return agent::record(
+                cmd,
+                Outcome::NotApplicable,
+                "this relay has no [edge] section: it serves no certificate",
+                serde_json::Value::Null,
+            );
+        };
+        let upload: CertificateUpload = match serde_json::from_value(cmd.params.clone()) {
+            Ok(u) => u,
+            Err(e) => {
+                return agent::record(
+                    cmd,
+                    Outcome::Failure,
+                    format!("bad parameters: {e}"),
+                    serde_json::Value::Null,
+                );
+            }
+        };
+        let done = tokio::task::spawn_blocking(move || {
+            edge::cloudcert::install(&edge, &upload, std::time::SystemTime::now())
+        })
+        .await;
+        match done {
+            Ok(i) => agent::record(
+                cmd,
+                i.outcome,
+                i.reason,
+                serde_json::to_value(i.answer).unwrap_or_default(),
+            ),
+            Err(e) => agent::record(
+                cmd,
+                Outcome::Failure,
+                format!("internal error while installing the certificate: {e}"),
+                serde_json::Value::Null,
+            ),
         }
     }
 }
@@ -128,5 +174,9 @@ impl agent::Dispatch for Jobs {
 
     fn devices_revision(&self, revision: u64) {
         self.devices().registry.note_revision(revision);
+    }
+
+    fn leases(&self, leases: &[String], as_of: std::time::Instant) {
+        devices::tasks::leases(&self.running.ctx, &self.running.devices, leases, as_of);
     }
 }

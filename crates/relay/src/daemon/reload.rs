@@ -4,7 +4,8 @@
 //! serving; no connection is cut either way.
 
 use crate::config::Config;
-use crate::edge::{cert, provisioning::Upstream};
+use crate::edge::tls::CertSource;
+use crate::edge::{cert, cloudcert, provisioning::Upstream};
 use crate::ops::{ReloadOutcome, Running};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -65,30 +66,57 @@ fn reload(ctx: &Running) -> ReloadOutcome {
     let mut ok = true;
     match (&ctx.edge, &new.edge) {
         (Some(edge), Some(e)) => {
-            let report = cert::load(
-                &e.pfx,
-                e.pfx_password_file.as_deref(),
-                &e.fqdn,
-                std::time::SystemTime::now(),
-            );
-            match report.cert {
-                Some(loaded) => {
-                    messages.push(format!(
-                        "certificate reloaded: {} (sha256 {}), new handshakes use it",
-                        loaded.subject, loaded.sha256
-                    ));
-                    edge.cert.replace(loaded);
-                    *edge.reload_error.write().unwrap_or_else(|e| e.into_inner()) = None;
+            match &e.pfx {
+                Some(pfx) => {
+                    let report = cert::load(
+                        pfx,
+                        e.pfx_password_file.as_deref(),
+                        &e.fqdn,
+                        std::time::SystemTime::now(),
+                    );
+                    match report.cert {
+                        Some(loaded) => {
+                            messages.push(format!(
+                                "certificate reloaded: {} (sha256 {}), new handshakes use it",
+                                loaded.subject, loaded.sha256
+                            ));
+                            edge.cert.replace(loaded, CertSource::File(pfx.clone()));
+                            *edge.reload_error.write().unwrap_or_else(|e| e.into_inner()) = None;
+                        }
+                        None => {
+                            ok = false;
+                            let why = format!(
+                                "certificate refused: {}; the previous certificate stays in service",
+                                crate::edge::refusal(&report)
+                            );
+                            *edge.reload_error.write().unwrap_or_else(|e| e.into_inner()) =
+                                Some(why.clone());
+                            messages.push(why);
+                        }
+                    }
                 }
                 None => {
-                    ok = false;
-                    let why = format!(
-                        "certificate refused: {}; the previous certificate stays in service",
-                        crate::edge::refusal(&report)
-                    );
-                    *edge.reload_error.write().unwrap_or_else(|e| e.into_inner()) =
-                        Some(why.clone());
-                    messages.push(why);
+                    let serving_file = edge
+                        .cert
+                        .current()
+                        .is_some_and(|s| matches!(s.source, CertSource::File(_)));
+                    if serving_file {
+                        match cloudcert::load_stored(
+                            &ctx.config.state_dir,
+                            &e.fqdn,
+                            std::time::SystemTime::now(),
+                        ) {
+                            Some((loaded, source)) => {
+                                messages.push(format!(
+                                    "edge.pfx removed: serving the certificate uploaded in the cloud ({source})"
+                                ));
+                                edge.cert.replace(loaded, source);
+                            }
+                            None => messages.push(
+                                "edge.pfx removed, but no certificate from the cloud is kept yet: the file's certificate serves until one arrives".into(),
+                            ),
+                        }
+                    }
                 }
             }
             let upstream_changed = old

@@ -60,6 +60,9 @@ struct Inner {
 
 pub struct Registry {
     inner: Mutex<Inner>,
+    /// The cloud answered with a device list: only its devices (this relay's monitoring share)
+    /// are polled; devices known from commands alone are not (another relay may poll them).
+    list_in_force: std::sync::atomic::AtomicBool,
     /// Revision of the cloud's device list last applied.
     applied_revision: AtomicU64,
     /// Wakes the device-list fetcher (heartbeat saw a new revision).
@@ -97,6 +100,7 @@ impl Registry {
                 unsent: HashMap::new(),
             }),
             applied_revision: AtomicU64::new(0),
+            list_in_force: std::sync::atomic::AtomicBool::new(false),
             list_wake: Notify::new(),
             report_wake: Notify::new(),
             interval: cfg.poll_interval,
@@ -141,6 +145,15 @@ impl Registry {
         if revision != 0 && revision != self.applied_revision.load(Ordering::Relaxed) {
             self.list_wake.notify_one();
         }
+    }
+
+    /// Devices in this relay's monitoring share (the cloud's device list for it).
+    pub fn assigned(&self) -> u64 {
+        self.lock()
+            .devices
+            .values()
+            .filter(|k| k.from_cloud)
+            .count() as u64
     }
 
     pub fn counts(&self) -> DeviceCounts {
@@ -234,11 +247,13 @@ impl Registry {
         let before = g.devices.len();
         let mut dropped = Vec::new();
         g.devices.retain(|addr, k| {
-            let keep = !k.from_cloud || k.from_commands || listed.contains(addr.as_str());
-            if !keep {
+            if k.from_cloud && !listed.contains(addr.as_str()) {
+                // No longer ours to poll (out of the list, or in another relay's share).
+                k.from_cloud = false;
                 dropped.push(addr.clone());
+                return k.from_commands;
             }
-            keep
+            true
         });
         for d in &dropped {
             g.dirty.insert(d.clone());
@@ -252,6 +267,7 @@ impl Registry {
         );
         self.applied_revision
             .store(list.revision, Ordering::Relaxed);
+        self.list_in_force.store(true, Ordering::Relaxed);
     }
 }
 
@@ -535,7 +551,11 @@ async fn poller(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken) 
         let due: Vec<String> = {
             let mut g = plane.registry.lock();
             let mut due = Vec::new();
+            let share_only = plane.registry.list_in_force.load(Ordering::Relaxed);
             for k in g.devices.values_mut() {
+                if share_only && !k.from_cloud {
+                    continue;
+                }
                 let at = *k
                     .next_poll
                     .get_or_insert_with(|| now + offset(&k.address, interval));

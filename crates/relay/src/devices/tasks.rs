@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -71,12 +71,56 @@ struct Entry {
     running: bool,
     in_progress: u64,
     halted: bool,
+    /// Bumped whenever the task's targets change (a further grant, a lease taken back): its
+    /// executor then rebuilds the list of targets it has yet to start.
+    epoch: u64,
+    /// Targets the running executor has started (finished ones included); empty when not running.
+    started: HashSet<String>,
+    /// When the current lease was stored here: a lease list older than this says nothing of it.
+    lease_since: Instant,
+    /// When the cloud last confirmed the lease (a grant, a heartbeat answer, a `hello`).
+    confirmed: Option<Instant>,
+    /// The lease was taken back and no new one came: the task ends `revoked`.
+    revoked: bool,
+    /// The executor waits for the lease to be confirmed (shown by `ucrelay tasks`).
+    paused: bool,
+}
+
+impl Entry {
+    fn new(rec: TaskRecord, confirmed: Option<Instant>) -> Entry {
+        Entry {
+            rec,
+            running: false,
+            in_progress: 0,
+            halted: false,
+            epoch: 0,
+            started: HashSet::new(),
+            lease_since: Instant::now(),
+            confirmed,
+            revoked: false,
+            paused: false,
+        }
+    }
+
+    /// Whether a target of this task may start now: always without a lease; with one, only while
+    /// the channel is up and the cloud confirmed the lease less than half a lease ago.
+    fn lease_allows(&self, channel_up: bool) -> bool {
+        match self.rec.spec.lease_s {
+            None => true,
+            Some(s) => {
+                let half = Duration::from_millis(s.saturating_mul(500).max(100));
+                channel_up && self.confirmed.is_some_and(|c| c.elapsed() < half)
+            }
+        }
+    }
 }
 
 /// Every task the relay knows, in memory, mirrored in the store at each state change.
 pub struct Book {
     tasks: Mutex<BTreeMap<String, Entry>>,
     wake: Notify,
+    /// Wakes executors waiting for a lease to be confirmed.
+    lease_wake: Notify,
 }
 
 fn unique_targets(spec: &TaskSpec) -> Vec<String> {
@@ -217,19 +261,12 @@ impl Book {
                     }
                 }
             }
-            tasks.insert(
-                id,
-                Entry {
-                    rec,
-                    running: false,
-                    in_progress: 0,
-                    halted: false,
-                },
-            );
+            tasks.insert(id, Entry::new(rec, None));
         }
         Ok(Book {
             tasks: Mutex::new(tasks),
             wake: Notify::new(),
+            lease_wake: Notify::new(),
         })
     }
 
@@ -263,6 +300,18 @@ impl Book {
     pub fn get(&self, id: &str) -> Option<(TaskRecord, Value)> {
         self.lock().get(id).map(|e| (e.rec.clone(), summary(e)))
     }
+
+    /// Unfinished targets of leased tasks: the relay's share of the fleet's task work.
+    pub fn leased_open(&self) -> u64 {
+        self.lock()
+            .values()
+            .filter(|e| {
+                e.rec.spec.lease_s.is_some()
+                    && matches!(e.rec.status.as_str(), "scheduled" | "executing")
+            })
+            .map(|e| e.rec.total.saturating_sub(e.rec.finished()))
+            .sum()
+    }
 }
 
 fn summary(e: &Entry) -> Value {
@@ -282,18 +331,38 @@ fn summary(e: &Entry) -> Value {
         "created_at": r.created_at,
         "started_at": r.started_at,
         "finished_at": r.finished_at,
+        "lease": match (&r.spec.lease_id, r.spec.lease_s) {
+            (Some(_), Some(_)) if e.revoked => "revoked",
+            (Some(_), Some(_)) if e.paused => "paused: waiting for the cloud to confirm the lease",
+            (Some(_), Some(_)) => "held",
+            _ => "none",
+        },
     })
 }
 
 /// Takes a `task` command off the channel: validates and stores it (or its rejection) before the
-/// ack. Returns false when storing failed (no ack: the cloud sends it again).
+/// ack. A command naming a task this relay holds already (`task_id`) adds its targets to it.
+/// Returns false when storing failed (no ack: the cloud sends it again).
 pub async fn accept(ctx: &Ctx, plane: &DevicePlane, cmd: &Command) -> bool {
-    if plane.tasks.contains(&cmd.id) {
+    let now = rfc3339(SystemTime::now());
+    let parsed = serde_json::from_value::<TaskSpec>(cmd.params.clone());
+    let task_id = parsed
+        .as_ref()
+        .ok()
+        .and_then(|s| s.task_id.clone())
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| cmd.id.clone());
+    if task_id == cmd.id && plane.tasks.contains(&cmd.id) {
         info!(task_id = %cmd.id, "task already received; acknowledging again");
         return true;
     }
-    let now = rfc3339(SystemTime::now());
-    let parsed = serde_json::from_value::<TaskSpec>(cmd.params.clone());
+    if let Ok(spec) = &parsed
+        && task_id != cmd.id
+        && plane.tasks.contains(&task_id)
+        && plane.cfg.enabled
+    {
+        return grant(ctx, plane, cmd, &task_id, spec).await;
+    }
     let (spec, verdict) = match parsed {
         Ok(spec) => {
             let v = if !plane.cfg.enabled {
@@ -313,12 +382,15 @@ pub async fn accept(ctx: &Ctx, plane: &DevicePlane, cmd: &Command) -> bool {
                 failure_threshold_pct: None,
                 concurrency: None,
                 target_timeout_s: None,
+                task_id: None,
+                lease_s: None,
+                lease_id: None,
             },
             Err(format!("not a task: {e}")),
         ),
     };
     let mut rec = TaskRecord {
-        id: cmd.id.clone(),
+        id: task_id,
         total: unique_targets(&spec).len() as u64,
         spec,
         status: "scheduled".into(),
@@ -333,7 +405,7 @@ pub async fn accept(ctx: &Ctx, plane: &DevicePlane, cmd: &Command) -> bool {
     };
     let mut writes = vec![Write::CommandSeen(cmd.id.clone())];
     if let Err(why) = &verdict {
-        warn!(task_id = %cmd.id, reason = %why, "task rejected");
+        warn!(task_id = %rec.id, reason = %why, "task rejected");
         rec.status = "rejected".into();
         rec.reason = format!("bad task: {why}");
         rec.finished_at = Some(now);
@@ -341,24 +413,181 @@ pub async fn accept(ctx: &Ctx, plane: &DevicePlane, cmd: &Command) -> bool {
     writes.push(task_write(&rec));
     writes.push(Write::Result(progress_record(&rec, 0)));
     if let Err(e) = plane.record(writes).await {
-        error!(task_id = %cmd.id, error = %e, "cannot store task; not acknowledged");
+        error!(task_id = %rec.id, error = %e, "cannot store task; not acknowledged");
         return false;
     }
     if verdict.is_ok() {
-        info!(task_id = %rec.id, r#type = %rec.spec.kind, targets = rec.total, at = ?rec.spec.at, "task scheduled");
+        info!(task_id = %rec.id, r#type = %rec.spec.kind, targets = rec.total, at = ?rec.spec.at, leased = rec.spec.lease_s.is_some(), "task scheduled");
     }
     let _ = ctx;
-    plane.tasks.lock().insert(
-        rec.id.clone(),
-        Entry {
-            rec,
-            running: false,
-            in_progress: 0,
-            halted: false,
-        },
-    );
+    plane
+        .tasks
+        .lock()
+        .insert(rec.id.clone(), Entry::new(rec, Some(Instant::now())));
     plane.tasks.wake.notify_one();
     true
+}
+
+/// Targets of task `id` that this relay has finished, from the store.
+async fn finished_targets(ctx: &Ctx, id: &str) -> Result<HashSet<String>> {
+    let id = id.to_owned();
+    Ok(ctx
+        .store
+        .run(move |s| s.task_targets(&id))
+        .await?
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect())
+}
+
+/// Keeps of task `id`'s targets only those this relay has started (finished or running now): the
+/// rest were given to another relay. Returns how many were dropped.
+async fn drop_unstarted(ctx: &Ctx, plane: &DevicePlane, id: &str) -> Result<usize> {
+    let finished = finished_targets(ctx, id).await?;
+    let mut book = plane.tasks.lock();
+    let Some(e) = book.get_mut(id) else {
+        return Ok(0);
+    };
+    let before = e.rec.spec.targets.len();
+    let started = &e.started;
+    e.rec
+        .spec
+        .targets
+        .retain(|t| finished.contains(t.trim()) || started.contains(t.trim()));
+    let dropped = before - e.rec.spec.targets.len();
+    e.rec.total = unique_targets(&e.rec.spec).len() as u64;
+    e.epoch += 1;
+    Ok(dropped)
+}
+
+/// A further share of a task this relay holds: the targets join the task (under the same lease,
+/// or under a new one that replaces a lease taken back), and the task runs again if it had ended.
+async fn grant(ctx: &Ctx, plane: &DevicePlane, cmd: &Command, id: &str, spec: &TaskSpec) -> bool {
+    let new_lease = plane
+        .tasks
+        .lock()
+        .get(id)
+        .is_some_and(|e| e.rec.spec.lease_id != spec.lease_id);
+    if new_lease {
+        // The cloud opens a new lease only after taking the old one back.
+        if let Err(e) = drop_unstarted(ctx, plane, id).await {
+            error!(task_id = %id, error = %format!("{e:#}"), "cannot read the task's finished targets; not acknowledged");
+            return false;
+        }
+    }
+    let rec = {
+        let mut book = plane.tasks.lock();
+        let Some(e) = book.get_mut(id) else {
+            return false;
+        };
+        let have: HashSet<String> = e
+            .rec
+            .spec
+            .targets
+            .iter()
+            .map(|t| t.trim().to_owned())
+            .collect();
+        let added: Vec<String> = unique_targets(spec)
+            .into_iter()
+            .filter(|t| !have.contains(t))
+            .collect();
+        let n = added.len();
+        e.rec.spec.targets.extend(added);
+        e.rec.spec.lease_id = spec.lease_id.clone();
+        e.rec.spec.lease_s = spec.lease_s;
+        e.rec.total = unique_targets(&e.rec.spec).len() as u64;
+        e.epoch += 1;
+        e.confirmed = Some(Instant::now());
+        e.lease_since = Instant::now();
+        e.revoked = false;
+        if matches!(e.rec.status.as_str(), "done" | "revoked") && n > 0 {
+            e.rec.status = "executing".into();
+            e.rec.finished_at = None;
+            e.rec.reason.clear();
+        }
+        e.rec.seq += 1;
+        info!(task_id = %id, added = n, total = e.rec.total, "task granted more targets");
+        e.rec.clone()
+    };
+    let writes = vec![
+        Write::CommandSeen(cmd.id.clone()),
+        task_write(&rec),
+        Write::Result(progress_record(&rec, 0)),
+    ];
+    if let Err(e) = plane.record(writes).await {
+        error!(task_id = %id, error = %e, "cannot store the task's new targets; not acknowledged");
+        return false;
+    }
+    plane.tasks.wake.notify_one();
+    plane.tasks.lease_wake.notify_waiters();
+    true
+}
+
+/// The cloud listed the leases this relay holds (as of `as_of`): a listed lease is confirmed; a
+/// leased task stored before `as_of` whose lease is missing was handed to another relay, and its
+/// unstarted targets are dropped.
+pub fn leases(ctx: &Ctx, plane: &Arc<DevicePlane>, list: &[String], as_of: Instant) {
+    let mut revoke = Vec::new();
+    {
+        let mut book = plane.tasks.lock();
+        for (id, e) in book.iter_mut() {
+            let (Some(lease), Some(_)) = (&e.rec.spec.lease_id, e.rec.spec.lease_s) else {
+                continue;
+            };
+            if !matches!(e.rec.status.as_str(), "scheduled" | "executing") || e.revoked {
+                continue;
+            }
+            if list.iter().any(|l| l == lease) {
+                if e.confirmed.is_none_or(|c| c < as_of) {
+                    e.confirmed = Some(as_of);
+                }
+            } else if e.lease_since < as_of {
+                e.revoked = true;
+                e.confirmed = None;
+                revoke.push(id.clone());
+            }
+        }
+    }
+    plane.tasks.lease_wake.notify_waiters();
+    for id in revoke {
+        let (ctx, plane) = (ctx.clone(), plane.clone());
+        tokio::spawn(async move {
+            match drop_unstarted(&ctx, &plane, &id).await {
+                Ok(n) => {
+                    warn!(task_id = %id, dropped = n, "the cloud took this task's lease back (another relay has its unfinished targets); starting none of them");
+                    plane.tasks.lease_wake.notify_waiters();
+                    plane.tasks.wake.notify_one();
+                    // A task nobody runs now is closed here; a running one closes when its
+                    // executor has nothing left.
+                    let rec = {
+                        let mut book = plane.tasks.lock();
+                        match book.get_mut(&id) {
+                            Some(e) if !e.running && e.revoked => {
+                                close_revoked(&mut e.rec);
+                                Some(e.rec.clone())
+                            }
+                            _ => None,
+                        }
+                    };
+                    if let Some(rec) = rec
+                        && let Err(e) = store_change(&plane, &rec).await
+                    {
+                        error!(task_id = %id, error = %e, "cannot store the task's end");
+                    }
+                }
+                Err(e) => {
+                    error!(task_id = %id, error = %format!("{e:#}"), "cannot drop the task's unstarted targets")
+                }
+            }
+        });
+    }
+}
+
+fn close_revoked(rec: &mut TaskRecord) {
+    rec.status = "revoked".into();
+    rec.reason = "the cloud gave this task's unfinished targets to another relay".into();
+    rec.finished_at = Some(rfc3339(SystemTime::now()));
+    rec.seq += 1;
 }
 
 /// `task_cancel`: only while scheduled.
@@ -574,14 +803,7 @@ async fn execute_inner(
     } else {
         info!(task_id = %id, finished = rec.finished(), of = rec.total, "task resumed after a restart");
     }
-    let id_owned = id.to_string();
-    let finished: HashSet<String> = ctx
-        .store
-        .run(move |s| s.task_targets(&id_owned))
-        .await?
-        .into_iter()
-        .map(|(t, _)| t)
-        .collect();
+    let finished = finished_targets(ctx, id).await?;
     let (payload, password) = payload_parts(&rec.spec.payload);
     let op = Arc::new(actions::parse(&rec.spec.kind, &payload).map_err(anyhow::Error::msg)?);
     let password = plane.password(password.as_deref());
@@ -599,15 +821,76 @@ async fn execute_inner(
     let sem = Arc::new(Semaphore::new(limit));
     let mut work = tokio::task::JoinSet::new();
     let mut interrupted = false;
-    for target in unique_targets(&rec.spec) {
-        if finished.contains(&target) {
+    // What is left to start: rebuilt from the task's targets whenever they change (a further
+    // grant, a lease taken back).
+    let mut epoch = u64::MAX;
+    let mut todo: std::collections::VecDeque<String> = Default::default();
+    {
+        let mut book = plane.tasks.lock();
+        if let Some(e) = book.get_mut(id) {
+            e.started = finished;
+        }
+    }
+    loop {
+        {
+            let book = plane.tasks.lock();
+            let Some(e) = book.get(id) else {
+                break;
+            };
+            if e.epoch != epoch {
+                epoch = e.epoch;
+                todo = unique_targets(&e.rec.spec)
+                    .into_iter()
+                    .filter(|t| !e.started.contains(t))
+                    .collect();
+            }
+        }
+        let Some(target) = todo.pop_front() else {
+            // Nothing to start: wait for what runs, then look once more for new targets.
+            if work.is_empty() {
+                let same = plane.tasks.lock().get(id).is_none_or(|e| e.epoch == epoch);
+                if same {
+                    break;
+                }
+                continue;
+            }
+            tokio::select! {
+                r = work.join_next() => if let Some(r) = r { r??; },
+                _ = plane.tasks.lease_wake.notified() => {}
+                _ = plane.tasks.wake.notified() => {}
+            }
             continue;
+        };
+        // A leased task starts a target only while the cloud confirms the lease.
+        match lease_gate(ctx, plane, id, epoch, shutdown).await {
+            Gate::Go => {}
+            Gate::Changed => {
+                todo.push_front(target);
+                continue;
+            }
+            Gate::Stop => {
+                interrupted = true;
+                break;
+            }
         }
         let permit = tokio::select! {
             p = sem.clone().acquire_owned() => p?,
             _ = shutdown.cancelled() => { interrupted = true; break; }
         };
-        let halted = plane.tasks.lock().get(id).is_some_and(|e| e.halted);
+        let halted = {
+            let mut book = plane.tasks.lock();
+            match book.get_mut(id) {
+                Some(e) if e.epoch == epoch => {
+                    e.started.insert(target.clone());
+                    e.halted
+                }
+                // The targets changed while waiting for a slot: look again.
+                _ => {
+                    todo.push_front(target);
+                    continue;
+                }
+            }
+        };
         let plane = plane.clone();
         let op = op.clone();
         let password = password.clone();
@@ -645,6 +928,10 @@ async fn execute_inner(
     while let Some(r) = work.join_next().await {
         r??;
     }
+    if let Some(e) = plane.tasks.lock().get_mut(id) {
+        e.started = HashSet::new();
+        e.paused = false;
+    }
     if interrupted {
         info!(task_id = %id, "relay stopping; the task's unfinished targets resume at the next start");
         return Ok(());
@@ -654,18 +941,23 @@ async fn execute_inner(
         let Some(e) = book.get_mut(id) else {
             return Ok(());
         };
-        e.rec.status = if e.halted { "halted" } else { "done" }.into();
-        if e.halted {
-            e.rec.reason = format!(
-                "halted: {} of {} finished targets failed (threshold {}%)",
-                e.rec.failure,
-                e.rec.finished(),
-                e.rec.spec.failure_threshold_pct.unwrap_or(0)
-            );
+        if e.revoked {
+            close_revoked(&mut e.rec);
+            e.rec.clone()
+        } else {
+            e.rec.status = if e.halted { "halted" } else { "done" }.into();
+            if e.halted {
+                e.rec.reason = format!(
+                    "halted: {} of {} finished targets failed (threshold {}%)",
+                    e.rec.failure,
+                    e.rec.finished(),
+                    e.rec.spec.failure_threshold_pct.unwrap_or(0)
+                );
+            }
+            e.rec.finished_at = Some(rfc3339(SystemTime::now()));
+            e.rec.seq += 1;
+            e.rec.clone()
         }
-        e.rec.finished_at = Some(rfc3339(SystemTime::now()));
-        e.rec.seq += 1;
-        e.rec.clone()
     };
     plane
         .record(vec![
@@ -676,6 +968,57 @@ async fn execute_inner(
         .map_err(anyhow::Error::msg)?;
     info!(task_id = %id, status = %rec.status, success = rec.success, failure = rec.failure, not_applicable = rec.not_applicable, "task finished");
     Ok(())
+}
+
+/// What the lease allows a leased task's executor to do next.
+enum Gate {
+    Go,
+    /// The task's targets changed while waiting: rebuild the list first.
+    Changed,
+    /// The relay is stopping.
+    Stop,
+}
+
+/// Waits until task `id` may start a target: at once without a lease; with one, while the channel
+/// is up and the cloud confirmed the lease less than half a lease ago (the cloud gives the targets
+/// of a relay silent for a whole lease to another relay: pausing at half leaves the margin).
+async fn lease_gate(
+    ctx: &Ctx,
+    plane: &DevicePlane,
+    id: &str,
+    epoch: u64,
+    shutdown: &CancellationToken,
+) -> Gate {
+    let mut said = false;
+    loop {
+        let channel_up = ctx.status.lock().channel == crate::ctx::ChannelState::Connected;
+        {
+            let mut book = plane.tasks.lock();
+            let Some(e) = book.get_mut(id) else {
+                return Gate::Stop;
+            };
+            if e.epoch != epoch {
+                return Gate::Changed;
+            }
+            if e.lease_allows(channel_up) {
+                if e.paused {
+                    e.paused = false;
+                    info!(task_id = %id, "lease confirmed: the task goes on");
+                }
+                return Gate::Go;
+            }
+            e.paused = true;
+        }
+        if !said {
+            said = true;
+            info!(task_id = %id, channel_up, "leased task paused until the cloud confirms the lease (another relay may take its targets)");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Gate::Stop,
+            _ = plane.tasks.lease_wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
 }
 
 /// Stores one target's outcome (sub-result + outbox record, one group commit), then counts it.
@@ -756,6 +1099,9 @@ mod tests {
             failure_threshold_pct: None,
             concurrency: None,
             target_timeout_s: None,
+            task_id: None,
+            lease_s: None,
+            lease_id: None,
         }
     }
 

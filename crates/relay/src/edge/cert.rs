@@ -171,12 +171,63 @@ pub fn load(
     fqdns: &[String],
     now: SystemTime,
 ) -> CertReport {
+    let bytes = read_limited(pfx, MAX_PFX_BYTES, "PFX file", "edge.pfx");
+    let input = PfxInput {
+        name: pfx.display().to_string(),
+        read_message: bytes
+            .as_ref()
+            .map(|b| format!("read {} ({} bytes)", pfx.display(), b.len()))
+            .unwrap_or_default(),
+        bytes,
+        password: read_password(password_file),
+        password_origin: password_file.map(|f| format!("the password from {}", f.display())),
+    };
+    load_input(input, fqdns, now)
+}
+
+/// Checks a PFX held in memory (the one the cloud pushes) by the same rules as [`load`]; `name`
+/// says where it came from in the messages. The password is taken as given.
+pub fn load_bytes(
+    name: &str,
+    pfx: &[u8],
+    password: &str,
+    fqdns: &[String],
+    now: SystemTime,
+) -> CertReport {
+    let bytes = if pfx.len() as u64 > MAX_PFX_BYTES {
+        Err(format!("{name} is larger than {} KiB", MAX_PFX_BYTES >> 10))
+    } else if pfx.is_empty() {
+        Err(format!("{name} is empty"))
+    } else {
+        Ok(pfx.to_vec())
+    };
+    let input = PfxInput {
+        name: name.to_owned(),
+        read_message: format!("received {name} ({} bytes)", pfx.len()),
+        bytes,
+        password: Ok(password.to_owned()),
+        password_origin: (!password.is_empty()).then(|| "the password uploaded with it".into()),
+    };
+    load_input(input, fqdns, now)
+}
+
+/// A PFX to check, however it was obtained.
+struct PfxInput {
+    /// The file's path, or what the bytes are, for messages.
+    name: String,
+    /// The `pfx-file` rule's message when the bytes are there.
+    read_message: String,
+    bytes: Result<Vec<u8>, String>,
+    password: Result<String, String>,
+    /// Where the password came from ("the password from <file>"); `None`: an empty password.
+    password_origin: Option<String>,
+}
+
+fn load_input(input: PfxInput, fqdns: &[String], now: SystemTime) -> CertReport {
     let mut checks = Vec::new();
     // The PFX is parsed by pre-release RustCrypto crates; a panic in them must become a failed
     // check, not a dead daemon or a failed reload that takes the running certificate with it.
-    let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
-        run(&mut checks, pfx, password_file, fqdns, now)
-    }));
+    let outcome = panic::catch_unwind(AssertUnwindSafe(|| run(&mut checks, input, fqdns, now)));
     let cert = match outcome {
         Ok(cert) => cert,
         Err(_) => {
@@ -209,15 +260,17 @@ type Push<'p> = dyn FnMut(Level, &str, String) + 'p;
 /// The rules in order; pushes their checks and returns the certificate when all of them allow it.
 fn run(
     checks: &mut Vec<Check>,
-    pfx: &Path,
-    password_file: Option<&Path>,
+    input: PfxInput,
     fqdns: &[String],
     now: SystemTime,
 ) -> Option<LoadedCert> {
     let mut push =
         |level, rule: &str, message: String| checks.push(Check::new(level, rule, message));
-    let bytes = rule_pfx_file(&mut push, pfx);
-    let archive = rule_pfx_password(&mut push, pfx, bytes, password_file)?;
+    match &input.bytes {
+        Ok(_) => push(Level::Ok, RULE_PFX_FILE, input.read_message.clone()),
+        Err(e) => push(Level::Fail, RULE_PFX_FILE, e.clone()),
+    }
+    let archive = rule_pfx_password(&mut push, &input)?;
     let (certs, leaf_index, signing_key) = rule_private_key(&mut push, &archive)?;
     let leaf = &certs[leaf_index];
     if let Some(key) = &signing_key {
@@ -252,37 +305,23 @@ fn run(
     })
 }
 
-/// Rule 1, `pfx-file`: the file can be read (and is not absurdly large).
-fn rule_pfx_file(push: &mut Push<'_>, pfx: &Path) -> Result<Vec<u8>, String> {
-    let bytes = read_limited(pfx, MAX_PFX_BYTES, "PFX file", "edge.pfx");
-    match &bytes {
-        Ok(b) => push(
-            Level::Ok,
-            RULE_PFX_FILE,
-            format!("read {} ({} bytes)", pfx.display(), b.len()),
-        ),
-        Err(e) => push(Level::Fail, RULE_PFX_FILE, e.clone()),
-    }
-    bytes
-}
-
 /// Rule 2, `pfx-password`: the password file reads and opens the PFX. The password file is read even
 /// when the PFX is not, so a broken install reports both files at once.
-fn rule_pfx_password(
-    push: &mut Push<'_>,
-    pfx: &Path,
-    bytes: Result<Vec<u8>, String>,
-    password_file: Option<&Path>,
-) -> Option<Pkcs12Archive> {
-    let password = match read_password(password_file) {
+fn rule_pfx_password(push: &mut Push<'_>, input: &PfxInput) -> Option<Pkcs12Archive> {
+    let password = match &input.password {
         Ok(p) => p,
         Err(e) => {
-            push(Level::Fail, RULE_PFX_PASSWORD, e);
+            push(Level::Fail, RULE_PFX_PASSWORD, e.clone());
             return None;
         }
     };
-    let bytes = bytes.ok()?;
-    let archive = match open_pfx(pfx, &bytes, &password, password_file.is_some()) {
+    let bytes = input.bytes.as_ref().ok()?;
+    let archive = match open_pfx(
+        &input.name,
+        bytes,
+        password,
+        input.password_origin.is_some(),
+    ) {
         Ok(a) => a,
         Err(e) => {
             push(Level::Fail, RULE_PFX_PASSWORD, e);
@@ -292,8 +331,8 @@ fn rule_pfx_password(
     push(
         Level::Ok,
         RULE_PFX_PASSWORD,
-        match password_file {
-            Some(f) => format!("PFX opened with the password from {}", f.display()),
+        match &input.password_origin {
+            Some(f) => format!("PFX opened with {f}"),
             None => {
                 "PFX opened with an empty password (no pfx_password_file configured)".to_owned()
             }
@@ -548,12 +587,12 @@ fn read_password(password_file: Option<&Path>) -> Result<String, String> {
 
 /// Decrypts the PFX. The error is the full message for the `pfx-password` check.
 fn open_pfx(
-    path: &Path,
+    name: &str,
     bytes: &[u8],
     password: &str,
     has_password_file: bool,
 ) -> Result<Pkcs12Archive, String> {
-    let not_pfx = |how: &str| format!("{} is not a PKCS#12/PFX file{how}", path.display());
+    let not_pfx = |how: &str| format!("{name} is not a PKCS#12/PFX file{how}");
     let start = bytes
         .iter()
         .position(|b| !b.is_ascii_whitespace())
@@ -597,8 +636,7 @@ fn open_pfx(
             format!("the PFX holds a certificate that cannot be parsed ({e}): re-export it with the correct certificates")
         }
         _ => format!(
-            "{} is damaged or is a PKCS#12 variant the relay cannot read ({e}): re-export it with `openssl pkcs12 -export`",
-            path.display()
+            "{name} is damaged or is a PKCS#12 variant the relay cannot read ({e}): re-export it with `openssl pkcs12 -export`"
         ),
     })
 }

@@ -10,6 +10,7 @@
 
 pub mod body;
 pub mod cert;
+pub mod cloudcert;
 pub mod conn;
 pub mod images;
 pub mod provisioning;
@@ -66,6 +67,11 @@ pub struct Edge {
     pub stats: EdgeStats,
     /// Why the last reload of the certificate was refused, if it was.
     pub reload_error: RwLock<Option<String>>,
+    /// What became of the last certificate the cloud pushed when it is not the one serving
+    /// (refused, or kept behind a local `edge.pfx`).
+    pub cloud_cert_note: RwLock<Option<String>>,
+    /// Where the cloud's certificate is kept (`<state_dir>/cloud-cert`).
+    pub state_dir: std::path::PathBuf,
     /// The image cache, when the download agent runs: its paths are served here.
     pub images: std::sync::OnceLock<Arc<crate::cache::Catalog>>,
     /// The addresses actually bound (a configured port 0 becomes a real port).
@@ -92,27 +98,38 @@ impl Edge {
         let Some(e) = &config.edge else {
             return Ok(None);
         };
-        let report = cert::load(
-            &e.pfx,
-            e.pfx_password_file.as_deref(),
-            &e.fqdn,
-            std::time::SystemTime::now(),
-        );
-        for c in report
-            .checks
-            .iter()
-            .filter(|c| c.level == cert::Level::Warn)
-        {
-            warn!(rule = %c.rule, "certificate: {}", c.message);
-        }
-        let Some(loaded) = report.cert else {
-            anyhow::bail!(
-                "edge.pfx {}: certificate refused: {}",
-                e.pfx.display(),
-                refusal(&report)
-            );
+        let now = std::time::SystemTime::now();
+        let slot = match &e.pfx {
+            Some(pfx) => {
+                let report = cert::load(pfx, e.pfx_password_file.as_deref(), &e.fqdn, now);
+                for c in report
+                    .checks
+                    .iter()
+                    .filter(|c| c.level == cert::Level::Warn)
+                {
+                    warn!(rule = %c.rule, "certificate: {}", c.message);
+                }
+                let Some(loaded) = report.cert else {
+                    anyhow::bail!(
+                        "edge.pfx {}: certificate refused: {}",
+                        pfx.display(),
+                        refusal(&report)
+                    );
+                };
+                info!(subject = %loaded.subject, sha256 = %loaded.sha256, "edge certificate loaded");
+                tls::CertSlot::new(loaded, tls::CertSource::File(pfx.clone()))
+            }
+            None => match cloudcert::load_stored(&config.state_dir, &e.fqdn, now) {
+                Some((loaded, source)) => {
+                    info!(subject = %loaded.subject, sha256 = %loaded.sha256, %source, "edge certificate loaded (uploaded in the cloud)");
+                    tls::CertSlot::new(loaded, source)
+                }
+                None => {
+                    info!("no edge.pfx: HTTPS waits for the certificate uploaded in the cloud");
+                    tls::CertSlot::empty()
+                }
+            },
         };
-        info!(subject = %loaded.subject, sha256 = %loaded.sha256, "edge certificate loaded");
         let upstream = config
             .provisioning
             .as_ref()
@@ -121,11 +138,13 @@ impl Edge {
             .map(Arc::new);
         Ok(Some(Arc::new(Edge {
             cfg: e.clone(),
-            cert: tls::CertSlot::new(loaded),
+            cert: slot,
             upstream: UpstreamSlot::new(upstream),
             subnets: config.devices.subnets.clone(),
             stats: EdgeStats::default(),
             reload_error: RwLock::new(None),
+            cloud_cert_note: RwLock::new(None),
+            state_dir: config.state_dir.clone(),
             bound: std::sync::OnceLock::new(),
             images: std::sync::OnceLock::new(),
         })))
@@ -199,6 +218,14 @@ async fn accept_loop(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let scheme = if tls.is_some() { "https" } else { "http" };
+    if tls.is_some() && edge.cert.current().is_none() {
+        // Devices get nothing rather than a failed handshake until a certificate passed.
+        info!(listen = %listener.local_addr()?, "edge HTTPS bound; waiting for the certificate uploaded in the cloud before serving");
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = edge.cert.filled() => {}
+        }
+    }
     info!(listen = %listener.local_addr()?, scheme, "edge listening");
     loop {
         let (stream, peer) = tokio::select! {

@@ -253,8 +253,25 @@ fn certificate(r: &mut Run, config: &Config) {
         r.skip("certificate", "no [edge] section: no certificate needed");
         return;
     };
+    let Some(pfx) = &e.pfx else {
+        match crate::edge::cloudcert::load_stored(&config.state_dir, &e.fqdn, SystemTime::now()) {
+            Some((c, source)) => r.ok(
+                "certificate",
+                format!(
+                    "no edge.pfx: serving the certificate uploaded in the cloud ({source}), valid until {}",
+                    crate::util::time::rfc3339(c.not_after)
+                ),
+            ),
+            None => r.warn(
+                "certificate",
+                "no edge.pfx and no certificate from the cloud yet: HTTPS serves nothing until the cloud pushes one that passes",
+                "upload the tenant's certificate in the cloud, or set [edge].pfx",
+            ),
+        }
+        return;
+    };
     let report = cert::load(
-        &e.pfx,
+        pfx,
         e.pfx_password_file.as_deref(),
         &e.fqdn,
         SystemTime::now(),
@@ -283,7 +300,7 @@ fn certificate(r: &mut Run, config: &Config) {
             .join("; ");
         r.fail(
             "certificate",
-            format!("{} fails: {what}", e.pfx.display()),
+            format!("{} fails: {what}", pfx.display()),
             "`ucrelay check` shows every rule; reissue or re-export the PFX, then `ucrelay reload`",
         );
     } else if !warns.is_empty() {
@@ -300,7 +317,7 @@ fn certificate(r: &mut Run, config: &Config) {
     } else {
         r.ok(
             "certificate",
-            format!("{} passes every rule; {validity}", e.pfx.display()),
+            format!("{} passes every rule; {validity}", pfx.display()),
         );
     }
 }
@@ -803,7 +820,10 @@ async fn pin_and_clock(r: &mut Run, config: &Config, reachable: bool, running: O
             .as_ref()
             .map(|e| e.fqdn.clone())
             .unwrap_or_default(),
-        addresses: Vec::new(),
+        // What the relay itself reports: a doctor run under its id must not move it to another
+        // site at the cloud.
+        addresses: crate::agent::reported_addresses(config),
+        subnets: crate::agent::reported_subnets(config),
     };
     let body = match serde_json::to_vec(&req) {
         Ok(b) => bytes::Bytes::from(b),

@@ -202,7 +202,11 @@ fn register_edge(r: &Registry, edge: &Arc<Edge>) {
     r.gauge_fn(
         "ucrelay_certificate_not_after_seconds",
         "Expiry of the edge certificate in service (Unix time)",
-        move || unix_secs(e.cert.current().not_after),
+        move || {
+            e.cert
+                .current()
+                .map_or(0.0, |s| unix_secs(s.cert.not_after))
+        },
     );
 }
 

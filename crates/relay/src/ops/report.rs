@@ -34,6 +34,27 @@ pub struct StatusReport {
     /// Where `/metrics`, `/healthz` and `/ready` are served (the bound address), when configured.
     #[serde(default)]
     pub metrics_listen: Option<String>,
+    /// This relay's place in the tenant's fleet.
+    #[serde(default)]
+    pub fleet: Option<FleetReport>,
+}
+
+/// What the relay told the cloud about itself, the site the cloud placed it in, and its share.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FleetReport {
+    /// The site the cloud placed the relay in (from its last heartbeat answer).
+    pub site: Option<String>,
+    pub site_isolated: bool,
+    /// Where the site's devices download images (the shared FQDN, or the site's own path).
+    pub download_path: Option<String>,
+    /// The addresses and device subnets the relay reports.
+    pub addresses: Vec<String>,
+    pub subnets: Vec<String>,
+    pub fqdn: Vec<String>,
+    /// Devices in the relay's monitoring share (from the cloud's device list).
+    pub devices_assigned: u64,
+    /// Task targets leased to the relay and not finished.
+    pub targets_leased: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -79,10 +100,18 @@ pub struct EdgeReport {
     pub legacy_http_listen: Option<String>,
     pub fqdn: Vec<String>,
     pub upstream: Option<String>,
-    pub certificate_subject: String,
-    pub certificate_sha256: String,
-    pub certificate_not_after: String,
-    pub certificate_days_left: i64,
+    /// The certificate in service; all `None` while the edge waits for the cloud's certificate.
+    pub certificate_subject: Option<String>,
+    pub certificate_sha256: Option<String>,
+    pub certificate_not_after: Option<String>,
+    pub certificate_days_left: Option<i64>,
+    /// `file <path>`, `cloud upload <id> (received <time>)`, or `none: waiting for the
+    /// certificate uploaded in the cloud`.
+    #[serde(default)]
+    pub certificate_source: String,
+    /// What became of the last certificate the cloud pushed, when it is not the one serving.
+    #[serde(default)]
+    pub cloud_certificate: Option<String>,
     /// Why the last reload's certificate was refused (the previous one still serves).
     pub reload_error: Option<String>,
     pub connections_open: u64,
@@ -103,13 +132,14 @@ pub struct EdgeReport {
 
 impl EdgeReport {
     fn build(edge: &crate::edge::Edge) -> EdgeReport {
-        let cert = edge.cert.current();
+        let serving = edge.cert.current();
+        let cert = serving.as_ref().map(|s| &s.cert);
         let st = &edge.stats;
         let (_, upstream) = edge.upstream.get();
-        let days_left = match cert.not_after.duration_since(SystemTime::now()) {
+        let days_left = cert.map(|c| match c.not_after.duration_since(SystemTime::now()) {
             Ok(d) => (d.as_secs() / 86_400) as i64,
             Err(e) => -((e.duration().as_secs() / 86_400) as i64) - 1,
-        };
+        });
         EdgeReport {
             listen: edge
                 .bound
@@ -125,10 +155,19 @@ impl EdgeReport {
                 .map(|a| a.to_string()),
             fqdn: edge.cfg.fqdn.clone(),
             upstream: upstream.as_ref().map(|u| u.describe()),
-            certificate_subject: cert.subject.clone(),
-            certificate_sha256: cert.sha256.clone(),
-            certificate_not_after: rfc3339(cert.not_after),
+            certificate_subject: cert.map(|c| c.subject.clone()),
+            certificate_sha256: cert.map(|c| c.sha256.clone()),
+            certificate_not_after: cert.map(|c| rfc3339(c.not_after)),
             certificate_days_left: days_left,
+            certificate_source: match &serving {
+                Some(s) => s.source.to_string(),
+                None => "none: waiting for the certificate uploaded in the cloud".into(),
+            },
+            cloud_certificate: edge
+                .cloud_cert_note
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             reload_error: edge
                 .reload_error
                 .read()
@@ -252,11 +291,18 @@ impl EdgeReport {
                 .problems
                 .push(format!("certificate reload refused: {why}"));
         }
-        if self.certificate_days_left < 30 {
-            found.warnings.push(format!(
-                "edge certificate expires on {} ({} days left): renew it",
-                self.certificate_not_after, self.certificate_days_left
-            ));
+        match (self.certificate_days_left, &self.certificate_not_after) {
+            (Some(days), Some(at)) if days < 30 => found.warnings.push(format!(
+                "edge certificate expires on {at} ({days} days left): renew it"
+            )),
+            (None, _) => found.problems.push(
+                "edge HTTPS is not serving: no edge.pfx and no certificate from the cloud yet; upload the tenant's certificate in the cloud (or set [edge].pfx)"
+                    .into(),
+            ),
+            _ => {}
+        }
+        if let Some(note) = &self.cloud_certificate {
+            found.warnings.push(note.clone());
         }
     }
 }
@@ -379,6 +425,21 @@ impl StatusReport {
                     .load(std::sync::atomic::Ordering::Relaxed),
             }),
             metrics_listen: crate::ops::metrics::bound().map(|a| a.to_string()),
+            fleet: Some(FleetReport {
+                site: s.site.as_ref().map(|x| x.name.clone()),
+                site_isolated: s.site.as_ref().is_some_and(|x| x.isolated),
+                download_path: s.site.as_ref().and_then(|x| x.download_path.clone()),
+                addresses: s.addresses.clone(),
+                subnets: crate::agent::reported_subnets(&ctx.config).unwrap_or_default(),
+                fqdn: ctx
+                    .config
+                    .edge
+                    .as_ref()
+                    .map(|e| e.fqdn.clone())
+                    .unwrap_or_default(),
+                devices_assigned: ctx.devices.registry.assigned(),
+                targets_leased: ctx.devices.tasks.leased_open(),
+            }),
             cloud,
             jobs: jobs(ctx),
         }
@@ -448,10 +509,17 @@ impl StatusReport {
             rows.push(("edge", format!("{} (fqdn {})", e.listen, e.fqdn.join(", "))));
             rows.push((
                 "certificate",
-                format!(
-                    "{} until {} ({} days)",
-                    e.certificate_subject, e.certificate_not_after, e.certificate_days_left
-                ),
+                match (
+                    &e.certificate_subject,
+                    &e.certificate_not_after,
+                    e.certificate_days_left,
+                ) {
+                    (Some(s), Some(at), Some(days)) => format!(
+                        "{s} until {at} ({days} days), from {}",
+                        e.certificate_source
+                    ),
+                    _ => e.certificate_source.clone(),
+                },
             ));
             rows.push((
                 "edge traffic",
@@ -492,6 +560,35 @@ impl StatusReport {
                     d.tasks.scheduled,
                     d.tasks.executing,
                     d.tasks.done
+                ),
+            ));
+        }
+        if let Some(f) = &self.fleet {
+            rows.push((
+                "site",
+                match &f.site {
+                    Some(site) => format!(
+                        "{site}{}{}",
+                        if f.site_isolated { " (isolated)" } else { "" },
+                        f.download_path
+                            .as_ref()
+                            .map(|p| format!(", devices download from {p}"))
+                            .unwrap_or_default()
+                    ),
+                    None => "none (the cloud placed this relay in no site)".into(),
+                },
+            ));
+            rows.push((
+                "share",
+                format!(
+                    "{} devices assigned, {} task targets leased; addresses {}",
+                    f.devices_assigned,
+                    f.targets_leased,
+                    if f.addresses.is_empty() {
+                        "none".to_string()
+                    } else {
+                        f.addresses.join(", ")
+                    }
                 ),
             ));
         }

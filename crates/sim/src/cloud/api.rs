@@ -6,8 +6,11 @@
 //! token.
 
 use super::Shared;
+use super::assign::Liveness;
+use super::certificates;
 use super::channel::{self, Outgoing};
 use super::devices;
+use super::fleet::{self, Site};
 use super::images;
 use super::provisioning;
 use super::state::{
@@ -137,6 +140,9 @@ pub(crate) fn router(shared: Arc<Shared>) -> axum::Router {
             get(devices::sim_get_devices).post(devices::sim_set_devices),
         )
         .route("/sim/alarms", get(devices::sim_alarms))
+        .route("/sim/sites", get(sim_sites).post(sim_create_site))
+        .route("/sim/certificates", post(certificates::sim_upload))
+        .route("/sim/certificates/{id}", get(certificates::sim_get_upload))
         .route("/sim/channel/raw", post(sim_channel_raw))
         .route("/sim/channel/errors", get(sim_channel_errors))
         .route("/sim/channel/freeze", post(sim_channel_freeze))
@@ -340,6 +346,7 @@ async fn register_inner(shared: &Shared, body: Body) -> ApiResult<RegisterRespon
         || req.version.len() > 100
         || req.fqdn.len() > 100
         || req.addresses.len() > 100
+        || req.subnets.as_ref().is_some_and(|s| s.len() > 1000)
     {
         return Err(ApiError::bad_request(
             "hostname, version, fqdn or addresses too long",
@@ -403,6 +410,7 @@ async fn register_inner(shared: &Shared, body: Body) -> ApiResult<RegisterRespon
                     version: String::new(),
                     fqdn: Vec::new(),
                     addresses: Vec::new(),
+                    subnets: None,
                     registrations: 0,
                     registered_at: now,
                     heartbeats: 0,
@@ -415,10 +423,14 @@ async fn register_inner(shared: &Shared, body: Body) -> ApiResult<RegisterRespon
             relay.version = req.version.clone();
             relay.fqdn = req.fqdn.clone();
             relay.addresses = req.addresses.clone();
+            relay.subnets = req.subnets.clone();
             relay.registrations += 1;
             relay.registered_at = now;
             relay.registrations
         };
+        if registrations == 1 {
+            certificates::on_new_relay(&mut rt, &req.tenant_id, &req.relay_id);
+        }
         rt.db.p.last_registered = Some(req.relay_id.clone());
         rt.db.p.stats.registrations += 1;
         info!(
@@ -456,19 +468,41 @@ async fn heartbeat_inner(
     let relay_id = bearer_relay(shared, headers)?;
     let req: HeartbeatRequest = parse(&read_body(body).await?)?;
     let now = shared.now();
-    let devices_revision = {
+    let (devices_revision, site, leases) = {
         let mut rt = shared.lock();
         let mut tenant = None;
         if let Some(relay) = rt.db.p.relays.get_mut(&relay_id) {
             relay.heartbeats += 1;
             relay.last_heartbeat = Some(now);
+            // What the relay says of itself now (an older relay says nothing: keep what it
+            // registered with).
+            if !req.fqdn.is_empty() && req.fqdn.len() <= 100 {
+                relay.fqdn = req.fqdn.clone();
+            }
+            if !req.addresses.is_empty() && req.addresses.len() <= 100 {
+                relay.addresses = req.addresses.clone();
+            }
+            if req.subnets.as_ref().is_some_and(|s| s.len() <= 1000) {
+                relay.subnets = req.subnets.clone();
+            }
             relay.last_heartbeat_request = Some(req);
             tenant = Some(relay.tenant_id.clone());
         }
         rt.db.p.stats.heartbeats += 1;
         // Not written at once: the flusher writes heartbeats at most once a second.
         rt.changed();
-        tenant.map_or(0, |t| rt.db.devices_revision(&t))
+        match tenant {
+            Some(t) => {
+                rt.refresh_shares(&t, now, shared.args.inactive_after);
+                let (revision, _) = rt.share_of(&t, &relay_id);
+                (
+                    revision,
+                    site_info(&rt, &t, &relay_id),
+                    rt.leases_of(&relay_id),
+                )
+            }
+            None => (0, None, Vec::new()),
+        }
     };
     let images_revision = match shared
         .images
@@ -486,6 +520,8 @@ async fn heartbeat_inner(
         images_revision,
         devices_revision,
         server_time: server_time(shared),
+        site,
+        leases,
     }))
 }
 
@@ -564,7 +600,18 @@ async fn images(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respon
 
 async fn sim_relays(State(shared): State<Arc<Shared>>) -> Json<Vec<Value>> {
     let now = shared.now();
-    let rt = shared.lock();
+    let mut rt = shared.lock();
+    let tenants: std::collections::BTreeSet<String> = rt
+        .db
+        .p
+        .relays
+        .values()
+        .map(|r| r.tenant_id.clone())
+        .collect();
+    for t in &tenants {
+        rt.refresh_shares(t, now, shared.args.inactive_after);
+    }
+    let loads = rt.loads();
     let list = rt
         .db
         .p
@@ -572,6 +619,8 @@ async fn sim_relays(State(shared): State<Arc<Shared>>) -> Json<Vec<Value>> {
         .values()
         .map(|r| {
             let conn = rt.channels.get(&r.relay_id);
+            let (revision, share) = rt.share_of(&r.tenant_id, &r.relay_id);
+            let site = site_info(&rt, &r.tenant_id, &r.relay_id);
             json!({
                 "relay_id": r.relay_id,
                 "tenant_id": r.tenant_id,
@@ -579,6 +628,12 @@ async fn sim_relays(State(shared): State<Arc<Shared>>) -> Json<Vec<Value>> {
                 "version": r.version,
                 "fqdn": r.fqdn,
                 "addresses": r.addresses,
+                "subnets": r.subnets,
+                "site": site.as_ref().map(|s| s.name.clone()),
+                "site_isolated": site.as_ref().is_some_and(|s| s.isolated),
+                "devices_assigned": share.len(),
+                "devices_revision": revision,
+                "targets_leased": loads.get(&r.relay_id).copied().unwrap_or(0),
                 "state": if r.is_active(now, shared.args.inactive_after) { "active" } else { "inactive" },
                 "heartbeats": r.heartbeats,
                 "registrations": r.registrations,
@@ -592,6 +647,180 @@ async fn sim_relays(State(shared): State<Arc<Shared>>) -> Json<Vec<Value>> {
         })
         .collect();
     Json(list)
+}
+
+/// The site of a relay as its heartbeat answer names it, with the download path its devices use:
+/// the site's own, else `https://<the first FQDN the site's relays share>/`.
+pub(crate) fn site_info(
+    rt: &super::Runtime,
+    tenant: &str,
+    relay_id: &str,
+) -> Option<crate::protocol::SiteInfo> {
+    let sites = rt.sites_of(tenant);
+    let relay = rt.db.p.relays.get(relay_id)?;
+    let i = fleet::relay_site(&sites, &relay.addresses)?;
+    let site = &sites[i];
+    let download_path = site
+        .download_path
+        .clone()
+        .or_else(|| shared_fqdn(rt, tenant, &sites, Some(i)).map(|f| format!("https://{f}/")));
+    Some(crate::protocol::SiteInfo {
+        name: site.name.clone(),
+        isolated: site.isolated,
+        download_path,
+    })
+}
+
+/// The FQDN every relay of a site (or of the whole tenant, when `site` is `None`) serves: the
+/// first name of one relay that all the others list too.
+fn shared_fqdn(
+    rt: &super::Runtime,
+    tenant: &str,
+    sites: &[Site],
+    site: Option<usize>,
+) -> Option<String> {
+    let relays: Vec<&super::state::RelayRecord> = rt
+        .db
+        .p
+        .relays
+        .values()
+        .filter(|r| {
+            r.tenant_id == tenant
+                && !r.fqdn.is_empty()
+                && (site.is_none() || fleet::relay_site(sites, &r.addresses) == site)
+        })
+        .collect();
+    let first = relays.first()?;
+    first
+        .fqdn
+        .iter()
+        .find(|f| relays.iter().all(|r| r.fqdn.contains(f)))
+        .cloned()
+}
+
+#[derive(Deserialize)]
+struct NewSite {
+    name: String,
+    subnets: Vec<String>,
+    #[serde(default)]
+    isolated: bool,
+    #[serde(default)]
+    download_path: Option<String>,
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+/// Most sites one tenant may have.
+const MAX_SITES: usize = 2_000;
+
+/// `POST /sim/sites`: creates a site, or replaces the one with the same name.
+async fn sim_create_site(State(shared): State<Arc<Shared>>, body: Body) -> ApiResult<Json<Value>> {
+    let req: NewSite = parse(&read_body(body).await?)?;
+    check_id("name", &req.name)?;
+    if req.subnets.is_empty() || req.subnets.len() > 256 {
+        return Err(ApiError::bad_request(
+            "subnets must list 1 to 256 CIDR subnets",
+        ));
+    }
+    let mut subnets = Vec::with_capacity(req.subnets.len());
+    for (i, n) in req.subnets.iter().enumerate() {
+        subnets.push(n.trim().parse::<ipnet::IpNet>().map_err(|e| {
+            ApiError::bad_request(format!("subnets[{i}] {n:?} is not a CIDR subnet: {e}"))
+        })?);
+    }
+    if let Some(p) = &req.download_path
+        && !(p.starts_with("https://") || p.starts_with("http://"))
+    {
+        return Err(ApiError::bad_request(
+            "download_path must be an http(s) URL such as https://relay.branch.example/",
+        ));
+    }
+    let tenant = req.tenant.unwrap_or_else(|| shared.args.tenant.clone());
+    let site = Site {
+        tenant_id: tenant.clone(),
+        name: req.name.clone(),
+        subnets,
+        isolated: req.isolated,
+        download_path: req.download_path,
+    };
+    let generation = {
+        let mut rt = shared.lock();
+        if !rt.db.p.tenants.contains_key(&tenant) {
+            return Err(ApiError::not_found(format!("unknown tenant {tenant:?}")));
+        }
+        let sites = &mut rt.db.p.sites;
+        let count = sites.iter().filter(|s| s.tenant_id == tenant).count();
+        match sites
+            .iter_mut()
+            .find(|s| s.tenant_id == tenant && s.name == site.name)
+        {
+            Some(s) => *s = site.clone(),
+            None if count >= MAX_SITES => {
+                return Err(ApiError::bad_request(format!(
+                    "tenant {tenant} has {MAX_SITES} sites already"
+                )));
+            }
+            None => sites.push(site.clone()),
+        }
+        rt.changed()
+    };
+    info!(%tenant, site = %site.name, isolated = site.isolated, "site saved");
+    persist(&shared, generation).await?;
+    Ok(Json(json!({
+        "name": site.name,
+        "subnets": site.subnets,
+        "isolated": site.isolated,
+        "download_path": site.download_path,
+    })))
+}
+
+/// `GET /sim/sites`: every site of the cloud's tenant with its relays and device count.
+async fn sim_sites(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    let rt = shared.lock();
+    let tenant = &shared.args.tenant;
+    let sites = rt.sites_of(tenant);
+    let devices: Vec<String> = rt
+        .db
+        .p
+        .device_lists
+        .get(tenant)
+        .map(|l| l.devices.iter().map(|d| d.address.clone()).collect())
+        .unwrap_or_default();
+    let list: Vec<Value> = sites
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let relays: Vec<&String> = rt
+                .db
+                .p
+                .relays
+                .values()
+                .filter(|r| {
+                    r.tenant_id == *tenant && fleet::relay_site(&sites, &r.addresses) == Some(i)
+                })
+                .map(|r| &r.relay_id)
+                .collect();
+            let count = devices
+                .iter()
+                .filter_map(|d| fleet::device_ip(d))
+                .filter(|ip| fleet::site_of(&sites, *ip) == Some(i))
+                .count();
+            json!({
+                "name": s.name,
+                "subnets": s.subnets,
+                "isolated": s.isolated,
+                "download_path": s.download_path.clone().or_else(|| {
+                    shared_fqdn(&rt, tenant, &sites, Some(i)).map(|f| format!("https://{f}/"))
+                }),
+                "relays": relays,
+                "devices": count,
+            })
+        })
+        .collect();
+    Json(json!({
+        "sites": list,
+        "download_path": shared_fqdn(&rt, tenant, &sites, None).map(|f| format!("https://{f}/")),
+    }))
 }
 
 async fn sim_reset_pin(
@@ -666,10 +895,97 @@ async fn sim_create_command(
     let id = format!("cmd-{}", uuid::Uuid::new_v4());
     // An omitted `params` goes out as `{}`: relays can treat params as an object always.
     let params = req.params.unwrap_or_else(|| json!({}));
+    // A device command goes to a relay that can reach its target, the least loaded one.
+    let target = params
+        .get("target")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let relay_id = match (req.relay_id, target) {
+        (Some(r), _) => Some(r),
+        (None, Some(target)) => match route_command(&shared, &target) {
+            Ok(r) => r,
+            Err(reason) => {
+                return unreachable_command(&shared, &id, &req.name, params, &target, reason).await;
+            }
+        },
+        (None, None) => None,
+    };
     let (relay_id, state) =
-        enqueue_command(&shared, req.relay_id, &id, req.name, params, |_, _| Ok(())).await?;
+        enqueue_command(&shared, relay_id, &id, req.name, params, |_, _| Ok(())).await?;
     Ok(Json(
         json!({"command_id": id, "relay_id": relay_id, "state": state.as_str()}),
+    ))
+}
+
+/// The relay a device command for `target` goes to: the least loaded live relay of the tenant
+/// that can reach it (else one that can, offline or not); `Ok(None)` when no relay has said what
+/// it reaches (the last registered relay gets it, as before the fleet); `Err` with the reason when
+/// no relay can reach it.
+fn route_command(shared: &Shared, target: &str) -> Result<Option<String>, String> {
+    let rt = shared.lock();
+    let tenant = &shared.args.tenant;
+    let sites = rt.sites_of(tenant);
+    let all = rt.reach_list(
+        tenant,
+        &sites,
+        Liveness::Any,
+        shared.now(),
+        shared.args.inactive_after,
+    );
+    if all.is_empty() {
+        return Ok(None);
+    }
+    let plan = rt.plan(
+        tenant,
+        &[target.to_owned()],
+        None,
+        shared.now(),
+        shared.args.inactive_after,
+    );
+    if let Some((_, reason)) = plan.unreachable.into_iter().next() {
+        return Err(reason);
+    }
+    Ok(plan.by_relay.into_iter().next().map(|(r, _)| r))
+}
+
+/// A device command no relay can reach: stored as done, with the cloud's own failure result.
+async fn unreachable_command(
+    shared: &Shared,
+    id: &str,
+    name: &str,
+    params: Value,
+    target: &str,
+    reason: String,
+) -> ApiResult<Json<Value>> {
+    let now = shared.now();
+    let record = ResultRecord {
+        result_id: format!("cloud-{}", uuid::Uuid::new_v4()),
+        command_id: id.to_owned(),
+        target: Some(target.to_owned()),
+        name: name.to_owned(),
+        result: crate::protocol::Outcome::Failure,
+        reason: reason.clone(),
+        payload: Value::Null,
+        finished_at: fmt_time(now),
+        progress: None,
+    };
+    let generation = {
+        let mut rt = shared.lock();
+        rt.db.add_command(CommandRecord {
+            id: id.to_owned(),
+            relay_id: String::new(),
+            name: name.to_owned(),
+            params,
+            state: CommandState::Done,
+            result: Some(record),
+            created_at: now,
+        });
+        rt.changed()
+    };
+    info!(command_id = %id, %target, %reason, "command refused: no relay can reach its target");
+    persist(shared, generation).await?;
+    Ok(Json(
+        json!({"command_id": id, "relay_id": null, "state": "done", "reason": reason}),
     ))
 }
 

@@ -189,6 +189,7 @@ where
             close: close.clone(),
             freeze: freeze.clone(),
         };
+        rt.channel_down.remove(&relay_id);
         if let Some(old) = rt.channels.insert(relay_id.clone(), conn) {
             info!(%relay_id, old_session = %old.session_id, "channel replaced by a newer connection");
             old.close.cancel();
@@ -201,6 +202,7 @@ where
         let hello = CloudMessage::Hello {
             relay_id: relay_id.clone(),
             session_id: session_id.clone(),
+            leases: Some(rt.leases_of(&relay_id)),
         };
         if let Ok(text) = serde_json::to_string(&hello) {
             let _ = tx.send(Outgoing {
@@ -287,6 +289,8 @@ where
             .is_some_and(|c| c.conn_id == conn_id)
         {
             rt.channels.remove(&relay_id);
+            let now = shared.now();
+            rt.channel_down.insert(relay_id.clone(), now);
         }
     }
     info!(%relay_id, %session_id, reason, "channel disconnected");

@@ -5,7 +5,7 @@
 use super::Shared;
 use super::api::{
     ApiError, ApiResult, bearer_relay, check_id, enqueue_command, fault_gate, parse, persist,
-    read_body,
+    read_body, target_relay,
 };
 use super::state::{TaskRecord, is_rfc3339};
 use crate::protocol::{
@@ -158,33 +158,90 @@ pub(crate) async fn sim_create_task(
         failure_threshold_pct: req.failure_threshold_pct,
         concurrency: req.concurrency,
         target_timeout_s: req.target_timeout_s,
+        task_id: None,
+        lease_s: None,
+        lease_id: None,
     };
-    let params = serde_json::to_value(&spec)
-        .map_err(|e| ApiError::internal(format!("cannot encode the task: {e}")))?;
     let id = format!("task-{}", uuid::Uuid::new_v4());
     let now = shared.now();
     let targets = spec.targets.len();
-    let (relay_id, state) = enqueue_command(
-        &shared,
-        req.relay_id,
-        &id,
-        TASK_COMMAND.to_owned(),
-        params,
-        |db, relay_id| {
-            db.add_task(TaskRecord {
-                id: id.clone(),
-                relay_id: relay_id.to_owned(),
-                spec,
-                created_at: now,
-            });
-            Ok(())
-        },
-    )
-    .await?;
-    info!(task_id = %id, %relay_id, targets, "task created");
-    Ok(Json(
-        json!({"task_id": id, "relay_id": relay_id, "state": state.as_str()}),
-    ))
+    if let Some(relay_id) = req.relay_id {
+        // A named relay takes every target, as one task of its own (a test hook).
+        let params = serde_json::to_value(&spec)
+            .map_err(|e| ApiError::internal(format!("cannot encode the task: {e}")))?;
+        let (relay_id, state) = enqueue_command(
+            &shared,
+            Some(relay_id),
+            &id,
+            TASK_COMMAND.to_owned(),
+            params,
+            |db, relay_id| {
+                db.add_task(TaskRecord {
+                    id: id.clone(),
+                    relay_id: relay_id.to_owned(),
+                    spec,
+                    created_at: now,
+                    leases: Vec::new(),
+                    lease_s: None,
+                });
+                Ok(())
+            },
+        )
+        .await?;
+        info!(task_id = %id, %relay_id, targets, "task created");
+        return Ok(Json(
+            json!({"task_id": id, "relay_id": relay_id, "state": state.as_str()}),
+        ));
+    }
+    let after = shared.args.inactive_after;
+    let (out, generation) = {
+        let mut rt = shared.lock();
+        let tenant = shared.args.tenant.clone();
+        // A cloud whose relays never said what they reach: the last registered one takes it all.
+        let legacy = target_relay(&rt, None)?;
+        let plan = rt.plan(&tenant, &spec.targets, None, now, after);
+        let plan = if rt.db.p.relays.values().all(|r| r.subnets.is_none()) {
+            super::assign::Plan {
+                by_relay: vec![(legacy, spec.targets.clone())],
+                ..Default::default()
+            }
+        } else {
+            plan
+        };
+        let lease_s = plan.movable.then(|| after.as_secs().max(1));
+        let kind = spec.kind.clone();
+        rt.db.add_task(TaskRecord {
+            id: id.clone(),
+            relay_id: String::new(),
+            spec,
+            created_at: now,
+            leases: Vec::new(),
+            lease_s,
+        });
+        let t = rt.db.task_index(&id).unwrap_or_default();
+        for (target, reason) in &plan.unreachable {
+            rt.answer_unreachable(&id, &kind, target, reason);
+        }
+        let mut first_state = None;
+        let mut relays = Vec::new();
+        for (relay, targets) in plan.by_relay {
+            let idx = rt.grant(t, &relay, targets, now);
+            rt.deliver_command(idx);
+            first_state.get_or_insert(rt.db.p.commands[idx].state);
+            relays.push(relay);
+        }
+        let out = json!({
+            "task_id": id,
+            "relay_id": relays.first(),
+            "relays": relays,
+            "unreachable": plan.unreachable.len(),
+            "state": first_state.unwrap_or(super::state::CommandState::Done).as_str(),
+        });
+        (out, rt.changed())
+    };
+    info!(task_id = %id, targets, relays = %out["relays"], unreachable = %out["unreachable"], "task created");
+    persist(&shared, generation).await?;
+    Ok(Json(out))
 }
 
 /// `GET /sim/tasks`: every task's state and totals, oldest first.
@@ -223,6 +280,7 @@ pub(crate) async fn sim_get_task(
                 "payload": r.payload,
                 "finished_at": r.finished_at,
                 "result_id": r.result_id,
+                "relay_id": rt.db.p.results[i].relay_id,
             })
         })
         .collect();
@@ -231,18 +289,79 @@ pub(crate) async fn sim_get_task(
         m.insert("targets".into(), json!(task.spec.targets));
         m.insert("payload".into(), task.spec.payload.clone());
         m.insert("progress".into(), json!(rt.db.task_progress(t)));
+        let view = rt.db.task_view(t);
+        let leases: Vec<Value> = task
+            .leases
+            .iter()
+            .map(|l| {
+                json!({
+                    "lease_id": l.lease_id,
+                    "relay_id": l.relay_id,
+                    "targets": l.targets.len(),
+                    "unfinished": l.targets.iter().filter(|x| !view.has(x)).count(),
+                    "granted_at": super::state::fmt_time(l.granted_at),
+                    "revoked_at": l.revoked_at.map(super::state::fmt_time),
+                })
+            })
+            .collect();
+        m.insert("leases".into(), Value::Array(leases));
+        m.insert("lease_s".into(), json!(task.lease_s));
         m.insert("results".into(), Value::Array(results));
     }
     Ok(Json(out))
 }
 
-/// The relay a task belongs to, or 404.
-fn task_relay(shared: &Shared, id: &str) -> ApiResult<String> {
+/// The relays holding a task (each relay with an open lease, or the task's one relay), or 404.
+fn task_relays(shared: &Shared, id: &str) -> ApiResult<Vec<String>> {
     let rt = shared.lock();
-    rt.db
+    let t = rt
+        .db
         .task_index(id)
-        .map(|t| rt.db.p.tasks[t].relay_id.clone())
-        .ok_or_else(|| ApiError::not_found(format!("unknown task {id:?}")))
+        .ok_or_else(|| ApiError::not_found(format!("unknown task {id:?}")))?;
+    let task = &rt.db.p.tasks[t];
+    let mut relays: Vec<String> = task
+        .leases
+        .iter()
+        .filter(|l| l.revoked_at.is_none())
+        .map(|l| l.relay_id.clone())
+        .collect();
+    relays.dedup();
+    if relays.is_empty() && !task.relay_id.is_empty() {
+        relays.push(task.relay_id.clone());
+    }
+    Ok(relays)
+}
+
+/// Sends one command to each relay holding task `id`; answers with the first one's ids.
+async fn to_holders(
+    shared: &Shared,
+    id: &str,
+    name: &str,
+    params: Value,
+) -> ApiResult<Json<Value>> {
+    let relays = task_relays(shared, id)?;
+    if relays.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "task {id} is held by no relay (no relay could reach its targets)"
+        )));
+    }
+    let mut out = Vec::new();
+    for relay in relays {
+        let command_id = format!("cmd-{}", uuid::Uuid::new_v4());
+        let (relay_id, state) = enqueue_command(
+            shared,
+            Some(relay),
+            &command_id,
+            name.to_owned(),
+            params.clone(),
+            |_, _| Ok(()),
+        )
+        .await?;
+        out.push(json!({"command_id": command_id, "task_id": id, "relay_id": relay_id, "state": state.as_str()}));
+    }
+    let mut first = out[0].clone();
+    first["commands"] = Value::Array(out);
+    Ok(Json(first))
 }
 
 /// `DELETE /sim/tasks/{id}`: asks the relay to cancel the task (a `task_cancel` command). Whether
@@ -252,20 +371,7 @@ pub(crate) async fn sim_cancel_task(
     id: PathId,
 ) -> ApiResult<Json<Value>> {
     let id = path_id(id)?;
-    let relay_id = task_relay(&shared, &id)?;
-    let command_id = format!("cmd-{}", uuid::Uuid::new_v4());
-    let (relay_id, state) = enqueue_command(
-        &shared,
-        Some(relay_id),
-        &command_id,
-        TASK_CANCEL_COMMAND.to_owned(),
-        json!({"task_id": id}),
-        |_, _| Ok(()),
-    )
-    .await?;
-    Ok(Json(
-        json!({"command_id": command_id, "task_id": id, "relay_id": relay_id, "state": state.as_str()}),
-    ))
+    to_holders(&shared, &id, TASK_CANCEL_COMMAND, json!({"task_id": id})).await
 }
 
 /// `PATCH /sim/tasks/{id}`: asks the relay to replace some of the task's fields (a
@@ -287,23 +393,19 @@ pub(crate) async fn sim_update_task(
     for (k, v) in &fields {
         check_patch_field(k, v)?;
     }
-    let relay_id = task_relay(&shared, &id)?;
+    if fields.contains_key("targets") && task_relays(&shared, &id)?.len() > 1 {
+        return Err(ApiError::new(
+            http::StatusCode::CONFLICT,
+            crate::protocol::ErrorCode::Conflict,
+            format!(
+                "task {id} is spread over several relays: its targets cannot be changed; cancel it and create a new one"
+            ),
+        ));
+    }
     let mut params = Map::new();
     params.insert("task_id".into(), json!(id));
     params.extend(fields);
-    let command_id = format!("cmd-{}", uuid::Uuid::new_v4());
-    let (relay_id, state) = enqueue_command(
-        &shared,
-        Some(relay_id),
-        &command_id,
-        TASK_UPDATE_COMMAND.to_owned(),
-        Value::Object(params),
-        |_, _| Ok(()),
-    )
-    .await?;
-    Ok(Json(
-        json!({"command_id": command_id, "task_id": id, "relay_id": relay_id, "state": state.as_str()}),
-    ))
+    to_holders(&shared, &id, TASK_UPDATE_COMMAND, Value::Object(params)).await
 }
 
 fn check_patch_field(k: &str, v: &Value) -> ApiResult<()> {
@@ -431,16 +533,22 @@ pub(crate) async fn device_list(State(shared): State<Arc<Shared>>, headers: Head
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let rt = shared.lock();
-    let list = rt
-        .db
-        .p
-        .relays
-        .get(&relay_id)
-        .and_then(|r| rt.db.p.device_lists.get(&r.tenant_id))
-        .cloned()
-        .unwrap_or_else(DeviceList::default);
-    Json(list).into_response()
+    let now = shared.now();
+    let mut rt = shared.lock();
+    let Some(tenant) = rt.db.p.relays.get(&relay_id).map(|r| r.tenant_id.clone()) else {
+        return Json(DeviceList::default()).into_response();
+    };
+    // The relay's monitoring share only: every device is polled by exactly one relay.
+    rt.refresh_shares(&tenant, now, shared.args.inactive_after);
+    let (revision, share) = rt.share_of(&tenant, &relay_id);
+    let devices = match rt.db.p.device_lists.get(&tenant) {
+        Some(list) => share
+            .iter()
+            .filter_map(|&i| list.devices.get(i).cloned())
+            .collect(),
+        None => Vec::new(),
+    };
+    Json(DeviceList { revision, devices }).into_response()
 }
 
 /// `POST /relay/v1/device-status` (bearer token): a batch of reports and alarms. Each report

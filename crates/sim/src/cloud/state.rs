@@ -223,6 +223,9 @@ pub struct RelayRecord {
     pub fqdn: Vec<String>,
     #[serde(default)]
     pub addresses: Vec<String>,
+    /// The device subnets the relay said it serves; `None` when it did not say (an older relay).
+    #[serde(default)]
+    pub subnets: Option<Vec<String>>,
     #[serde(default)]
     pub registrations: u64,
     #[serde(with = "time_text")]
@@ -334,18 +337,73 @@ pub struct Stats {
     pub alarms: u64,
     /// Alarms received again (same id): retries after a lost answer.
     pub duplicate_alarms: u64,
+    /// Results for a task target that already had one from another relay (a relay that ran a
+    /// target the cloud had moved away from it): stored, never counted in the task's totals.
+    pub duplicate_target_results: u64,
+    /// Task targets moved from a silent relay to another one.
+    pub targets_moved: u64,
 }
 
 /// A task created through the test API. Its state and totals are not stored here: they come
-/// from the results the relay reports, indexed at load (see [`TaskView`]).
+/// from the results the relays report, indexed at load (see [`TaskView`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskRecord {
     pub id: String,
+    /// The relay of the first lease ("" when no relay could take any target).
     pub relay_id: String,
     /// As last accepted by the relay (a successful `task_update` replaces fields).
     pub spec: TaskSpec,
     #[serde(with = "time_text")]
     pub created_at: SystemTime,
+    /// Which relay holds which targets. Empty in state files from before the fleet: then
+    /// `relay_id` holds all of them.
+    #[serde(default)]
+    pub leases: Vec<LeaseRecord>,
+    /// Set when the targets can move between relays (another relay could reach some of them).
+    #[serde(default)]
+    pub lease_s: Option<u64>,
+}
+
+impl TaskRecord {
+    /// Whether `relay_id` holds or held any of this task's targets.
+    pub fn involves(&self, relay_id: &str) -> bool {
+        if self.leases.is_empty() {
+            return self.relay_id == relay_id;
+        }
+        self.leases.iter().any(|l| l.relay_id == relay_id)
+    }
+}
+
+/// Targets of a task given to one relay. Opened by a `task` command (its id is the lease id),
+/// extended by further `task` commands naming it, taken back (`revoked_at`) when the relay has
+/// been silent past the lease; the unfinished targets then go to other relays.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub lease_id: String,
+    pub relay_id: String,
+    pub targets: Vec<String>,
+    #[serde(with = "time_text")]
+    pub granted_at: SystemTime,
+    #[serde(default, with = "time_text::opt")]
+    pub revoked_at: Option<SystemTime>,
+}
+
+/// A certificate uploaded for a tenant (`POST /sim/certificates`), and each relay's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CertificateRecord {
+    pub upload_id: String,
+    pub tenant_id: String,
+    #[serde(with = "time_text")]
+    pub created_at: SystemTime,
+    /// relay id -> the `install_certificate` command sent to it.
+    pub commands: BTreeMap<String, String>,
+}
+
+/// The revision a relay's monitoring share was last given, and what it held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ShareRevision {
+    pub revision: u64,
+    pub fingerprint: u64,
 }
 
 /// An alarm as received, with the relay that raised it.
@@ -386,6 +444,17 @@ pub struct Persisted {
     /// Every distinct alarm, in arrival order.
     #[serde(default)]
     pub alarms: Vec<StoredAlarm>,
+    /// Sites of every tenant.
+    #[serde(default)]
+    pub sites: Vec<super::fleet::Site>,
+    /// Each relay's monitoring share revision (kept so that a restart never reuses a revision
+    /// for other content).
+    #[serde(default)]
+    pub share_revisions: BTreeMap<String, ShareRevision>,
+    /// Certificate uploads, oldest first; the last one of a tenant also goes to relays that
+    /// register later.
+    #[serde(default)]
+    pub certificates: Vec<CertificateRecord>,
 }
 
 impl Default for Persisted {
@@ -403,6 +472,9 @@ impl Default for Persisted {
             device_lists: BTreeMap::new(),
             device_reports: BTreeMap::new(),
             alarms: Vec::new(),
+            sites: Vec::new(),
+            share_revisions: BTreeMap::new(),
+            certificates: Vec::new(),
         }
     }
 }
@@ -414,13 +486,13 @@ pub struct IngestOutcome {
     pub duplicates: u64,
 }
 
-/// What the relay has reported about one task, as indexes into [`Persisted::results`]: kept up
-/// to date as results arrive, so that reading a task never scans all results.
+/// What the relays have reported about one task, as indexes into [`Persisted::results`]: kept
+/// up to date as results arrive, so that reading a task never scans all results.
 #[derive(Debug, Default)]
 pub struct TaskView {
-    /// The progress record with the highest `progress.seq`.
-    pub progress: Option<usize>,
-    /// The latest result of each target, in the order targets first reported.
+    /// Each relay's progress record with the highest `progress.seq`.
+    pub progress: HashMap<String, usize>,
+    /// The result of each target, in the order targets first reported.
     pub results: Vec<usize>,
     by_target: HashMap<String, usize>,
     pub success: u64,
@@ -436,6 +508,11 @@ impl TaskView {
             Outcome::NotApplicable => &mut self.not_applicable,
         };
         *n = if add { *n + 1 } else { n.saturating_sub(1) };
+    }
+
+    /// Whether `target` has a result.
+    pub fn has(&self, target: &str) -> bool {
+        self.by_target.contains_key(target)
     }
 }
 
@@ -601,19 +678,22 @@ impl Db {
     }
 
     /// Adds stored result `i` to its task's view when it is a task's progress record or target
-    /// result from the task's relay.
+    /// result from a relay that holds or held targets of the task (or the cloud's own answer for
+    /// a target no relay can reach, `relay_id` ""). A target counts once: a later result from the
+    /// same relay replaces its earlier one, a result from another relay is a duplicate.
     fn index_task_result(&mut self, i: usize) {
         let results = &self.p.results;
         let stored = &results[i];
         let Some(&t) = self.task_index.get(&stored.record.command_id) else {
             return;
         };
-        if self.p.tasks[t].relay_id != stored.relay_id {
+        let from_cloud = stored.relay_id.is_empty();
+        if !from_cloud && !self.p.tasks[t].involves(&stored.relay_id) {
             return;
         }
         let view = &mut self.task_views[t];
         if let Some(progress) = &stored.record.progress {
-            let newer = view.progress.is_none_or(|j| {
+            let newer = view.progress.get(&stored.relay_id).is_none_or(|&j| {
                 results[j]
                     .record
                     .progress
@@ -621,21 +701,26 @@ impl Db {
                     .is_none_or(|old| progress.seq >= old.seq)
             });
             if newer {
-                view.progress = Some(i);
+                view.progress.insert(stored.relay_id.clone(), i);
             }
         } else if let Some(target) = &stored.record.target {
             match view.by_target.get(target) {
                 Some(&pos) => {
                     let old = view.results[pos];
-                    view.count(results[old].record.result, false);
-                    view.results[pos] = i;
+                    if results[old].relay_id == stored.relay_id {
+                        view.count(results[old].record.result, false);
+                        view.results[pos] = i;
+                        view.count(stored.record.result, true);
+                    } else {
+                        self.p.stats.duplicate_target_results += 1;
+                    }
                 }
                 None => {
                     view.by_target.insert(target.clone(), view.results.len());
                     view.results.push(i);
+                    view.count(stored.record.result, true);
                 }
             }
-            view.count(stored.record.result, true);
         }
     }
 
@@ -662,6 +747,14 @@ impl Db {
         }
     }
 
+    /// Stores a result the cloud made itself (a target no relay can reach) and counts it for its
+    /// task; it is not a result received, so the counters stay as they are.
+    pub fn add_cloud_result(&mut self, stored: StoredResult) {
+        self.seen_results.insert(stored.record.result_id.clone());
+        self.p.results.push(stored);
+        self.index_task_result(self.p.results.len() - 1);
+    }
+
     pub fn add_task(&mut self, task: TaskRecord) {
         self.task_index.insert(task.id.clone(), self.p.tasks.len());
         self.p.tasks.push(task);
@@ -677,29 +770,53 @@ impl Db {
         &self.task_views[t]
     }
 
-    /// The relay's latest progress record of task `t`.
+    /// The newest progress record of task `t` (of any relay holding it).
     pub fn task_progress(&self, t: usize) -> Option<&TaskProgress> {
         self.task_views[t]
             .progress
-            .and_then(|i| self.p.results[i].record.progress.as_ref())
+            .values()
+            .filter_map(|&i| self.p.results[i].record.progress.as_ref())
+            .max_by_key(|p| p.seq)
     }
 
     pub fn task_summary(&self, t: usize) -> TaskSummary {
         let task = &self.p.tasks[t];
         let view = &self.task_views[t];
-        let progress = self.task_progress(t);
         let cmd = self.command(&task.id);
-        let rejection = cmd
-            .and_then(|c| c.result.as_ref())
-            .filter(|r| r.result == Outcome::Failure);
-        let (status, reason) = match (progress, rejection) {
-            (Some(p), _) => (p.status.clone(), String::new()),
-            (None, Some(r)) => ("rejected".to_owned(), r.reason.clone()),
-            (None, None) => {
-                let acked = cmd.is_some_and(|c| c.state >= CommandState::Acked);
-                let s = if acked { "scheduled" } else { "queued" };
-                (s.to_owned(), String::new())
-            }
+        let holders: HashSet<&str> = if task.leases.is_empty() {
+            [task.relay_id.as_str()].into_iter().collect()
+        } else {
+            task.leases.iter().map(|l| l.relay_id.as_str()).collect()
+        };
+        let progress: Vec<&TaskProgress> = view
+            .progress
+            .values()
+            .filter_map(|&i| self.p.results[i].record.progress.as_ref())
+            .collect();
+        let targets = unique_count(&task.spec.targets);
+        let (status, reason, total) = if holders.len() <= 1 && !self.cloud_answered(t) {
+            // One relay holds the task: its own word, as it reports it.
+            let latest = progress.iter().max_by_key(|p| p.seq);
+            let rejection = cmd
+                .and_then(|c| c.result.as_ref())
+                .filter(|r| r.result == Outcome::Failure);
+            let (status, reason) = match (latest, rejection) {
+                (Some(p), _) => (p.status.clone(), String::new()),
+                (None, Some(r)) => ("rejected".to_owned(), r.reason.clone()),
+                (None, None) => {
+                    let acked = cmd.is_some_and(|c| c.state >= CommandState::Acked);
+                    let s = if acked { "scheduled" } else { "queued" };
+                    (s.to_owned(), String::new())
+                }
+            };
+            let total = latest.map_or(targets, |p| p.total);
+            (status, reason, total)
+        } else {
+            (
+                self.fleet_status(t, &progress, targets),
+                String::new(),
+                targets,
+            )
         };
         TaskSummary {
             id: task.id.clone(),
@@ -708,15 +825,53 @@ impl Db {
             relay_id: task.relay_id.clone(),
             status,
             reason,
-            total: progress.map_or(task.spec.targets.len() as u64, |p| p.total),
+            total,
             success: view.success,
             failure: view.failure,
             not_applicable: view.not_applicable,
-            in_progress: progress.map_or(0, |p| p.in_progress),
+            in_progress: progress
+                .iter()
+                .filter(|p| p.status == "executing")
+                .map(|p| p.in_progress)
+                .sum(),
             at: task.spec.at.clone(),
             created_at: fmt_time(task.created_at),
-            progress_seq: progress.map_or(0, |p| p.seq),
+            progress_seq: progress.iter().map(|p| p.seq).max().unwrap_or(0),
         }
+    }
+
+    /// Whether the cloud itself answered some target of task `t` (no relay could reach it).
+    fn cloud_answered(&self, t: usize) -> bool {
+        self.task_views[t]
+            .results
+            .iter()
+            .any(|&i| self.p.results[i].relay_id.is_empty())
+    }
+
+    /// The state of a task spread over several relays: done once every target has a result,
+    /// else what the relays holding it report, the busiest state first.
+    fn fleet_status(&self, t: usize, progress: &[&TaskProgress], targets: u64) -> String {
+        let view = &self.task_views[t];
+        let has = |s: &str| progress.iter().any(|p| p.status == s);
+        if view.results.len() as u64 >= targets {
+            return if has("halted") { "halted" } else { "done" }.to_owned();
+        }
+        for s in ["executing", "scheduled", "halted", "cancelled", "rejected"] {
+            if has(s) {
+                return s.to_owned();
+            }
+        }
+        let task = &self.p.tasks[t];
+        let acked = task.leases.iter().any(|l| {
+            self.command(&l.lease_id)
+                .is_some_and(|c| c.state >= CommandState::Acked)
+        });
+        match (acked, view.results.is_empty()) {
+            (false, true) => "queued",
+            (_, false) => "executing",
+            (true, true) => "scheduled",
+        }
+        .to_owned()
     }
 
     /// Replaces a tenant's device list; returns the new revision.
@@ -796,6 +951,15 @@ impl Db {
             .token_generation_valid(rec.pin_generation, now)
             .then_some(rec)
     }
+}
+
+/// How many distinct targets a list names (duplicates and surrounding blanks count once).
+pub fn unique_count(targets: &[String]) -> u64 {
+    targets
+        .iter()
+        .map(|t| t.trim())
+        .collect::<HashSet<_>>()
+        .len() as u64
 }
 
 /// Reads a state file. `Ok(None)` when it does not exist; an error naming the file otherwise.
@@ -1129,6 +1293,7 @@ mod tests {
                 version: "0.1.0".into(),
                 fqdn: vec!["relay.corp".into()],
                 addresses: vec![],
+                subnets: None,
                 registrations: 2,
                 registered_at: t0(),
                 heartbeats: 5,
@@ -1199,8 +1364,13 @@ mod tests {
                 failure_threshold_pct: None,
                 concurrency: None,
                 target_timeout_s: None,
+                task_id: None,
+                lease_s: None,
+                lease_id: None,
             },
             created_at: t0(),
+            leases: Vec::new(),
+            lease_s: None,
         });
         let target = |id: &str, t: &str, outcome: Outcome| ResultRecord {
             target: Some(t.into()),
@@ -1255,6 +1425,7 @@ mod tests {
             version: String::new(),
             fqdn: vec![],
             addresses: vec![],
+            subnets: None,
             registrations: 1,
             registered_at: t0(),
             heartbeats: 0,

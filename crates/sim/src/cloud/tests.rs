@@ -343,7 +343,8 @@ async fn register_heartbeat_results_and_errors() {
         "faulted_requests": 2, "device_status_reports": 1, "channel_bad_frames": 0,
         "provisioning_requests": 0, "provisioning_unauthorized": 0,
         "provisioning_bytes_in": 0, "provisioning_bytes_out": 0,
-        "device_reports": 0, "alarms": 0, "duplicate_alarms": 0
+        "device_reports": 0, "alarms": 0, "duplicate_alarms": 0,
+        "duplicate_target_results": 0, "targets_moved": 0
     });
     assert_eq!(stats, expect);
     tokio::time::timeout(GUARD, cloud.shutdown())
@@ -1880,6 +1881,9 @@ async fn tasks_go_down_the_channel_and_follow_the_relays_results() {
             failure_threshold_pct: None,
             concurrency: Some(5),
             target_timeout_s: None,
+            task_id: None,
+            lease_s: None,
+            lease_id: None,
         }
     );
     assert_eq!(
@@ -1977,9 +1981,9 @@ async fn tasks_go_down_the_channel_and_follow_the_relays_results() {
         t["results"],
         json!([
             {"target": "10.0.0.1", "result": "success", "reason": "", "payload": {"n": 1},
-             "finished_at": "2026-01-01T00:00:00Z", "result_id": "a2"},
+             "finished_at": "2026-01-01T00:00:00Z", "result_id": "a2", "relay_id": "r-1"},
             {"target": "10.0.0.2:8443", "result": "not_applicable", "reason": "no such mode",
-             "payload": {"n": 1}, "finished_at": "2026-01-01T00:00:00Z", "result_id": "b1"},
+             "payload": {"n": 1}, "finished_at": "2026-01-01T00:00:00Z", "result_id": "b1", "relay_id": "r-1"},
         ])
     );
     // The task's command is acknowledged, not completed by its targets' results.
