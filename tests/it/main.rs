@@ -6,6 +6,7 @@ mod devices;
 mod doctor;
 mod download;
 mod edge;
+mod fleet;
 mod metrics;
 mod nginx;
 mod pki;

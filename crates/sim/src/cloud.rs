@@ -201,6 +201,7 @@ pub async fn start(listener: TcpListener, args: CloudArgs) -> anyhow::Result<Clo
             channel_down: HashMap::new(),
             started_at: SystemTime::now(),
             shares: HashMap::new(),
+            reporters: HashMap::new(),
         }),
         written: tokio::sync::Mutex::new(0),
     });
@@ -292,6 +293,9 @@ pub(crate) struct Runtime {
     pub started_at: SystemTime,
     /// Each tenant's monitoring shares, recomputed when their inputs change.
     pub shares: HashMap<String, assign::ShareCache>,
+    /// Per device address, how many reports each relay sent since the start (not persisted):
+    /// shows that every device is polled by one relay.
+    pub reporters: HashMap<String, std::collections::BTreeMap<String, u64>>,
 }
 
 impl Runtime {

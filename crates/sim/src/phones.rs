@@ -68,6 +68,27 @@ pub struct PhonesOptions {
     /// Allow phone addresses outside 127.0.0.0/8 (they must be configured on this host).
     #[arg(long)]
     pub allow_non_loopback: bool,
+    /// Every device API answer takes this long, picked at random in the range for each request
+    /// (`50-200` milliseconds, or one number): the processing time of a real phone.
+    #[arg(long, value_name = "MS[-MS]", value_parser = parse_delay_range)]
+    pub answer_delay_ms: Option<(u32, u32)>,
+}
+
+/// `50-200` or `120` (milliseconds).
+fn parse_delay_range(s: &str) -> Result<(u32, u32), String> {
+    let num = |t: &str| {
+        t.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("{t:?} is not a number of milliseconds"))
+    };
+    let (lo, hi) = match s.split_once('-') {
+        Some((a, b)) => (num(a)?, num(b)?),
+        None => (num(s)?, num(s)?),
+    };
+    if lo > hi || hi > 60_000 {
+        return Err(format!("{s:?}: want MIN-MAX with MIN <= MAX <= 60000"));
+    }
+    Ok((lo, hi))
 }
 
 impl PhonesOptions {
@@ -83,6 +104,7 @@ impl PhonesOptions {
             fault: FaultMode::None,
             fault_delay_ms: model::DEFAULT_SLOW_MS,
             allow_non_loopback: false,
+            answer_delay_ms: None,
         }
     }
 
@@ -166,6 +188,8 @@ struct Inner {
     /// Cancelled at shutdown.
     cancel: CancellationToken,
     tracker: TaskTracker,
+    /// `--answer-delay-ms`.
+    answer_delay: Option<(u32, u32)>,
 }
 
 impl Inner {
@@ -398,6 +422,7 @@ pub async fn start(opts: PhonesOptions, shutdown: CancellationToken) -> anyhow::
         counters: Counters::default(),
         cancel: shutdown.child_token(),
         tracker: TaskTracker::new(),
+        answer_delay: opts.answer_delay_ms,
     });
     inner.tracker.spawn(accept_loop(listener, inner.clone()));
     info!(port, count = opts.count, first = %opts.base_ip, "sim phones started");

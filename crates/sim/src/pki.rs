@@ -18,6 +18,13 @@ pub struct DemoPki {
 
 /// Writes `ca.pem`, `relay.pfx` and `relay.pfx.pass` into `dir`.
 pub fn make(dir: &Path, fqdn: &str) -> Result<DemoPki> {
+    make_names(dir, &[fqdn])
+}
+
+/// Like [`make`], with a certificate whose SAN lists every name (the first is also the CN): one
+/// certificate for a fleet of relays behind a shared name.
+pub fn make_names(dir: &Path, names: &[&str]) -> Result<DemoPki> {
+    let fqdn = names.first().copied().unwrap_or("relay.invalid");
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params
@@ -29,7 +36,8 @@ pub fn make(dir: &Path, fqdn: &str) -> Result<DemoPki> {
     let issuer = Issuer::new(ca_params, &ca_key);
 
     let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(vec![fqdn.to_string()])?;
+    let mut params =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
     params.distinguished_name.push(DnType::CommonName, fqdn);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];

@@ -257,6 +257,8 @@ impl Registry {
         });
         for d in &dropped {
             g.dirty.insert(d.clone());
+            // Another relay reports it now.
+            g.unsent.remove(d);
         }
         info!(
             revision = list.revision,
@@ -602,10 +604,14 @@ async fn record_report(plane: &DevicePlane, report: DeviceReport) {
     let alarms = {
         let mut g = plane.registry.lock();
         let addr = report.address.clone();
+        let share_only = plane.registry.list_in_force.load(Ordering::Relaxed);
         let Some(k) = g.devices.get_mut(&addr) else {
             return; // forgotten meanwhile
         };
         k.polling = false;
+        if share_only && !k.from_cloud {
+            return; // moved to another relay's share while it was polled
+        }
         let alarms = alarms_for(k.last.as_ref(), &report);
         if k.mac.is_none() {
             k.mac = report.mac.clone();

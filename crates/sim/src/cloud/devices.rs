@@ -516,6 +516,7 @@ pub(crate) async fn sim_get_devices(State(shared): State<Arc<Shared>>) -> Json<V
         "revision": list.revision,
         "devices": list.devices,
         "status": rt.db.p.device_reports,
+        "reported_by": rt.reporters,
     }))
 }
 
@@ -594,6 +595,13 @@ async fn device_status_inner(shared: &Shared, headers: &HeaderMap, body: Body) -
     let (out, generation) = {
         let mut rt = shared.lock();
         rt.db.p.stats.device_status_reports += 1;
+        for r in &batch.reports {
+            *rt.reporters
+                .entry(r.address.clone())
+                .or_default()
+                .entry(relay_id.clone())
+                .or_default() += 1;
+        }
         let out = rt
             .db
             .ingest_device_status(&relay_id, batch.reports, batch.alarms);

@@ -178,6 +178,9 @@ pub(super) async fn handle(
     if let Some(ms) = slow {
         tokio::time::sleep(Duration::from_millis(ms.into())).await;
     }
+    if let Some((lo, hi)) = inner.answer_delay {
+        tokio::time::sleep(Duration::from_millis(fastrand::u32(lo..=hi).into())).await;
+    }
     let now = Instant::now();
     if inner.phone(idx).is_down(now) {
         return Err(PhoneDown);
