@@ -175,6 +175,10 @@ pub struct DemoArgs {
     /// Heartbeat interval of the demo relay (short, so there is something to watch).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
+    /// Run a fleet of this many relays (2 to 8, each a `ucrelay run` process on its own
+    /// loopback address) behind one shared name, with a relay killed mid-task.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
+    pub relays: u8,
 }
 
 #[cfg(feature = "sim")]

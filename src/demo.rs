@@ -21,6 +21,9 @@ const PHONE_MAC: &str = "0004f2000001";
 const DEMO_PHONES: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 50, 10);
 
 pub async fn main(args: DemoArgs) -> Result<()> {
+    if args.relays > 1 {
+        return crate::demo_fleet::main(args).await;
+    }
     let dir = tempfile::Builder::new()
         .prefix("ucrelay-demo-")
         .tempdir()

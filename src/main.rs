@@ -4,6 +4,8 @@
 mod cli;
 #[cfg(feature = "sim")]
 mod demo;
+#[cfg(feature = "sim")]
+mod demo_fleet;
 
 #[cfg(feature = "sim")]
 use crate::cli::SimCommand;

@@ -122,6 +122,26 @@ async fn demo_once_shows_the_whole_flow() {
 }
 
 #[tokio::test]
+async fn demo_with_two_relays_shows_the_fleet() {
+    let (code, out, err) = run_cli(&["demo", "--relays", "2", "--once"]).await;
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    for step in [
+        "relay1 (127.0.0.2) registered",
+        "relay2 (127.0.0.3) registered",
+        "relay1: installed",
+        "relay2: installed",
+        "monitoring split",
+        "a phone resolving relay.demo.test to 127.0.0.3 gets 200",
+        "killed with SIGKILL mid-task",
+        "unfinished targets moved",
+        "task done: 300 of 300 succeeded",
+        "demo complete",
+    ] {
+        assert!(out.contains(step), "demo output lacks {step:?}:\n{out}");
+    }
+}
+
+#[tokio::test]
 async fn version_names_the_git_revision() {
     let (code, out, _) = run_cli(&["--version"]).await;
     assert_eq!(code, 0);

@@ -204,13 +204,33 @@ async fn commands_outside_the_device_subnets_send_nothing() {
     relay.wait_healthy().await;
     let outside = format!("127.0.2.99:{}", phones.port());
     let before = phones.stats();
+    // The cloud itself routes nothing outside the relay's subnets...
     let r = device_command(&cloud, "reboot", json!({"target": outside})).await;
+    assert_eq!(r["result"], "failure");
+    assert!(
+        r["reason"].as_str().unwrap().contains("no relay can reach"),
+        "{r}"
+    );
+    // ...and a cloud that sends it anyway (the relay named) meets the relay's own guard.
+    let relay_id = relay.status().await["relay_id"].clone();
+    let v = cloud
+        .post(
+            "/sim/commands",
+            json!({"name": "reboot", "relay_id": relay_id, "params": {"target": outside}}),
+        )
+        .await;
+    let path = format!("/sim/commands/{}", v["command_id"].as_str().unwrap());
+    let r = wait_for("the relay's refusal", Duration::from_secs(15), || async {
+        let c = cloud.get(&path).await;
+        (c["state"] == "done").then(|| c["result"].clone())
+    })
+    .await;
     assert_eq!(r["result"], "failure");
     assert!(r["reason"].as_str().unwrap().contains("outside"), "{r}");
     let id = cloud
         .post(
             "/sim/tasks",
-            json!({"type": "reboot", "targets": [outside, target(&phones, 0)]}),
+            json!({"type": "reboot", "relay_id": relay_id, "targets": [outside, target(&phones, 0)]}),
         )
         .await["task_id"]
         .as_str()
