@@ -391,11 +391,11 @@ async fn a_relay_killed_mid_task_loses_its_targets_and_every_target_ends_once() 
     assert!(by_b > N / 2, "B ran {by_b}");
     // The window that can run an action twice (docs/protocol.md section 10): the targets A had in
     // flight (at most its 64 at once) and those whose results were stored but not yet at the
-    // cloud (at most the batch in flight, 100).
+    // cloud (those of one round trip: at 64 targets per 100-200 ms, far fewer than 100).
     let twice = (0..N).filter(|&i| phones.state(i).reboots >= 2).count();
     assert!(
         twice <= 64 + 100,
-        "{twice} phones rebooted twice: more than A's in-flight targets and one results batch"
+        "{twice} phones rebooted twice: more than A's in-flight targets and one round trip of results"
     );
     let never = (0..N).filter(|&i| phones.state(i).reboots == 0).count();
     assert_eq!(never, 0, "every phone rebooted");

@@ -161,6 +161,8 @@ struct Counters {
     requests: AtomicU64,
     busy_refusals: AtomicU64,
     auth_failures: AtomicU64,
+    /// Reboots started, all phones together (a phone rebooted twice counts twice).
+    reboots: AtomicU64,
 }
 
 /// A copy of the fleet-wide counters.
@@ -174,6 +176,7 @@ pub struct PhonesStats {
     pub requests: u64,
     pub busy_refusals: u64,
     pub auth_failures: u64,
+    pub reboots: u64,
 }
 
 /// What every connection and handler shares.
@@ -201,6 +204,7 @@ impl Inner {
     /// Starts a reboot of `idx`. Its open connections are reset a moment later, once the
     /// acknowledgement has had time to go out.
     fn reboot(&self, idx: usize, now: Instant) {
+        self.counters.reboots.fetch_add(1, Ordering::Relaxed);
         let token = self.phone(idx).start_reboot(&self.fleet, now);
         info!(phone = %self.fleet.ip(idx), down_for = ?self.fleet.reboot_time, "phone rebooting");
         if let Some(token) = token {
@@ -378,6 +382,7 @@ fn stats(inner: &Inner) -> PhonesStats {
         requests: get(&c.requests),
         busy_refusals: get(&c.busy_refusals),
         auth_failures: get(&c.auth_failures),
+        reboots: get(&c.reboots),
     }
 }
 

@@ -29,6 +29,12 @@ use tracing::{debug, info, warn};
 const REPORT_BATCH: usize = 1000;
 const ALARM_BATCH: usize = 500;
 const REPORT_EVERY: Duration = Duration::from_secs(5);
+
+/// How often reports go to the cloud: every `REPORT_EVERY`, or more often with a short poll
+/// interval (a sixtieth of it, at least every second), so that a report leaves within the period.
+fn report_every(period: Duration) -> Duration {
+    (period / 60).clamp(Duration::from_secs(1), REPORT_EVERY)
+}
 const FLUSH_EVERY: Duration = Duration::from_secs(10);
 
 /// A device the relay knows.
@@ -44,7 +50,9 @@ pub struct Known {
     #[serde(default)]
     pub from_commands: bool,
     #[serde(default)]
-    pub last: Option<DeviceReport>,
+    /// Boxed: 50,000 devices live in one table, and a report inline would make every entry of it
+    /// (empty slots too) several times larger.
+    pub last: Option<Box<DeviceReport>>,
     #[serde(skip)]
     next_poll: Option<Instant>,
     #[serde(skip)]
@@ -72,14 +80,17 @@ pub struct Registry {
     pub polls: AtomicU64,
 }
 
-/// Fixed offset of a device inside the poll period (FNV-1a of its address).
+/// Fixed offset of a device inside the poll period (FNV-1a of its address). Offsets stop short of
+/// the period's end by one report interval and a second (at most a tenth of the period), so that a
+/// device's report reaches the cloud within the period it was polled in.
 fn offset(address: &str, period: Duration) -> Duration {
     let mut h: u64 = 0xcbf29ce484222325;
     for b in address.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x100000001b3);
     }
-    let ms = period.as_millis().max(1) as u64;
+    let margin = (period / 10).min(report_every(period) + Duration::from_secs(1));
+    let ms = period.saturating_sub(margin).as_millis().max(1) as u64;
     Duration::from_millis(h % ms)
 }
 
@@ -612,11 +623,11 @@ async fn record_report(plane: &DevicePlane, report: DeviceReport) {
         if share_only && !k.from_cloud {
             return; // moved to another relay's share while it was polled
         }
-        let alarms = alarms_for(k.last.as_ref(), &report);
+        let alarms = alarms_for(k.last.as_deref(), &report);
         if k.mac.is_none() {
             k.mac = report.mac.clone();
         }
-        k.last = Some(report.clone());
+        k.last = Some(Box::new(report.clone()));
         g.dirty.insert(addr.clone());
         g.unsent.insert(addr, report);
         alarms
@@ -642,7 +653,7 @@ async fn record_report(plane: &DevicePlane, report: DeviceReport) {
 async fn reporter(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken) -> Result<()> {
     let mut backoff = Backoff::new(Duration::from_secs(5), Duration::from_secs(300));
     loop {
-        let mut wait = REPORT_EVERY;
+        let mut wait = report_every(plane.cfg.poll_interval);
         if let Some(session) = ctx.sessions.current() {
             let reports: Vec<DeviceReport> = {
                 let mut g = plane.registry.lock();

@@ -854,10 +854,10 @@ async fn execute_inner(
                 }
                 continue;
             }
+            // (Not `wake`: that one is the scheduler's.)
             tokio::select! {
                 r = work.join_next() => if let Some(r) = r { r??; },
                 _ = plane.tasks.lease_wake.notified() => {}
-                _ = plane.tasks.wake.notified() => {}
             }
             continue;
         };
@@ -941,6 +941,10 @@ async fn execute_inner(
         let Some(e) = book.get_mut(id) else {
             return Ok(());
         };
+        if e.epoch != epoch {
+            // Targets came in after the last look: the scheduler starts the task again.
+            return Ok(());
+        }
         if e.revoked {
             close_revoked(&mut e.rec);
             e.rec.clone()
@@ -1135,6 +1139,43 @@ mod tests {
         let (p, pw) = payload_parts(&json!({"mode": "restart", "password": "s3cret"}));
         assert_eq!(pw.as_deref(), Some("s3cret"));
         assert_eq!(p, json!({"mode": "restart"}));
+    }
+
+    #[test]
+    fn a_lease_allows_targets_only_while_confirmed_and_connected() {
+        let rec = |lease_s: Option<u64>| {
+            let mut sp = spec("reboot", &["10.0.0.1"], Value::Null);
+            sp.lease_s = lease_s;
+            sp.lease_id = lease_s.map(|_| "l1".to_string());
+            TaskRecord {
+                id: "t".into(),
+                total: 1,
+                spec: sp,
+                status: "executing".into(),
+                reason: String::new(),
+                created_at: String::new(),
+                started_at: None,
+                finished_at: None,
+                seq: 1,
+                success: 0,
+                failure: 0,
+                not_applicable: 0,
+            }
+        };
+        // Not leased: runs whatever the link.
+        assert!(Entry::new(rec(None), None).lease_allows(false));
+        // Leased: confirmed recently and connected, or nothing.
+        let e = Entry::new(rec(Some(10)), Some(Instant::now()));
+        assert!(e.lease_allows(true));
+        assert!(!e.lease_allows(false), "channel down: paused");
+        assert!(!Entry::new(rec(Some(10)), None).lease_allows(true), "never confirmed");
+        let old = Instant::now().checked_sub(Duration::from_secs(6));
+        if let Some(old) = old {
+            assert!(
+                !Entry::new(rec(Some(10)), Some(old)).lease_allows(true),
+                "confirmed more than half a lease ago"
+            );
+        }
     }
 
     #[test]

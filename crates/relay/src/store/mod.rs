@@ -41,6 +41,8 @@ const ALARMS: TableDefinition<&str, &[u8]> = TableDefinition::new("alarms");
 const DONE_KEEP: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 const SCHEMA_VERSION: &str = "1";
+/// Memory redb may use to cache pages of the store file.
+const STORE_CACHE_BYTES: usize = 8 << 20;
 pub const DB_FILE: &str = "ucrelay.redb";
 
 #[derive(Clone)]
@@ -58,7 +60,12 @@ impl Store {
             source,
         })?;
         let path = state_dir.join(DB_FILE);
-        let db = match Database::create(&path) {
+        // A bounded page cache: redb's default lets it grow to a gigabyte, and writing the
+        // records of 50,000 devices every few seconds would keep tens of MB of pages in memory.
+        let db = match redb::Builder::new()
+            .set_cache_size(STORE_CACHE_BYTES)
+            .create(&path)
+        {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(StoreError::InUse { path });

@@ -2478,3 +2478,138 @@ async fn a_ten_thousand_target_task() {
     assert_eq!(t["results"][9_999]["target"], "10.0.39.15");
     cloud.shutdown().await.unwrap();
 }
+
+/// Registers a relay with its addresses and subnets; returns its token.
+async fn register_fleet(addr: SocketAddr, relay_id: &str, address: &str, subnets: &[&str]) -> String {
+    let body = json!({
+        "protocol": 1, "tenant_id": "acme", "pin": "123456", "relay_id": relay_id,
+        "hostname": relay_id, "version": "0.1.0", "fqdn": ["relay.corp", format!("{relay_id}.corp")],
+        "addresses": [address], "subnets": subnets
+    });
+    let (status, v) = call(addr, "POST", PATH_REGISTER, None, Some(&body.to_string())).await;
+    assert_eq!(status, 200, "{v}");
+    v["token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn sites_shares_leases_and_certificate_uploads() {
+    let mut a = args(None);
+    a.inactive_after = Duration::from_secs(2);
+    let cloud = start_cloud(a).await;
+    let addr = cloud.addr;
+
+    // Sites: bad input changes nothing.
+    for bad in [
+        json!({"name": "x", "subnets": ["10.0.0.0/33"]}),
+        json!({"name": "x", "subnets": []}),
+        json!({"name": "", "subnets": ["10.0.0.0/8"]}),
+        json!({"name": "x", "subnets": ["10.0.0.0/8"], "download_path": "ftp://x"}),
+    ] {
+        let (status, v) = post(addr, "/sim/sites", bad.clone()).await;
+        assert_eq!(status, 400, "{bad}: {v}");
+    }
+    let (status, _) = post(
+        addr,
+        "/sim/sites",
+        json!({"name": "branch", "subnets": ["10.9.0.0/16"], "isolated": true}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = post(
+        addr,
+        "/sim/sites",
+        json!({"name": "hq", "subnets": ["10.0.0.0/8"]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let ta = register_fleet(addr, "r-a", "10.1.0.2", &["10.0.0.0/8"]).await;
+    let tb = register_fleet(addr, "r-b", "10.1.0.3", &["10.0.0.0/8"]).await;
+    let ts = register_fleet(addr, "r-s", "10.9.0.2", &["10.0.0.0/8"]).await;
+    // Channels up: relays that may hold task targets.
+    let wa = connect_ws(addr, &ta).await;
+    let _wb = connect_ws(addr, &tb).await;
+    let _ws = connect_ws(addr, &ts).await;
+    let (_, v) = heartbeat(addr, &ts).await;
+    assert_eq!(v["site"], json!({"name": "branch", "isolated": true}), "{v}");
+    let (_, v) = heartbeat(addr, &ta).await;
+    assert_eq!(v["site"]["name"], "hq");
+    assert_eq!(v["site"]["download_path"], "https://relay.corp/");
+    heartbeat(addr, &tb).await;
+    let sites = get(addr, "/sim/sites").await;
+    assert_eq!(sites["sites"].as_array().unwrap().len(), 2, "{sites}");
+
+    // Monitoring: the branch device only to its relay, the others split between A and B.
+    let mut devices: Vec<Value> = (1..=40).map(|i| json!({"address": format!("10.2.0.{i}")})).collect();
+    devices.push(json!({"address": "10.9.0.7"}));
+    devices.push(json!({"address": "192.168.1.1"}));
+    post(addr, "/sim/devices", json!({"devices": devices})).await;
+    let list = |token: String| async move {
+        let (_, v) = call(addr, "GET", crate::protocol::PATH_DEVICES, Some(&token), None).await;
+        v["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["address"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let (la, lb, ls) = (list(ta.clone()).await, list(tb.clone()).await, list(ts.clone()).await);
+    assert_eq!(ls, ["10.9.0.7"]);
+    assert_eq!(la.len() + lb.len(), 40, "{la:?} {lb:?}");
+    assert!(!la.is_empty() && !lb.is_empty());
+
+    // A task: spread, the branch target to its relay, an unreachable one failed by the cloud.
+    let mut targets: Vec<String> = (1..=10).map(|i| format!("10.2.0.{i}")).collect();
+    targets.push("10.9.0.7".into());
+    targets.push("192.168.1.1".into());
+    let (status, v) = post(addr, "/sim/tasks", json!({"type": "reboot", "targets": targets})).await;
+    assert_eq!(status, 200, "{v}");
+    let id = v["task_id"].as_str().unwrap().to_owned();
+    let t = get(addr, &format!("/sim/tasks/{id}")).await;
+    let leases = t["leases"].as_array().unwrap();
+    let by = |r: &str| leases.iter().find(|l| l["relay_id"] == r).map(|l| l["targets"].as_u64().unwrap());
+    assert_eq!((by("r-a"), by("r-b"), by("r-s")), (Some(5), Some(5), Some(1)), "{t}");
+    assert_eq!(t["failure"], 1, "{t}");
+    assert!(t["results"][0]["reason"].as_str().unwrap().contains("no relay can reach"));
+
+    // A's lease is listed in its heartbeat answer until A goes silent; then its targets move.
+    let (_, v) = heartbeat(addr, &ta).await;
+    assert_eq!(v["leases"].as_array().map(Vec::len), Some(1), "{v}");
+    drop(wa);
+    let moved = async {
+        loop {
+            heartbeat(addr, &tb).await;
+            heartbeat(addr, &ts).await;
+            let t = get(addr, &format!("/sim/tasks/{id}")).await;
+            let open_a = t["leases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|l| l["relay_id"] == "r-a" && l["revoked_at"].is_null());
+            if !open_a {
+                return t;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let t = tokio::time::timeout(GUARD, moved).await.expect("A's lease moved");
+    let b_targets: u64 = t["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["relay_id"] == "r-b")
+        .map(|l| l["targets"].as_u64().unwrap())
+        .sum();
+    assert_eq!(b_targets, 10, "B holds A's targets too: {t}");
+    assert_eq!(get(addr, "/sim/stats").await["targets_moved"], 5);
+
+    // A certificate upload reaches every relay; answers are recorded as they come.
+    let (status, _) = post(addr, "/sim/certificates", json!({"pfx_base64": "%%%", "password": ""})).await;
+    assert_eq!(status, 400);
+    let (status, v) = post(addr, "/sim/certificates", json!({"pfx_base64": "MIIB", "password": "pw"})).await;
+    assert_eq!(status, 200, "{v}");
+    let c = get(addr, &format!("/sim/certificates/{}", v["upload_id"].as_str().unwrap())).await;
+    assert_eq!(c["relays"], json!([]));
+    assert_eq!(c["pending"].as_array().unwrap().len(), 3, "{c}");
+    cloud.shutdown().await.unwrap();
+}
