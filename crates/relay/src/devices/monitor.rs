@@ -36,6 +36,8 @@ fn report_every(period: Duration) -> Duration {
     (period / 60).clamp(Duration::from_secs(1), REPORT_EVERY)
 }
 const FLUSH_EVERY: Duration = Duration::from_secs(10);
+/// Device records per store transaction.
+const FLUSH_CHUNK: usize = 2000;
 
 /// A device the relay knows.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -50,13 +52,53 @@ pub struct Known {
     #[serde(default)]
     pub from_commands: bool,
     #[serde(default)]
-    /// Boxed: 50,000 devices live in one table, and a report inline would make every entry of it
-    /// (empty slots too) several times larger.
-    pub last: Option<Box<DeviceReport>>,
+    pub last: Option<LastReport>,
     #[serde(skip)]
     next_poll: Option<Instant>,
     #[serde(skip)]
     polling: bool,
+}
+
+/// A device's last report, kept as its JSON in one allocation. As a struct it would be a dozen
+/// small allocations per device: half a million for 50,000 devices, renewed at every poll and
+/// scattered among the buffers of the polls in flight, which fragments the heap and keeps the
+/// process's memory far above what is live (measured: 135 MB resident for 50 MB of heap).
+#[derive(Debug, Clone)]
+pub struct LastReport {
+    json: Box<[u8]>,
+    online: bool,
+}
+
+impl LastReport {
+    pub fn new(r: &DeviceReport) -> LastReport {
+        LastReport {
+            json: serde_json::to_vec(r).unwrap_or_default().into_boxed_slice(),
+            online: r.online,
+        }
+    }
+
+    pub fn online(&self) -> bool {
+        self.online
+    }
+
+    pub fn report(&self) -> Option<DeviceReport> {
+        serde_json::from_slice(&self.json).ok()
+    }
+}
+
+impl Serialize for LastReport {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.report() {
+            Some(r) => r.serialize(s),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for LastReport {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        DeviceReport::deserialize(d).map(|r| LastReport::new(&r))
+    }
 }
 
 struct Inner {
@@ -174,7 +216,7 @@ impl Registry {
             ..Default::default()
         };
         for k in g.devices.values() {
-            match k.last.as_ref().map(|r| r.online) {
+            match k.last.as_ref().map(LastReport::online) {
                 Some(true) => c.online += 1,
                 Some(false) => c.offline += 1,
                 None => {}
@@ -201,17 +243,17 @@ impl Registry {
                 };
                 let mut o = serde_json::json!({
                     "address": k.address,
-                    "mac": k.mac.clone().or_else(|| k.last.as_ref().and_then(|r| r.mac.clone())),
+                    "mac": k.mac.clone().or_else(|| k.last.as_ref().and_then(|r| r.report()?.mac)),
                     "name": k.name,
                     "source": source,
-                    "state": match k.last.as_ref().map(|r| r.online) {
+                    "state": match k.last.as_ref().map(LastReport::online) {
                         Some(true) => "online",
                         Some(false) => "offline",
                         None => "unknown",
                     },
                 });
                 if let Some(r) = &k.last {
-                    o["last"] = serde_json::to_value(r).unwrap_or(Value::Null);
+                    o["last"] = serde_json::from_slice(&r.json).unwrap_or(Value::Null);
                 }
                 o
             })
@@ -623,11 +665,12 @@ async fn record_report(plane: &DevicePlane, report: DeviceReport) {
         if share_only && !k.from_cloud {
             return; // moved to another relay's share while it was polled
         }
-        let alarms = alarms_for(k.last.as_deref(), &report);
+        let prev = k.last.as_ref().and_then(LastReport::report);
+        let alarms = alarms_for(prev.as_ref(), &report);
         if k.mac.is_none() {
             k.mac = report.mac.clone();
         }
-        k.last = Some(Box::new(report.clone()));
+        k.last = Some(LastReport::new(&report));
         g.dirty.insert(addr.clone());
         g.unsent.insert(addr, report);
         alarms
@@ -725,23 +768,29 @@ async fn flusher(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken)
             _ = shutdown.cancelled() => true,
             _ = tokio::time::sleep(FLUSH_EVERY) => false,
         };
-        let (writes, removed): (Vec<Write>, Vec<String>) = {
-            let mut g = plane.registry.lock();
-            let dirty: Vec<String> = g.dirty.drain().collect();
-            let mut writes = Vec::new();
-            let mut removed = Vec::new();
-            for addr in dirty {
-                match g.devices.get(&addr) {
-                    Some(k) => writes.push(Write::Device {
-                        address: addr,
-                        value: serde_json::to_vec(k).unwrap_or_default(),
-                    }),
-                    None => removed.push(addr),
+        // A bounded number of records per transaction: a new 50,000-device list marks every
+        // device changed, and one transaction holding all of them would be tens of MB at once.
+        loop {
+            let (writes, removed): (Vec<Write>, Vec<String>) = {
+                let mut g = plane.registry.lock();
+                let dirty: Vec<String> = g.dirty.iter().take(FLUSH_CHUNK).cloned().collect();
+                let mut writes = Vec::new();
+                let mut removed = Vec::new();
+                for addr in dirty {
+                    g.dirty.remove(&addr);
+                    match g.devices.get(&addr) {
+                        Some(k) => writes.push(Write::Device {
+                            address: addr,
+                            value: serde_json::to_vec(k).unwrap_or_default(),
+                        }),
+                        None => removed.push(addr),
+                    }
                 }
+                (writes, removed)
+            };
+            if writes.is_empty() && removed.is_empty() {
+                break;
             }
-            (writes, removed)
-        };
-        if !writes.is_empty() || !removed.is_empty() {
             ctx.store
                 .run(move |s| {
                     s.write_batch(&writes)?;
