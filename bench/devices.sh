@@ -116,6 +116,8 @@ say "1. reboot task to $task_phones phones answering after 50-200 ms"
 start_world task "$task_phones" 127.1.0.1 2h --answer-delay-ms 50-200
 targets_json "$task_phones" 127.1.0.1 "$phones_port" >"$tmp/targets.json"
 cpu0=$(cpu_s "$relay_pid")
+others0=$(awk -v a="$(cpu_s "$cloud_pid")" -v b="$(cpu_s "$phones_pid")" 'BEGIN { print a + b }')
+machine0=$(machine_ticks)
 t0=$(date +%s.%N)
 task_id=$(jq -n --slurpfile t "$tmp/targets.json" '{type: "reboot", targets: $t[0], name: "bench reboot wave"}' |
     curl -sf -X POST -H 'content-type: application/json' --data-binary @- "$cloud_url/sim/tasks" | jq -r .task_id)
@@ -131,6 +133,11 @@ t1=$(date +%s.%N)
 task_wall=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
 task_cpu=$(awk -v a="$cpu0" -v b="$(cpu_s "$relay_pid")" 'BEGIN { printf "%.1f", b - a }')
 task_hwm=$(hwm_mb "$relay_pid")
+others_cpu=$(awk -v a="$(cpu_s "$cloud_pid")" -v b="$(cpu_s "$phones_pid")" -v c="$others0" 'BEGIN { printf "%.1f", a + b - c }')
+read -r busy1 total1 <<<"$(machine_ticks)"
+read -r busy0 total0 <<<"$machine0"
+machine_busy=$(awk -v b0="$busy0" -v b1="$busy1" -v t0="$total0" -v t1="$total1" 'BEGIN { printf "%.0f", 100 * (b1 - b0) / (t1 - t0) }')
+say "task: cloud + phones CPU $others_cpu s; the machine was ${machine_busy}% busy"
 say "task: $done_n results ($fail_n failed) at the cloud in $task_wall s, relay CPU $task_cpu s, peak RSS $task_hwm MB"
 stop_world
 
@@ -187,6 +194,8 @@ load_after=$(cut -d' ' -f1-3 /proc/loadavg)
     echo "|---|--:|--:|--:|--:|--:|---|---|"
     echo "| reboot task, results at the cloud | $task_phones | $task_wall | $task_cpu | $(awk -v c="$task_cpu" -v w="$task_wall" 'BEGIN { printf "%.2f", c / w }') | $task_hwm | $done_n results, $fail_n failed | < 30 s: $task_ok |"
     echo "| monitoring cycle (poll_interval ${poll_period}s) | $poll_phones | $elapsed | $poll_cpu | $poll_cores | $poll_hwm | $polled polls, $online online, $reported reported ($once exactly once) | every device once: $all_ok; < 0.2 core: $cpu_ok; < 100 MB: $rss_ok |"
+    echo
+    echo "During the task the reference cloud and the phone simulator used $others_cpu CPU s together; the whole machine was ${machine_busy}% busy."
     echo
     echo "Each poll is one TLS connection with three REST requests (device/info, lineInfo, callStatus);"
     echo "each reboot target one TLS connection and one request. RSS is VmHWM of the relay process."

@@ -165,7 +165,9 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records a device the relay talked to because of a command.
+    /// Records a device the relay talked to because of a command. While the cloud's device list
+    /// is in force, a device outside it is not added: it is in another relay's share (or in none),
+    /// and a 50,000-target task would otherwise leave 50,000 records behind.
     pub fn learn(&self, target: &Target, mac: Option<String>) {
         let addr = target.to_string();
         let mut g = self.lock();
@@ -174,6 +176,8 @@ impl Registry {
                 return;
             }
             k.from_commands = true;
+        } else if self.list_in_force.load(Ordering::Relaxed) {
+            return;
         } else {
             let next = Instant::now() + offset(&addr, self.interval);
             g.devices.insert(
