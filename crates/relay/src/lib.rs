@@ -25,5 +25,6 @@ pub mod ops;
 pub use ucrelay_protocol as protocol;
 pub mod edge;
 
+mod layers;
 pub mod store;
 pub mod util;
