@@ -69,6 +69,10 @@ fn check(ty: &str, text: &str) -> Result<(), String> {
         "TaskSpec" => round_trip::<TaskSpec>(text),
         "TaskProgress" => round_trip::<TaskProgress>(text),
         "ErrorBody" => round_trip::<ErrorBody>(text),
+        "ArtifactOffer" => round_trip::<ArtifactOffer>(text),
+        "ArtifactStatus" => round_trip::<ArtifactStatus>(text),
+        "ArtifactRef" => round_trip::<ArtifactRef>(text),
+        "DeviceStats" => round_trip::<DeviceStats>(text),
         "" => Err("the fence names no type (write ```json TypeName)".into()),
         other => Err(format!("unknown type {other:?}: add it to this test")),
     }

@@ -7,9 +7,10 @@ use super::DevicePlane;
 use super::client::{DeviceError, Session, Target};
 use crate::config::DevicesConfig;
 use crate::ctx::Ctx;
+use super::health::Health;
 use crate::protocol::{
-    Alarm, DeviceCounts, DeviceList, DeviceReport, DeviceStatusBatch, ErrorCode, LineStatus,
-    PATH_DEVICE_STATUS, PATH_DEVICES,
+    Alarm, DeviceCounts, DeviceList, DeviceReport, DeviceStats, DeviceStatusBatch, ErrorCode,
+    LineStatus, PATH_DEVICE_STATUS, PATH_DEVICES,
 };
 use crate::store::{Store, Write};
 use crate::util::backoff::Backoff;
@@ -45,10 +46,43 @@ pub struct Known {
     pub from_commands: bool,
     #[serde(default)]
     pub last: Option<DeviceReport>,
+    /// The last CPU and memory reading.
+    #[serde(default)]
+    pub last_stats: Option<DeviceStats>,
+    /// A `config_update_failed` alarm is standing (cleared by `config_updated`).
+    #[serde(default)]
+    pub config_update_failed: bool,
+    /// A `firmware_upgrade_failed` alarm is standing (cleared by `firmware_upgraded`).
+    #[serde(default)]
+    pub firmware_upgrade_failed: bool,
     #[serde(skip)]
     next_poll: Option<Instant>,
     #[serde(skip)]
     polling: bool,
+    #[serde(skip)]
+    next_stats: Option<Instant>,
+    #[serde(skip)]
+    stats_polling: bool,
+}
+
+impl Known {
+    fn new(address: String, mac: Option<String>, next_poll: Instant) -> Known {
+        Known {
+            address,
+            mac,
+            name: None,
+            from_cloud: false,
+            from_commands: false,
+            last: None,
+            last_stats: None,
+            config_update_failed: false,
+            firmware_upgrade_failed: false,
+            next_poll: Some(next_poll),
+            polling: false,
+            next_stats: None,
+            stats_polling: false,
+        }
+    }
 }
 
 struct Inner {
@@ -56,6 +90,8 @@ struct Inner {
     dirty: HashSet<String>,
     /// Latest report per device not yet delivered.
     unsent: HashMap<String, DeviceReport>,
+    /// Latest CPU and memory reading per device not yet delivered.
+    unsent_stats: HashMap<String, DeviceStats>,
 }
 
 pub struct Registry {
@@ -80,6 +116,11 @@ fn offset(address: &str, period: Duration) -> Duration {
     Duration::from_millis(h % ms)
 }
 
+/// Stats readings sit at their own offset, not on top of the status polls.
+fn stats_offset(address: &str, period: Duration) -> Duration {
+    offset(&format!("{address}#stats"), period)
+}
+
 impl Registry {
     pub fn load(store: &Store, cfg: &DevicesConfig) -> Result<Registry> {
         let now = Instant::now();
@@ -95,6 +136,7 @@ impl Registry {
                 devices,
                 dirty: HashSet::new(),
                 unsent: HashMap::new(),
+                unsent_stats: HashMap::new(),
             }),
             applied_revision: AtomicU64::new(0),
             list_wake: Notify::new(),
@@ -119,19 +161,9 @@ impl Registry {
             k.from_commands = true;
         } else {
             let next = Instant::now() + offset(&addr, self.interval);
-            g.devices.insert(
-                addr.clone(),
-                Known {
-                    address: addr.clone(),
-                    mac,
-                    name: None,
-                    from_cloud: false,
-                    from_commands: true,
-                    last: None,
-                    next_poll: Some(next),
-                    polling: false,
-                },
-            );
+            let mut k = Known::new(addr.clone(), mac, next);
+            k.from_commands = true;
+            g.devices.insert(addr.clone(), k);
         }
         g.dirty.insert(addr);
     }
@@ -189,9 +221,76 @@ impl Registry {
                 if let Some(r) = &k.last {
                     o["last"] = serde_json::to_value(r).unwrap_or(Value::Null);
                 }
+                if let Some(st) = &k.last_stats {
+                    o["stats"] = serde_json::to_value(st).unwrap_or(Value::Null);
+                }
+                let mut standing = Vec::new();
+                if k.config_update_failed {
+                    standing.push("config_update_failed");
+                }
+                if k.firmware_upgrade_failed {
+                    standing.push("firmware_upgrade_failed");
+                }
+                o["alarms"] = serde_json::json!(standing);
                 o
             })
             .collect()
+    }
+
+    /// Records what an operation found out about a device's health; returns the alarm to raise
+    /// when that changes the device's standing (a failure, or the recovery from one).
+    pub fn note_health(&self, target: &Target, mac: Option<String>, h: &Health) -> Option<Alarm> {
+        self.learn(target, mac.clone());
+        let addr = target.to_string();
+        let mut g = self.lock();
+        let k = g.devices.get_mut(&addr)?;
+        if k.mac.is_none() {
+            k.mac = mac;
+        }
+        let (kind, message) = match h {
+            Health::ConfigFailed(why) => {
+                k.config_update_failed = true;
+                ("config_update_failed", format!("configuration update of {addr} failed: {why}"))
+            }
+            Health::ConfigOk if k.config_update_failed => {
+                k.config_update_failed = false;
+                ("config_updated", format!("configuration of {addr} updated again"))
+            }
+            Health::UpgradeFailed(why) => {
+                k.firmware_upgrade_failed = true;
+                ("firmware_upgrade_failed", format!("firmware upgrade of {addr} failed: {why}"))
+            }
+            Health::UpgradeOk(fw) if k.firmware_upgrade_failed => {
+                k.firmware_upgrade_failed = false;
+                ("firmware_upgraded", format!("{addr} upgraded to {fw}"))
+            }
+            Health::ConfigOk | Health::UpgradeOk(_) => return None,
+        };
+        let alarm = Alarm {
+            id: uuid::Uuid::new_v4().to_string(),
+            address: addr.clone(),
+            mac: k.mac.clone(),
+            kind: kind.into(),
+            line: None,
+            message,
+            at: rfc3339(SystemTime::now()),
+        };
+        g.dirty.insert(addr);
+        Some(alarm)
+    }
+
+    /// The MAC the relay knows for a device address.
+    pub fn mac_of(&self, address: &str) -> Option<String> {
+        let g = self.lock();
+        let k = g.devices.get(address)?;
+        k.mac
+            .clone()
+            .or_else(|| k.last.as_ref().and_then(|r| r.mac.clone()))
+    }
+
+    /// Wakes the reporter (alarms were stored).
+    pub fn wake_reporter(&self) {
+        self.report_wake.notify_one();
     }
 
     /// Applies the cloud's device list: adds new devices, forgets cloud devices no longer listed
@@ -211,16 +310,7 @@ impl Registry {
             };
             let k = g.devices.entry(addr.clone()).or_insert_with(|| {
                 added += 1;
-                Known {
-                    address: addr.clone(),
-                    mac: None,
-                    name: None,
-                    from_cloud: true,
-                    from_commands: false,
-                    last: None,
-                    next_poll: Some(now + offset(&addr, self.interval)),
-                    polling: false,
-                }
+                Known::new(addr.clone(), None, now + offset(&addr, self.interval))
             });
             k.from_cloud = true;
             if d.mac.is_some() {
@@ -289,7 +379,7 @@ pub fn parse_uptime(info: &Value) -> Option<u64> {
     Some(n("Days")? * 86400 + n("Hours")? * 3600 + n("Minutes")? * 60 + n("Seconds")?)
 }
 
-fn parse_firmware(info: &Value) -> String {
+pub(crate) fn parse_firmware(info: &Value) -> String {
     if let Some(s) = info.get("FirmwareRelease").and_then(Value::as_str) {
         return s.to_string();
     }
@@ -529,9 +619,41 @@ async fn poller(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken) 
     let sem = Arc::new(Semaphore::new(plane.cfg.poll_concurrency));
     let interval = plane.cfg.poll_interval;
     let tick = (interval / 100).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let stats_interval = plane.cfg.stats_interval;
     let mut work = tokio::task::JoinSet::new();
     loop {
         let now = Instant::now();
+        let stats_due: Vec<String> = {
+            let mut g = plane.registry.lock();
+            let mut due = Vec::new();
+            for k in g.devices.values_mut() {
+                let at = *k
+                    .next_stats
+                    .get_or_insert_with(|| now + stats_offset(&k.address, stats_interval));
+                if at <= now && !k.stats_polling {
+                    k.stats_polling = true;
+                    let mut next = at + stats_interval;
+                    while next <= now {
+                        next += stats_interval;
+                    }
+                    k.next_stats = Some(next);
+                    due.push(k.address.clone());
+                }
+            }
+            due
+        };
+        for addr in stats_due {
+            let permit = tokio::select! {
+                p = sem.clone().acquire_owned() => p?,
+                _ = shutdown.cancelled() => break,
+            };
+            let plane = plane.clone();
+            work.spawn(async move {
+                let _permit = permit;
+                let st = poll_stats(&plane, &addr).await;
+                record_stats(&plane, &addr, st);
+            });
+        }
         let due: Vec<String> = {
             let mut g = plane.registry.lock();
             let mut due = Vec::new();
@@ -578,6 +700,44 @@ async fn poller(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken) 
     Ok(())
 }
 
+/// Reads one device's CPU and memory. None when it cannot (offline, refused, no such endpoint):
+/// status polls report why.
+pub async fn poll_stats(plane: &DevicePlane, address: &str) -> Option<DeviceStats> {
+    let target = plane.check_target(address).ok()?;
+    let password = plane.password(None);
+    let mac = plane
+        .registry
+        .lock()
+        .devices
+        .get(address)
+        .and_then(|k| k.mac.clone());
+    let work = async {
+        let _guard = plane.lock(&target).await;
+        let mut s = plane.client.session(&target, &password).await?;
+        super::health::read_stats(&mut s, address, mac).await
+    };
+    match tokio::time::timeout(plane.cfg.request_timeout * 2, work).await {
+        Ok(Ok(st)) => st,
+        Ok(Err(e)) => {
+            debug!(device = %address, error = %e, "no CPU/memory reading");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+fn record_stats(plane: &DevicePlane, address: &str, st: Option<DeviceStats>) {
+    let mut g = plane.registry.lock();
+    let Some(k) = g.devices.get_mut(address) else {
+        return;
+    };
+    k.stats_polling = false;
+    let Some(st) = st else { return };
+    k.last_stats = Some(st.clone());
+    g.dirty.insert(address.to_string());
+    g.unsent_stats.insert(address.to_string(), st);
+}
+
 async fn record_report(plane: &DevicePlane, report: DeviceReport) {
     let alarms = {
         let mut g = plane.registry.lock();
@@ -618,10 +778,14 @@ async fn reporter(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken
     loop {
         let mut wait = REPORT_EVERY;
         if let Some(session) = ctx.sessions.current() {
-            let reports: Vec<DeviceReport> = {
+            let (reports, stats): (Vec<DeviceReport>, Vec<DeviceStats>) = {
                 let mut g = plane.registry.lock();
                 let keys: Vec<String> = g.unsent.keys().take(REPORT_BATCH).cloned().collect();
-                keys.iter().filter_map(|k| g.unsent.remove(k)).collect()
+                let reports = keys.iter().filter_map(|k| g.unsent.remove(k)).collect();
+                let keys: Vec<String> =
+                    g.unsent_stats.keys().take(REPORT_BATCH).cloned().collect();
+                let stats = keys.iter().filter_map(|k| g.unsent_stats.remove(k)).collect();
+                (reports, stats)
             };
             let alarms: Vec<Alarm> = ctx
                 .store
@@ -631,8 +795,12 @@ async fn reporter(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken
                 .take(ALARM_BATCH)
                 .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
                 .collect();
-            if !reports.is_empty() || !alarms.is_empty() {
-                let batch = DeviceStatusBatch { reports, alarms };
+            if !reports.is_empty() || !alarms.is_empty() || !stats.is_empty() {
+                let batch = DeviceStatusBatch {
+                    reports,
+                    alarms,
+                    stats,
+                };
                 match ctx
                     .cloud
                     .json::<_, Value>(
@@ -655,7 +823,11 @@ async fn reporter(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken
                             "device status delivered"
                         );
                         // More waiting: go again soon.
-                        if !plane.registry.lock().unsent.is_empty() {
+                        let more = {
+                            let g = plane.registry.lock();
+                            !g.unsent.is_empty() || !g.unsent_stats.is_empty()
+                        };
+                        if more {
                             wait = Duration::from_millis(50);
                         }
                     }
@@ -667,6 +839,9 @@ async fn reporter(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken
                         let mut g = plane.registry.lock();
                         for r in batch.reports {
                             g.unsent.entry(r.address.clone()).or_insert(r);
+                        }
+                        for st in batch.stats {
+                            g.unsent_stats.entry(st.address.clone()).or_insert(st);
                         }
                         wait = backoff.next_delay();
                         warn!(error = %e, retry_in = ?wait, "cannot deliver device status");
