@@ -221,6 +221,10 @@ async fn upload(ctx: &Ctx, token: &str, offer: &ArtifactOffer) -> Result<(), Sto
                         None,
                     )
                     .await?;
+                // Same offset as before: the cloud is busy with this file; try later.
+                if st.received == from && st.state != "complete" {
+                    return Err(Stop::Cloud(e));
+                }
             }
             // The cloud forgot it: announce it again.
             Some(ErrorCode::NotFound) => {
