@@ -82,7 +82,7 @@ fn check(ty: &str, text: &str) -> Result<(), String> {
 fn docs_examples_round_trip() {
     let examples = examples();
     assert!(
-        examples.len() >= 14,
+        examples.len() >= 18,
         "found only {} JSON examples in docs/protocol.md",
         examples.len()
     );

@@ -1106,6 +1106,6 @@ mod tests {
         assert_eq!(p.firmware(), "6.4.8.1000");
         p.refuse_config_updates = true;
         assert_eq!(p.config_update(), Err(Code::NotAllowed));
-        assert_eq!(p.config_updates, 2);
+        assert_eq!(p.config_updates, 3);
     }
 }
