@@ -437,8 +437,12 @@ async fn devices(
             Ok(exit(v["counts"]["offline"].as_u64().unwrap_or(0) == 0))
         }
         Some(DevicesAction::Probe { target }) => {
-            let v: serde_json::Value =
-                call_json(socket, http::Method::POST, &format!("/v1/probe/{}", enc(&target))).await?;
+            let v: serde_json::Value = call_json(
+                socket,
+                http::Method::POST,
+                &format!("/v1/probe/{}", enc(&target)),
+            )
+            .await?;
             print(&v, views::render_probe(&v))?;
             Ok(exit(v["result"] == "success"))
         }
@@ -452,13 +456,15 @@ async fn devices(
                 }
                 Some(BackupsAction::Show { id }) => {
                     let body =
-                        call_bytes(socket, http::Method::GET, &format!("{base}/{}", enc(&id))).await?;
+                        call_bytes(socket, http::Method::GET, &format!("{base}/{}", enc(&id)))
+                            .await?;
                     print!("{}", String::from_utf8_lossy(&body));
                     Ok(ExitCode::SUCCESS)
                 }
                 Some(BackupsAction::Download { id, output }) => {
                     let body =
-                        call_bytes(socket, http::Method::GET, &format!("{base}/{}", enc(&id))).await?;
+                        call_bytes(socket, http::Method::GET, &format!("{base}/{}", enc(&id)))
+                            .await?;
                     let out = output.unwrap_or_else(|| {
                         std::path::PathBuf::from(format!("{}_{}.cfg", mac.replace(':', ""), id))
                     });
@@ -467,9 +473,16 @@ async fn devices(
                     Ok(ExitCode::SUCCESS)
                 }
                 Some(BackupsAction::Delete { id }) => {
-                    let v: serde_json::Value =
-                        call_json(socket, http::Method::DELETE, &format!("{base}/{}", enc(&id))).await?;
-                    print(&v, format!("deleted backup {}\n", v["deleted"].as_str().unwrap_or("?")))?;
+                    let v: serde_json::Value = call_json(
+                        socket,
+                        http::Method::DELETE,
+                        &format!("{base}/{}", enc(&id)),
+                    )
+                    .await?;
+                    print(
+                        &v,
+                        format!("deleted backup {}\n", v["deleted"].as_str().unwrap_or("?")),
+                    )?;
                     Ok(ExitCode::SUCCESS)
                 }
                 Some(BackupsAction::Restore { id }) => {

@@ -3,6 +3,7 @@
 mod agent;
 mod cli;
 mod devices;
+mod diagnostics;
 mod doctor;
 mod download;
 mod edge;

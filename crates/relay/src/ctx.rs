@@ -7,8 +7,8 @@
 
 use crate::artifacts::Artifacts;
 use crate::cloud::{CloudClient, Sessions};
-use crate::devlogs::DeviceLogs;
 use crate::config::Config;
+use crate::devlogs::DeviceLogs;
 use crate::store::Store;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};

@@ -122,7 +122,10 @@ impl PhonesOptions {
             for c in CertificateDer::pem_file_iter(ca)
                 .with_context(|| format!("--relay-ca {}", ca.display()))?
             {
-                u.roots.push(c.with_context(|| format!("--relay-ca {}", ca.display()))?.to_vec());
+                u.roots.push(
+                    c.with_context(|| format!("--relay-ca {}", ca.display()))?
+                        .to_vec(),
+                );
             }
         }
         for r in &self.resolve {
@@ -252,7 +255,10 @@ impl Inner {
     }
 
     fn uplink(&self) -> uplink::Uplink {
-        self.uplink.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.uplink
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// A provisioning round of phone `idx`: GET `<mac>.cfg`, PUT `<mac>-boot.log` and
@@ -274,10 +280,16 @@ impl Inner {
         };
         let cfg = client.get(&format!("{mac}.cfg")).await;
         let boot = client
-            .put(&format!("{mac}-boot.log"), uplink::log_text("boot", &mac, 600))
+            .put(
+                &format!("{mac}-boot.log"),
+                uplink::log_text("boot", &mac, 600),
+            )
             .await;
         let app = client
-            .put(&format!("{mac}-app.log"), uplink::log_text("app", &mac, 1500))
+            .put(
+                &format!("{mac}-app.log"),
+                uplink::log_text("app", &mac, 1500),
+            )
             .await;
         let mut p = self.phone(idx);
         for r in [&boot, &app] {
@@ -293,15 +305,23 @@ impl Inner {
     /// PUTs a log of about `bytes` bytes to the provisioning server now; returns the status.
     async fn upload_log(&self, idx: usize, kind: &str, bytes: usize) -> anyhow::Result<u16> {
         let u = self.uplink();
-        let base = u
-            .provisioning
-            .clone()
-            .ok_or_else(|| anyhow::anyhow!("the phones have no provisioning server (--provisioning)"))?;
+        let base = u.provisioning.clone().ok_or_else(|| {
+            anyhow::anyhow!("the phones have no provisioning server (--provisioning)")
+        })?;
         let mac = model::mac(idx);
         let fw = self.phone(idx).firmware();
-        let client = u.client(&base, IpAddr::V4(self.fleet.ip(idx)), &mac, model::model(idx), &fw)?;
+        let client = u.client(
+            &base,
+            IpAddr::V4(self.fleet.ip(idx)),
+            &mac,
+            model::model(idx),
+            &fw,
+        )?;
         let r = client
-            .put(&format!("{mac}-{kind}.log"), uplink::log_text(kind, &mac, bytes))
+            .put(
+                &format!("{mac}-{kind}.log"),
+                uplink::log_text(kind, &mac, bytes),
+            )
             .await?;
         let mut p = self.phone(idx);
         p.log_uploads += 1;

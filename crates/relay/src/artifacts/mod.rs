@@ -107,7 +107,10 @@ impl ArtifactError {
                 source: e,
             };
         }
-        match e.into_inner().map(|inner| inner.downcast::<ArtifactError>()) {
+        match e
+            .into_inner()
+            .map(|inner| inner.downcast::<ArtifactError>())
+        {
             Some(Ok(a)) => *a,
             _ => ArtifactError::Io {
                 path: path.to_path_buf(),
@@ -282,7 +285,11 @@ impl Artifacts {
     }
 
     /// Stores `bytes` as one artifact (off the async runtime).
-    pub async fn put(self: &Arc<Self>, meta: Meta, bytes: bytes::Bytes) -> Result<ArtifactRef, ArtifactError> {
+    pub async fn put(
+        self: &Arc<Self>,
+        meta: Meta,
+        bytes: bytes::Bytes,
+    ) -> Result<ArtifactRef, ArtifactError> {
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
             let mut w = me.create(meta)?;
@@ -340,7 +347,13 @@ impl Artifacts {
     /// Deletes an artifact: the cloud confirmed it, or its capture was cancelled. Returns whether
     /// it was still here.
     pub fn remove(&self, id: &str) -> Result<bool, StoreError> {
-        let Some(bytes) = self.store.artifacts_all()?.into_iter().find(|(k, _)| k == id).map(|(_, v)| v) else {
+        let Some(bytes) = self
+            .store
+            .artifacts_all()?
+            .into_iter()
+            .find(|(k, _)| k == id)
+            .map(|(_, v)| v)
+        else {
             return Ok(false);
         };
         let size = serde_json::from_slice::<ArtifactOffer>(&bytes)
@@ -395,7 +408,8 @@ impl Artifacts {
         ttl: Duration,
     ) -> Result<(String, oneshot::Receiver<Result<ArtifactRef, String>>), String> {
         let base = self.upload_base().ok_or_else(|| {
-            "the device uploads its file to the relay's edge, and this relay has no [edge]".to_string()
+            "the device uploads its file to the relay's edge, and this relay has no [edge]"
+                .to_string()
         })?;
         let token = format!(
             "{}{}",
@@ -408,7 +422,9 @@ impl Artifacts {
         let mut slots = lock(&self.slots);
         slots.retain(|_, s| s.expires > now && !s.done.is_closed());
         if slots.len() >= MAX_SLOTS {
-            return Err(format!("{MAX_SLOTS} device uploads are already expected; try again later"));
+            return Err(format!(
+                "{MAX_SLOTS} device uploads are already expected; try again later"
+            ));
         }
         slots.insert(
             token,
@@ -573,14 +589,19 @@ mod tests {
 
     fn open(dir: &Path, max: u64) -> (Arc<Artifacts>, Store) {
         let store = Store::open(&dir.join("state")).unwrap();
-        (Artifacts::open(&dir.join("state"), max, &store).unwrap(), store)
+        (
+            Artifacts::open(&dir.join("state"), max, &store).unwrap(),
+            store,
+        )
     }
 
     #[test]
     fn files_are_recorded_whole_and_the_cap_holds() {
         let dir = tempfile::tempdir().unwrap();
         let (a, store) = open(dir.path(), 1000);
-        let mut w = a.create(Meta::new("test", "a.bin", "application/octet-stream")).unwrap();
+        let mut w = a
+            .create(Meta::new("test", "a.bin", "application/octet-stream"))
+            .unwrap();
         w.write_chunk(&[7u8; 600]).unwrap();
         let r = w.finish().unwrap();
         assert_eq!(r.size, 600);
@@ -592,7 +613,12 @@ mod tests {
         let e = w.write_chunk(&[1u8; 200]).unwrap_err();
         assert!(e.to_string().contains("artifact store is full"), "{e}");
         drop(w);
-        assert_eq!(std::fs::read_dir(dir.path().join("state/artifacts/tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("state/artifacts/tmp"))
+                .unwrap()
+                .count(),
+            0
+        );
         assert_eq!(a.report().pending, 1);
         // Reopened: the recorded file is still there; removing it frees the space.
         drop(a);
@@ -610,10 +636,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (a, _s) = open(dir.path(), 1 << 20);
         let ip: IpAddr = "10.0.0.5".parse().unwrap();
-        assert!(a.open_slot(ip, Meta::default(), 10, Duration::from_secs(5)).is_err());
+        assert!(
+            a.open_slot(ip, Meta::default(), 10, Duration::from_secs(5))
+                .is_err()
+        );
         a.set_upload_base("https://relay.example".into());
         let (url, _rx) = a
-            .open_slot(ip, Meta::new("packet_capture", "x.pcap.tar.gz", "application/gzip"), 10, Duration::from_secs(5))
+            .open_slot(
+                ip,
+                Meta::new("packet_capture", "x.pcap.tar.gz", "application/gzip"),
+                10,
+                Duration::from_secs(5),
+            )
             .unwrap();
         let token = url
             .strip_prefix(&format!("https://relay.example{UPLOAD_PREFIX}"))
@@ -623,7 +657,10 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(token.len() >= 32);
-        assert_eq!(a.take_slot(&token, "10.0.0.6".parse().unwrap()).err(), Some(SlotRefusal::WrongAddress));
+        assert_eq!(
+            a.take_slot(&token, "10.0.0.6".parse().unwrap()).err(),
+            Some(SlotRefusal::WrongAddress)
+        );
         assert!(a.take_slot(&token, ip).is_ok());
         assert_eq!(a.take_slot(&token, ip).err(), Some(SlotRefusal::Unknown));
         assert_eq!(a.take_slot("nope", ip).err(), Some(SlotRefusal::Unknown));

@@ -171,11 +171,14 @@ fn opt_firmware(m: &serde_json::Map<String, Value>, key: &str) -> Result<Option<
         Some(v)
             if !v.is_empty()
                 && v.len() <= 64
-                && v.chars().all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c)) =>
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c)) =>
         {
             Ok(Some(v.to_string()))
         }
-        Some(v) => Err(format!("{key} {v:?} is not a firmware version like 6.4.7.4560")),
+        Some(v) => Err(format!(
+            "{key} {v:?} is not a firmware version like 6.4.7.4560"
+        )),
     }
 }
 
@@ -509,7 +512,9 @@ async fn run(op: &Op, s: &mut Session, cx: &OpCx<'_>) -> Result<Done, DeviceErro
                 "/api/v1/mgmt/safeReboot"
             };
             call(s, path, None, false).await?;
-            Ok(Done::ok(json!({"requested": if *restart { "restart" } else { "reboot" }})))
+            Ok(Done::ok(
+                json!({"requested": if *restart { "restart" } else { "reboot" }}),
+            ))
         }
         Op::Reset(mode) => {
             let paths: &[&str] = match mode {

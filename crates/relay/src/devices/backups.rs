@@ -160,9 +160,18 @@ pub async fn get_config(
         let meta = crate::artifacts::Meta::new("config_export", name, "text/plain")
             .device(Some(cx.target.to_string()), mac)
             .command(Some(cx.command_id.to_string()));
-        match cx.plane.artifacts.put(meta, masked.into_bytes().into()).await {
+        match cx
+            .plane
+            .artifacts
+            .put(meta, masked.into_bytes().into())
+            .await
+        {
             Ok(r) => payload["artifact"] = json!(r),
-            Err(e) => return Ok(Done::fail(format!("cannot keep the configuration export: {e}"))),
+            Err(e) => {
+                return Ok(Done::fail(format!(
+                    "cannot keep the configuration export: {e}"
+                )));
+            }
         }
     }
     match info.and_then(|i| i.mac) {
@@ -188,9 +197,7 @@ pub async fn get_config(
                 Err(e) => payload["backup_error"] = json!(e),
             }
         }
-        None => {
-            payload["backup_error"] = json!("the device did not tell its MAC; no backup kept")
-        }
+        None => payload["backup_error"] = json!("the device did not tell its MAC; no backup kept"),
     }
     Ok(Done::ok(payload))
 }
@@ -285,7 +292,13 @@ pub async fn restore(s: &mut Session, cx: &OpCx<'_>, which: &str) -> Result<Done
             .iter()
             .map(|(k, v)| (k.clone(), Value::String(v.clone())))
             .collect();
-        call(s, "/api/v1/mgmt/config/set", Some(Value::Object(data)), false).await?;
+        call(
+            s,
+            "/api/v1/mgmt/config/set",
+            Some(Value::Object(data)),
+            false,
+        )
+        .await?;
     }
     info!(%mac, backup = %backup.id, params = items.len(), "configuration backup restored");
     Ok(Done {

@@ -19,7 +19,8 @@ use tracing::info;
 fn gz_tar<W: std::io::Write>(w: W) -> tar::Builder<flate2::write::GzEncoder<W>> {
     tar::Builder::new(flate2::write::GzEncoder::new(
         w,
-        flate2::Compression::default(),
+        // Most of an export is compressed already (captures); do not spend CPU on it again.
+        flate2::Compression::fast(),
     ))
 }
 
@@ -55,11 +56,14 @@ pub async fn export(
     let mut configs: Vec<(String, String)> = Vec::new();
     for (source, label) in [(4, "all_but_device"), (3, "device")] {
         match s
-            .get_raw(&format!("/Utilities/configuration/exportFile?source={source}"))
+            .get_raw(&format!(
+                "/Utilities/configuration/exportFile?source={source}"
+            ))
             .await
         {
             Ok((_, body)) => {
-                let text = String::from_utf8_lossy(&body[..body.len().min(actions::MAX_CONFIG_EXPORT)]);
+                let text =
+                    String::from_utf8_lossy(&body[..body.len().min(actions::MAX_CONFIG_EXPORT)]);
                 configs.push((format!("config-{label}.cfg"), actions::mask_config(&text)));
             }
             Err(e) => notes.push(format!("configuration ({label}) not exported: {e}")),
@@ -80,7 +84,8 @@ pub async fn export(
     };
     if log_files.is_empty() {
         notes.push(if cx.plane.logs.collecting() {
-            "the relay keeps no logs of this device (it has uploaded none since collection began)".into()
+            "the relay keeps no logs of this device (it has uploaded none since collection began)"
+                .into()
         } else {
             "the relay keeps no device logs: the cloud takes them (log_upload is on)".into()
         });
@@ -143,10 +148,12 @@ pub async fn export(
             append_bytes(&mut tar, n, text.as_bytes()).map_err(io)?;
         }
         for (n, path, _) in &log_files {
-            tar.append_path_with_name(path, format!("logs/{n}")).map_err(io)?;
+            tar.append_path_with_name(path, format!("logs/{n}"))
+                .map_err(io)?;
         }
         if let Some((n, path)) = &capture_path {
-            tar.append_path_with_name(path, format!("capture/{n}")).map_err(io)?;
+            tar.append_path_with_name(path, format!("capture/{n}"))
+                .map_err(io)?;
         }
         let w = tar.into_inner().map_err(io)?.finish().map_err(io)?;
         w.finish()
@@ -201,7 +208,10 @@ async fn take_capture(
     .await?;
     let started = SystemTime::now();
     let wait = Duration::from_secs(u64::from(secs));
-    let latest = cx.deadline.checked_sub(Duration::from_secs(20)).unwrap_or(cx.deadline);
+    let latest = cx
+        .deadline
+        .checked_sub(Duration::from_secs(20))
+        .unwrap_or(cx.deadline);
     tokio::time::sleep(wait.min(latest.saturating_duration_since(Instant::now()))).await;
     let rec = CaptureRecord {
         id: uuid::Uuid::new_v4().to_string(),
@@ -274,7 +284,11 @@ pub async fn kept(plane: &DevicePlane, cmd: &Command) -> Done {
             let meta = Meta::new("config_backup", name, "text/plain")
                 .device(Some(b.target.clone()), Some(mac.clone()))
                 .command(Some(cmd.id.clone()));
-            match plane.artifacts.put(meta, b.masked().into_bytes().into()).await {
+            match plane
+                .artifacts
+                .put(meta, b.masked().into_bytes().into())
+                .await
+            {
                 Ok(r) => Done::ok(json!({"backup": b.summary(), "artifact": r})),
                 Err(e) => Done::fail(format!("cannot hand over the backup: {e}")),
             }

@@ -32,14 +32,23 @@ fn number(v: Option<&Value>) -> Option<f64> {
 
 /// `device/stats` data: `CPU{Average}`, `Memory{Total, Used, SReclaim}` (numbers or strings).
 /// In use is `Used - SReclaim`, as monitoring tools for these phones count it.
-pub fn parse_stats(data: &Value, address: &str, mac: Option<String>, at: SystemTime) -> Option<DeviceStats> {
+pub fn parse_stats(
+    data: &Value,
+    address: &str,
+    mac: Option<String>,
+    at: SystemTime,
+) -> Option<DeviceStats> {
     let cpu = number(data.get("CPU").and_then(|c| c.get("Average")))?;
     let mem = data.get("Memory")?;
     let total = number(mem.get("Total"))?.max(0.0);
     let used = number(mem.get("Used"))?.max(0.0);
     let reclaim = number(mem.get("SReclaim")).unwrap_or(0.0).max(0.0);
     let in_use = (used - reclaim).max(0.0).min(total);
-    let pct = if total > 0.0 { in_use * 100.0 / total } else { 0.0 };
+    let pct = if total > 0.0 {
+        in_use * 100.0 / total
+    } else {
+        0.0
+    };
     let round = |x: f64| (x * 10.0).round() / 10.0;
     Some(DeviceStats {
         address: address.to_string(),
@@ -52,7 +61,11 @@ pub fn parse_stats(data: &Value, address: &str, mac: Option<String>, at: SystemT
     })
 }
 
-pub async fn read_stats(s: &mut Session, address: &str, mac: Option<String>) -> Result<Option<DeviceStats>, DeviceError> {
+pub async fn read_stats(
+    s: &mut Session,
+    address: &str,
+    mac: Option<String>,
+) -> Result<Option<DeviceStats>, DeviceError> {
     let data = call(s, "/api/v1/mgmt/device/stats", None, true).await?;
     Ok(parse_stats(&data, address, mac, SystemTime::now()))
 }
@@ -79,14 +92,22 @@ pub async fn check_sync(
         d.reason = why;
         return Ok(d);
     }
-    cx.plane.note_health(cx.target, mac.clone(), Health::ConfigOk).await;
+    cx.plane
+        .note_health(cx.target, mac.clone(), Health::ConfigOk)
+        .await;
     let Some(expected) = expect else {
         return Ok(Done::ok(json!({"requested": "configuration update"})));
     };
-    let before_fw = before.as_ref().map(|i| i.firmware.clone()).unwrap_or_default();
+    let before_fw = before
+        .as_ref()
+        .map(|i| i.firmware.clone())
+        .unwrap_or_default();
     let before_up = before.as_ref().and_then(|i| i.uptime_s);
     // Leave a little of the deadline for the answer itself.
-    let until = cx.deadline.checked_sub(Duration::from_secs(2)).unwrap_or(cx.deadline);
+    let until = cx
+        .deadline
+        .checked_sub(Duration::from_secs(2))
+        .unwrap_or(cx.deadline);
     let mut went_down = false;
     let mut now_fw = before_fw.clone();
     let outcome = loop {
@@ -99,15 +120,19 @@ pub async fn check_sync(
         match actions::device_info(s).await {
             Ok(i) => {
                 now_fw = i.firmware.clone();
-                let rebooted = went_down
-                    || matches!((before_up, i.uptime_s), (Some(b), Some(n)) if n < b);
+                let rebooted =
+                    went_down || matches!((before_up, i.uptime_s), (Some(b), Some(n)) if n < b);
                 if i.firmware == expected {
                     break Ok(());
                 }
                 if rebooted {
                     break Err(format!(
                         "after the upgrade the device runs {} instead of {expected}",
-                        if i.firmware.is_empty() { "an unknown firmware" } else { &i.firmware }
+                        if i.firmware.is_empty() {
+                            "an unknown firmware"
+                        } else {
+                            &i.firmware
+                        }
                     ));
                 }
             }
@@ -155,8 +180,17 @@ mod tests {
             at,
         )
         .unwrap();
-        assert_eq!((s.cpu_pct, s.memory_total, s.memory_used, s.memory_used_pct), (12.3, 262144, 65536, 25.0));
-        let s = parse_stats(&json!({"CPU": {"Average": 7}, "Memory": {"Total": 100, "Used": 40}}), "x", None, at).unwrap();
+        assert_eq!(
+            (s.cpu_pct, s.memory_total, s.memory_used, s.memory_used_pct),
+            (12.3, 262144, 65536, 25.0)
+        );
+        let s = parse_stats(
+            &json!({"CPU": {"Average": 7}, "Memory": {"Total": 100, "Used": 40}}),
+            "x",
+            None,
+            at,
+        )
+        .unwrap();
         assert_eq!((s.cpu_pct, s.memory_used_pct), (7.0, 40.0));
         assert!(parse_stats(&json!({"CPU": {}}), "x", None, at).is_none());
     }

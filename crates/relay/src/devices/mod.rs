@@ -182,16 +182,23 @@ impl DevicePlane {
         }
         let meta = crate::artifacts::Meta::new(
             "result",
-            format!("{command_id}-{}.json", target.to_string().replace([':', '[', ']'], "_")),
+            format!(
+                "{command_id}-{}.json",
+                target.to_string().replace([':', '[', ']'], "_")
+            ),
             "application/json",
         )
         .device(Some(target.to_string()), None)
         .command(Some(command_id.to_string()));
         done.payload = match self.artifacts.put(meta, bytes.into()).await {
-            Ok(r) => json!({"artifact": r, "note": "the payload was too large for a results batch; it is in the artifact"}),
+            Ok(r) => {
+                json!({"artifact": r, "note": "the payload was too large for a results batch; it is in the artifact"})
+            }
             Err(e) => {
                 done.result = Outcome::Failure;
-                done.reason = format!("the result was too large for a results batch and cannot be kept as an artifact: {e}");
+                done.reason = format!(
+                    "the result was too large for a results batch and cannot be kept as an artifact: {e}"
+                );
                 Value::Null
             }
         };

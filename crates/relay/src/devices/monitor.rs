@@ -5,9 +5,9 @@
 
 use super::DevicePlane;
 use super::client::{DeviceError, Session, Target};
+use super::health::Health;
 use crate::config::DevicesConfig;
 use crate::ctx::Ctx;
-use super::health::Health;
 use crate::protocol::{
     Alarm, DeviceCounts, DeviceList, DeviceReport, DeviceStats, DeviceStatusBatch, ErrorCode,
     LineStatus, PATH_DEVICE_STATUS, PATH_DEVICES,
@@ -250,15 +250,24 @@ impl Registry {
         let (kind, message) = match h {
             Health::ConfigFailed(why) => {
                 k.config_update_failed = true;
-                ("config_update_failed", format!("configuration update of {addr} failed: {why}"))
+                (
+                    "config_update_failed",
+                    format!("configuration update of {addr} failed: {why}"),
+                )
             }
             Health::ConfigOk if k.config_update_failed => {
                 k.config_update_failed = false;
-                ("config_updated", format!("configuration of {addr} updated again"))
+                (
+                    "config_updated",
+                    format!("configuration of {addr} updated again"),
+                )
             }
             Health::UpgradeFailed(why) => {
                 k.firmware_upgrade_failed = true;
-                ("firmware_upgrade_failed", format!("firmware upgrade of {addr} failed: {why}"))
+                (
+                    "firmware_upgrade_failed",
+                    format!("firmware upgrade of {addr} failed: {why}"),
+                )
             }
             Health::UpgradeOk(fw) if k.firmware_upgrade_failed => {
                 k.firmware_upgrade_failed = false;
@@ -782,9 +791,11 @@ async fn reporter(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken
                 let mut g = plane.registry.lock();
                 let keys: Vec<String> = g.unsent.keys().take(REPORT_BATCH).cloned().collect();
                 let reports = keys.iter().filter_map(|k| g.unsent.remove(k)).collect();
-                let keys: Vec<String> =
-                    g.unsent_stats.keys().take(REPORT_BATCH).cloned().collect();
-                let stats = keys.iter().filter_map(|k| g.unsent_stats.remove(k)).collect();
+                let keys: Vec<String> = g.unsent_stats.keys().take(REPORT_BATCH).cloned().collect();
+                let stats = keys
+                    .iter()
+                    .filter_map(|k| g.unsent_stats.remove(k))
+                    .collect();
                 (reports, stats)
             };
             let alarms: Vec<Alarm> = ctx

@@ -36,7 +36,12 @@ fn ms(d: Duration) -> Option<f64> {
     Some((d.as_secs_f64() * 10_000.0).round() / 10.0)
 }
 
-fn step(step: &'static str, result: &'static str, took: Option<Duration>, detail: impl Into<String>) -> Step {
+fn step(
+    step: &'static str,
+    result: &'static str,
+    took: Option<Duration>,
+    detail: impl Into<String>,
+) -> Step {
     Step {
         step,
         result,
@@ -113,15 +118,23 @@ pub fn icmp_echo(ip: IpAddr, timeout: Duration) -> Echo {
             break;
         }
         match sock.recv(&mut buf) {
-            Ok(n) if n >= 8 + nonce.len()
-                && buf[0] == reply
-                && buf[6..8] == seq.to_be_bytes()
-                && buf[8..8 + nonce.len()] == nonce =>
+            Ok(n)
+                if n >= 8 + nonce.len()
+                    && buf[0] == reply
+                    && buf[6..8] == seq.to_be_bytes()
+                    && buf[8..8 + nonce.len()] == nonce =>
             {
                 return Echo::Reply(start.elapsed());
             }
             Ok(_) => continue,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break;
+            }
             Err(e) => return Echo::Failed(format!("no echo reply: {e}")),
         }
     }
@@ -151,7 +164,12 @@ pub async fn probe(plane: &DevicePlane, target: &Target, password: &Secret) -> D
     let mut failure: Option<String> = None;
     let tcp = match tcp {
         Ok(Ok(s)) => {
-            steps.push(step("tcp", "ok", Some(t0.elapsed()), format!("connected to {addr}")));
+            steps.push(step(
+                "tcp",
+                "ok",
+                Some(t0.elapsed()),
+                format!("connected to {addr}"),
+            ));
             Some(s)
         }
         Ok(Err(e)) => {
@@ -161,28 +179,48 @@ pub async fn probe(plane: &DevicePlane, target: &Target, password: &Secret) -> D
             None
         }
         Err(_) => {
-            let why = format!("no TCP connection to {addr} within {}", humantime::format_duration(timeout));
+            let why = format!(
+                "no TCP connection to {addr} within {}",
+                humantime::format_duration(timeout)
+            );
             steps.push(step("tcp", "failed", Some(t0.elapsed()), why.clone()));
             failure = Some(why);
             None
         }
     };
     match (scheme, tcp) {
-        (DeviceScheme::Http, _) => steps.push(step("tls", "skipped", None, "[devices].scheme is http")),
-        (DeviceScheme::Https, None) => steps.push(step("tls", "skipped", None, "no TCP connection")),
+        (DeviceScheme::Http, _) => {
+            steps.push(step("tls", "skipped", None, "[devices].scheme is http"))
+        }
+        (DeviceScheme::Https, None) => {
+            steps.push(step("tls", "skipped", None, "no TCP connection"))
+        }
         (DeviceScheme::Https, Some(tcp)) => {
             let t0 = Instant::now();
             let connector = tokio_rustls::TlsConnector::from(plane.client.tls_config());
-            let hs = tokio::time::timeout(timeout, connector.connect(ServerName::IpAddress(ip.into()), tcp)).await;
+            let hs = tokio::time::timeout(
+                timeout,
+                connector.connect(ServerName::IpAddress(ip.into()), tcp),
+            )
+            .await;
             match hs {
                 Ok(Ok(tls)) => {
                     let (_, c) = tls.get_ref();
                     let detail = format!(
                         "{} {}",
-                        c.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default(),
-                        c.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default()
+                        c.protocol_version()
+                            .map(|v| format!("{v:?}"))
+                            .unwrap_or_default(),
+                        c.negotiated_cipher_suite()
+                            .map(|s| format!("{:?}", s.suite()))
+                            .unwrap_or_default()
                     );
-                    steps.push(step("tls", "ok", Some(t0.elapsed()), detail.trim().to_string()));
+                    steps.push(step(
+                        "tls",
+                        "ok",
+                        Some(t0.elapsed()),
+                        detail.trim().to_string(),
+                    ));
                 }
                 Ok(Err(e)) => {
                     let why = format!("TLS handshake failed: {e}");
@@ -198,7 +236,12 @@ pub async fn probe(plane: &DevicePlane, target: &Target, password: &Secret) -> D
         }
     }
     if failure.is_some() {
-        steps.push(step("rest", "skipped", None, "the connection did not come up"));
+        steps.push(step(
+            "rest",
+            "skipped",
+            None,
+            "the connection did not come up",
+        ));
     } else {
         let t0 = Instant::now();
         let rest = async {

@@ -72,7 +72,10 @@ pub fn log_upload_name(path: &str) -> Option<(String, LogKind)> {
 
 /// 12 hex digits, lower case.
 pub fn valid_mac(mac: &str) -> bool {
-    mac.len() == 12 && mac.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    mac.len() == 12
+        && mac
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A MAC as people write it (`00:04:F2:...`, `0004-f2...`) in the form the relay keys by.
@@ -150,7 +153,8 @@ impl DeviceLogs {
     ) -> anyhow::Result<Arc<DeviceLogs>> {
         use anyhow::Context;
         let dir = state_dir.join("device-logs");
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
         {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
@@ -304,14 +308,19 @@ impl DeviceLogs {
         let mut kept = 0u64;
         let mut ended = false;
         while let Some(piece) = rx.recv().await {
-            let chunk = match piece {
-                Piece::Data(b) => b,
+            let (chunk, last) = match piece {
+                Piece::Data(b) => (b, false),
+                Piece::Last(b) => (b, true),
                 Piece::End => {
                     ended = true;
                     break;
                 }
             };
+            ended = last;
             if file.is_none() {
+                if last {
+                    break;
+                }
                 continue;
             }
             match self.reserve(&mac, chunk.len() as u64) {
@@ -322,6 +331,9 @@ impl DeviceLogs {
                     if matches!(r, Refusal::CappedNow) {
                         self.say_capped(&mac, peer).await;
                     }
+                    if last {
+                        break;
+                    }
                     continue;
                 }
             }
@@ -330,6 +342,9 @@ impl DeviceLogs {
             {
                 warn!(%mac, error = %e, "cannot write a device log; upload not kept");
                 file = None;
+            }
+            if last {
+                break;
             }
         }
         let accepted = ended && file.is_some() && verdict.await.unwrap_or(false);
@@ -423,7 +438,8 @@ impl DeviceLogs {
                     continue;
                 }
                 let Ok(m) = f.metadata() else { continue };
-                if m.modified().is_ok_and(|t| t < cutoff) && std::fs::remove_file(f.path()).is_ok() {
+                if m.modified().is_ok_and(|t| t < cutoff) && std::fs::remove_file(f.path()).is_ok()
+                {
                     freed += m.len();
                     removed += 1;
                 } else {
@@ -527,6 +543,8 @@ impl DeviceLogs {
 /// A piece of an upload on its way to the disk.
 enum Piece {
     Data(Bytes),
+    /// The last chunk: the body is whole with it.
+    Last(Bytes),
     End,
 }
 
@@ -548,6 +566,15 @@ impl LogUpload {
     /// Hands over a chunk (after `poll_ready` said ready).
     pub fn send(&mut self, chunk: Bytes) {
         let _ = self.tx.send_item(Piece::Data(chunk));
+    }
+
+    /// Hands over the last chunk: the body is whole with it (after `poll_ready` said ready).
+    /// A body whose length is known ends with its last chunk, and is not polled again.
+    pub fn send_last(&mut self, chunk: Bytes) {
+        if !self.ended {
+            self.ended = true;
+            let _ = self.tx.send_item(Piece::Last(chunk));
+        }
     }
 
     /// The body arrived whole (after `poll_ready` said ready).
@@ -585,7 +612,10 @@ mod tests {
         assert_eq!(log_upload_name("/0004f2000001-phone.cfg"), None);
         assert_eq!(log_upload_name("/0004f200001-app.log"), None);
         assert_eq!(log_upload_name("/../../etc-app.log"), None);
-        assert_eq!(normalise_mac("00:04:F2:00:00:01").as_deref(), Some("0004f2000001"));
+        assert_eq!(
+            normalise_mac("00:04:F2:00:00:01").as_deref(),
+            Some("0004f2000001")
+        );
         assert_eq!(normalise_mac("0004f2"), None);
     }
 
@@ -614,7 +644,10 @@ mod tests {
         };
         let logs = DeviceLogs::open(dir.path(), &cfg, &store).unwrap();
         let mac = "0004f2000001";
-        assert!(logs.begin(mac, LogKind::App, "10.0.0.9".parse().unwrap()).is_none());
+        assert!(
+            logs.begin(mac, LogKind::App, "10.0.0.9".parse().unwrap())
+                .is_none()
+        );
         logs.set_cloud_setting(false);
         upload(&logs, mac, &[b'a'; 400], true).await;
         upload(&logs, mac, &[b'b'; 400], false).await;
@@ -636,7 +669,9 @@ mod tests {
         // The third would pass 1000 bytes: dropped, collection stops, an alarm is stored.
         upload(&logs, mac, &[b'd'; 400], true).await;
         for _ in 0..200 {
-            if logs.report().devices[0].capped_at.is_some() && !store.alarms_all().unwrap().is_empty() {
+            if logs.report().devices[0].capped_at.is_some()
+                && !store.alarms_all().unwrap().is_empty()
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -644,7 +679,10 @@ mod tests {
         let r = logs.report();
         assert_eq!((r.devices[0].files, r.devices[0].bytes), (2, 800), "{r:?}");
         assert!(r.devices[0].capped_at.is_some());
-        assert!(logs.begin(mac, LogKind::App, "10.0.0.9".parse().unwrap()).is_none());
+        assert!(
+            logs.begin(mac, LogKind::App, "10.0.0.9".parse().unwrap())
+                .is_none()
+        );
         assert_eq!(store.alarms_all().unwrap().len(), 1);
         // Survives a reopen; deleting starts collection again.
         drop(logs);
@@ -654,6 +692,9 @@ mod tests {
         let mut tgz = Vec::new();
         assert_eq!(logs.write_tar_gz(mac, &mut tgz).unwrap(), 2);
         assert_eq!(logs.delete(mac).unwrap(), 800);
-        assert!(logs.begin(mac, LogKind::App, "10.0.0.9".parse().unwrap()).is_some());
+        assert!(
+            logs.begin(mac, LogKind::App, "10.0.0.9".parse().unwrap())
+                .is_some()
+        );
     }
 }

@@ -239,7 +239,13 @@ async fn local_op(
     let id = format!("local-{}", uuid::Uuid::new_v4());
     tracing::info!(device = %t, ?op, "device operation asked on the admin socket");
     let done = plane
-        .run_op(&t, &plane.password(None), &op, plane.cfg.target_timeout, &id)
+        .run_op(
+            &t,
+            &plane.password(None),
+            &op,
+            plane.cfg.target_timeout,
+            &id,
+        )
         .await;
     Ok(done_json(done))
 }
@@ -340,7 +346,12 @@ async fn logs_export(
     })
     .await
     .map_err(|e| api_error(http::StatusCode::INTERNAL_SERVER_ERROR, e))?
-    .map_err(|e| api_error(http::StatusCode::INTERNAL_SERVER_ERROR, format!("cannot pack the logs: {e}")))?;
+    .map_err(|e| {
+        api_error(
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot pack the logs: {e}"),
+        )
+    })?;
     let stream = tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(file));
     axum::response::Response::builder()
         .header(http::header::CONTENT_TYPE, "application/gzip")
@@ -363,7 +374,9 @@ async fn logs_delete(
         .await
         .map_err(|e| api_error(http::StatusCode::INTERNAL_SERVER_ERROR, e))?
         .map_err(|e| api_error(http::StatusCode::INTERNAL_SERVER_ERROR, e))?;
-    Ok(Json(serde_json::json!({"mac": mac, "deleted_bytes": freed})))
+    Ok(Json(
+        serde_json::json!({"mac": mac, "deleted_bytes": freed}),
+    ))
 }
 
 async fn artifacts(State(ctx): State<Running>) -> Json<crate::artifacts::ArtifactsReport> {

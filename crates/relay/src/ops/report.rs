@@ -75,9 +75,9 @@ impl DiagnosticsReport {
         if let Some(e) = &a.upload.last_error
             && a.pending > 0
         {
-            found
-                .warnings
-                .push(format!("artifact upload to the cloud is failing (retried): {e}"));
+            found.warnings.push(format!(
+                "artifact upload to the cloud is failing (retried): {e}"
+            ));
         }
         for mac in &capped {
             found.warnings.push(format!(

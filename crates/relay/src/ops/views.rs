@@ -99,7 +99,8 @@ pub fn render_devices(v: &Value) -> String {
                 s(&l["reason"]).to_string()
             };
             let st = &d["stats"];
-            if let (Some(cpu), Some(mem)) = (st["cpu_pct"].as_f64(), st["memory_used_pct"].as_f64()) {
+            if let (Some(cpu), Some(mem)) = (st["cpu_pct"].as_f64(), st["memory_used_pct"].as_f64())
+            {
                 let _ = write!(detail, " cpu {cpu}% mem {mem}%");
             }
             for a in d["alarms"].as_array().into_iter().flatten() {
@@ -229,7 +230,10 @@ pub fn render_backups(v: &Value) -> String {
     let empty = vec![];
     let list = v["backups"].as_array().unwrap_or(&empty);
     if list.is_empty() {
-        return format!("no configuration backups of {} on this relay\n", s(&v["mac"]));
+        return format!(
+            "no configuration backups of {} on this relay\n",
+            s(&v["mac"])
+        );
     }
     let rows: Vec<Vec<String>> = list
         .iter()
@@ -249,7 +253,10 @@ pub fn render_backups(v: &Value) -> String {
         s(&v["mac"]),
         n(&v["keep"])
     );
-    out.push_str(&table(&["ID", "TAKEN", "SOURCE", "BYTES", "ADDRESS"], &rows));
+    out.push_str(&table(
+        &["ID", "TAKEN", "SOURCE", "BYTES", "ADDRESS"],
+        &rows,
+    ));
     out
 }
 
@@ -292,7 +299,10 @@ pub fn render_logs(v: &Value) -> String {
             ]
         })
         .collect();
-    out.push_str(&table(&["MAC", "FILES", "SIZE", "LAST UPLOAD", "STATE"], &rows));
+    out.push_str(&table(
+        &["MAC", "FILES", "SIZE", "LAST UPLOAD", "STATE"],
+        &rows,
+    ));
     out
 }
 

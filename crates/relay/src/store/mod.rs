@@ -509,7 +509,10 @@ impl Store {
     /// logs.
     pub fn setting(&self, key: &str) -> Result<Option<String>> {
         let tx = self.db.begin_read()?;
-        Ok(tx.open_table(META)?.get(key)?.map(|v| v.value().to_string()))
+        Ok(tx
+            .open_table(META)?
+            .get(key)?
+            .map(|v| v.value().to_string()))
     }
 
     pub fn set_setting(&self, key: &str, value: &str) -> Result<()> {
@@ -559,7 +562,13 @@ impl Store {
 
     /// Adds a backup and, in the same transaction, drops the oldest ones beyond `keep`. Returns the
     /// ids dropped.
-    pub fn backup_add(&self, mac: &str, id: &str, value: &[u8], keep: usize) -> Result<Vec<String>> {
+    pub fn backup_add(
+        &self,
+        mac: &str,
+        id: &str,
+        value: &[u8],
+        keep: usize,
+    ) -> Result<Vec<String>> {
         let tx = self.db.begin_write()?;
         let dropped = {
             let mut t = tx.open_table(BACKUPS)?;
@@ -715,13 +724,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         for i in 0..6 {
-            let dropped = s
-                .backup_add("aa", &format!("b{i}"), b"x", 5)
-                .unwrap();
-            assert_eq!(dropped, if i == 5 { vec!["b0".to_string()] } else { vec![] });
+            let dropped = s.backup_add("aa", &format!("b{i}"), b"x", 5).unwrap();
+            assert_eq!(
+                dropped,
+                if i == 5 {
+                    vec!["b0".to_string()]
+                } else {
+                    vec![]
+                }
+            );
         }
         s.backup_add("ab", "b9", b"y", 5).unwrap();
-        let ids: Vec<String> = s.backups("aa").unwrap().into_iter().map(|(k, _)| k).collect();
+        let ids: Vec<String> = s
+            .backups("aa")
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         assert_eq!(ids, ["b1", "b2", "b3", "b4", "b5"]);
         assert_eq!(s.backups("ab").unwrap().len(), 1);
         assert_eq!(

@@ -6,8 +6,8 @@
 //! token.
 
 use super::Shared;
-use super::channel::{self, Outgoing};
 use super::artifacts;
+use super::channel::{self, Outgoing};
 use super::devices;
 use super::images;
 use super::provisioning;
@@ -669,7 +669,9 @@ async fn sim_get_settings(
         .tenants
         .get(&tenant_id)
         .ok_or_else(|| ApiError::not_found(format!("unknown tenant {tenant_id:?}")))?;
-    Ok(Json(json!({"tenant": tenant_id, "log_upload": t.log_upload})))
+    Ok(Json(
+        json!({"tenant": tenant_id, "log_upload": t.log_upload}),
+    ))
 }
 
 /// `POST /sim/tenants/{tenant}/settings` `{"log_upload": bool}`: the tenant's settings that

@@ -19,7 +19,9 @@
 //! bytes of an artifact, as a dying cloud would; `corrupt_next`: flip a byte of the next chunk).
 
 use super::Shared;
-use super::api::{ApiError, ApiResult, bearer_relay, fault_gate, parse, parse_or_empty, persist, read_body};
+use super::api::{
+    ApiError, ApiResult, bearer_relay, fault_gate, parse, parse_or_empty, persist, read_body,
+};
 use super::state::{ArtifactRecord, fmt_time};
 use crate::protocol::{ArtifactOffer, ArtifactStatus, ErrorCode, PATH_ARTIFACTS};
 use axum::Json;
@@ -79,7 +81,9 @@ impl ArtifactFiles {
     }
 
     fn held(&self, id: &str) -> u64 {
-        std::fs::metadata(self.path(id)).map(|m| m.len()).unwrap_or(0)
+        std::fs::metadata(self.path(id))
+            .map(|m| m.len())
+            .unwrap_or(0)
     }
 
     fn lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -121,8 +125,7 @@ fn status_of(rec: &ArtifactRecord, held: u64) -> ArtifactStatus {
 fn check_offer(o: &ArtifactOffer) -> ApiResult<()> {
     let id_ok = !o.artifact_id.is_empty()
         && o.artifact_id.len() <= 100
-        && o
-            .artifact_id
+        && o.artifact_id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
     if !id_ok {
@@ -143,11 +146,21 @@ fn check_offer(o: &ArtifactOffer) -> ApiResult<()> {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::BadRequest,
-            format!("{} bytes; this cloud takes artifacts up to {MAX_ARTIFACT} bytes", o.size),
+            format!(
+                "{} bytes; this cloud takes artifacts up to {MAX_ARTIFACT} bytes",
+                o.size
+            ),
         ));
     }
-    if o.sha256.len() != 64 || !o.sha256.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()) {
-        return Err(ApiError::bad_request("sha256 must be 64 lower-case hex digits"));
+    if o.sha256.len() != 64
+        || !o
+            .sha256
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    {
+        return Err(ApiError::bad_request(
+            "sha256 must be 64 lower-case hex digits",
+        ));
     }
     if o.kind.is_empty() || o.kind.len() > 64 {
         return Err(ApiError::bad_request("kind must be 1 to 64 characters"));
@@ -160,7 +173,11 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// `POST /relay/v1/artifacts`.
-pub(crate) async fn offer(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
+pub(crate) async fn offer(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     if let Some(r) = fault_gate(&shared, PATH_ARTIFACTS).await {
         return r;
     }
@@ -170,7 +187,11 @@ pub(crate) async fn offer(State(shared): State<Arc<Shared>>, headers: HeaderMap,
     }
 }
 
-async fn offer_inner(shared: &Arc<Shared>, headers: &HeaderMap, body: Body) -> ApiResult<ArtifactStatus> {
+async fn offer_inner(
+    shared: &Arc<Shared>,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<ArtifactStatus> {
     let relay_id = bearer_relay(shared, headers)?;
     let o: ArtifactOffer = parse(&read_body(body).await?)?;
     check_offer(&o)?;
@@ -179,7 +200,8 @@ async fn offer_inner(shared: &Arc<Shared>, headers: &HeaderMap, body: Body) -> A
     let (status, generation) = {
         let mut rt = shared.lock();
         if let Some(rec) = rt.db.p.artifacts.get(&id) {
-            if rec.relay_id != relay_id || rec.offer.size != o.size || rec.offer.sha256 != o.sha256 {
+            if rec.relay_id != relay_id || rec.offer.size != o.size || rec.offer.sha256 != o.sha256
+            {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
                     ErrorCode::Conflict,
@@ -216,7 +238,9 @@ fn own_record(shared: &Shared, relay_id: &str, id: &str) -> ApiResult<ArtifactRe
     let rt = shared.lock();
     match rt.db.p.artifacts.get(id) {
         Some(r) if r.relay_id == relay_id => Ok(r.clone()),
-        _ => Err(ApiError::not_found(format!("no artifact {id:?} from this relay"))),
+        _ => Err(ApiError::not_found(format!(
+            "no artifact {id:?} from this relay"
+        ))),
     }
 }
 
@@ -276,7 +300,12 @@ pub(crate) async fn put(
     }
 }
 
-async fn put_inner(shared: &Arc<Shared>, headers: &HeaderMap, id: &str, mut body: Body) -> ApiResult<ArtifactStatus> {
+async fn put_inner(
+    shared: &Arc<Shared>,
+    headers: &HeaderMap,
+    id: &str,
+    mut body: Body,
+) -> ApiResult<ArtifactStatus> {
     let relay_id = bearer_relay(shared, headers)?;
     let rec = own_record(shared, &relay_id, id)?;
     if rec.state == "complete" {
@@ -348,7 +377,11 @@ async fn put_inner(shared: &Arc<Shared>, headers: &HeaderMap, id: &str, mut body
                 count(shared, id, written);
                 warn!(artifact = %id, held = held + written, "injected fault: artifact upload stalls here");
                 shared.cancel.cancelled().await;
-                return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Busy, "cloud shutting down"));
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::Busy,
+                    "cloud shutting down",
+                ));
             }
         }
         if corrupt && !data.is_empty() {
@@ -368,13 +401,18 @@ async fn put_inner(shared: &Arc<Shared>, headers: &HeaderMap, id: &str, mut body
     drop(file);
     count(shared, id, written);
     if let Some(why) = broke {
-        return Err(ApiError::bad_request(format!("the chunk broke off after {written} bytes: {why}")));
+        return Err(ApiError::bad_request(format!(
+            "the chunk broke off after {written} bytes: {why}"
+        )));
     }
     if written < expected {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             ErrorCode::Conflict,
-            format!("the chunk ended after {written} of {expected} bytes; the cloud holds {}", held + written),
+            format!(
+                "the chunk ended after {written} of {expected} bytes; the cloud holds {}",
+                held + written
+            ),
         ));
     }
     let now_held = held + written;
@@ -436,7 +474,10 @@ async fn put_inner(shared: &Arc<Shared>, headers: &HeaderMap, id: &str, mut body
         Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::ChecksumMismatch,
-            format!("the {now_held} bytes received hash to {sha}, not {}; send the file again", rec.offer.sha256),
+            format!(
+                "the {now_held} bytes received hash to {sha}, not {}; send the file again",
+                rec.offer.sha256
+            ),
         ))
     }
 }
@@ -483,7 +524,10 @@ pub(crate) async fn sim_list(State(shared): State<Arc<Shared>>) -> Json<Value> {
 }
 
 /// `GET /sim/artifacts/{id}`.
-pub(crate) async fn sim_get(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub(crate) async fn sim_get(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
     let rec = shared
         .lock()
         .db
@@ -496,14 +540,28 @@ pub(crate) async fn sim_get(State(shared): State<Arc<Shared>>, Path(id): Path<St
 }
 
 /// `GET /sim/artifacts/{id}/content`: the file, once complete.
-pub(crate) async fn sim_content(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+pub(crate) async fn sim_content(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Response {
     let rec = shared.lock().db.p.artifacts.get(&id).cloned();
     match rec {
-        Some(r) if r.state == "complete" => match tokio::fs::read(shared.artifact_files.path(&id)).await {
-            Ok(bytes) => ([(header::CONTENT_TYPE, r.offer.content_type.clone())], bytes).into_response(),
+        Some(r) if r.state == "complete" => match tokio::fs::read(shared.artifact_files.path(&id))
+            .await
+        {
+            Ok(bytes) => (
+                [(header::CONTENT_TYPE, r.offer.content_type.clone())],
+                bytes,
+            )
+                .into_response(),
             Err(e) => ApiError::internal(format!("cannot read the artifact: {e}")).into_response(),
         },
-        Some(_) => ApiError::new(StatusCode::CONFLICT, ErrorCode::Conflict, "the artifact is not complete").into_response(),
+        Some(_) => ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorCode::Conflict,
+            "the artifact is not complete",
+        )
+        .into_response(),
         None => ApiError::not_found(format!("unknown artifact {id:?}")).into_response(),
     }
 }
@@ -512,7 +570,10 @@ pub(crate) async fn sim_get_faults(State(shared): State<Arc<Shared>>) -> Json<Ar
     Json(shared.lock().artifact_faults.clone())
 }
 
-pub(crate) async fn sim_set_faults(State(shared): State<Arc<Shared>>, body: Body) -> ApiResult<Json<ArtifactFaults>> {
+pub(crate) async fn sim_set_faults(
+    State(shared): State<Arc<Shared>>,
+    body: Body,
+) -> ApiResult<Json<ArtifactFaults>> {
     let f: ArtifactFaults = parse_or_empty(&read_body(body).await?)?;
     shared.lock().artifact_faults = f.clone();
     info!(?f, "artifact faults set");

@@ -487,9 +487,9 @@ async fn device_status_inner(shared: &Shared, headers: &HeaderMap, body: Body) -
     let (out, generation) = {
         let mut rt = shared.lock();
         rt.db.p.stats.device_status_reports += 1;
-        let out =
-            rt.db
-                .ingest_device_status(&relay_id, batch.reports, batch.alarms, batch.stats);
+        let out = rt
+            .db
+            .ingest_device_status(&relay_id, batch.reports, batch.alarms, batch.stats);
         (out, rt.changed())
     };
     if out.new_alarms > 0 {

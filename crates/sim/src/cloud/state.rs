@@ -1231,7 +1231,12 @@ mod tests {
             m.remove(k).unwrap();
         }
         let stats = m["stats"].as_object_mut().unwrap();
-        for k in ["device_reports", "alarms", "duplicate_alarms", "artifacts_complete"] {
+        for k in [
+            "device_reports",
+            "alarms",
+            "duplicate_alarms",
+            "artifacts_complete",
+        ] {
             stats.remove(k).unwrap();
         }
         for t in m["tenants"].as_object_mut().unwrap().values_mut() {

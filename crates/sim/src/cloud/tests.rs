@@ -2477,7 +2477,14 @@ async fn a_ten_thousand_target_task() {
 }
 
 /// A PUT of raw bytes with a Content-Range.
-async fn put_chunk(addr: SocketAddr, token: &str, id: &str, from: u64, data: &[u8], total: u64) -> (u16, Value) {
+async fn put_chunk(
+    addr: SocketAddr,
+    token: &str,
+    id: &str,
+    from: u64,
+    data: &[u8],
+    total: u64,
+) -> (u16, Value) {
     let stream = TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -2498,7 +2505,10 @@ async fn put_chunk(addr: SocketAddr, token: &str, id: &str, from: u64, data: &[u
         .unwrap();
     let status = resp.status().as_u16();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 #[tokio::test]
@@ -2515,29 +2525,56 @@ async fn artifacts_resume_across_a_restart_and_are_checked() {
         "created_at": "2026-11-23T10:00:00Z"
     })
     .to_string();
-    let (status, v) = call(addr, "POST", "/relay/v1/artifacts", Some(&token), Some(&offer)).await;
-    assert_eq!((status, v["received"].as_u64(), v["state"].as_str()), (200, Some(0), Some("partial")), "{v}");
+    let (status, v) = call(
+        addr,
+        "POST",
+        "/relay/v1/artifacts",
+        Some(&token),
+        Some(&offer),
+    )
+    .await;
+    assert_eq!(
+        (status, v["received"].as_u64(), v["state"].as_str()),
+        (200, Some(0), Some("partial")),
+        "{v}"
+    );
     let (status, v) = put_chunk(addr, &token, "a-1", 0, &data[..1000], 3000).await;
     assert_eq!((status, v["received"].as_u64()), (200, Some(1000)), "{v}");
     // A chunk from the wrong offset is refused and says where to go on.
     let (status, v) = put_chunk(addr, &token, "a-1", 0, &data[..1000], 3000).await;
     assert_eq!(status, 409, "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("1000"), "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("1000"),
+        "{v}"
+    );
     cloud.shutdown().await.unwrap();
 
     // Restarted: the offer is answered with what survived, and the upload goes on.
     let cloud = start_cloud(args(Some(path.clone()))).await;
     let addr = cloud.addr;
-    let (status, v) = call(addr, "POST", "/relay/v1/artifacts", Some(&token), Some(&offer)).await;
+    let (status, v) = call(
+        addr,
+        "POST",
+        "/relay/v1/artifacts",
+        Some(&token),
+        Some(&offer),
+    )
+    .await;
     assert_eq!((status, v["received"].as_u64()), (200, Some(1000)), "{v}");
     let (status, v) = put_chunk(addr, &token, "a-1", 1000, &data[1000..], 3000).await;
-    assert_eq!((status, v["state"].as_str()), (200, Some("complete")), "{v}");
+    assert_eq!(
+        (status, v["state"].as_str()),
+        (200, Some("complete")),
+        "{v}"
+    );
     assert_eq!(v["sha256"].as_str(), Some(sha_hex(&data).as_str()));
     let list = get(addr, "/sim/artifacts").await;
     assert_eq!(list[0]["bytes_received_total"], 3000, "{list}");
     let (status, content) = {
         let stream = TcpStream::connect(addr).await.unwrap();
-        let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
         tokio::spawn(conn);
         let r = s
             .send_request(
@@ -2548,27 +2585,63 @@ async fn artifacts_resume_across_a_restart_and_are_checked() {
             )
             .await
             .unwrap();
-        (r.status().as_u16(), r.into_body().collect().await.unwrap().to_bytes())
+        (
+            r.status().as_u16(),
+            r.into_body().collect().await.unwrap().to_bytes(),
+        )
     };
     assert_eq!((status, &content[..]), (200, &data[..]));
 
     // Another file under the same id is a conflict; bytes that do not hash right are dropped.
     let other = offer.replace("3000", "3001");
-    assert_eq!(call(addr, "POST", "/relay/v1/artifacts", Some(&token), Some(&other)).await.0, 409);
+    assert_eq!(
+        call(
+            addr,
+            "POST",
+            "/relay/v1/artifacts",
+            Some(&token),
+            Some(&other)
+        )
+        .await
+        .0,
+        409
+    );
     let offer2 = offer.replace("a-1", "a-2");
-    call(addr, "POST", "/relay/v1/artifacts", Some(&token), Some(&offer2)).await;
+    call(
+        addr,
+        "POST",
+        "/relay/v1/artifacts",
+        Some(&token),
+        Some(&offer2),
+    )
+    .await;
     post(addr, "/sim/artifacts/faults", json!({"corrupt_next": true})).await;
     let (status, v) = put_chunk(addr, &token, "a-2", 0, &data, 3000).await;
     assert_eq!((status, error_code(&v)), (422, "checksum_mismatch"), "{v}");
     let (_, v) = call(addr, "GET", "/relay/v1/artifacts/a-2", Some(&token), None).await;
     assert_eq!(v["received"], 0, "{v}");
     let (status, v) = put_chunk(addr, &token, "a-2", 0, &data, 3000).await;
-    assert_eq!((status, v["state"].as_str()), (200, Some("complete")), "{v}");
+    assert_eq!(
+        (status, v["state"].as_str()),
+        (200, Some("complete")),
+        "{v}"
+    );
     let stats = get(addr, "/sim/stats").await;
-    assert_eq!((stats["artifacts_complete"].as_u64(), stats["artifact_checksum_mismatches"].as_u64()), (Some(2), Some(1)));
+    assert_eq!(
+        (
+            stats["artifacts_complete"].as_u64(),
+            stats["artifact_checksum_mismatches"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
     // The heartbeat answer carries the tenant's log setting.
     assert_eq!(heartbeat(addr, &token).await.1["log_upload"], true);
-    post(addr, "/sim/tenants/acme/settings", json!({"log_upload": false})).await;
+    post(
+        addr,
+        "/sim/tenants/acme/settings",
+        json!({"log_upload": false}),
+    )
+    .await;
     assert_eq!(heartbeat(addr, &token).await.1["log_upload"], false);
     cloud.shutdown().await.unwrap();
 }

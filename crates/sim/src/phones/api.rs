@@ -411,7 +411,8 @@ fn device(
             }
         }
         UploadBgCapture => {
-            let url = body_data(body).and_then(|d| d.get("url").and_then(|u| u.as_str().map(str::to_owned)));
+            let url = body_data(body)
+                .and_then(|d| d.get("url").and_then(|u| u.as_str().map(str::to_owned)));
             let file = inner.phone(idx).upload_capture(fleet, now);
             match (file, url) {
                 (Err(c), _) => code(c),
@@ -474,7 +475,9 @@ fn spawn_capture_upload(inner: &Arc<Inner>, idx: usize, file: model::CaptureFile
                 me.phone(idx).last_upload_status = Some(s);
                 tracing::debug!(phone = %ip, status = s, "capture uploaded");
             }
-            Err(e) => tracing::warn!(phone = %ip, error = %format!("{e:#}"), "capture upload failed"),
+            Err(e) => {
+                tracing::warn!(phone = %ip, error = %format!("{e:#}"), "capture upload failed")
+            }
         }
     });
 }
@@ -870,7 +873,10 @@ fn sim_inner(
         ("POST", "/sim/upgrade") => {
             let req: UpgradeRequest = parse(body)?;
             if req.firmware.is_empty() || req.firmware.len() > 64 {
-                return Err((StatusCode::BAD_REQUEST, "firmware must be 1 to 64 characters".into()));
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    "firmware must be 1 to 64 characters".into(),
+                ));
             }
             inner.phone(idx).offer = Some(Box::new(model::Offer {
                 firmware: req.firmware.clone(),

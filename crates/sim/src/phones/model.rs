@@ -1052,7 +1052,13 @@ mod tests {
             "udp port 5060",
             t0,
         );
-        p.set_param(&f, Source::Local, "diags.pcap.background.bufferSize", "4", t0);
+        p.set_param(
+            &f,
+            Source::Local,
+            "diags.pcap.background.bufferSize",
+            "4",
+            t0,
+        );
         p.set_param(&f, Source::Local, "diags.pcap.background.enabled", "1", t0);
         assert!(p.capturing());
         let file = p.upload_capture(&f, t0 + Duration::from_secs(2)).unwrap();
@@ -1074,7 +1080,13 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Phone::new(0, t0, &f);
         p.set_param(&f, Source::Local, "diags.pcap.enabled", "1", t0);
-        p.set_param(&f, Source::Local, "diags.pcap.background.bufferSize", "2", t0);
+        p.set_param(
+            &f,
+            Source::Local,
+            "diags.pcap.background.bufferSize",
+            "2",
+            t0,
+        );
         p.set_param(&f, Source::Local, "diags.pcap.background.enabled", "1", t0);
         p.tick_capture(&f, t0 + Duration::from_secs(1));
         assert!(p.capturing());
@@ -1084,7 +1096,12 @@ mod tests {
             p.effective(&f, "diags.pcap.background.enabled").unwrap().0,
             "0"
         );
-        assert_eq!(p.capture_file().unwrap().size_at(t0 + Duration::from_secs(9)), 2048);
+        assert_eq!(
+            p.capture_file()
+                .unwrap()
+                .size_at(t0 + Duration::from_secs(9)),
+            2048
+        );
     }
 
     #[test]

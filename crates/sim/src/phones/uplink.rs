@@ -25,7 +25,14 @@ pub struct Uplink {
 
 impl Uplink {
     /// A client for `base` that connects from `from` as phone `mac`.
-    pub fn client(&self, base: &str, from: IpAddr, mac: &str, model: &str, version: &str) -> anyhow::Result<ProvClient> {
+    pub fn client(
+        &self,
+        base: &str,
+        from: IpAddr,
+        mac: &str,
+        model: &str,
+        version: &str,
+    ) -> anyhow::Result<ProvClient> {
         let mut c = ProvClient::new(base, mac)?
             .with_local_address(from)
             .with_model(&model.replace(' ', "_"), version)
@@ -50,9 +57,15 @@ pub async fn put_url(
     version: &str,
     body: Bytes,
 ) -> anyhow::Result<u16> {
-    let uri: http::Uri = url.parse().with_context(|| format!("{url:?} is not a URL"))?;
-    let scheme = uri.scheme_str().ok_or_else(|| anyhow!("{url:?} has no scheme"))?;
-    let authority = uri.authority().ok_or_else(|| anyhow!("{url:?} has no host"))?;
+    let uri: http::Uri = url
+        .parse()
+        .with_context(|| format!("{url:?} is not a URL"))?;
+    let scheme = uri
+        .scheme_str()
+        .ok_or_else(|| anyhow!("{url:?} has no scheme"))?;
+    let authority = uri
+        .authority()
+        .ok_or_else(|| anyhow!("{url:?} has no host"))?;
     let base = format!("{scheme}://{authority}/");
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let client = uplink.client(&base, from, mac, model, version)?;
@@ -73,7 +86,12 @@ impl Noise {
 
 /// The capture file a phone uploads: a pcap (Ethernet, UDP packets between the phone and a media
 /// server, random payloads) of the size captured, as `<mac>.pcap` in a tar.gz.
-pub fn pcap_tar_gz(mac: &str, ip: std::net::Ipv4Addr, file: &CaptureFile, now: Instant) -> anyhow::Result<Bytes> {
+pub fn pcap_tar_gz(
+    mac: &str,
+    ip: std::net::Ipv4Addr,
+    file: &CaptureFile,
+    now: Instant,
+) -> anyhow::Result<Bytes> {
     let size = file.size_at(now).max(24) as usize;
     let mut pcap = Vec::with_capacity(size + 256);
     // Global header: magic, v2.4, zone 0, sigfigs 0, snaplen 65535, Ethernet.

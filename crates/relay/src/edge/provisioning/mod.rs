@@ -14,12 +14,12 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 pub use lane::LaneSlot;
 use lane::{Lane, LaneBody, Pool, SendError, UpIo};
-use tee::UpBody;
 use rustls::pki_types::ServerName;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use tee::UpBody;
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -204,7 +204,10 @@ impl Upstream {
         // A device log the relay keeps a copy of: tee it on its way, keep it once the upstream
         // took it (2xx).
         let mut verdict = None;
-        let body = match device.edge.log_copy(&parts.method, parts.uri.path(), client_ip) {
+        let body = match device
+            .edge
+            .log_copy(&parts.method, parts.uri.path(), client_ip)
+        {
             Some(mut copy) => {
                 verdict = copy.take_verdict();
                 UpBody::tee(body, copy)

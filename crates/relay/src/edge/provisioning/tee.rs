@@ -48,7 +48,9 @@ impl Body for UpBody {
         match self {
             UpBody::Plain(b) => b.is_end_stream(),
             // Not over until the copy has been told the body ended (one more poll).
-            UpBody::Tee(t) => t.inner.is_end_stream() && t.copy.as_ref().is_none_or(|c| c.is_ended()),
+            UpBody::Tee(t) => {
+                t.inner.is_end_stream() && t.copy.as_ref().is_none_or(|c| c.is_ended())
+            }
         }
     }
 
@@ -74,7 +76,13 @@ impl Tee {
                 if let (Some(c), Some(data)) = (self.copy.as_mut(), frame.data_ref())
                     && !c.is_ended()
                 {
-                    c.send(data.clone());
+                    // With a Content-Length the client stops polling after the last byte: the
+                    // copy learns the end with it.
+                    if self.inner.is_end_stream() {
+                        c.send_last(data.clone());
+                    } else {
+                        c.send(data.clone());
+                    }
                 }
             }
             None => {
