@@ -292,11 +292,9 @@ impl Inner {
             )
             .await;
         let mut p = self.phone(idx);
-        for r in [&boot, &app] {
-            if let Ok(r) = r {
-                p.log_uploads += 1;
-                p.last_upload_status = Some(r.status);
-            }
+        for r in [&boot, &app].into_iter().flatten() {
+            p.log_uploads += 1;
+            p.last_upload_status = Some(r.status);
         }
         drop(p);
         debug!(phone = %ip, cfg = ?cfg.map(|r| r.status).ok(), boot = ?boot.map(|r| r.status).ok(), app = ?app.map(|r| r.status).ok(), "phone provisioned");

@@ -349,16 +349,17 @@ impl DeviceLogs {
         }
         let accepted = ended && file.is_some() && verdict.await.unwrap_or(false);
         let mut kept_file = false;
-        if accepted && let Some(mut f) = file.take() {
-            if f.flush().await.is_ok() {
-                drop(f);
-                let name = format!(
-                    "{}-{}.log",
-                    jiff::Timestamp::now().strftime("%Y%m%dT%H%M%S%.3fZ"),
-                    kind.as_str()
-                );
-                kept_file = tokio::fs::rename(&tmp, dev_dir.join(name)).await.is_ok();
-            }
+        if accepted
+            && let Some(mut f) = file.take()
+            && f.flush().await.is_ok()
+        {
+            drop(f);
+            let name = format!(
+                "{}-{}.log",
+                jiff::Timestamp::now().strftime("%Y%m%dT%H%M%S%.3fZ"),
+                kind.as_str()
+            );
+            kept_file = tokio::fs::rename(&tmp, dev_dir.join(name)).await.is_ok();
         }
         if kept_file {
             let mut g = self.lock();
