@@ -371,15 +371,24 @@ impl Artifacts {
         f(&mut lock(&self.upload));
     }
 
-    pub fn report(&self) -> ArtifactsReport {
-        let files = self.pending().unwrap_or_default();
+    /// Counts and the uploader's state, from memory (cheap enough for every status).
+    pub fn summary(&self) -> ArtifactsReport {
         let u = lock(&self.usage);
         ArtifactsReport {
             pending: u.count,
             bytes: u.held,
             max_total: self.max_total,
             upload: lock(&self.upload).clone(),
+            files: Vec::new(),
+        }
+    }
+
+    /// [`Self::summary`] with every file waiting (reads the store: blocking).
+    pub fn report(&self) -> ArtifactsReport {
+        let files = self.pending().unwrap_or_default();
+        ArtifactsReport {
             files,
+            ..self.summary()
         }
     }
 

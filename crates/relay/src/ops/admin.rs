@@ -383,7 +383,7 @@ async fn artifacts(State(ctx): State<Running>) -> Json<crate::artifacts::Artifac
     let a = ctx.artifacts.clone();
     let report = tokio::task::spawn_blocking(move || a.report())
         .await
-        .unwrap_or_else(|_| ctx.artifacts.report());
+        .unwrap_or_else(|_| ctx.artifacts.summary());
     Json(report)
 }
 

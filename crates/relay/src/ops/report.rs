@@ -57,7 +57,7 @@ pub struct DiagnosticsReport {
 
 impl DiagnosticsReport {
     fn build(ctx: &Running, found: &mut Findings) -> DiagnosticsReport {
-        let a = ctx.artifacts.report();
+        let a = ctx.artifacts.summary();
         let l = ctx.device_logs.report();
         let capped: Vec<String> = l
             .devices
