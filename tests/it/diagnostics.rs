@@ -491,6 +491,28 @@ async fn backups_rotate_restore_and_probes_stay_inside_the_subnets() {
     .await;
     assert_eq!(code, 0, "{err}");
 
+    // Whatever a device returns, results stay small: a 40 KB value comes back as an artifact.
+    let big = "x".repeat(40_000);
+    w.phones
+        .set_param(1, phones::Source::Web, "feature.note", &big);
+    let r = w
+        .cloud
+        .command(
+            "get_params",
+            json!({"target": w.target(1), "params": ["feature.note"]}),
+        )
+        .await;
+    assert_eq!(r["result"], "success", "{r}");
+    assert!(
+        r.to_string().len() < 2_000,
+        "a small result: {}",
+        r.to_string().len()
+    );
+    assert_eq!(r["payload"]["artifact"]["kind"], "result", "{r}");
+    w.artifact(&artifact_id(&r)).await;
+    let inner: Value = serde_json::from_slice(&w.content(&artifact_id(&r)).await).unwrap();
+    assert_eq!(inner["params"]["feature.note"]["value"], big.as_str());
+
     // Probe: every step timed; ICMP answers or says why it cannot.
     let r = w.cloud.command("probe", json!({"target": t})).await;
     assert_eq!(r["result"], "success", "{r}");
