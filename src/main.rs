@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 use ucrelay_relay::config::Config;
 use ucrelay_relay::ops::report::StatusReport;
+use ucrelay_relay::util::text::printable;
 
 fn main() -> ExitCode {
     install_panic_hook();
@@ -236,7 +237,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&outcome)?);
             } else {
                 for m in &outcome.messages {
-                    println!("{}  {m}", if outcome.ok { "ok  " } else { "fail" });
+                    println!(
+                        "{}  {}",
+                        if outcome.ok { "ok  " } else { "fail" },
+                        printable(m)
+                    );
                 }
             }
             Ok(if outcome.ok {
@@ -341,7 +346,7 @@ async fn images(
                 for p in v["quarantined"].as_array().into_iter().flatten() {
                     println!(
                         "fail  {} did not match its SHA-256: quarantined, fetching it again",
-                        p.as_str().unwrap_or("?")
+                        printable(p.as_str().unwrap_or("?"))
                     );
                 }
             }
@@ -388,7 +393,7 @@ async fn images(
                     print!("{}", render_images(&r));
                     let ok = r.refused.is_none() && r.images.iter().all(|i| i.state == "synced");
                     if let Some(e) = r.refused.as_ref().or(r.last_sync_error.as_ref()) {
-                        println!("sync: {e}");
+                        println!("sync: {}", printable(e));
                     }
                     return Ok(if ok {
                         ExitCode::SUCCESS
@@ -593,19 +598,25 @@ fn render_images(r: &ucrelay_relay::cache::CatalogReport) -> String {
     out.push('\n');
     if let Some(why) = &r.refused {
         out.push_str(&format!(
-            "manifest REFUSED (the previous one stays): {why}\n"
+            "manifest REFUSED (the previous one stays): {}\n",
+            printable(why)
         ));
     }
     out.push_str(&format!(
         "{:<28} {:<8} {:>21}  {}\n",
         "IMAGE", "STATE", "PROGRESS", "PATHS"
     ));
+    // Ids, paths and reasons come from the cloud: escaped for the terminal.
     for i in &r.images {
-        let paths: Vec<&str> = i.files.iter().map(|f| f.path.as_str()).collect();
+        let paths: Vec<String> = i
+            .files
+            .iter()
+            .map(|f| printable(&f.path).into_owned())
+            .collect();
         out.push_str(&format!(
             "{:<28} {:<8} {:>21}  {}\n",
-            i.id,
-            i.state,
+            printable(&i.id),
+            printable(&i.state),
             format!(
                 "{} / {}",
                 human_bytes(i.bytes_done),
@@ -614,7 +625,7 @@ fn render_images(r: &ucrelay_relay::cache::CatalogReport) -> String {
             paths.join(" ")
         ));
         if let Some(why) = &i.reason {
-            out.push_str(&format!("{:<28} reason: {why}\n", ""));
+            out.push_str(&format!("{:<28} reason: {}\n", "", printable(why)));
         }
     }
     out
@@ -660,7 +671,11 @@ fn check(path: &std::path::Path) -> ExitCode {
                             "fail"
                         }
                     };
-                    println!("{level}  certificate {}: {}", check.rule, check.message);
+                    println!(
+                        "{level}  certificate {}: {}",
+                        check.rule,
+                        printable(&check.message)
+                    );
                 }
             }
             if failed {

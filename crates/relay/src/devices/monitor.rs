@@ -372,10 +372,10 @@ pub fn parse_uptime(info: &Value) -> Option<u64> {
             .split(':')
             .map(|p| p.parse().ok())
             .collect::<Option<_>>()?;
-        if hms.len() != 3 {
+        let [h, m, s] = hms[..] else {
             return None;
-        }
-        return Some(days * 86400 + hms[0] * 3600 + hms[1] * 60 + hms[2]);
+        };
+        return seconds(days, h, m, s);
     }
     let u = info.get("UpTime")?;
     let n = |k: &str| -> Option<u64> {
@@ -385,7 +385,16 @@ pub fn parse_uptime(info: &Value) -> Option<u64> {
             _ => None,
         }
     };
-    Some(n("Days")? * 86400 + n("Hours")? * 3600 + n("Minutes")? * 60 + n("Seconds")?)
+    seconds(n("Days")?, n("Hours")?, n("Minutes")?, n("Seconds")?)
+}
+
+/// Days, hours, minutes and seconds as the device gave them, in seconds; None when the sum does
+/// not fit (a device's numbers are not trusted to be sane).
+fn seconds(days: u64, hours: u64, minutes: u64, secs: u64) -> Option<u64> {
+    days.checked_mul(86_400)?
+        .checked_add(hours.checked_mul(3600)?)?
+        .checked_add(minutes.checked_mul(60)?)?
+        .checked_add(secs)
 }
 
 pub(crate) fn parse_firmware(info: &Value) -> String {
@@ -407,10 +416,15 @@ fn parse_lines(data: &Value) -> Vec<LineStatus> {
     arr.iter()
         .enumerate()
         .map(|(i, l)| {
+            // The position when the device gives no usable number (never a truncated one).
+            let position = u32::try_from(i).map_or(u32::MAX, |i| i.saturating_add(1));
             let line = match l.get("LineNumber") {
-                Some(Value::String(s)) => s.parse().unwrap_or(i as u32 + 1),
-                Some(Value::Number(n)) => n.as_u64().unwrap_or(i as u64 + 1) as u32,
-                _ => i as u32 + 1,
+                Some(Value::String(s)) => s.trim().parse().unwrap_or(position),
+                Some(Value::Number(n)) => n
+                    .as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .unwrap_or(position),
+                _ => position,
             };
             let registered = l
                 .get("RegistrationStatus")
@@ -925,6 +939,26 @@ mod tests {
             parse_uptime(&json!({"UpTimeSinceLastReboot": "soon"})),
             None
         );
+        // Numbers a hostile device picks to overflow: no answer, no panic, no wrapped value.
+        let max = u64::MAX.to_string();
+        assert_eq!(
+            parse_uptime(&json!({"UpTimeSinceLastReboot": format!("{max} Day 1:2:3")})),
+            None
+        );
+        assert_eq!(
+            parse_uptime(&json!({"UpTimeSinceLastReboot": format!("0 Day {max}:0:0")})),
+            None
+        );
+        assert_eq!(
+            parse_uptime(&json!({"UpTime": {"Days": 0, "Hours": 0, "Minutes": 1, "Seconds": u64::MAX}})),
+            None
+        );
+        assert_eq!(
+            parse_uptime(&json!({"UpTime": {"Days": 213_503_982_334_602u64, "Hours": 0, "Minutes": 0, "Seconds": 0}})),
+            None
+        );
+        let lines = parse_lines(&json!([{"LineNumber": 4_294_967_297u64}, {"LineNumber": "-1"}]));
+        assert_eq!(lines.iter().map(|l| l.line).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(
             parse_firmware(&json!({"Firmware": {"Application": "5.9.3.2857 02-Jul-19 06:14"}})),
             "5.9.3.2857"

@@ -116,6 +116,20 @@ pub fn public_payload(payload: &Value) -> Value {
     p
 }
 
+/// Whether a task is over (nothing of it runs again).
+fn is_final(status: &str) -> bool {
+    matches!(status, "done" | "halted" | "cancelled" | "rejected")
+}
+
+/// A task that is over keeps no secret: its payload becomes what admins see (the device password
+/// and secret parameters masked), in memory and in the store. True when something was masked.
+fn forget_secrets(rec: &mut TaskRecord) -> bool {
+    let public = public_payload(&rec.spec.payload);
+    let changed = public != rec.spec.payload;
+    rec.spec.payload = public;
+    changed
+}
+
 /// Checks a task before it is accepted; the reason names what is wrong.
 pub fn validate(spec: &TaskSpec) -> Result<(), String> {
     if !DEVICE_COMMANDS.contains(&spec.kind.as_str()) {
@@ -155,7 +169,8 @@ fn due_at(spec: &TaskSpec) -> Option<SystemTime> {
     if secs <= 0 {
         return None;
     }
-    Some(SystemTime::UNIX_EPOCH + Duration::new(secs as u64, ts.subsec_nanosecond().max(0) as u32))
+    let nanos = u32::try_from(ts.subsec_nanosecond()).unwrap_or(0);
+    SystemTime::UNIX_EPOCH.checked_add(Duration::new(u64::try_from(secs).ok()?, nanos))
 }
 
 fn progress_record(rec: &TaskRecord, in_progress: u64) -> ResultRecord {
@@ -195,6 +210,8 @@ impl Book {
     /// Loads every task; counts of executing tasks are rebuilt from their finished targets.
     pub fn load(store: &Store) -> Result<Book> {
         let mut tasks = BTreeMap::new();
+        // Finished tasks stored by a build that kept their passwords lose them now.
+        let mut scrubbed = Vec::new();
         for (id, bytes) in store.tasks_all()? {
             let mut rec: TaskRecord = match serde_json::from_slice(&bytes) {
                 Ok(r) => r,
@@ -203,6 +220,9 @@ impl Book {
                     continue;
                 }
             };
+            if is_final(&rec.status) && forget_secrets(&mut rec) {
+                scrubbed.push(task_write(&rec));
+            }
             if rec.status == "executing" {
                 rec.success = 0;
                 rec.failure = 0;
@@ -226,6 +246,13 @@ impl Book {
                     halted: false,
                 },
             );
+        }
+        if !scrubbed.is_empty() {
+            info!(
+                tasks = scrubbed.len(),
+                "finished tasks still held device passwords; removed them from the store"
+            );
+            store.write_batch(&scrubbed)?;
         }
         Ok(Book {
             tasks: Mutex::new(tasks),
@@ -337,6 +364,7 @@ pub async fn accept(ctx: &Ctx, plane: &DevicePlane, cmd: &Command) -> bool {
         rec.status = "rejected".into();
         rec.reason = format!("bad task: {why}");
         rec.finished_at = Some(now);
+        forget_secrets(&mut rec);
     }
     writes.push(task_write(&rec));
     writes.push(Write::Result(progress_record(&rec, 0)));
@@ -376,6 +404,7 @@ pub async fn cancel(plane: &DevicePlane, params: &Value) -> actions::Done {
         e.rec.reason = "cancelled by the cloud".into();
         e.rec.seq += 1;
         e.rec.finished_at = Some(rfc3339(SystemTime::now()));
+        forget_secrets(&mut e.rec);
         e.rec.clone()
     };
     match store_change(plane, &rec).await {
@@ -665,6 +694,8 @@ async fn execute_inner(
         }
         e.rec.finished_at = Some(rfc3339(SystemTime::now()));
         e.rec.seq += 1;
+        // The targets are done with the password: it leaves memory and, with this write, the store.
+        forget_secrets(&mut e.rec);
         e.rec.clone()
     };
     plane

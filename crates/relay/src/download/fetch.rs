@@ -148,11 +148,12 @@ async fn download(
         offset = 0;
         let _ = std::fs::remove_file(&part);
     }
-    // Free disk before each file, with the configured headroom.
-    let need = size - offset;
+    // Free disk before each file, with the configured headroom (saturating: the size is the
+    // cloud's number and min_free the admin's, and no sum of them may wrap into "enough").
+    let need = size.saturating_sub(offset);
     let free = crate::util::bytes::free_bytes(&catalog.cfg.dir)
         .map_err(|e| format!("cannot read free disk space: {e}"))?;
-    if free < need + catalog.cfg.min_free {
+    if free < need.saturating_add(catalog.cfg.min_free) {
         return Err(format!(
             "not enough free disk in {}: need {} plus {} headroom, {} free",
             catalog.cfg.dir.display(),
@@ -249,7 +250,7 @@ async fn download(
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            if got + data.len() as u64 > size {
+            if got.saturating_add(data.len() as u64) > size {
                 drop(file);
                 let _ = std::fs::remove_file(&part);
                 return Err(format!(

@@ -69,8 +69,18 @@ pub fn validate(m: &ImageManifest, cfg: &ImagesConfig) -> Result<(), String> {
             }
         }
     }
-    // Identical files are stored once, so they count once.
-    let total: u64 = sizes.values().sum();
+    // Identical files are stored once, so they count once. The sizes are the cloud's numbers:
+    // a sum past u64 is refused, never wrapped into a small total.
+    let total = sizes
+        .values()
+        .try_fold(0u64, |sum, &size| sum.checked_add(size))
+        .ok_or_else(|| {
+            format!(
+                "manifest sizes add up to more than {} bytes; this relay holds at most {} ([images].max_total)",
+                u64::MAX,
+                human_bytes(cfg.max_total)
+            )
+        })?;
     if total > cfg.max_total {
         return Err(format!(
             "manifest needs {} in total; this relay holds at most {} ([images].max_total)",
@@ -134,6 +144,13 @@ mod tests {
         // The same file in two images is stored, and counted, once.
         let shared = manifest(vec![image("a", "/a", 'a', 10), image("b", "/b", 'a', 10)]);
         assert!(validate(&shared, &cfg(2, 10)).is_ok());
+        // Sizes chosen to wrap a u64 sum round to a small total: refused, not wrapped.
+        let wrap = manifest(vec![
+            image("a", "/a", 'a', u64::MAX),
+            image("b", "/b", 'b', 2),
+        ]);
+        let err = validate(&wrap, &cfg(2, 100)).unwrap_err();
+        assert!(err.contains("max_total"), "{err}");
     }
 
     #[test]

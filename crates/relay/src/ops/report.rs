@@ -5,6 +5,7 @@ use super::Running;
 use crate::cache::CatalogReport;
 use crate::config::Config;
 use crate::ctx::{AgentStatus, ChannelState, Registration};
+use crate::util::text::printable;
 use crate::util::time::rfc3339;
 use serde::{Deserialize, Serialize};
 use std::time::SystemTime;
@@ -597,21 +598,23 @@ impl StatusReport {
             };
             rows.push((label, format!("{} - {}", j.state, j.detail)));
         }
+        // Values carry text from the cloud and devices (error messages, image ids, reasons):
+        // escaped, so none of it can act on the terminal.
         let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         let mut out = String::new();
         for (k, v) in rows {
-            out.push_str(&format!("{k:<width$}  {v}\n"));
+            out.push_str(&format!("{k:<width$}  {}\n", printable(&v)));
         }
         if !self.warnings.is_empty() {
             out.push_str("\nwarnings:\n");
             for w in &self.warnings {
-                out.push_str(&format!("  - {w}\n"));
+                out.push_str(&format!("  - {}\n", printable(w)));
             }
         }
         if !self.problems.is_empty() {
             out.push_str("\nproblems:\n");
             for p in &self.problems {
-                out.push_str(&format!("  - {p}\n"));
+                out.push_str(&format!("  - {}\n", printable(p)));
             }
         }
         out

@@ -8,4 +8,5 @@ pub mod metrics;
 pub mod paths;
 pub mod secret;
 pub mod shard;
+pub mod text;
 pub mod time;
