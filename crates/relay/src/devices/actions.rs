@@ -201,9 +201,17 @@ fn param_name_ok(n: &str) -> bool {
 /// secrets. When in doubt, masked.
 pub fn is_secret_param(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    if ["passw", "passwd", "secret", "token", "credential", "passphrase", "passcode"]
-        .iter()
-        .any(|w| lower.contains(w))
+    if [
+        "passw",
+        "passwd",
+        "secret",
+        "token",
+        "credential",
+        "passphrase",
+        "passcode",
+    ]
+    .iter()
+    .any(|w| lower.contains(w))
     {
         return true;
     }
@@ -216,7 +224,9 @@ pub fn is_secret_param(name: &str) -> bool {
     meaningful.iter().enumerate().any(|(i, w)| match *w {
         "pin" => i + 1 == meaningful.len(),
         "psk" | "pwd" => true,
-        "key" => i + 1 == meaningful.len() || (i > 0 && KEY_QUALIFIERS.contains(&meaningful[i - 1])),
+        "key" => {
+            i + 1 == meaningful.len() || (i > 0 && KEY_QUALIFIERS.contains(&meaningful[i - 1]))
+        }
         w => w
             .strip_suffix("key")
             .is_some_and(|q| KEY_QUALIFIERS.contains(&q)),
@@ -225,9 +235,36 @@ pub fn is_secret_param(name: &str) -> bool {
 
 /// Words that make the "key" after them a cryptographic key or an API key.
 const KEY_QUALIFIERS: &[&str] = &[
-    "private", "api", "access", "secret", "shared", "preshared", "pre", "encryption", "encrypt",
-    "crypt", "crypto", "session", "auth", "license", "licence", "wep", "wpa", "wpa2", "aes", "sign",
-    "signing", "master", "device", "client", "ssh", "hmac", "srtp", "tls", "sec", "wifi",
+    "private",
+    "api",
+    "access",
+    "secret",
+    "shared",
+    "preshared",
+    "pre",
+    "encryption",
+    "encrypt",
+    "crypt",
+    "crypto",
+    "session",
+    "auth",
+    "license",
+    "licence",
+    "wep",
+    "wpa",
+    "wpa2",
+    "aes",
+    "sign",
+    "signing",
+    "master",
+    "device",
+    "client",
+    "ssh",
+    "hmac",
+    "srtp",
+    "tls",
+    "sec",
+    "wifi",
 ];
 
 /// `sec.TLS.customDeviceKey` → `sec`, `tls`, `custom`, `device`, `key`.
@@ -687,17 +724,14 @@ async fn run(op: &Op, s: &mut Session, cx: &OpCx<'_>) -> Result<Done, DeviceErro
 pub(crate) fn mask_config(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    loop {
-        // The next `=` followed by a quote opens a value.
-        let Some((eq, quote)) = rest
-            .match_indices('=')
+    // The next `=` followed by a quote opens a value.
+    while let Some((eq, quote)) =
+        rest.match_indices('=')
             .find_map(|(i, _)| match rest[i + 1..].chars().next() {
                 Some(q @ ('"' | '\'')) => Some((i, q)),
                 _ => None,
             })
-        else {
-            break;
-        };
+    {
         let before = &rest[..eq];
         let name = before
             .rsplit(|c: char| c.is_whitespace() || c == '<' || c == '"' || c == '\'')
@@ -845,7 +879,9 @@ mod tests {
         assert!(is_secret_param("device.auth.localAdminPassword"));
         assert!(!is_secret_param("reg.1.address"));
         // Single quotes, keys and tokens too.
-        let m = mask_config("<x apps.restapi.apiKey='k-123' sec.token=\"t-456\" lineKey.1.category=\"Line\"/>");
+        let m = mask_config(
+            "<x apps.restapi.apiKey='k-123' sec.token=\"t-456\" lineKey.1.category=\"Line\"/>",
+        );
         assert!(!m.contains("k-123") && !m.contains("t-456"), "{m}");
         assert!(m.contains("lineKey.1.category=\"Line\""), "{m}");
     }
@@ -858,7 +894,15 @@ mod tests {
         let m = mask_config(t);
         assert!(!m.contains("hunter2") && !m.contains("1234"), "{m}");
         assert!(m.contains("a=\"é\""), "{m}");
-        for t in ["=", "=\"", "='", "x=\"unterminated", "\u{a0}=\"\u{a0}", "ä=ö\"ü", "==\"\""] {
+        for t in [
+            "=",
+            "=\"",
+            "='",
+            "x=\"unterminated",
+            "\u{a0}=\"\u{a0}",
+            "ä=ö\"ü",
+            "==\"\"",
+        ] {
             let _ = mask_config(t);
         }
         // Every prefix of a mixed text: each cut position is a test of its own.

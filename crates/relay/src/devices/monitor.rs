@@ -950,11 +950,15 @@ mod tests {
             None
         );
         assert_eq!(
-            parse_uptime(&json!({"UpTime": {"Days": 0, "Hours": 0, "Minutes": 1, "Seconds": u64::MAX}})),
+            parse_uptime(
+                &json!({"UpTime": {"Days": 0, "Hours": 0, "Minutes": 1, "Seconds": u64::MAX}})
+            ),
             None
         );
         assert_eq!(
-            parse_uptime(&json!({"UpTime": {"Days": 213_503_982_334_602u64, "Hours": 0, "Minutes": 0, "Seconds": 0}})),
+            parse_uptime(
+                &json!({"UpTime": {"Days": 213_503_982_334_602u64, "Hours": 0, "Minutes": 0, "Seconds": 0}})
+            ),
             None
         );
         let lines = parse_lines(&json!([{"LineNumber": 4_294_967_297u64}, {"LineNumber": "-1"}]));

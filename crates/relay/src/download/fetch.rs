@@ -2,6 +2,7 @@
 //! SHA-256, fsync, rename into place, record it. A file that fails its hash is discarded, never kept.
 
 use crate::cache::{Catalog, hash_file, hash_prefix, hex};
+use crate::cloud::CloudError;
 use crate::ctx::Ctx;
 use crate::protocol::ErrorCode;
 use crate::util::bytes::human_bytes;
@@ -59,6 +60,26 @@ impl RateLimit {
     }
 }
 
+/// Why one download attempt failed: most failures are retried; a download the origin rules
+/// refuse (see `cloud::origin`) would be refused again, so it fails the file at once.
+#[derive(Debug)]
+enum Fail {
+    Retry(String),
+    Refused(String),
+}
+
+impl From<String> for Fail {
+    fn from(s: String) -> Fail {
+        Fail::Retry(s)
+    }
+}
+
+impl From<&str> for Fail {
+    fn from(s: &str) -> Fail {
+        Fail::Retry(s.to_string())
+    }
+}
+
 /// Syncs one file with a few attempts; records the final state. Returns true when synced.
 pub async fn sync_file(
     ctx: &Ctx,
@@ -94,7 +115,12 @@ pub async fn sync_file(
                     }
                 };
             }
-            Err(e) => {
+            Err(Fail::Refused(why)) => {
+                warn!(sha256, url, reason = %why, "image download refused; not retried until the manifest changes");
+                last = why;
+                break;
+            }
+            Err(Fail::Retry(e)) => {
                 last = e;
                 if shutdown.is_cancelled() {
                     return false;
@@ -124,7 +150,7 @@ async fn download(
     size: u64,
     url: &str,
     shutdown: &CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), Fail> {
     let state = catalog.file_state(sha256).ok_or("file no longer listed")?;
     let part = catalog.partial_path(sha256);
     let done_path = catalog.file_path(sha256);
@@ -160,7 +186,8 @@ async fn download(
             human_bytes(need),
             human_bytes(catalog.cfg.min_free),
             human_bytes(free)
-        ));
+        )
+        .into());
     }
 
     // The bytes already on disk count towards the hash.
@@ -178,9 +205,10 @@ async fn download(
 
     if offset < size {
         let token = ctx.sessions.current().map(|s| s.token);
+        let lan = ctx.config.devices.subnets.clone();
         let resp = ctx
             .cloud
-            .get_stream(url, token.as_deref(), offset)
+            .get_file(url, token.as_deref(), offset, &lan)
             .await
             .map_err(|e| {
                 if e.code() == Some(ErrorCode::TokenInvalid)
@@ -188,7 +216,10 @@ async fn download(
                 {
                     ctx.sessions.invalidate(s.generation);
                 }
-                format!("download of {url}: {e}")
+                match e {
+                    CloudError::Refused { .. } => Fail::Refused(format!("download of {url} {e}")),
+                    e => Fail::Retry(format!("download of {url}: {e}")),
+                }
             })?;
         let status = resp.status().as_u16();
         let mut file = match status {
@@ -197,7 +228,8 @@ async fn download(
                 if start != Some(offset) {
                     return Err(format!(
                         "cloud answered a range starting at {start:?}, asked for {offset}"
-                    ));
+                    )
+                    .into());
                 }
                 tokio::fs::OpenOptions::new()
                     .append(true)
@@ -221,7 +253,7 @@ async fn download(
                 let _ = std::fs::remove_file(&part);
                 return Err("cloud refused the resume range (416); starting over".into());
             }
-            s => return Err(format!("download of {url}: cloud answered {s}")),
+            s => return Err(format!("download of {url}: answered {s}").into()),
         }
         .map_err(|e| format!("cannot open {}: {e}", part.display()))?;
         let mut body = resp.into_body();
@@ -239,11 +271,12 @@ async fn download(
                     return Err(format!(
                         "no data from the cloud for {}s; will resume",
                         STALL.as_secs()
-                    ));
+                    )
+                    .into());
                 }
                 Ok(None) => break,
                 Ok(Some(Err(e))) => {
-                    return Err(format!("download broke at byte {got}: {e}; will resume"));
+                    return Err(format!("download broke at byte {got}: {e}; will resume").into());
                 }
                 Ok(Some(Ok(f))) => f,
             };
@@ -253,9 +286,9 @@ async fn download(
             if got.saturating_add(data.len() as u64) > size {
                 drop(file);
                 let _ = std::fs::remove_file(&part);
-                return Err(format!(
-                    "cloud sent more than the listed {size} bytes; discarded"
-                ));
+                return Err(
+                    format!("cloud sent more than the listed {size} bytes; discarded").into(),
+                );
             }
             if !in_window(catalog) {
                 let _ = file.flush().await;
@@ -278,9 +311,7 @@ async fn download(
             .await
             .map_err(|e| format!("cannot fsync {}: {e}", part.display()))?;
         if got != size {
-            return Err(format!(
-                "download ended at {got} of {size} bytes; will resume"
-            ));
+            return Err(format!("download ended at {got} of {size} bytes; will resume").into());
         }
     }
 
@@ -290,7 +321,8 @@ async fn download(
         state.done.store(0, Ordering::Relaxed);
         return Err(format!(
             "SHA-256 mismatch: the manifest says {sha256}, the download is {actual}; discarded"
-        ));
+        )
+        .into());
     }
     std::fs::rename(&part, &done_path)
         .map_err(|e| format!("cannot move the verified file into place: {e}"))?;

@@ -358,7 +358,7 @@ async fn dns_tcp_tls(r: &mut Run, cfg: &CloudConfig) -> bool {
         return false;
     };
     let t0 = Instant::now();
-    let mut tcp = match tokio::time::timeout(d, cloud::tcp_connect(&target, "connect")).await {
+    let mut tcp = match tokio::time::timeout(d, cloud::tcp_connect(&target, "connect", d)).await {
         Err(_) => {
             r.fail(
                 "tcp",

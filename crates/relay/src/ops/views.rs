@@ -193,13 +193,7 @@ pub fn render_task(t: &Value) -> String {
         .as_array()
         .unwrap_or(&empty)
         .iter()
-        .map(|r| {
-            vec![
-                s(&r["target"]),
-                s(&r["result"]),
-                s(&r["reason"]),
-            ]
-        })
+        .map(|r| vec![s(&r["target"]), s(&r["result"]), s(&r["reason"])])
         .collect();
     out.push_str(&table(&["TARGET", "RESULT", "REASON"], &rows));
     out
@@ -353,7 +347,8 @@ mod tests {
             "results": [{"target": "10.0.0.5", "result": "failure", "reason": "bad\u{1b}[0m"}]}));
         for out in [&d, &t, &one] {
             assert!(
-                !out.chars().any(|c| c.is_control() && c != '\n' || c == '\u{202e}'),
+                !out.chars()
+                    .any(|c| c.is_control() && c != '\n' || c == '\u{202e}'),
                 "a raw control character reached the table:\n{out:?}"
             );
         }
