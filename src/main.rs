@@ -257,7 +257,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         #[cfg(feature = "sim")]
         Command::Sim(SimCommand::Cloud(args)) => {
-            runtime()?.block_on(ucrelay_sim::cloud::main(args))?;
+            runtime()?.block_on(ucrelay_sim::cloud::main(*args))?;
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(feature = "sim")]

@@ -143,25 +143,25 @@ pub fn manifest_url(cloud: &CloudUrl, s: &str) -> Result<FileUrl, String> {
 /// Why the relay will not dial `ip` for another origin than the cloud's, or None when it may.
 /// `lan` are the device subnets, `own` the relay's own addresses and broadcast addresses.
 pub fn forbidden(ip: IpAddr, lan: &[IpNet], own: &[IpAddr]) -> Option<String> {
-    if own.contains(&ip) {
-        return Some(format!("{ip} is one of the relay's own addresses"));
+    if let IpAddr::V6(v6) = ip
+        && let Some(v4) = embedded_v4(v6)
+    {
+        return forbidden(IpAddr::V4(v4), lan, own).map(|why| format!("{ip} carries {why}"));
+    }
+    let kind = match ip {
+        IpAddr::V4(v4) => v4_kind(v4),
+        IpAddr::V6(v6) => v6_kind(v6),
+    };
+    if let Some(kind) = kind {
+        return Some(format!("{ip} is {kind}"));
     }
     if let Some(net) = lan.iter().find(|n| n.contains(&ip)) {
         return Some(format!("{ip} is inside the device subnet {net}"));
     }
-    let kind = match ip {
-        IpAddr::V4(v4) => v4_kind(v4),
-        IpAddr::V6(v6) => match embedded_v4(v6) {
-            Some(v4) => {
-                if let Some(why) = forbidden(IpAddr::V4(v4), lan, own) {
-                    return Some(format!("{ip} carries {v4}: {why}"));
-                }
-                None
-            }
-            None => v6_kind(v6),
-        },
-    }?;
-    Some(format!("{ip} is {kind}"))
+    if own.contains(&ip) {
+        return Some(format!("{ip} is one of the relay's own addresses"));
+    }
+    None
 }
 
 fn v4_kind(a: Ipv4Addr) -> Option<&'static str> {
@@ -245,9 +245,10 @@ impl CloudClient {
         let refused = |detail: String| CloudError::Refused { detail };
         let own =
             own_addresses().map_err(|e| refused(format!("{e}; no other origin is fetched")))?;
-        let resolved: Vec<SocketAddr> = match target.host.parse::<IpAddr>() {
-            Ok(ip) => vec![SocketAddr::new(ip, target.port)],
-            Err(_) => super::resolve(&format!("{}:{}", target.host, target.port)).await?,
+        let literal = target.host.parse::<IpAddr>().ok();
+        let resolved: Vec<SocketAddr> = match literal {
+            Some(ip) => vec![SocketAddr::new(ip, target.port)],
+            None => super::resolve(&format!("{}:{}", target.host, target.port)).await?,
         };
         let mut allowed = Vec::new();
         let mut reasons = Vec::new();
@@ -258,11 +259,14 @@ impl CloudClient {
             }
         }
         if allowed.is_empty() {
-            return Err(refused(format!(
-                "{} resolves only to addresses the relay never fetches from: {}",
-                target.host,
-                reasons.join("; ")
-            )));
+            return Err(refused(match literal {
+                Some(_) => reasons.join("; "),
+                None => format!(
+                    "{} resolves only to addresses the relay never fetches from: {}",
+                    target.host,
+                    reasons.join("; ")
+                ),
+            }));
         }
         if !reasons.is_empty() {
             tracing::warn!(host = %target.host, skipped = %reasons.join("; "), "some addresses of a download origin are refused; dialling only the others");
@@ -281,7 +285,10 @@ mod tests {
 
     #[test]
     fn the_lan_and_special_addresses_are_refused() {
-        let lan: Vec<IpNet> = vec!["10.20.0.0/16".parse().unwrap()];
+        let lan: Vec<IpNet> = vec![
+            "10.20.0.0/16".parse().unwrap(),
+            "198.51.100.0/24".parse().unwrap(),
+        ];
         let own = vec![ip("192.0.2.2"), ip("192.0.2.255")];
         for (addr, words) in [
             ("127.0.0.1", "loopback"),
@@ -291,7 +298,8 @@ mod tests {
             ("224.0.0.1", "multicast"),
             ("255.255.255.255", "broadcast"),
             ("240.0.0.1", "reserved"),
-            ("10.20.1.1", "device subnet"),
+            ("10.20.1.1", "private"),
+            ("198.51.100.7", "device subnet"),
             ("10.99.0.1", "private"),
             ("172.16.0.1", "private"),
             ("192.168.1.1", "private"),
@@ -304,7 +312,7 @@ mod tests {
             ("fd00::1", "unique-local"),
             ("ff02::1", "multicast"),
             ("::ffff:127.0.0.1", "loopback"),
-            ("::ffff:10.20.0.5", "device subnet"),
+            ("::ffff:198.51.100.5", "device subnet"),
             ("64:ff9b::a9fe:a9fe", "link-local"),
             ("2002:7f00:1::", "loopback"),
             ("::127.0.0.1", "IPv4-compatible"),
