@@ -236,12 +236,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&outcome)?);
             } else {
-                for m in &outcome.messages {
-                    println!(
-                        "{}  {}",
-                        if outcome.ok { "ok  " } else { "fail" },
-                        printable(m)
-                    );
+                // One line per setting: applied, refused, or waiting for a restart.
+                for l in &outcome.lines {
+                    let label = match l.outcome.as_str() {
+                        "applied" | "unchanged" => "ok",
+                        "restart" => "restart",
+                        _ => "fail",
+                    };
+                    println!("{label:<7}  {}", printable(&l.message));
                 }
             }
             Ok(if outcome.ok {
@@ -652,6 +654,11 @@ fn check(path: &std::path::Path) -> ExitCode {
             }
             if !c.cloud.url.tls {
                 println!("warn  cloud.url uses plain http: traffic to the cloud is not encrypted");
+            }
+            if let Some(a) = c.admin.metrics_listen
+                && !a.ip().is_loopback()
+            {
+                println!("warn  {}", ucrelay_relay::ops::metrics::beyond_loopback(a));
             }
             let mut failed = false;
             if let Some(e) = &c.edge {

@@ -19,6 +19,7 @@ use crate::config::DevicesConfig;
 use crate::ctx::Ctx;
 use crate::protocol::{Command, Outcome, ResultRecord};
 use crate::store::Write;
+use crate::util::live::Live;
 use crate::util::secret::Secret;
 use crate::util::time::rfc3339;
 use anyhow::Result;
@@ -42,7 +43,9 @@ type Recording = (Vec<Write>, oneshot::Sender<Result<(), String>>);
 
 /// Shared state of the device plane. Cheap to share (`Arc`).
 pub struct DevicePlane {
-    pub cfg: DevicesConfig,
+    /// `[devices]` as in force: a reload replaces what it can apply live (subnets, the admin
+    /// password, task concurrency and deadlines); read it per piece of work with [`Self::cfg`].
+    cfg: Arc<Live<DevicesConfig>>,
     pub client: DeviceClient,
     pub store: crate::store::Store,
     /// Where captures, exports and large results wait for upload.
@@ -58,30 +61,36 @@ pub struct DevicePlane {
 
 impl DevicePlane {
     pub fn new(
-        cfg: &DevicesConfig,
+        live: Arc<Live<DevicesConfig>>,
         store: &crate::store::Store,
         artifacts: Arc<crate::artifacts::Artifacts>,
         logs: Arc<crate::devlogs::DeviceLogs>,
     ) -> Result<Arc<DevicePlane>> {
         let (tx, rx) = mpsc::channel(4096);
+        let cfg = live.get();
         Ok(Arc::new(DevicePlane {
-            cfg: cfg.clone(),
-            client: DeviceClient::new(cfg)?,
+            client: DeviceClient::new(&cfg)?,
             store: store.clone(),
             artifacts,
             logs,
             locks: Mutex::new(HashMap::new()),
-            registry: monitor::Registry::load(store, cfg)?,
+            registry: monitor::Registry::load(store, &cfg)?,
+            cfg: live,
             tasks: tasks::Book::load(store)?,
             recorder: tx,
             recorder_rx: Mutex::new(Some(rx)),
         }))
     }
 
+    /// `[devices]` as in force now.
+    pub fn cfg(&self) -> Arc<DevicesConfig> {
+        self.cfg.get()
+    }
+
     /// Parses a target and checks it is inside the device subnets. No packet is sent either way.
     pub fn check_target(&self, s: &str) -> Result<Target, String> {
         let t = Target::parse(s)?;
-        if !self.cfg.allows(t.ip) {
+        if !self.cfg().allows(t.ip) {
             return Err(format!(
                 "{t} is outside [devices].subnets; refused, nothing was sent"
             ));
@@ -94,7 +103,7 @@ impl DevicePlane {
         match given {
             Some(p) if !p.is_empty() => Secret::new(p),
             _ => self
-                .cfg
+                .cfg()
                 .admin_password
                 .clone()
                 .unwrap_or_else(|| Secret::new(FACTORY_ADMIN_PASSWORD)),
@@ -290,7 +299,7 @@ impl DevicePlane {
             payload: Value::Null,
             cause: None,
         };
-        if !self.cfg.enabled {
+        if !self.cfg().enabled {
             return actions::Done {
                 result: Outcome::NotApplicable,
                 reason: "the device plane is off: relay.toml has no [devices] section".into(),
@@ -327,7 +336,7 @@ impl DevicePlane {
         let password = self.password(password.as_deref());
         info!(command_id = %cmd.id, device = %target, name = %cmd.name, "device command");
         let done = self
-            .run_op(&target, &password, &op, self.cfg.target_timeout, &cmd.id)
+            .run_op(&target, &password, &op, self.cfg().target_timeout, &cmd.id)
             .await;
         info!(command_id = %cmd.id, device = %target, result = done.result.as_str(), reason = %done.reason, "device command finished");
         done

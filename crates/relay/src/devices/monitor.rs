@@ -500,7 +500,7 @@ pub async fn poll_one(plane: &DevicePlane, address: &str) -> DeviceReport {
         let mut s = plane.client.session(&target, &password).await?;
         read_status(&mut s, &mut report, now).await
     };
-    let deadline = plane.cfg.request_timeout * 4;
+    let deadline = plane.cfg().request_timeout * 4;
     let outcome = match tokio::time::timeout(deadline, work).await {
         Ok(r) => r,
         Err(_) => Err(DeviceError::Timeout("poll")),
@@ -574,7 +574,7 @@ pub fn alarms_for(prev: Option<&DeviceReport>, now: &DeviceReport) -> Vec<Alarm>
 
 /// Monitoring's loops: device-list sync, poller, reporter, persistence.
 pub async fn run(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken) -> Result<()> {
-    if !plane.cfg.enabled {
+    if !plane.cfg().enabled {
         shutdown.cancelled().await;
         return Ok(());
     }
@@ -635,14 +635,14 @@ async fn list_sync(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToke
 }
 
 async fn poller(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken) -> Result<()> {
-    if !plane.cfg.monitoring {
+    if !plane.cfg().monitoring {
         shutdown.cancelled().await;
         return Ok(());
     }
-    let sem = Arc::new(Semaphore::new(plane.cfg.poll_concurrency));
-    let interval = plane.cfg.poll_interval;
+    let sem = Arc::new(Semaphore::new(plane.cfg().poll_concurrency));
+    let interval = plane.cfg().poll_interval;
     let tick = (interval / 100).clamp(Duration::from_millis(100), Duration::from_secs(1));
-    let stats_interval = plane.cfg.stats_interval;
+    let stats_interval = plane.cfg().stats_interval;
     let mut work = tokio::task::JoinSet::new();
     loop {
         let now = Instant::now();
@@ -739,7 +739,7 @@ pub async fn poll_stats(plane: &DevicePlane, address: &str) -> Option<DeviceStat
         let mut s = plane.client.session(&target, &password).await?;
         super::health::read_stats(&mut s, address, mac).await
     };
-    match tokio::time::timeout(plane.cfg.request_timeout * 2, work).await {
+    match tokio::time::timeout(plane.cfg().request_timeout * 2, work).await {
         Ok(Ok(st)) => st,
         Ok(Err(e)) => {
             debug!(device = %address, error = %e, "no CPU/memory reading");

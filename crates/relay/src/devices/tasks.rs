@@ -323,7 +323,7 @@ pub async fn accept(ctx: &Ctx, plane: &DevicePlane, cmd: &Command) -> bool {
     let parsed = serde_json::from_value::<TaskSpec>(cmd.params.clone());
     let (spec, verdict) = match parsed {
         Ok(spec) => {
-            let v = if !plane.cfg.enabled {
+            let v = if !plane.cfg().enabled {
                 Err("the device plane is off: relay.toml has no [devices] section".to_string())
             } else {
                 validate(&spec)
@@ -618,13 +618,13 @@ async fn execute_inner(
         .spec
         .concurrency
         .map(|c| c as usize)
-        .unwrap_or(plane.cfg.task_concurrency)
-        .clamp(1, plane.cfg.task_concurrency);
+        .unwrap_or(plane.cfg().task_concurrency)
+        .clamp(1, plane.cfg().task_concurrency);
     let deadline = rec
         .spec
         .target_timeout_s
         .map(Duration::from_secs)
-        .unwrap_or(plane.cfg.target_timeout);
+        .unwrap_or(plane.cfg().target_timeout);
     let sem = Arc::new(Semaphore::new(limit));
     let mut work = tokio::task::JoinSet::new();
     let mut interrupted = false;

@@ -21,41 +21,28 @@ const ATTEMPTS: u32 = 5;
 const STALL: Duration = Duration::from_secs(30);
 
 /// A shared byte-rate limit for all downloads from the cloud (token bucket, one second of burst).
-#[derive(Clone)]
+/// The rate is given with each call, so a reload that changes `[images].bandwidth_limit` applies to
+/// the next chunk.
+#[derive(Clone, Default)]
 pub struct RateLimit {
-    inner: Option<Arc<tokio::sync::Mutex<(f64, Instant)>>>,
-    rate: f64,
+    /// Tokens and when they were last counted; None until the first limited call.
+    bucket: Arc<tokio::sync::Mutex<Option<(f64, Instant)>>>,
 }
 
 impl RateLimit {
-    pub fn new(bytes_per_s: Option<u64>) -> RateLimit {
-        match bytes_per_s {
-            None => RateLimit {
-                inner: None,
-                rate: 0.0,
-            },
-            Some(r) => RateLimit {
-                inner: Some(Arc::new(tokio::sync::Mutex::new((
-                    r as f64,
-                    Instant::now(),
-                )))),
-                rate: r as f64,
-            },
-        }
-    }
-
-    /// Waits until `n` bytes may pass.
-    pub async fn take(&self, n: usize) {
-        let Some(m) = &self.inner else { return };
-        let mut bucket = m.lock().await;
+    /// Waits until `n` bytes may pass at `bytes_per_s` (no wait when unlimited).
+    pub async fn take(&self, n: usize, bytes_per_s: Option<u64>) {
+        let Some(r) = bytes_per_s else { return };
+        let rate = r as f64;
+        let mut bucket = self.bucket.lock().await;
         let now = Instant::now();
-        bucket.0 =
-            (bucket.0 + now.duration_since(bucket.1).as_secs_f64() * self.rate).min(self.rate);
-        bucket.1 = now;
-        bucket.0 -= n as f64;
-        if bucket.0 < 0.0 {
+        let (tokens, last) = bucket.unwrap_or((rate, now));
+        let mut tokens = (tokens + now.duration_since(last).as_secs_f64() * rate).min(rate);
+        tokens -= n as f64;
+        *bucket = Some((tokens, now));
+        if tokens < 0.0 {
             // Holding the lock while waiting keeps the order fair between downloads.
-            tokio::time::sleep(Duration::from_secs_f64(-bucket.0 / self.rate)).await;
+            tokio::time::sleep(Duration::from_secs_f64(-tokens / rate)).await;
         }
     }
 }
@@ -177,14 +164,14 @@ async fn download(
     // Free disk before each file, with the configured headroom (saturating: the size is the
     // cloud's number and min_free the admin's, and no sum of them may wrap into "enough").
     let need = size.saturating_sub(offset);
-    let free = crate::util::bytes::free_bytes(&catalog.cfg.dir)
+    let free = crate::util::bytes::free_bytes(&catalog.cfg().dir)
         .map_err(|e| format!("cannot read free disk space: {e}"))?;
-    if free < need.saturating_add(catalog.cfg.min_free) {
+    if free < need.saturating_add(catalog.cfg().min_free) {
         return Err(format!(
             "not enough free disk in {}: need {} plus {} headroom, {} free",
-            catalog.cfg.dir.display(),
+            catalog.cfg().dir.display(),
             human_bytes(need),
-            human_bytes(catalog.cfg.min_free),
+            human_bytes(catalog.cfg().min_free),
             human_bytes(free)
         )
         .into());
@@ -205,7 +192,7 @@ async fn download(
 
     if offset < size {
         let token = ctx.sessions.current().map(|s| s.token);
-        let lan = ctx.config.devices.subnets.clone();
+        let lan = ctx.devices_cfg.get().subnets.clone();
         let resp = ctx
             .cloud
             .get_file(url, token.as_deref(), offset, &lan)
@@ -294,7 +281,9 @@ async fn download(
                 let _ = file.flush().await;
                 return Err("the sync window closed; the download resumes when it opens".into());
             }
-            limiter.take(data.len()).await;
+            limiter
+                .take(data.len(), catalog.cfg().bandwidth_limit)
+                .await;
             file.write_all(&data)
                 .await
                 .map_err(|e| format!("cannot write {}: {e}", part.display()))?;
@@ -336,7 +325,7 @@ async fn download(
 
 fn in_window(catalog: &Catalog) -> bool {
     catalog
-        .cfg
+        .cfg()
         .sync_window
         .is_none_or(|w| w.contains(crate::config::SyncWindow::now_local()))
 }
@@ -365,10 +354,10 @@ mod tests {
 
     #[tokio::test]
     async fn rate_limit_paces() {
-        let rl = RateLimit::new(Some(100_000));
+        let rl = RateLimit::default();
         let t = Instant::now();
         for _ in 0..3 {
-            rl.take(100_000).await;
+            rl.take(100_000, Some(100_000)).await;
         }
         // One second of burst, then 100 KB/s.
         assert!(

@@ -1,5 +1,5 @@
-//! The edge's TLS: TLS 1.2 and 1.3 only (rustls has nothing older), with a certificate that can be
-//! swapped while connections stay up. A handshake reads the current certificate; connections that
+//! The edge's TLS: TLS 1.2 and 1.3 only (rustls has nothing older), the server's cipher order,
+//! and a certificate that can be swapped while connections stay up. A handshake reads the current certificate; connections that
 //! already finished theirs are never touched by a swap.
 
 use super::cert::LoadedCert;
@@ -54,5 +54,8 @@ pub fn server_config(slot: Arc<CertSlot>) -> anyhow::Result<Arc<rustls::ServerCo
         .with_cert_resolver(slot);
     // Phones speak HTTP/1.1 to their provisioning server.
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // The server's preference decides the cipher suite (strongest first, as rustls lists them),
+    // not whatever order a client offers: what auditors (and testssl.sh) expect.
+    cfg.ignore_client_order = true;
     Ok(Arc::new(cfg))
 }

@@ -135,8 +135,8 @@ async fn images_verify(State(ctx): State<Running>) -> Result<Json<serde_json::Va
 async fn devices(State(ctx): State<Running>) -> Json<serde_json::Value> {
     let reg = &ctx.devices.registry;
     Json(serde_json::json!({
-        "enabled": ctx.devices.cfg.enabled,
-        "poll_interval_s": ctx.devices.cfg.poll_interval.as_secs(),
+        "enabled": ctx.devices.cfg().enabled,
+        "poll_interval_s": ctx.devices.cfg().poll_interval.as_secs(),
         "counts": reg.counts(),
         "polls": reg.polls.load(std::sync::atomic::Ordering::Relaxed),
         "devices": reg.list(),
@@ -197,7 +197,7 @@ fn api_error(status: http::StatusCode, why: impl std::fmt::Display) -> ApiError 
 }
 
 fn no_devices(ctx: &Running) -> Result<(), ApiError> {
-    if ctx.devices.cfg.enabled {
+    if ctx.devices.cfg().enabled {
         Ok(())
     } else {
         Err(api_error(
@@ -243,7 +243,7 @@ async fn local_op(
             &t,
             &plane.password(None),
             &op,
-            plane.cfg.target_timeout,
+            plane.cfg().target_timeout,
             &id,
         )
         .await;
@@ -392,6 +392,11 @@ async fn reload(State(ctx): State<Running>) -> Json<super::ReloadOutcome> {
     let failed = |why: &str| super::ReloadOutcome {
         ok: false,
         messages: vec![why.to_string()],
+        lines: vec![super::ReloadLine {
+            outcome: "refused".into(),
+            message: why.to_string(),
+        }],
+        restart_needed: Vec::new(),
     };
     if ctx.reload.send(tx).await.is_err() {
         return Json(failed("the relay is shutting down"));

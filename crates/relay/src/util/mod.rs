@@ -4,6 +4,7 @@
 pub mod backoff;
 pub mod build;
 pub mod bytes;
+pub mod live;
 pub mod metrics;
 pub mod paths;
 pub mod secret;
