@@ -13,6 +13,7 @@ mod netns;
 mod nginx;
 mod pki;
 mod provisioning;
+mod reload;
 mod secrets;
 mod support;
 mod systemd;
