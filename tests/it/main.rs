@@ -17,3 +17,4 @@ mod reload;
 mod secrets;
 mod support;
 mod systemd;
+mod testssl;
