@@ -465,7 +465,12 @@ async fn devices(
                     let body =
                         call_bytes(socket, http::Method::GET, &format!("{base}/{}", enc(&id)))
                             .await?;
-                    print!("{}", String::from_utf8_lossy(&body));
+                    // The device's own text: lines kept, anything that could act on the
+                    // terminal escaped.
+                    print!(
+                        "{}",
+                        ucrelay_relay::util::text::printable_lines(&String::from_utf8_lossy(&body))
+                    );
                     Ok(ExitCode::SUCCESS)
                 }
                 Some(BackupsAction::Download { id, output }) => {
@@ -554,7 +559,7 @@ async fn logs(socket: &std::path::Path, args: &crate::cli::LogsArgs) -> anyhow::
         } else {
             println!(
                 "deleted the logs of {} ({} bytes); collection for it starts again",
-                v["mac"].as_str().unwrap_or("?"),
+                printable(v["mac"].as_str().unwrap_or("?")),
                 v["deleted_bytes"]
             );
         }

@@ -25,6 +25,23 @@ pub fn printable(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// [`printable`] for a whole text shown as lines (a device's configuration export): newlines and
+/// tabs stay what they are, every other control or hiding character is escaped.
+pub fn printable_lines(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(|c| c != '\n' && c != '\t' && needs_escape(c)) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' | '\t' => out.push(c),
+            c if needs_escape(c) => out.extend(c.escape_unicode()),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
 fn needs_escape(c: char) -> bool {
     c.is_control()
         || matches!(c,
@@ -53,5 +70,9 @@ mod tests {
         assert_eq!(printable("x\u{9b}31m"), "x\\u{9b}31m");
         assert_eq!(printable("abc\u{202e}fed"), "abc\\u{202e}fed");
         assert_eq!(printable("\u{7f}"), "\\u{7f}");
+        assert_eq!(
+            printable_lines("a=\"1\"\n\tb=\"\u{1b}[2J\"\r\n"),
+            "a=\"1\"\n\tb=\"\\u{1b}[2J\"\\u{d}\n"
+        );
     }
 }
