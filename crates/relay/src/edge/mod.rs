@@ -302,9 +302,11 @@ async fn accept_loop(
                     st.connections_refused_per_ip
                         .fetch_add(1, Ordering::Relaxed);
                 }
-                st.status_5xx.fetch_add(1, Ordering::Relaxed);
                 match edge.admission.tell() {
-                    Some(turn) => (None, Some(why), Some(turn)),
+                    Some(turn) => {
+                        st.status_5xx.fetch_add(1, Ordering::Relaxed);
+                        (None, Some(why), Some(turn))
+                    }
                     None => {
                         // Too many refusals in flight already: no handshake, no answer.
                         drop(stream);
