@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 use ucrelay_relay::config::Config;
 use ucrelay_relay::ops::report::StatusReport;
+use ucrelay_relay::util::text::printable;
 
 fn main() -> ExitCode {
     install_panic_hook();
@@ -202,20 +203,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(images(&socket, args.target.json, args.action))
         }
         Command::Devices(args) => {
-            let socket = admin_socket(&args)?;
-            let v: serde_json::Value =
-                runtime()?.block_on(ucrelay_relay::ops::admin::get_json(&socket, "/v1/devices"))?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print!("{}", ucrelay_relay::ops::views::render_devices(&v));
-            }
-            let offline = v["counts"]["offline"].as_u64().unwrap_or(0);
-            Ok(if offline == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            let socket = admin_socket(&args.target)?;
+            runtime()?.block_on(devices(&socket, args.target.json, args.action))
+        }
+        Command::Logs(args) => {
+            let socket = admin_socket(&args.target)?;
+            runtime()?.block_on(logs(&socket, &args))
         }
         Command::Tasks(args) => {
             let socket = admin_socket(&args.target)?;
@@ -245,8 +238,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&outcome)?);
             } else {
-                for m in &outcome.messages {
-                    println!("{}  {m}", if outcome.ok { "ok  " } else { "fail" });
+                // One line per setting: applied, refused, or waiting for a restart.
+                for l in &outcome.lines {
+                    let label = match l.outcome.as_str() {
+                        "applied" | "unchanged" => "ok",
+                        "restart" => "restart",
+                        _ => "fail",
+                    };
+                    println!("{label:<7}  {}", printable(&l.message));
                 }
             }
             Ok(if outcome.ok {
@@ -262,7 +261,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         #[cfg(feature = "sim")]
         Command::Sim(SimCommand::Cloud(args)) => {
-            runtime()?.block_on(ucrelay_sim::cloud::main(args))?;
+            runtime()?.block_on(ucrelay_sim::cloud::main(*args))?;
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(feature = "sim")]
@@ -351,7 +350,7 @@ async fn images(
                 for p in v["quarantined"].as_array().into_iter().flatten() {
                     println!(
                         "fail  {} did not match its SHA-256: quarantined, fetching it again",
-                        p.as_str().unwrap_or("?")
+                        printable(p.as_str().unwrap_or("?"))
                     );
                 }
             }
@@ -398,7 +397,7 @@ async fn images(
                     print!("{}", render_images(&r));
                     let ok = r.refused.is_none() && r.images.iter().all(|i| i.state == "synced");
                     if let Some(e) = r.refused.as_ref().or(r.last_sync_error.as_ref()) {
-                        println!("sync: {e}");
+                        println!("sync: {}", printable(e));
                     }
                     return Ok(if ok {
                         ExitCode::SUCCESS
@@ -409,6 +408,180 @@ async fn images(
             }
         }
     }
+}
+
+fn enc(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+fn exit(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// `ucrelay devices [probe|backups]`.
+async fn devices(
+    socket: &std::path::Path,
+    json: bool,
+    action: Option<crate::cli::DevicesAction>,
+) -> anyhow::Result<ExitCode> {
+    use crate::cli::{BackupsAction, DevicesAction};
+    use ucrelay_relay::ops::admin::{call_bytes, call_json, get_json};
+    use ucrelay_relay::ops::views;
+    let print = |v: &serde_json::Value, text: String| -> anyhow::Result<()> {
+        if json {
+            println!("{}", serde_json::to_string_pretty(v)?);
+        } else {
+            print!("{text}");
+        }
+        Ok(())
+    };
+    match action {
+        None => {
+            let v: serde_json::Value = get_json(socket, "/v1/devices").await?;
+            print(&v, views::render_devices(&v))?;
+            Ok(exit(v["counts"]["offline"].as_u64().unwrap_or(0) == 0))
+        }
+        Some(DevicesAction::Probe { target }) => {
+            let v: serde_json::Value = call_json(
+                socket,
+                http::Method::POST,
+                &format!("/v1/probe/{}", enc(&target)),
+            )
+            .await?;
+            print(&v, views::render_probe(&v))?;
+            Ok(exit(v["result"] == "success"))
+        }
+        Some(DevicesAction::Backups { mac, action }) => {
+            let base = format!("/v1/backups/{}", enc(&mac));
+            match action {
+                None => {
+                    let v: serde_json::Value = get_json(socket, &base).await?;
+                    print(&v, views::render_backups(&v))?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some(BackupsAction::Show { id }) => {
+                    let body =
+                        call_bytes(socket, http::Method::GET, &format!("{base}/{}", enc(&id)))
+                            .await?;
+                    // The device's own text: lines kept, anything that could act on the
+                    // terminal escaped.
+                    print!(
+                        "{}",
+                        ucrelay_relay::util::text::printable_lines(&String::from_utf8_lossy(&body))
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some(BackupsAction::Download { id, output }) => {
+                    let body =
+                        call_bytes(socket, http::Method::GET, &format!("{base}/{}", enc(&id)))
+                            .await?;
+                    let out = output.unwrap_or_else(|| {
+                        std::path::PathBuf::from(format!("{}_{}.cfg", mac.replace(':', ""), id))
+                    });
+                    write_private(&out, &body)?;
+                    println!("wrote {} ({} bytes)", out.display(), body.len());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some(BackupsAction::Delete { id }) => {
+                    let v: serde_json::Value = call_json(
+                        socket,
+                        http::Method::DELETE,
+                        &format!("{base}/{}", enc(&id)),
+                    )
+                    .await?;
+                    print(
+                        &v,
+                        format!("deleted backup {}\n", v["deleted"].as_str().unwrap_or("?")),
+                    )?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some(BackupsAction::Restore { id }) => {
+                    let v: serde_json::Value = call_json(
+                        socket,
+                        http::Method::POST,
+                        &format!("{base}/{}/restore", enc(&id)),
+                    )
+                    .await?;
+                    let text = if v["result"] == "success" {
+                        format!(
+                            "restored backup {}: {} parameters pushed to the device\n",
+                            v["payload"]["backup_id"].as_str().unwrap_or("?"),
+                            v["payload"]["restored"]
+                        )
+                    } else {
+                        format!("restore failed: {}\n", v["reason"].as_str().unwrap_or("?"))
+                    };
+                    print(&v, text)?;
+                    Ok(exit(v["result"] == "success"))
+                }
+            }
+        }
+    }
+}
+
+/// Writes a file only its owner can read (device configuration and logs).
+fn write_private(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(data)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// `ucrelay logs [MAC]`.
+async fn logs(socket: &std::path::Path, args: &crate::cli::LogsArgs) -> anyhow::Result<ExitCode> {
+    use ucrelay_relay::ops::admin::{call_bytes, call_json, get_json};
+    let json = args.target.json;
+    let Some(mac) = &args.mac else {
+        let v: serde_json::Value = get_json(socket, "/v1/logs").await?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            print!("{}", ucrelay_relay::ops::views::render_logs(&v));
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let path = format!("/v1/logs/{}", enc(mac));
+    if args.delete {
+        let v: serde_json::Value = call_json(socket, http::Method::DELETE, &path).await?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!(
+                "deleted the logs of {} ({} bytes); collection for it starts again",
+                printable(v["mac"].as_str().unwrap_or("?")),
+                v["deleted_bytes"]
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let body = call_bytes(socket, http::Method::GET, &path).await?;
+    let out = args.output.clone().unwrap_or_else(|| {
+        let stamp = jiff::Timestamp::now().strftime("%Y%m%d-%H%M%S");
+        std::path::PathBuf::from(format!("{}-logs-{stamp}.tar.gz", mac.replace(':', "")))
+    });
+    write_private(&out, &body)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"mac": mac, "output": out, "bytes": body.len()})
+        );
+    } else {
+        println!("wrote {} ({} bytes)", out.display(), body.len());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn progress_line(done: u64, total: u64, r: &ucrelay_relay::cache::CatalogReport) -> String {
@@ -434,19 +607,25 @@ fn render_images(r: &ucrelay_relay::cache::CatalogReport) -> String {
     out.push('\n');
     if let Some(why) = &r.refused {
         out.push_str(&format!(
-            "manifest REFUSED (the previous one stays): {why}\n"
+            "manifest REFUSED (the previous one stays): {}\n",
+            printable(why)
         ));
     }
     out.push_str(&format!(
         "{:<28} {:<8} {:>21}  {}\n",
         "IMAGE", "STATE", "PROGRESS", "PATHS"
     ));
+    // Ids, paths and reasons come from the cloud: escaped for the terminal.
     for i in &r.images {
-        let paths: Vec<&str> = i.files.iter().map(|f| f.path.as_str()).collect();
+        let paths: Vec<String> = i
+            .files
+            .iter()
+            .map(|f| printable(&f.path).into_owned())
+            .collect();
         out.push_str(&format!(
             "{:<28} {:<8} {:>21}  {}\n",
-            i.id,
-            i.state,
+            printable(&i.id),
+            printable(&i.state),
             format!(
                 "{} / {}",
                 human_bytes(i.bytes_done),
@@ -455,7 +634,7 @@ fn render_images(r: &ucrelay_relay::cache::CatalogReport) -> String {
             paths.join(" ")
         ));
         if let Some(why) = &i.reason {
-            out.push_str(&format!("{:<28} reason: {why}\n", ""));
+            out.push_str(&format!("{:<28} reason: {}\n", "", printable(why)));
         }
     }
     out
@@ -482,6 +661,11 @@ fn check(path: &std::path::Path) -> ExitCode {
             }
             if !c.cloud.url.tls {
                 println!("warn  cloud.url uses plain http: traffic to the cloud is not encrypted");
+            }
+            if let Some(a) = c.admin.metrics_listen
+                && !a.ip().is_loopback()
+            {
+                println!("warn  {}", ucrelay_relay::ops::metrics::beyond_loopback(a));
             }
             let mut failed = false;
             if let Some(e) = &c.edge {
@@ -515,7 +699,11 @@ fn check(path: &std::path::Path) -> ExitCode {
                             "fail"
                         }
                     };
-                    println!("{level}  certificate {}: {}", check.rule, check.message);
+                    println!(
+                        "{level}  certificate {}: {}",
+                        check.rule,
+                        printable(&check.message)
+                    );
                 }
             }
             if failed {

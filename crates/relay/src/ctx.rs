@@ -1,19 +1,29 @@
 //! `Ctx`: the services every long-lived job shares: the validated config, the store, the cloud
-//! connector and session, and the status board the management agent keeps. Cheap to clone.
+//! connector and session, the artifact store and the device log store, and the status board the
+//! management agent keeps. Cheap to clone.
 //!
 //! It carries services, never a job's own state: each job's state reaches it once, as the argument
 //! of its `run(ctx, state, shutdown)`, so no job can reach into another through `Ctx`.
 
+use crate::artifacts::Artifacts;
 use crate::cloud::{CloudClient, Sessions};
-use crate::config::Config;
+use crate::config::{Config, DevicesConfig};
+use crate::devlogs::DeviceLogs;
 use crate::store::Store;
+use crate::util::live::Live;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 use tokio::sync::Notify;
 
 #[derive(Clone)]
 pub struct Ctx {
+    /// The configuration the relay started with. What a reload can change while running lives
+    /// with the job that uses it (`devices_cfg` here, the edge's limits, the image cache's); what
+    /// it cannot (`[cloud]`, `[admin]`, `state_dir`) is read from here.
     pub config: Arc<Config>,
+    /// `[devices]` as in force: the device plane, the edge's legacy listener and the download
+    /// agent's address checks all read the same subnets, which a reload replaces.
+    pub devices_cfg: Arc<Live<DevicesConfig>>,
     pub store: Store,
     pub cloud: CloudClient,
     /// The cloud session (bearer token) the management agent keeps; other jobs use its token.
@@ -25,12 +35,27 @@ pub struct Ctx {
     pub results_wake: Arc<Notify>,
     pub started: Instant,
     pub started_at: SystemTime,
+    /// Files waiting for upload to the cloud (captures, exports).
+    pub artifacts: Arc<Artifacts>,
+    /// Device logs the relay keeps while the cloud does not take them.
+    pub device_logs: Arc<DeviceLogs>,
 }
 
 impl Ctx {
-    pub fn new(config: Config, store: Store, cloud: CloudClient, relay_id: String) -> Ctx {
+    pub fn new(
+        config: Config,
+        devices_cfg: Arc<Live<DevicesConfig>>,
+        store: Store,
+        cloud: CloudClient,
+        relay_id: String,
+        artifacts: Arc<Artifacts>,
+        device_logs: Arc<DeviceLogs>,
+    ) -> Ctx {
         Ctx {
+            artifacts,
+            device_logs,
             config: Arc::new(config),
+            devices_cfg,
             store,
             cloud,
             sessions: Arc::new(Sessions::new()),

@@ -15,6 +15,7 @@ pub(super) struct RawConfig {
     pub(super) provisioning: Option<RawProvisioning>,
     pub(super) images: Option<RawImages>,
     pub(super) devices: Option<RawDevices>,
+    pub(super) diagnostics: Option<RawDiagnostics>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -51,6 +52,7 @@ pub(super) struct RawEdge {
     pub(super) pfx_password_file: Option<PathBuf>,
     pub(super) legacy_http_listen: Option<String>,
     pub(super) max_connections: Option<usize>,
+    pub(super) max_connections_per_ip: Option<usize>,
     pub(super) header_timeout: Option<String>,
     pub(super) idle_timeout: Option<String>,
     pub(super) max_header_size: Option<String>,
@@ -93,4 +95,14 @@ pub(super) struct RawDevices {
     pub(super) task_concurrency: Option<usize>,
     pub(super) target_timeout: Option<String>,
     pub(super) monitoring: Option<bool>,
+    pub(super) stats_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDiagnostics {
+    pub(super) artifacts_max_total: Option<String>,
+    pub(super) device_logs_max_per_device: Option<String>,
+    pub(super) device_logs_max_total: Option<String>,
+    pub(super) device_logs_keep: Option<String>,
 }

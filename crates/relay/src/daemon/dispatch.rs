@@ -8,7 +8,7 @@ use crate::edge;
 use crate::ops::{Running, report::StatusReport};
 use crate::protocol::{
     AgentState, CertificateUpload, Command, DEVICE_COMMANDS, INSTALL_CERTIFICATE_COMMAND, Outcome,
-    ResultRecord, TASK_CANCEL_COMMAND, TASK_UPDATE_COMMAND,
+    RELAY_DEVICE_COMMANDS, ResultRecord, TASK_CANCEL_COMMAND, TASK_UPDATE_COMMAND,
 };
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
@@ -28,6 +28,9 @@ impl Jobs {
         let done = |d: devices::actions::Done| agent::record(cmd, d.result, d.reason, d.payload);
         match cmd.name.as_str() {
             name if DEVICE_COMMANDS.contains(&name) => self.devices().command(cmd).await,
+            name if RELAY_DEVICE_COMMANDS.contains(&name) => {
+                self.devices().relay_command(cmd).await
+            }
             TASK_CANCEL_COMMAND => done(devices::tasks::cancel(self.devices(), &cmd.params).await),
             TASK_UPDATE_COMMAND => done(devices::tasks::update(self.devices(), &cmd.params).await),
             INSTALL_CERTIFICATE_COMMAND => self.install_certificate(cmd).await,

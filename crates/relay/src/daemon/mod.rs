@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::ctx::Ctx;
 use crate::edge::{self, Edge};
 use crate::store::Store;
+use crate::util::live::Live;
 use crate::{agent, ops};
 
 mod dispatch;
@@ -34,8 +35,10 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: impl FnOnce(&ops::Running),
 ) -> Result<()> {
+    // `[devices]` as in force, shared by every job that reads the device subnets.
+    let devices_cfg = Arc::new(Live::new(config.devices.clone()));
     // The certificate is checked before anything else starts: a relay with a bad one must not run.
-    let edge = Edge::new(&config)?;
+    let edge = Edge::new(&config, devices_cfg.clone())?;
     let store = Store::open(&config.state_dir)?;
     let images = match &config.images {
         Some(cfg) => {
@@ -51,13 +54,35 @@ pub async fn run(
     let relay_id = store
         .relay_id()
         .context("cannot read the relay id from the store")?;
-    let devices = crate::devices::DevicePlane::new(&config.devices, &store)
-        .context("cannot set up the device plane")?;
+    let artifacts = crate::artifacts::Artifacts::open(
+        &config.state_dir,
+        config.diagnostics.artifacts_max_total,
+        &store,
+    )
+    .context("cannot open the artifact store")?;
+    let device_logs =
+        crate::devlogs::DeviceLogs::open(&config.state_dir, &config.diagnostics, &store)
+            .context("cannot open the device log store")?;
+    if let Some(e) = &edge {
+        let _ = e.artifacts.set(artifacts.clone());
+        let _ = e.logs.set(device_logs.clone());
+    }
+    let devices = crate::devices::DevicePlane::new(
+        devices_cfg.clone(),
+        &store,
+        artifacts.clone(),
+        device_logs.clone(),
+    )
+    .context("cannot set up the device plane")?;
     let cloud = CloudClient::new(&config.cloud).context("cannot set up the cloud connection")?;
     let edge_listeners = match &edge {
         Some(e) => Some(e.bind().await?),
         None => None,
     };
+    // Devices upload files they are asked for (packet captures) to the edge, by its name.
+    if let Some(base) = edge.as_ref().and_then(|e| e.public_base()) {
+        artifacts.set_upload_base(base);
+    }
     let admin_listener = ops::admin::bind(&config.admin.socket).await?;
     let metrics_listener = match config.admin.metrics_listen {
         Some(addr) => Some(ops::metrics::bind(addr).await?),
@@ -68,13 +93,22 @@ pub async fn run(
         warn!(url = %config.cloud.url, "cloud URL is plain http: traffic to the cloud is not encrypted (labs only)");
     }
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
-    let ctx = Ctx::new(config, store, cloud, relay_id);
+    let ctx = Ctx::new(
+        config,
+        devices_cfg,
+        store,
+        cloud,
+        relay_id,
+        artifacts,
+        device_logs,
+    );
     let running = ops::Running {
         ctx: ctx.clone(),
         images: images.clone(),
         devices: devices.clone(),
         edge: edge.clone(),
         reload: reload_tx,
+        reload_state: Arc::default(),
     };
     let dispatch = Arc::new(dispatch::Jobs {
         running: running.clone(),

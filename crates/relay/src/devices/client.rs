@@ -207,6 +207,20 @@ impl DeviceClient {
         })
     }
 
+    /// The TLS settings device connections use (for `probe`, which times the handshake itself).
+    pub fn tls_config(&self) -> Arc<rustls::ClientConfig> {
+        self.tls.clone()
+    }
+
+    pub fn scheme(&self) -> DeviceScheme {
+        self.scheme
+    }
+
+    /// Deadline of one request.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Opens a connection to the device. Credentials are `Polycom:<password>`.
     pub async fn session(
         &self,

@@ -6,19 +6,25 @@
 //! to a second one), a deadline on every step, bounded concurrency everywhere.
 
 pub mod actions;
+pub mod backups;
+pub mod captures;
 pub mod client;
+pub mod export;
+pub mod health;
 pub mod monitor;
+pub mod probe;
 pub mod tasks;
 
 use crate::config::DevicesConfig;
 use crate::ctx::Ctx;
 use crate::protocol::{Command, Outcome, ResultRecord};
 use crate::store::Write;
+use crate::util::live::Live;
 use crate::util::secret::Secret;
 use crate::util::time::rfc3339;
 use anyhow::Result;
 use client::{DeviceClient, DeviceError, Target};
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::SystemTime;
@@ -28,14 +34,24 @@ use tracing::{info, warn};
 
 /// Factory admin password of the phones, used when neither the command nor the config gives one.
 pub const FACTORY_ADMIN_PASSWORD: &str = "456";
+/// A result payload bigger than this goes to the cloud as an artifact, so results batches stay
+/// small whatever a device returns.
+pub const MAX_INLINE_PAYLOAD: usize = 32 * 1024;
 
 /// A batch of writes for the group-commit recorder and where to say it is durable.
 type Recording = (Vec<Write>, oneshot::Sender<Result<(), String>>);
 
 /// Shared state of the device plane. Cheap to share (`Arc`).
 pub struct DevicePlane {
-    pub cfg: DevicesConfig,
+    /// `[devices]` as in force: a reload replaces what it can apply live (subnets, the admin
+    /// password, task concurrency and deadlines); read it per piece of work with [`Self::cfg`].
+    cfg: Arc<Live<DevicesConfig>>,
     pub client: DeviceClient,
+    pub store: crate::store::Store,
+    /// Where captures, exports and large results wait for upload.
+    pub artifacts: Arc<crate::artifacts::Artifacts>,
+    /// The device logs the relay keeps (read for exports and `get_device_logs`).
+    pub logs: Arc<crate::devlogs::DeviceLogs>,
     locks: Mutex<HashMap<Target, Weak<tokio::sync::Mutex<()>>>>,
     pub registry: monitor::Registry,
     pub tasks: tasks::Book,
@@ -44,23 +60,37 @@ pub struct DevicePlane {
 }
 
 impl DevicePlane {
-    pub fn new(cfg: &DevicesConfig, store: &crate::store::Store) -> Result<Arc<DevicePlane>> {
+    pub fn new(
+        live: Arc<Live<DevicesConfig>>,
+        store: &crate::store::Store,
+        artifacts: Arc<crate::artifacts::Artifacts>,
+        logs: Arc<crate::devlogs::DeviceLogs>,
+    ) -> Result<Arc<DevicePlane>> {
         let (tx, rx) = mpsc::channel(4096);
+        let cfg = live.get();
         Ok(Arc::new(DevicePlane {
-            cfg: cfg.clone(),
-            client: DeviceClient::new(cfg)?,
+            client: DeviceClient::new(&cfg)?,
+            store: store.clone(),
+            artifacts,
+            logs,
             locks: Mutex::new(HashMap::new()),
-            registry: monitor::Registry::load(store, cfg)?,
+            registry: monitor::Registry::load(store, &cfg)?,
+            cfg: live,
             tasks: tasks::Book::load(store)?,
             recorder: tx,
             recorder_rx: Mutex::new(Some(rx)),
         }))
     }
 
+    /// `[devices]` as in force now.
+    pub fn cfg(&self) -> Arc<DevicesConfig> {
+        self.cfg.get()
+    }
+
     /// Parses a target and checks it is inside the device subnets. No packet is sent either way.
     pub fn check_target(&self, s: &str) -> Result<Target, String> {
         let t = Target::parse(s)?;
-        if !self.cfg.allows(t.ip) {
+        if !self.cfg().allows(t.ip) {
             return Err(format!(
                 "{t} is outside [devices].subnets; refused, nothing was sent"
             ));
@@ -73,7 +103,7 @@ impl DevicePlane {
         match given {
             Some(p) if !p.is_empty() => Secret::new(p),
             _ => self
-                .cfg
+                .cfg()
                 .admin_password
                 .clone()
                 .unwrap_or_else(|| Secret::new(FACTORY_ADMIN_PASSWORD)),
@@ -100,22 +130,38 @@ impl DevicePlane {
         m.lock_owned().await
     }
 
-    /// Runs one operation on one device with the device lock held and the given deadline.
+    /// Runs one operation on one device with the device lock held and the given deadline. A
+    /// payload too big for a results batch leaves as an artifact.
     pub async fn run_op(
         &self,
         target: &Target,
         password: &Secret,
         op: &actions::Op,
         deadline: std::time::Duration,
+        command_id: &str,
     ) -> actions::Done {
+        let deadline = deadline + op.extra_time();
+        let until = std::time::Instant::now() + deadline;
         let work = async {
             let _guard = self.lock(target).await;
+            if *op == actions::Op::Probe {
+                return probe::probe(self, target, password).await;
+            }
             match self.client.session(target, password).await {
-                Ok(mut s) => actions::perform(op, &mut s).await,
+                Ok(mut s) => {
+                    let cx = actions::OpCx {
+                        plane: self,
+                        target,
+                        command_id,
+                        deadline: until,
+                        password,
+                    };
+                    actions::perform(op, &mut s, &cx).await
+                }
                 Err(e) => e.into(),
             }
         };
-        let done = match tokio::time::timeout(deadline, work).await {
+        let mut done = match tokio::time::timeout(deadline, work).await {
             Ok(d) => d,
             Err(_) => actions::Done {
                 result: Outcome::Failure,
@@ -131,7 +177,40 @@ impl DevicePlane {
         if !done.cause.as_ref().is_some_and(DeviceError::is_unreachable) {
             self.registry.learn(target, None);
         }
+        self.shrink(&mut done, command_id, target).await;
         done
+    }
+
+    /// Moves a payload too big for a results batch into an artifact, leaving its reference.
+    async fn shrink(&self, done: &mut actions::Done, command_id: &str, target: &Target) {
+        let Ok(bytes) = serde_json::to_vec(&done.payload) else {
+            return;
+        };
+        if bytes.len() <= MAX_INLINE_PAYLOAD {
+            return;
+        }
+        let meta = crate::artifacts::Meta::new(
+            "result",
+            format!(
+                "{command_id}-{}.json",
+                target.to_string().replace([':', '[', ']'], "_")
+            ),
+            "application/json",
+        )
+        .device(Some(target.to_string()), None)
+        .command(Some(command_id.to_string()));
+        done.payload = match self.artifacts.put(meta, bytes.into()).await {
+            Ok(r) => {
+                json!({"artifact": r, "note": "the payload was too large for a results batch; it is in the artifact"})
+            }
+            Err(e) => {
+                done.result = Outcome::Failure;
+                done.reason = format!(
+                    "the result was too large for a results batch and cannot be kept as an artifact: {e}"
+                );
+                Value::Null
+            }
+        };
     }
 
     /// Stores writes in one group commit shared with other callers; returns once durable.
@@ -143,6 +222,47 @@ impl DevicePlane {
             .map_err(|_| "the recorder has stopped".to_string())?;
         rx.await
             .map_err(|_| "the recorder has stopped".to_string())?
+    }
+
+    /// Records a health outcome of a device (configuration update, upgrade) and raises the alarm it
+    /// calls for, stored until the cloud has it.
+    pub async fn note_health(&self, target: &Target, mac: Option<String>, h: health::Health) {
+        let Some(alarm) = self.registry.note_health(target, mac, &h) else {
+            return;
+        };
+        warn!(device = %alarm.address, mac = ?alarm.mac, kind = %alarm.kind, "{}", alarm.message);
+        let value = serde_json::to_vec(&alarm).unwrap_or_default();
+        if let Err(e) = self
+            .record(vec![Write::Alarm {
+                id: alarm.id.clone(),
+                value,
+            }])
+            .await
+        {
+            warn!(error = %e, "cannot store an alarm");
+        }
+        self.registry.wake_reporter();
+    }
+
+    /// Executes a command about what the relay keeps for a device (backups, logs), without
+    /// contacting it.
+    pub async fn relay_command(&self, cmd: &Command) -> ResultRecord {
+        let done = export::kept(self, cmd).await;
+        ResultRecord {
+            result_id: uuid::Uuid::new_v4().to_string(),
+            command_id: cmd.id.clone(),
+            target: cmd
+                .params
+                .get("target")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            name: cmd.name.clone(),
+            result: done.result,
+            reason: done.reason,
+            payload: done.payload,
+            finished_at: rfc3339(SystemTime::now()),
+            progress: None,
+        }
     }
 
     /// Executes a device command from the channel (`params.target` names the device).
@@ -179,7 +299,7 @@ impl DevicePlane {
             payload: Value::Null,
             cause: None,
         };
-        if !self.cfg.enabled {
+        if !self.cfg().enabled {
             return actions::Done {
                 result: Outcome::NotApplicable,
                 reason: "the device plane is off: relay.toml has no [devices] section".into(),
@@ -216,7 +336,7 @@ impl DevicePlane {
         let password = self.password(password.as_deref());
         info!(command_id = %cmd.id, device = %target, name = %cmd.name, "device command");
         let done = self
-            .run_op(&target, &password, &op, self.cfg.target_timeout)
+            .run_op(&target, &password, &op, self.cfg().target_timeout, &cmd.id)
             .await;
         info!(command_id = %cmd.id, device = %target, result = done.result.as_str(), reason = %done.reason, "device command finished");
         done
@@ -280,6 +400,7 @@ pub async fn run(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken)
         tokio::try_join!(
             tasks::run(ctx.clone(), plane.clone(), shutdown.clone()),
             monitor::run(ctx.clone(), plane.clone(), shutdown.clone()),
+            captures::run(plane.clone(), shutdown.clone()),
         )
     };
     let r = work.await;

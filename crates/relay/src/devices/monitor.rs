@@ -5,11 +5,12 @@
 
 use super::DevicePlane;
 use super::client::{DeviceError, Session, Target};
+use super::health::Health;
 use crate::config::DevicesConfig;
 use crate::ctx::Ctx;
 use crate::protocol::{
-    Alarm, DeviceCounts, DeviceList, DeviceReport, DeviceStatusBatch, ErrorCode, LineStatus,
-    PATH_DEVICE_STATUS, PATH_DEVICES,
+    Alarm, DeviceCounts, DeviceList, DeviceReport, DeviceStats, DeviceStatusBatch, ErrorCode,
+    LineStatus, PATH_DEVICE_STATUS, PATH_DEVICES,
 };
 use crate::store::{Store, Write};
 use crate::util::backoff::Backoff;
@@ -53,10 +54,43 @@ pub struct Known {
     pub from_commands: bool,
     #[serde(default)]
     pub last: Option<LastReport>,
+    /// The last CPU and memory reading.
+    #[serde(default)]
+    pub last_stats: Option<DeviceStats>,
+    /// A `config_update_failed` alarm is standing (cleared by `config_updated`).
+    #[serde(default)]
+    pub config_update_failed: bool,
+    /// A `firmware_upgrade_failed` alarm is standing (cleared by `firmware_upgraded`).
+    #[serde(default)]
+    pub firmware_upgrade_failed: bool,
     #[serde(skip)]
     next_poll: Option<Instant>,
     #[serde(skip)]
     polling: bool,
+    #[serde(skip)]
+    next_stats: Option<Instant>,
+    #[serde(skip)]
+    stats_polling: bool,
+}
+
+impl Known {
+    fn new(address: String, mac: Option<String>, next_poll: Instant) -> Known {
+        Known {
+            address,
+            mac,
+            name: None,
+            from_cloud: false,
+            from_commands: false,
+            last: None,
+            last_stats: None,
+            config_update_failed: false,
+            firmware_upgrade_failed: false,
+            next_poll: Some(next_poll),
+            polling: false,
+            next_stats: None,
+            stats_polling: false,
+        }
+    }
 }
 
 /// A device's last report, kept as its JSON in one allocation. As a struct it would be a dozen
@@ -106,6 +140,8 @@ struct Inner {
     dirty: HashSet<String>,
     /// Latest report per device not yet delivered.
     unsent: HashMap<String, DeviceReport>,
+    /// Latest CPU and memory reading per device not yet delivered.
+    unsent_stats: HashMap<String, DeviceStats>,
 }
 
 pub struct Registry {
@@ -136,6 +172,11 @@ fn offset(address: &str, period: Duration) -> Duration {
     Duration::from_millis(h % ms)
 }
 
+/// Stats readings sit at their own offset, not on top of the status polls.
+fn stats_offset(address: &str, period: Duration) -> Duration {
+    offset(&format!("{address}#stats"), period)
+}
+
 impl Registry {
     pub fn load(store: &Store, cfg: &DevicesConfig) -> Result<Registry> {
         let now = Instant::now();
@@ -151,6 +192,7 @@ impl Registry {
                 devices,
                 dirty: HashSet::new(),
                 unsent: HashMap::new(),
+                unsent_stats: HashMap::new(),
             }),
             applied_revision: AtomicU64::new(0),
             list_in_force: std::sync::atomic::AtomicBool::new(false),
@@ -180,19 +222,9 @@ impl Registry {
             return;
         } else {
             let next = Instant::now() + offset(&addr, self.interval);
-            g.devices.insert(
-                addr.clone(),
-                Known {
-                    address: addr.clone(),
-                    mac,
-                    name: None,
-                    from_cloud: false,
-                    from_commands: true,
-                    last: None,
-                    next_poll: Some(next),
-                    polling: false,
-                },
-            );
+            let mut k = Known::new(addr.clone(), mac, next);
+            k.from_commands = true;
+            g.devices.insert(addr.clone(), k);
         }
         g.dirty.insert(addr);
     }
@@ -259,9 +291,85 @@ impl Registry {
                 if let Some(r) = &k.last {
                     o["last"] = serde_json::from_slice(&r.json).unwrap_or(Value::Null);
                 }
+                if let Some(st) = &k.last_stats {
+                    o["stats"] = serde_json::to_value(st).unwrap_or(Value::Null);
+                }
+                let mut standing = Vec::new();
+                if k.config_update_failed {
+                    standing.push("config_update_failed");
+                }
+                if k.firmware_upgrade_failed {
+                    standing.push("firmware_upgrade_failed");
+                }
+                o["alarms"] = serde_json::json!(standing);
                 o
             })
             .collect()
+    }
+
+    /// Records what an operation found out about a device's health; returns the alarm to raise
+    /// when that changes the device's standing (a failure, or the recovery from one).
+    pub fn note_health(&self, target: &Target, mac: Option<String>, h: &Health) -> Option<Alarm> {
+        self.learn(target, mac.clone());
+        let addr = target.to_string();
+        let mut g = self.lock();
+        let k = g.devices.get_mut(&addr)?;
+        if k.mac.is_none() {
+            k.mac = mac;
+        }
+        let (kind, message) = match h {
+            Health::ConfigFailed(why) => {
+                k.config_update_failed = true;
+                (
+                    "config_update_failed",
+                    format!("configuration update of {addr} failed: {why}"),
+                )
+            }
+            Health::ConfigOk if k.config_update_failed => {
+                k.config_update_failed = false;
+                (
+                    "config_updated",
+                    format!("configuration of {addr} updated again"),
+                )
+            }
+            Health::UpgradeFailed(why) => {
+                k.firmware_upgrade_failed = true;
+                (
+                    "firmware_upgrade_failed",
+                    format!("firmware upgrade of {addr} failed: {why}"),
+                )
+            }
+            Health::UpgradeOk(fw) if k.firmware_upgrade_failed => {
+                k.firmware_upgrade_failed = false;
+                ("firmware_upgraded", format!("{addr} upgraded to {fw}"))
+            }
+            Health::ConfigOk | Health::UpgradeOk(_) => return None,
+        };
+        let alarm = Alarm {
+            id: uuid::Uuid::new_v4().to_string(),
+            address: addr.clone(),
+            mac: k.mac.clone(),
+            kind: kind.into(),
+            line: None,
+            message,
+            at: rfc3339(SystemTime::now()),
+        };
+        g.dirty.insert(addr);
+        Some(alarm)
+    }
+
+    /// The MAC the relay knows for a device address.
+    pub fn mac_of(&self, address: &str) -> Option<String> {
+        let g = self.lock();
+        let k = g.devices.get(address)?;
+        k.mac
+            .clone()
+            .or_else(|| k.last.as_ref().and_then(|r| r.report()?.mac))
+    }
+
+    /// Wakes the reporter (alarms were stored).
+    pub fn wake_reporter(&self) {
+        self.report_wake.notify_one();
     }
 
     /// Applies the cloud's device list: adds new devices, forgets cloud devices no longer listed
@@ -281,16 +389,7 @@ impl Registry {
             };
             let k = g.devices.entry(addr.clone()).or_insert_with(|| {
                 added += 1;
-                Known {
-                    address: addr.clone(),
-                    mac: None,
-                    name: None,
-                    from_cloud: true,
-                    from_commands: false,
-                    last: None,
-                    next_poll: Some(now + offset(&addr, self.interval)),
-                    polling: false,
-                }
+                Known::new(addr.clone(), None, now + offset(&addr, self.interval))
             });
             k.from_cloud = true;
             if d.mac.is_some() {
@@ -348,10 +447,10 @@ pub fn parse_uptime(info: &Value) -> Option<u64> {
             .split(':')
             .map(|p| p.parse().ok())
             .collect::<Option<_>>()?;
-        if hms.len() != 3 {
+        let [h, m, s] = hms[..] else {
             return None;
-        }
-        return Some(days * 86400 + hms[0] * 3600 + hms[1] * 60 + hms[2]);
+        };
+        return seconds(days, h, m, s);
     }
     let u = info.get("UpTime")?;
     let n = |k: &str| -> Option<u64> {
@@ -361,10 +460,19 @@ pub fn parse_uptime(info: &Value) -> Option<u64> {
             _ => None,
         }
     };
-    Some(n("Days")? * 86400 + n("Hours")? * 3600 + n("Minutes")? * 60 + n("Seconds")?)
+    seconds(n("Days")?, n("Hours")?, n("Minutes")?, n("Seconds")?)
 }
 
-fn parse_firmware(info: &Value) -> String {
+/// Days, hours, minutes and seconds as the device gave them, in seconds; None when the sum does
+/// not fit (a device's numbers are not trusted to be sane).
+fn seconds(days: u64, hours: u64, minutes: u64, secs: u64) -> Option<u64> {
+    days.checked_mul(86_400)?
+        .checked_add(hours.checked_mul(3600)?)?
+        .checked_add(minutes.checked_mul(60)?)?
+        .checked_add(secs)
+}
+
+pub(crate) fn parse_firmware(info: &Value) -> String {
     if let Some(s) = info.get("FirmwareRelease").and_then(Value::as_str) {
         return s.to_string();
     }
@@ -383,10 +491,15 @@ fn parse_lines(data: &Value) -> Vec<LineStatus> {
     arr.iter()
         .enumerate()
         .map(|(i, l)| {
+            // The position when the device gives no usable number (never a truncated one).
+            let position = u32::try_from(i).map_or(u32::MAX, |i| i.saturating_add(1));
             let line = match l.get("LineNumber") {
-                Some(Value::String(s)) => s.parse().unwrap_or(i as u32 + 1),
-                Some(Value::Number(n)) => n.as_u64().unwrap_or(i as u64 + 1) as u32,
-                _ => i as u32 + 1,
+                Some(Value::String(s)) => s.trim().parse().unwrap_or(position),
+                Some(Value::Number(n)) => n
+                    .as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .unwrap_or(position),
+                _ => position,
             };
             let registered = l
                 .get("RegistrationStatus")
@@ -462,7 +575,7 @@ pub async fn poll_one(plane: &DevicePlane, address: &str) -> DeviceReport {
         let mut s = plane.client.session(&target, &password).await?;
         read_status(&mut s, &mut report, now).await
     };
-    let deadline = plane.cfg.request_timeout * 4;
+    let deadline = plane.cfg().request_timeout * 4;
     let outcome = match tokio::time::timeout(deadline, work).await {
         Ok(r) => r,
         Err(_) => Err(DeviceError::Timeout("poll")),
@@ -536,7 +649,7 @@ pub fn alarms_for(prev: Option<&DeviceReport>, now: &DeviceReport) -> Vec<Alarm>
 
 /// Monitoring's loops: device-list sync, poller, reporter, persistence.
 pub async fn run(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken) -> Result<()> {
-    if !plane.cfg.enabled {
+    if !plane.cfg().enabled {
         shutdown.cancelled().await;
         return Ok(());
     }
@@ -597,16 +710,48 @@ async fn list_sync(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToke
 }
 
 async fn poller(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken) -> Result<()> {
-    if !plane.cfg.monitoring {
+    if !plane.cfg().monitoring {
         shutdown.cancelled().await;
         return Ok(());
     }
-    let sem = Arc::new(Semaphore::new(plane.cfg.poll_concurrency));
-    let interval = plane.cfg.poll_interval;
+    let sem = Arc::new(Semaphore::new(plane.cfg().poll_concurrency));
+    let interval = plane.cfg().poll_interval;
     let tick = (interval / 100).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let stats_interval = plane.cfg().stats_interval;
     let mut work = tokio::task::JoinSet::new();
     loop {
         let now = Instant::now();
+        let stats_due: Vec<String> = {
+            let mut g = plane.registry.lock();
+            let mut due = Vec::new();
+            for k in g.devices.values_mut() {
+                let at = *k
+                    .next_stats
+                    .get_or_insert_with(|| now + stats_offset(&k.address, stats_interval));
+                if at <= now && !k.stats_polling {
+                    k.stats_polling = true;
+                    let mut next = at + stats_interval;
+                    while next <= now {
+                        next += stats_interval;
+                    }
+                    k.next_stats = Some(next);
+                    due.push(k.address.clone());
+                }
+            }
+            due
+        };
+        for addr in stats_due {
+            let permit = tokio::select! {
+                p = sem.clone().acquire_owned() => p?,
+                _ = shutdown.cancelled() => break,
+            };
+            let plane = plane.clone();
+            work.spawn(async move {
+                let _permit = permit;
+                let st = poll_stats(&plane, &addr).await;
+                record_stats(&plane, &addr, st);
+            });
+        }
         let due: Vec<String> = {
             let mut g = plane.registry.lock();
             let mut due = Vec::new();
@@ -657,6 +802,44 @@ async fn poller(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken) 
     Ok(())
 }
 
+/// Reads one device's CPU and memory. None when it cannot (offline, refused, no such endpoint):
+/// status polls report why.
+pub async fn poll_stats(plane: &DevicePlane, address: &str) -> Option<DeviceStats> {
+    let target = plane.check_target(address).ok()?;
+    let password = plane.password(None);
+    let mac = plane
+        .registry
+        .lock()
+        .devices
+        .get(address)
+        .and_then(|k| k.mac.clone());
+    let work = async {
+        let _guard = plane.lock(&target).await;
+        let mut s = plane.client.session(&target, &password).await?;
+        super::health::read_stats(&mut s, address, mac).await
+    };
+    match tokio::time::timeout(plane.cfg().request_timeout * 2, work).await {
+        Ok(Ok(st)) => st,
+        Ok(Err(e)) => {
+            debug!(device = %address, error = %e, "no CPU/memory reading");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+fn record_stats(plane: &DevicePlane, address: &str, st: Option<DeviceStats>) {
+    let mut g = plane.registry.lock();
+    let Some(k) = g.devices.get_mut(address) else {
+        return;
+    };
+    k.stats_polling = false;
+    let Some(st) = st else { return };
+    k.last_stats = Some(st.clone());
+    g.dirty.insert(address.to_string());
+    g.unsent_stats.insert(address.to_string(), st);
+}
+
 async fn record_report(plane: &DevicePlane, report: DeviceReport) {
     let alarms = {
         let mut g = plane.registry.lock();
@@ -700,12 +883,18 @@ async fn record_report(plane: &DevicePlane, report: DeviceReport) {
 async fn reporter(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken) -> Result<()> {
     let mut backoff = Backoff::new(Duration::from_secs(5), Duration::from_secs(300));
     loop {
-        let mut wait = report_every(plane.cfg.poll_interval);
+        let mut wait = report_every(plane.cfg().poll_interval);
         if let Some(session) = ctx.sessions.current() {
-            let reports: Vec<DeviceReport> = {
+            let (reports, stats): (Vec<DeviceReport>, Vec<DeviceStats>) = {
                 let mut g = plane.registry.lock();
                 let keys: Vec<String> = g.unsent.keys().take(REPORT_BATCH).cloned().collect();
-                keys.iter().filter_map(|k| g.unsent.remove(k)).collect()
+                let reports = keys.iter().filter_map(|k| g.unsent.remove(k)).collect();
+                let keys: Vec<String> = g.unsent_stats.keys().take(REPORT_BATCH).cloned().collect();
+                let stats = keys
+                    .iter()
+                    .filter_map(|k| g.unsent_stats.remove(k))
+                    .collect();
+                (reports, stats)
             };
             let alarms: Vec<Alarm> = ctx
                 .store
@@ -715,8 +904,12 @@ async fn reporter(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken
                 .take(ALARM_BATCH)
                 .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
                 .collect();
-            if !reports.is_empty() || !alarms.is_empty() {
-                let batch = DeviceStatusBatch { reports, alarms };
+            if !reports.is_empty() || !alarms.is_empty() || !stats.is_empty() {
+                let batch = DeviceStatusBatch {
+                    reports,
+                    alarms,
+                    stats,
+                };
                 match ctx
                     .cloud
                     .json::<_, Value>(
@@ -739,7 +932,11 @@ async fn reporter(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken
                             "device status delivered"
                         );
                         // More waiting: go again soon.
-                        if !plane.registry.lock().unsent.is_empty() {
+                        let more = {
+                            let g = plane.registry.lock();
+                            !g.unsent.is_empty() || !g.unsent_stats.is_empty()
+                        };
+                        if more {
                             wait = Duration::from_millis(50);
                         }
                     }
@@ -751,6 +948,9 @@ async fn reporter(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken
                         let mut g = plane.registry.lock();
                         for r in batch.reports {
                             g.unsent.entry(r.address.clone()).or_insert(r);
+                        }
+                        for st in batch.stats {
+                            g.unsent_stats.entry(st.address.clone()).or_insert(st);
                         }
                         wait = backoff.next_delay();
                         warn!(error = %e, retry_in = ?wait, "cannot deliver device status");
@@ -829,6 +1029,30 @@ mod tests {
             parse_uptime(&json!({"UpTimeSinceLastReboot": "soon"})),
             None
         );
+        // Numbers a hostile device picks to overflow: no answer, no panic, no wrapped value.
+        let max = u64::MAX.to_string();
+        assert_eq!(
+            parse_uptime(&json!({"UpTimeSinceLastReboot": format!("{max} Day 1:2:3")})),
+            None
+        );
+        assert_eq!(
+            parse_uptime(&json!({"UpTimeSinceLastReboot": format!("0 Day {max}:0:0")})),
+            None
+        );
+        assert_eq!(
+            parse_uptime(
+                &json!({"UpTime": {"Days": 0, "Hours": 0, "Minutes": 1, "Seconds": u64::MAX}})
+            ),
+            None
+        );
+        assert_eq!(
+            parse_uptime(
+                &json!({"UpTime": {"Days": 213_503_982_334_602u64, "Hours": 0, "Minutes": 0, "Seconds": 0}})
+            ),
+            None
+        );
+        let lines = parse_lines(&json!([{"LineNumber": 4_294_967_297u64}, {"LineNumber": "-1"}]));
+        assert_eq!(lines.iter().map(|l| l.line).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(
             parse_firmware(&json!({"Firmware": {"Application": "5.9.3.2857 02-Jul-19 06:14"}})),
             "5.9.3.2857"

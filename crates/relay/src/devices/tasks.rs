@@ -160,6 +160,20 @@ pub fn public_payload(payload: &Value) -> Value {
     p
 }
 
+/// Whether a task is over (nothing of it runs again).
+fn is_final(status: &str) -> bool {
+    matches!(status, "done" | "halted" | "cancelled" | "rejected")
+}
+
+/// A task that is over keeps no secret: its payload becomes what admins see (the device password
+/// and secret parameters masked), in memory and in the store. True when something was masked.
+fn forget_secrets(rec: &mut TaskRecord) -> bool {
+    let public = public_payload(&rec.spec.payload);
+    let changed = public != rec.spec.payload;
+    rec.spec.payload = public;
+    changed
+}
+
 /// Checks a task before it is accepted; the reason names what is wrong.
 pub fn validate(spec: &TaskSpec) -> Result<(), String> {
     if !DEVICE_COMMANDS.contains(&spec.kind.as_str()) {
@@ -199,7 +213,8 @@ fn due_at(spec: &TaskSpec) -> Option<SystemTime> {
     if secs <= 0 {
         return None;
     }
-    Some(SystemTime::UNIX_EPOCH + Duration::new(secs as u64, ts.subsec_nanosecond().max(0) as u32))
+    let nanos = u32::try_from(ts.subsec_nanosecond()).unwrap_or(0);
+    SystemTime::UNIX_EPOCH.checked_add(Duration::new(u64::try_from(secs).ok()?, nanos))
 }
 
 fn progress_record(rec: &TaskRecord, in_progress: u64) -> ResultRecord {
@@ -239,6 +254,8 @@ impl Book {
     /// Loads every task; counts of executing tasks are rebuilt from their finished targets.
     pub fn load(store: &Store) -> Result<Book> {
         let mut tasks = BTreeMap::new();
+        // Finished tasks stored by a build that kept their passwords lose them now.
+        let mut scrubbed = Vec::new();
         for (id, bytes) in store.tasks_all()? {
             let mut rec: TaskRecord = match serde_json::from_slice(&bytes) {
                 Ok(r) => r,
@@ -247,6 +264,9 @@ impl Book {
                     continue;
                 }
             };
+            if is_final(&rec.status) && forget_secrets(&mut rec) {
+                scrubbed.push(task_write(&rec));
+            }
             if rec.status == "executing" {
                 rec.success = 0;
                 rec.failure = 0;
@@ -262,6 +282,13 @@ impl Book {
                 }
             }
             tasks.insert(id, Entry::new(rec, None));
+        }
+        if !scrubbed.is_empty() {
+            info!(
+                tasks = scrubbed.len(),
+                "finished tasks still held device passwords; removed them from the store"
+            );
+            store.write_batch(&scrubbed)?;
         }
         Ok(Book {
             tasks: Mutex::new(tasks),
@@ -359,13 +386,13 @@ pub async fn accept(ctx: &Ctx, plane: &DevicePlane, cmd: &Command) -> bool {
     if let Ok(spec) = &parsed
         && task_id != cmd.id
         && plane.tasks.contains(&task_id)
-        && plane.cfg.enabled
+        && plane.cfg().enabled
     {
         return grant(ctx, plane, cmd, &task_id, spec).await;
     }
     let (spec, verdict) = match parsed {
         Ok(spec) => {
-            let v = if !plane.cfg.enabled {
+            let v = if !plane.cfg().enabled {
                 Err("the device plane is off: relay.toml has no [devices] section".to_string())
             } else {
                 validate(&spec)
@@ -409,6 +436,7 @@ pub async fn accept(ctx: &Ctx, plane: &DevicePlane, cmd: &Command) -> bool {
         rec.status = "rejected".into();
         rec.reason = format!("bad task: {why}");
         rec.finished_at = Some(now);
+        forget_secrets(&mut rec);
     }
     writes.push(task_write(&rec));
     writes.push(Write::Result(progress_record(&rec, 0)));
@@ -493,6 +521,8 @@ async fn grant(ctx: &Ctx, plane: &DevicePlane, cmd: &Command, id: &str, spec: &T
             .collect();
         let n = added.len();
         e.rec.spec.targets.extend(added);
+        // The same task: its payload again (with the device password a finished task forgot).
+        e.rec.spec.payload = spec.payload.clone();
         e.rec.spec.lease_id = spec.lease_id.clone();
         e.rec.spec.lease_s = spec.lease_s;
         e.rec.total = unique_targets(&e.rec.spec).len() as u64;
@@ -605,6 +635,7 @@ pub async fn cancel(plane: &DevicePlane, params: &Value) -> actions::Done {
         e.rec.reason = "cancelled by the cloud".into();
         e.rec.seq += 1;
         e.rec.finished_at = Some(rfc3339(SystemTime::now()));
+        forget_secrets(&mut e.rec);
         e.rec.clone()
     };
     match store_change(plane, &rec).await {
@@ -811,13 +842,13 @@ async fn execute_inner(
         .spec
         .concurrency
         .map(|c| c as usize)
-        .unwrap_or(plane.cfg.task_concurrency)
-        .clamp(1, plane.cfg.task_concurrency);
+        .unwrap_or(plane.cfg().task_concurrency)
+        .clamp(1, plane.cfg().task_concurrency);
     let deadline = rec
         .spec
         .target_timeout_s
         .map(Duration::from_secs)
-        .unwrap_or(plane.cfg.target_timeout);
+        .unwrap_or(plane.cfg().target_timeout);
     let sem = Arc::new(Semaphore::new(limit));
     let mut work = tokio::task::JoinSet::new();
     let mut interrupted = false;
@@ -915,7 +946,7 @@ async fn execute_inner(
             } else {
                 match plane.check_target(&target) {
                     Err(why) => fail(&why),
-                    Ok(t) => plane.run_op(&t, &password, &op, deadline).await,
+                    Ok(t) => plane.run_op(&t, &password, &op, deadline, &task_id).await,
                 }
             };
             finish_target(&plane, &task_id, &kind, &target, done).await
@@ -945,6 +976,8 @@ async fn execute_inner(
             // Targets came in after the last look: the scheduler starts the task again.
             return Ok(());
         }
+        // The targets are done with the password: it leaves memory and, with this write, the store.
+        forget_secrets(&mut e.rec);
         if e.revoked {
             close_revoked(&mut e.rec);
             e.rec.clone()
@@ -1168,7 +1201,10 @@ mod tests {
         let e = Entry::new(rec(Some(10)), Some(Instant::now()));
         assert!(e.lease_allows(true));
         assert!(!e.lease_allows(false), "channel down: paused");
-        assert!(!Entry::new(rec(Some(10)), None).lease_allows(true), "never confirmed");
+        assert!(
+            !Entry::new(rec(Some(10)), None).lease_allows(true),
+            "never confirmed"
+        );
         let old = Instant::now().checked_sub(Duration::from_secs(6));
         if let Some(old) = old {
             assert!(

@@ -141,7 +141,7 @@ pub fn install(edge: &Edge, upload: &CertificateUpload, now: SystemTime) -> Inst
         }
     };
     let name = format!("the PFX of cloud upload {}", upload.upload_id);
-    let report = cert::load_bytes(&name, &bytes, &upload.password, &edge.cfg.fqdn, now);
+    let report = cert::load_bytes(&name, &bytes, &upload.password, &edge.cfg().fqdn, now);
     let Some(loaded) = report.cert.clone() else {
         answer.failed = report
             .failures()

@@ -1,13 +1,19 @@
 //! The device-facing edge: the one HTTP server devices talk to. It owns the listeners (HTTPS on
 //! `[edge].listen` with the PFX certificate, plain HTTP on `legacy_http_listen` for devices inside
 //! `[devices].subnets`), TLS, the limits, routing, the body types and each connection's socket
-//! state. Two handlers sit under it and never import each other: [`images`] serves verified files
-//! from the image cache, [`provisioning`] forwards everything else to `[provisioning].upstream`.
+//! state. Three handlers sit under it and never import one another: [`images`] serves verified
+//! files from the image cache, [`uploads`] takes the files devices deliver into one-time slots of
+//! the artifact store (packet captures), [`provisioning`] forwards everything else to
+//! `[provisioning].upstream` (teeing device logs into the device log store when the relay keeps
+//! them).
 //!
-//! Hostile input is stopped here: a cap on open connections (over it: 503 at once), deadlines on the
-//! TLS handshake, on reading request headers and on any stall, a header size cap, and path checks
-//! before routing. Nothing here caches provisioning answers.
+//! Hostile input is stopped here: caps on open connections in total and per client address,
+//! taken at accept so TLS handshakes count (over them: 503 at once, see [`admission`]); the legacy
+//! listener closes a client outside the device subnets at accept, before reading a byte;
+//! deadlines on the TLS handshake, on reading request headers and on any stall; a header size
+//! cap; and path checks before routing. Nothing here caches provisioning answers.
 
+pub mod admission;
 pub mod body;
 pub mod cert;
 pub mod cloudcert;
@@ -16,13 +22,14 @@ pub mod images;
 pub mod provisioning;
 mod router;
 pub mod tls;
+pub mod uploads;
 
-use crate::config::{Config, EdgeConfig};
+use crate::config::{Config, DevicesConfig, EdgeConfig};
+use crate::util::live::Live;
 use conn::{ActivityIo, DeviceConn, SocketState};
 use http::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use ipnet::IpNet;
 use provisioning::{Upstream, UpstreamSlot};
 use router::handle;
 use std::net::SocketAddr;
@@ -31,7 +38,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -48,6 +54,8 @@ pub struct EdgeCounters {
     pub connections_open: AtomicU64,
     pub connections_total: AtomicU64,
     pub connections_refused: AtomicU64,
+    /// Of those, refused by the per-client cap.
+    pub connections_refused_per_ip: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
     pub requests: AtomicU64,
     pub status_2xx: AtomicU64,
@@ -58,12 +66,18 @@ pub struct EdgeCounters {
     pub legacy_forbidden: AtomicU64,
 }
 
-/// What the edge runs with; the certificate and the upstream can change on reload.
+/// What the edge runs with; the certificate, the upstream, the limits and the device subnets can
+/// change on reload.
 pub struct Edge {
-    pub cfg: EdgeConfig,
+    /// `[edge]` as in force: the listen addresses are the ones bound at start; the limits are read
+    /// per connection, so a reload applies them to new connections.
+    cfg: Live<EdgeConfig>,
     pub cert: Arc<tls::CertSlot>,
     pub upstream: UpstreamSlot,
-    pub subnets: Vec<IpNet>,
+    /// `[devices]` as in force (its subnets decide who may use the legacy listener).
+    pub devices: Arc<Live<DevicesConfig>>,
+    /// The connection slots.
+    pub admission: Arc<admission::Admission>,
     pub stats: EdgeStats,
     /// Why the last reload of the certificate was refused, if it was.
     pub reload_error: RwLock<Option<String>>,
@@ -76,6 +90,10 @@ pub struct Edge {
     pub images: std::sync::OnceLock<Arc<crate::cache::Catalog>>,
     /// The addresses actually bound (a configured port 0 becomes a real port).
     pub bound: std::sync::OnceLock<(SocketAddr, Option<SocketAddr>)>,
+    /// The artifact store, for device uploads into its slots.
+    pub artifacts: std::sync::OnceLock<Arc<crate::artifacts::Artifacts>>,
+    /// The device log store, which keeps copies of device logs while the cloud does not take them.
+    pub logs: std::sync::OnceLock<Arc<crate::devlogs::DeviceLogs>>,
 }
 
 /// Every failed certificate rule as `rule: message`, for one-line errors.
@@ -94,7 +112,10 @@ pub struct EdgeListeners {
 
 impl Edge {
     /// Loads and checks the certificate and prepares the upstream; fails with every broken rule named.
-    pub fn new(config: &Config) -> anyhow::Result<Option<Arc<Edge>>> {
+    pub fn new(
+        config: &Config,
+        devices: Arc<Live<DevicesConfig>>,
+    ) -> anyhow::Result<Option<Arc<Edge>>> {
         let Some(e) = &config.edge else {
             return Ok(None);
         };
@@ -137,25 +158,70 @@ impl Edge {
             .transpose()?
             .map(Arc::new);
         Ok(Some(Arc::new(Edge {
-            cfg: e.clone(),
+            cfg: Live::new(e.clone()),
             cert: slot,
             upstream: UpstreamSlot::new(upstream),
-            subnets: config.devices.subnets.clone(),
+            devices,
+            admission: Arc::default(),
             stats: EdgeStats::default(),
             reload_error: RwLock::new(None),
             cloud_cert_note: RwLock::new(None),
             state_dir: config.state_dir.clone(),
             bound: std::sync::OnceLock::new(),
             images: std::sync::OnceLock::new(),
+            artifacts: std::sync::OnceLock::new(),
+            logs: std::sync::OnceLock::new(),
         })))
+    }
+
+    /// The base URL devices reach this edge at: `https://<first fqdn>[:port]` (the bound port).
+    pub fn public_base(&self) -> Option<String> {
+        let port = self.bound.get()?.0.port();
+        let cfg = self.cfg();
+        let host = cfg.fqdn.first()?;
+        Some(if port == 443 {
+            format!("https://{host}")
+        } else {
+            format!("https://{host}:{port}")
+        })
+    }
+
+    /// A copy of a device log upload (`PUT .../<mac>-app.log`) when the relay keeps device logs,
+    /// the sender is inside the device subnets and the device has not reached its cap.
+    pub(crate) fn log_copy(
+        &self,
+        method: &http::Method,
+        path: &str,
+        peer: std::net::IpAddr,
+    ) -> Option<crate::devlogs::LogUpload> {
+        if method != http::Method::PUT {
+            return None;
+        }
+        let logs = self.logs.get()?;
+        if !logs.collecting() || !self.devices.get().allows(peer.to_canonical()) {
+            return None;
+        }
+        let (mac, kind) = crate::devlogs::log_upload_name(path)?;
+        logs.begin(&mac, kind, peer)
+    }
+
+    /// `[edge]` as in force now.
+    pub fn cfg(&self) -> Arc<EdgeConfig> {
+        self.cfg.get()
+    }
+
+    /// Installs `[edge]` as a reload left it (the caller keeps what needs a restart as it was).
+    pub fn set_cfg(&self, cfg: EdgeConfig) {
+        self.cfg.set(cfg);
     }
 
     pub async fn bind(&self) -> anyhow::Result<EdgeListeners> {
         use anyhow::Context;
-        let tls = TcpListener::bind(self.cfg.listen)
+        let cfg = self.cfg();
+        let tls = TcpListener::bind(cfg.listen)
             .await
-            .with_context(|| format!("cannot listen on edge.listen {}", self.cfg.listen))?;
-        let legacy = match self.cfg.legacy_http_listen {
+            .with_context(|| format!("cannot listen on edge.listen {}", cfg.listen))?;
+        let legacy = match cfg.legacy_http_listen {
             None => None,
             Some(a) => Some(
                 TcpListener::bind(a)
@@ -180,14 +246,12 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let tls_cfg = tls::server_config(edge.cert.clone())?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls_cfg);
-    let slots = Arc::new(Semaphore::new(edge.cfg.max_connections));
     let tracker = TaskTracker::new();
     let mut loops = tokio::task::JoinSet::new();
     loops.spawn(accept_loop(
         edge.clone(),
         listeners.tls,
         Some(acceptor),
-        slots.clone(),
         tracker.clone(),
         shutdown.clone(),
     ));
@@ -196,7 +260,6 @@ pub async fn run(
             edge.clone(),
             l,
             None,
-            slots,
             tracker.clone(),
             shutdown.clone(),
         ));
@@ -213,7 +276,6 @@ async fn accept_loop(
     edge: Arc<Edge>,
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    slots: Arc<Semaphore>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -240,24 +302,59 @@ async fn accept_loop(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
         edge.stats
             .local()
             .connections_total
             .fetch_add(1, Ordering::Relaxed);
-        let permit = slots.clone().try_acquire_owned().ok();
+        // Plain HTTP is for the device subnets only: anyone else is closed before a byte is read.
+        if tls.is_none() && !edge.devices.get().allows(peer.ip().to_canonical()) {
+            edge.stats
+                .local()
+                .legacy_forbidden
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(%peer, "plain HTTP from outside [devices].subnets: closed at accept");
+            drop(stream);
+            continue;
+        }
+        let cfg = edge.cfg();
+        let admitted =
+            edge.admission
+                .admit(peer.ip(), cfg.max_connections, cfg.max_connections_per_ip);
+        let (slot, refusal, turn) = match admitted {
+            Ok(slot) => (Some(slot), None, None),
+            Err(why) => {
+                let st = edge.stats.local();
+                st.connections_refused.fetch_add(1, Ordering::Relaxed);
+                if why == admission::Refusal::PerIp {
+                    st.connections_refused_per_ip
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                match edge.admission.tell() {
+                    Some(turn) => {
+                        st.status_5xx.fetch_add(1, Ordering::Relaxed);
+                        (None, Some(why), Some(turn))
+                    }
+                    None => {
+                        // Too many refusals in flight already: no handshake, no answer.
+                        drop(stream);
+                        continue;
+                    }
+                }
+            }
+        };
+        let _ = stream.set_nodelay(true);
         let (edge, tls, shutdown) = (edge.clone(), tls.clone(), shutdown.clone());
         tracker.spawn(async move {
             edge.stats
                 .local()
                 .connections_open
                 .fetch_add(1, Ordering::Relaxed);
-            connection(&edge, stream, peer, tls, permit.is_some(), shutdown).await;
+            connection(&edge, stream, peer, tls, refusal, shutdown).await;
             edge.stats
                 .local()
                 .connections_open
                 .fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
+            drop((slot, turn));
         });
     }
 }
@@ -267,7 +364,7 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    admitted: bool,
+    refusal: Option<admission::Refusal>,
     shutdown: CancellationToken,
 ) {
     let socket = Arc::new(SocketState::new());
@@ -275,15 +372,15 @@ async fn connection(
         inner: stream,
         state: socket.clone(),
     };
-    let deadline = edge.cfg.header_timeout;
+    let deadline = edge.cfg().header_timeout;
     match tls {
-        None => serve_http(edge, io, peer, "http", admitted, socket, shutdown).await,
+        None => serve_http(edge, io, peer, "http", refusal, socket, shutdown).await,
         Some(acceptor) => match tokio::time::timeout(deadline, acceptor.accept(io)).await {
             Ok(Ok(mut tls_io)) => {
                 // rustls buffers up to 64 KiB of outgoing data per connection by default; one
                 // record is enough to keep the socket busy and bounds memory per device.
                 tls_io.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
-                serve_http(edge, tls_io, peer, "https", admitted, socket, shutdown).await
+                serve_http(edge, tls_io, peer, "https", refusal, socket, shutdown).await
             }
             Ok(Err(e)) => {
                 edge.stats
@@ -309,27 +406,20 @@ async fn serve_http<I>(
     mut io: I,
     peer: SocketAddr,
     scheme: &'static str,
-    admitted: bool,
+    refusal: Option<admission::Refusal>,
     socket: Arc<SocketState>,
     shutdown: CancellationToken,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    if !admitted {
-        // Over the connection cap: say so at once rather than leave the device hanging.
-        edge.stats
-            .local()
-            .connections_refused
-            .fetch_add(1, Ordering::Relaxed);
-        edge.stats
-            .local()
-            .status_5xx
-            .fetch_add(1, Ordering::Relaxed);
-        let msg = "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Type: text/plain\r\nContent-Length: 33\r\nConnection: close\r\n\r\n503 relay busy: too many devices\n";
+    if let Some(why) = refusal {
+        // Over a connection cap: say so at once rather than leave the device hanging.
+        let msg = why.answer();
         let _ = tokio::time::timeout(Duration::from_secs(2), io.write_all(msg.as_bytes())).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), io.shutdown()).await;
         return;
     }
+    let cfg = edge.cfg();
     let conn = Arc::new(DeviceConn {
         edge: edge.clone(),
         peer,
@@ -345,12 +435,12 @@ async fn serve_http<I>(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(edge.cfg.header_timeout)
-        .max_buf_size(edge.cfg.max_header_size)
+        .header_read_timeout(cfg.header_timeout)
+        .max_buf_size(cfg.max_header_size)
         .keep_alive(true);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
-    let idle = edge.cfg.idle_timeout;
+    let idle = cfg.idle_timeout;
     let mut shutting_down = false;
     loop {
         tokio::select! {

@@ -5,6 +5,7 @@
 use super::body::{AccessLine, AccessLogBody, EdgeBody, text_response};
 use super::conn::DeviceConn;
 use super::images;
+use super::uploads;
 use crate::util::paths;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
@@ -50,7 +51,9 @@ pub(super) async fn handle(conn: Arc<DeviceConn>, req: Request<Incoming>) -> Res
 async fn route(conn: &Arc<DeviceConn>, req: Request<Incoming>) -> Response<EdgeBody> {
     let edge = &conn.edge;
     let peer = conn.peer;
-    if conn.scheme == "http" && !edge.subnets.iter().any(|n| n.contains(&peer.ip())) {
+    // The legacy listener already closed strangers at accept; a reload that narrowed the subnets
+    // since this connection was accepted is honoured here.
+    if conn.scheme == "http" && !edge.devices.get().allows(peer.ip().to_canonical()) {
         edge.stats
             .local()
             .legacy_forbidden
@@ -70,6 +73,9 @@ async fn route(conn: &Arc<DeviceConn>, req: Request<Incoming>) -> Response<EdgeB
         Err(paths::PathError::Bad(why)) => return text_response(StatusCode::BAD_REQUEST, why),
         Ok(p) => p,
     };
+    if uploads::is_upload(req.uri().path()) {
+        return uploads::answer(edge.artifacts.get(), req, peer.ip()).await;
+    }
     if let Some(cache) = edge.images.get()
         && let Some(answer) = images::answer(cache, &req, &conn.socket, &decoded).await
     {

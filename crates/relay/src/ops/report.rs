@@ -5,6 +5,7 @@ use super::Running;
 use crate::cache::CatalogReport;
 use crate::config::Config;
 use crate::ctx::{AgentStatus, ChannelState, Registration};
+use crate::util::text::printable;
 use crate::util::time::rfc3339;
 use serde::{Deserialize, Serialize};
 use std::time::SystemTime;
@@ -37,6 +38,72 @@ pub struct StatusReport {
     /// This relay's place in the tenant's fleet.
     #[serde(default)]
     pub fleet: Option<FleetReport>,
+    /// What the relay keeps for support work: artifacts waiting for upload, device logs.
+    #[serde(default)]
+    pub diagnostics: Option<DiagnosticsReport>,
+    /// Settings the config file changes that the running relay applies only after a restart
+    /// (as found by the last reload).
+    #[serde(default)]
+    pub restart_needed: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiagnosticsReport {
+    /// Files waiting for upload to the cloud, their bytes, and the cap.
+    pub artifacts_pending: u64,
+    pub artifacts_bytes: u64,
+    pub artifacts_max_total: u64,
+    pub artifacts_uploaded: u64,
+    pub artifact_upload_error: Option<String>,
+    /// True while the cloud does not take device logs and the relay keeps them.
+    pub device_logs_collecting: bool,
+    pub device_logs_devices: u64,
+    pub device_logs_bytes: u64,
+    /// Devices whose log collection stopped at the per-device cap.
+    pub device_logs_capped: Vec<String>,
+}
+
+impl DiagnosticsReport {
+    fn build(ctx: &Running, found: &mut Findings) -> DiagnosticsReport {
+        let a = ctx.artifacts.summary();
+        let l = ctx.device_logs.report();
+        let capped: Vec<String> = l
+            .devices
+            .iter()
+            .filter(|d| d.capped_at.is_some())
+            .map(|d| d.mac.clone())
+            .collect();
+        if a.bytes.saturating_mul(10) >= a.max_total.saturating_mul(8) {
+            found.warnings.push(format!(
+                "artifact store {}% full ({} files waiting for upload): new captures and exports fail once it is full",
+                a.bytes.saturating_mul(100).checked_div(a.max_total).unwrap_or(100),
+                a.pending
+            ));
+        }
+        if let Some(e) = &a.upload.last_error
+            && a.pending > 0
+        {
+            found.warnings.push(format!(
+                "artifact upload to the cloud is failing (retried): {e}"
+            ));
+        }
+        for mac in &capped {
+            found.warnings.push(format!(
+                "device {mac} reached the device log cap: its logs are no longer kept (`ucrelay logs {mac} --delete` starts again)"
+            ));
+        }
+        DiagnosticsReport {
+            artifacts_pending: a.pending,
+            artifacts_bytes: a.bytes,
+            artifacts_max_total: a.max_total,
+            artifacts_uploaded: a.upload.uploaded,
+            artifact_upload_error: a.upload.last_error,
+            device_logs_collecting: l.collecting,
+            device_logs_devices: l.devices.len() as u64,
+            device_logs_bytes: l.bytes,
+            device_logs_capped: capped,
+        }
+    }
 }
 
 /// What the relay told the cloud about itself, the site the cloud placed it in, and its share.
@@ -117,6 +184,9 @@ pub struct EdgeReport {
     pub connections_open: u64,
     pub connections_total: u64,
     pub connections_refused: u64,
+    /// Of those, refused by `[edge].max_connections_per_ip`.
+    #[serde(default)]
+    pub connections_refused_per_ip: u64,
     pub tls_handshake_failures: u64,
     pub requests: u64,
     pub status_2xx: u64,
@@ -145,15 +215,15 @@ impl EdgeReport {
                 .bound
                 .get()
                 .map(|b| b.0)
-                .unwrap_or(edge.cfg.listen)
+                .unwrap_or(edge.cfg().listen)
                 .to_string(),
             legacy_http_listen: edge
                 .bound
                 .get()
                 .and_then(|b| b.1)
-                .or(edge.cfg.legacy_http_listen)
+                .or(edge.cfg().legacy_http_listen)
                 .map(|a| a.to_string()),
-            fqdn: edge.cfg.fqdn.clone(),
+            fqdn: edge.cfg().fqdn.clone(),
             upstream: upstream.as_ref().map(|u| u.describe()),
             certificate_subject: cert.map(|c| c.subject.clone()),
             certificate_sha256: cert.map(|c| c.sha256.clone()),
@@ -176,6 +246,7 @@ impl EdgeReport {
             connections_open: st.sum(|c| &c.connections_open),
             connections_total: st.sum(|c| &c.connections_total),
             connections_refused: st.sum(|c| &c.connections_refused),
+            connections_refused_per_ip: st.sum(|c| &c.connections_refused_per_ip),
             tls_handshake_failures: st.sum(|c| &c.tls_handshake_failures),
             requests: st.sum(|c| &c.requests),
             status_2xx: st.sum(|c| &c.status_2xx),
@@ -335,7 +406,7 @@ fn jobs(ctx: &Running) -> Vec<JobReport> {
         state: if on { "on" } else { "off" }.into(),
         detail: detail.into(),
     };
-    let devices = &ctx.devices.cfg;
+    let devices = ctx.devices.cfg();
     vec![
         job(
             "management",
@@ -346,7 +417,7 @@ fn jobs(ctx: &Running) -> Vec<JobReport> {
             "download",
             ctx.images.is_some(),
             &match &ctx.images {
-                Some(c) => format!("image cache in {}", c.cfg.dir.display()),
+                Some(c) => format!("image cache in {}", c.cfg().dir.display()),
                 None => "no [images] section".to_string(),
             },
         ),
@@ -365,12 +436,15 @@ fn jobs(ctx: &Running) -> Vec<JobReport> {
         job(
             "provisioning",
             ctx.edge.is_some(),
-            &match (&ctx.edge, &ctx.config.provisioning) {
-                (Some(e), Some(p)) => {
-                    format!("edge on {}, forwarding to {}", e.cfg.listen, p.upstream)
-                }
-                (Some(e), None) => format!("edge on {}, no [provisioning] upstream", e.cfg.listen),
-                (None, _) => "no [edge] section".to_string(),
+            // The upstream in service, which a reload may have changed.
+            &match &ctx.edge {
+                Some(e) => match e.upstream.get().1 {
+                    Some(u) => {
+                        format!("edge on {}, forwarding to {}", e.cfg().listen, u.describe())
+                    }
+                    None => format!("edge on {}, no [provisioning] upstream", e.cfg().listen),
+                },
+                None => "no [edge] section".to_string(),
             },
         ),
     ]
@@ -404,6 +478,20 @@ impl StatusReport {
         if let Some(r) = &images {
             image_findings(r, &mut found);
         }
+        let diagnostics = DiagnosticsReport::build(ctx, &mut found);
+        let restart_needed = ctx
+            .reload_state
+            .restart_needed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if !restart_needed.is_empty() {
+            found.warnings.push(format!(
+                "the config file changes {} but the running relay applies that only after a restart (systemctl restart ucrelay)",
+                restart_needed.join(", ")
+            ));
+        }
+
         StatusReport {
             version: crate::util::build::VERSION.into(),
             relay_id: ctx.relay_id.to_string(),
@@ -415,7 +503,7 @@ impl StatusReport {
             warnings: found.warnings,
             edge,
             images,
-            devices: ctx.devices.cfg.enabled.then(|| DevicesReport {
+            devices: ctx.devices.cfg().enabled.then(|| DevicesReport {
                 devices: ctx.devices.registry.counts(),
                 tasks: ctx.devices.tasks.counts(),
                 polls: ctx
@@ -440,6 +528,8 @@ impl StatusReport {
                 devices_assigned: ctx.devices.registry.assigned(),
                 targets_leased: ctx.devices.tasks.leased_open(),
             }),
+            diagnostics: Some(diagnostics),
+            restart_needed,
             cloud,
             jobs: jobs(ctx),
         }
@@ -524,9 +614,10 @@ impl StatusReport {
             rows.push((
                 "edge traffic",
                 format!(
-                    "{} open, {} refused, {} TLS failures; {} requests (2xx {}, 4xx {}, 5xx {}), {} bytes out",
+                    "{} open, {} refused ({} by the per-host cap), {} TLS failures; {} requests (2xx {}, 4xx {}, 5xx {}), {} bytes out",
                     e.connections_open,
                     e.connections_refused,
+                    e.connections_refused_per_ip,
                     e.tls_handshake_failures,
                     e.requests,
                     e.status_2xx,
@@ -592,6 +683,35 @@ impl StatusReport {
                 ),
             ));
         }
+        if let Some(d) = &self.diagnostics {
+            use crate::util::bytes::human_bytes;
+            rows.push((
+                "artifacts",
+                format!(
+                    "{} waiting for upload ({} of {}), {} delivered",
+                    d.artifacts_pending,
+                    human_bytes(d.artifacts_bytes),
+                    human_bytes(d.artifacts_max_total),
+                    d.artifacts_uploaded
+                ),
+            ));
+            rows.push((
+                "device logs",
+                if d.device_logs_collecting {
+                    format!(
+                        "kept on the relay (the cloud does not take them): {} devices, {}",
+                        d.device_logs_devices,
+                        human_bytes(d.device_logs_bytes)
+                    )
+                } else {
+                    format!(
+                        "uploaded to the cloud (the relay keeps {} devices' older copies, {})",
+                        d.device_logs_devices,
+                        human_bytes(d.device_logs_bytes)
+                    )
+                },
+            ));
+        }
         for j in &self.jobs {
             let label: &str = match j.name.as_str() {
                 "management" => "job management",
@@ -601,21 +721,23 @@ impl StatusReport {
             };
             rows.push((label, format!("{} - {}", j.state, j.detail)));
         }
+        // Values carry text from the cloud and devices (error messages, image ids, reasons):
+        // escaped, so none of it can act on the terminal.
         let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         let mut out = String::new();
         for (k, v) in rows {
-            out.push_str(&format!("{k:<width$}  {v}\n"));
+            out.push_str(&format!("{k:<width$}  {}\n", printable(&v)));
         }
         if !self.warnings.is_empty() {
             out.push_str("\nwarnings:\n");
             for w in &self.warnings {
-                out.push_str(&format!("  - {w}\n"));
+                out.push_str(&format!("  - {}\n", printable(w)));
             }
         }
         if !self.problems.is_empty() {
             out.push_str("\nproblems:\n");
             for p in &self.problems {
-                out.push_str(&format!("  - {p}\n"));
+                out.push_str(&format!("  - {}\n", printable(p)));
             }
         }
         out

@@ -37,6 +37,14 @@ const TASK_TARGETS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new(
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 /// Device plane: monitoring alarms not yet acknowledged by the cloud, by alarm id.
 const ALARMS: TableDefinition<&str, &[u8]> = TableDefinition::new("alarms");
+/// Artifacts stored on disk and not yet confirmed by the cloud, by artifact id (JSON owned by
+/// `artifacts`); the file itself lives in `<state_dir>/artifacts/`.
+const ARTIFACTS: TableDefinition<&str, &[u8]> = TableDefinition::new("artifacts");
+/// Configuration backups, keyed (MAC, backup id); ids sort by time (JSON owned by
+/// `devices::backups`).
+const BACKUPS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("backups");
+/// Packet captures running on devices, by capture id (JSON owned by `devices::captures`).
+const CAPTURES: TableDefinition<&str, &[u8]> = TableDefinition::new("captures");
 /// How long finished command ids are remembered.
 const DONE_KEEP: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
@@ -55,11 +63,17 @@ impl Store {
     /// Opens (or creates) the store in `state_dir`, creating the directory when needed. Fails clearly
     /// when another process holds it.
     pub fn open(state_dir: &Path) -> Result<Store> {
-        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::StateDir {
+        create_private_dir(state_dir).map_err(|source| StoreError::StateDir {
             path: state_dir.to_path_buf(),
             source,
         })?;
         let path = state_dir.join(DB_FILE);
+        // The store holds the relay's token and the device passwords tasks carry while they run:
+        // owner only, whatever the umask, also for a file an older build created looser.
+        private_file(&path).map_err(|source| StoreError::Private {
+            path: path.clone(),
+            source,
+        })?;
         // A bounded page cache: redb's default lets it grow to a gigabyte, and writing the
         // records of 50,000 devices every few seconds would keep tens of MB of pages in memory.
         let db = match redb::Builder::new()
@@ -110,6 +124,9 @@ impl Store {
             tx.open_table(TASK_TARGETS)?;
             tx.open_table(DEVICES)?;
             tx.open_table(ALARMS)?;
+            tx.open_table(ARTIFACTS)?;
+            tx.open_table(BACKUPS)?;
+            tx.open_table(CAPTURES)?;
             // Forget finished command ids past the keep period.
             let cutoff = unix_now().saturating_sub(DONE_KEEP.as_secs());
             tx.open_table(DONE)?.retain(|_, at| at >= cutoff)?;
@@ -282,6 +299,42 @@ impl Store {
         let tx = self.db.begin_read()?;
         Ok(tx.open_table(OUTBOX)?.len()?)
     }
+}
+
+/// Creates `dir` (and missing parents) with mode 0700, whatever the umask. An existing directory
+/// is left as it is: under systemd its mode is the unit's `StateDirectoryMode`.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    // `mode` is filtered by the umask; say it again explicitly.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Creates `path` empty with mode 0600 when missing; an existing file loses any group or other
+/// permission bits.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let mode = std::fs::metadata(path)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o700))?;
+    }
+    Ok(())
 }
 
 impl Store {
@@ -500,6 +553,142 @@ impl Store {
     }
 }
 
+impl Store {
+    /// A setting the relay keeps for itself (`meta` table), e.g. the cloud's last word on device
+    /// logs.
+    pub fn setting(&self, key: &str) -> Result<Option<String>> {
+        let tx = self.db.begin_read()?;
+        Ok(tx
+            .open_table(META)?
+            .get(key)?
+            .map(|v| v.value().to_string()))
+    }
+
+    pub fn set_setting(&self, key: &str, value: &str) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(META)?.insert(key, value)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn artifacts_all(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        self.all_of(ARTIFACTS)
+    }
+
+    /// Writes (or with `None` deletes) one artifact record, durably.
+    pub fn set_artifact(&self, id: &str, value: Option<&[u8]>) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(ARTIFACTS)?;
+            match value {
+                Some(v) => {
+                    t.insert(id, v)?;
+                }
+                None => {
+                    t.remove(id)?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The backups of one device, oldest first.
+    pub fn backups(&self, mac: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(BACKUPS)?;
+        let mut out = Vec::new();
+        for e in t.range((mac, "")..)? {
+            let (k, v) = e?;
+            let (m, id) = k.value();
+            if m != mac {
+                break;
+            }
+            out.push((id.to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Adds a backup and, in the same transaction, drops the oldest ones beyond `keep`. Returns the
+    /// ids dropped.
+    pub fn backup_add(
+        &self,
+        mac: &str,
+        id: &str,
+        value: &[u8],
+        keep: usize,
+    ) -> Result<Vec<String>> {
+        let tx = self.db.begin_write()?;
+        let dropped = {
+            let mut t = tx.open_table(BACKUPS)?;
+            t.insert((mac, id), value)?;
+            let mut ids = Vec::new();
+            for e in t.range((mac, "")..)? {
+                let (k, _) = e?;
+                let (m, id) = k.value();
+                if m != mac {
+                    break;
+                }
+                ids.push(id.to_string());
+            }
+            let extra = ids.len().saturating_sub(keep);
+            let dropped: Vec<String> = ids.into_iter().take(extra).collect();
+            for d in &dropped {
+                t.remove((mac, d.as_str()))?;
+            }
+            dropped
+        };
+        tx.commit()?;
+        Ok(dropped)
+    }
+
+    /// Removes one backup; false when there was none.
+    pub fn backup_remove(&self, mac: &str, id: &str) -> Result<bool> {
+        let tx = self.db.begin_write()?;
+        let found = tx.open_table(BACKUPS)?.remove((mac, id))?.is_some();
+        tx.commit()?;
+        Ok(found)
+    }
+
+    /// Every device with at least one backup, and how many.
+    pub fn backup_counts(&self) -> Result<Vec<(String, u64)>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(BACKUPS)?;
+        let mut out: Vec<(String, u64)> = Vec::new();
+        for e in t.iter()? {
+            let (k, _) = e?;
+            let (m, _) = k.value();
+            match out.last_mut() {
+                Some((last, n)) if last == m => *n += 1,
+                _ => out.push((m.to_string(), 1)),
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn captures_all(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        self.all_of(CAPTURES)
+    }
+
+    /// Writes (or with `None` deletes) one capture record, durably.
+    pub fn set_capture(&self, id: &str, value: Option<&[u8]>) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(CAPTURES)?;
+            match value {
+                Some(v) => {
+                    t.insert(id, v)?;
+                }
+                None => {
+                    t.remove(id)?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -524,6 +713,26 @@ mod tests {
             finished_at: "2026-01-01T00:00:00Z".into(),
             progress: None,
         }
+    }
+
+    #[test]
+    fn state_dir_and_store_are_owner_only_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("a/state");
+        // The umask is process-wide; this test only ever loosens what it checks.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        let opened = Store::open(&state);
+        nix::sys::stat::umask(old);
+        drop(opened.unwrap());
+        assert_eq!(mode(&state), 0o700);
+        assert_eq!(mode(&state.join(DB_FILE)), 0o600);
+        // A store an older build left group- and world-readable is tightened at the next open.
+        std::fs::set_permissions(state.join(DB_FILE), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        drop(Store::open(&state).unwrap());
+        assert_eq!(mode(&state.join(DB_FILE)), 0o600);
     }
 
     #[test]
@@ -577,5 +786,40 @@ mod tests {
         assert_eq!(left[0].1.result_id, "r2");
         s.outbox_reject(left[0].0, "bad").unwrap();
         assert_eq!((s.outbox_len().unwrap(), s.rejected_len().unwrap()), (0, 1));
+    }
+
+    #[test]
+    fn backups_rotate_per_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        for i in 0..6 {
+            let dropped = s.backup_add("aa", &format!("b{i}"), b"x", 5).unwrap();
+            assert_eq!(
+                dropped,
+                if i == 5 {
+                    vec!["b0".to_string()]
+                } else {
+                    vec![]
+                }
+            );
+        }
+        s.backup_add("ab", "b9", b"y", 5).unwrap();
+        let ids: Vec<String> = s
+            .backups("aa")
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(ids, ["b1", "b2", "b3", "b4", "b5"]);
+        assert_eq!(s.backups("ab").unwrap().len(), 1);
+        assert_eq!(
+            s.backup_counts().unwrap(),
+            vec![("aa".to_string(), 5), ("ab".to_string(), 1)]
+        );
+        assert!(s.backup_remove("aa", "b3").unwrap());
+        assert!(!s.backup_remove("aa", "b3").unwrap());
+        assert_eq!(s.setting("x").unwrap(), None);
+        s.set_setting("x", "1").unwrap();
+        assert_eq!(s.setting("x").unwrap().as_deref(), Some("1"));
     }
 }

@@ -4,9 +4,11 @@
 pub mod backoff;
 pub mod build;
 pub mod bytes;
+pub mod live;
 pub mod metrics;
 pub mod net;
 pub mod paths;
 pub mod secret;
 pub mod shard;
+pub mod text;
 pub mod time;

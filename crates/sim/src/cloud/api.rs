@@ -6,6 +6,7 @@
 //! token.
 
 use super::Shared;
+use super::artifacts;
 use super::assign::Liveness;
 use super::certificates;
 use super::channel::{self, Outgoing};
@@ -17,9 +18,9 @@ use super::state::{
     self, CommandRecord, CommandState, PinMatch, PinRefusal, RelayRecord, TokenRecord, fmt_time,
 };
 use crate::protocol::{
-    ErrorBody, ErrorCode, HeartbeatRequest, HeartbeatResponse, PATH_CHANNEL, PATH_DEVICE_STATUS,
-    PATH_DEVICES, PATH_HEARTBEAT, PATH_IMAGES, PATH_REGISTER, PATH_RESULTS, PROTOCOL_VERSION,
-    RegisterRequest, RegisterResponse, ResultRecord, ResultsAck, ResultsBatch,
+    ErrorBody, ErrorCode, HeartbeatRequest, HeartbeatResponse, PATH_ARTIFACTS, PATH_CHANNEL,
+    PATH_DEVICE_STATUS, PATH_DEVICES, PATH_HEARTBEAT, PATH_IMAGES, PATH_REGISTER, PATH_RESULTS,
+    PROTOCOL_VERSION, RegisterRequest, RegisterResponse, ResultRecord, ResultsAck, ResultsBatch,
 };
 use axum::Json;
 use axum::body::Body;
@@ -119,6 +120,22 @@ pub(crate) fn router(shared: Arc<Shared>) -> axum::Router {
         .route(PATH_IMAGES, get(images))
         .route(PATH_DEVICE_STATUS, post(devices::device_status))
         .route(PATH_DEVICES, get(devices::device_list))
+        .route(PATH_ARTIFACTS, post(artifacts::offer))
+        .route(
+            "/relay/v1/artifacts/{id}",
+            get(artifacts::status).put(artifacts::put),
+        )
+        .route("/sim/artifacts", get(artifacts::sim_list))
+        .route(
+            "/sim/artifacts/faults",
+            get(artifacts::sim_get_faults).post(artifacts::sim_set_faults),
+        )
+        .route("/sim/artifacts/{id}", get(artifacts::sim_get))
+        .route("/sim/artifacts/{id}/content", get(artifacts::sim_content))
+        .route(
+            "/sim/tenants/{tenant}/settings",
+            get(sim_get_settings).post(sim_set_settings),
+        )
         .route("/sim/relays", get(sim_relays))
         .route("/sim/tenants/{tenant}/reset-pin", post(sim_reset_pin))
         .route("/sim/stats", get(sim_stats))
@@ -468,7 +485,7 @@ async fn heartbeat_inner(
     let relay_id = bearer_relay(shared, headers)?;
     let req: HeartbeatRequest = parse(&read_body(body).await?)?;
     let now = shared.now();
-    let (devices_revision, site, leases) = {
+    let (devices_revision, site, leases, log_upload) = {
         let mut rt = shared.lock();
         let mut tenant = None;
         if let Some(relay) = rt.db.p.relays.get_mut(&relay_id) {
@@ -491,6 +508,10 @@ async fn heartbeat_inner(
         rt.db.p.stats.heartbeats += 1;
         // Not written at once: the flusher writes heartbeats at most once a second.
         rt.changed();
+        let log_upload = tenant
+            .as_ref()
+            .and_then(|t| rt.db.p.tenants.get(t))
+            .map(|t| t.log_upload);
         match tenant {
             Some(t) => {
                 rt.refresh_shares(&t, now, shared.args.inactive_after);
@@ -499,9 +520,10 @@ async fn heartbeat_inner(
                     revision,
                     site_info(&rt, &t, &relay_id),
                     rt.leases_of(&relay_id),
+                    log_upload,
                 )
             }
-            None => (0, None, Vec::new()),
+            None => (0, None, Vec::new(), log_upload),
         }
     };
     let images_revision = match shared
@@ -522,6 +544,7 @@ async fn heartbeat_inner(
         server_time: server_time(shared),
         site,
         leases,
+        log_upload,
     }))
 }
 
@@ -857,8 +880,67 @@ async fn sim_reset_pin(
     ))
 }
 
-async fn sim_stats(State(shared): State<Arc<Shared>>) -> Json<state::Stats> {
-    Json(shared.lock().db.p.stats.clone())
+#[derive(Deserialize)]
+struct Settings {
+    #[serde(default)]
+    log_upload: Option<bool>,
+}
+
+/// `GET /sim/tenants/{tenant}/settings`.
+async fn sim_get_settings(
+    State(shared): State<Arc<Shared>>,
+    tenant: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(tenant_id) = tenant.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let rt = shared.lock();
+    let t = rt
+        .db
+        .p
+        .tenants
+        .get(&tenant_id)
+        .ok_or_else(|| ApiError::not_found(format!("unknown tenant {tenant_id:?}")))?;
+    Ok(Json(
+        json!({"tenant": tenant_id, "log_upload": t.log_upload}),
+    ))
+}
+
+/// `POST /sim/tenants/{tenant}/settings` `{"log_upload": bool}`: the tenant's settings that
+/// relays hear in heartbeat answers.
+async fn sim_set_settings(
+    State(shared): State<Arc<Shared>>,
+    tenant: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    let Path(tenant_id) = tenant.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let req: Settings = parse(&read_body(body).await?)?;
+    let (log_upload, generation) = {
+        let mut rt = shared.lock();
+        let t = rt
+            .db
+            .p
+            .tenants
+            .get_mut(&tenant_id)
+            .ok_or_else(|| ApiError::not_found(format!("unknown tenant {tenant_id:?}")))?;
+        if let Some(v) = req.log_upload {
+            t.log_upload = v;
+        }
+        let v = t.log_upload;
+        (v, rt.changed())
+    };
+    info!(tenant = %tenant_id, log_upload, "tenant settings changed");
+    persist(&shared, generation).await?;
+    Ok(Json(json!({"tenant": tenant_id, "log_upload": log_upload})))
+}
+
+/// The persisted counters, plus `connections`: TCP connections accepted since this process
+/// started (a canary origin in the tests must show 0).
+async fn sim_stats(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    let mut v = serde_json::to_value(shared.lock().db.p.stats.clone()).unwrap_or_default();
+    v["connections"] = shared
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .into();
+    Json(v)
 }
 
 #[derive(Deserialize)]

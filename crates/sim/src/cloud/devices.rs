@@ -517,6 +517,7 @@ pub(crate) async fn sim_get_devices(State(shared): State<Arc<Shared>>) -> Json<V
         "devices": list.devices,
         "status": rt.db.p.device_reports,
         "reported_by": rt.reporters,
+        "stats": rt.db.p.device_stats,
     }))
 }
 
@@ -604,7 +605,7 @@ async fn device_status_inner(shared: &Shared, headers: &HeaderMap, body: Body) -
         }
         let out = rt
             .db
-            .ingest_device_status(&relay_id, batch.reports, batch.alarms);
+            .ingest_device_status(&relay_id, batch.reports, batch.alarms, batch.stats);
         (out, rt.changed())
     };
     if out.new_alarms > 0 {

@@ -29,6 +29,9 @@ fn args(state_file: Option<PathBuf>) -> CloudArgs {
         pin_reset_cooldown: Duration::from_secs(24 * 3600),
         inactive_after: Duration::from_secs(600),
         heartbeat_interval: Duration::from_secs(120),
+        tls_listen: None,
+        tls_cert: None,
+        tls_key: None,
     }
 }
 
@@ -336,14 +339,17 @@ async fn register_heartbeat_results_and_errors() {
     post(addr, "/sim/faults", json!({"mode": "none"})).await;
     assert_eq!(heartbeat(addr, &token).await.0, 200);
 
-    let stats = get(addr, "/sim/stats").await;
+    let mut stats = get(addr, "/sim/stats").await;
+    assert!(stats["connections"].as_u64() > Some(10), "{stats}");
+    stats.as_object_mut().unwrap().remove("connections");
     let expect = json!({
         "image_bytes_served": 0, "heartbeats": 2, "results_received": 2, "duplicate_results": 2,
         "registrations": 1, "registrations_rejected": 5, "channel_connections": 0,
         "faulted_requests": 2, "device_status_reports": 1, "channel_bad_frames": 0,
         "provisioning_requests": 0, "provisioning_unauthorized": 0,
         "provisioning_bytes_in": 0, "provisioning_bytes_out": 0,
-        "device_reports": 0, "alarms": 0, "duplicate_alarms": 0,
+        "device_reports": 0, "alarms": 0, "duplicate_alarms": 0, "device_stats": 0,
+        "artifacts_complete": 0, "artifact_bytes_received": 0, "artifact_checksum_mismatches": 0,
         "duplicate_target_results": 0, "targets_moved": 0
     });
     assert_eq!(stats, expect);
@@ -1393,7 +1399,7 @@ async fn image_catalog_manifest_and_revision() {
     assert_eq!(
         list[0],
         json!({"id": "a.bin", "path": "/images/a.bin", "size": 1000, "sha256": sha_a,
-               "bytes_served": 0, "requests": 0, "range_requests": 0})
+               "bytes_served": 0, "requests": 0, "range_requests": 0, "authorization_seen": 0})
     );
     assert_eq!(list.as_array().unwrap().len(), 2);
     cloud.shutdown().await.unwrap();
@@ -1517,6 +1523,76 @@ async fn image_files_ranges_head_and_counters() {
 }
 
 #[tokio::test]
+async fn hostile_and_cdn_hooks() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pseudo_random(1000, 9);
+    std::fs::write(dir.path().join("fw.bin"), &data).unwrap();
+    let (cloud, token) = start_image_cloud(dir.path()).await;
+    let addr = cloud.addr;
+    let t = Some(token.as_str());
+
+    // The manifest lists whatever URL the test names; the redirect answers 302 to it.
+    let (status, v) = post(
+        addr,
+        "/sim/images/faults",
+        json!({"urls": {"fw.bin": "https://127.0.0.1:9/files/fw.bin?x=1"},
+               "redirects": {"fw.bin": "https://cdn.example/fw.bin?signature=s"}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let (status, m) = call(addr, "GET", "/relay/v1/images", t, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        m["images"][0]["files"][0]["url"],
+        "https://127.0.0.1:9/files/fw.bin?x=1"
+    );
+    let (status, _, _) = fetch(addr, "GET", "/files/fw.bin", None, &[]).await;
+    assert_eq!(status, 401, "the cloud's redirect is behind its token");
+    let (status, h, _) = fetch(addr, "GET", "/files/fw.bin", t, &[]).await;
+    assert_eq!(status, 302);
+    assert_eq!(
+        hdr(&h, "location"),
+        Some("https://cdn.example/fw.bin?signature=s")
+    );
+
+    // A CDN origin: no token needed, the signature is, and credentials are refused and counted.
+    let (status, _) = post(
+        addr,
+        "/sim/images/faults",
+        json!({"anonymous": true, "signature": "s3"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _, body) = fetch(
+        addr,
+        "GET",
+        "/files/fw.bin?expires=9&signature=s3",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!((status, &body[..]), (200, &data[..]));
+    let (status, _, _) = fetch(addr, "GET", "/files/fw.bin?signature=nope", None, &[]).await;
+    assert_eq!(status, 403);
+    let (status, _, _) = fetch(addr, "GET", "/files/fw.bin", None, &[]).await;
+    assert_eq!(status, 403);
+    let (status, _, _) = fetch(addr, "GET", "/files/fw.bin?signature=s3", t, &[]).await;
+    assert_eq!(
+        status, 400,
+        "credentials are refused by a pre-signed origin"
+    );
+    let list = get(addr, "/sim/images").await;
+    assert_eq!(list[0]["authorization_seen"], 2, "{list}");
+    assert!(get(addr, "/sim/stats").await["connections"].as_u64() >= Some(8));
+
+    for bad in [json!({"signature": ""}), json!({"redirects": {"a": ""}})] {
+        let (status, _) = post(addr, "/sim/images/faults", bad.clone()).await;
+        assert_eq!(status, 400, "{bad}");
+    }
+    cloud.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn image_fault_hooks() {
     const N: usize = 10_001;
     let dir = tempfile::tempdir().unwrap();
@@ -1529,7 +1605,8 @@ async fn image_fault_hooks() {
 
     // Corrupt: same length, one byte flipped at len/2, wherever the range covers it.
     let (status, v) = post(addr, "/sim/images/faults", json!({"corrupt": ["fw.bin"]})).await;
-    let want = json!({"corrupt": ["fw.bin"], "rate_bytes_per_s": null, "no_range": false, "fail_status": null});
+    let want = json!({"corrupt": ["fw.bin"], "rate_bytes_per_s": null, "no_range": false, "fail_status": null,
+        "urls": {}, "redirects": {}, "anonymous": false, "signature": null});
     assert_eq!((status, &v), (200, &want));
     assert_eq!(get(addr, "/sim/images/faults").await, want);
     let (status, _, body) = fetch(addr, "GET", "/files/fw.bin", t, &[]).await;
@@ -2480,7 +2557,12 @@ async fn a_ten_thousand_target_task() {
 }
 
 /// Registers a relay with its addresses and subnets; returns its token.
-async fn register_fleet(addr: SocketAddr, relay_id: &str, address: &str, subnets: &[&str]) -> String {
+async fn register_fleet(
+    addr: SocketAddr,
+    relay_id: &str,
+    address: &str,
+    subnets: &[&str],
+) -> String {
     let body = json!({
         "protocol": 1, "tenant_id": "acme", "pin": "123456", "relay_id": relay_id,
         "hostname": relay_id, "version": "0.1.0", "fqdn": ["relay.corp", format!("{relay_id}.corp")],
@@ -2531,7 +2613,11 @@ async fn sites_shares_leases_and_certificate_uploads() {
     let _wb = connect_ws(addr, &tb).await;
     let _ws = connect_ws(addr, &ts).await;
     let (_, v) = heartbeat(addr, &ts).await;
-    assert_eq!(v["site"], json!({"name": "branch", "isolated": true}), "{v}");
+    assert_eq!(
+        v["site"],
+        json!({"name": "branch", "isolated": true}),
+        "{v}"
+    );
     let (_, v) = heartbeat(addr, &ta).await;
     assert_eq!(v["site"]["name"], "hq");
     assert_eq!(v["site"]["download_path"], "https://relay.corp/");
@@ -2540,12 +2626,21 @@ async fn sites_shares_leases_and_certificate_uploads() {
     assert_eq!(sites["sites"].as_array().unwrap().len(), 2, "{sites}");
 
     // Monitoring: the branch device only to its relay, the others split between A and B.
-    let mut devices: Vec<Value> = (1..=40).map(|i| json!({"address": format!("10.2.0.{i}")})).collect();
+    let mut devices: Vec<Value> = (1..=40)
+        .map(|i| json!({"address": format!("10.2.0.{i}")}))
+        .collect();
     devices.push(json!({"address": "10.9.0.7"}));
     devices.push(json!({"address": "192.168.1.1"}));
     post(addr, "/sim/devices", json!({"devices": devices})).await;
     let list = |token: String| async move {
-        let (_, v) = call(addr, "GET", crate::protocol::PATH_DEVICES, Some(&token), None).await;
+        let (_, v) = call(
+            addr,
+            "GET",
+            crate::protocol::PATH_DEVICES,
+            Some(&token),
+            None,
+        )
+        .await;
         v["devices"]
             .as_array()
             .unwrap()
@@ -2553,7 +2648,11 @@ async fn sites_shares_leases_and_certificate_uploads() {
             .map(|d| d["address"].as_str().unwrap().to_owned())
             .collect::<Vec<_>>()
     };
-    let (la, lb, ls) = (list(ta.clone()).await, list(tb.clone()).await, list(ts.clone()).await);
+    let (la, lb, ls) = (
+        list(ta.clone()).await,
+        list(tb.clone()).await,
+        list(ts.clone()).await,
+    );
     assert_eq!(ls, ["10.9.0.7"]);
     assert_eq!(la.len() + lb.len(), 40, "{la:?} {lb:?}");
     assert!(!la.is_empty() && !lb.is_empty());
@@ -2562,15 +2661,34 @@ async fn sites_shares_leases_and_certificate_uploads() {
     let mut targets: Vec<String> = (1..=10).map(|i| format!("10.2.0.{i}")).collect();
     targets.push("10.9.0.7".into());
     targets.push("192.168.1.1".into());
-    let (status, v) = post(addr, "/sim/tasks", json!({"type": "reboot", "targets": targets})).await;
+    let (status, v) = post(
+        addr,
+        "/sim/tasks",
+        json!({"type": "reboot", "targets": targets}),
+    )
+    .await;
     assert_eq!(status, 200, "{v}");
     let id = v["task_id"].as_str().unwrap().to_owned();
     let t = get(addr, &format!("/sim/tasks/{id}")).await;
     let leases = t["leases"].as_array().unwrap();
-    let by = |r: &str| leases.iter().find(|l| l["relay_id"] == r).map(|l| l["targets"].as_u64().unwrap());
-    assert_eq!((by("r-a"), by("r-b"), by("r-s")), (Some(5), Some(5), Some(1)), "{t}");
+    let by = |r: &str| {
+        leases
+            .iter()
+            .find(|l| l["relay_id"] == r)
+            .map(|l| l["targets"].as_u64().unwrap())
+    };
+    assert_eq!(
+        (by("r-a"), by("r-b"), by("r-s")),
+        (Some(5), Some(5), Some(1)),
+        "{t}"
+    );
     assert_eq!(t["failure"], 1, "{t}");
-    assert!(t["results"][0]["reason"].as_str().unwrap().contains("no relay can reach"));
+    assert!(
+        t["results"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no relay can reach")
+    );
 
     // A's lease is listed in its heartbeat answer until A goes silent; then its targets move.
     let (_, v) = heartbeat(addr, &ta).await;
@@ -2592,7 +2710,9 @@ async fn sites_shares_leases_and_certificate_uploads() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
-    let t = tokio::time::timeout(GUARD, moved).await.expect("A's lease moved");
+    let t = tokio::time::timeout(GUARD, moved)
+        .await
+        .expect("A's lease moved");
     let b_targets: u64 = t["leases"]
         .as_array()
         .unwrap()
@@ -2604,12 +2724,196 @@ async fn sites_shares_leases_and_certificate_uploads() {
     assert_eq!(get(addr, "/sim/stats").await["targets_moved"], 5);
 
     // A certificate upload reaches every relay; answers are recorded as they come.
-    let (status, _) = post(addr, "/sim/certificates", json!({"pfx_base64": "%%%", "password": ""})).await;
+    let (status, _) = post(
+        addr,
+        "/sim/certificates",
+        json!({"pfx_base64": "%%%", "password": ""}),
+    )
+    .await;
     assert_eq!(status, 400);
-    let (status, v) = post(addr, "/sim/certificates", json!({"pfx_base64": "MIIB", "password": "pw"})).await;
+    let (status, v) = post(
+        addr,
+        "/sim/certificates",
+        json!({"pfx_base64": "MIIB", "password": "pw"}),
+    )
+    .await;
     assert_eq!(status, 200, "{v}");
-    let c = get(addr, &format!("/sim/certificates/{}", v["upload_id"].as_str().unwrap())).await;
+    let c = get(
+        addr,
+        &format!("/sim/certificates/{}", v["upload_id"].as_str().unwrap()),
+    )
+    .await;
     assert_eq!(c["relays"], json!([]));
     assert_eq!(c["pending"].as_array().unwrap().len(), 3, "{c}");
+    cloud.shutdown().await.unwrap();
+}
+
+/// A PUT of raw bytes with a Content-Range.
+async fn put_chunk(
+    addr: SocketAddr,
+    token: &str,
+    id: &str,
+    from: u64,
+    data: &[u8],
+    total: u64,
+) -> (u16, Value) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::put(format!("/relay/v1/artifacts/{id}"))
+        .header(http::header::HOST, addr.to_string())
+        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(
+            http::header::CONTENT_RANGE,
+            format!("bytes {from}-{}/{total}", from + data.len() as u64 - 1),
+        )
+        .body(Full::new(Bytes::copy_from_slice(data)))
+        .unwrap();
+    let resp = tokio::time::timeout(GUARD, sender.send_request(req))
+        .await
+        .expect("no answer")
+        .unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn artifacts_resume_across_a_restart_and_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cloud.json");
+    let cloud = start_cloud(args(Some(path.clone()))).await;
+    let addr = cloud.addr;
+    let token = register_ok(addr, "r-1", "123456").await;
+    let data = pseudo_random(3000, 7);
+    let offer = json!({
+        "artifact_id": "a-1", "name": "x.pcap.tar.gz", "kind": "packet_capture",
+        "content_type": "application/gzip", "size": 3000, "sha256": sha_hex(&data),
+        "created_at": "2026-11-23T10:00:00Z"
+    })
+    .to_string();
+    let (status, v) = call(
+        addr,
+        "POST",
+        "/relay/v1/artifacts",
+        Some(&token),
+        Some(&offer),
+    )
+    .await;
+    assert_eq!(
+        (status, v["received"].as_u64(), v["state"].as_str()),
+        (200, Some(0), Some("partial")),
+        "{v}"
+    );
+    let (status, v) = put_chunk(addr, &token, "a-1", 0, &data[..1000], 3000).await;
+    assert_eq!((status, v["received"].as_u64()), (200, Some(1000)), "{v}");
+    // A chunk from the wrong offset is refused and says where to go on.
+    let (status, v) = put_chunk(addr, &token, "a-1", 0, &data[..1000], 3000).await;
+    assert_eq!(status, 409, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("1000"),
+        "{v}"
+    );
+    cloud.shutdown().await.unwrap();
+
+    // Restarted: the offer is answered with what survived, and the upload goes on.
+    let cloud = start_cloud(args(Some(path.clone()))).await;
+    let addr = cloud.addr;
+    let (status, v) = call(
+        addr,
+        "POST",
+        "/relay/v1/artifacts",
+        Some(&token),
+        Some(&offer),
+    )
+    .await;
+    assert_eq!((status, v["received"].as_u64()), (200, Some(1000)), "{v}");
+    let (status, v) = put_chunk(addr, &token, "a-1", 1000, &data[1000..], 3000).await;
+    assert_eq!(
+        (status, v["state"].as_str()),
+        (200, Some("complete")),
+        "{v}"
+    );
+    assert_eq!(v["sha256"].as_str(), Some(sha_hex(&data).as_str()));
+    let list = get(addr, "/sim/artifacts").await;
+    assert_eq!(list[0]["bytes_received_total"], 3000, "{list}");
+    let (status, content) = {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let r = s
+            .send_request(
+                http::Request::get("/sim/artifacts/a-1/content")
+                    .header(http::header::HOST, "x")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        (
+            r.status().as_u16(),
+            r.into_body().collect().await.unwrap().to_bytes(),
+        )
+    };
+    assert_eq!((status, &content[..]), (200, &data[..]));
+
+    // Another file under the same id is a conflict; bytes that do not hash right are dropped.
+    let other = offer.replace("3000", "3001");
+    assert_eq!(
+        call(
+            addr,
+            "POST",
+            "/relay/v1/artifacts",
+            Some(&token),
+            Some(&other)
+        )
+        .await
+        .0,
+        409
+    );
+    let offer2 = offer.replace("a-1", "a-2");
+    call(
+        addr,
+        "POST",
+        "/relay/v1/artifacts",
+        Some(&token),
+        Some(&offer2),
+    )
+    .await;
+    post(addr, "/sim/artifacts/faults", json!({"corrupt_next": true})).await;
+    let (status, v) = put_chunk(addr, &token, "a-2", 0, &data, 3000).await;
+    assert_eq!((status, error_code(&v)), (422, "checksum_mismatch"), "{v}");
+    let (_, v) = call(addr, "GET", "/relay/v1/artifacts/a-2", Some(&token), None).await;
+    assert_eq!(v["received"], 0, "{v}");
+    let (status, v) = put_chunk(addr, &token, "a-2", 0, &data, 3000).await;
+    assert_eq!(
+        (status, v["state"].as_str()),
+        (200, Some("complete")),
+        "{v}"
+    );
+    let stats = get(addr, "/sim/stats").await;
+    assert_eq!(
+        (
+            stats["artifacts_complete"].as_u64(),
+            stats["artifact_checksum_mismatches"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
+    // The heartbeat answer carries the tenant's log setting.
+    assert_eq!(heartbeat(addr, &token).await.1["log_upload"], true);
+    post(
+        addr,
+        "/sim/tenants/acme/settings",
+        json!({"log_upload": false}),
+    )
+    .await;
+    assert_eq!(heartbeat(addr, &token).await.1["log_upload"], false);
     cloud.shutdown().await.unwrap();
 }
