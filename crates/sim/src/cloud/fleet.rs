@@ -75,10 +75,8 @@ impl Reach {
     /// only inside the relay's subnets.
     pub fn reaches(&self, sites: &[Site], ip: IpAddr, dev_site: Option<usize>) -> bool {
         let isolated = |s: Option<usize>| s.and_then(|i| sites.get(i)).is_some_and(|s| s.isolated);
-        if isolated(dev_site) || isolated(self.site) {
-            if self.site != dev_site {
-                return false;
-            }
+        if (isolated(dev_site) || isolated(self.site)) && self.site != dev_site {
+            return false;
         }
         match &self.subnets {
             None => true,
