@@ -425,7 +425,12 @@ impl Registry {
         );
         self.applied_revision
             .store(list.revision, Ordering::Relaxed);
-        self.list_in_force.store(true, Ordering::Relaxed);
+        // Revision 0 and nothing in it: the cloud keeps no list for the tenant (as with a 404),
+        // and the devices commands reach are monitored.
+        self.list_in_force.store(
+            list.revision != 0 || !list.devices.is_empty(),
+            Ordering::Relaxed,
+        );
     }
 }
 
