@@ -2613,9 +2613,10 @@ async fn sites_shares_leases_and_certificate_uploads() {
     let _wb = connect_ws(addr, &tb).await;
     let _ws = connect_ws(addr, &ts).await;
     let (_, v) = heartbeat(addr, &ts).await;
+    // The site sets no download path: its relays' shared name gives it.
     assert_eq!(
         v["site"],
-        json!({"name": "branch", "isolated": true}),
+        json!({"name": "branch", "isolated": true, "download_path": "https://relay.corp/"}),
         "{v}"
     );
     let (_, v) = heartbeat(addr, &ta).await;
