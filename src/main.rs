@@ -200,16 +200,47 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(images(&socket, args.target.json, args.action))
         }
         Command::Devices(args) => {
-            let socket = admin_socket(&args)?;
+            let socket = admin_socket(&args.target)?;
+            if let Some(crate::cli::DevicesAction::Trust {
+                address,
+                fingerprint,
+            }) = &args.action
+            {
+                let enc = |s: &str| {
+                    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC)
+                        .to_string()
+                };
+                let mut path = format!("/v1/devices/trust?address={}", enc(address));
+                if let Some(f) = fingerprint {
+                    path.push_str(&format!("&fingerprint={}", enc(f)));
+                }
+                let v: serde_json::Value = runtime()?.block_on(
+                    ucrelay_relay::ops::admin::call_json(&socket, http::Method::POST, &path),
+                )?;
+                if args.target.json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    println!("{}", v["done"].as_str().unwrap_or(""));
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             let v: serde_json::Value =
                 runtime()?.block_on(ucrelay_relay::ops::admin::get_json(&socket, "/v1/devices"))?;
-            if args.json {
+            if args.target.json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print!("{}", ucrelay_relay::ops::views::render_devices(&v));
             }
             let offline = v["counts"]["offline"].as_u64().unwrap_or(0);
-            Ok(if offline == 0 {
+            let changed = v["devices"]
+                .as_array()
+                .map(|d| {
+                    d.iter()
+                        .filter(|d| d["identity"]["state"] == "changed")
+                        .count()
+                })
+                .unwrap_or(0);
+            Ok(if offline == 0 && changed == 0 {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

@@ -195,6 +195,8 @@ pub async fn start(listener: TcpListener, args: CloudArgs) -> anyhow::Result<Clo
             prov_log: VecDeque::new(),
             image_faults: images::ImageFaults::default(),
             image_counters: HashMap::new(),
+            busy: HashMap::new(),
+            limits: api::Limits::default(),
         }),
         written: tokio::sync::Mutex::new(0),
     });
@@ -279,6 +281,10 @@ pub(crate) struct Runtime {
     pub image_faults: images::ImageFaults,
     /// Per-file download counters by file name (`GET /sim/images`); not persisted.
     pub image_counters: HashMap<String, images::FileCounters>,
+    /// Relays that answered `busy`, and until when their commands wait (not persisted).
+    pub busy: HashMap<String, channel::BusyBackoff>,
+    /// Per-record size limits of results and device status (`POST /sim/limits`).
+    pub limits: api::Limits,
 }
 
 impl Runtime {

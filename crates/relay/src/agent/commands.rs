@@ -7,10 +7,18 @@
 //!
 //! Every command runs as a task on the [`Runner`]'s tracker, never detached: shutdown waits for
 //! them.
+//!
+//! A command takes a queue slot before it is stored and acknowledged (`[cloud].command_queue`
+//! slots, held until its result is stored). With every slot taken the relay answers the frame with
+//! an `error` of code `busy` and keeps nothing: the cloud still owns the command and sends it again
+//! later, backing off. So a flood from the cloud costs the relay a bounded queue, never unbounded
+//! memory or store.
 
-use super::Dispatch;
+use super::{Dispatch, TaskAccept};
 use crate::ctx::Ctx;
-use crate::protocol::{Command, Outcome, RelayMessage, ResultRecord, TASK_COMMAND};
+use crate::protocol::{
+    ChannelErrorCode, Command, Outcome, RelayMessage, ResultRecord, TASK_COMMAND,
+};
 use crate::util::time::rfc3339;
 use anyhow::Result;
 use std::sync::Arc;
@@ -25,15 +33,21 @@ const RUNNING_MAX: usize = 64;
 /// Runs the commands the channel hands over, each on a tracked task.
 pub struct Runner {
     dispatch: Arc<dyn Dispatch>,
+    /// Commands held (waiting or running); a command takes one before it is stored.
+    queue: Arc<Semaphore>,
+    queue_size: usize,
+    /// Commands running.
     slots: Arc<Semaphore>,
     tasks: TaskTracker,
 }
 
 impl Runner {
-    pub fn new(dispatch: Arc<dyn Dispatch>) -> Runner {
+    pub fn new(dispatch: Arc<dyn Dispatch>, queue_size: usize) -> Runner {
         Runner {
             dispatch,
-            slots: Arc::new(Semaphore::new(RUNNING_MAX)),
+            queue: Arc::new(Semaphore::new(queue_size)),
+            queue_size,
+            slots: Arc::new(Semaphore::new(RUNNING_MAX.min(queue_size))),
             tasks: TaskTracker::new(),
         }
     }
@@ -51,25 +65,51 @@ impl Runner {
     }
 }
 
+/// The answer to a command the relay cannot take now.
+fn busy(ctx: &Ctx, id: String, why: String) -> RelayMessage {
+    ctx.status.lock().commands_busy += 1;
+    warn!(command_id = %id, "{why}");
+    RelayMessage::Error {
+        id: Some(id),
+        code: ChannelErrorCode::Busy,
+        message: why,
+    }
+}
+
 async fn accept(runner: &Runner, ctx: &Ctx, cmd: Command) -> Option<RelayMessage> {
     ctx.status.lock().commands_received += 1;
     let id = cmd.id.clone();
+    let seen = {
+        let id = id.clone();
+        ctx.store.run(move |s| s.command_seen(&id)).await
+    };
+    match seen {
+        // Sent again after a lost ack: acknowledged again, never run twice, no slot needed.
+        Ok(true) => {
+            info!(command_id = %id, "command already received; acknowledging again without running it");
+            return Some(RelayMessage::Ack { id });
+        }
+        Ok(false) => {}
+        Err(e) => {
+            error!(command_id = %id, error = %format!("{e:#}"), "cannot read the store; not acknowledged");
+            return None;
+        }
+    }
     // A task is stored as a task (it outlives restarts and resumes), not as a one-shot command.
     if cmd.name == TASK_COMMAND {
-        let seen = {
-            let id = id.clone();
-            ctx.store.run(move |s| s.command_seen(&id)).await
-        };
-        return match seen {
-            Ok(true) => Some(RelayMessage::Ack { id }),
-            Ok(false) if runner.dispatch.accept_task(&cmd).await => Some(RelayMessage::Ack { id }),
-            Ok(false) => None,
-            Err(e) => {
-                error!(command_id = %id, error = %format!("{e:#}"), "cannot read the store; not acknowledged");
-                None
-            }
+        return match runner.dispatch.accept_task(&cmd).await {
+            TaskAccept::Stored => Some(RelayMessage::Ack { id }),
+            TaskAccept::Busy(why) => Some(busy(ctx, id, why)),
+            TaskAccept::Failed => None,
         };
     }
+    let Ok(permit) = runner.queue.clone().try_acquire_owned() else {
+        let why = format!(
+            "relay busy: {} commands are queued or running ([cloud].command_queue); not stored, send it again later",
+            runner.queue_size
+        );
+        return Some(busy(ctx, id, why));
+    };
     let stored = {
         let cmd = cmd.clone();
         ctx.store
@@ -97,7 +137,9 @@ async fn accept(runner: &Runner, ctx: &Ctx, cmd: Command) -> Option<RelayMessage
     info!(command_id = %id, name = %cmd.name, "command received");
     let (ctx, dispatch, slots) = (ctx.clone(), runner.dispatch.clone(), runner.slots.clone());
     runner.tasks.spawn(async move {
-        let Ok(_permit) = slots.acquire_owned().await else {
+        // The queue slot is held until the result is stored.
+        let _queued = permit;
+        let Ok(_running) = slots.acquire_owned().await else {
             return;
         };
         let rec = execute(dispatch.as_ref(), &cmd).await;

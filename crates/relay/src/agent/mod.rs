@@ -25,9 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 /// What the management agent asks of the rest of the relay.
 pub trait Dispatch: Send + Sync + 'static {
-    /// Takes a scheduled task (a `task` command): true once it is stored durably and may be
-    /// acknowledged, false to leave it unacknowledged (the cloud sends it again).
-    fn accept_task<'a>(&'a self, cmd: &'a Command) -> BoxFuture<'a, bool>;
+    /// Takes a scheduled task (a `task` command): stored durably (ack it), refused for now (answer
+    /// busy), or not stored (no answer: the cloud sends it again).
+    fn accept_task<'a>(&'a self, cmd: &'a Command) -> BoxFuture<'a, TaskAccept>;
     /// Runs a command that is not the agent's own (`ping` is) to its result.
     fn execute<'a>(&'a self, cmd: &'a Command) -> BoxFuture<'a, ResultRecord>;
     /// What the next heartbeat says about the other jobs.
@@ -36,6 +36,17 @@ pub trait Dispatch: Send + Sync + 'static {
     fn images_revision(&self, revision: u64, asked: bool);
     /// The cloud announced the revision of the device list (heartbeat answer).
     fn devices_revision(&self, revision: u64);
+}
+
+/// What became of a `task` command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskAccept {
+    /// Stored (or its rejection stored): acknowledge it.
+    Stored,
+    /// Too many tasks are open; answer `busy`, the cloud sends it again later.
+    Busy(String),
+    /// Storing failed: no answer, the cloud sends it again.
+    Failed,
 }
 
 /// The other jobs, as a heartbeat reports them.
@@ -60,7 +71,7 @@ pub struct Agent {
 /// grace period bounds the wait); one cut short is reported as interrupted at the next start.
 pub async fn run(ctx: Ctx, agent: Agent, shutdown: CancellationToken) -> Result<()> {
     commands::recover_interrupted(&ctx).await?;
-    let runner = commands::Runner::new(agent.dispatch.clone());
+    let runner = commands::Runner::new(agent.dispatch.clone(), ctx.config.cloud.command_queue);
     let sessions = ctx.sessions.clone();
     let loops = tokio::try_join!(
         heartbeat::run(

@@ -14,6 +14,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
 const BATCH: usize = 100;
+/// Stored JSON per batch at most (a single larger record is sent alone): a screen capture is
+/// megabytes, and a hundred of them must not make one request.
+const BATCH_BYTES: usize = 4 << 20;
 /// Even without a wake-up, look at the outbox this often.
 const SWEEP: Duration = Duration::from_secs(30);
 
@@ -25,7 +28,10 @@ pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken)
     loop {
         // Drain while there is a session and something to send.
         while let Some(session) = sessions.current() {
-            let batch = ctx.store.run(move |s| s.outbox_batch(batch_size)).await?;
+            let batch = ctx
+                .store
+                .run(move |s| s.outbox_batch(batch_size, BATCH_BYTES))
+                .await?;
             if batch.is_empty() {
                 break;
             }
@@ -70,7 +76,9 @@ pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken)
                         }
                     }
                 }
-                Err(e) if e.code() == Some(ErrorCode::BadRequest) => {
+                // 400: the cloud cannot read something in the batch; 413: something in it is
+                // larger than the cloud takes. Either way one record must not block the rest.
+                Err(e) if matches!(e.code(), Some(ErrorCode::BadRequest | ErrorCode::TooLarge)) => {
                     if batch.len() > 1 {
                         warn!(error = %e, "cloud refused a results batch; sending one at a time to isolate it");
                         batch_size = 1;
@@ -78,7 +86,7 @@ pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken)
                         // Retrying a result the cloud cannot read would block every later one.
                         let (key, rec) = &batch[0];
                         error!(result_id = %rec.result_id, command_id = %rec.command_id, error = %e,
-                            "cloud refused a result as malformed; kept in the store's rejected table, not retried");
+                            "cloud refused a result (malformed or too large); kept in the store's rejected table, not retried");
                         let (key, why) = (*key, e.to_string());
                         ctx.store.run(move |s| s.outbox_reject(key, &why)).await?;
                         ctx.status.lock().results_rejected += 1;

@@ -414,6 +414,7 @@ pub fn status_error(status: u16, body: &[u8]) -> CloudError {
                 404 => ErrorCode::NotFound,
                 429 | 503 => ErrorCode::Busy,
                 400 => ErrorCode::BadRequest,
+                413 => ErrorCode::TooLarge,
                 s if s >= 500 => ErrorCode::Internal,
                 _ => ErrorCode::Other,
             };

@@ -21,6 +21,12 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(60);
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(2 * 3600);
+/// Commands held at once (running or waiting) before the relay answers `busy`.
+pub const DEFAULT_COMMAND_QUEUE: usize = 1024;
+/// Device sessions open at once, relay-wide.
+pub const DEFAULT_MAX_SESSIONS: usize = 256;
+/// How long finished tasks are kept.
+pub const DEFAULT_TASK_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 pub const DEFAULT_MAX_IMAGES: u32 = 40;
 pub const DEFAULT_MAX_TOTAL: u64 = 30 * 1000 * 1000 * 1000;
 pub const DEFAULT_EDGE_LISTEN: &str = "0.0.0.0:443";
@@ -82,6 +88,9 @@ pub struct CloudConfig {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     pub reconnect_max: Duration,
+    /// Commands from the channel held at once, running or waiting to run; one more is answered
+    /// `busy` on the channel, neither stored nor acknowledged, so the cloud sends it again later.
+    pub command_queue: usize,
 }
 
 /// Where the PIN comes from. A file is read again before every registration attempt, so an admin who
@@ -369,6 +378,34 @@ pub struct DevicesConfig {
     pub target_timeout: Duration,
     /// Poll known devices every `poll_interval` (default on).
     pub monitoring: bool,
+    /// How a device's TLS certificate is checked before the admin password is sent.
+    pub identity: DeviceIdentity,
+    /// Device sessions (connections) open at once across commands, tasks and polls.
+    pub max_sessions: usize,
+    /// Finished tasks (and their per-target results) are forgotten this long after they ended.
+    pub task_retention: Duration,
+}
+
+/// `[devices].identity`: what the relay checks of a device's certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceIdentity {
+    /// Trust on first use: the key a device presents first is pinned; a different key later is
+    /// refused in the handshake, before any credentials are sent (the SSH model).
+    Tofu,
+    /// The chain must lead to `ca_file` (the name is not checked: device certificates name the MAC).
+    Ca,
+    /// Any certificate (the handshake signature is still checked). Also what plain HTTP gets.
+    Off,
+}
+
+impl DeviceIdentity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceIdentity::Tofu => "tofu",
+            DeviceIdentity::Ca => "ca",
+            DeviceIdentity::Off => "off",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -32,6 +32,7 @@ pub(super) struct RawCloud {
     pub(super) connect_timeout: Option<String>,
     pub(super) request_timeout: Option<String>,
     pub(super) reconnect_max: Option<String>,
+    pub(super) command_queue: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -92,4 +93,7 @@ pub(super) struct RawDevices {
     pub(super) task_concurrency: Option<usize>,
     pub(super) target_timeout: Option<String>,
     pub(super) monitoring: Option<bool>,
+    pub(super) identity: Option<String>,
+    pub(super) max_sessions: Option<usize>,
+    pub(super) task_retention: Option<String>,
 }

@@ -217,6 +217,12 @@ fn cloud(v: &Check, c: RawCloud) -> Result<CloudConfig> {
             ms(100),
             secs(3600),
         )?,
+        command_queue: v.count(
+            "cloud.command_queue",
+            c.command_queue,
+            DEFAULT_COMMAND_QUEUE,
+            65_536,
+        )?,
     })
 }
 
@@ -419,6 +425,40 @@ fn devices(v: &Check, d: Option<RawDevices>) -> Result<DevicesConfig> {
             ));
         }
     };
+    let ca_file = v.ca_file("devices.ca_file", d.ca_file)?;
+    let identity = match (d.identity.as_deref(), scheme, &ca_file) {
+        // Absent: pin on first use, or check the CA when one is given (what ca_file always meant).
+        (None, DeviceScheme::Https, None) => DeviceIdentity::Tofu,
+        (None, DeviceScheme::Https, Some(_)) => DeviceIdentity::Ca,
+        (None, DeviceScheme::Http, _) => DeviceIdentity::Off,
+        (Some("off"), _, None) => DeviceIdentity::Off,
+        (Some(mode @ ("tofu" | "ca")), DeviceScheme::Http, _) => {
+            return Err(v.err(
+                "devices.identity",
+                format!("{mode:?} needs scheme = \"https\": plain HTTP carries no device identity"),
+            ));
+        }
+        (Some("tofu"), _, None) => DeviceIdentity::Tofu,
+        (Some("ca"), _, Some(_)) => DeviceIdentity::Ca,
+        (Some("ca"), _, None) => {
+            return Err(v.err(
+                "devices.identity",
+                "\"ca\" needs devices.ca_file: the CA that signs the device certificates",
+            ));
+        }
+        (Some("tofu" | "off"), _, Some(_)) => {
+            return Err(v.err(
+                "devices.ca_file",
+                "is used only with identity = \"ca\"; remove it or set identity = \"ca\"",
+            ));
+        }
+        (Some(other), _, _) => {
+            return Err(v.err(
+                "devices.identity",
+                format!("{other:?} is not \"tofu\", \"ca\" or \"off\""),
+            ));
+        }
+    };
     Ok(DevicesConfig {
         enabled,
         subnets,
@@ -431,7 +471,7 @@ fn devices(v: &Check, d: Option<RawDevices>) -> Result<DevicesConfig> {
         )?,
         admin_password,
         scheme,
-        ca_file: v.ca_file("devices.ca_file", d.ca_file)?,
+        ca_file,
         request_timeout: v.duration(
             "devices.request_timeout",
             &d.request_timeout,
@@ -449,6 +489,20 @@ fn devices(v: &Check, d: Option<RawDevices>) -> Result<DevicesConfig> {
             secs(3600),
         )?,
         monitoring: d.monitoring.unwrap_or(true),
+        identity,
+        max_sessions: v.count(
+            "devices.max_sessions",
+            d.max_sessions,
+            DEFAULT_MAX_SESSIONS,
+            4096,
+        )?,
+        task_retention: v.duration(
+            "devices.task_retention",
+            &d.task_retention,
+            DEFAULT_TASK_RETENTION,
+            secs(1),
+            secs(10 * 365 * 24 * 3600),
+        )?,
     })
 }
 

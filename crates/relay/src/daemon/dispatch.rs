@@ -6,8 +6,8 @@ use crate::agent::{self, JobsReport};
 use crate::devices::{self, DevicePlane};
 use crate::ops::{Running, report::StatusReport};
 use crate::protocol::{
-    AgentState, Command, DEVICE_COMMANDS, Outcome, ResultRecord, TASK_CANCEL_COMMAND,
-    TASK_UPDATE_COMMAND,
+    AgentState, Command, DEVICE_COMMANDS, DEVICE_TRUST_COMMAND, Outcome, ResultRecord,
+    TASK_CANCEL_COMMAND, TASK_UPDATE_COMMAND,
 };
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
@@ -29,6 +29,7 @@ impl Jobs {
             name if DEVICE_COMMANDS.contains(&name) => self.devices().command(cmd).await,
             TASK_CANCEL_COMMAND => done(devices::tasks::cancel(self.devices(), &cmd.params).await),
             TASK_UPDATE_COMMAND => done(devices::tasks::update(self.devices(), &cmd.params).await),
+            DEVICE_TRUST_COMMAND => self.devices().trust_command(cmd).await,
             "relay_status" => {
                 let ctx = &self.running.ctx;
                 let pending = ctx.store.run(|s| s.outbox_len()).await.unwrap_or(0);
@@ -67,7 +68,7 @@ fn state(state: &str, reason: Option<String>) -> AgentState {
 }
 
 impl agent::Dispatch for Jobs {
-    fn accept_task<'a>(&'a self, cmd: &'a Command) -> BoxFuture<'a, bool> {
+    fn accept_task<'a>(&'a self, cmd: &'a Command) -> BoxFuture<'a, agent::TaskAccept> {
         devices::tasks::accept(&self.running.ctx, self.devices(), cmd).boxed()
     }
 

@@ -3,10 +3,14 @@
 //!
 //! Safety first: an address outside `[devices].subnets` is refused before any packet is sent, so the
 //! cloud cannot use the relay as an open proxy. One request at a time per device (phones answer 403
-//! to a second one), a deadline on every step, bounded concurrency everywhere.
+//! to a second one), a deadline on every step, bounded concurrency everywhere: one relay-wide cap
+//! on device sessions (`[devices].max_sessions`) covers commands, tasks and polls together. A
+//! device's key is pinned on first contact (`identity`), and a device presenting another key gets
+//! no password.
 
 pub mod actions;
 pub mod client;
+pub mod identity;
 pub mod monitor;
 pub mod tasks;
 
@@ -17,12 +21,12 @@ use crate::store::Write;
 use crate::util::secret::Secret;
 use crate::util::time::rfc3339;
 use anyhow::Result;
-use client::{DeviceClient, DeviceError, Target};
+use client::{DeviceClient, DeviceError, Session, Target};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::SystemTime;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -39,6 +43,10 @@ pub struct DevicePlane {
     locks: Mutex<HashMap<Target, Weak<tokio::sync::Mutex<()>>>>,
     pub registry: monitor::Registry,
     pub tasks: tasks::Book,
+    /// Pinned device keys (`identity = "tofu"`).
+    pub pins: identity::Pins,
+    /// Relay-wide cap on device sessions: commands, task targets and polls all take a permit.
+    sessions: Arc<Semaphore>,
     recorder: mpsc::Sender<Recording>,
     recorder_rx: Mutex<Option<mpsc::Receiver<Recording>>>,
 }
@@ -52,6 +60,8 @@ impl DevicePlane {
             locks: Mutex::new(HashMap::new()),
             registry: monitor::Registry::load(store, cfg)?,
             tasks: tasks::Book::load(store)?,
+            pins: identity::Pins::load(store)?,
+            sessions: Arc::new(Semaphore::new(cfg.max_sessions)),
             recorder: tx,
             recorder_rx: Mutex::new(Some(rx)),
         }))
@@ -100,7 +110,196 @@ impl DevicePlane {
         m.lock_owned().await
     }
 
-    /// Runs one operation on one device with the device lock held and the given deadline.
+    /// Device sessions open now (each holds a permit of `[devices].max_sessions`).
+    pub fn sessions_open(&self) -> usize {
+        self.cfg.max_sessions - self.sessions.available_permits()
+    }
+
+    /// Runs `work` on `target` with the device lock and a session permit held. The lock comes
+    /// first: a permit is never held while waiting for a device, so permit holders always progress.
+    pub async fn with_device<T>(
+        &self,
+        target: &Target,
+        work: impl std::future::Future<Output = Result<T, DeviceError>>,
+    ) -> Result<T, DeviceError> {
+        let _guard = self.lock(target).await;
+        let _permit = self
+            .sessions
+            .acquire()
+            .await
+            .map_err(|_| DeviceError::Timeout("the relay is stopping"))?;
+        work.await
+    }
+
+    /// Opens a session with `target` under the identity rules. A first key (or the new key after a
+    /// factory reset) is stored before this returns, so it is pinned before the first request
+    /// carries the password; a refused key is recorded with its alarm.
+    pub async fn open(&self, target: &Target, password: &Secret) -> Result<Session, DeviceError> {
+        let pin_addr = self.client.pin_address(target);
+        let expect = self
+            .client
+            .pins_keys()
+            .then(|| self.pins.expect(&pin_addr, SystemTime::now()));
+        match self.client.session(target, password, expect).await {
+            Ok(s) => {
+                if let Some((expect, seen)) = s.observed_key() {
+                    let o = self.pins.observed(&pin_addr, expect, seen);
+                    // Fail closed: a pin that is not durable would be forgotten by a restart.
+                    self.apply(o).await.map_err(DeviceError::Store)?;
+                }
+                Ok(s)
+            }
+            Err(e) => {
+                if let DeviceError::IdentityChanged(change) = &e {
+                    let mac = self.registry.mac_of(&target.to_string());
+                    let o = self.pins.refused(&pin_addr, change.seen, mac);
+                    if let Err(why) = self.apply(o).await {
+                        warn!(device = %target, error = %why, "cannot store the identity change");
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Stores a pin decision (and its alarm) in one group commit.
+    async fn apply(&self, o: identity::Outcome) -> Result<(), String> {
+        let mut writes = o.writes;
+        let alarm = o.alarm;
+        if let Some(a) = &alarm {
+            writes.push(Write::Alarm {
+                id: a.id.clone(),
+                value: serde_json::to_vec(a).map_err(|e| e.to_string())?,
+            });
+        }
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.record(writes).await?;
+        if alarm.is_some() {
+            self.registry.wake_reporter();
+        }
+        Ok(())
+    }
+
+    /// Accepts a new key for the device at `address` (the admin's `ucrelay devices trust`, the
+    /// cloud's `device_trust`): `fingerprint` when given, else the changed key last seen, else the
+    /// pin is forgotten. Returns what was done.
+    pub async fn trust(
+        &self,
+        address: &str,
+        fingerprint: Option<&str>,
+        by: identity::TrustedBy,
+    ) -> Result<String, String> {
+        if !self.client.pins_keys() {
+            return Err(format!(
+                "device keys are not pinned: [devices].identity is \"{}\"",
+                self.cfg.identity.as_str()
+            ));
+        }
+        let target = self.check_target(address)?;
+        let fingerprint = fingerprint.map(identity::Fingerprint::parse).transpose()?;
+        let pin_addr = self.client.pin_address(&target);
+        let (said, o) = self.pins.trust(&pin_addr, fingerprint, by)?;
+        self.apply(o)
+            .await
+            .map_err(|e| format!("cannot store the decision: {e}"))?;
+        Ok(said)
+    }
+
+    /// The `device_trust` command from the cloud.
+    pub async fn trust_command(&self, cmd: &Command) -> ResultRecord {
+        let target = cmd.params.get("target").and_then(Value::as_str);
+        let fingerprint = match cmd.params.get("fingerprint") {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(f)) => Ok(Some(f.as_str())),
+            Some(_) => Err("fingerprint must be a string of 64 hex digits".to_string()),
+        };
+        let outcome = match (target, fingerprint) {
+            (None, _) => Err("params.target is required (the device's IP or IP:PORT)".into()),
+            (_, Err(e)) => Err(e),
+            (Some(t), Ok(f)) => self.trust(t, f, identity::TrustedBy::Cloud).await,
+        };
+        let (result, reason, payload) = match outcome {
+            Ok(said) => (
+                Outcome::Success,
+                String::new(),
+                serde_json::json!({ "done": said }),
+            ),
+            Err(why) => (Outcome::Failure, why, Value::Null),
+        };
+        ResultRecord {
+            result_id: uuid::Uuid::new_v4().to_string(),
+            command_id: cmd.id.clone(),
+            target: target.map(|t| t.chars().take(64).collect()),
+            name: cmd.name.clone(),
+            result,
+            reason,
+            payload,
+            finished_at: rfc3339(SystemTime::now()),
+            progress: None,
+        }
+    }
+
+    /// The identity state of the device at `address` (as the registry lists it), for
+    /// `ucrelay devices`: `unpinned`, `pinned`, `changed` (a different key was refused) or
+    /// `expect_new` (after a factory reset the relay ran); `off` when keys are not pinned.
+    pub fn identity_of(&self, address: &str) -> Value {
+        if !self.client.pins_keys() {
+            return serde_json::json!({ "state": "off", "mode": self.cfg.identity.as_str() });
+        }
+        let Ok(t) = Target::parse(address) else {
+            return serde_json::json!({ "state": "unpinned" });
+        };
+        match self.pins.get(&self.client.pin_address(&t)) {
+            None => serde_json::json!({ "state": "unpinned" }),
+            Some(p) => {
+                let state = if p.changed.is_some() {
+                    "changed"
+                } else if p.expect_new_until.is_some() {
+                    "expect_new"
+                } else {
+                    "pinned"
+                };
+                serde_json::json!({
+                    "state": state,
+                    "key": p.key,
+                    "since": p.since,
+                    "how": p.how,
+                    "changed": p.changed,
+                })
+            }
+        }
+    }
+
+    /// What `ucrelay devices` shows: every known device with its last poll and identity, the
+    /// counts, and the device plane's limits and counters.
+    pub fn report(&self) -> Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        let reg = &self.registry;
+        let mut devices = reg.list();
+        for d in &mut devices {
+            let id = self.identity_of(d["address"].as_str().unwrap_or(""));
+            d["identity"] = id;
+        }
+        serde_json::json!({
+            "enabled": self.cfg.enabled,
+            "poll_interval_s": self.cfg.poll_interval.as_secs(),
+            "identity": self.cfg.identity.as_str(),
+            "counts": reg.counts(),
+            "polls": reg.polls.load(Relaxed),
+            "sessions_open": self.sessions_open(),
+            "max_sessions": self.cfg.max_sessions,
+            "alarms_pending": reg.pending_alarms(),
+            "alarms_suppressed": reg.alarms_suppressed.load(Relaxed),
+            "alarms_dropped": reg.alarms_dropped.load(Relaxed),
+            "records_rejected": reg.records_rejected.load(Relaxed),
+            "devices": devices,
+        })
+    }
+
+    /// Runs one operation on one device with the device lock and a session permit held and the
+    /// given deadline.
     pub async fn run_op(
         &self,
         target: &Target,
@@ -109,11 +308,24 @@ impl DevicePlane {
         deadline: std::time::Duration,
     ) -> actions::Done {
         let work = async {
-            let _guard = self.lock(target).await;
-            match self.client.session(target, password).await {
-                Ok(mut s) => actions::perform(op, &mut s).await,
-                Err(e) => e.into(),
+            let r = self
+                .with_device(target, async {
+                    let mut s = self.open(target, password).await?;
+                    Ok(actions::perform(op, &mut s).await)
+                })
+                .await;
+            let done = r.unwrap_or_else(actions::Done::from);
+            // A factory reset the relay ran: the device comes back with a new key, accept it once.
+            if matches!(op, actions::Op::Reset(actions::ResetMode::Factory))
+                && done.result == Outcome::Success
+                && self.client.pins_keys()
+            {
+                let o = self.pins.expect_new(&self.client.pin_address(target));
+                if let Err(e) = self.apply(o).await {
+                    warn!(device = %target, error = %e, "cannot store the factory reset's key expectation");
+                }
             }
+            done
         };
         let done = match tokio::time::timeout(deadline, work).await {
             Ok(d) => d,

@@ -2,15 +2,20 @@
 //! the cloud is reachable then, fanned out to their targets with bounded concurrency and a deadline
 //! per target. Every finished target is stored (with its result in the outbox) in one transaction, so
 //! after `kill -9` the relay resumes the unfinished targets and never re-runs a finished one.
+//!
+//! Bounded: at most [`MAX_OPEN_TASKS`] tasks are scheduled or executing at once (one more is
+//! answered busy), and a finished task is forgotten, with its per-target results,
+//! `[devices].task_retention` after it ended.
 
 use super::DevicePlane;
 use super::actions;
+use crate::agent::TaskAccept;
 use crate::ctx::Ctx;
 use crate::protocol::{
     Command, DEVICE_COMMANDS, Outcome, ResultRecord, TaskCounts, TaskProgress, TaskSpec,
 };
 use crate::store::{Store, Write};
-use crate::util::time::rfc3339;
+use crate::util::time::{parse_rfc3339, rfc3339};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -23,6 +28,10 @@ use tracing::{error, info, warn};
 
 /// Most targets one task may have (a tenant's whole fleet).
 pub const MAX_TARGETS: usize = 100_000;
+/// Most tasks scheduled or executing at once; one more is answered busy.
+pub const MAX_OPEN_TASKS: usize = 1000;
+/// Statuses of a task that will not change again.
+const FINISHED: &[&str] = &["done", "halted", "cancelled", "rejected"];
 /// Below this many finished targets the failure threshold is not judged yet.
 const THRESHOLD_SAMPLE: u64 = 10;
 
@@ -241,6 +250,33 @@ impl Book {
         self.lock().contains_key(id)
     }
 
+    /// Tasks scheduled or executing.
+    pub fn open(&self) -> usize {
+        self.lock()
+            .values()
+            .filter(|e| !FINISHED.contains(&e.rec.status.as_str()))
+            .count()
+    }
+
+    /// Finished tasks whose end is more than `retention` before `now`, oldest first.
+    fn expired(&self, now: SystemTime, retention: Duration) -> Vec<String> {
+        let Some(cutoff) = now.checked_sub(retention) else {
+            return vec![];
+        };
+        self.lock()
+            .iter()
+            .filter(|(_, e)| !e.running && FINISHED.contains(&e.rec.status.as_str()))
+            .filter(|(_, e)| {
+                e.rec
+                    .finished_at
+                    .as_deref()
+                    .and_then(parse_rfc3339)
+                    .is_some_and(|ended| ended < cutoff)
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     pub fn counts(&self) -> TaskCounts {
         let mut c = TaskCounts::default();
         for e in self.lock().values() {
@@ -286,11 +322,18 @@ fn summary(e: &Entry) -> Value {
 }
 
 /// Takes a `task` command off the channel: validates and stores it (or its rejection) before the
-/// ack. Returns false when storing failed (no ack: the cloud sends it again).
-pub async fn accept(ctx: &Ctx, plane: &DevicePlane, cmd: &Command) -> bool {
+/// ack. Busy when [`MAX_OPEN_TASKS`] are open; Failed when storing failed (no ack: the cloud sends
+/// it again).
+pub async fn accept(ctx: &Ctx, plane: &DevicePlane, cmd: &Command) -> TaskAccept {
     if plane.tasks.contains(&cmd.id) {
         info!(task_id = %cmd.id, "task already received; acknowledging again");
-        return true;
+        return TaskAccept::Stored;
+    }
+    let open = plane.tasks.open();
+    if open >= MAX_OPEN_TASKS {
+        return TaskAccept::Busy(format!(
+            "relay busy: {open} tasks are scheduled or executing (at most {MAX_OPEN_TASKS}); not stored, send it again later"
+        ));
     }
     let now = rfc3339(SystemTime::now());
     let parsed = serde_json::from_value::<TaskSpec>(cmd.params.clone());
@@ -342,7 +385,7 @@ pub async fn accept(ctx: &Ctx, plane: &DevicePlane, cmd: &Command) -> bool {
     writes.push(Write::Result(progress_record(&rec, 0)));
     if let Err(e) = plane.record(writes).await {
         error!(task_id = %cmd.id, error = %e, "cannot store task; not acknowledged");
-        return false;
+        return TaskAccept::Failed;
     }
     if verdict.is_ok() {
         info!(task_id = %rec.id, r#type = %rec.spec.kind, targets = rec.total, at = ?rec.spec.at, "task scheduled");
@@ -358,7 +401,7 @@ pub async fn accept(ctx: &Ctx, plane: &DevicePlane, cmd: &Command) -> bool {
         },
     );
     plane.tasks.wake.notify_one();
-    true
+    TaskAccept::Stored
 }
 
 /// `task_cancel`: only while scheduled.
@@ -480,10 +523,51 @@ fn fail(why: &str) -> actions::Done {
     }
 }
 
-/// The scheduler: starts each task at its time (and resumes tasks a restart interrupted).
+/// Forgets the finished tasks past `[devices].task_retention`, in the store and in memory.
+async fn prune(ctx: &Ctx, plane: &DevicePlane) -> Result<()> {
+    let ids = plane
+        .tasks
+        .expired(SystemTime::now(), plane.cfg.task_retention);
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let n = ids.len();
+    let batch = ids.clone();
+    let targets = ctx.store.run(move |s| s.tasks_prune(&batch)).await?;
+    {
+        let mut book = plane.tasks.lock();
+        for id in &ids {
+            book.remove(id);
+        }
+    }
+    info!(
+        tasks = n,
+        targets,
+        retention = %humantime::format_duration(plane.cfg.task_retention),
+        "finished tasks past their retention forgotten"
+    );
+    Ok(())
+}
+
+/// How often finished tasks are looked at for pruning: a tenth of the retention, between 1 s and
+/// an hour.
+fn prune_every(retention: Duration) -> Duration {
+    (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600))
+}
+
+/// The scheduler: starts each task at its time (and resumes tasks a restart interrupted), and
+/// forgets finished tasks past their retention.
 pub async fn run(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken) -> Result<()> {
     let mut running = tokio::task::JoinSet::new();
+    let prune_period = prune_every(plane.cfg.task_retention);
+    let mut next_prune = tokio::time::Instant::now();
     loop {
+        if tokio::time::Instant::now() >= next_prune {
+            if let Err(e) = prune(&ctx, &plane).await {
+                warn!(error = %format!("{e:#}"), "cannot prune finished tasks; trying again later");
+            }
+            next_prune = tokio::time::Instant::now() + prune_period;
+        }
         let now = SystemTime::now();
         let mut next: Option<SystemTime> = None;
         let mut start = Vec::new();
@@ -513,7 +597,8 @@ pub async fn run(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken)
         let wait = next
             .and_then(|t| t.duration_since(SystemTime::now()).ok())
             .unwrap_or(Duration::from_secs(60))
-            .min(Duration::from_secs(60));
+            .min(Duration::from_secs(60))
+            .min(next_prune.saturating_duration_since(tokio::time::Instant::now()));
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = plane.tasks.wake.notified() => {}

@@ -68,6 +68,9 @@ pub struct CloudReport {
     pub heartbeats_failed: u64,
     pub heartbeat_interval_s: u64,
     pub commands_received: u64,
+    /// Commands answered `busy` because `[cloud].command_queue` was full.
+    #[serde(default)]
+    pub commands_busy: u64,
     pub results_pending: u64,
     pub results_sent: u64,
     pub results_rejected: u64,
@@ -237,6 +240,7 @@ impl CloudReport {
             heartbeats_failed: s.heartbeats_failed,
             heartbeat_interval_s: s.heartbeat_interval_s,
             commands_received: s.commands_received,
+            commands_busy: s.commands_busy,
             results_pending,
             results_sent: s.results_sent,
             results_rejected: s.results_rejected,
@@ -439,10 +443,17 @@ impl StatusReport {
         ));
         rows.push((
             "commands",
-            format!(
-                "{} received, {} results sent, {} pending",
-                c.commands_received, c.results_sent, c.results_pending
-            ),
+            if c.commands_busy > 0 {
+                format!(
+                    "{} received, {} answered busy (queue full), {} results sent, {} pending",
+                    c.commands_received, c.commands_busy, c.results_sent, c.results_pending
+                )
+            } else {
+                format!(
+                    "{} received, {} results sent, {} pending",
+                    c.commands_received, c.results_sent, c.results_pending
+                )
+            },
         ));
         if let Some(e) = &self.edge {
             rows.push(("edge", format!("{} (fqdn {})", e.listen, e.fqdn.join(", "))));

@@ -37,6 +37,9 @@ const TASK_TARGETS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new(
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 /// Device plane: monitoring alarms not yet acknowledged by the cloud, by alarm id.
 const ALARMS: TableDefinition<&str, &[u8]> = TableDefinition::new("alarms");
+/// Device plane: the certificate key pinned for each device, by the socket address the relay dials
+/// (JSON owned by `devices::identity`).
+const DEVICE_PINS: TableDefinition<&str, &[u8]> = TableDefinition::new("device_pins");
 /// How long finished command ids are remembered.
 const DONE_KEEP: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
@@ -103,6 +106,7 @@ impl Store {
             tx.open_table(TASK_TARGETS)?;
             tx.open_table(DEVICES)?;
             tx.open_table(ALARMS)?;
+            tx.open_table(DEVICE_PINS)?;
             // Forget finished command ids past the keep period.
             let cutoff = unix_now().saturating_sub(DONE_KEEP.as_secs());
             tx.open_table(DONE)?.retain(|_, at| at >= cutoff)?;
@@ -213,19 +217,32 @@ impl Store {
                 .insert(rec.command_id.as_str(), unix_now())?;
         }
         tx.commit()?;
+        // The name comes from the cloud: only names this relay knows become label values, so a
+        // cloud cannot grow the metric without bound.
+        let name = if crate::protocol::is_known_command(&rec.name) {
+            rec.name.as_str()
+        } else {
+            "other"
+        };
         crate::util::metrics::global()
             .commands
-            .inc(&[("name", &rec.name), ("result", rec.result.as_str())]);
+            .inc(&[("name", name), ("result", rec.result.as_str())]);
         Ok(())
     }
 
-    /// The oldest `max` results, with their outbox keys.
-    pub fn outbox_batch(&self, max: usize) -> Result<Vec<(u64, ResultRecord)>> {
+    /// The oldest results, with their outbox keys: at most `max` of them and, past the first, no
+    /// more than `max_bytes` of stored JSON together (a record larger than that goes alone).
+    pub fn outbox_batch(&self, max: usize, max_bytes: usize) -> Result<Vec<(u64, ResultRecord)>> {
         let tx = self.db.begin_read()?;
         let table = tx.open_table(OUTBOX)?;
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         for entry in table.iter()?.take(max) {
             let (k, v) = entry?;
+            bytes = bytes.saturating_add(v.value().len());
+            if !out.is_empty() && bytes > max_bytes {
+                break;
+            }
             match serde_json::from_slice::<ResultRecord>(v.value()) {
                 Ok(rec) => out.push((k.value(), rec)),
                 Err(e) => {
@@ -362,6 +379,11 @@ pub enum Write {
         id: String,
         value: Vec<u8>,
     },
+    /// A device's pinned key (insert or replace), or `None` to forget it.
+    Pin {
+        address: String,
+        value: Option<Vec<u8>>,
+    },
 }
 
 impl Store {
@@ -380,6 +402,7 @@ impl Store {
             let mut targets = tx.open_table(TASK_TARGETS)?;
             let mut devices = tx.open_table(DEVICES)?;
             let mut alarms = tx.open_table(ALARMS)?;
+            let mut pins = tx.open_table(DEVICE_PINS)?;
             let mut next = outbox.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
             let now = unix_now();
             for w in writes {
@@ -414,6 +437,14 @@ impl Store {
                     Write::Alarm { id, value } => {
                         alarms.insert(id.as_str(), value.as_slice())?;
                     }
+                    Write::Pin { address, value } => match value {
+                        Some(v) => {
+                            pins.insert(address.as_str(), v.as_slice())?;
+                        }
+                        None => {
+                            pins.remove(address.as_str())?;
+                        }
+                    },
                 }
             }
         }
@@ -478,6 +509,90 @@ impl Store {
 
     pub fn alarms_all(&self) -> Result<Vec<(String, Vec<u8>)>> {
         self.all_of(ALARMS)
+    }
+
+    /// Pending alarms in id order: at most `max`, and past the first no more than `max_bytes`.
+    pub fn alarms_batch(&self, max: usize, max_bytes: usize) -> Result<Vec<(String, Vec<u8>)>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(ALARMS)?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for e in t.iter()?.take(max) {
+            let (k, v) = e?;
+            bytes = bytes.saturating_add(v.value().len());
+            if !out.is_empty() && bytes > max_bytes {
+                break;
+            }
+            out.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    pub fn alarms_len(&self) -> Result<u64> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(ALARMS)?.len()?)
+    }
+
+    /// Moves an alarm the cloud refused for good (400, 413) out of the pending alarms into the
+    /// rejected table, kept for inspection, so it cannot block the others.
+    pub fn alarm_reject(&self, id: &str, reason: &str) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut alarms = tx.open_table(ALARMS)?;
+            let entry = alarms.remove(id)?.map(|v| v.value().to_vec());
+            if let Some(bytes) = entry {
+                let mut rec: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+                rec["rejected_because"] = serde_json::Value::String(reason.to_string());
+                rec["record"] = serde_json::Value::String("alarm".into());
+                let mut rejected = tx.open_table(REJECTED)?;
+                let next = rejected.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+                rejected.insert(next, serde_json::to_vec(&rec)?.as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn pins_all(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        self.all_of(DEVICE_PINS)
+    }
+
+    /// Forgets finished tasks and their per-target results. Each id stays known as a handled
+    /// command (from now), so a cloud that sends the task again does not run it a second time.
+    pub fn tasks_prune(&self, ids: &[String]) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let tx = self.db.begin_write()?;
+        let mut targets_removed = 0u64;
+        {
+            let mut tasks = tx.open_table(TASKS)?;
+            let mut targets = tx.open_table(TASK_TARGETS)?;
+            let mut done = tx.open_table(DONE)?;
+            let now = unix_now();
+            for id in ids {
+                tasks.remove(id.as_str())?;
+                let keys: Vec<String> = {
+                    let mut keys = Vec::new();
+                    for e in targets.range((id.as_str(), "")..)? {
+                        let (k, _) = e?;
+                        let (tk, target) = k.value();
+                        if tk != id.as_str() {
+                            break;
+                        }
+                        keys.push(target.to_string());
+                    }
+                    keys
+                };
+                for t in &keys {
+                    targets.remove((id.as_str(), t.as_str()))?;
+                }
+                targets_removed += keys.len() as u64;
+                done.insert(id.as_str(), now)?;
+            }
+        }
+        tx.commit()?;
+        Ok(targets_removed)
     }
 
     pub fn alarms_remove(&self, ids: &[String]) -> Result<()> {
@@ -559,16 +674,83 @@ mod tests {
             s.command_seen("c2").unwrap(),
             "finished commands stay known"
         );
-        let batch = s.outbox_batch(10).unwrap();
+        let batch = s.outbox_batch(10, usize::MAX).unwrap();
         let ids: Vec<_> = batch.iter().map(|(_, r)| r.result_id.as_str()).collect();
         assert_eq!(ids, ["r1", "r2"]);
         s.outbox_remove(&[batch[0].0]).unwrap();
         assert_eq!(s.outbox_len().unwrap(), 1);
         drop(s);
         let s = Store::open(dir.path()).unwrap();
-        let left = s.outbox_batch(10).unwrap();
+        let left = s.outbox_batch(10, usize::MAX).unwrap();
         assert_eq!(left[0].1.result_id, "r2");
         s.outbox_reject(left[0].0, "bad").unwrap();
         assert_eq!((s.outbox_len().unwrap(), s.rejected_len().unwrap()), (0, 1));
+    }
+
+    #[test]
+    fn outbox_batches_are_bounded_by_bytes_but_never_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let mut big = rec("big", "c0");
+        big.payload = serde_json::json!("x".repeat(10_000));
+        s.finish(&big).unwrap();
+        for i in 1..5 {
+            s.finish(&rec(&format!("r{i}"), &format!("c{i}"))).unwrap();
+        }
+        // The first record is over the byte budget on its own: it goes alone.
+        let b = s.outbox_batch(100, 1000).unwrap();
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].1.result_id, "big");
+        s.outbox_remove(&[b[0].0]).unwrap();
+        let one = serde_json::to_vec(&rec("r1", "c1")).unwrap().len();
+        let b = s.outbox_batch(100, one * 2 + 10).unwrap();
+        assert_eq!(
+            b.len(),
+            2,
+            "two small records fit the budget, the third does not"
+        );
+        assert_eq!(s.outbox_batch(3, usize::MAX).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn pruned_tasks_leave_their_id_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.write_batch(&[
+            Write::CommandSeen("t1".into()),
+            Write::Task {
+                id: "t1".into(),
+                value: b"{}".to_vec(),
+            },
+            Write::TaskTarget {
+                task: "t1".into(),
+                target: "10.0.0.1".into(),
+                value: b"{}".to_vec(),
+            },
+            Write::TaskTarget {
+                task: "t1".into(),
+                target: "10.0.0.2".into(),
+                value: b"{}".to_vec(),
+            },
+            Write::Task {
+                id: "t2".into(),
+                value: b"{}".to_vec(),
+            },
+            Write::TaskTarget {
+                task: "t2".into(),
+                target: "10.0.0.1".into(),
+                value: b"{}".to_vec(),
+            },
+        ])
+        .unwrap();
+        assert_eq!(s.tasks_prune(&["t1".into()]).unwrap(), 2);
+        assert!(s.task("t1").unwrap().is_none());
+        assert!(s.task_targets("t1").unwrap().is_empty());
+        assert!(s.command_seen("t1").unwrap());
+        assert_eq!(
+            s.task_targets("t2").unwrap().len(),
+            1,
+            "other tasks untouched"
+        );
     }
 }

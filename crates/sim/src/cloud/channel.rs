@@ -5,6 +5,12 @@
 //! One channel per relay: a new connection closes the older one. The test API can freeze a
 //! connection (no more reads or writes, socket kept open) to play a half-open peer. It does not
 //! ping the relay itself: keepalive is the relay's job.
+//!
+//! A relay whose queue is full answers a command with an `error` of code `busy`: the command goes
+//! back to the queue, and the relay's commands wait (new ones too) for a backoff that starts at
+//! [`BUSY_BASE`] and doubles with every busy answer to a retry, up to [`BUSY_CAP`]; after
+//! [`BUSY_RESET`] without a busy answer it starts from the base again. Then the waiting commands
+//! go out, oldest first.
 
 use super::api::{ApiError, bearer_relay};
 use super::state::CommandState;
@@ -17,7 +23,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -31,6 +37,28 @@ const MAX_INBOUND: usize = 1 << 20;
 
 /// How long a close frame may take to go out before the socket is just dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// First wait after a relay answered busy.
+pub const BUSY_BASE: Duration = Duration::from_millis(250);
+/// Longest wait between retries to a busy relay.
+pub const BUSY_CAP: Duration = Duration::from_secs(10);
+/// A relay that has not answered busy for this long starts from the base again.
+pub const BUSY_RESET: Duration = Duration::from_secs(30);
+
+/// The backoff towards one relay that answered busy.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BusyBackoff {
+    /// Commands wait until then.
+    pub until: Instant,
+    pub step: Duration,
+    pub last_busy: Instant,
+}
+
+impl BusyBackoff {
+    pub fn waiting(&self, now: Instant) -> bool {
+        now < self.until
+    }
+}
 
 /// A frame waiting to be written, with an optional notice once it is on the socket.
 pub(crate) struct Outgoing {
@@ -72,6 +100,14 @@ impl Runtime {
         let Some(cmd) = self.db.p.commands.get_mut(idx) else {
             return;
         };
+        // A relay that answered busy gets nothing until its backoff is over.
+        if self
+            .busy
+            .get(&cmd.relay_id)
+            .is_some_and(|b| b.waiting(Instant::now()))
+        {
+            return;
+        }
         let Some(conn) = self.channels.get(&cmd.relay_id) else {
             return;
         };
@@ -292,7 +328,7 @@ where
     info!(%relay_id, %session_id, reason, "channel disconnected");
 }
 
-fn handle_text(shared: &Shared, relay_id: &str, text: &str) {
+fn handle_text(shared: &Arc<Shared>, relay_id: &str, text: &str) {
     let msg = match serde_json::from_str::<RelayMessage>(text) {
         Ok(m) => m,
         Err(e) => {
@@ -314,6 +350,23 @@ fn handle_text(shared: &Shared, relay_id: &str, text: &str) {
                 warn!(%relay_id, command_id = %id, "channel: ack for a command this relay was not sent")
             }
         },
+        RelayMessage::Error {
+            id: Some(id),
+            code: ChannelErrorCode::Busy,
+            message,
+        } => {
+            let requeued = rt.db.requeue(&id, relay_id);
+            rt.db.p.stats.busy_answers += 1;
+            rt.changed();
+            info!(%relay_id, command_id = %id, requeued, %message, "channel: relay busy; backing off");
+            rt.channel_errors.push(ChannelErrorEntry {
+                relay_id: relay_id.to_owned(),
+                id: Some(id),
+                code: ChannelErrorCode::Busy,
+                message,
+            });
+            back_off(shared, &mut rt, relay_id);
+        }
         RelayMessage::Error { id, code, message } => {
             warn!(%relay_id, command_id = ?id, code = ?code, %message, "channel: relay reported an error");
             rt.channel_errors.push(ChannelErrorEntry {
@@ -324,4 +377,46 @@ fn handle_text(shared: &Shared, relay_id: &str, text: &str) {
             });
         }
     }
+}
+
+/// A relay answered busy: unless it is already waiting (this answer belongs to the burst that
+/// started the wait), its commands wait a backoff step, doubled from the last one when the relay
+/// was busy recently; then the waiting commands go out again.
+fn back_off(shared: &Arc<Shared>, rt: &mut super::Runtime, relay_id: &str) {
+    let now = Instant::now();
+    let step = match rt.busy.get(relay_id) {
+        Some(b) if b.waiting(now) => {
+            if let Some(b) = rt.busy.get_mut(relay_id) {
+                b.last_busy = now;
+            }
+            return;
+        }
+        Some(b) if now.duration_since(b.last_busy) < BUSY_RESET => (b.step * 2).min(BUSY_CAP),
+        _ => BUSY_BASE,
+    };
+    rt.busy.insert(
+        relay_id.to_owned(),
+        BusyBackoff {
+            until: now + step,
+            step,
+            last_busy: now,
+        },
+    );
+    let shared2 = shared.clone();
+    let relay = relay_id.to_owned();
+    shared.tracker.spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep(step) => {}
+            _ = shared2.cancel.cancelled() => return,
+        }
+        let mut rt = shared2.lock();
+        let queued = rt.db.queued_commands(&relay);
+        for idx in &queued {
+            rt.deliver_command(*idx);
+        }
+        if !queued.is_empty() {
+            rt.changed();
+            info!(%relay, commands = queued.len(), "busy backoff over; commands sent again");
+        }
+    });
 }

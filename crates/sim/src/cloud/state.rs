@@ -334,6 +334,10 @@ pub struct Stats {
     pub alarms: u64,
     /// Alarms received again (same id): retries after a lost answer.
     pub duplicate_alarms: u64,
+    /// Commands a relay answered `busy` on its channel (sent again after a backoff).
+    pub busy_answers: u64,
+    /// Batches refused with 413 because one record was over the per-record limit.
+    pub records_too_large: u64,
 }
 
 /// A task created through the test API. Its state and totals are not stored here: they come
@@ -536,6 +540,28 @@ impl Db {
         self.command_index
             .insert(cmd.id.clone(), self.p.commands.len());
         self.p.commands.push(cmd);
+    }
+
+    /// A command the relay answered `busy`: not delivered after all, it waits to be sent again.
+    pub fn requeue(&mut self, id: &str, relay_id: &str) -> bool {
+        match self.command_mut(id) {
+            Some(c) if c.relay_id == relay_id && c.state == CommandState::Sent => {
+                c.state = CommandState::Queued;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Commands of `relay_id` waiting to be sent (never sent, or answered `busy`), oldest first.
+    pub fn queued_commands(&self, relay_id: &str) -> Vec<usize> {
+        self.p
+            .commands
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.relay_id == relay_id && c.state == CommandState::Queued)
+            .map(|(i, _)| i)
+            .collect()
     }
 
     /// Commands to (re)send when `relay_id` connects: those never sent, and those sent on an earlier
