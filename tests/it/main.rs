@@ -1,11 +1,13 @@
 //! The one integration test binary: real processes and servers on loopback, waiting on readiness.
 
 mod agent;
+mod bounded_work;
 mod cli;
 mod devices;
 mod doctor;
 mod download;
 mod edge;
+mod hostile_devices;
 mod metrics;
 mod nginx;
 mod pki;

@@ -204,6 +204,18 @@ impl Pins {
         self.lock().get(address).cloned()
     }
 
+    /// Addresses whose device presented a key other than the pinned one, sorted.
+    pub fn changed(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .lock()
+            .iter()
+            .filter(|(_, p)| p.changed.is_some())
+            .map(|(a, _)| a.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }

@@ -205,7 +205,7 @@ impl CloudReport {
         };
         if s.results_rejected > 0 {
             problems.push(format!(
-                "{} results were refused by the cloud as malformed and set aside (see the logs)",
+                "{} results were refused by the cloud as malformed or too large and set aside (see the logs)",
                 s.results_rejected
             ));
         }
@@ -342,6 +342,37 @@ pub struct JobReport {
     pub detail: String,
 }
 
+/// Devices presenting a changed key, and device-status records the relay could not deliver.
+fn device_findings(plane: &crate::devices::DevicePlane, found: &mut Findings) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let changed = plane.pins.changed();
+    if !changed.is_empty() {
+        let mut list = changed.clone();
+        list.truncate(5);
+        found.problems.push(format!(
+            "{} device(s) presented a certificate key other than the pinned one and get no password ({}{}): \
+             `ucrelay devices` shows them; if a device was replaced or reset, `ucrelay devices trust ADDRESS`",
+            changed.len(),
+            list.join(", "),
+            if changed.len() > 5 { ", ..." } else { "" }
+        ));
+    }
+    let reg = &plane.registry;
+    let rejected = reg.records_rejected.load(Relaxed);
+    if rejected > 0 {
+        found.problems.push(format!(
+            "{rejected} device-status records were refused by the cloud as malformed or too large and set aside (see the logs)"
+        ));
+    }
+    let dropped = reg.alarms_dropped.load(Relaxed);
+    if dropped > 0 {
+        found.problems.push(format!(
+            "{dropped} alarms were dropped: {} alarms are waiting for the cloud, the most the relay keeps",
+            reg.pending_alarms()
+        ));
+    }
+}
+
 /// What is wrong (the relay is unhealthy) and what deserves a look, gathered while building.
 #[derive(Default)]
 struct Findings {
@@ -361,6 +392,9 @@ impl StatusReport {
         let images = ctx.images.as_ref().map(|c| c.report());
         if let Some(r) = &images {
             image_findings(r, &mut found);
+        }
+        if ctx.devices.cfg.enabled {
+            device_findings(&ctx.devices, &mut found);
         }
         StatusReport {
             version: crate::util::build::VERSION.into(),

@@ -134,7 +134,7 @@ pub enum Hostile {
 /// Size of a `huge_replies` answer: twice the relay's cap on any device answer.
 pub const HUGE_REPLY: usize = 16 << 20;
 /// Lines a `many_lines` phone lists.
-pub const MANY_LINES: usize = 5000;
+pub const MANY_LINES: usize = 2000;
 /// Lines a `flapping_lines` phone lists.
 pub const FLAPPING_LINES: usize = 48;
 
