@@ -124,7 +124,13 @@ async fn a_swapped_certificate_gets_no_password_until_someone_trusts_the_new_key
     relay.signal("TERM");
     assert_eq!(relay.wait_exit(Duration::from_secs(20)).await, Some(0));
     let relay = Relay::start(&cfg).await;
-    relay.wait_healthy().await;
+    // Not healthy: the changed key is a problem until someone decides.
+    let st = relay
+        .wait_status("channel up after the restart", |s| {
+            s["cloud"]["channel"] == "connected"
+        })
+        .await;
+    assert_eq!(st["healthy"], false, "{st}");
     let r = cloud.command("check_sync", json!({"target": a})).await;
     assert_eq!(r["result"], "failure", "still refused after a restart: {r}");
     assert_eq!(phones.stats().requests, before.requests);
@@ -136,6 +142,7 @@ async fn a_swapped_certificate_gets_no_password_until_someone_trusts_the_new_key
     let r = cloud.command("check_sync", json!({"target": a})).await;
     assert_eq!(r["result"], "success", "{r}");
     assert_eq!(identity(&relay, &a).await["how"], "trusted_by_admin");
+    relay.wait_healthy().await;
 
     // The original phone is back: now it is the stranger, until the cloud trusts its key.
     phones.set_swapped(0, false);

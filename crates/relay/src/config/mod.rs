@@ -622,6 +622,54 @@ admin_password = "789"
     }
 
     #[test]
+    fn device_identity_and_limits() {
+        let dev = |extra: &str| parse(&format!("{MINIMAL}\n[devices]\n{extra}\n"));
+        let c = dev("").unwrap();
+        assert_eq!(
+            c.devices.identity,
+            DeviceIdentity::Tofu,
+            "pinned by default"
+        );
+        assert_eq!(c.devices.max_sessions, DEFAULT_MAX_SESSIONS);
+        assert_eq!(c.devices.task_retention, DEFAULT_TASK_RETENTION);
+        assert_eq!(c.cloud.command_queue, DEFAULT_COMMAND_QUEUE);
+        assert_eq!(
+            dev("scheme = \"http\"").unwrap().devices.identity,
+            DeviceIdentity::Off,
+            "plain HTTP has no identity"
+        );
+        assert_eq!(
+            dev("identity = \"off\"").unwrap().devices.identity,
+            DeviceIdentity::Off
+        );
+        let c = dev("task_retention = \"2s\"\nmax_sessions = 4").unwrap();
+        assert_eq!(c.devices.task_retention, Duration::from_secs(2));
+        assert_eq!(c.devices.max_sessions, 4);
+        for (extra, field, says) in [
+            ("identity = \"trust\"", "devices.identity", "not"),
+            ("identity = \"ca\"", "devices.identity", "ca_file"),
+            (
+                "identity = \"tofu\"\nscheme = \"http\"",
+                "devices.identity",
+                "plain HTTP",
+            ),
+            ("max_sessions = 0", "devices.max_sessions", "out of range"),
+            (
+                "task_retention = \"0s\"",
+                "devices.task_retention",
+                "out of range",
+            ),
+        ] {
+            let e = dev(extra).unwrap_err();
+            assert_eq!(e.field, field, "{extra}");
+            assert!(e.message.contains(says), "{extra}: {e}");
+        }
+        let e = parse(&MINIMAL.replace("pin = \"123456\"", "pin = \"123456\"\ncommand_queue = 0"))
+            .unwrap_err();
+        assert_eq!(e.field, "cloud.command_queue");
+    }
+
+    #[test]
     fn malformed_toml_reports_line() {
         let e = parse("state_dir = \"x\"\n[cloud\n").unwrap_err();
         assert!(e.message.contains("line 2"), "{e}");

@@ -25,7 +25,7 @@ use client::{DeviceClient, DeviceError, Session, Target};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -115,11 +115,15 @@ impl DevicePlane {
         self.cfg.max_sessions - self.sessions.available_permits()
     }
 
-    /// Runs `work` on `target` with the device lock and a session permit held. The lock comes
-    /// first: a permit is never held while waiting for a device, so permit holders always progress.
+    /// Runs `work` on `target` with the device lock and a session permit held, within `deadline`
+    /// (a miss is `DeviceError::Timeout(what)`). The lock comes first: a permit is never held while
+    /// waiting for a device, so permit holders always progress. Waiting for the lock or a permit
+    /// is the relay's own queue, not the device's slowness: it does not count against `deadline`.
     pub async fn with_device<T>(
         &self,
         target: &Target,
+        deadline: Duration,
+        what: &'static str,
         work: impl std::future::Future<Output = Result<T, DeviceError>>,
     ) -> Result<T, DeviceError> {
         let _guard = self.lock(target).await;
@@ -128,7 +132,9 @@ impl DevicePlane {
             .acquire()
             .await
             .map_err(|_| DeviceError::Timeout("the relay is stopping"))?;
-        work.await
+        tokio::time::timeout(deadline, work)
+            .await
+            .unwrap_or(Err(DeviceError::Timeout(what)))
     }
 
     /// Opens a session with `target` under the identity rules. A first key (or the new key after a
@@ -307,38 +313,36 @@ impl DevicePlane {
         op: &actions::Op,
         deadline: std::time::Duration,
     ) -> actions::Done {
-        let work = async {
-            let r = self
-                .with_device(target, async {
-                    let mut s = self.open(target, password).await?;
-                    Ok(actions::perform(op, &mut s).await)
-                })
-                .await;
-            let done = r.unwrap_or_else(actions::Done::from);
-            // A factory reset the relay ran: the device comes back with a new key, accept it once.
-            if matches!(op, actions::Op::Reset(actions::ResetMode::Factory))
-                && done.result == Outcome::Success
-                && self.client.pins_keys()
-            {
-                let o = self.pins.expect_new(&self.client.pin_address(target));
-                if let Err(e) = self.apply(o).await {
-                    warn!(device = %target, error = %e, "cannot store the factory reset's key expectation");
-                }
-            }
-            done
-        };
-        let done = match tokio::time::timeout(deadline, work).await {
+        const DEADLINE: &str = "the command's deadline";
+        let r = self
+            .with_device(target, deadline, DEADLINE, async {
+                let mut s = self.open(target, password).await?;
+                Ok(actions::perform(op, &mut s).await)
+            })
+            .await;
+        let done = match r {
             Ok(d) => d,
-            Err(_) => actions::Done {
+            Err(e @ DeviceError::Timeout(DEADLINE)) => actions::Done {
                 result: Outcome::Failure,
                 reason: format!(
                     "device did not finish within {}",
                     humantime::format_duration(deadline)
                 ),
                 payload: Value::Null,
-                cause: Some(DeviceError::Timeout("the command's deadline")),
+                cause: Some(e),
             },
+            Err(e) => e.into(),
         };
+        // A factory reset the relay ran: the device comes back with a new key, accept it once.
+        if matches!(op, actions::Op::Reset(actions::ResetMode::Factory))
+            && done.result == Outcome::Success
+            && self.client.pins_keys()
+        {
+            let o = self.pins.expect_new(&self.client.pin_address(target));
+            if let Err(e) = self.apply(o).await {
+                warn!(device = %target, error = %e, "cannot store the factory reset's key expectation");
+            }
+        }
         // A device that answered (even with an error) is one we know about.
         if !done.cause.as_ref().is_some_and(DeviceError::is_unreachable) {
             self.registry.learn(target, None);

@@ -481,15 +481,13 @@ pub async fn poll_one(plane: &DevicePlane, address: &str) -> DeviceReport {
         }
     };
     let password = plane.password(None);
-    let work = plane.with_device(&target, async {
-        let mut s = plane.open(&target, &password).await?;
-        read_status(&mut s, &mut report, now).await
-    });
     let deadline = plane.cfg.request_timeout * 4;
-    let outcome = match tokio::time::timeout(deadline, work).await {
-        Ok(r) => r,
-        Err(_) => Err(DeviceError::Timeout("poll")),
-    };
+    let outcome = plane
+        .with_device(&target, deadline, "poll", async {
+            let mut s = plane.open(&target, &password).await?;
+            read_status(&mut s, &mut report, now).await
+        })
+        .await;
     match outcome {
         Ok(()) => report.online = true,
         Err(e) => {
