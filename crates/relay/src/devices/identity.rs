@@ -334,10 +334,11 @@ impl Pins {
         }
     }
 
-    /// Accepts a new key for `address`: `fingerprint` when given (it must be the key the device
-    /// last presented, or any key when the admin names it), else the changed key last seen; with
-    /// neither, the pin is forgotten and the next key the device presents is pinned.
-    /// Returns what was done, in words, or why nothing was.
+    /// Accepts a new key for `address`: `fingerprint` when given (the admin or the cloud names the
+    /// key), else the changed key the device last presented; with neither, the pin is forgotten and
+    /// the next key the device presents is pinned. Only a device with a pin can be trusted (deny by
+    /// default: no pins are made up for addresses the relay never met). Returns what was done, in
+    /// words, or why nothing was.
     pub fn trust(
         &self,
         address: &str,
