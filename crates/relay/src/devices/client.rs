@@ -297,10 +297,11 @@ pub struct Session {
 }
 
 impl Session {
-    /// The expectation this session started with and the key its handshake saw, when keys are
-    /// pinned and the handshake verified a certificate (a resumed TLS session verifies none).
-    pub fn observed_key(&self) -> Option<(Expect, Fingerprint)> {
-        Some((self.expect?, self.seen?))
+    /// The key this session's handshake saw, when keys are pinned and the handshake verified a
+    /// certificate (a resumed TLS session verifies none: the key is the one it was made with).
+    pub fn observed_key(&self) -> Option<Fingerprint> {
+        self.expect?;
+        self.seen
     }
 
     /// The TLS settings of one connection: the shared ones, or with keys pinned, the shared ones

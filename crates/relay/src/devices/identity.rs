@@ -235,13 +235,16 @@ impl Pins {
         }
     }
 
-    /// A handshake with `address` under `expect` presented `seen` and went on: pins a first key or
-    /// the new key after a reset, and clears a change once the pinned key is back.
-    pub fn observed(&self, address: &str, expect: Expect, seen: Fingerprint) -> Outcome {
+    /// A handshake with `address` presented `seen` and its check let it through: pins a first key
+    /// or the new key after a reset, and clears a change once the pinned key is back. Decided on
+    /// the pins as they are now, not as they were when the handshake began: when another contact
+    /// pinned a different key meanwhile, the answer is that key (`Err`), and the caller must drop
+    /// the connection before anything is sent.
+    pub fn observed(&self, address: &str, seen: Fingerprint) -> Result<Outcome, Fingerprint> {
         let now = SystemTime::now();
         let mut map = self.lock();
-        let pin = match (expect, map.get_mut(address)) {
-            (Expect::FirstUse, None) => {
+        let pin = match map.get_mut(address) {
+            None => {
                 info!(device = %address, key = %seen, "device key pinned on first contact");
                 map.insert(
                     address.to_string(),
@@ -255,8 +258,17 @@ impl Pins {
                 );
                 map.get(address)
             }
-            (Expect::NewKey { old }, Some(p)) if seen != old && p.key == old => {
-                info!(device = %address, old = %old, new = %seen, "device presented a new key after the factory reset the relay ran; pinned");
+            Some(p) if p.key == seen => {
+                if p.changed.is_none() {
+                    None
+                } else {
+                    info!(device = %address, key = %seen, "device presents its pinned key again");
+                    p.changed = None;
+                    Some(&*p)
+                }
+            }
+            Some(p) if p.expect_new_until.is_some_and(|t| t > unix(now)) => {
+                info!(device = %address, old = %p.key, new = %seen, "device presented a new key after the factory reset the relay ran; pinned");
                 *p = Pin {
                     key: seen,
                     since: rfc3339(now),
@@ -266,19 +278,14 @@ impl Pins {
                 };
                 Some(&*p)
             }
-            (_, Some(p)) if p.key == seen && p.changed.is_some() => {
-                info!(device = %address, key = %seen, "device presents its pinned key again");
-                p.changed = None;
-                Some(&*p)
-            }
-            _ => None,
+            Some(p) => return Err(p.key),
         };
-        Outcome {
+        Ok(Outcome {
             writes: pin
                 .map(|p| vec![write(address, Some(p))])
                 .unwrap_or_default(),
             alarm: None,
-        }
+        })
     }
 
     /// A handshake with `address` presented `seen` where another key is pinned: remembers it and,
@@ -430,7 +437,7 @@ mod tests {
         let p = pins();
         let now = SystemTime::now();
         assert_eq!(p.expect("a", now), Expect::FirstUse);
-        let o = p.observed("a", Expect::FirstUse, fp(1));
+        let o = p.observed("a", fp(1)).unwrap();
         assert_eq!(o.writes.len(), 1);
         assert_eq!(p.expect("a", now), Expect::Key(fp(1)));
         assert!(p.expect("a", now).admits(&fp(1)));
@@ -454,17 +461,26 @@ mod tests {
     }
 
     #[test]
+    fn two_first_contacts_with_different_keys_pin_only_the_first() {
+        let p = pins();
+        // Both handshakes began with nothing pinned; the second to finish loses.
+        assert!(p.observed("a", fp(1)).is_ok());
+        assert_eq!(p.observed("a", fp(2)).unwrap_err(), fp(1));
+        assert_eq!(p.expect("a", SystemTime::now()), Expect::Key(fp(1)));
+    }
+
+    #[test]
     fn a_factory_reset_accepts_one_new_key() {
         let p = pins();
         let now = SystemTime::now();
-        p.observed("a", Expect::FirstUse, fp(1));
+        p.observed("a", fp(1)).unwrap();
         p.expect_new("a");
         let e = p.expect("a", now);
         assert_eq!(e, Expect::NewKey { old: fp(1) });
         // The old key (not reset yet) changes nothing and keeps the expectation.
-        assert!(p.observed("a", e, fp(1)).writes.is_empty());
+        assert!(p.observed("a", fp(1)).unwrap().writes.is_empty());
         assert_eq!(p.expect("a", now), Expect::NewKey { old: fp(1) });
-        p.observed("a", e, fp(2));
+        p.observed("a", fp(2)).unwrap();
         assert_eq!(p.expect("a", now), Expect::Key(fp(2)));
         assert_eq!(p.get("a").unwrap().how, "factory_reset");
         // The expectation ends with the pin.
@@ -481,10 +497,10 @@ mod tests {
     fn trust_without_a_change_forgets_and_unknown_devices_are_refused() {
         let p = pins();
         assert!(p.trust("x", None, TrustedBy::Cloud).is_err());
-        p.observed("a", Expect::FirstUse, fp(1));
+        p.observed("a", fp(1)).unwrap();
         p.trust("a", None, TrustedBy::Cloud).unwrap();
         assert_eq!(p.expect("a", SystemTime::now()), Expect::FirstUse);
-        p.observed("a", Expect::FirstUse, fp(1));
+        p.observed("a", fp(1)).unwrap();
         p.trust("a", Some(fp(9)), TrustedBy::Admin).unwrap();
         assert_eq!(p.expect("a", SystemTime::now()), Expect::Key(fp(9)));
     }

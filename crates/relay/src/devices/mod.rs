@@ -148,10 +148,26 @@ impl DevicePlane {
             .then(|| self.pins.expect(&pin_addr, SystemTime::now()));
         match self.client.session(target, password, expect).await {
             Ok(s) => {
-                if let Some((expect, seen)) = s.observed_key() {
-                    let o = self.pins.observed(&pin_addr, expect, seen);
-                    // Fail closed: a pin that is not durable would be forgotten by a restart.
-                    self.apply(o).await.map_err(DeviceError::Store)?;
+                if let Some(seen) = s.observed_key() {
+                    match self.pins.observed(&pin_addr, seen) {
+                        // Fail closed: a pin that is not durable would be forgotten by a restart.
+                        Ok(o) => self.apply(o).await.map_err(DeviceError::Store)?,
+                        // Another contact pinned a different key meanwhile: the session is
+                        // dropped here, before its first request.
+                        Err(pinned) => {
+                            let e = DeviceError::IdentityChanged(Box::new(client::KeyChange {
+                                address: pin_addr.clone(),
+                                pinned,
+                                seen,
+                            }));
+                            let mac = self.registry.mac_of(&target.to_string());
+                            let o = self.pins.refused(&pin_addr, seen, mac);
+                            if let Err(why) = self.apply(o).await {
+                                warn!(device = %target, error = %why, "cannot store the identity change");
+                            }
+                            return Err(e);
+                        }
+                    }
                 }
                 Ok(s)
             }
