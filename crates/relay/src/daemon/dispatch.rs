@@ -69,7 +69,14 @@ fn state(state: &str, reason: Option<String>) -> AgentState {
 
 impl agent::Dispatch for Jobs {
     fn accept_task<'a>(&'a self, cmd: &'a Command) -> BoxFuture<'a, agent::TaskAccept> {
-        devices::tasks::accept(&self.running.ctx, self.devices(), cmd).boxed()
+        async move {
+            match devices::tasks::accept(&self.running.ctx, self.devices(), cmd).await {
+                devices::tasks::TaskAccept::Stored => agent::TaskAccept::Stored,
+                devices::tasks::TaskAccept::Busy(why) => agent::TaskAccept::Busy(why),
+                devices::tasks::TaskAccept::Failed => agent::TaskAccept::Failed,
+            }
+        }
+        .boxed()
     }
 
     fn execute<'a>(&'a self, cmd: &'a Command) -> BoxFuture<'a, ResultRecord> {

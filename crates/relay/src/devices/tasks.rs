@@ -9,7 +9,6 @@
 
 use super::DevicePlane;
 use super::actions;
-use crate::agent::TaskAccept;
 use crate::ctx::Ctx;
 use crate::protocol::{
     Command, DEVICE_COMMANDS, Outcome, ResultRecord, TaskCounts, TaskProgress, TaskSpec,
@@ -319,6 +318,17 @@ fn summary(e: &Entry) -> Value {
         "started_at": r.started_at,
         "finished_at": r.finished_at,
     })
+}
+
+/// What became of a `task` command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskAccept {
+    /// Stored (or its rejection stored): acknowledge it.
+    Stored,
+    /// [`MAX_OPEN_TASKS`] are open: answer busy, the cloud sends it again later.
+    Busy(String),
+    /// Storing failed: no answer, the cloud sends it again.
+    Failed,
 }
 
 /// Takes a `task` command off the channel: validates and stores it (or its rejection) before the
