@@ -70,6 +70,7 @@ async fn a_command_flood_gets_busy_and_every_acked_command_is_answered_once() {
         );
     }
     let total = ids.len();
+    let started = std::time::Instant::now();
     wait_for(
         "every flooded command answered",
         Duration::from_secs(60),
@@ -116,6 +117,10 @@ async fn a_command_flood_gets_busy_and_every_acked_command_is_answered_once() {
     );
     let st = relay.status().await;
     assert_eq!(st["cloud"]["commands_busy"].as_u64(), Some(busy), "{st}");
+    println!(
+        "flood: {total} commands through a queue of 6 in {:.1} s, {busy} busy answers",
+        started.elapsed().as_secs_f64()
+    );
     wait_log(&relay, "[cloud].command_queue").await;
 }
 

@@ -7,10 +7,10 @@
 //! ping the relay itself: keepalive is the relay's job.
 //!
 //! A relay whose queue is full answers a command with an `error` of code `busy`: the command goes
-//! back to the queue, and the relay's commands wait (new ones too) for a backoff that starts at
-//! [`BUSY_BASE`] and doubles with every busy answer to a retry, up to [`BUSY_CAP`]; after
-//! [`BUSY_RESET`] without a busy answer it starts from the base again. Then the waiting commands
-//! go out, oldest first.
+//! back to the queue, and the relay's commands wait (new ones too) for [`BUSY_BASE`], then go out
+//! again, oldest first. A retry the relay answers with busy only (it acknowledged none of them, so
+//! it made no progress) doubles the next wait, up to [`BUSY_CAP`]; a retry in which it took some
+//! commands keeps the wait short.
 
 use super::api::{ApiError, bearer_relay};
 use super::state::CommandState;
@@ -42,8 +42,6 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 pub const BUSY_BASE: Duration = Duration::from_millis(250);
 /// Longest wait between retries to a busy relay.
 pub const BUSY_CAP: Duration = Duration::from_secs(10);
-/// A relay that has not answered busy for this long starts from the base again.
-pub const BUSY_RESET: Duration = Duration::from_secs(30);
 
 /// The backoff towards one relay that answered busy.
 #[derive(Debug, Clone, Copy)]
@@ -51,7 +49,8 @@ pub(crate) struct BusyBackoff {
     /// Commands wait until then.
     pub until: Instant,
     pub step: Duration,
-    pub last_busy: Instant,
+    /// The relay acknowledged a command since this wait began: it is making progress.
+    pub acked: bool,
 }
 
 impl BusyBackoff {
@@ -344,6 +343,9 @@ fn handle_text(shared: &Arc<Shared>, relay_id: &str, text: &str) {
         RelayMessage::Ack { id } => match rt.db.command_mut(&id) {
             Some(cmd) if cmd.relay_id == relay_id => {
                 cmd.advance(CommandState::Acked);
+                if let Some(b) = rt.busy.get_mut(relay_id) {
+                    b.acked = true;
+                }
                 rt.changed();
             }
             _ => {
@@ -381,17 +383,12 @@ fn handle_text(shared: &Arc<Shared>, relay_id: &str, text: &str) {
 
 /// A relay answered busy: unless it is already waiting (this answer belongs to the burst that
 /// started the wait), its commands wait a backoff step, doubled from the last one when the relay
-/// was busy recently; then the waiting commands go out again.
+/// took none of the commands sent since that wait began; then the waiting commands go out again.
 fn back_off(shared: &Arc<Shared>, rt: &mut super::Runtime, relay_id: &str) {
     let now = Instant::now();
     let step = match rt.busy.get(relay_id) {
-        Some(b) if b.waiting(now) => {
-            if let Some(b) = rt.busy.get_mut(relay_id) {
-                b.last_busy = now;
-            }
-            return;
-        }
-        Some(b) if now.duration_since(b.last_busy) < BUSY_RESET => (b.step * 2).min(BUSY_CAP),
+        Some(b) if b.waiting(now) => return,
+        Some(b) if !b.acked => (b.step * 2).min(BUSY_CAP),
         _ => BUSY_BASE,
     };
     rt.busy.insert(
@@ -399,7 +396,7 @@ fn back_off(shared: &Arc<Shared>, rt: &mut super::Runtime, relay_id: &str) {
         BusyBackoff {
             until: now + step,
             step,
-            last_busy: now,
+            acked: false,
         },
     );
     let shared2 = shared.clone();
