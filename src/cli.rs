@@ -47,10 +47,14 @@ pub enum Command {
     /// List the firmware images and their sync state; `images sync` and `images verify` act on them.
     Images(ImagesArgs),
     /// List the devices the relay knows and what their last poll found (exit 1 when any is offline
-    /// or presented a changed key); `devices trust ADDRESS` accepts a device's new key.
+    /// or presented a changed key); `devices probe` and `devices backups` diagnose one device,
+    /// `devices trust ADDRESS` accepts a device's new key.
     Devices(DevicesArgs),
     /// List scheduled tasks and their totals; `tasks show ID` lists each target's result.
     Tasks(TasksArgs),
+    /// List the devices whose logs the relay keeps, with their sizes; `logs MAC` exports one
+    /// device's logs as a tar.gz.
+    Logs(LogsArgs),
     /// Re-read the configuration and the certificate in the running relay (like SIGHUP), and say what changed.
     Reload(StatusArgs),
     /// Diagnose the path to the cloud and the devices step by step, with a fix for each problem
@@ -171,6 +175,55 @@ pub enum DevicesAction {
         #[arg(long)]
         fingerprint: Option<String>,
     },
+    /// Network diagnostics from the relay to one device: ICMP echo, TCP connect, TLS handshake and
+    /// one authenticated REST call, each timed (exit 0 when the device answers). Only inside
+    /// [devices].subnets.
+    Probe {
+        /// The device: IP or IP:PORT.
+        target: String,
+    },
+    /// A device's configuration backups (up to 5; every get_config takes one): list them, or show,
+    /// download, delete or restore one.
+    Backups {
+        /// The device's MAC address.
+        mac: String,
+        #[command(subcommand)]
+        action: Option<BackupsAction>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackupsAction {
+    /// Print a backup (passwords masked).
+    Show {
+        /// A backup id, or `latest`.
+        id: String,
+    },
+    /// Write a backup to a file (passwords masked).
+    Download {
+        id: String,
+        /// Where to write it (default: <mac>_<id>.cfg here).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Delete a backup.
+    Delete { id: String },
+    /// Push a backup's parameters back to the device (config/set).
+    Restore { id: String },
+}
+
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub target: StatusArgs,
+    /// A device's MAC: export its logs (tar.gz); without it, list the devices with logs.
+    pub mac: Option<String>,
+    /// Where to write the export (default: <mac>-logs-<time>.tar.gz here).
+    #[arg(long, short, requires = "mac")]
+    pub output: Option<PathBuf>,
+    /// Delete the device's logs instead (its collection starts again after a cap).
+    #[arg(long, requires = "mac", conflicts_with = "output")]
+    pub delete: bool,
 }
 
 #[derive(Args, Debug)]

@@ -136,6 +136,21 @@ pub async fn main(args: DemoArgs) -> Result<()> {
         "device edge listening on https://{FQDN}:{} ({edge_addr})",
         edge_addr.port()
     ));
+    // The desk phones reach the relay's edge by its name (for packet capture uploads) and trust
+    // the demo CA, as phones provisioned with it would.
+    {
+        use rustls_pki_types::pem::PemObject;
+        let pem = std::fs::read(&pki.ca_pem)?;
+        let roots = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+            .map(|c| c.map(|c| c.to_vec()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow!("demo CA: {e}"))?;
+        phones.set_uplink(ucrelay_sim::phones::uplink::Uplink {
+            resolve: [(FQDN.to_string(), edge_addr)].into_iter().collect(),
+            roots,
+            provisioning: None,
+        });
+    }
     let phone = ucrelay_sim::phone::ProvClient::new(
         &format!("https://{FQDN}:{}/", edge_addr.port()),
         PHONE_MAC,
@@ -147,6 +162,7 @@ pub async fn main(args: DemoArgs) -> Result<()> {
         cloud_addr,
         phone: &phone,
         fleet: &fleet,
+        fleet_macs: (0..phones.len()).map(|i| phones.mac(i)).collect(),
     };
     let narrated = narrate(&board, images, &world, &say, &shutdown, args.once).await;
     shutdown.cancel();
@@ -169,6 +185,7 @@ struct World<'a> {
     cloud_addr: SocketAddr,
     phone: &'a ucrelay_sim::phone::ProvClient,
     fleet: &'a [String],
+    fleet_macs: Vec<String>,
 }
 
 async fn narrate(
@@ -192,6 +209,7 @@ async fn narrate(
     let mut task: Option<String> = None;
     let mut task_status = String::new();
     let mut task_done = false;
+    let mut diagnostics_done = false;
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
@@ -228,7 +246,9 @@ async fn narrate(
             channel_up = false;
             say(format!("command channel down: {why}"));
         }
-        if channel_up && !ping_done {
+        // After the first heartbeat is shown: the steps below take a while, and the narration
+        // waits for them.
+        if channel_up && !ping_done && heartbeats >= 1 {
             ping_done = true;
             let sent = Instant::now();
             let v = client::post(
@@ -320,7 +340,11 @@ async fn narrate(
                 }
             ));
         }
-        if ping_done && task.is_none() {
+        if ping_done && !diagnostics_done {
+            diagnostics_done = true;
+            diagnostics(cloud_addr, &fleet[0], &world.fleet_macs[0], say, shutdown).await?;
+        }
+        if diagnostics_done && task.is_none() {
             let v = client::post(
                 cloud_addr,
                 "/sim/tasks",
@@ -370,6 +394,7 @@ async fn narrate(
         }
         if once
             && task_done
+            && diagnostics_done
             && registered
             && channel_up
             && heartbeats >= 1
@@ -377,7 +402,7 @@ async fn narrate(
             && provisioned
             && image_fetched
         {
-            say("demo complete: registered, heartbeating, channel up, command answered, reboot task done, phone provisioned, images synced and served".into());
+            say("demo complete: registered, heartbeating, channel up, command answered, packet capture and configuration backup kept, reboot task done, phone provisioned, images synced and served".into());
             return Ok(());
         }
         if once && Instant::now() > deadline {
@@ -388,6 +413,109 @@ async fn narrate(
             _ = shutdown.cancelled() => return Ok(()),
         }
     }
+}
+
+/// Sends a command through the cloud's test API and waits for its result.
+async fn command(
+    cloud_addr: SocketAddr,
+    name: &str,
+    params: serde_json::Value,
+    shutdown: &CancellationToken,
+) -> Result<serde_json::Value> {
+    let v = client::post(
+        cloud_addr,
+        "/sim/commands",
+        serde_json::json!({"name": name, "params": params}),
+    )
+    .await?;
+    let id = v["command_id"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no command_id in {v}"))?
+        .to_string();
+    wait_for_result(cloud_addr, &id, shutdown).await
+}
+
+/// A packet capture on one phone, fetched through the relay's edge and handed to the cloud as an
+/// artifact; then a configuration backup of the same phone.
+async fn diagnostics(
+    cloud_addr: SocketAddr,
+    target: &str,
+    mac: &str,
+    say: &impl Fn(String),
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let r = command(
+        cloud_addr,
+        "packet_capture",
+        serde_json::json!({"target": target, "action": "start", "filter": "udp port 5060", "max_size_mb": 1, "duration_min": 5}),
+        shutdown,
+    )
+    .await?;
+    say(format!(
+        "cloud started a packet capture on {target}: {} ({})",
+        r["result"].as_str().unwrap_or("?"),
+        r["payload"]["name"]
+            .as_str()
+            .unwrap_or(r["reason"].as_str().unwrap_or(""))
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = command(
+        cloud_addr,
+        "packet_capture",
+        serde_json::json!({"target": target, "action": "stop"}),
+        shutdown,
+    )
+    .await?;
+    let a = &r["payload"]["artifact"];
+    if r["result"] != "success" {
+        say(format!(
+            "packet capture stop failed: {}",
+            r["reason"].as_str().unwrap_or("?")
+        ));
+    } else {
+        let id = a["artifact_id"].as_str().unwrap_or("").to_string();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut state = serde_json::Value::Null;
+        while Instant::now() < deadline && !shutdown.is_cancelled() {
+            state = client::get(cloud_addr, &format!("/sim/artifacts/{id}")).await?;
+            if state["state"] == "complete" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        say(format!(
+            "packet capture {} ({} bytes): the phone uploaded it to the relay's edge, the relay handed it to the cloud as artifact {} ({}, SHA-256 checked)",
+            a["name"].as_str().unwrap_or("?"),
+            a["size"],
+            id,
+            state["state"].as_str().unwrap_or("?")
+        ));
+    }
+    let r = command(
+        cloud_addr,
+        "get_config",
+        serde_json::json!({"target": target, "source": "local"}),
+        shutdown,
+    )
+    .await?;
+    say(format!(
+        "cloud read {target}'s local configuration: {}; kept on the relay as backup {}",
+        r["result"].as_str().unwrap_or("?"),
+        r["payload"]["backup_id"].as_str().unwrap_or("(none)")
+    ));
+    let r = command(
+        cloud_addr,
+        "list_config_backups",
+        serde_json::json!({"mac": mac}),
+        shutdown,
+    )
+    .await?;
+    say(format!(
+        "backups of {mac} on the relay: {} (at most {}; `ucrelay devices backups {mac}` lists them)",
+        r["payload"]["backups"].as_array().map_or(0, |b| b.len()),
+        r["payload"]["keep"]
+    ));
+    Ok(())
 }
 
 async fn wait_for_result(

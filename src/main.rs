@@ -201,50 +201,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Devices(args) => {
             let socket = admin_socket(&args.target)?;
-            if let Some(crate::cli::DevicesAction::Trust {
-                address,
-                fingerprint,
-            }) = &args.action
-            {
-                let enc = |s: &str| {
-                    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC)
-                        .to_string()
-                };
-                let mut path = format!("/v1/devices/trust?address={}", enc(address));
-                if let Some(f) = fingerprint {
-                    path.push_str(&format!("&fingerprint={}", enc(f)));
-                }
-                let v: serde_json::Value = runtime()?.block_on(
-                    ucrelay_relay::ops::admin::call_json(&socket, http::Method::POST, &path),
-                )?;
-                if args.target.json {
-                    println!("{}", serde_json::to_string_pretty(&v)?);
-                } else {
-                    println!("{}", v["done"].as_str().unwrap_or(""));
-                }
-                return Ok(ExitCode::SUCCESS);
-            }
-            let v: serde_json::Value =
-                runtime()?.block_on(ucrelay_relay::ops::admin::get_json(&socket, "/v1/devices"))?;
-            if args.target.json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print!("{}", ucrelay_relay::ops::views::render_devices(&v));
-            }
-            let offline = v["counts"]["offline"].as_u64().unwrap_or(0);
-            let changed = v["devices"]
-                .as_array()
-                .map(|d| {
-                    d.iter()
-                        .filter(|d| d["identity"]["state"] == "changed")
-                        .count()
-                })
-                .unwrap_or(0);
-            Ok(if offline == 0 && changed == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            runtime()?.block_on(devices(&socket, args.target.json, args.action))
+        }
+        Command::Logs(args) => {
+            let socket = admin_socket(&args.target)?;
+            runtime()?.block_on(logs(&socket, &args))
         }
         Command::Tasks(args) => {
             let socket = admin_socket(&args.target)?;
@@ -438,6 +399,193 @@ async fn images(
             }
         }
     }
+}
+
+fn enc(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+fn exit(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// `ucrelay devices [probe|backups]`.
+async fn devices(
+    socket: &std::path::Path,
+    json: bool,
+    action: Option<crate::cli::DevicesAction>,
+) -> anyhow::Result<ExitCode> {
+    use crate::cli::{BackupsAction, DevicesAction};
+    use ucrelay_relay::ops::admin::{call_bytes, call_json, get_json};
+    use ucrelay_relay::ops::views;
+    let print = |v: &serde_json::Value, text: String| -> anyhow::Result<()> {
+        if json {
+            println!("{}", serde_json::to_string_pretty(v)?);
+        } else {
+            print!("{text}");
+        }
+        Ok(())
+    };
+    match action {
+        None => {
+            let v: serde_json::Value = get_json(socket, "/v1/devices").await?;
+            print(&v, views::render_devices(&v))?;
+            // A device that presented a changed key is as much a problem as one that is offline.
+            let changed = v["devices"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|d| d["identity"]["state"] == "changed"));
+            Ok(exit(
+                v["counts"]["offline"].as_u64().unwrap_or(0) == 0 && !changed,
+            ))
+        }
+        Some(DevicesAction::Trust {
+            address,
+            fingerprint,
+        }) => {
+            let mut path = format!("/v1/devices/trust?address={}", enc(&address));
+            if let Some(f) = &fingerprint {
+                path.push_str(&format!("&fingerprint={}", enc(f)));
+            }
+            let v: serde_json::Value = call_json(socket, http::Method::POST, &path).await?;
+            print(&v, format!("{}\n", v["done"].as_str().unwrap_or("")))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(DevicesAction::Probe { target }) => {
+            let v: serde_json::Value = call_json(
+                socket,
+                http::Method::POST,
+                &format!("/v1/probe/{}", enc(&target)),
+            )
+            .await?;
+            print(&v, views::render_probe(&v))?;
+            Ok(exit(v["result"] == "success"))
+        }
+        Some(DevicesAction::Backups { mac, action }) => {
+            let base = format!("/v1/backups/{}", enc(&mac));
+            match action {
+                None => {
+                    let v: serde_json::Value = get_json(socket, &base).await?;
+                    print(&v, views::render_backups(&v))?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some(BackupsAction::Show { id }) => {
+                    let body =
+                        call_bytes(socket, http::Method::GET, &format!("{base}/{}", enc(&id)))
+                            .await?;
+                    print!("{}", String::from_utf8_lossy(&body));
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some(BackupsAction::Download { id, output }) => {
+                    let body =
+                        call_bytes(socket, http::Method::GET, &format!("{base}/{}", enc(&id)))
+                            .await?;
+                    let out = output.unwrap_or_else(|| {
+                        std::path::PathBuf::from(format!("{}_{}.cfg", mac.replace(':', ""), id))
+                    });
+                    write_private(&out, &body)?;
+                    println!("wrote {} ({} bytes)", out.display(), body.len());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some(BackupsAction::Delete { id }) => {
+                    let v: serde_json::Value = call_json(
+                        socket,
+                        http::Method::DELETE,
+                        &format!("{base}/{}", enc(&id)),
+                    )
+                    .await?;
+                    print(
+                        &v,
+                        format!("deleted backup {}\n", v["deleted"].as_str().unwrap_or("?")),
+                    )?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some(BackupsAction::Restore { id }) => {
+                    let v: serde_json::Value = call_json(
+                        socket,
+                        http::Method::POST,
+                        &format!("{base}/{}/restore", enc(&id)),
+                    )
+                    .await?;
+                    let text = if v["result"] == "success" {
+                        format!(
+                            "restored backup {}: {} parameters pushed to the device\n",
+                            v["payload"]["backup_id"].as_str().unwrap_or("?"),
+                            v["payload"]["restored"]
+                        )
+                    } else {
+                        format!("restore failed: {}\n", v["reason"].as_str().unwrap_or("?"))
+                    };
+                    print(&v, text)?;
+                    Ok(exit(v["result"] == "success"))
+                }
+            }
+        }
+    }
+}
+
+/// Writes a file only its owner can read (device configuration and logs).
+fn write_private(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(data)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// `ucrelay logs [MAC]`.
+async fn logs(socket: &std::path::Path, args: &crate::cli::LogsArgs) -> anyhow::Result<ExitCode> {
+    use ucrelay_relay::ops::admin::{call_bytes, call_json, get_json};
+    let json = args.target.json;
+    let Some(mac) = &args.mac else {
+        let v: serde_json::Value = get_json(socket, "/v1/logs").await?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            print!("{}", ucrelay_relay::ops::views::render_logs(&v));
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let path = format!("/v1/logs/{}", enc(mac));
+    if args.delete {
+        let v: serde_json::Value = call_json(socket, http::Method::DELETE, &path).await?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!(
+                "deleted the logs of {} ({} bytes); collection for it starts again",
+                v["mac"].as_str().unwrap_or("?"),
+                v["deleted_bytes"]
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let body = call_bytes(socket, http::Method::GET, &path).await?;
+    let out = args.output.clone().unwrap_or_else(|| {
+        let stamp = jiff::Timestamp::now().strftime("%Y%m%d-%H%M%S");
+        std::path::PathBuf::from(format!("{}-logs-{stamp}.tar.gz", mac.replace(':', "")))
+    });
+    write_private(&out, &body)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"mac": mac, "output": out, "bytes": body.len()})
+        );
+    } else {
+        println!("wrote {} ({} bytes)", out.display(), body.len());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn progress_line(done: u64, total: u64, r: &ucrelay_relay::cache::CatalogReport) -> String {

@@ -110,6 +110,8 @@ async fn demo_once_shows_the_whole_flow() {
         "heartbeat 1 ok",
         "command channel (WebSocket) connected",
         "relay answered success",
+        "the relay handed it to the cloud as artifact",
+        "kept on the relay as backup",
         "phone GET /000000000000.cfg -> 200",
         "phone PUT /0004f2000001-app.log -> 201",
         "all images synced",

@@ -4,6 +4,7 @@ mod agent;
 mod bounded_work;
 mod cli;
 mod devices;
+mod diagnostics;
 mod doctor;
 mod download;
 mod edge;

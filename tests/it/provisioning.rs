@@ -34,7 +34,7 @@ async fn phone_provisions_through_the_edge_with_digest_and_streams_a_100mb_uploa
 
     let mut cfg = RelayConfig::new(dir.path(), &cloud.url());
     cfg.extra = format!(
-        "\n[edge]\nlisten = \"127.0.0.1:0\"\nfqdn = [\"{FQDN}\"]\npfx = {:?}\npfx_password_file = {:?}\n\n[provisioning]\nupstream = \"{}\"\n\n[devices]\nsubnets = [\"127.0.0.0/8\"]\n",
+        "\n[edge]\nlisten = \"127.0.0.1:0\"\nfqdn = [\"{FQDN}\"]\npfx = {:?}\npfx_password_file = {:?}\n\n[provisioning]\nupstream = \"{}\"\n\n[devices]\nsubnets = [\"127.0.0.0/8\"]\n\n[diagnostics]\ndevice_logs_max_per_device = \"200MB\"\n",
         pki.pfx,
         pki.password_file,
         cloud.url()
@@ -77,6 +77,19 @@ async fn phone_provisions_through_the_edge_with_digest_and_streams_a_100mb_uploa
 
     // 100 MB up through the edge: byte-identical at the server, and the relay's peak memory does
     // not grow by anything like the body size.
+    // The tenant does not take device logs: the relay keeps a copy of the 100 MB log below, teed
+    // as it streams past.
+    cloud
+        .post(
+            "/sim/tenants/acme/settings",
+            serde_json::json!({"log_upload": false}),
+        )
+        .await;
+    relay
+        .wait_status("the relay keeps device logs", |s| {
+            s["diagnostics"]["device_logs_collecting"] == true
+        })
+        .await;
     let pid = relay.child.id().unwrap();
     let before = vm_hwm_kib(pid);
     let body: Vec<u8> = (0..100 * 1024 * 1024u32)
@@ -123,6 +136,24 @@ async fn phone_provisions_through_the_edge_with_digest_and_streams_a_100mb_uploa
     let grown_mib = (vm_hwm_kib(pid).saturating_sub(before)) / 1024;
     assert!(
         grown_mib < 32,
-        "relay peak RSS grew {grown_mib} MiB for a 100 MB upload: not streaming"
+        "relay peak RSS grew {grown_mib} MiB for a 100 MB upload teed into the log store: not streaming"
     );
+    // The relay's copy is the same bytes.
+    let kept_dir = cfg.state_dir().join("device-logs").join(MAC);
+    let kept = wait_for(
+        "the relay's copy of the log",
+        std::time::Duration::from_secs(10),
+        || {
+            let d = kept_dir.clone();
+            async move {
+                let f = std::fs::read_dir(&d)
+                    .ok()?
+                    .flatten()
+                    .find(|e| e.file_name().to_string_lossy().ends_with("-app.log"))?;
+                Some(f.path())
+            }
+        },
+    )
+    .await;
+    assert_eq!(Sha256::digest(std::fs::read(kept).unwrap()), want);
 }

@@ -70,6 +70,10 @@ fn check(ty: &str, text: &str) -> Result<(), String> {
         "TaskSpec" => round_trip::<TaskSpec>(text),
         "TaskProgress" => round_trip::<TaskProgress>(text),
         "ErrorBody" => round_trip::<ErrorBody>(text),
+        "ArtifactOffer" => round_trip::<ArtifactOffer>(text),
+        "ArtifactStatus" => round_trip::<ArtifactStatus>(text),
+        "ArtifactRef" => round_trip::<ArtifactRef>(text),
+        "DeviceStats" => round_trip::<DeviceStats>(text),
         "" => Err("the fence names no type (write ```json TypeName)".into()),
         other => Err(format!("unknown type {other:?}: add it to this test")),
     }
@@ -79,7 +83,7 @@ fn check(ty: &str, text: &str) -> Result<(), String> {
 fn docs_examples_round_trip() {
     let examples = examples();
     assert!(
-        examples.len() >= 14,
+        examples.len() >= 18,
         "found only {} JSON examples in docs/protocol.md",
         examples.len()
     );

@@ -18,6 +18,10 @@ pub const PATH_RESULTS: &str = "/relay/v1/results";
 pub const PATH_DEVICE_STATUS: &str = "/relay/v1/device-status";
 pub const PATH_IMAGES: &str = "/relay/v1/images";
 pub const PATH_DEVICES: &str = "/relay/v1/devices";
+/// Files the relay hands over (captures, exports, log bundles): `POST` announces one,
+/// `GET {PATH_ARTIFACTS}/{id}` tells how much the cloud holds, `PUT {PATH_ARTIFACTS}/{id}` carries
+/// a chunk with `Content-Range`.
+pub const PATH_ARTIFACTS: &str = "/relay/v1/artifacts";
 
 /// `POST /relay/v1/register`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,6 +123,11 @@ pub struct HeartbeatResponse {
     pub devices_revision: u64,
     #[serde(default)]
     pub server_time: Option<String>,
+    /// The tenant's setting "device logs are uploaded to the cloud". `false`: the cloud does not
+    /// take device logs, so the relay keeps a copy of each log a device uploads through its edge.
+    /// Absent: no change to what the relay last heard (it starts with `true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_upload: Option<bool>,
 }
 
 /// `GET /relay/v1/images` (bearer token): the images this tenant's relays must hold.
@@ -187,6 +196,9 @@ pub enum ErrorCode {
     TooLarge,
     /// 5xx.
     Internal,
+    /// 422 on the last chunk of an artifact: the bytes received do not hash to the SHA-256 the
+    /// relay announced; the cloud dropped them and the upload starts over.
+    ChecksumMismatch,
     #[serde(other)]
     Other,
 }
@@ -204,6 +216,7 @@ impl ErrorCode {
             ErrorCode::Busy => "busy",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Internal => "internal",
+            ErrorCode::ChecksumMismatch => "checksum_mismatch",
             ErrorCode::Other => "other",
         }
     }
@@ -396,6 +409,19 @@ pub const DEVICE_COMMANDS: &[&str] = &[
     "capture_screen",
     "packet_capture",
     "check_sync",
+    "upgrade",
+    "probe",
+    "export_device",
+    "restore_config_backup",
+];
+
+/// Commands about what the relay keeps for a device, answered without contacting it: the
+/// configuration backups (by MAC) and the device logs the relay collected.
+pub const RELAY_DEVICE_COMMANDS: &[&str] = &[
+    "list_config_backups",
+    "get_config_backup",
+    "delete_config_backup",
+    "get_device_logs",
 ];
 
 /// Name of the channel command that creates a scheduled task; its `params` are a [`TaskSpec`] and
@@ -414,6 +440,7 @@ pub const RELAY_COMMANDS: &[&str] = &["ping", "relay_status"];
 pub fn is_known_command(name: &str) -> bool {
     RELAY_COMMANDS.contains(&name)
         || DEVICE_COMMANDS.contains(&name)
+        || RELAY_DEVICE_COMMANDS.contains(&name)
         || [
             TASK_COMMAND,
             TASK_UPDATE_COMMAND,
@@ -538,11 +565,29 @@ pub struct Alarm {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
     /// `device_offline`, `device_online`, `line_unregistered`, `line_registered`,
-    /// `device_identity_changed`, `alarms_suppressed`.
+    /// `firmware_upgrade_failed`, `firmware_upgraded`, `config_update_failed`, `config_updated`,
+    /// `device_logs_capped`, `device_identity_changed`, `alarms_suppressed`.
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub line: Option<u32>,
     pub message: String,
+    pub at: String,
+}
+
+/// CPU and memory of one device (`device/stats`), read on monitoring's own schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceStats {
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Average CPU load, percent.
+    pub cpu_pct: f64,
+    /// Memory as the device counts it (its own unit), and how much is in use (used minus
+    /// reclaimable), also as a percentage of the total.
+    pub memory_total: u64,
+    pub memory_used: u64,
+    pub memory_used_pct: f64,
+    /// RFC 3339 time of the reading.
     pub at: String,
 }
 
@@ -553,6 +598,67 @@ pub struct DeviceStatusBatch {
     pub reports: Vec<DeviceReport>,
     #[serde(default)]
     pub alarms: Vec<Alarm>,
+    /// CPU and memory readings (latest per device).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stats: Vec<DeviceStats>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Artifacts: files that leave the results path (captures, exports, log bundles).
+
+/// `POST /relay/v1/artifacts`: the relay announces a file it holds and is about to upload. The
+/// same offer may be sent again (after a restart, a lost answer): the cloud answers with what it
+/// already holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactOffer {
+    /// Chosen by the relay, stable across retries.
+    pub artifact_id: String,
+    /// File name, e.g. `0004f2000031_2026.11.23_100000.pcap.tar.gz`.
+    pub name: String,
+    /// `screen_capture`, `packet_capture`, `config_export`, `config_backup`, `device_logs`,
+    /// `device_export` or `result` (a result payload too large for a results batch).
+    pub kind: String,
+    pub content_type: String,
+    pub size: u64,
+    /// Lower-case hex SHA-256 of the whole file.
+    pub sha256: String,
+    /// The command (or task) the file belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_id: Option<String>,
+    /// The device it is about: address and MAC when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// RFC 3339 time the relay stored the file.
+    pub created_at: String,
+}
+
+/// What the cloud holds of an artifact: the answer to the offer, to `GET` and to every `PUT`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactStatus {
+    pub artifact_id: String,
+    pub size: u64,
+    /// Bytes the cloud has stored durably, from the start of the file: the next chunk starts here.
+    pub received: u64,
+    /// `partial` (bytes from `received` on are wanted) or `complete` (every byte in and the
+    /// SHA-256 checked).
+    pub state: String,
+    /// The SHA-256 the cloud computed, once `complete`: the relay deletes its copy only when it
+    /// equals the one it announced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// How a result payload names an artifact (`"artifact": {...}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactRef {
+    pub artifact_id: String,
+    pub name: String,
+    pub kind: String,
+    pub content_type: String,
+    pub size: u64,
+    pub sha256: String,
 }
 
 #[cfg(test)]
@@ -617,6 +723,7 @@ mod tests {
             images_revision: 3,
             devices_revision: 2,
             server_time: None,
+            log_upload: Some(false),
         });
     }
 

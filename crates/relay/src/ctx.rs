@@ -1,11 +1,14 @@
 //! `Ctx`: the services every long-lived job shares: the validated config, the store, the cloud
-//! connector and session, and the status board the management agent keeps. Cheap to clone.
+//! connector and session, the artifact store and the device log store, and the status board the
+//! management agent keeps. Cheap to clone.
 //!
 //! It carries services, never a job's own state: each job's state reaches it once, as the argument
 //! of its `run(ctx, state, shutdown)`, so no job can reach into another through `Ctx`.
 
+use crate::artifacts::Artifacts;
 use crate::cloud::{CloudClient, Sessions};
 use crate::config::Config;
+use crate::devlogs::DeviceLogs;
 use crate::store::Store;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
@@ -25,11 +28,24 @@ pub struct Ctx {
     pub results_wake: Arc<Notify>,
     pub started: Instant,
     pub started_at: SystemTime,
+    /// Files waiting for upload to the cloud (captures, exports).
+    pub artifacts: Arc<Artifacts>,
+    /// Device logs the relay keeps while the cloud does not take them.
+    pub device_logs: Arc<DeviceLogs>,
 }
 
 impl Ctx {
-    pub fn new(config: Config, store: Store, cloud: CloudClient, relay_id: String) -> Ctx {
+    pub fn new(
+        config: Config,
+        store: Store,
+        cloud: CloudClient,
+        relay_id: String,
+        artifacts: Arc<Artifacts>,
+        device_logs: Arc<DeviceLogs>,
+    ) -> Ctx {
         Ctx {
+            artifacts,
+            device_logs,
             config: Arc::new(config),
             store,
             cloud,

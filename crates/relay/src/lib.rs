@@ -3,8 +3,9 @@
 //!
 //! Shared services, which any job may use: [`config`] (the validated configuration), [`store`]
 //! (the durable redb store), [`cloud`] (the connector and session to the cloud), [`cache`] (the
-//! image cache on disk), [`ctx`] (what bundles them) and [`util`] (leaf helpers: time, metrics,
-//! backoff, secrets). The jobs, which never import one another: [`agent`] (registration,
+//! image cache on disk), [`artifacts`] (files waiting for upload to the cloud), [`devlogs`] (the
+//! device logs the relay keeps), [`ctx`] (what bundles them) and [`util`] (leaf helpers: time,
+//! metrics, backoff, secrets). The jobs, which never import one another: [`agent`] (registration,
 //! heartbeats, the command channel, the results outbox), [`devices`] (device commands, tasks and
 //! monitoring over the devices' REST API), [`download`] (image sync into the cache) and [`edge`]
 //! (the device-facing HTTPS server, with image serving and the provisioning proxy as its two
@@ -14,12 +15,14 @@
 #![deny(unsafe_code)]
 
 pub mod agent;
+pub mod artifacts;
 pub mod cache;
 pub mod cloud;
 pub mod config;
 pub mod ctx;
 pub mod daemon;
 pub mod devices;
+pub mod devlogs;
 pub mod download;
 pub mod ops;
 pub use ucrelay_protocol as protocol;

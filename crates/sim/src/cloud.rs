@@ -18,6 +18,10 @@
 //!
 //! It does not do TLS (tests and the demo run it on loopback).
 //!
+//! Artifacts (`/relay/v1/artifacts`) are taken in resumable chunks and kept beside the state
+//! file; the test API lists them and hands their bytes back (see `artifacts`). The tenant's
+//! `log_upload` setting (`/sim/tenants/{tenant}/settings`) reaches relays in heartbeat answers.
+//!
 //! Tasks (`/sim/tasks`) go to the relay as `task` commands on the channel and show the state and
 //! totals the relay reports back in its results; the tenant's device list (`/sim/devices`) is
 //! served at `GET /relay/v1/devices` with its revision in every heartbeat answer; device-status
@@ -29,6 +33,7 @@
 //! `images` the image catalog and file server.
 
 mod api;
+mod artifacts;
 mod channel;
 mod devices;
 mod images;
@@ -177,12 +182,14 @@ pub async fn start(listener: TcpListener, args: CloudArgs) -> anyhow::Result<Clo
     };
 
     let images = images::Images::open(args.images.clone()).await?;
+    let artifact_files = artifacts::ArtifactFiles::open(args.state_file.as_deref())?;
 
     let cancel = CancellationToken::new();
     let shared = Arc::new(Shared {
         args: args.clone(),
         prov,
         images,
+        artifact_files,
         cancel: cancel.clone(),
         tracker: TaskTracker::new(),
         rt: Mutex::new(Runtime {
@@ -195,6 +202,7 @@ pub async fn start(listener: TcpListener, args: CloudArgs) -> anyhow::Result<Clo
             prov_log: VecDeque::new(),
             image_faults: images::ImageFaults::default(),
             image_counters: HashMap::new(),
+            artifact_faults: artifacts::ArtifactFaults::default(),
             busy: HashMap::new(),
             limits: api::Limits::default(),
         }),
@@ -259,6 +267,8 @@ pub(crate) struct Shared {
     pub prov: Option<provisioning::Provisioning>,
     /// The image catalog (empty without `--images`).
     pub images: Arc<images::Images>,
+    /// Where artifact bytes are kept (beside the state file).
+    pub artifact_files: artifacts::ArtifactFiles,
     rt: Mutex<Runtime>,
     /// Highest `Runtime::generation` known to be in the state file. A tokio mutex so that writes
     /// happen one at a time, in order, without blocking the runtime.
@@ -281,6 +291,8 @@ pub(crate) struct Runtime {
     pub image_faults: images::ImageFaults,
     /// Per-file download counters by file name (`GET /sim/images`); not persisted.
     pub image_counters: HashMap<String, images::FileCounters>,
+    /// Test hooks of artifact uploads (`POST /sim/artifacts/faults`); not persisted.
+    pub artifact_faults: artifacts::ArtifactFaults,
     /// Relays that answered `busy`, and until when their commands wait (not persisted).
     pub busy: HashMap<String, channel::BusyBackoff>,
     /// Per-record size limits of results and device status (`POST /sim/limits`).

@@ -56,6 +56,8 @@ pub struct ProvClient {
     extra_headers: HeaderMap,
     timeout: Duration,
     tls: OnceLock<Arc<rustls::ClientConfig>>,
+    /// The address connections are made from (a simulated phone's own).
+    local_ip: Option<std::net::IpAddr>,
 }
 
 /// An answer, after the authentication dance.
@@ -140,7 +142,15 @@ impl ProvClient {
             extra_headers: HeaderMap::new(),
             timeout: TIMEOUT,
             tls: OnceLock::new(),
+            local_ip: None,
         })
+    }
+
+    /// Connects from `ip` (a simulated phone's own loopback address), the way a real phone's
+    /// requests come from its address.
+    pub fn with_local_address(mut self, ip: std::net::IpAddr) -> Self {
+        self.local_ip = Some(ip);
+        self
     }
 
     /// Trusts the certificates of a PEM file (in addition to the system roots).
@@ -435,7 +445,22 @@ impl ProvClient {
         };
         let mut last = anyhow!("{} resolves to no address", self.host);
         for addr in addrs {
-            match tokio::time::timeout(self.timeout, TcpStream::connect(addr)).await {
+            let local = self.local_ip;
+            let connect = async move {
+                match local {
+                    None => TcpStream::connect(addr).await,
+                    Some(ip) => {
+                        let sock = if addr.is_ipv4() {
+                            tokio::net::TcpSocket::new_v4()?
+                        } else {
+                            tokio::net::TcpSocket::new_v6()?
+                        };
+                        sock.bind(SocketAddr::new(ip, 0))?;
+                        sock.connect(addr).await
+                    }
+                }
+            };
+            match tokio::time::timeout(self.timeout, connect).await {
                 Ok(Ok(s)) => {
                     let _ = s.set_nodelay(true);
                     return Ok(s);

@@ -18,6 +18,7 @@
 
 mod api;
 pub mod model;
+pub mod uplink;
 
 pub use model::{CallSnapshot, Fault, FaultMode, Hostile, LineSnapshot, PhoneState, Source};
 
@@ -71,6 +72,21 @@ pub struct PhonesOptions {
     /// Allow phone addresses outside 127.0.0.0/8 (they must be configured on this host).
     #[arg(long)]
     pub allow_non_loopback: bool,
+    /// Bytes per second a background packet capture grows by (it stops by itself at its
+    /// bufferSize or duration).
+    #[arg(long, default_value_t = model::DEFAULT_CAPTURE_RATE)]
+    pub capture_rate: u64,
+    /// The phones' provisioning server, e.g. the relay's edge (`https://relay.example/`): after
+    /// every boot each phone fetches its configuration there and PUTs its boot and app logs.
+    #[arg(long, value_name = "URL")]
+    pub provisioning: Option<String>,
+    /// A CA certificate (PEM) the phones trust for the relay's edge (capture uploads and
+    /// provisioning), besides the system's.
+    #[arg(long, value_name = "FILE")]
+    pub relay_ca: Option<std::path::PathBuf>,
+    /// Resolve HOST to IP:PORT without DNS (like curl --resolve); repeatable.
+    #[arg(long = "resolve", value_name = "HOST=IP:PORT")]
+    pub resolve: Vec<String>,
 }
 
 impl PhonesOptions {
@@ -86,7 +102,45 @@ impl PhonesOptions {
             fault: FaultMode::None,
             fault_delay_ms: model::DEFAULT_SLOW_MS,
             allow_non_loopback: false,
+            capture_rate: model::DEFAULT_CAPTURE_RATE,
+            provisioning: None,
+            relay_ca: None,
+            resolve: Vec::new(),
         }
+    }
+
+    /// The uplink the options describe (`--provisioning`, `--relay-ca`, `--resolve`).
+    pub fn uplink(&self) -> anyhow::Result<uplink::Uplink> {
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject as _;
+        let mut u = uplink::Uplink {
+            provisioning: self.provisioning.clone(),
+            ..Default::default()
+        };
+        if let Some(p) = &self.provisioning {
+            crate::phone::ProvClient::new(p, "000000000000")
+                .with_context(|| format!("--provisioning {p}"))?;
+        }
+        if let Some(ca) = &self.relay_ca {
+            for c in CertificateDer::pem_file_iter(ca)
+                .with_context(|| format!("--relay-ca {}", ca.display()))?
+            {
+                u.roots.push(
+                    c.with_context(|| format!("--relay-ca {}", ca.display()))?
+                        .to_vec(),
+                );
+            }
+        }
+        for r in &self.resolve {
+            let (host, addr) = r
+                .split_once('=')
+                .with_context(|| format!("--resolve {r:?} is not HOST=IP:PORT"))?;
+            let addr: SocketAddr = addr
+                .parse()
+                .with_context(|| format!("--resolve {r:?} is not HOST=IP:PORT"))?;
+            u.resolve.insert(host.to_ascii_lowercase(), addr);
+        }
+        Ok(u)
     }
 
     /// Checks the options; the error names the flag.
@@ -173,6 +227,8 @@ struct Inner {
     /// Cancelled at shutdown.
     cancel: CancellationToken,
     tracker: TaskTracker,
+    /// Where the phones send captures and logs, and whom they trust.
+    uplink: std::sync::RwLock<uplink::Uplink>,
 }
 
 impl Inner {
@@ -183,7 +239,7 @@ impl Inner {
 
     /// Starts a reboot of `idx`. Its open connections are reset a moment later, once the
     /// acknowledgement has had time to go out.
-    fn reboot(&self, idx: usize, now: Instant) {
+    fn reboot(self: &Arc<Self>, idx: usize, now: Instant) {
         let token = self.phone(idx).start_reboot(&self.fleet, now);
         info!(phone = %self.fleet.ip(idx), down_for = ?self.fleet.reboot_time, "phone rebooting");
         if let Some(token) = token {
@@ -192,6 +248,90 @@ impl Inner {
                 token.cancel();
             });
         }
+        // Back up, a phone provisions: configuration, then its boot and app logs.
+        if self.uplink().provisioning.is_some() {
+            let me = self.clone();
+            let wait = self.fleet.reboot_time + Duration::from_millis(100);
+            self.tracker.spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => me.provision(idx).await,
+                    _ = me.cancel.cancelled() => {}
+                }
+            });
+        }
+    }
+
+    fn uplink(&self) -> uplink::Uplink {
+        self.uplink
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// A provisioning round of phone `idx`: GET `<mac>.cfg`, PUT `<mac>-boot.log` and
+    /// `<mac>-app.log`. Failures are only logged (a phone keeps trying at its next boot).
+    async fn provision(&self, idx: usize) {
+        let u = self.uplink();
+        let Some(base) = u.provisioning.clone() else {
+            return;
+        };
+        let mac = model::mac(idx);
+        let fw = self.phone(idx).firmware();
+        let ip = IpAddr::V4(self.fleet.ip(idx));
+        let client = match u.client(&base, ip, &mac, model::model(idx), &fw) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(phone = %ip, error = %format!("{e:#}"), "cannot provision");
+                return;
+            }
+        };
+        let cfg = client.get(&format!("{mac}.cfg")).await;
+        let boot = client
+            .put(
+                &format!("{mac}-boot.log"),
+                uplink::log_text("boot", &mac, 600),
+            )
+            .await;
+        let app = client
+            .put(
+                &format!("{mac}-app.log"),
+                uplink::log_text("app", &mac, 1500),
+            )
+            .await;
+        let mut p = self.phone(idx);
+        for r in [&boot, &app].into_iter().flatten() {
+            p.log_uploads += 1;
+            p.last_upload_status = Some(r.status);
+        }
+        drop(p);
+        debug!(phone = %ip, cfg = ?cfg.map(|r| r.status).ok(), boot = ?boot.map(|r| r.status).ok(), app = ?app.map(|r| r.status).ok(), "phone provisioned");
+    }
+
+    /// PUTs a log of about `bytes` bytes to the provisioning server now; returns the status.
+    async fn upload_log(&self, idx: usize, kind: &str, bytes: usize) -> anyhow::Result<u16> {
+        let u = self.uplink();
+        let base = u.provisioning.clone().ok_or_else(|| {
+            anyhow::anyhow!("the phones have no provisioning server (--provisioning)")
+        })?;
+        let mac = model::mac(idx);
+        let fw = self.phone(idx).firmware();
+        let client = u.client(
+            &base,
+            IpAddr::V4(self.fleet.ip(idx)),
+            &mac,
+            model::model(idx),
+            &fw,
+        )?;
+        let r = client
+            .put(
+                &format!("{mac}-{kind}.log"),
+                uplink::log_text(kind, &mac, bytes),
+            )
+            .await?;
+        let mut p = self.phone(idx);
+        p.log_uploads += 1;
+        p.last_upload_status = Some(r.status);
+        Ok(r.status)
     }
 
     /// The TLS identity phone `idx` presents now: its own key (made on first use, new after a
@@ -365,6 +505,32 @@ impl Phones {
         self.inner.reboot(idx, Instant::now());
     }
 
+    /// Where the phones send captures and logs, and whom they trust (changeable while running:
+    /// the relay's edge may start after the phones).
+    pub fn set_uplink(&self, u: uplink::Uplink) {
+        *self.inner.uplink.write().unwrap_or_else(|e| e.into_inner()) = u;
+    }
+
+    /// Phone `idx` PUTs a log of about `bytes` bytes (`kind` app or boot) to its provisioning
+    /// server now; the HTTP status.
+    pub async fn upload_log(&self, idx: usize, kind: &str, bytes: usize) -> anyhow::Result<u16> {
+        self.inner.upload_log(idx, kind, bytes).await
+    }
+
+    /// Offers phone `idx` a firmware at its next configuration update; with `fail` the upgrade
+    /// fails (it reboots and comes back on the old one).
+    pub fn offer_firmware(&self, idx: usize, firmware: &str, fail: bool) {
+        self.inner.phone(idx).offer = Some(Box::new(model::Offer {
+            firmware: firmware.to_owned(),
+            fail,
+        }));
+    }
+
+    /// Makes phone `idx` refuse configuration updates (status 4003) while `refuse`.
+    pub fn refuse_config_updates(&self, idx: usize, refuse: bool) {
+        self.inner.phone(idx).refuse_config_updates = refuse;
+    }
+
     /// Fleet-wide counters.
     pub fn stats(&self) -> PhonesStats {
         stats(&self.inner)
@@ -446,11 +612,13 @@ pub async fn start(opts: PhonesOptions, shutdown: CancellationToken) -> anyhow::
         .context("listener has no local address")?
         .port();
 
+    let uplink = opts.uplink()?;
     let fleet = Fleet {
         base: opts.base_ip,
         count: opts.count,
         lines: opts.lines,
         reboot_time: opts.reboot_time,
+        capture_rate: opts.capture_rate,
     };
     let now = Instant::now();
     let fault = Fault {
@@ -471,8 +639,23 @@ pub async fn start(opts: PhonesOptions, shutdown: CancellationToken) -> anyhow::
         counters: Counters::default(),
         cancel: shutdown.child_token(),
         tracker: TaskTracker::new(),
+        uplink: std::sync::RwLock::new(uplink),
     });
     inner.tracker.spawn(accept_loop(listener, inner.clone()));
+    // Phones that provision do a first round as they come up, spread over a few seconds.
+    if inner.uplink().provisioning.is_some() {
+        let spread = Duration::from_millis((opts.count as u64 * 10).min(10_000));
+        for idx in 0..opts.count {
+            let me = inner.clone();
+            let wait = spread.mul_f64(idx as f64 / opts.count as f64);
+            inner.tracker.spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => me.provision(idx).await,
+                    _ = me.cancel.cancelled() => {}
+                }
+            });
+        }
+    }
     info!(port, count = opts.count, first = %opts.base_ip, "sim phones started");
     Ok(Phones { port, inner })
 }

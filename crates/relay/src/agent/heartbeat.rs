@@ -100,6 +100,9 @@ pub async fn run(
                 // The cloud's image or device list may have changed: their jobs look.
                 dispatch.images_revision(resp.images_revision, false);
                 dispatch.devices_revision(resp.devices_revision);
+                if let Some(upload) = resp.log_upload {
+                    ctx.device_logs.set_cloud_setting(upload);
+                }
                 jitter(interval, 0.05)
             }
             Err(e) => {

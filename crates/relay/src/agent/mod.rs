@@ -1,5 +1,5 @@
 //! The management agent: the relay's link to the cloud. Registration and heartbeats, the command
-//! channel, and the results outbox.
+//! channel, the results outbox, and the artifact uploader.
 //!
 //! Three loops share the cloud session (`cloud::Sessions`). The heartbeat loop owns registration:
 //! it is the only one that creates a session. The others use the current token and, when the cloud
@@ -9,6 +9,7 @@
 //! taking a task, what the heartbeat reports, passing on the revisions the cloud announces) it asks
 //! through [`Dispatch`], which the daemon implements over the jobs it started.
 
+mod artifacts;
 mod channel;
 mod commands;
 mod heartbeat;
@@ -88,6 +89,7 @@ pub async fn run(ctx: Ctx, agent: Agent, shutdown: CancellationToken) -> Result<
             shutdown.clone()
         ),
         outbox::run(ctx.clone(), sessions.clone(), shutdown.clone()),
+        artifacts::run(ctx.clone(), sessions.clone(), shutdown.clone()),
     );
     runner.drain().await;
     loops.map(|_| ())

@@ -228,6 +228,36 @@ impl CloudClient {
         token: Option<&str>,
         body: Bytes,
     ) -> Result<(u16, http::HeaderMap, Bytes), CloudError> {
+        self.exchange(method, path, token, body, "application/json", &[])
+            .await
+    }
+
+    /// One request with a body of any type and extra headers (an artifact chunk with its
+    /// `Content-Range`); the answer is JSON as usual.
+    pub async fn send_bytes(
+        &self,
+        method: http::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Bytes,
+        content_type: &str,
+        headers: &[(http::HeaderName, String)],
+    ) -> Result<(u16, Bytes), CloudError> {
+        let (status, _, body) = self
+            .exchange(method, path, token, body, content_type, headers)
+            .await?;
+        Ok((status, body))
+    }
+
+    async fn exchange(
+        &self,
+        method: http::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Bytes,
+        content_type: &str,
+        headers: &[(http::HeaderName, String)],
+    ) -> Result<(u16, http::HeaderMap, Bytes), CloudError> {
         let (io, _) = self.connect().await?;
         let rt = self.request_timeout;
         let exchange = async {
@@ -244,7 +274,10 @@ impl CloudClient {
                 .header(http::header::USER_AGENT, user_agent())
                 .header(http::header::ACCEPT, "application/json");
             if !body.is_empty() {
-                req = req.header(http::header::CONTENT_TYPE, "application/json");
+                req = req.header(http::header::CONTENT_TYPE, content_type);
+            }
+            for (name, value) in headers {
+                req = req.header(name, value);
             }
             if let Some(t) = token {
                 req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));

@@ -33,6 +33,11 @@ pub const DEFAULT_EDGE_LISTEN: &str = "0.0.0.0:443";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_ADMIN_SOCKET_NAME: &str = "admin.sock";
 pub const DEFAULT_DEVICE_SUBNETS: [&str; 3] = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"];
+pub const DEFAULT_STATS_INTERVAL: Duration = Duration::from_secs(15 * 60);
+pub const DEFAULT_ARTIFACTS_MAX_TOTAL: u64 = 1000 * 1000 * 1000;
+pub const DEFAULT_DEVICE_LOGS_MAX_PER_DEVICE: u64 = 100 * 1000 * 1000;
+pub const DEFAULT_DEVICE_LOGS_MAX_TOTAL: u64 = 5 * 1000 * 1000 * 1000;
+pub const DEFAULT_DEVICE_LOGS_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// A configuration problem: which file, which field (dotted path), and what is wrong.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -73,6 +78,34 @@ pub struct Config {
     pub provisioning: Option<ProvisioningConfig>,
     pub images: Option<ImagesConfig>,
     pub devices: DevicesConfig,
+    pub diagnostics: DiagnosticsConfig,
+}
+
+/// `[diagnostics]`: what the relay keeps for support work, and how much of it. Always in force
+/// (defaults when the section is absent): artifacts wait here for upload, device logs are kept only
+/// when the cloud says it does not take them.
+#[derive(Debug, Clone)]
+pub struct DiagnosticsConfig {
+    /// Local space for artifacts waiting for upload (captures, exports); beyond it a new one is
+    /// refused with a clear error.
+    pub artifacts_max_total: u64,
+    /// Device logs kept per device; reaching it stops collection for that device.
+    pub device_logs_max_per_device: u64,
+    /// Device logs kept for all devices together.
+    pub device_logs_max_total: u64,
+    /// How long a kept device log stays.
+    pub device_logs_keep: Duration,
+}
+
+impl Default for DiagnosticsConfig {
+    fn default() -> Self {
+        DiagnosticsConfig {
+            artifacts_max_total: DEFAULT_ARTIFACTS_MAX_TOTAL,
+            device_logs_max_per_device: DEFAULT_DEVICE_LOGS_MAX_PER_DEVICE,
+            device_logs_max_total: DEFAULT_DEVICE_LOGS_MAX_TOTAL,
+            device_logs_keep: DEFAULT_DEVICE_LOGS_KEEP,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -378,6 +411,8 @@ pub struct DevicesConfig {
     pub target_timeout: Duration,
     /// Poll known devices every `poll_interval` (default on).
     pub monitoring: bool,
+    /// How often each device's CPU and memory (`device/stats`) are read, apart from status polls.
+    pub stats_interval: Duration,
     /// How a device's TLS certificate is checked before the admin password is sent.
     pub identity: DeviceIdentity,
     /// Device sessions (connections) open at once across commands, tasks and polls.

@@ -15,6 +15,7 @@ pub(super) struct RawConfig {
     pub(super) provisioning: Option<RawProvisioning>,
     pub(super) images: Option<RawImages>,
     pub(super) devices: Option<RawDevices>,
+    pub(super) diagnostics: Option<RawDiagnostics>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,7 +94,17 @@ pub(super) struct RawDevices {
     pub(super) task_concurrency: Option<usize>,
     pub(super) target_timeout: Option<String>,
     pub(super) monitoring: Option<bool>,
+    pub(super) stats_interval: Option<String>,
     pub(super) identity: Option<String>,
     pub(super) max_sessions: Option<usize>,
     pub(super) task_retention: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDiagnostics {
+    pub(super) artifacts_max_total: Option<String>,
+    pub(super) device_logs_max_per_device: Option<String>,
+    pub(super) device_logs_max_total: Option<String>,
+    pub(super) device_logs_keep: Option<String>,
 }

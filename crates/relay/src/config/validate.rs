@@ -3,7 +3,9 @@
 //! config file's directory; secret files and CA bundles are opened, so a path that cannot be read is
 //! a config error, not a surprise at run time.
 
-use super::raw::{RawAdmin, RawCloud, RawConfig, RawDevices, RawEdge, RawImages, RawProvisioning};
+use super::raw::{
+    RawAdmin, RawCloud, RawConfig, RawDevices, RawDiagnostics, RawEdge, RawImages, RawProvisioning,
+};
 use super::*;
 
 type Result<T> = std::result::Result<T, Error>;
@@ -111,6 +113,7 @@ pub(super) fn config(text: &str, path: &Path) -> Result<Config> {
         provisioning: raw.provisioning.map(|p| provisioning(&v, p)).transpose()?,
         images: raw.images.map(|i| images(&v, i, &state_dir)).transpose()?,
         devices: devices(&v, raw.devices)?,
+        diagnostics: diagnostics(&v, raw.diagnostics)?,
         state_dir,
     })
 }
@@ -489,6 +492,13 @@ fn devices(v: &Check, d: Option<RawDevices>) -> Result<DevicesConfig> {
             secs(3600),
         )?,
         monitoring: d.monitoring.unwrap_or(true),
+        stats_interval: v.duration(
+            "devices.stats_interval",
+            &d.stats_interval,
+            DEFAULT_STATS_INTERVAL,
+            secs(1),
+            secs(7 * 24 * 3600),
+        )?,
         identity,
         max_sessions: v.count(
             "devices.max_sessions",
@@ -502,6 +512,54 @@ fn devices(v: &Check, d: Option<RawDevices>) -> Result<DevicesConfig> {
             DEFAULT_TASK_RETENTION,
             secs(1),
             secs(10 * 365 * 24 * 3600),
+        )?,
+    })
+}
+
+/// `[diagnostics]`; absent, every limit has its default.
+fn diagnostics(v: &Check, d: Option<RawDiagnostics>) -> Result<DiagnosticsConfig> {
+    let d = d.unwrap_or_default();
+    let size = |field: &str, s: &Option<String>, default: u64, min: u64| -> Result<u64> {
+        let Some(s) = s else { return Ok(default) };
+        let n = v.bytes(field, s)?;
+        if n < min {
+            return Err(v.err(field, format!("{s:?} is too small (at least {min} bytes)")));
+        }
+        Ok(n)
+    };
+    let per_device = size(
+        "diagnostics.device_logs_max_per_device",
+        &d.device_logs_max_per_device,
+        DEFAULT_DEVICE_LOGS_MAX_PER_DEVICE,
+        1024,
+    )?;
+    let total = size(
+        "diagnostics.device_logs_max_total",
+        &d.device_logs_max_total,
+        DEFAULT_DEVICE_LOGS_MAX_TOTAL,
+        1024,
+    )?;
+    if total < per_device {
+        return Err(v.err(
+            "diagnostics.device_logs_max_total",
+            "must be at least diagnostics.device_logs_max_per_device",
+        ));
+    }
+    Ok(DiagnosticsConfig {
+        artifacts_max_total: size(
+            "diagnostics.artifacts_max_total",
+            &d.artifacts_max_total,
+            DEFAULT_ARTIFACTS_MAX_TOTAL,
+            1024 * 1024,
+        )?,
+        device_logs_max_per_device: per_device,
+        device_logs_max_total: total,
+        device_logs_keep: v.duration(
+            "diagnostics.device_logs_keep",
+            &d.device_logs_keep,
+            DEFAULT_DEVICE_LOGS_KEEP,
+            secs(60),
+            secs(366 * 24 * 3600),
         )?,
     })
 }

@@ -6,8 +6,8 @@ use crate::agent::{self, JobsReport};
 use crate::devices::{self, DevicePlane};
 use crate::ops::{Running, report::StatusReport};
 use crate::protocol::{
-    AgentState, Command, DEVICE_COMMANDS, DEVICE_TRUST_COMMAND, Outcome, ResultRecord,
-    TASK_CANCEL_COMMAND, TASK_UPDATE_COMMAND,
+    AgentState, Command, DEVICE_COMMANDS, DEVICE_TRUST_COMMAND, Outcome, RELAY_DEVICE_COMMANDS,
+    ResultRecord, TASK_CANCEL_COMMAND, TASK_UPDATE_COMMAND,
 };
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
@@ -27,6 +27,9 @@ impl Jobs {
         let done = |d: devices::actions::Done| agent::record(cmd, d.result, d.reason, d.payload);
         match cmd.name.as_str() {
             name if DEVICE_COMMANDS.contains(&name) => self.devices().command(cmd).await,
+            name if RELAY_DEVICE_COMMANDS.contains(&name) => {
+                self.devices().relay_command(cmd).await
+            }
             TASK_CANCEL_COMMAND => done(devices::tasks::cancel(self.devices(), &cmd.params).await),
             TASK_UPDATE_COMMAND => done(devices::tasks::update(self.devices(), &cmd.params).await),
             DEVICE_TRUST_COMMAND => self.devices().trust_command(cmd).await,

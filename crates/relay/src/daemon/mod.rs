@@ -51,13 +51,35 @@ pub async fn run(
     let relay_id = store
         .relay_id()
         .context("cannot read the relay id from the store")?;
-    let devices = crate::devices::DevicePlane::new(&config.devices, &store)
-        .context("cannot set up the device plane")?;
+    let artifacts = crate::artifacts::Artifacts::open(
+        &config.state_dir,
+        config.diagnostics.artifacts_max_total,
+        &store,
+    )
+    .context("cannot open the artifact store")?;
+    let device_logs =
+        crate::devlogs::DeviceLogs::open(&config.state_dir, &config.diagnostics, &store)
+            .context("cannot open the device log store")?;
+    if let Some(e) = &edge {
+        let _ = e.artifacts.set(artifacts.clone());
+        let _ = e.logs.set(device_logs.clone());
+    }
+    let devices = crate::devices::DevicePlane::new(
+        &config.devices,
+        &store,
+        artifacts.clone(),
+        device_logs.clone(),
+    )
+    .context("cannot set up the device plane")?;
     let cloud = CloudClient::new(&config.cloud).context("cannot set up the cloud connection")?;
     let edge_listeners = match &edge {
         Some(e) => Some(e.bind().await?),
         None => None,
     };
+    // Devices upload files they are asked for (packet captures) to the edge, by its name.
+    if let Some(base) = edge.as_ref().and_then(|e| e.public_base()) {
+        artifacts.set_upload_base(base);
+    }
     let admin_listener = ops::admin::bind(&config.admin.socket).await?;
     let metrics_listener = match config.admin.metrics_listen {
         Some(addr) => Some(ops::metrics::bind(addr).await?),
@@ -68,7 +90,7 @@ pub async fn run(
         warn!(url = %config.cloud.url, "cloud URL is plain http: traffic to the cloud is not encrypted (labs only)");
     }
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
-    let ctx = Ctx::new(config, store, cloud, relay_id);
+    let ctx = Ctx::new(config, store, cloud, relay_id, artifacts, device_logs);
     let running = ops::Running {
         ctx: ctx.clone(),
         images: images.clone(),

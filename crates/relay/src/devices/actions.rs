@@ -2,16 +2,19 @@
 //! validated into an [`Op`] before anything is sent, then performed over one REST session. Pure
 //! validation is separate from I/O, so bad parameters are answered without touching the network.
 
-use super::client::{DeviceError, Session};
+use super::DevicePlane;
+use super::client::{DeviceError, Session, Target};
 use crate::protocol::Outcome;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Most parameters one `get_params` may ask for (the devices' own limit).
 pub const MAX_GET_PARAMS: usize = 20;
-const MAX_SET_PARAMS: usize = 200;
-const MAX_CONFIG_EXPORT: usize = 1024 * 1024;
+pub(crate) const MAX_SET_PARAMS: usize = 200;
+pub(crate) const MAX_CONFIG_EXPORT: usize = 1024 * 1024;
+/// Shortest and longest packet capture a one-click export may take, seconds.
+pub const EXPORT_CAPTURE_S: std::ops::RangeInclusive<u32> = 5..=600;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
@@ -32,7 +35,42 @@ pub enum Op {
         screen: String,
     },
     PacketCapture(Capture),
-    CheckSync,
+    /// `check_sync`, and `upgrade` (a check-sync after which the device must run `expect_firmware`).
+    CheckSync {
+        expect_firmware: Option<String>,
+    },
+    /// Network diagnostics: ICMP echo, TCP, TLS and one REST call, each timed.
+    Probe,
+    /// One-click export: configuration, logs, device state and, optionally, a packet capture of
+    /// `capture_s` seconds, in one tar.gz artifact.
+    Export {
+        capture_s: Option<u32>,
+    },
+    /// Pushes a stored configuration backup back (`latest` or a backup id).
+    RestoreBackup {
+        backup: String,
+    },
+}
+
+impl Op {
+    /// Time the operation may take beyond the usual per-target deadline (a capture in an export).
+    pub fn extra_time(&self) -> Duration {
+        match self {
+            Op::Export { capture_s: Some(s) } => Duration::from_secs(u64::from(*s) + 30),
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+/// What an operation knows besides its device session: the device plane (artifacts, backups,
+/// logs, captures), the device, the command or task it belongs to, and when it must be done.
+pub struct OpCx<'a> {
+    pub plane: &'a DevicePlane,
+    pub target: &'a Target,
+    pub command_id: &'a str,
+    pub deadline: Instant,
+    /// The password the operation uses (a capture remembers it to stop itself later).
+    pub password: &'a crate::util::secret::Secret,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -54,7 +92,7 @@ pub enum ConfigSource {
 }
 
 impl ConfigSource {
-    fn index(self) -> u8 {
+    pub(crate) fn index(self) -> u8 {
         match self {
             ConfigSource::ConfigFiles => 0,
             ConfigSource::Local => 1,
@@ -63,7 +101,7 @@ impl ConfigSource {
             ConfigSource::AllButDevice => 4,
         }
     }
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             ConfigSource::ConfigFiles => "config_files",
             ConfigSource::Local => "local",
@@ -123,6 +161,24 @@ fn opt_u32(m: &serde_json::Map<String, Value>, key: &str) -> Result<Option<u32>,
             .map(Some)
             .map_err(|_| format!("{key} must be a whole number, got {s:?}")),
         Some(_) => Err(format!("{key} must be a whole number")),
+    }
+}
+
+/// A firmware version: digits, letters, dots, dashes (`6.4.7.4560`).
+fn opt_firmware(m: &serde_json::Map<String, Value>, key: &str) -> Result<Option<String>, String> {
+    match opt_str(m, key)? {
+        None => Ok(None),
+        Some(v)
+            if !v.is_empty()
+                && v.len() <= 64
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c)) =>
+        {
+            Ok(Some(v.to_string()))
+        }
+        Some(v) => Err(format!(
+            "{key} {v:?} is not a firmware version like 6.4.7.4560"
+        )),
     }
 }
 
@@ -304,7 +360,38 @@ pub fn parse(kind: &str, params: &Value) -> Result<Op, String> {
                 other => return Err(format!("action {other:?} is not start, stop or cancel")),
             }))
         }
-        "check_sync" => Ok(Op::CheckSync),
+        "check_sync" => Ok(Op::CheckSync {
+            expect_firmware: opt_firmware(m, "expect_firmware")?,
+        }),
+        "upgrade" => Ok(Op::CheckSync {
+            expect_firmware: Some(opt_firmware(m, "firmware")?.ok_or(
+                "firmware is required: the version the device must run after the upgrade",
+            )?),
+        }),
+        "probe" => Ok(Op::Probe),
+        "export_device" => {
+            let capture_s = opt_u32(m, "capture_s")?;
+            if let Some(c) = capture_s
+                && !EXPORT_CAPTURE_S.contains(&c)
+            {
+                return Err(format!(
+                    "capture_s {c} is out of range ({} to {} seconds)",
+                    EXPORT_CAPTURE_S.start(),
+                    EXPORT_CAPTURE_S.end()
+                ));
+            }
+            Ok(Op::Export { capture_s })
+        }
+        "restore_config_backup" => {
+            let backup = opt_str(m, "backup_id")?
+                .ok_or("backup_id is required (a backup id, or \"latest\")")?;
+            if !super::backups::valid_id(backup) && backup != "latest" {
+                return Err(format!("backup_id {backup:?} is not a backup id"));
+            }
+            Ok(Op::RestoreBackup {
+                backup: backup.to_string(),
+            })
+        }
         other => Err(format!("{other:?} is not a device command")),
     }
 }
@@ -321,7 +408,16 @@ pub struct Done {
 }
 
 impl Done {
-    fn ok(payload: Value) -> Done {
+    pub(crate) fn fail(reason: impl Into<String>) -> Done {
+        Done {
+            result: Outcome::Failure,
+            reason: reason.into(),
+            payload: Value::Null,
+            cause: None,
+        }
+    }
+
+    pub(crate) fn ok(payload: Value) -> Done {
         Done {
             result: Outcome::Success,
             reason: String::new(),
@@ -347,7 +443,7 @@ impl From<DeviceError> for Done {
 }
 
 /// A JSON API call, retried a couple of times when the device says it is busy with another request.
-async fn call(
+pub(crate) async fn call(
     s: &mut Session,
     path: &str,
     data: Option<Value>,
@@ -371,14 +467,43 @@ async fn call(
     unreachable!("the loop returns")
 }
 
-pub async fn perform(op: &Op, s: &mut Session) -> Done {
-    match run(op, s).await {
+pub async fn perform(op: &Op, s: &mut Session, cx: &OpCx<'_>) -> Done {
+    match run(op, s, cx).await {
         Ok(d) => d,
         Err(e) => e.into(),
     }
 }
 
-async fn run(op: &Op, s: &mut Session) -> Result<Done, DeviceError> {
+/// What `device/info` says, in the relay's terms.
+#[derive(Debug, Clone, Default)]
+pub struct Info {
+    pub mac: Option<String>,
+    pub model: String,
+    pub firmware: String,
+    pub uptime_s: Option<u64>,
+    pub raw: Value,
+}
+
+pub async fn device_info(s: &mut Session) -> Result<Info, DeviceError> {
+    let raw = call(s, "/api/v1/mgmt/device/info", None, true).await?;
+    Ok(Info {
+        mac: raw
+            .get("MACAddress")
+            .and_then(Value::as_str)
+            .map(|m| m.to_ascii_lowercase())
+            .filter(|m| crate::devlogs::valid_mac(m)),
+        model: raw
+            .get("ModelNumber")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+        firmware: super::monitor::parse_firmware(&raw),
+        uptime_s: super::monitor::parse_uptime(&raw),
+        raw,
+    })
+}
+
+async fn run(op: &Op, s: &mut Session, cx: &OpCx<'_>) -> Result<Done, DeviceError> {
     match op {
         Op::Reboot { restart } => {
             let path = if *restart {
@@ -387,7 +512,9 @@ async fn run(op: &Op, s: &mut Session) -> Result<Done, DeviceError> {
                 "/api/v1/mgmt/safeReboot"
             };
             call(s, path, None, false).await?;
-            Ok(Done::ok(json!({"requested": if *restart { "restart" } else { "reboot" }})))
+            Ok(Done::ok(
+                json!({"requested": if *restart { "restart" } else { "reboot" }}),
+            ))
         }
         Op::Reset(mode) => {
             let paths: &[&str] = match mode {
@@ -446,98 +573,56 @@ async fn run(op: &Op, s: &mut Session) -> Result<Done, DeviceError> {
             call(s, "/api/v1/mgmt/config/set", Some(json!(map)), false).await?;
             Ok(Done::ok(json!({"set": map.keys().collect::<Vec<_>>()})))
         }
-        Op::GetConfig(source) => {
-            let path = format!(
-                "/Utilities/configuration/exportFile?source={}",
-                source.index()
-            );
-            let (_, body) = s.get_raw(&path).await?;
-            let truncated = body.len() > MAX_CONFIG_EXPORT;
-            let text = String::from_utf8_lossy(&body[..body.len().min(MAX_CONFIG_EXPORT)]);
-            Ok(Done::ok(json!({
-                "source": source.name(),
-                "bytes": body.len(),
-                "truncated": truncated,
-                "content": mask_config(&text),
-            })))
-        }
+        Op::GetConfig(source) => super::backups::get_config(s, cx, *source).await,
         Op::CaptureScreen { screen } => {
             match s.get_raw(&format!("/captureScreen/{screen}")).await {
                 Ok((ctype, body)) => {
-                    use base64::Engine;
-                    Ok(Done::ok(json!({
-                        "screen": screen,
-                        "content_type": if ctype.is_empty() { "image/bmp".to_string() } else { ctype },
-                        "bytes": body.len(),
-                        "data_base64": base64::engine::general_purpose::STANDARD.encode(&body),
-                    })))
+                    let ctype = if ctype.is_empty() {
+                        "image/bmp".to_string()
+                    } else {
+                        ctype
+                    };
+                    let info = device_info(s).await.ok();
+                    let mac = info.and_then(|i| i.mac);
+                    let ext = if ctype.contains("png") { "png" } else { "bmp" };
+                    let name = format!(
+                        "{}_{}_{}.{ext}",
+                        mac.as_deref().unwrap_or("device"),
+                        screen.replace('/', "-"),
+                        super::captures::file_stamp(std::time::SystemTime::now())
+                    );
+                    let meta = crate::artifacts::Meta::new("screen_capture", name, &ctype)
+                        .device(Some(cx.target.to_string()), mac)
+                        .command(Some(cx.command_id.to_string()));
+                    match cx.plane.artifacts.put(meta, body).await {
+                        Ok(r) => Ok(Done::ok(json!({
+                            "screen": screen,
+                            "content_type": r.content_type,
+                            "bytes": r.size,
+                            "artifact": r,
+                        }))),
+                        Err(e) => Ok(Done::fail(format!("cannot keep the screen capture: {e}"))),
+                    }
                 }
-                Err(DeviceError::Busy) => Ok(Done {
-                    result: Outcome::Failure,
-                    reason: "screen capture refused (HTTP 403): turn on up.screenCapture.enabled and Screen Capture on the device".into(),
-                    payload: Value::Null,
-                    cause: None,
-                }),
+                Err(DeviceError::Busy) => Ok(Done::fail(
+                    "screen capture refused (HTTP 403): turn on up.screenCapture.enabled and Screen Capture on the device",
+                )),
                 Err(e) => Err(e),
             }
         }
-        Op::PacketCapture(c) => match c {
-            Capture::Start {
-                filter,
-                max_size_mb,
-                duration_min,
-            } => {
-                call(
-                    s,
-                    "/api/v1/mgmt/config/set",
-                    Some(json!({
-                        "diags.pcap.enabled": "1",
-                        "diags.pcap.background.enabled": "1",
-                        "diags.pcap.background.filter": filter,
-                        "diags.pcap.background.bufferSize": (max_size_mb * 1024).to_string(),
-                        "diags.pcap.background.duration": duration_min.to_string(),
-                    })),
-                    false,
-                )
-                .await?;
-                Ok(Done::ok(json!({
-                    "capture": "started",
-                    "filter": filter,
-                    "max_size_mb": max_size_mb,
-                    "duration_min": duration_min,
-                })))
-            }
-            Capture::Stop => {
-                call(s, "/api/v1/mgmt/network/uploadBgCapture", None, false).await?;
-                call(
-                    s,
-                    "/api/v1/mgmt/config/set",
-                    Some(json!({"diags.pcap.background.enabled": "0"})),
-                    false,
-                )
-                .await?;
-                Ok(Done::ok(json!({"capture": "stopped", "file": "uploaded by the device"})))
-            }
-            Capture::Cancel => {
-                call(
-                    s,
-                    "/api/v1/mgmt/config/set",
-                    Some(json!({"diags.pcap.background.enabled": "0"})),
-                    false,
-                )
-                .await?;
-                Ok(Done::ok(json!({"capture": "cancelled", "file": "dropped"})))
-            }
-        },
-        Op::CheckSync => {
-            call(s, "/api/v1/mgmt/updateConfiguration", None, false).await?;
-            Ok(Done::ok(json!({"requested": "configuration update"})))
+        Op::PacketCapture(c) => super::captures::perform(s, cx, c).await,
+        Op::CheckSync { expect_firmware } => {
+            super::health::check_sync(s, cx, expect_firmware.as_deref()).await
         }
+        Op::Export { capture_s } => super::export::export(s, cx, *capture_s).await,
+        Op::RestoreBackup { backup } => super::backups::restore(s, cx, backup).await,
+        // Run before any session is opened (see `DevicePlane::run_op`).
+        Op::Probe => Ok(Done::fail("probe runs without a REST session")),
     }
 }
 
 /// Masks values of password-like parameters in an exported `name="value"` listing.
-fn mask_config(text: &str) -> String {
+pub(crate) fn mask_config(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     // Walk `name="value"` pairs; anything else is copied as is.
@@ -650,7 +735,31 @@ mod tests {
             .is_err()
         );
         assert!(parse("packet_capture", &json!({"action": "stop"})).is_ok());
-        assert_eq!(parse("check_sync", &json!({})).unwrap(), Op::CheckSync);
+        assert_eq!(
+            parse("check_sync", &json!({})).unwrap(),
+            Op::CheckSync {
+                expect_firmware: None
+            }
+        );
+        assert_eq!(
+            parse("upgrade", &json!({"firmware": "6.4.8.1000"})).unwrap(),
+            Op::CheckSync {
+                expect_firmware: Some("6.4.8.1000".into())
+            }
+        );
+        assert!(parse("upgrade", &json!({})).is_err());
+        assert!(parse("upgrade", &json!({"firmware": "6.4 ; rm"})).is_err());
+        assert_eq!(parse("probe", &json!({})).unwrap(), Op::Probe);
+        assert!(parse("export_device", &json!({"capture_s": 1})).is_err());
+        assert_eq!(
+            parse("export_device", &json!({"capture_s": 10})).unwrap(),
+            Op::Export {
+                capture_s: Some(10)
+            }
+        );
+        assert!(parse("restore_config_backup", &json!({})).is_err());
+        assert!(parse("restore_config_backup", &json!({"backup_id": "../x"})).is_err());
+        assert!(parse("restore_config_backup", &json!({"backup_id": "latest"})).is_ok());
         assert!(parse("reboot", &json!([1])).is_err());
         assert!(parse("format_disk", &json!({})).is_err());
     }

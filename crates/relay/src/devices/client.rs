@@ -244,6 +244,20 @@ impl DeviceClient {
         })
     }
 
+    /// The TLS settings device connections use (for `probe`, which times the handshake itself).
+    pub fn tls_config(&self) -> Arc<rustls::ClientConfig> {
+        self.tls.clone()
+    }
+
+    pub fn scheme(&self) -> DeviceScheme {
+        self.scheme
+    }
+
+    /// Deadline of one request.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Whether handshakes are checked against pinned keys (`identity = "tofu"` over HTTPS).
     pub fn pins_keys(&self) -> bool {
         self.identity == DeviceIdentity::Tofu && self.scheme == DeviceScheme::Https

@@ -9,9 +9,14 @@
 //! no password.
 
 pub mod actions;
+pub mod backups;
+pub mod captures;
 pub mod client;
+pub mod export;
+pub mod health;
 pub mod identity;
 pub mod monitor;
+pub mod probe;
 pub mod tasks;
 
 use crate::config::DevicesConfig;
@@ -22,7 +27,7 @@ use crate::util::secret::Secret;
 use crate::util::time::rfc3339;
 use anyhow::Result;
 use client::{DeviceClient, DeviceError, Session, Target};
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
@@ -32,6 +37,9 @@ use tracing::{info, warn};
 
 /// Factory admin password of the phones, used when neither the command nor the config gives one.
 pub const FACTORY_ADMIN_PASSWORD: &str = "456";
+/// A result payload bigger than this goes to the cloud as an artifact, so results batches stay
+/// small whatever a device returns.
+pub const MAX_INLINE_PAYLOAD: usize = 32 * 1024;
 
 /// A batch of writes for the group-commit recorder and where to say it is durable.
 type Recording = (Vec<Write>, oneshot::Sender<Result<(), String>>);
@@ -40,6 +48,11 @@ type Recording = (Vec<Write>, oneshot::Sender<Result<(), String>>);
 pub struct DevicePlane {
     pub cfg: DevicesConfig,
     pub client: DeviceClient,
+    pub store: crate::store::Store,
+    /// Where captures, exports and large results wait for upload.
+    pub artifacts: Arc<crate::artifacts::Artifacts>,
+    /// The device logs the relay keeps (read for exports and `get_device_logs`).
+    pub logs: Arc<crate::devlogs::DeviceLogs>,
     locks: Mutex<HashMap<Target, Weak<tokio::sync::Mutex<()>>>>,
     pub registry: monitor::Registry,
     pub tasks: tasks::Book,
@@ -52,11 +65,19 @@ pub struct DevicePlane {
 }
 
 impl DevicePlane {
-    pub fn new(cfg: &DevicesConfig, store: &crate::store::Store) -> Result<Arc<DevicePlane>> {
+    pub fn new(
+        cfg: &DevicesConfig,
+        store: &crate::store::Store,
+        artifacts: Arc<crate::artifacts::Artifacts>,
+        logs: Arc<crate::devlogs::DeviceLogs>,
+    ) -> Result<Arc<DevicePlane>> {
         let (tx, rx) = mpsc::channel(4096);
         Ok(Arc::new(DevicePlane {
             cfg: cfg.clone(),
             client: DeviceClient::new(cfg)?,
+            store: store.clone(),
+            artifacts,
+            logs,
             locks: Mutex::new(HashMap::new()),
             registry: monitor::Registry::load(store, cfg)?,
             tasks: tasks::Book::load(store)?,
@@ -115,6 +136,14 @@ impl DevicePlane {
         self.cfg.max_sessions - self.sessions.available_permits()
     }
 
+    /// A device session permit, for work that holds the device lock itself (take the lock first).
+    pub async fn session_permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, DeviceError> {
+        self.sessions
+            .acquire()
+            .await
+            .map_err(|_| DeviceError::Timeout("the relay is stopping"))
+    }
+
     /// Runs `work` on `target` with the device lock and a session permit held, within `deadline`
     /// (a miss is `DeviceError::Timeout(what)`). The lock comes first: a permit is never held while
     /// waiting for a device, so permit holders always progress. Waiting for the lock or a permit
@@ -127,11 +156,7 @@ impl DevicePlane {
         work: impl std::future::Future<Output = Result<T, DeviceError>>,
     ) -> Result<T, DeviceError> {
         let _guard = self.lock(target).await;
-        let _permit = self
-            .sessions
-            .acquire()
-            .await
-            .map_err(|_| DeviceError::Timeout("the relay is stopping"))?;
+        let _permit = self.session_permit().await?;
         tokio::time::timeout(deadline, work)
             .await
             .unwrap_or(Err(DeviceError::Timeout(what)))
@@ -199,7 +224,7 @@ impl DevicePlane {
         }
         self.record(writes).await?;
         if alarm.is_some() {
-            self.registry.wake_reporter();
+            self.registry.alarm_stored();
         }
         Ok(())
     }
@@ -321,22 +346,35 @@ impl DevicePlane {
     }
 
     /// Runs one operation on one device with the device lock and a session permit held and the
-    /// given deadline.
+    /// given deadline. A payload too big for a results batch leaves as an artifact.
     pub async fn run_op(
         &self,
         target: &Target,
         password: &Secret,
         op: &actions::Op,
         deadline: std::time::Duration,
+        command_id: &str,
     ) -> actions::Done {
         const DEADLINE: &str = "the command's deadline";
+        let deadline = deadline + op.extra_time();
         let r = self
             .with_device(target, deadline, DEADLINE, async {
+                if *op == actions::Op::Probe {
+                    return Ok(probe::probe(self, target, password).await);
+                }
+                let until = std::time::Instant::now() + deadline;
                 let mut s = self.open(target, password).await?;
-                Ok(actions::perform(op, &mut s).await)
+                let cx = actions::OpCx {
+                    plane: self,
+                    target,
+                    command_id,
+                    deadline: until,
+                    password,
+                };
+                Ok(actions::perform(op, &mut s, &cx).await)
             })
             .await;
-        let done = match r {
+        let mut done = match r {
             Ok(d) => d,
             Err(e @ DeviceError::Timeout(DEADLINE)) => actions::Done {
                 result: Outcome::Failure,
@@ -363,7 +401,40 @@ impl DevicePlane {
         if !done.cause.as_ref().is_some_and(DeviceError::is_unreachable) {
             self.registry.learn(target, None);
         }
+        self.shrink(&mut done, command_id, target).await;
         done
+    }
+
+    /// Moves a payload too big for a results batch into an artifact, leaving its reference.
+    async fn shrink(&self, done: &mut actions::Done, command_id: &str, target: &Target) {
+        let Ok(bytes) = serde_json::to_vec(&done.payload) else {
+            return;
+        };
+        if bytes.len() <= MAX_INLINE_PAYLOAD {
+            return;
+        }
+        let meta = crate::artifacts::Meta::new(
+            "result",
+            format!(
+                "{command_id}-{}.json",
+                target.to_string().replace([':', '[', ']'], "_")
+            ),
+            "application/json",
+        )
+        .device(Some(target.to_string()), None)
+        .command(Some(command_id.to_string()));
+        done.payload = match self.artifacts.put(meta, bytes.into()).await {
+            Ok(r) => {
+                json!({"artifact": r, "note": "the payload was too large for a results batch; it is in the artifact"})
+            }
+            Err(e) => {
+                done.result = Outcome::Failure;
+                done.reason = format!(
+                    "the result was too large for a results batch and cannot be kept as an artifact: {e}"
+                );
+                Value::Null
+            }
+        };
     }
 
     /// Stores writes in one group commit shared with other callers; returns once durable.
@@ -375,6 +446,47 @@ impl DevicePlane {
             .map_err(|_| "the recorder has stopped".to_string())?;
         rx.await
             .map_err(|_| "the recorder has stopped".to_string())?
+    }
+
+    /// Records a health outcome of a device (configuration update, upgrade) and raises the alarm it
+    /// calls for, stored until the cloud has it.
+    pub async fn note_health(&self, target: &Target, mac: Option<String>, h: health::Health) {
+        let Some(alarm) = self.registry.note_health(target, mac, &h) else {
+            return;
+        };
+        warn!(device = %alarm.address, mac = ?alarm.mac, kind = %alarm.kind, "{}", alarm.message);
+        let value = serde_json::to_vec(&alarm).unwrap_or_default();
+        match self
+            .record(vec![Write::Alarm {
+                id: alarm.id.clone(),
+                value,
+            }])
+            .await
+        {
+            Ok(()) => self.registry.alarm_stored(),
+            Err(e) => warn!(error = %e, "cannot store an alarm"),
+        }
+    }
+
+    /// Executes a command about what the relay keeps for a device (backups, logs), without
+    /// contacting it.
+    pub async fn relay_command(&self, cmd: &Command) -> ResultRecord {
+        let done = export::kept(self, cmd).await;
+        ResultRecord {
+            result_id: uuid::Uuid::new_v4().to_string(),
+            command_id: cmd.id.clone(),
+            target: cmd
+                .params
+                .get("target")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            name: cmd.name.clone(),
+            result: done.result,
+            reason: done.reason,
+            payload: done.payload,
+            finished_at: rfc3339(SystemTime::now()),
+            progress: None,
+        }
     }
 
     /// Executes a device command from the channel (`params.target` names the device).
@@ -448,7 +560,7 @@ impl DevicePlane {
         let password = self.password(password.as_deref());
         info!(command_id = %cmd.id, device = %target, name = %cmd.name, "device command");
         let done = self
-            .run_op(&target, &password, &op, self.cfg.target_timeout)
+            .run_op(&target, &password, &op, self.cfg.target_timeout, &cmd.id)
             .await;
         info!(command_id = %cmd.id, device = %target, result = done.result.as_str(), reason = %done.reason, "device command finished");
         done
@@ -512,6 +624,7 @@ pub async fn run(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken)
         tokio::try_join!(
             tasks::run(ctx.clone(), plane.clone(), shutdown.clone()),
             monitor::run(ctx.clone(), plane.clone(), shutdown.clone()),
+            captures::run(plane.clone(), shutdown.clone()),
         )
     };
     let r = work.await;

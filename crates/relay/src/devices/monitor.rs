@@ -11,12 +11,13 @@
 
 use super::DevicePlane;
 use super::client::{DeviceError, Session, Target};
+use super::health::Health;
 use crate::config::DevicesConfig;
 use crate::ctx::Ctx;
 use crate::protocol::{
     ALARM_DEVICE_OFFLINE, ALARM_DEVICE_ONLINE, ALARM_LINE_REGISTERED, ALARM_LINE_UNREGISTERED,
-    ALARM_SUPPRESSED, Alarm, DeviceCounts, DeviceList, DeviceReport, DeviceStatusBatch, ErrorCode,
-    LineStatus, PATH_DEVICE_STATUS, PATH_DEVICES,
+    ALARM_SUPPRESSED, Alarm, DeviceCounts, DeviceList, DeviceReport, DeviceStats,
+    DeviceStatusBatch, ErrorCode, LineStatus, PATH_DEVICE_STATUS, PATH_DEVICES,
 };
 use crate::store::{Store, Write};
 use crate::util::backoff::Backoff;
@@ -65,10 +66,43 @@ pub struct Known {
     pub from_commands: bool,
     #[serde(default)]
     pub last: Option<DeviceReport>,
+    /// The last CPU and memory reading.
+    #[serde(default)]
+    pub last_stats: Option<DeviceStats>,
+    /// A `config_update_failed` alarm is standing (cleared by `config_updated`).
+    #[serde(default)]
+    pub config_update_failed: bool,
+    /// A `firmware_upgrade_failed` alarm is standing (cleared by `firmware_upgraded`).
+    #[serde(default)]
+    pub firmware_upgrade_failed: bool,
     #[serde(skip)]
     next_poll: Option<Instant>,
     #[serde(skip)]
     polling: bool,
+    #[serde(skip)]
+    next_stats: Option<Instant>,
+    #[serde(skip)]
+    stats_polling: bool,
+}
+
+impl Known {
+    fn new(address: String, mac: Option<String>, next_poll: Instant) -> Known {
+        Known {
+            address,
+            mac,
+            name: None,
+            from_cloud: false,
+            from_commands: false,
+            last: None,
+            last_stats: None,
+            config_update_failed: false,
+            firmware_upgrade_failed: false,
+            next_poll: Some(next_poll),
+            polling: false,
+            next_stats: None,
+            stats_polling: false,
+        }
+    }
 }
 
 struct Inner {
@@ -76,6 +110,8 @@ struct Inner {
     dirty: HashSet<String>,
     /// Latest report per device not yet delivered.
     unsent: HashMap<String, DeviceReport>,
+    /// Latest CPU and memory reading per device not yet delivered.
+    unsent_stats: HashMap<String, DeviceStats>,
 }
 
 pub struct Registry {
@@ -107,6 +143,11 @@ fn offset(address: &str, period: Duration) -> Duration {
     Duration::from_millis(h % ms)
 }
 
+/// Stats readings sit at their own offset, not on top of the status polls.
+fn stats_offset(address: &str, period: Duration) -> Duration {
+    offset(&format!("{address}#stats"), period)
+}
+
 impl Registry {
     pub fn load(store: &Store, cfg: &DevicesConfig) -> Result<Registry> {
         let now = Instant::now();
@@ -123,6 +164,7 @@ impl Registry {
                 devices,
                 dirty: HashSet::new(),
                 unsent: HashMap::new(),
+                unsent_stats: HashMap::new(),
             }),
             applied_revision: AtomicU64::new(0),
             list_wake: Notify::new(),
@@ -149,8 +191,8 @@ impl Registry {
             .or_else(|| k.last.as_ref().and_then(|r| r.mac.clone()))
     }
 
-    /// Wakes the reporter: an alarm was stored.
-    pub fn wake_reporter(&self) {
+    /// One alarm was stored: counts it as pending and wakes the reporter.
+    pub fn alarm_stored(&self) {
         self.pending_alarms.fetch_add(1, Ordering::Relaxed);
         self.report_wake.notify_one();
     }
@@ -171,19 +213,9 @@ impl Registry {
             k.from_commands = true;
         } else {
             let next = Instant::now() + offset(&addr, self.interval);
-            g.devices.insert(
-                addr.clone(),
-                Known {
-                    address: addr.clone(),
-                    mac,
-                    name: None,
-                    from_cloud: false,
-                    from_commands: true,
-                    last: None,
-                    next_poll: Some(next),
-                    polling: false,
-                },
-            );
+            let mut k = Known::new(addr.clone(), mac, next);
+            k.from_commands = true;
+            g.devices.insert(addr.clone(), k);
         }
         g.dirty.insert(addr);
     }
@@ -241,9 +273,76 @@ impl Registry {
                 if let Some(r) = &k.last {
                     o["last"] = serde_json::to_value(r).unwrap_or(Value::Null);
                 }
+                if let Some(st) = &k.last_stats {
+                    o["stats"] = serde_json::to_value(st).unwrap_or(Value::Null);
+                }
+                let mut standing = Vec::new();
+                if k.config_update_failed {
+                    standing.push("config_update_failed");
+                }
+                if k.firmware_upgrade_failed {
+                    standing.push("firmware_upgrade_failed");
+                }
+                o["alarms"] = serde_json::json!(standing);
                 o
             })
             .collect()
+    }
+
+    /// Records what an operation found out about a device's health; returns the alarm to raise
+    /// when that changes the device's standing (a failure, or the recovery from one).
+    pub fn note_health(&self, target: &Target, mac: Option<String>, h: &Health) -> Option<Alarm> {
+        self.learn(target, mac.clone());
+        let addr = target.to_string();
+        let mut g = self.lock();
+        let k = g.devices.get_mut(&addr)?;
+        if k.mac.is_none() {
+            k.mac = mac;
+        }
+        let (kind, message) = match h {
+            Health::ConfigFailed(why) => {
+                k.config_update_failed = true;
+                (
+                    "config_update_failed",
+                    format!("configuration update of {addr} failed: {why}"),
+                )
+            }
+            Health::ConfigOk if k.config_update_failed => {
+                k.config_update_failed = false;
+                (
+                    "config_updated",
+                    format!("configuration of {addr} updated again"),
+                )
+            }
+            Health::UpgradeFailed(why) => {
+                k.firmware_upgrade_failed = true;
+                (
+                    "firmware_upgrade_failed",
+                    format!("firmware upgrade of {addr} failed: {why}"),
+                )
+            }
+            Health::UpgradeOk(fw) if k.firmware_upgrade_failed => {
+                k.firmware_upgrade_failed = false;
+                ("firmware_upgraded", format!("{addr} upgraded to {fw}"))
+            }
+            Health::ConfigOk | Health::UpgradeOk(_) => return None,
+        };
+        let alarm = Alarm {
+            id: uuid::Uuid::new_v4().to_string(),
+            address: addr.clone(),
+            mac: k.mac.clone(),
+            kind: kind.into(),
+            line: None,
+            message,
+            at: rfc3339(SystemTime::now()),
+        };
+        g.dirty.insert(addr);
+        Some(alarm)
+    }
+
+    /// Wakes the reporter (alarms were stored).
+    pub fn wake_reporter(&self) {
+        self.report_wake.notify_one();
     }
 
     /// Applies the cloud's device list: adds new devices, forgets cloud devices no longer listed
@@ -263,16 +362,7 @@ impl Registry {
             };
             let k = g.devices.entry(addr.clone()).or_insert_with(|| {
                 added += 1;
-                Known {
-                    address: addr.clone(),
-                    mac: None,
-                    name: None,
-                    from_cloud: true,
-                    from_commands: false,
-                    last: None,
-                    next_poll: Some(now + offset(&addr, self.interval)),
-                    polling: false,
-                }
+                Known::new(addr.clone(), None, now + offset(&addr, self.interval))
             });
             k.from_cloud = true;
             if d.mac.is_some() {
@@ -370,7 +460,7 @@ fn clean_mac(s: &str) -> Option<String> {
         .then(|| hex.to_ascii_lowercase())
 }
 
-fn parse_firmware(info: &Value) -> String {
+pub(crate) fn parse_firmware(info: &Value) -> String {
     if let Some(s) = info.get("FirmwareRelease").and_then(Value::as_str) {
         return clean(s, MAX_FIELD);
     }
@@ -652,9 +742,41 @@ async fn poller(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken) 
     let sem = Arc::new(Semaphore::new(plane.cfg.poll_concurrency));
     let interval = plane.cfg.poll_interval;
     let tick = (interval / 100).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let stats_interval = plane.cfg.stats_interval;
     let mut work = tokio::task::JoinSet::new();
     loop {
         let now = Instant::now();
+        let stats_due: Vec<String> = {
+            let mut g = plane.registry.lock();
+            let mut due = Vec::new();
+            for k in g.devices.values_mut() {
+                let at = *k
+                    .next_stats
+                    .get_or_insert_with(|| now + stats_offset(&k.address, stats_interval));
+                if at <= now && !k.stats_polling {
+                    k.stats_polling = true;
+                    let mut next = at + stats_interval;
+                    while next <= now {
+                        next += stats_interval;
+                    }
+                    k.next_stats = Some(next);
+                    due.push(k.address.clone());
+                }
+            }
+            due
+        };
+        for addr in stats_due {
+            let permit = tokio::select! {
+                p = sem.clone().acquire_owned() => p?,
+                _ = shutdown.cancelled() => break,
+            };
+            let plane = plane.clone();
+            work.spawn(async move {
+                let _permit = permit;
+                let st = poll_stats(&plane, &addr).await;
+                record_stats(&plane, &addr, st);
+            });
+        }
         let due: Vec<String> = {
             let mut g = plane.registry.lock();
             let mut due = Vec::new();
@@ -699,6 +821,44 @@ async fn poller(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken) 
     while work.join_next().await.is_some() {}
     let _ = ctx;
     Ok(())
+}
+
+/// Reads one device's CPU and memory. None when it cannot (offline, refused, no such endpoint):
+/// status polls report why.
+pub async fn poll_stats(plane: &DevicePlane, address: &str) -> Option<DeviceStats> {
+    let target = plane.check_target(address).ok()?;
+    let password = plane.password(None);
+    let mac = plane
+        .registry
+        .lock()
+        .devices
+        .get(address)
+        .and_then(|k| k.mac.clone());
+    let read = plane
+        .with_device(&target, plane.cfg.request_timeout * 2, "stats", async {
+            let mut s = plane.open(&target, &password).await?;
+            super::health::read_stats(&mut s, address, mac).await
+        })
+        .await;
+    match read {
+        Ok(st) => st,
+        Err(e) => {
+            debug!(device = %address, error = %e, "no CPU/memory reading");
+            None
+        }
+    }
+}
+
+fn record_stats(plane: &DevicePlane, address: &str, st: Option<DeviceStats>) {
+    let mut g = plane.registry.lock();
+    let Some(k) = g.devices.get_mut(address) else {
+        return;
+    };
+    k.stats_polling = false;
+    let Some(st) = st else { return };
+    k.last_stats = Some(st.clone());
+    g.dirty.insert(address.to_string());
+    g.unsent_stats.insert(address.to_string(), st);
 }
 
 async fn record_report(plane: &DevicePlane, report: DeviceReport) {
@@ -767,22 +927,34 @@ async fn record_report(plane: &DevicePlane, report: DeviceReport) {
 struct Outgoing {
     reports: Vec<DeviceReport>,
     alarms: Vec<Alarm>,
+    stats: Vec<DeviceStats>,
 }
 
-/// Takes the next batch: alarms first (they are durable and in order), then reports, each within
-/// its count and byte budget. `single` (while looking for a record the cloud refuses) takes one
-/// record only. The registry lock is held only to move reports out; their sizes are measured
-/// outside it, and what does not fit goes back unless a newer poll replaced it.
+/// Takes the next batch: alarms first (they are durable and in order), then reports and CPU/memory
+/// readings, each within its count and byte budget. `single` (while looking for a record the
+/// cloud refuses) takes one record only. The registry lock is held only to move reports out; their
+/// sizes are measured outside it, and what does not fit goes back unless a newer poll replaced it.
 async fn next_batch(ctx: &Ctx, plane: &DevicePlane, single: bool) -> Result<Outgoing> {
     let (max_alarms, alarm_bytes) = if single {
         (1, 0)
     } else {
         (ALARM_BATCH, ALARM_BATCH_BYTES)
     };
-    let alarms: Vec<Alarm> = ctx
+    let (batch, pending) = ctx
         .store
-        .run(move |s| s.alarms_batch(max_alarms, alarm_bytes))
-        .await?
+        .run(move |s| {
+            Ok::<_, crate::store::StoreError>((
+                s.alarms_batch(max_alarms, alarm_bytes)?,
+                s.alarms_len()?,
+            ))
+        })
+        .await?;
+    // The store is the truth (alarms from other writers, e.g. device logs, count too).
+    plane
+        .registry
+        .pending_alarms
+        .store(pending, Ordering::Relaxed);
+    let alarms: Vec<Alarm> = batch
         .into_iter()
         .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
         .collect();
@@ -790,13 +962,27 @@ async fn next_batch(ctx: &Ctx, plane: &DevicePlane, single: bool) -> Result<Outg
         return Ok(Outgoing {
             reports: vec![],
             alarms,
+            stats: vec![],
         });
     }
     let max_reports = if single { 1 } else { REPORT_BATCH };
-    let taken: Vec<DeviceReport> = {
+    let (taken, stats): (Vec<DeviceReport>, Vec<DeviceStats>) = {
         let mut g = plane.registry.lock();
         let keys: Vec<String> = g.unsent.keys().take(max_reports).cloned().collect();
-        keys.iter().filter_map(|k| g.unsent.remove(k)).collect()
+        let taken: Vec<DeviceReport> = keys.iter().filter_map(|k| g.unsent.remove(k)).collect();
+        // A reading is a few numbers: the count bounds it. One at a time, after the reports, while
+        // isolating.
+        let max_stats = match (single, taken.is_empty()) {
+            (false, _) => REPORT_BATCH,
+            (true, true) => 1,
+            (true, false) => 0,
+        };
+        let keys: Vec<String> = g.unsent_stats.keys().take(max_stats).cloned().collect();
+        let stats = keys
+            .iter()
+            .filter_map(|k| g.unsent_stats.remove(k))
+            .collect();
+        (taken, stats)
     };
     let mut reports = Vec::with_capacity(taken.len());
     let mut back = Vec::new();
@@ -810,18 +996,26 @@ async fn next_batch(ctx: &Ctx, plane: &DevicePlane, single: bool) -> Result<Outg
             reports.push(r);
         }
     }
-    put_back(plane, back);
-    Ok(Outgoing { reports, alarms })
+    put_back(plane, back, vec![]);
+    Ok(Outgoing {
+        reports,
+        alarms,
+        stats,
+    })
 }
 
-/// Returns reports that were not delivered, unless a newer poll of the same device replaced them.
-fn put_back(plane: &DevicePlane, reports: Vec<DeviceReport>) {
-    if reports.is_empty() {
+/// Returns reports and readings that were not delivered, unless a newer poll of the same device
+/// replaced them.
+fn put_back(plane: &DevicePlane, reports: Vec<DeviceReport>, stats: Vec<DeviceStats>) {
+    if reports.is_empty() && stats.is_empty() {
         return;
     }
     let mut g = plane.registry.lock();
     for r in reports {
         g.unsent.entry(r.address.clone()).or_insert(r);
+    }
+    for st in stats {
+        g.unsent_stats.entry(st.address.clone()).or_insert(st);
     }
 }
 
@@ -834,10 +1028,11 @@ async fn reporter(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken
         let mut wait = REPORT_EVERY;
         if let Some(session) = ctx.sessions.current() {
             let out = next_batch(&ctx, &plane, single).await?;
-            if !out.reports.is_empty() || !out.alarms.is_empty() {
+            if !out.reports.is_empty() || !out.alarms.is_empty() || !out.stats.is_empty() {
                 let batch = DeviceStatusBatch {
                     reports: out.reports,
                     alarms: out.alarms,
+                    stats: out.stats,
                 };
                 match ctx
                     .cloud
@@ -868,9 +1063,11 @@ async fn reporter(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken
                             "device status delivered"
                         );
                         // More waiting: go again soon.
-                        if !plane.registry.lock().unsent.is_empty()
-                            || plane.registry.pending_alarms() > 0
-                        {
+                        let more = {
+                            let g = plane.registry.lock();
+                            !g.unsent.is_empty() || !g.unsent_stats.is_empty()
+                        };
+                        if more || plane.registry.pending_alarms() > 0 {
                             wait = Duration::from_millis(50);
                         }
                     }
@@ -881,11 +1078,11 @@ async fn reporter(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken
                         ) =>
                     {
                         wait = Duration::from_millis(50);
-                        let n = batch.reports.len() + batch.alarms.len();
+                        let n = batch.reports.len() + batch.alarms.len() + batch.stats.len();
                         if n > 1 {
                             warn!(error = %e, records = n, "cloud refused a device-status batch; sending one record at a time to find the one it cannot take");
                             single = true;
-                            put_back(&plane, batch.reports);
+                            put_back(&plane, batch.reports, batch.stats);
                         } else if let Some(a) = batch.alarms.into_iter().next() {
                             error!(alarm_id = %a.id, device = %a.address, kind = %a.kind, error = %e,
                                 "cloud refused an alarm (malformed or too large); kept in the store's rejected table, not retried");
@@ -908,13 +1105,20 @@ async fn reporter(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken
                                 .registry
                                 .records_rejected
                                 .fetch_add(1, Ordering::Relaxed);
+                        } else if let Some(st) = batch.stats.first() {
+                            error!(device = %st.address, error = %e,
+                                "cloud refused a CPU and memory reading; dropped");
+                            plane
+                                .registry
+                                .records_rejected
+                                .fetch_add(1, Ordering::Relaxed);
                         }
                     }
                     Err(e) => {
                         if e.code() == Some(ErrorCode::TokenInvalid) {
                             ctx.sessions.invalidate(session.generation);
                         }
-                        put_back(&plane, batch.reports);
+                        put_back(&plane, batch.reports, batch.stats);
                         wait = backoff.next_delay();
                         warn!(error = %e, retry_in = ?wait, "cannot deliver device status");
                     }

@@ -727,7 +727,7 @@ async fn execute_inner(
             } else {
                 match plane.check_target(&target) {
                     Err(why) => fail(&why),
-                    Ok(t) => plane.run_op(&t, &password, &op, deadline).await,
+                    Ok(t) => plane.run_op(&t, &password, &op, deadline, &task_id).await,
                 }
             };
             finish_target(&plane, &task_id, &kind, &target, done).await

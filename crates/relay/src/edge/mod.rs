@@ -1,8 +1,11 @@
 //! The device-facing edge: the one HTTP server devices talk to. It owns the listeners (HTTPS on
 //! `[edge].listen` with the PFX certificate, plain HTTP on `legacy_http_listen` for devices inside
 //! `[devices].subnets`), TLS, the limits, routing, the body types and each connection's socket
-//! state. Two handlers sit under it and never import each other: [`images`] serves verified files
-//! from the image cache, [`provisioning`] forwards everything else to `[provisioning].upstream`.
+//! state. Three handlers sit under it and never import one another: [`images`] serves verified
+//! files from the image cache, [`uploads`] takes the files devices deliver into one-time slots of
+//! the artifact store (packet captures), [`provisioning`] forwards everything else to
+//! `[provisioning].upstream` (teeing device logs into the device log store when the relay keeps
+//! them).
 //!
 //! Hostile input is stopped here: a cap on open connections (over it: 503 at once), deadlines on the
 //! TLS handshake, on reading request headers and on any stall, a header size cap, and path checks
@@ -15,6 +18,7 @@ pub mod images;
 pub mod provisioning;
 mod router;
 pub mod tls;
+pub mod uploads;
 
 use crate::config::{Config, EdgeConfig};
 use conn::{ActivityIo, DeviceConn, SocketState};
@@ -70,6 +74,10 @@ pub struct Edge {
     pub images: std::sync::OnceLock<Arc<crate::cache::Catalog>>,
     /// The addresses actually bound (a configured port 0 becomes a real port).
     pub bound: std::sync::OnceLock<(SocketAddr, Option<SocketAddr>)>,
+    /// The artifact store, for device uploads into its slots.
+    pub artifacts: std::sync::OnceLock<Arc<crate::artifacts::Artifacts>>,
+    /// The device log store, which keeps copies of device logs while the cloud does not take them.
+    pub logs: std::sync::OnceLock<Arc<crate::devlogs::DeviceLogs>>,
 }
 
 /// Every failed certificate rule as `rule: message`, for one-line errors.
@@ -128,7 +136,39 @@ impl Edge {
             reload_error: RwLock::new(None),
             bound: std::sync::OnceLock::new(),
             images: std::sync::OnceLock::new(),
+            artifacts: std::sync::OnceLock::new(),
+            logs: std::sync::OnceLock::new(),
         })))
+    }
+
+    /// The base URL devices reach this edge at: `https://<first fqdn>[:port]` (the bound port).
+    pub fn public_base(&self) -> Option<String> {
+        let port = self.bound.get()?.0.port();
+        let host = self.cfg.fqdn.first()?;
+        Some(if port == 443 {
+            format!("https://{host}")
+        } else {
+            format!("https://{host}:{port}")
+        })
+    }
+
+    /// A copy of a device log upload (`PUT .../<mac>-app.log`) when the relay keeps device logs,
+    /// the sender is inside the device subnets and the device has not reached its cap.
+    pub(crate) fn log_copy(
+        &self,
+        method: &http::Method,
+        path: &str,
+        peer: std::net::IpAddr,
+    ) -> Option<crate::devlogs::LogUpload> {
+        if method != http::Method::PUT {
+            return None;
+        }
+        let logs = self.logs.get()?;
+        if !logs.collecting() || !self.subnets.iter().any(|n| n.contains(&peer)) {
+            return None;
+        }
+        let (mac, kind) = crate::devlogs::log_upload_name(path)?;
+        logs.begin(&mac, kind, peer)
     }
 
     pub async fn bind(&self) -> anyhow::Result<EdgeListeners> {

@@ -5,6 +5,7 @@
 use super::body::{AccessLine, AccessLogBody, EdgeBody, text_response};
 use super::conn::DeviceConn;
 use super::images;
+use super::uploads;
 use crate::util::paths;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
@@ -70,6 +71,9 @@ async fn route(conn: &Arc<DeviceConn>, req: Request<Incoming>) -> Response<EdgeB
         Err(paths::PathError::Bad(why)) => return text_response(StatusCode::BAD_REQUEST, why),
         Ok(p) => p,
     };
+    if uploads::is_upload(req.uri().path()) {
+        return uploads::answer(edge.artifacts.get(), req, peer.ip()).await;
+    }
     if let Some(cache) = edge.images.get()
         && let Some(answer) = images::answer(cache, &req, &conn.socket, &decoded).await
     {

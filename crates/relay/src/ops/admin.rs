@@ -1,5 +1,6 @@
 //! The local admin API: HTTP/1.1 on a Unix socket (mode 0660, so root and the ucrelay group only),
-//! and the client the CLI uses to reach it. Read-only for now: `GET /v1/status`.
+//! and the client the CLI uses to reach it: status, images, devices, tasks, reload, and the device
+//! diagnostics (probe, configuration backups, kept device logs, artifacts).
 
 use super::Running;
 use crate::ops::report::StatusReport;
@@ -64,6 +65,13 @@ pub async fn serve(
         .route("/v1/devices/trust", post(devices_trust))
         .route("/v1/tasks", get(tasks))
         .route("/v1/tasks/{id}", get(task))
+        .route("/v1/probe/{target}", post(probe))
+        .route("/v1/backups/{mac}", get(backups))
+        .route("/v1/backups/{mac}/{id}", get(backup).delete(backup_delete))
+        .route("/v1/backups/{mac}/{id}/restore", post(backup_restore))
+        .route("/v1/logs", get(logs))
+        .route("/v1/logs/{mac}", get(logs_export).delete(logs_delete))
+        .route("/v1/artifacts", get(artifacts))
         .with_state(ctx);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -213,6 +221,201 @@ async fn task(
     Ok(Json(summary))
 }
 
+fn api_error(status: http::StatusCode, why: impl std::fmt::Display) -> ApiError {
+    (status, Json(serde_json::json!({"error": why.to_string()})))
+}
+
+fn no_devices(ctx: &Running) -> Result<(), ApiError> {
+    if ctx.devices.cfg.enabled {
+        Ok(())
+    } else {
+        Err(api_error(
+            http::StatusCode::NOT_FOUND,
+            "the device plane is off: relay.toml has no [devices] section",
+        ))
+    }
+}
+
+fn mac_param(mac: &str) -> Result<String, ApiError> {
+    crate::devlogs::normalise_mac(mac).ok_or_else(|| {
+        api_error(
+            http::StatusCode::BAD_REQUEST,
+            format!("{mac:?} is not a MAC address (12 hex digits)"),
+        )
+    })
+}
+
+fn done_json(d: crate::devices::actions::Done) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "result": d.result.as_str(),
+        "reason": d.reason,
+        "payload": d.payload,
+    }))
+}
+
+/// Runs one device operation for a local admin (probe, restore), like a command from the cloud:
+/// inside the device subnets only, with the configured password.
+async fn local_op(
+    ctx: &Running,
+    target: &str,
+    op: crate::devices::actions::Op,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    no_devices(ctx)?;
+    let plane = &ctx.devices;
+    let t = plane
+        .check_target(target)
+        .map_err(|why| api_error(http::StatusCode::FORBIDDEN, why))?;
+    let id = format!("local-{}", uuid::Uuid::new_v4());
+    tracing::info!(device = %t, ?op, "device operation asked on the admin socket");
+    let done = plane
+        .run_op(
+            &t,
+            &plane.password(None),
+            &op,
+            plane.cfg.target_timeout,
+            &id,
+        )
+        .await;
+    Ok(done_json(done))
+}
+
+async fn probe(
+    State(ctx): State<Running>,
+    axum::extract::Path(target): axum::extract::Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    local_op(&ctx, &target, crate::devices::actions::Op::Probe).await
+}
+
+async fn backups(
+    State(ctx): State<Running>,
+    axum::extract::Path(mac): axum::extract::Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let mac = mac_param(&mac)?;
+    let list = crate::devices::backups::list(&ctx.devices, &mac)
+        .await
+        .map_err(|e| api_error(http::StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    Ok(Json(serde_json::json!({
+        "mac": mac,
+        "keep": crate::devices::backups::KEEP,
+        "backups": list.iter().map(crate::devices::backups::Backup::summary).collect::<Vec<_>>(),
+    })))
+}
+
+async fn backup(
+    State(ctx): State<Running>,
+    axum::extract::Path((mac, id)): axum::extract::Path<(String, String)>,
+) -> Result<String, ApiError> {
+    let mac = mac_param(&mac)?;
+    crate::devices::backups::get(&ctx.devices, &mac, &id)
+        .await
+        .map(|b| b.masked())
+        .map_err(|e| api_error(http::StatusCode::NOT_FOUND, e))
+}
+
+async fn backup_delete(
+    State(ctx): State<Running>,
+    axum::extract::Path((mac, id)): axum::extract::Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let mac = mac_param(&mac)?;
+    let id = match crate::devices::backups::get(&ctx.devices, &mac, &id).await {
+        Ok(b) => b.id,
+        Err(e) => return Err(api_error(http::StatusCode::NOT_FOUND, e)),
+    };
+    crate::devices::backups::delete(&ctx.devices, &mac, &id)
+        .await
+        .map_err(|e| api_error(http::StatusCode::NOT_FOUND, e))?;
+    Ok(Json(serde_json::json!({"mac": mac, "deleted": id})))
+}
+
+async fn backup_restore(
+    State(ctx): State<Running>,
+    axum::extract::Path((mac, id)): axum::extract::Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let mac = mac_param(&mac)?;
+    let b = crate::devices::backups::get(&ctx.devices, &mac, &id)
+        .await
+        .map_err(|e| api_error(http::StatusCode::NOT_FOUND, e))?;
+    let op = crate::devices::actions::Op::RestoreBackup { backup: b.id };
+    local_op(&ctx, &b.target, op).await
+}
+
+async fn logs(State(ctx): State<Running>) -> Json<crate::devlogs::LogsReport> {
+    let logs = ctx.device_logs.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        logs.prune();
+        logs.report()
+    })
+    .await
+    .unwrap_or_else(|_| ctx.device_logs.report());
+    Json(report)
+}
+
+async fn logs_export(
+    State(ctx): State<Running>,
+    axum::extract::Path(mac): axum::extract::Path<String>,
+) -> Result<axum::response::Response, ApiError> {
+    let mac = mac_param(&mac)?;
+    if ctx.device_logs.files(&mac).is_empty() {
+        return Err(api_error(
+            http::StatusCode::NOT_FOUND,
+            format!("the relay keeps no logs of device {mac}"),
+        ));
+    }
+    // Built into an unnamed temporary file in the state dir, then streamed: a device's logs can
+    // be 100 MB.
+    let logs = ctx.device_logs.clone();
+    let dir = ctx.config.state_dir.clone();
+    let m = mac.clone();
+    let file = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+        use std::io::Seek;
+        let mut f = tempfile::tempfile_in(&dir)?;
+        logs.write_tar_gz(&m, &mut f)?;
+        f.rewind()?;
+        Ok(f)
+    })
+    .await
+    .map_err(|e| api_error(http::StatusCode::INTERNAL_SERVER_ERROR, e))?
+    .map_err(|e| {
+        api_error(
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot pack the logs: {e}"),
+        )
+    })?;
+    let stream = tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(file));
+    axum::response::Response::builder()
+        .header(http::header::CONTENT_TYPE, "application/gzip")
+        .header(
+            http::header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"{mac}-logs.tar.gz\""),
+        )
+        .body(axum::body::Body::from_stream(stream))
+        .map_err(|e| api_error(http::StatusCode::INTERNAL_SERVER_ERROR, e))
+}
+
+async fn logs_delete(
+    State(ctx): State<Running>,
+    axum::extract::Path(mac): axum::extract::Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let mac = mac_param(&mac)?;
+    let logs = ctx.device_logs.clone();
+    let m = mac.clone();
+    let freed = tokio::task::spawn_blocking(move || logs.delete(&m))
+        .await
+        .map_err(|e| api_error(http::StatusCode::INTERNAL_SERVER_ERROR, e))?
+        .map_err(|e| api_error(http::StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    Ok(Json(
+        serde_json::json!({"mac": mac, "deleted_bytes": freed}),
+    ))
+}
+
+async fn artifacts(State(ctx): State<Running>) -> Json<crate::artifacts::ArtifactsReport> {
+    let a = ctx.artifacts.clone();
+    let report = tokio::task::spawn_blocking(move || a.report())
+        .await
+        .unwrap_or_else(|_| ctx.artifacts.summary());
+    Json(report)
+}
+
 async fn reload(State(ctx): State<Running>) -> Json<super::ReloadOutcome> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let failed = |why: &str| super::ReloadOutcome {
@@ -256,6 +459,13 @@ pub async fn call_json<T: serde::de::DeserializeOwned>(
     method: http::Method,
     path: &str,
 ) -> Result<T> {
+    let body = call_bytes(socket, method, path).await?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// Sends one request to the admin API at `socket` and returns the answer's body as it is (a
+/// tar.gz, a configuration file).
+pub async fn call_bytes(socket: &Path, method: http::Method, path: &str) -> Result<Bytes> {
     let stream = UnixStream::connect(socket).await.map_err(|e| {
         let path = socket.to_path_buf();
         match e.kind() {
@@ -286,12 +496,14 @@ pub async fn call_json<T: serde::de::DeserializeOwned>(
             .map_err(|e| anyhow!("reading admin answer: {e}"))?
             .to_bytes();
         if !status.is_success() {
-            bail!(
-                "admin API answered {status}: {}",
-                String::from_utf8_lossy(&body)
-            );
+            // The relay's own refusals carry {"error": "..."}: say that, not the JSON.
+            let why = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+            bail!("the relay answered {status}: {why}");
         }
-        Ok::<_, anyhow::Error>(serde_json::from_slice(&body)?)
+        Ok::<_, anyhow::Error>(body)
     };
     tokio::time::timeout(Duration::from_secs(30), exchange)
         .await

@@ -34,6 +34,68 @@ pub struct StatusReport {
     /// Where `/metrics`, `/healthz` and `/ready` are served (the bound address), when configured.
     #[serde(default)]
     pub metrics_listen: Option<String>,
+    /// What the relay keeps for support work: artifacts waiting for upload, device logs.
+    #[serde(default)]
+    pub diagnostics: Option<DiagnosticsReport>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiagnosticsReport {
+    /// Files waiting for upload to the cloud, their bytes, and the cap.
+    pub artifacts_pending: u64,
+    pub artifacts_bytes: u64,
+    pub artifacts_max_total: u64,
+    pub artifacts_uploaded: u64,
+    pub artifact_upload_error: Option<String>,
+    /// True while the cloud does not take device logs and the relay keeps them.
+    pub device_logs_collecting: bool,
+    pub device_logs_devices: u64,
+    pub device_logs_bytes: u64,
+    /// Devices whose log collection stopped at the per-device cap.
+    pub device_logs_capped: Vec<String>,
+}
+
+impl DiagnosticsReport {
+    fn build(ctx: &Running, found: &mut Findings) -> DiagnosticsReport {
+        let a = ctx.artifacts.summary();
+        let l = ctx.device_logs.report();
+        let capped: Vec<String> = l
+            .devices
+            .iter()
+            .filter(|d| d.capped_at.is_some())
+            .map(|d| d.mac.clone())
+            .collect();
+        if a.bytes.saturating_mul(10) >= a.max_total.saturating_mul(8) {
+            found.warnings.push(format!(
+                "artifact store {}% full ({} files waiting for upload): new captures and exports fail once it is full",
+                a.bytes.saturating_mul(100).checked_div(a.max_total).unwrap_or(100),
+                a.pending
+            ));
+        }
+        if let Some(e) = &a.upload.last_error
+            && a.pending > 0
+        {
+            found.warnings.push(format!(
+                "artifact upload to the cloud is failing (retried): {e}"
+            ));
+        }
+        for mac in &capped {
+            found.warnings.push(format!(
+                "device {mac} reached the device log cap: its logs are no longer kept (`ucrelay logs {mac} --delete` starts again)"
+            ));
+        }
+        DiagnosticsReport {
+            artifacts_pending: a.pending,
+            artifacts_bytes: a.bytes,
+            artifacts_max_total: a.max_total,
+            artifacts_uploaded: a.upload.uploaded,
+            artifact_upload_error: a.upload.last_error,
+            device_logs_collecting: l.collecting,
+            device_logs_devices: l.devices.len() as u64,
+            device_logs_bytes: l.bytes,
+            device_logs_capped: capped,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -396,6 +458,7 @@ impl StatusReport {
         if ctx.devices.cfg.enabled {
             device_findings(&ctx.devices, &mut found);
         }
+        let diagnostics = DiagnosticsReport::build(ctx, &mut found);
         StatusReport {
             version: crate::util::build::VERSION.into(),
             relay_id: ctx.relay_id.to_string(),
@@ -417,6 +480,7 @@ impl StatusReport {
                     .load(std::sync::atomic::Ordering::Relaxed),
             }),
             metrics_listen: crate::ops::metrics::bound().map(|a| a.to_string()),
+            diagnostics: Some(diagnostics),
             cloud,
             jobs: jobs(ctx),
         }
@@ -538,6 +602,35 @@ impl StatusReport {
                     d.tasks.executing,
                     d.tasks.done
                 ),
+            ));
+        }
+        if let Some(d) = &self.diagnostics {
+            use crate::util::bytes::human_bytes;
+            rows.push((
+                "artifacts",
+                format!(
+                    "{} waiting for upload ({} of {}), {} delivered",
+                    d.artifacts_pending,
+                    human_bytes(d.artifacts_bytes),
+                    human_bytes(d.artifacts_max_total),
+                    d.artifacts_uploaded
+                ),
+            ));
+            rows.push((
+                "device logs",
+                if d.device_logs_collecting {
+                    format!(
+                        "kept on the relay (the cloud does not take them): {} devices, {}",
+                        d.device_logs_devices,
+                        human_bytes(d.device_logs_bytes)
+                    )
+                } else {
+                    format!(
+                        "uploaded to the cloud (the relay keeps {} devices' older copies, {})",
+                        d.device_logs_devices,
+                        human_bytes(d.device_logs_bytes)
+                    )
+                },
             ));
         }
         for j in &self.jobs {

@@ -1,4 +1,4 @@
-//! Plain-text tables for `ucrelay devices` and `ucrelay tasks`, from the admin API's JSON.
+//! Plain-text tables for `ucrelay devices`, `tasks` and `logs`, from the admin API's JSON.
 
 use serde_json::Value;
 use std::fmt::Write;
@@ -103,7 +103,7 @@ pub fn render_devices(v: &Value) -> String {
                         .join(" ")
                 })
                 .unwrap_or_default();
-            let detail = if s(&l["reason"]).is_empty() {
+            let mut detail = if s(&l["reason"]).is_empty() {
                 format!(
                     "{} {} up {} call {}",
                     s(&l["model"]),
@@ -120,6 +120,14 @@ pub fn render_devices(v: &Value) -> String {
             } else {
                 s(&l["reason"]).to_string()
             };
+            let st = &d["stats"];
+            if let (Some(cpu), Some(mem)) = (st["cpu_pct"].as_f64(), st["memory_used_pct"].as_f64())
+            {
+                let _ = write!(detail, " cpu {cpu}% mem {mem}%");
+            }
+            for a in d["alarms"].as_array().into_iter().flatten() {
+                let _ = write!(detail, " [{}]", s(a));
+            }
             vec![
                 s(&d["address"]).to_string(),
                 s(&d["mac"]).to_string(),
@@ -210,6 +218,116 @@ pub fn render_task(t: &Value) -> String {
         })
         .collect();
     out.push_str(&table(&["TARGET", "RESULT", "REASON"], &rows));
+    out
+}
+
+/// `ucrelay devices probe`: one line per step.
+pub fn render_probe(v: &Value) -> String {
+    let mut out = String::new();
+    let p = &v["payload"];
+    let _ = writeln!(out, "probe {}", s(&p["target"]));
+    let empty = vec![];
+    let rows: Vec<Vec<String>> = p["steps"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|st| {
+            vec![
+                s(&st["step"]).to_string(),
+                s(&st["result"]).to_string(),
+                st["ms"]
+                    .as_f64()
+                    .map(|m| format!("{m} ms"))
+                    .unwrap_or_else(|| "-".into()),
+                s(&st["detail"]).to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["STEP", "RESULT", "TIME", "DETAIL"], &rows));
+    if v["result"] != "success" {
+        let _ = writeln!(out, "\n{}: {}", s(&v["result"]), s(&v["reason"]));
+    }
+    out
+}
+
+/// `ucrelay devices backups MAC`: the device's configuration backups, oldest first.
+pub fn render_backups(v: &Value) -> String {
+    let empty = vec![];
+    let list = v["backups"].as_array().unwrap_or(&empty);
+    if list.is_empty() {
+        return format!(
+            "no configuration backups of {} on this relay\n",
+            s(&v["mac"])
+        );
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|b| {
+            vec![
+                s(&b["backup_id"]).to_string(),
+                s(&b["taken_at"]).to_string(),
+                s(&b["source"]).to_string(),
+                n(&b["bytes"]).to_string(),
+                s(&b["target"]).to_string(),
+            ]
+        })
+        .collect();
+    let mut out = format!(
+        "{} backups of {} (at most {} kept; the oldest drops out)\n\n",
+        list.len(),
+        s(&v["mac"]),
+        n(&v["keep"])
+    );
+    out.push_str(&table(
+        &["ID", "TAKEN", "SOURCE", "BYTES", "ADDRESS"],
+        &rows,
+    ));
+    out
+}
+
+/// `ucrelay logs`: the devices whose logs the relay keeps.
+pub fn render_logs(v: &Value) -> String {
+    let mut out = String::new();
+    let human = |b: u64| crate::util::bytes::human_bytes(b);
+    if v["collecting"] == Value::Bool(true) {
+        let _ = writeln!(
+            out,
+            "device logs are kept on this relay (the cloud does not take them): {} in all, at most {} per device, kept {}\n",
+            human(n(&v["bytes"])),
+            human(n(&v["max_per_device"])),
+            humantime::format_duration(std::time::Duration::from_secs(n(&v["keep_s"])))
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "device logs go to the cloud (log_upload is on): the relay keeps no new copies\n"
+        );
+    }
+    let empty = vec![];
+    let list = v["devices"].as_array().unwrap_or(&empty);
+    if list.is_empty() {
+        out.push_str("no device logs kept\n");
+        return out;
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|d| {
+            vec![
+                s(&d["mac"]).to_string(),
+                n(&d["files"]).to_string(),
+                human(n(&d["bytes"])),
+                s(&d["last_upload"]).to_string(),
+                match d["capped_at"].as_str() {
+                    Some(at) => format!("STOPPED at the cap ({at})"),
+                    None => "collecting".into(),
+                },
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["MAC", "FILES", "SIZE", "LAST UPLOAD", "STATE"],
+        &rows,
+    ));
     out
 }
 

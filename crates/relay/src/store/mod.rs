@@ -40,6 +40,14 @@ const ALARMS: TableDefinition<&str, &[u8]> = TableDefinition::new("alarms");
 /// Device plane: the certificate key pinned for each device, by the socket address the relay dials
 /// (JSON owned by `devices::identity`).
 const DEVICE_PINS: TableDefinition<&str, &[u8]> = TableDefinition::new("device_pins");
+/// Artifacts stored on disk and not yet confirmed by the cloud, by artifact id (JSON owned by
+/// `artifacts`); the file itself lives in `<state_dir>/artifacts/`.
+const ARTIFACTS: TableDefinition<&str, &[u8]> = TableDefinition::new("artifacts");
+/// Configuration backups, keyed (MAC, backup id); ids sort by time (JSON owned by
+/// `devices::backups`).
+const BACKUPS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("backups");
+/// Packet captures running on devices, by capture id (JSON owned by `devices::captures`).
+const CAPTURES: TableDefinition<&str, &[u8]> = TableDefinition::new("captures");
 /// How long finished command ids are remembered.
 const DONE_KEEP: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
@@ -107,6 +115,9 @@ impl Store {
             tx.open_table(DEVICES)?;
             tx.open_table(ALARMS)?;
             tx.open_table(DEVICE_PINS)?;
+            tx.open_table(ARTIFACTS)?;
+            tx.open_table(BACKUPS)?;
+            tx.open_table(CAPTURES)?;
             // Forget finished command ids past the keep period.
             let cutoff = unix_now().saturating_sub(DONE_KEEP.as_secs());
             tx.open_table(DONE)?.retain(|_, at| at >= cutoff)?;
@@ -608,6 +619,142 @@ impl Store {
     }
 }
 
+impl Store {
+    /// A setting the relay keeps for itself (`meta` table), e.g. the cloud's last word on device
+    /// logs.
+    pub fn setting(&self, key: &str) -> Result<Option<String>> {
+        let tx = self.db.begin_read()?;
+        Ok(tx
+            .open_table(META)?
+            .get(key)?
+            .map(|v| v.value().to_string()))
+    }
+
+    pub fn set_setting(&self, key: &str, value: &str) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(META)?.insert(key, value)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn artifacts_all(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        self.all_of(ARTIFACTS)
+    }
+
+    /// Writes (or with `None` deletes) one artifact record, durably.
+    pub fn set_artifact(&self, id: &str, value: Option<&[u8]>) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(ARTIFACTS)?;
+            match value {
+                Some(v) => {
+                    t.insert(id, v)?;
+                }
+                None => {
+                    t.remove(id)?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The backups of one device, oldest first.
+    pub fn backups(&self, mac: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(BACKUPS)?;
+        let mut out = Vec::new();
+        for e in t.range((mac, "")..)? {
+            let (k, v) = e?;
+            let (m, id) = k.value();
+            if m != mac {
+                break;
+            }
+            out.push((id.to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Adds a backup and, in the same transaction, drops the oldest ones beyond `keep`. Returns the
+    /// ids dropped.
+    pub fn backup_add(
+        &self,
+        mac: &str,
+        id: &str,
+        value: &[u8],
+        keep: usize,
+    ) -> Result<Vec<String>> {
+        let tx = self.db.begin_write()?;
+        let dropped = {
+            let mut t = tx.open_table(BACKUPS)?;
+            t.insert((mac, id), value)?;
+            let mut ids = Vec::new();
+            for e in t.range((mac, "")..)? {
+                let (k, _) = e?;
+                let (m, id) = k.value();
+                if m != mac {
+                    break;
+                }
+                ids.push(id.to_string());
+            }
+            let extra = ids.len().saturating_sub(keep);
+            let dropped: Vec<String> = ids.into_iter().take(extra).collect();
+            for d in &dropped {
+                t.remove((mac, d.as_str()))?;
+            }
+            dropped
+        };
+        tx.commit()?;
+        Ok(dropped)
+    }
+
+    /// Removes one backup; false when there was none.
+    pub fn backup_remove(&self, mac: &str, id: &str) -> Result<bool> {
+        let tx = self.db.begin_write()?;
+        let found = tx.open_table(BACKUPS)?.remove((mac, id))?.is_some();
+        tx.commit()?;
+        Ok(found)
+    }
+
+    /// Every device with at least one backup, and how many.
+    pub fn backup_counts(&self) -> Result<Vec<(String, u64)>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(BACKUPS)?;
+        let mut out: Vec<(String, u64)> = Vec::new();
+        for e in t.iter()? {
+            let (k, _) = e?;
+            let (m, _) = k.value();
+            match out.last_mut() {
+                Some((last, n)) if last == m => *n += 1,
+                _ => out.push((m.to_string(), 1)),
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn captures_all(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        self.all_of(CAPTURES)
+    }
+
+    /// Writes (or with `None` deletes) one capture record, durably.
+    pub fn set_capture(&self, id: &str, value: Option<&[u8]>) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(CAPTURES)?;
+            match value {
+                Some(v) => {
+                    t.insert(id, v)?;
+                }
+                None => {
+                    t.remove(id)?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -752,5 +899,40 @@ mod tests {
             1,
             "other tasks untouched"
         );
+    }
+
+    #[test]
+    fn backups_rotate_per_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        for i in 0..6 {
+            let dropped = s.backup_add("aa", &format!("b{i}"), b"x", 5).unwrap();
+            assert_eq!(
+                dropped,
+                if i == 5 {
+                    vec!["b0".to_string()]
+                } else {
+                    vec![]
+                }
+            );
+        }
+        s.backup_add("ab", "b9", b"y", 5).unwrap();
+        let ids: Vec<String> = s
+            .backups("aa")
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(ids, ["b1", "b2", "b3", "b4", "b5"]);
+        assert_eq!(s.backups("ab").unwrap().len(), 1);
+        assert_eq!(
+            s.backup_counts().unwrap(),
+            vec![("aa".to_string(), 5), ("ab".to_string(), 1)]
+        );
+        assert!(s.backup_remove("aa", "b3").unwrap());
+        assert!(!s.backup_remove("aa", "b3").unwrap());
+        assert_eq!(s.setting("x").unwrap(), None);
+        s.set_setting("x", "1").unwrap();
+        assert_eq!(s.setting("x").unwrap().as_deref(), Some("1"));
     }
 }

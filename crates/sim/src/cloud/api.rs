@@ -6,6 +6,7 @@
 //! token.
 
 use super::Shared;
+use super::artifacts;
 use super::channel::{self, Outgoing};
 use super::devices;
 use super::images;
@@ -14,9 +15,9 @@ use super::state::{
     self, CommandRecord, CommandState, PinMatch, PinRefusal, RelayRecord, TokenRecord, fmt_time,
 };
 use crate::protocol::{
-    ErrorBody, ErrorCode, HeartbeatRequest, HeartbeatResponse, PATH_CHANNEL, PATH_DEVICE_STATUS,
-    PATH_DEVICES, PATH_HEARTBEAT, PATH_IMAGES, PATH_REGISTER, PATH_RESULTS, PROTOCOL_VERSION,
-    RegisterRequest, RegisterResponse, ResultRecord, ResultsAck, ResultsBatch,
+    ErrorBody, ErrorCode, HeartbeatRequest, HeartbeatResponse, PATH_ARTIFACTS, PATH_CHANNEL,
+    PATH_DEVICE_STATUS, PATH_DEVICES, PATH_HEARTBEAT, PATH_IMAGES, PATH_REGISTER, PATH_RESULTS,
+    PROTOCOL_VERSION, RegisterRequest, RegisterResponse, ResultRecord, ResultsAck, ResultsBatch,
 };
 use axum::Json;
 use axum::body::Body;
@@ -151,6 +152,22 @@ pub(crate) fn router(shared: Arc<Shared>) -> axum::Router {
         .route(PATH_IMAGES, get(images))
         .route(PATH_DEVICE_STATUS, post(devices::device_status))
         .route(PATH_DEVICES, get(devices::device_list))
+        .route(PATH_ARTIFACTS, post(artifacts::offer))
+        .route(
+            "/relay/v1/artifacts/{id}",
+            get(artifacts::status).put(artifacts::put),
+        )
+        .route("/sim/artifacts", get(artifacts::sim_list))
+        .route(
+            "/sim/artifacts/faults",
+            get(artifacts::sim_get_faults).post(artifacts::sim_set_faults),
+        )
+        .route("/sim/artifacts/{id}", get(artifacts::sim_get))
+        .route("/sim/artifacts/{id}/content", get(artifacts::sim_content))
+        .route(
+            "/sim/tenants/{tenant}/settings",
+            get(sim_get_settings).post(sim_set_settings),
+        )
         .route("/sim/relays", get(sim_relays))
         .route("/sim/tenants/{tenant}/reset-pin", post(sim_reset_pin))
         .route("/sim/stats", get(sim_stats))
@@ -493,7 +510,7 @@ async fn heartbeat_inner(
     let relay_id = bearer_relay(shared, headers)?;
     let req: HeartbeatRequest = parse(&read_body(body).await?)?;
     let now = shared.now();
-    let devices_revision = {
+    let (devices_revision, log_upload) = {
         let mut rt = shared.lock();
         let mut tenant = None;
         if let Some(relay) = rt.db.p.relays.get_mut(&relay_id) {
@@ -505,7 +522,11 @@ async fn heartbeat_inner(
         rt.db.p.stats.heartbeats += 1;
         // Not written at once: the flusher writes heartbeats at most once a second.
         rt.changed();
-        tenant.map_or(0, |t| rt.db.devices_revision(&t))
+        let log_upload = tenant
+            .as_ref()
+            .and_then(|t| rt.db.p.tenants.get(t))
+            .map(|t| t.log_upload);
+        (tenant.map_or(0, |t| rt.db.devices_revision(&t)), log_upload)
     };
     let images_revision = match shared
         .images
@@ -523,6 +544,7 @@ async fn heartbeat_inner(
         images_revision,
         devices_revision,
         server_time: server_time(shared),
+        log_upload,
     }))
 }
 
@@ -665,6 +687,58 @@ async fn sim_reset_pin(
     Ok(Json(
         json!({"pin": pin, "old_pin_valid_until": fmt_time(until)}),
     ))
+}
+
+#[derive(Deserialize)]
+struct Settings {
+    #[serde(default)]
+    log_upload: Option<bool>,
+}
+
+/// `GET /sim/tenants/{tenant}/settings`.
+async fn sim_get_settings(
+    State(shared): State<Arc<Shared>>,
+    tenant: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(tenant_id) = tenant.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let rt = shared.lock();
+    let t = rt
+        .db
+        .p
+        .tenants
+        .get(&tenant_id)
+        .ok_or_else(|| ApiError::not_found(format!("unknown tenant {tenant_id:?}")))?;
+    Ok(Json(
+        json!({"tenant": tenant_id, "log_upload": t.log_upload}),
+    ))
+}
+
+/// `POST /sim/tenants/{tenant}/settings` `{"log_upload": bool}`: the tenant's settings that
+/// relays hear in heartbeat answers.
+async fn sim_set_settings(
+    State(shared): State<Arc<Shared>>,
+    tenant: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    let Path(tenant_id) = tenant.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let req: Settings = parse(&read_body(body).await?)?;
+    let (log_upload, generation) = {
+        let mut rt = shared.lock();
+        let t = rt
+            .db
+            .p
+            .tenants
+            .get_mut(&tenant_id)
+            .ok_or_else(|| ApiError::not_found(format!("unknown tenant {tenant_id:?}")))?;
+        if let Some(v) = req.log_upload {
+            t.log_upload = v;
+        }
+        let v = t.log_upload;
+        (v, rt.changed())
+    };
+    info!(tenant = %tenant_id, log_upload, "tenant settings changed");
+    persist(&shared, generation).await?;
+    Ok(Json(json!({"tenant": tenant_id, "log_upload": log_upload})))
 }
 
 async fn sim_stats(State(shared): State<Arc<Shared>>) -> Json<state::Stats> {

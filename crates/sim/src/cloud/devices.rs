@@ -414,6 +414,7 @@ pub(crate) async fn sim_get_devices(State(shared): State<Arc<Shared>>) -> Json<V
         "revision": list.revision,
         "devices": list.devices,
         "status": rt.db.p.device_reports,
+        "stats": rt.db.p.device_stats,
     }))
 }
 
@@ -492,7 +493,7 @@ async fn device_status_inner(shared: &Shared, headers: &HeaderMap, body: Body) -
         rt.db.p.stats.device_status_reports += 1;
         let out = rt
             .db
-            .ingest_device_status(&relay_id, batch.reports, batch.alarms);
+            .ingest_device_status(&relay_id, batch.reports, batch.alarms, batch.stats);
         (out, rt.changed())
     };
     if out.new_alarms > 0 {

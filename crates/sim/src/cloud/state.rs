@@ -6,8 +6,8 @@
 //! move time freely. The only I/O is reading and atomically writing the state file.
 
 use crate::protocol::{
-    Alarm, DeviceEntry, DeviceList, DeviceReport, HeartbeatRequest, Outcome, ResultRecord,
-    TASK_COMMAND, TASK_UPDATE_COMMAND, TaskProgress, TaskSpec,
+    Alarm, ArtifactOffer, DeviceEntry, DeviceList, DeviceReport, DeviceStats, HeartbeatRequest,
+    Outcome, ResultRecord, TASK_COMMAND, TASK_UPDATE_COMMAND, TaskProgress, TaskSpec,
 };
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
@@ -87,6 +87,14 @@ pub struct Tenant {
     pub old_pin_valid_until: Option<SystemTime>,
     #[serde(default, with = "time_text::opt")]
     pub last_reset: Option<SystemTime>,
+    /// Tenant setting: device logs are uploaded to the cloud. Off, relays keep them instead
+    /// (carried in heartbeat answers as `log_upload`).
+    #[serde(default = "yes")]
+    pub log_upload: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Which PIN of a tenant a registration used.
@@ -121,6 +129,7 @@ impl Tenant {
             old_pin: None,
             old_pin_valid_until: None,
             last_reset: None,
+            log_upload: true,
         }
     }
 
@@ -334,10 +343,40 @@ pub struct Stats {
     pub alarms: u64,
     /// Alarms received again (same id): retries after a lost answer.
     pub duplicate_alarms: u64,
+    /// CPU/memory readings received in device-status batches.
+    pub device_stats: u64,
+    /// Artifacts received whole with the announced SHA-256.
+    pub artifacts_complete: u64,
+    /// Artifact bytes received (chunks sent again after an interruption count again).
+    pub artifact_bytes_received: u64,
+    /// Artifacts whose bytes did not hash to the announced SHA-256 (dropped; sent again).
+    pub artifact_checksum_mismatches: u64,
     /// Commands a relay answered `busy` on its channel (sent again after a backoff).
     pub busy_answers: u64,
     /// Batches refused with 413 because one record was over the per-record limit.
     pub records_too_large: u64,
+}
+
+/// An artifact a relay announced, and how far its upload is. The bytes are in the artifact
+/// directory beside the state file; what is on disk is what the cloud holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactRecord {
+    pub relay_id: String,
+    pub offer: ArtifactOffer,
+    /// `partial` or `complete`.
+    pub state: String,
+    /// Computed once every byte was in.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Every byte written for this artifact, including chunks sent again.
+    #[serde(default)]
+    pub bytes_received_total: u64,
+    #[serde(default)]
+    pub puts: u64,
+    #[serde(with = "time_text")]
+    pub created_at: SystemTime,
+    #[serde(default, with = "time_text::opt")]
+    pub completed_at: Option<SystemTime>,
 }
 
 /// A task created through the test API. Its state and totals are not stored here: they come
@@ -390,6 +429,12 @@ pub struct Persisted {
     /// Every distinct alarm, in arrival order.
     #[serde(default)]
     pub alarms: Vec<StoredAlarm>,
+    /// The latest CPU/memory reading of each device, by address.
+    #[serde(default)]
+    pub device_stats: BTreeMap<String, DeviceStats>,
+    /// Artifacts by id.
+    #[serde(default)]
+    pub artifacts: BTreeMap<String, ArtifactRecord>,
 }
 
 impl Default for Persisted {
@@ -407,6 +452,8 @@ impl Default for Persisted {
             device_lists: BTreeMap::new(),
             device_reports: BTreeMap::new(),
             alarms: Vec::new(),
+            device_stats: BTreeMap::new(),
+            artifacts: BTreeMap::new(),
         }
     }
 }
@@ -765,12 +812,17 @@ impl Db {
         relay_id: &str,
         reports: Vec<DeviceReport>,
         alarms: Vec<Alarm>,
+        stats: Vec<DeviceStats>,
     ) -> StatusOutcome {
         let mut out = StatusOutcome {
             reports: reports.len() as u64,
             ..Default::default()
         };
         self.p.stats.device_reports += out.reports;
+        self.p.stats.device_stats += stats.len() as u64;
+        for st in stats {
+            self.p.device_stats.insert(st.address.clone(), st);
+        }
         for r in reports {
             self.p.device_reports.insert(r.address.clone(), r);
         }
@@ -1194,12 +1246,27 @@ mod tests {
         db.add_command(command("c1", "r1"));
         let mut v = serde_json::to_value(&db.p).unwrap();
         let m = v.as_object_mut().unwrap();
-        for k in ["tasks", "device_lists", "device_reports", "alarms"] {
+        for k in [
+            "tasks",
+            "device_lists",
+            "device_reports",
+            "alarms",
+            "device_stats",
+            "artifacts",
+        ] {
             m.remove(k).unwrap();
         }
         let stats = m["stats"].as_object_mut().unwrap();
-        for k in ["device_reports", "alarms", "duplicate_alarms"] {
+        for k in [
+            "device_reports",
+            "alarms",
+            "duplicate_alarms",
+            "artifacts_complete",
+        ] {
             stats.remove(k).unwrap();
+        }
+        for t in m["tenants"].as_object_mut().unwrap().values_mut() {
+            t.as_object_mut().unwrap().remove("log_upload").unwrap();
         }
         write_atomic(&path, &serde_json::to_vec(&v).unwrap()).unwrap();
         let back = load(&path).unwrap().unwrap();

@@ -379,7 +379,8 @@ async fn register_heartbeat_results_and_errors() {
         "faulted_requests": 2, "device_status_reports": 1, "channel_bad_frames": 0,
         "provisioning_requests": 0, "provisioning_unauthorized": 0,
         "provisioning_bytes_in": 0, "provisioning_bytes_out": 0,
-        "device_reports": 0, "alarms": 0, "duplicate_alarms": 0
+        "device_reports": 0, "alarms": 0, "duplicate_alarms": 0, "device_stats": 0,
+        "artifacts_complete": 0, "artifact_bytes_received": 0, "artifact_checksum_mismatches": 0
     });
     assert_eq!(stats, expect);
     tokio::time::timeout(GUARD, cloud.shutdown())
@@ -2583,5 +2584,175 @@ async fn a_ten_thousand_target_task() {
     );
     assert_eq!(t["results"].as_array().unwrap().len(), 10_000);
     assert_eq!(t["results"][9_999]["target"], "10.0.39.15");
+    cloud.shutdown().await.unwrap();
+}
+
+/// A PUT of raw bytes with a Content-Range.
+async fn put_chunk(
+    addr: SocketAddr,
+    token: &str,
+    id: &str,
+    from: u64,
+    data: &[u8],
+    total: u64,
+) -> (u16, Value) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::put(format!("/relay/v1/artifacts/{id}"))
+        .header(http::header::HOST, addr.to_string())
+        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(
+            http::header::CONTENT_RANGE,
+            format!("bytes {from}-{}/{total}", from + data.len() as u64 - 1),
+        )
+        .body(Full::new(Bytes::copy_from_slice(data)))
+        .unwrap();
+    let resp = tokio::time::timeout(GUARD, sender.send_request(req))
+        .await
+        .expect("no answer")
+        .unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn artifacts_resume_across_a_restart_and_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cloud.json");
+    let cloud = start_cloud(args(Some(path.clone()))).await;
+    let addr = cloud.addr;
+    let token = register_ok(addr, "r-1", "123456").await;
+    let data = pseudo_random(3000, 7);
+    let offer = json!({
+        "artifact_id": "a-1", "name": "x.pcap.tar.gz", "kind": "packet_capture",
+        "content_type": "application/gzip", "size": 3000, "sha256": sha_hex(&data),
+        "created_at": "2026-11-23T10:00:00Z"
+    })
+    .to_string();
+    let (status, v) = call(
+        addr,
+        "POST",
+        "/relay/v1/artifacts",
+        Some(&token),
+        Some(&offer),
+    )
+    .await;
+    assert_eq!(
+        (status, v["received"].as_u64(), v["state"].as_str()),
+        (200, Some(0), Some("partial")),
+        "{v}"
+    );
+    let (status, v) = put_chunk(addr, &token, "a-1", 0, &data[..1000], 3000).await;
+    assert_eq!((status, v["received"].as_u64()), (200, Some(1000)), "{v}");
+    // A chunk from the wrong offset is refused and says where to go on.
+    let (status, v) = put_chunk(addr, &token, "a-1", 0, &data[..1000], 3000).await;
+    assert_eq!(status, 409, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("1000"),
+        "{v}"
+    );
+    cloud.shutdown().await.unwrap();
+
+    // Restarted: the offer is answered with what survived, and the upload goes on.
+    let cloud = start_cloud(args(Some(path.clone()))).await;
+    let addr = cloud.addr;
+    let (status, v) = call(
+        addr,
+        "POST",
+        "/relay/v1/artifacts",
+        Some(&token),
+        Some(&offer),
+    )
+    .await;
+    assert_eq!((status, v["received"].as_u64()), (200, Some(1000)), "{v}");
+    let (status, v) = put_chunk(addr, &token, "a-1", 1000, &data[1000..], 3000).await;
+    assert_eq!(
+        (status, v["state"].as_str()),
+        (200, Some("complete")),
+        "{v}"
+    );
+    assert_eq!(v["sha256"].as_str(), Some(sha_hex(&data).as_str()));
+    let list = get(addr, "/sim/artifacts").await;
+    assert_eq!(list[0]["bytes_received_total"], 3000, "{list}");
+    let (status, content) = {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let r = s
+            .send_request(
+                http::Request::get("/sim/artifacts/a-1/content")
+                    .header(http::header::HOST, "x")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        (
+            r.status().as_u16(),
+            r.into_body().collect().await.unwrap().to_bytes(),
+        )
+    };
+    assert_eq!((status, &content[..]), (200, &data[..]));
+
+    // Another file under the same id is a conflict; bytes that do not hash right are dropped.
+    let other = offer.replace("3000", "3001");
+    assert_eq!(
+        call(
+            addr,
+            "POST",
+            "/relay/v1/artifacts",
+            Some(&token),
+            Some(&other)
+        )
+        .await
+        .0,
+        409
+    );
+    let offer2 = offer.replace("a-1", "a-2");
+    call(
+        addr,
+        "POST",
+        "/relay/v1/artifacts",
+        Some(&token),
+        Some(&offer2),
+    )
+    .await;
+    post(addr, "/sim/artifacts/faults", json!({"corrupt_next": true})).await;
+    let (status, v) = put_chunk(addr, &token, "a-2", 0, &data, 3000).await;
+    assert_eq!((status, error_code(&v)), (422, "checksum_mismatch"), "{v}");
+    let (_, v) = call(addr, "GET", "/relay/v1/artifacts/a-2", Some(&token), None).await;
+    assert_eq!(v["received"], 0, "{v}");
+    let (status, v) = put_chunk(addr, &token, "a-2", 0, &data, 3000).await;
+    assert_eq!(
+        (status, v["state"].as_str()),
+        (200, Some("complete")),
+        "{v}"
+    );
+    let stats = get(addr, "/sim/stats").await;
+    assert_eq!(
+        (
+            stats["artifacts_complete"].as_u64(),
+            stats["artifact_checksum_mismatches"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
+    // The heartbeat answer carries the tenant's log setting.
+    assert_eq!(heartbeat(addr, &token).await.1["log_upload"], true);
+    post(
+        addr,
+        "/sim/tenants/acme/settings",
+        json!({"log_upload": false}),
+    )
+    .await;
+    assert_eq!(heartbeat(addr, &token).await.1["log_upload"], false);
     cloud.shutdown().await.unwrap();
 }

@@ -150,6 +150,9 @@ pub(super) async fn handle(
             Ok(b) => b,
             Err(r) => return Ok(r),
         };
+        if parts.method == Method::POST && path == "/sim/logs" {
+            return Ok(sim_logs(&inner, idx, &body).await);
+        }
         return Ok(sim(&inner, idx, &parts.method, &path, &body));
     }
     let _in_flight = InFlight::start(&inner);
@@ -242,6 +245,7 @@ enum Endpoint {
     UploadBgCapture,
     ExportFile,
     CaptureScreen,
+    DeviceStats,
 }
 
 fn endpoint(path: &str) -> Option<(Method, Endpoint)> {
@@ -250,6 +254,7 @@ fn endpoint(path: &str) -> Option<(Method, Endpoint)> {
     let post = |e| Some((Method::POST, e));
     match path {
         "/api/v1/mgmt/device/info" => get(DeviceInfo),
+        "/api/v1/mgmt/device/stats" => get(DeviceStats),
         "/api/v1/mgmt/lineInfo" => get(LineInfo),
         "/api/v1/webCallControl/callStatus" => get(CallStatus),
         "/api/v1/mgmt/pollForStatus" => get(PollForStatus),
@@ -276,7 +281,7 @@ fn endpoint(path: &str) -> Option<(Method, Endpoint)> {
 
 /// A device request, once authenticated, admitted and past the fault.
 fn device(
-    inner: &Inner,
+    inner: &Arc<Inner>,
     idx: usize,
     method: &Method,
     path: &str,
@@ -288,6 +293,7 @@ fn device(
     if path.starts_with("/api/") && !inner.phone(idx).api_enabled(fleet) {
         return not_found();
     }
+    inner.phone(idx).tick_capture(fleet, now);
     let Some((want, ep)) = endpoint(path) else {
         return not_found();
     };
@@ -417,10 +423,33 @@ fn device(
             ack()
         }
         UpdateConfiguration => {
-            inner.phone(idx).config_updates += 1;
-            ack()
+            let update = inner.phone(idx).config_update();
+            match update {
+                Err(c) => code(c),
+                Ok(reboots) => {
+                    if reboots {
+                        // Installs the offered firmware: down for a reboot once the ack is out.
+                        inner.reboot(idx, now);
+                    }
+                    ack()
+                }
+            }
         }
-        UploadBgCapture => code(inner.phone(idx).upload_capture(fleet, now)),
+        UploadBgCapture => {
+            let url = body_data(body)
+                .and_then(|d| d.get("url").and_then(|u| u.as_str().map(str::to_owned)));
+            let file = inner.phone(idx).upload_capture(fleet, now);
+            match (file, url) {
+                (Err(c), _) => code(c),
+                // Without a URL the file goes to the provisioning server's capture directory.
+                (Ok(_), None) => ack(),
+                (Ok(file), Some(url)) => {
+                    spawn_capture_upload(inner, idx, file, url);
+                    ack()
+                }
+            }
+        }
+        DeviceStats => data(device_stats(idx, now)),
         ExportFile => export_file(inner, idx, query),
         CaptureScreen => {
             if !inner.phone(idx).screen_capture_enabled(fleet) {
@@ -531,6 +560,95 @@ fn hostile_answer(inner: &Inner, idx: usize, hostile: Hostile, ep: Endpoint) -> 
     }
 }
 
+/// The capture upload to the URL the relay gave, from the phone's address, after the answer.
+fn spawn_capture_upload(inner: &Arc<Inner>, idx: usize, file: model::CaptureFile, url: String) {
+    let me = inner.clone();
+    inner.tracker.spawn(async move {
+        let ip = me.fleet.ip(idx);
+        let mac = model::mac(idx);
+        let fw = me.phone(idx).firmware();
+        let m = mac.clone();
+        let body = tokio::task::spawn_blocking(move || {
+            super::uplink::pcap_tar_gz(&m, ip, &file, Instant::now())
+        })
+        .await;
+        let body = match body {
+            Ok(Ok(b)) => b,
+            _ => return,
+        };
+        let u = me.uplink();
+        let sent = super::uplink::put_url(
+            &u,
+            &url,
+            std::net::IpAddr::V4(ip),
+            &mac,
+            model::model(idx),
+            &fw,
+            body,
+        );
+        let status = tokio::select! {
+            r = sent => r,
+            _ = me.cancel.cancelled() => return,
+        };
+        match status {
+            Ok(s) => {
+                me.phone(idx).last_upload_status = Some(s);
+                tracing::debug!(phone = %ip, status = s, "capture uploaded");
+            }
+            Err(e) => {
+                tracing::warn!(phone = %ip, error = %format!("{e:#}"), "capture upload failed")
+            }
+        }
+    });
+}
+
+/// `device/stats`: CPU and memory that drift a little with time, different per phone.
+fn device_stats(idx: usize, now: Instant) -> Value {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let t = now
+        .saturating_duration_since(*START.get_or_init(Instant::now))
+        .as_secs();
+    let cpu = 4 + (idx as u64 * 7 + t / 30) % 23;
+    let total: u64 = 524_288;
+    let used = 200_000 + (idx as u64 * 1_337 + t * 11) % 150_000;
+    let reclaim = 40_000 + (idx as u64 * 97) % 20_000;
+    json!({
+        "CPU": {"Average": cpu.to_string(), "Current": (cpu + 3).to_string()},
+        "Memory": {
+            "Total": total.to_string(),
+            "Used": used.to_string(),
+            "Free": (total - used).to_string(),
+            "SReclaim": reclaim.to_string(),
+        },
+    })
+}
+
+/// `POST /sim/logs {"kind": "app"|"boot", "bytes": N}`: the phone PUTs a log of about N bytes to
+/// its provisioning server now.
+async fn sim_logs(inner: &Arc<Inner>, idx: usize, body: &[u8]) -> Resp {
+    #[derive(Deserialize)]
+    struct LogRequest {
+        #[serde(default)]
+        kind: Option<String>,
+        bytes: usize,
+    }
+    let req: LogRequest = match parse(body) {
+        Ok(r) => r,
+        Err((status, message)) => return sim_error(status, message),
+    };
+    let kind = req.kind.unwrap_or_else(|| "app".into());
+    if kind != "app" && kind != "boot" {
+        return sim_error(StatusCode::BAD_REQUEST, "kind must be app or boot");
+    }
+    if req.bytes == 0 || req.bytes > 64 << 20 {
+        return sim_error(StatusCode::BAD_REQUEST, "bytes must be 1 to 64 MiB");
+    }
+    match inner.upload_log(idx, &kind, req.bytes).await {
+        Ok(s) => reply(StatusCode::OK, &json!({"status": s})),
+        Err(e) => sim_error(StatusCode::CONFLICT, format!("{e:#}")),
+    }
+}
+
 /// `H:MM:SS`.
 fn clock(d: Duration) -> String {
     let s = d.as_secs();
@@ -539,6 +657,7 @@ fn clock(d: Duration) -> String {
 
 fn device_info(inner: &Inner, idx: usize, now: Instant) -> Value {
     let uptime = inner.phone(idx).uptime(now).as_secs();
+    let fw = inner.phone(idx).firmware();
     let (days, hours, minutes, seconds) = (
         uptime / 86_400,
         uptime / 3600 % 24,
@@ -559,7 +678,7 @@ fn device_info(inner: &Inner, idx: usize, now: Instant) -> Value {
         m.insert(
             "Firmware".into(),
             json!({
-                "Application": model::firmware(idx),
+                "Application": fw,
                 "Updater": model::updater(idx),
                 "BootBlock": model::boot_block(idx),
             }),
@@ -574,7 +693,7 @@ fn device_info(inner: &Inner, idx: usize, now: Instant) -> Value {
             }),
         );
     } else {
-        m.insert("FirmwareRelease".into(), json!(model::firmware(idx)));
+        m.insert("FirmwareRelease".into(), json!(fw));
         m.insert(
             "UpTimeSinceLastReboot".into(),
             json!(format!("{days} Day {hours}:{minutes:02}:{seconds:02}")),
@@ -770,6 +889,18 @@ struct LinesRequest {
 }
 
 #[derive(Deserialize)]
+struct UpgradeRequest {
+    firmware: String,
+    #[serde(default)]
+    fail: bool,
+}
+
+#[derive(Deserialize)]
+struct ConfigUpdateRequest {
+    refuse: bool,
+}
+
+#[derive(Deserialize)]
 struct ParamsRequest {
     source: String,
     params: std::collections::BTreeMap<String, String>,
@@ -787,7 +918,7 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, SimError> {
     })
 }
 
-fn sim(inner: &Inner, idx: usize, method: &Method, path: &str, body: &[u8]) -> Resp {
+fn sim(inner: &Arc<Inner>, idx: usize, method: &Method, path: &str, body: &[u8]) -> Resp {
     match sim_inner(inner, idx, method, path, body) {
         Ok(r) => r,
         Err((status, message)) => sim_error(status, message),
@@ -795,7 +926,7 @@ fn sim(inner: &Inner, idx: usize, method: &Method, path: &str, body: &[u8]) -> R
 }
 
 fn sim_inner(
-    inner: &Inner,
+    inner: &Arc<Inner>,
     idx: usize,
     method: &Method,
     path: &str,
@@ -878,6 +1009,28 @@ fn sim_inner(
             let req: IdentityRequest = parse(body)?;
             inner.set_identity(idx, req.swapped);
             reply(StatusCode::OK, &json!({"swapped": req.swapped}))
+        }
+        ("POST", "/sim/upgrade") => {
+            let req: UpgradeRequest = parse(body)?;
+            if req.firmware.is_empty() || req.firmware.len() > 64 {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    "firmware must be 1 to 64 characters".into(),
+                ));
+            }
+            inner.phone(idx).offer = Some(Box::new(model::Offer {
+                firmware: req.firmware.clone(),
+                fail: req.fail,
+            }));
+            reply(
+                StatusCode::OK,
+                &json!({"offered": req.firmware, "fail": req.fail}),
+            )
+        }
+        ("POST", "/sim/config-update") => {
+            let req: ConfigUpdateRequest = parse(body)?;
+            inner.phone(idx).refuse_config_updates = req.refuse;
+            reply(StatusCode::OK, &json!({"refuse": req.refuse}))
         }
         ("POST", "/sim/reboot") => {
             inner.reboot(idx, now);

@@ -164,6 +164,50 @@ pub struct Fleet {
     pub count: usize,
     pub lines: u8,
     pub reboot_time: Duration,
+    /// Bytes per second a background packet capture grows by.
+    pub capture_rate: u64,
+}
+
+/// Default growth of a background capture: signalling plus a call's worth of RTP.
+pub const DEFAULT_CAPTURE_RATE: u64 = 16_000;
+
+/// A background packet capture: running, or ended (at a limit, or turned off) with its file kept
+/// until the capture is turned off altogether (`diags.pcap.enabled=0`) or a new one starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureFile {
+    pub started: Instant,
+    pub ended: Option<Instant>,
+    pub filter: String,
+    pub max_bytes: u64,
+    pub max_time: Duration,
+    pub rate: u64,
+}
+
+impl CaptureFile {
+    /// Bytes captured by `now` (or by the end).
+    pub fn size_at(&self, now: Instant) -> u64 {
+        let until = self.ended.map_or(now, |e| e.min(now));
+        let secs = until.saturating_duration_since(self.started).as_secs_f64();
+        ((secs * self.rate as f64) as u64).min(self.max_bytes)
+    }
+
+    /// When the capture reaches its first limit.
+    fn limit_at(&self) -> Instant {
+        let by_size = if self.rate == 0 {
+            self.max_time
+        } else {
+            Duration::from_secs_f64(self.max_bytes as f64 / self.rate as f64)
+        };
+        self.started + by_size.min(self.max_time)
+    }
+}
+
+/// A firmware the phone is offered at its next configuration update (`POST /sim/upgrade`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offer {
+    pub firmware: String,
+    /// The upgrade fails: the phone reboots and comes back on its old firmware.
+    pub fail: bool,
 }
 
 impl Fleet {
@@ -399,12 +443,23 @@ pub struct Phone {
     /// Sources whose seeded values were cleared by a reset.
     cleared_seeds: u8,
     overrides: Option<Box<Overrides>>,
-    /// When the background capture started; `None` while not capturing.
-    capture_since: Option<Instant>,
+    /// The background capture, running or ended with its file kept.
+    capture: Option<Box<CaptureFile>>,
     pub captures_uploaded: u32,
     /// Filter of the last uploaded capture.
     capture_filter: Option<Box<str>>,
     pub config_updates: u32,
+    /// Firmware installed by an upgrade (else the model's own).
+    firmware_override: Option<Box<str>>,
+    /// Offered at the next configuration update.
+    pub offer: Option<Box<Offer>>,
+    /// Configuration updates are refused (4003) while set.
+    pub refuse_config_updates: bool,
+    pub upgrades: u32,
+    pub failed_upgrades: u32,
+    /// Log files PUT to the provisioning server, and the last answer.
+    pub log_uploads: u32,
+    pub last_upload_status: Option<u16>,
     /// Cancelled to reset every open connection of the phone (reboot, `refuse`); created when the
     /// first connection needs one.
     conns: Option<CancellationToken>,
@@ -436,10 +491,17 @@ impl Phone {
             next_handle: 0xb53e_0000 ^ ((idx as u32) << 4),
             cleared_seeds: 0,
             overrides: None,
-            capture_since: None,
+            capture: None,
             captures_uploaded: 0,
             capture_filter: None,
             config_updates: 0,
+            firmware_override: None,
+            offer: None,
+            refuse_config_updates: false,
+            upgrades: 0,
+            failed_upgrades: 0,
+            log_uploads: 0,
+            last_upload_status: None,
             conns: None,
         }
     }
@@ -488,10 +550,43 @@ impl Phone {
         self.end_call(now);
         self.booted_at = now + fleet.reboot_time;
         self.uptime_base = Duration::ZERO;
-        // A background capture starts over after the boot when its parameters still say so.
-        self.capture_since = None;
+        // A running background capture ends with the boot (its file is kept), and starts over
+        // when its parameters still say so.
+        if let Some(c) = self.capture.as_mut()
+            && c.ended.is_none()
+        {
+            c.ended = Some(now);
+        }
         self.refresh_capture_with(fleet, self.booted_at);
         self.take_conn_token()
+    }
+
+    /// The firmware the phone runs.
+    pub fn firmware(&self) -> String {
+        self.firmware_override
+            .as_deref()
+            .map(str::to_owned)
+            .unwrap_or_else(|| firmware(self.idx()).to_owned())
+    }
+
+    /// A configuration update (check-sync). With a firmware on offer the phone reboots to
+    /// install it: afterwards it runs the new one, or still the old one when the upgrade fails.
+    /// Returns whether the phone reboots.
+    pub fn config_update(&mut self) -> Result<bool, Code> {
+        if self.refuse_config_updates {
+            return Err(Code::NotAllowed);
+        }
+        self.config_updates += 1;
+        let Some(offer) = self.offer.take() else {
+            return Ok(false);
+        };
+        if offer.fail {
+            self.failed_upgrades += 1;
+        } else {
+            self.upgrades += 1;
+            self.firmware_override = Some(offer.firmware.into_boxed_str());
+        }
+        Ok(true)
     }
 
     // ----- lines and calls
@@ -697,49 +792,105 @@ impl Phone {
     // ----- packet capture
 
     fn refresh_capture_with(&mut self, fleet: &Fleet, now: Instant) {
-        let want = self.is_on(fleet, "diags.pcap.enabled")
-            && self.is_on(fleet, "diags.pcap.background.enabled");
-        match (want, self.capture_since) {
-            (true, None) => self.capture_since = Some(now),
-            (false, Some(_)) => self.capture_since = None,
+        if !self.is_on(fleet, "diags.pcap.enabled") {
+            // Capturing turned off altogether: the file goes too.
+            self.capture = None;
+            return;
+        }
+        let want = self.is_on(fleet, "diags.pcap.background.enabled");
+        let running = self.capture.as_ref().is_some_and(|c| c.ended.is_none());
+        match (want, running) {
+            (true, false) => {
+                let num = |name: &str, default: u64| {
+                    self.effective(fleet, name)
+                        .and_then(|(v, _)| v.trim().parse::<u64>().ok())
+                        .filter(|n| *n > 0)
+                        .unwrap_or(default)
+                };
+                self.capture = Some(Box::new(CaptureFile {
+                    started: now,
+                    ended: None,
+                    filter: self
+                        .effective(fleet, "diags.pcap.background.filter")
+                        .map(|(v, _)| v)
+                        .unwrap_or_default(),
+                    max_bytes: num("diags.pcap.background.bufferSize", 1024) * 1024,
+                    max_time: Duration::from_secs(num("diags.pcap.background.duration", 60) * 60),
+                    rate: fleet.capture_rate,
+                }));
+            }
+            (false, true) => {
+                if let Some(c) = self.capture.as_mut() {
+                    c.ended = Some(now);
+                }
+            }
             _ => {}
         }
     }
 
-    /// Capturing (both `diags.pcap.enabled` and `diags.pcap.background.enabled` are "1").
+    /// A running capture that reached its size or time limit stops by itself (the phone turns
+    /// its background capture off and keeps the file).
+    pub fn tick_capture(&mut self, fleet: &Fleet, now: Instant) {
+        let Some(c) = self.capture.as_mut() else {
+            return;
+        };
+        if c.ended.is_some() {
+            return;
+        }
+        let at = c.limit_at();
+        if at <= now {
+            c.ended = Some(at);
+            let o = self.overrides.get_or_insert_with(Default::default);
+            if let Some(slot) = Source::Local.slot() {
+                o[slot].insert("diags.pcap.background.enabled".into(), "0".into());
+            }
+            let _ = fleet;
+        }
+    }
+
+    /// Capturing now.
     pub fn capturing(&self) -> bool {
-        self.capture_since.is_some()
+        self.capture.as_ref().is_some_and(|c| c.ended.is_none())
     }
 
     pub fn capture_since(&self) -> Option<Instant> {
-        self.capture_since
+        self.capture
+            .as_ref()
+            .filter(|c| c.ended.is_none())
+            .map(|c| c.started)
+    }
+
+    pub fn capture_file(&self) -> Option<&CaptureFile> {
+        self.capture.as_deref()
     }
 
     pub fn capture_filter(&self) -> Option<&str> {
         self.capture_filter.as_deref()
     }
 
-    /// `POST /api/v1/mgmt/network/uploadBgCapture`: records the upload (with the filter in force)
-    /// and ends the capture by turning the background capture off. `NotAllowed` when not
-    /// capturing.
-    pub fn upload_capture(&mut self, fleet: &Fleet, now: Instant) -> Code {
-        if self.capture_since.is_none() {
-            return Code::NotAllowed;
-        }
-        let filter = self
-            .effective(fleet, "diags.pcap.background.filter")
-            .map(|(v, _)| v)
-            .unwrap_or_default();
+    /// `POST /api/v1/mgmt/network/uploadBgCapture`: ends a running capture (the file is kept)
+    /// and hands back what is to be uploaded. `NotAllowed` when there is no capture file.
+    pub fn upload_capture(&mut self, fleet: &Fleet, now: Instant) -> Result<CaptureFile, Code> {
+        self.tick_capture(fleet, now);
+        let Some(c) = self.capture.as_ref() else {
+            return Err(Code::NotAllowed);
+        };
+        let file = CaptureFile {
+            ended: Some(c.ended.unwrap_or(now)),
+            ..(**c).clone()
+        };
         self.captures_uploaded += 1;
-        self.capture_filter = Some(filter.into_boxed_str());
-        self.set_param(
-            fleet,
-            Source::Local,
-            "diags.pcap.background.enabled",
-            "0",
-            now,
-        );
-        Code::Ok
+        self.capture_filter = Some(file.filter.clone().into_boxed_str());
+        if c.ended.is_none() {
+            self.set_param(
+                fleet,
+                Source::Local,
+                "diags.pcap.background.enabled",
+                "0",
+                now,
+            );
+        }
+        Ok(file)
     }
 }
 
@@ -760,12 +911,19 @@ pub struct PhoneState {
     pub params: BTreeMap<String, String>,
     pub config_updates: u32,
     pub capturing: bool,
+    /// Bytes in the capture file (running or ended), when there is one.
+    pub capture_bytes: Option<u64>,
     pub captures_uploaded: u32,
     /// Filter of the last uploaded capture.
     pub capture_filter: Option<String>,
     pub lines: Vec<LineSnapshot>,
     pub fault: Fault,
     pub busy: bool,
+    pub upgrades: u32,
+    pub failed_upgrades: u32,
+    pub log_uploads: u32,
+    /// HTTP status of the last upload the phone made (a log, a capture).
+    pub last_upload_status: Option<u16>,
     pub hostile: Hostile,
     /// Factory resets so far: each gave the phone a new key.
     pub key_generation: u32,
@@ -810,7 +968,7 @@ impl Phone {
             address: fleet.ip(idx).to_string(),
             mac: mac(idx),
             model: model(idx).to_owned(),
-            firmware: firmware(idx).to_owned(),
+            firmware: self.firmware(),
             reboots: self.reboots,
             uptime_s: self.uptime(now).as_secs(),
             call_state: self.call_state().to_owned(),
@@ -824,11 +982,16 @@ impl Phone {
             params: self.all_params(fleet, &[]),
             config_updates: self.config_updates,
             capturing: self.capturing(),
+            capture_bytes: self.capture.as_ref().map(|c| c.size_at(now)),
             captures_uploaded: self.captures_uploaded,
             capture_filter: self.capture_filter().map(str::to_owned),
             lines: self.lines(fleet),
             fault: self.fault,
             busy: self.busy,
+            upgrades: self.upgrades,
+            failed_upgrades: self.failed_upgrades,
+            log_uploads: self.log_uploads,
+            last_upload_status: self.last_upload_status,
             hostile: self.hostile,
             key_generation: self.key_generation,
             swapped: self.swapped,
@@ -847,6 +1010,7 @@ mod tests {
             count: 8,
             lines: 2,
             reboot_time: Duration::from_secs(3),
+            capture_rate: 1000,
         }
     }
 
@@ -969,7 +1133,7 @@ mod tests {
         let f = fleet();
         let t0 = Instant::now();
         let mut p = Phone::new(0, t0, &f);
-        assert_eq!(p.upload_capture(&f, t0), Code::NotAllowed);
+        assert_eq!(p.upload_capture(&f, t0), Err(Code::NotAllowed));
         p.set_param(&f, Source::Local, "diags.pcap.enabled", "1", t0);
         assert!(!p.capturing());
         p.set_param(
@@ -979,13 +1143,77 @@ mod tests {
             "udp port 5060",
             t0,
         );
+        p.set_param(
+            &f,
+            Source::Local,
+            "diags.pcap.background.bufferSize",
+            "4",
+            t0,
+        );
         p.set_param(&f, Source::Local, "diags.pcap.background.enabled", "1", t0);
         assert!(p.capturing());
-        assert_eq!(p.upload_capture(&f, t0), Code::Ok);
+        let file = p.upload_capture(&f, t0 + Duration::from_secs(2)).unwrap();
+        assert_eq!(file.size_at(t0 + Duration::from_secs(60)), 2000);
         assert!(!p.capturing());
         assert_eq!(
             (p.captures_uploaded, p.capture_filter()),
             (1, Some("udp port 5060"))
         );
+        // The file stays until capturing is turned off altogether.
+        assert!(p.upload_capture(&f, t0 + Duration::from_secs(3)).is_ok());
+        p.set_param(&f, Source::Local, "diags.pcap.enabled", "0", t0);
+        assert_eq!(p.upload_capture(&f, t0), Err(Code::NotAllowed));
+    }
+
+    #[test]
+    fn a_capture_stops_by_itself_at_its_size_limit() {
+        let f = fleet();
+        let t0 = Instant::now();
+        let mut p = Phone::new(0, t0, &f);
+        p.set_param(&f, Source::Local, "diags.pcap.enabled", "1", t0);
+        p.set_param(
+            &f,
+            Source::Local,
+            "diags.pcap.background.bufferSize",
+            "2",
+            t0,
+        );
+        p.set_param(&f, Source::Local, "diags.pcap.background.enabled", "1", t0);
+        p.tick_capture(&f, t0 + Duration::from_secs(1));
+        assert!(p.capturing());
+        p.tick_capture(&f, t0 + Duration::from_secs(5));
+        assert!(!p.capturing());
+        assert_eq!(
+            p.effective(&f, "diags.pcap.background.enabled").unwrap().0,
+            "0"
+        );
+        assert_eq!(
+            p.capture_file()
+                .unwrap()
+                .size_at(t0 + Duration::from_secs(9)),
+            2048
+        );
+    }
+
+    #[test]
+    fn upgrades_on_offer_and_refused_updates() {
+        let f = fleet();
+        let mut p = Phone::new(1, Instant::now(), &f);
+        assert_eq!(p.config_update(), Ok(false));
+        p.offer = Some(Box::new(Offer {
+            firmware: "6.4.8.1000".into(),
+            fail: true,
+        }));
+        assert_eq!(p.config_update(), Ok(true));
+        assert_eq!(p.firmware(), "6.4.7.4560");
+        p.offer = Some(Box::new(Offer {
+            firmware: "6.4.8.1000".into(),
+            fail: false,
+        }));
+        assert_eq!(p.config_update(), Ok(true));
+        assert_eq!(p.firmware(), "6.4.8.1000");
+        p.refuse_config_updates = true;
+        assert_eq!(p.config_update(), Err(Code::NotAllowed));
+        assert_eq!(p.config_updates, 3);
     }
 }

@@ -714,7 +714,24 @@ async fn screen_and_packet_capture() {
         ),
         (Some(1), Some("udp port 5060"), Some(false))
     );
+    // The file stays on the phone until capturing is turned off altogether.
+    assert_eq!(api(&phones, 0, "POST", upload, None).await, ok());
+    assert_eq!(
+        api(
+            &phones,
+            0,
+            "POST",
+            "/api/v1/mgmt/config/set",
+            Some(json!({"data": {"diags.pcap.enabled": "0"}}))
+        )
+        .await,
+        ok()
+    );
     assert_eq!(api(&phones, 0, "POST", upload, None).await, status("4003"));
+    let (code, st) = api(&phones, 0, "GET", "/api/v1/mgmt/device/stats", None).await;
+    assert_eq!(code, 200);
+    assert!(st["data"]["CPU"]["Average"].is_string(), "{st}");
+    assert!(st["data"]["Memory"]["Total"].is_string(), "{st}");
     phones.shutdown().await;
 }
 

@@ -11,6 +11,7 @@
 //! handshake with the upstream. A pooled connection stays usable until the upstream closes it or
 //! it has been idle for [`IDLE`]; the pool keeps at most [`POOL_MAX`].
 
+use super::tee::UpBody;
 use crate::edge::conn::DeviceConn;
 use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -27,8 +28,8 @@ pub const IDLE: Duration = Duration::from_secs(60);
 /// Idle upstream connections kept for new device connections.
 pub const POOL_MAX: usize = 256;
 
-type Sender = SendRequest<Incoming>;
-type Conn = Pin<Box<Connection<TokioIo<UpIo>, Incoming>>>;
+type Sender = SendRequest<UpBody>;
+type Conn = Pin<Box<Connection<TokioIo<UpIo>, UpBody>>>;
 
 /// A connection to the upstream, plain or TLS. `Sync` because the answer's body, which drives the
 /// connection, travels in a `Sync` box.
@@ -47,7 +48,7 @@ pub enum Lane {
 /// Why a request got no answer.
 pub enum SendError {
     /// The request was not sent (the connection had closed): it can go on another connection.
-    NotSent(String, Box<Request<Incoming>>),
+    NotSent(String, Box<Request<UpBody>>),
     Failed(hyper::Error),
 }
 
@@ -73,7 +74,7 @@ impl Lane {
     /// connection can carry another request once the body has been read.
     pub async fn exchange(
         self,
-        req: Request<Incoming>,
+        req: Request<UpBody>,
     ) -> Result<(Response<Incoming>, Option<Lane>), SendError> {
         match self {
             Lane::Shared { mut send } => {

@@ -4,6 +4,7 @@
 //! alive and reused (see `lane`).
 
 mod lane;
+mod tee;
 
 use super::body::{BoxError, EdgeBody, text_response};
 use super::conn::DeviceConn;
@@ -18,6 +19,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use tee::UpBody;
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -148,7 +150,7 @@ impl Upstream {
     async fn exchange(
         &self,
         slot: &LaneSlot,
-        req: Request<Incoming>,
+        req: Request<UpBody>,
     ) -> Result<(Response<Incoming>, Option<Lane>), Fail> {
         let reused = slot.take(&self.pool).or_else(|| self.pool.take());
         let (lane, fresh) = match reused {
@@ -199,6 +201,19 @@ impl Upstream {
             headers.insert(X_FORWARDED_HOST, h);
         }
         headers.insert(header::HOST, self.host.clone());
+        // A device log the relay keeps a copy of: tee it on its way, keep it once the upstream
+        // took it (2xx).
+        let mut verdict = None;
+        let body = match device
+            .edge
+            .log_copy(&parts.method, parts.uri.path(), client_ip)
+        {
+            Some(mut copy) => {
+                verdict = copy.take_verdict();
+                UpBody::tee(body, copy)
+            }
+            None => UpBody::Plain(body),
+        };
         let mut up_req = Request::new(body);
         *up_req.method_mut() = parts.method;
         *up_req.uri_mut() = uri;
@@ -222,6 +237,9 @@ impl Upstream {
                 text_response(StatusCode::BAD_GATEWAY, why)
             }
             Ok(Ok((resp, lane))) => {
+                if let Some(v) = verdict {
+                    let _ = v.send(resp.status().is_success());
+                }
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 let body = LaneBody::new(body, lane, device.clone());
