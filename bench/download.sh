@@ -147,6 +147,8 @@ listen = "127.0.0.1:$relay_port"
 fqdn = ["$fqdn"]
 pfx = "$pki/relay.pfx"
 pfx_password_file = "$pki/relay.pfx.pass"
+# Every bench client is 127.0.0.1: the per-host cap would stop the memory run at 256.
+max_connections_per_ip = 10000
 
 [devices]
 subnets = ["127.0.0.0/8"]

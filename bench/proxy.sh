@@ -233,6 +233,8 @@ listen = "127.0.0.1:$relay_port"
 fqdn = ["$fqdn"]
 pfx = "$pki/relay.pfx"
 pfx_password_file = "$pki/relay.pfx.pass"
+# Every bench client is 127.0.0.1: lift the per-host cap to the edge's.
+max_connections_per_ip = 10000
 
 [provisioning]
 upstream = "http://127.0.0.1:$upstream_port"

@@ -256,8 +256,9 @@ pub struct DemoArgs {
 #[cfg(feature = "sim")]
 #[derive(Subcommand, Debug)]
 pub enum SimCommand {
-    /// The reference cloud: registration, heartbeats, command channel, results, test API (plain HTTP).
-    Cloud(ucrelay_sim::cloud::CloudArgs),
+    /// The reference cloud: registration, heartbeats, command channel, results, test API (plain
+    /// HTTP, and HTTPS with --tls-listen).
+    Cloud(Box<ucrelay_sim::cloud::CloudArgs>),
     /// A fleet of simulated Poly phones speaking the device REST API, one per loopback address.
     Phones(ucrelay_sim::phones::PhonesOptions),
 }

@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 use ucrelay_relay::config::Config;
 use ucrelay_relay::ops::report::StatusReport;
+use ucrelay_relay::util::text::printable;
 
 fn main() -> ExitCode {
     install_panic_hook();
@@ -235,8 +236,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&outcome)?);
             } else {
-                for m in &outcome.messages {
-                    println!("{}  {m}", if outcome.ok { "ok  " } else { "fail" });
+                // One line per setting: applied, refused, or waiting for a restart.
+                for l in &outcome.lines {
+                    let label = match l.outcome.as_str() {
+                        "applied" | "unchanged" => "ok",
+                        "restart" => "restart",
+                        _ => "fail",
+                    };
+                    println!("{label:<7}  {}", printable(&l.message));
                 }
             }
             Ok(if outcome.ok {
@@ -252,7 +259,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         #[cfg(feature = "sim")]
         Command::Sim(SimCommand::Cloud(args)) => {
-            runtime()?.block_on(ucrelay_sim::cloud::main(args))?;
+            runtime()?.block_on(ucrelay_sim::cloud::main(*args))?;
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(feature = "sim")]
@@ -341,7 +348,7 @@ async fn images(
                 for p in v["quarantined"].as_array().into_iter().flatten() {
                     println!(
                         "fail  {} did not match its SHA-256: quarantined, fetching it again",
-                        p.as_str().unwrap_or("?")
+                        printable(p.as_str().unwrap_or("?"))
                     );
                 }
             }
@@ -388,7 +395,7 @@ async fn images(
                     print!("{}", render_images(&r));
                     let ok = r.refused.is_none() && r.images.iter().all(|i| i.state == "synced");
                     if let Some(e) = r.refused.as_ref().or(r.last_sync_error.as_ref()) {
-                        println!("sync: {e}");
+                        println!("sync: {}", printable(e));
                     }
                     return Ok(if ok {
                         ExitCode::SUCCESS
@@ -476,7 +483,12 @@ async fn devices(
                     let body =
                         call_bytes(socket, http::Method::GET, &format!("{base}/{}", enc(&id)))
                             .await?;
-                    print!("{}", String::from_utf8_lossy(&body));
+                    // The device's own text: lines kept, anything that could act on the
+                    // terminal escaped.
+                    print!(
+                        "{}",
+                        ucrelay_relay::util::text::printable_lines(&String::from_utf8_lossy(&body))
+                    );
                     Ok(ExitCode::SUCCESS)
                 }
                 Some(BackupsAction::Download { id, output }) => {
@@ -565,7 +577,7 @@ async fn logs(socket: &std::path::Path, args: &crate::cli::LogsArgs) -> anyhow::
         } else {
             println!(
                 "deleted the logs of {} ({} bytes); collection for it starts again",
-                v["mac"].as_str().unwrap_or("?"),
+                printable(v["mac"].as_str().unwrap_or("?")),
                 v["deleted_bytes"]
             );
         }
@@ -611,19 +623,25 @@ fn render_images(r: &ucrelay_relay::cache::CatalogReport) -> String {
     out.push('\n');
     if let Some(why) = &r.refused {
         out.push_str(&format!(
-            "manifest REFUSED (the previous one stays): {why}\n"
+            "manifest REFUSED (the previous one stays): {}\n",
+            printable(why)
         ));
     }
     out.push_str(&format!(
         "{:<28} {:<8} {:>21}  {}\n",
         "IMAGE", "STATE", "PROGRESS", "PATHS"
     ));
+    // Ids, paths and reasons come from the cloud: escaped for the terminal.
     for i in &r.images {
-        let paths: Vec<&str> = i.files.iter().map(|f| f.path.as_str()).collect();
+        let paths: Vec<String> = i
+            .files
+            .iter()
+            .map(|f| printable(&f.path).into_owned())
+            .collect();
         out.push_str(&format!(
             "{:<28} {:<8} {:>21}  {}\n",
-            i.id,
-            i.state,
+            printable(&i.id),
+            printable(&i.state),
             format!(
                 "{} / {}",
                 human_bytes(i.bytes_done),
@@ -632,7 +650,7 @@ fn render_images(r: &ucrelay_relay::cache::CatalogReport) -> String {
             paths.join(" ")
         ));
         if let Some(why) = &i.reason {
-            out.push_str(&format!("{:<28} reason: {why}\n", ""));
+            out.push_str(&format!("{:<28} reason: {}\n", "", printable(why)));
         }
     }
     out
@@ -660,6 +678,11 @@ fn check(path: &std::path::Path) -> ExitCode {
             if !c.cloud.url.tls {
                 println!("warn  cloud.url uses plain http: traffic to the cloud is not encrypted");
             }
+            if let Some(a) = c.admin.metrics_listen
+                && !a.ip().is_loopback()
+            {
+                println!("warn  {}", ucrelay_relay::ops::metrics::beyond_loopback(a));
+            }
             let mut failed = false;
             if let Some(e) = &c.edge {
                 use ucrelay_relay::edge::cert::{self, Level};
@@ -678,7 +701,11 @@ fn check(path: &std::path::Path) -> ExitCode {
                             "fail"
                         }
                     };
-                    println!("{level}  certificate {}: {}", check.rule, check.message);
+                    println!(
+                        "{level}  certificate {}: {}",
+                        check.rule,
+                        printable(&check.message)
+                    );
                 }
             }
             if failed {

@@ -286,9 +286,24 @@ fn tls_connector(ca: &Path) -> tokio_rustls::TlsConnector {
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
 
+/// A TCP connection to the edge from the loopback address `from` (127.0.0.0/8 is all this
+/// machine's: each address is a different host to the relay).
+async fn tcp_from(from: &str, port: u16) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(from.parse().unwrap(), 0))
+        .unwrap();
+    sock.connect(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+        .unwrap()
+}
+
 /// A verified TLS connection to the edge, as a device that knows it as `relay.test`.
 async fn tls_connect(ca: &Path, port: u16) -> Tls {
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tls_over(ca, tcp).await
+}
+
+async fn tls_over(ca: &Path, tcp: TcpStream) -> Tls {
     let name = rustls_pki_types::ServerName::try_from(FQDN).unwrap();
     tokio::time::timeout(
         Duration::from_secs(10),
@@ -1299,6 +1314,77 @@ async fn over_max_connections_gets_503_at_once() {
     drop(idle_b);
 }
 
+#[tokio::test]
+async fn one_host_cannot_hold_the_edge_not_even_in_tls_handshakes() {
+    let s = Setup::new().await;
+    let nginx = s.nginx().await;
+    std::fs::write(nginx.docroot.join("open/hello.txt"), "hello\n").unwrap();
+    let mut spec = EdgeSpec::new(&s.cert, &nginx.url());
+    spec.edge = "max_connections_per_ip = 4\nheader_timeout = \"2s\"\n".into();
+    let r = s.relay("relay", &spec).await;
+    let d = &r.device;
+
+    // The hog, 127.0.0.2: connections that never begin their TLS handshake still hold slots.
+    let mut hog = Vec::new();
+    for _ in 0..4 {
+        hog.push(tcp_from("127.0.0.2", d.port).await);
+    }
+    r.relay
+        .wait_status("the hog's four connections open", |st| {
+            st["edge"]["connections_open"].as_u64() == Some(4)
+        })
+        .await;
+    // A fifth from the same host is refused at once, saying why.
+    let mut fifth = tls_over(&d.ca, tcp_from("127.0.0.2", d.port).await).await;
+    let mut buf = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), fifth.read_to_end(&mut buf)).await;
+    let raw = String::from_utf8_lossy(&buf);
+    assert_eq!(status_of(&raw), Some(503), "{raw:?}");
+    assert!(
+        raw.contains("too many connections from your host"),
+        "{raw:?}"
+    );
+    assert!(
+        ended.is_ok(),
+        "the refused connection is closed after the 503"
+    );
+    // Meanwhile a phone on another address is served.
+    let rep = d
+        .curl(&["--interface", "127.0.0.3", &d.url("/open/hello.txt")])
+        .await;
+    assert_eq!(rep.status, 200, "{}", rep.stderr);
+    let e = r.edge().await;
+    assert_eq!(count(&e, "connections_refused_per_ip"), 1, "{e}");
+    // The handshakes that never came are cut at header_timeout, and the slots come back.
+    let started = Instant::now();
+    r.relay
+        .wait_status("the hog's connections closed", |st| {
+            st["edge"]["connections_open"].as_u64() == Some(0)
+        })
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    for mut c in hog {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(2), c.read(&mut b)).await;
+        assert!(
+            matches!(n, Ok(Ok(0)) | Ok(Err(_))),
+            "the relay closed the stalled handshake"
+        );
+    }
+    let mut again = tls_over(&d.ca, tcp_from("127.0.0.2", d.port).await).await;
+    again
+        .write_all(b"GET /open/hello.txt HTTP/1.1\r\nHost: relay.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), again.read_to_end(&mut buf)).await;
+    assert_eq!(status_of(&String::from_utf8_lossy(&buf)), Some(200));
+}
+
 // ---------------------------------------------------------------------------------------------
 // 8. Legacy plain HTTP.
 
@@ -1347,13 +1433,23 @@ async fn legacy_http_serves_only_device_subnets() {
             "http://127.0.0.1:{legacy}/open/hello.txt?legacy-outside"
         )])
         .await;
-    assert_eq!(rep.status, 403, "{}", rep.stderr);
-    assert!(!rep.text().trim().is_empty(), "the 403 says why");
+    // Closed at accept: no answer at all.
+    assert_eq!(rep.status, 0, "{}", rep.stderr);
+    // Before reading a byte: a client that sends nothing is closed all the same.
+    let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", legacy))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut buf))
+        .await
+        .expect("closed at once, not left waiting for a request")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "nothing is sent to a stranger");
     // HTTPS is not restricted by [devices].subnets.
     let rep = d.curl(&[&d.url("/open/hello.txt")]).await;
     assert_eq!(rep.status, 200, "{}", rep.stderr);
     let e = outside.edge().await;
-    assert_eq!(count(&e, "legacy_forbidden"), 1, "{e}");
+    assert_eq!(count(&e, "legacy_forbidden"), 2, "{e}");
     assert!(
         !nginx.access_log().contains("legacy-outside"),
         "the refused request was not forwarded"

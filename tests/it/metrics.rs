@@ -129,3 +129,57 @@ async fn metrics_health_and_readiness() {
         );
     }
 }
+
+#[tokio::test]
+async fn idle_clients_cannot_hold_the_metrics_listener() {
+    let cloud = TestCloud::start(cloud_args()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = RelayConfig::new(dir.path(), &cloud.url());
+    cfg.extra = "metrics_listen = \"127.0.0.1:0\"\n".into();
+    let relay = Relay::start(&cfg).await;
+    let status = relay.wait_healthy().await;
+    let addr: SocketAddr = status["metrics_listen"].as_str().unwrap().parse().unwrap();
+
+    // A client that opens connections and never sends a request: the cap (32) holds...
+    let mut idle = Vec::new();
+    for _ in 0..32 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut b = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(3), extra.read(&mut b))
+        .await
+        .expect("one past the cap is closed at once");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    // ...and the header timeout (5 s) frees every slot, so the scraper gets in again.
+    let started = std::time::Instant::now();
+    for mut c in idle {
+        let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut b))
+            .await
+            .expect("an idle connection is closed by the header timeout");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(get(addr, "/healthz").await.0, 200);
+    drop(relay);
+    cloud.stop().await;
+}
+
+#[tokio::test]
+async fn check_warns_about_metrics_beyond_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = RelayConfig::new(dir.path(), "https://cloud.example.com");
+    cfg.extra = "metrics_listen = \"0.0.0.0:9464\"\n".into();
+    let path = cfg.write();
+    let (code, out, _) = run_cli(&["check", "--config", path.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "a warning, not a failure: {out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("warn") && l.contains("0.0.0.0:9464 is beyond loopback")),
+        "{out}"
+    );
+}

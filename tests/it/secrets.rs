@@ -27,6 +27,9 @@ impl Fixture {
             .trim()
             .to_string();
         let mut cfg = RelayConfig::new(dir.path(), &cloud.url());
+        // This test checks what the relay prints, not how fast it notices a dead channel: a ping
+        // interval that a loaded machine cannot miss three times in a row keeps `status` healthy.
+        cfg.ping_interval = "2s";
         cfg.pin_line = format!("pin = \"{SECRET_PIN}\"");
         cfg.extra = format!(
             "\n[edge]\nlisten = \"127.0.0.1:0\"\nfqdn = [\"relay.test\"]\npfx = {:?}\npfx_password_file = {:?}\n\n\
@@ -90,7 +93,7 @@ async fn logs_never_show_secrets_through_registration_and_reload() {
     )
     .await;
     let (code, out, err) = run_cli(&["status", "--socket", &sock, "--json"]).await;
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(code, 0, "{err}{out}");
     fx.assert_clean("`ucrelay status` output", &out);
     let logs = relay.stop_for_logs().await;
     assert!(logs.contains("registered with cloud"), "{logs}");
@@ -160,4 +163,87 @@ async fn diag_bundle_has_its_members_and_no_secret() {
         "{notes}"
     );
     fx.assert_clean("the relay's logs", &relay.stop_for_logs().await);
+}
+
+/// The device password a task carries, and a secret parameter it sets.
+const TASK_PASSWORD: &str = "taskpw-5d1e0b";
+const SECRET_VALUE: &str = "sipsecret-77a9c3";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_task_leaves_no_secret_in_the_store_which_is_owner_only() {
+    let token = tokio_util::sync::CancellationToken::new();
+    let mut opts =
+        ucrelay_sim::phones::PhonesOptions::new(1, std::net::Ipv4Addr::new(127, 0, 12, 10));
+    opts.admin_password = TASK_PASSWORD.into();
+    let phones = ucrelay_sim::phones::start(opts, token.clone())
+        .await
+        .unwrap();
+    let cloud = TestCloud::start(cloud_args()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = RelayConfig::new(dir.path(), &cloud.url());
+    cfg.extra = "\n[devices]\nsubnets = [\"127.0.12.0/24\"]\nmonitoring = false\nrequest_timeout = \"2s\"\n".into();
+    // The relay runs under umask 000: its state must still be its own.
+    let mut sh = tokio::process::Command::new("sh");
+    sh.args(["-c", "umask 000; exec \"$0\" \"$@\"", bin()]);
+    let relay = Relay::start_with(&cfg, sh).await;
+    relay.wait_healthy().await;
+    let id = cloud
+        .post(
+            "/sim/tasks",
+            serde_json::json!({"type": "set_params", "targets": [phones.addr(0).to_string()],
+                "payload": {"password": TASK_PASSWORD,
+                            "params": {"reg.1.auth.password": SECRET_VALUE, "reg.1.label": "front desk"}}}),
+        )
+        .await["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_for("the task done", Duration::from_secs(20), || async {
+        let t = cloud.get(&format!("/sim/tasks/{id}")).await;
+        (t["status"] == "done").then_some(())
+    })
+    .await;
+    assert_eq!(phones.state(0).params["reg.1.auth.password"], SECRET_VALUE);
+    // What an admin sees of the finished task is masked.
+    let sock = relay.socket.to_str().unwrap().to_string();
+    let (_, shown, _) = run_cli(&["tasks", "show", &id, "--socket", &sock, "--json"]).await;
+    assert!(shown.contains("reg.1.label"), "{shown}");
+    for s in [TASK_PASSWORD, SECRET_VALUE] {
+        assert!(!shown.contains(s), "`tasks show` shows a secret: {shown}");
+    }
+    // The store holds none of it: the task's record, its targets' results and the outbox.
+    // (A value the store deletes is not zeroed on disk: its page is reused by later writes. The
+    // file is the relay's alone, 0600.)
+    drop(relay);
+    let store = cfg.state_dir().join("ucrelay.redb");
+    let opened = wait_for("the store released", Duration::from_secs(10), || async {
+        ucrelay_relay::store::Store::open(&cfg.state_dir()).ok()
+    })
+    .await;
+    let mut held: Vec<Vec<u8>> = opened
+        .tasks_all()
+        .unwrap()
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    for (_, v) in opened.task_targets(&id).unwrap() {
+        held.push(v);
+    }
+    for (_, r) in opened.outbox_batch(10_000, usize::MAX).unwrap() {
+        held.push(serde_json::to_vec(&r).unwrap());
+    }
+    assert!(!held.is_empty());
+    for v in &held {
+        let text = String::from_utf8_lossy(v);
+        for s in [TASK_PASSWORD, SECRET_VALUE] {
+            assert!(!text.contains(s), "{s} is still in the store: {text}");
+        }
+    }
+    drop(opened);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&cfg.state_dir()), 0o700);
+    assert_eq!(mode(&store), 0o600);
+    token.cancel();
+    cloud.stop().await;
 }

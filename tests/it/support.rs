@@ -212,6 +212,12 @@ pub struct Relay {
 
 impl Relay {
     pub async fn start(cfg: &RelayConfig) -> Relay {
+        Relay::start_with(cfg, Command::new(bin())).await
+    }
+
+    /// [`Relay::start`] with the program run by `command` (e.g. `ip netns exec NS ucrelay`):
+    /// `run --config FILE` is appended to it.
+    pub async fn start_with(cfg: &RelayConfig, mut command: Command) -> Relay {
         let path = cfg.write();
         let log = cfg.dir.join(format!(
             "relay-{}.log",
@@ -220,7 +226,7 @@ impl Relay {
                 .unwrap()
                 .as_nanos()
         ));
-        let child = Command::new(bin())
+        let child = command
             .args(["run", "--config"])
             .arg(&path)
             .env("RUST_LOG", "ucrelay=debug,info")

@@ -7,16 +7,23 @@
 
 use crate::artifacts::Artifacts;
 use crate::cloud::{CloudClient, Sessions};
-use crate::config::Config;
+use crate::config::{Config, DevicesConfig};
 use crate::devlogs::DeviceLogs;
 use crate::store::Store;
+use crate::util::live::Live;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 use tokio::sync::Notify;
 
 #[derive(Clone)]
 pub struct Ctx {
+    /// The configuration the relay started with. What a reload can change while running lives
+    /// with the job that uses it (`devices_cfg` here, the edge's limits, the image cache's); what
+    /// it cannot (`[cloud]`, `[admin]`, `state_dir`) is read from here.
     pub config: Arc<Config>,
+    /// `[devices]` as in force: the device plane, the edge's legacy listener and the download
+    /// agent's address checks all read the same subnets, which a reload replaces.
+    pub devices_cfg: Arc<Live<DevicesConfig>>,
     pub store: Store,
     pub cloud: CloudClient,
     /// The cloud session (bearer token) the management agent keeps; other jobs use its token.
@@ -37,6 +44,7 @@ pub struct Ctx {
 impl Ctx {
     pub fn new(
         config: Config,
+        devices_cfg: Arc<Live<DevicesConfig>>,
         store: Store,
         cloud: CloudClient,
         relay_id: String,
@@ -47,6 +55,7 @@ impl Ctx {
             artifacts,
             device_logs,
             config: Arc::new(config),
+            devices_cfg,
             store,
             cloud,
             sessions: Arc::new(Sessions::new()),

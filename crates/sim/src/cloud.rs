@@ -16,7 +16,10 @@
 //! under `/files/<name>` with Range support, plus test hooks to corrupt, throttle or fail them
 //! (see `images`).
 //!
-//! It does not do TLS (tests and the demo run it on loopback).
+//! It speaks plain HTTP on `--listen`; with `--tls-listen` (and a PEM certificate and key) it
+//! serves the same API over HTTPS on a second address too, so that tests can run it as another
+//! origin than the cloud's (a CDN the manifest points at, a canary that must never see the
+//! relay's token).
 //!
 //! Artifacts (`/relay/v1/artifacts`) are taken in resumable chunks and kept beside the state
 //! file; the test API lists them and hands their bytes back (see `artifacts`). The tenant's
@@ -88,6 +91,15 @@ pub struct CloudArgs {
     /// Heartbeat interval asked of relays (whole seconds, at least 1).
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
+    /// Also serve everything over HTTPS on this address (needs --tls-cert and --tls-key).
+    #[arg(long, value_name = "ADDR", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_listen: Option<String>,
+    /// PEM certificate chain for --tls-listen.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-listen.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl CloudArgs {
@@ -139,9 +151,55 @@ impl Drop for CloudHandle {
 /// How long an open HTTP connection gets to finish its request once shutdown starts.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
+/// A second, HTTPS listener: the socket and the TLS acceptor to put in front of the API.
+pub struct TlsListener {
+    pub listener: TcpListener,
+    pub acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl TlsListener {
+    /// Binds `addr` and loads the PEM certificate chain and key.
+    pub async fn bind(
+        addr: &str,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> anyhow::Result<TlsListener> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let chain = CertificateDer::pem_file_iter(cert)
+            .with_context(|| format!("cannot read --tls-cert {}", cert.display()))?
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("bad certificate in {}", cert.display()))?;
+        let key = PrivateKeyDer::from_pem_file(key)
+            .with_context(|| format!("cannot read --tls-key {}", key.display()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .context("certificate and key do not go together")?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on --tls-listen {addr}"))?;
+        Ok(TlsListener {
+            listener,
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
+        })
+    }
+}
+
 /// Starts the cloud on an already-bound listener. Loads `--state-file` when it exists (a corrupt
 /// one is an error naming the file) and writes it at once when it does not.
 pub async fn start(listener: TcpListener, args: CloudArgs) -> anyhow::Result<CloudHandle> {
+    start_with_tls(listener, None, args).await
+}
+
+/// [`start`], also serving the API over HTTPS on `tls`.
+pub async fn start_with_tls(
+    listener: TcpListener,
+    tls: Option<TlsListener>,
+    args: CloudArgs,
+) -> anyhow::Result<CloudHandle> {
     anyhow::ensure!(!args.tenant.trim().is_empty(), "--tenant must not be empty");
     anyhow::ensure!(!args.pin.is_empty(), "--pin must not be empty");
     let addr = listener
@@ -207,6 +265,7 @@ pub async fn start(listener: TcpListener, args: CloudArgs) -> anyhow::Result<Clo
             limits: api::Limits::default(),
         }),
         written: tokio::sync::Mutex::new(0),
+        connections: std::sync::atomic::AtomicU64::new(0),
     });
     // Written now so that the PIN given on the first start is the one kept from then on, and so
     // that an unwritable state file is reported at start, not at the first registration.
@@ -214,7 +273,18 @@ pub async fn start(listener: TcpListener, args: CloudArgs) -> anyhow::Result<Clo
 
     let router = api::router(shared.clone());
     let tracker = shared.tracker.clone();
-    tracker.spawn(accept_loop(listener, router, shared.clone()));
+    if let Some(t) = tls {
+        if let Ok(a) = t.listener.local_addr() {
+            info!(addr = %a, "sim cloud serving HTTPS too");
+        }
+        tracker.spawn(accept_loop(
+            t.listener,
+            Some(t.acceptor),
+            router.clone(),
+            shared.clone(),
+        ));
+    }
+    tracker.spawn(accept_loop(listener, None, router, shared.clone()));
     tracker.spawn(flusher(shared.clone()));
     info!(%addr, tenant = %args.tenant, "sim cloud started");
     Ok(CloudHandle {
@@ -229,11 +299,19 @@ pub async fn main(args: CloudArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let handle = start(listener, args).await?;
+    let tls = match (&args.tls_listen, &args.tls_cert, &args.tls_key) {
+        (Some(addr), Some(cert), Some(key)) => Some(TlsListener::bind(addr, cert, key).await?),
+        _ => None,
+    };
+    let tls_addr = tls.as_ref().and_then(|t| t.listener.local_addr().ok());
+    let handle = start_with_tls(listener, tls, args).await?;
     {
         use std::io::Write as _;
         let mut out = std::io::stdout().lock();
         writeln!(out, "ucrelay sim cloud listening on http://{}", handle.addr)?;
+        if let Some(a) = tls_addr {
+            writeln!(out, "ucrelay sim cloud listening on https://{a}")?;
+        }
         out.flush()?;
     }
     wait_for_signal().await?;
@@ -273,6 +351,8 @@ pub(crate) struct Shared {
     /// Highest `Runtime::generation` known to be in the state file. A tokio mutex so that writes
     /// happen one at a time, in order, without blocking the runtime.
     written: tokio::sync::Mutex<u64>,
+    /// TCP connections accepted since start, on either listener (`GET /sim/stats`).
+    pub connections: std::sync::atomic::AtomicU64,
 }
 
 /// Everything behind the one lock: the persisted data and what lives only while running.
@@ -348,7 +428,12 @@ impl Shared {
     }
 }
 
-async fn accept_loop(listener: TcpListener, router: axum::Router, shared: Arc<Shared>) {
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    router: axum::Router,
+    shared: Arc<Shared>,
+) {
     loop {
         let accepted = tokio::select! {
             _ = shared.cancel.cancelled() => break,
@@ -356,12 +441,33 @@ async fn accept_loop(listener: TcpListener, router: axum::Router, shared: Arc<Sh
         };
         match accepted {
             Ok((stream, peer)) => {
-                shared.tracker.spawn(serve_connection(
-                    stream,
-                    peer,
-                    router.clone(),
-                    shared.cancel.clone(),
-                ));
+                shared
+                    .connections
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let _ = stream.set_nodelay(true);
+                let (router, cancel) = (router.clone(), shared.cancel.clone());
+                match tls.clone() {
+                    None => {
+                        shared
+                            .tracker
+                            .spawn(serve_connection(stream, peer, router, cancel));
+                    }
+                    Some(acceptor) => {
+                        shared.tracker.spawn(async move {
+                            let handshake = tokio::time::timeout(
+                                Duration::from_secs(10),
+                                acceptor.accept(stream),
+                            );
+                            match handshake.await {
+                                Ok(Ok(tls)) => serve_connection(tls, peer, router, cancel).await,
+                                Ok(Err(e)) => {
+                                    debug!(%peer, error = %e, "sim cloud: TLS handshake failed")
+                                }
+                                Err(_) => debug!(%peer, "sim cloud: TLS handshake timed out"),
+                            }
+                        });
+                    }
+                }
             }
             Err(e) => {
                 // Typically out of file descriptors: pause instead of spinning on the error.
@@ -376,13 +482,14 @@ async fn accept_loop(listener: TcpListener, router: axum::Router, shared: Arc<Sh
     // `listener` is dropped here: the port is free once shutdown returns.
 }
 
-async fn serve_connection(
-    stream: tokio::net::TcpStream,
+async fn serve_connection<I>(
+    stream: I,
     peer: SocketAddr,
     router: axum::Router,
     cancel: CancellationToken,
-) {
-    let _ = stream.set_nodelay(true);
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())

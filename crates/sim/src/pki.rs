@@ -1,5 +1,6 @@
-//! A throw-away PKI for the demo: a CA and a relay certificate (serverAuth, SAN = the FQDN), written
-//! as a PFX with its password file, plus the CA in PEM for clients. Labs only: the key material lives
+//! A throw-away PKI for the demo and the tests: a CA and a relay certificate (serverAuth, SAN = the
+//! FQDN), written as a PFX with its password file, plus the CA in PEM for clients, and on request
+//! PEM server certificates for other origins from the same CA. Labs only: the key material lives
 //! in a temp dir and dies with it.
 
 use anyhow::{Context, Result};
@@ -14,10 +15,19 @@ pub struct DemoPki {
     pub ca_pem: PathBuf,
     pub pfx: PathBuf,
     pub password_file: PathBuf,
+    /// PEM certificate and key of each extra server [`make_with_origins`] was asked for.
+    pub origins: Vec<(PathBuf, PathBuf)>,
 }
 
 /// Writes `ca.pem`, `relay.pfx` and `relay.pfx.pass` into `dir`.
 pub fn make(dir: &Path, fqdn: &str) -> Result<DemoPki> {
+    make_with_origins(dir, fqdn, &[])
+}
+
+/// [`make`], plus a server certificate from the same CA for each of `origins` (a DNS name, or an
+/// IP address, which becomes an IP SAN), as `origin-N.pem` and `origin-N.key`: for a second
+/// HTTPS server the relay must trust through the CA (`sim cloud --tls-listen`).
+pub fn make_with_origins(dir: &Path, fqdn: &str, origins: &[&str]) -> Result<DemoPki> {
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params
@@ -52,10 +62,33 @@ pub fn make(dir: &Path, fqdn: &str) -> Result<DemoPki> {
         .write()
         .map_err(|e| anyhow::anyhow!("cannot write the PFX: {e}"))?;
 
+    let mut origin_files = Vec::new();
+    for (i, name) in origins.iter().enumerate() {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = vec![match name.parse::<std::net::IpAddr>() {
+            Ok(ip) => rcgen::SanType::IpAddress(ip),
+            Err(_) => rcgen::SanType::DnsName((*name).try_into()?),
+        }];
+        params.distinguished_name.push(DnType::CommonName, *name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let cert = params.signed_by(&key, &issuer)?;
+        let (c, k) = (
+            dir.join(format!("origin-{i}.pem")),
+            dir.join(format!("origin-{i}.key")),
+        );
+        std::fs::write(&c, format!("{}{}", cert.pem(), ca_cert.pem()))
+            .with_context(|| format!("writing {}", c.display()))?;
+        std::fs::write(&k, key.serialize_pem())
+            .with_context(|| format!("writing {}", k.display()))?;
+        origin_files.push((c, k));
+    }
     let out = DemoPki {
         ca_pem: dir.join("ca.pem"),
         pfx: dir.join("relay.pfx"),
         password_file: dir.join("relay.pfx.pass"),
+        origins: origin_files,
     };
     std::fs::write(&out.ca_pem, ca_cert.pem()).context("writing ca.pem")?;
     std::fs::write(&out.pfx, pfx_bytes).context("writing relay.pfx")?;

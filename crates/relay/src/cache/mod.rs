@@ -17,10 +17,11 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::config::ImagesConfig;
+use crate::util::live::Live;
 
 /// State of one file, as the store keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,13 +81,26 @@ pub struct ServeStats {
 
 /// The image cache: what is listed, what is ready, where it lives.
 pub struct Catalog {
-    pub cfg: ImagesConfig,
+    /// `[images]` as in force: a reload replaces the limits (the directory stays until a restart).
+    cfg: Live<ImagesConfig>,
     inner: RwLock<Inner>,
     /// Asks the agent to fetch the manifest and sync now.
     pub wake: Notify,
-    /// Caps the devices downloading from the edge at once.
-    pub serving: Arc<Semaphore>,
     pub stats: ServeStats,
+}
+
+/// One device download from the edge, counted in `downloads_active` until dropped.
+pub struct ServeSlot {
+    catalog: Arc<Catalog>,
+}
+
+impl Drop for ServeSlot {
+    fn drop(&mut self) {
+        self.catalog
+            .stats
+            .downloads_active
+            .fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What a device path resolves to.
@@ -103,6 +117,31 @@ pub enum Lookup {
 }
 
 impl Catalog {
+    /// `[images]` as in force now.
+    pub fn cfg(&self) -> Arc<ImagesConfig> {
+        self.cfg.get()
+    }
+
+    /// Installs `[images]` as a reload left it (the caller keeps `dir` as it was).
+    pub fn set_cfg(&self, cfg: ImagesConfig) {
+        self.cfg.set(cfg);
+    }
+
+    /// A slot for one device download from the edge, under `[images].max_downloads` in force
+    /// now; None when that many are under way.
+    pub fn try_serve(self: &Arc<Self>) -> Option<ServeSlot> {
+        let max = self.cfg().max_downloads as u64;
+        let before = self.stats.downloads_active.fetch_add(1, Ordering::Relaxed);
+        let slot = ServeSlot {
+            catalog: self.clone(),
+        };
+        if before >= max {
+            // Dropping the slot gives the count back.
+            return None;
+        }
+        Some(slot)
+    }
+
     /// Opens the cache directory and the recorded state, with cheap checks: a file recorded as synced
     /// must exist with its size; stray partial and unlisted files are removed.
     pub fn open(cfg: &ImagesConfig, store: &crate::store::Store) -> Result<Arc<Catalog>> {
@@ -123,10 +162,9 @@ impl Catalog {
             .filter_map(|(k, v)| serde_json::from_slice(&v).ok().map(|r| (k, r)))
             .collect();
         let cat = Catalog {
-            cfg: cfg.clone(),
+            cfg: Live::new(cfg.clone()),
             inner: RwLock::new(Inner::default()),
             wake: Notify::new(),
-            serving: Arc::new(Semaphore::new(cfg.max_downloads)),
             stats: ServeStats::default(),
         };
         let mut inner = Inner {
@@ -176,11 +214,14 @@ impl Catalog {
     }
 
     pub fn file_path(&self, sha256: &str) -> PathBuf {
-        self.cfg.dir.join("files").join(sha256)
+        self.cfg().dir.join("files").join(sha256)
     }
 
     pub fn partial_path(&self, sha256: &str) -> PathBuf {
-        self.cfg.dir.join("partial").join(format!("{sha256}.part"))
+        self.cfg()
+            .dir
+            .join("partial")
+            .join(format!("{sha256}.part"))
     }
 
     pub(crate) fn partial_len(&self, sha256: &str) -> u64 {
@@ -192,7 +233,7 @@ impl Catalog {
     /// Deletes cached and partial files the manifest does not list (never served, never kept).
     fn remove_strays(&self, wanted: &HashSet<String>) {
         for (sub, suffix) in [("files", ""), ("partial", ".part")] {
-            let Ok(entries) = std::fs::read_dir(self.cfg.dir.join(sub)) else {
+            let Ok(entries) = std::fs::read_dir(self.cfg().dir.join(sub)) else {
                 continue;
             };
             for e in entries.flatten() {
@@ -491,7 +532,7 @@ impl Catalog {
             let file = self.file_path(sha);
             let actual = hash_file(&file).unwrap_or_else(|e| format!("unreadable: {e}"));
             if &actual != sha {
-                let dest = self.cfg.dir.join("quarantine").join(format!(
+                let dest = self.cfg().dir.join("quarantine").join(format!(
                     "{sha}.{}",
                     SystemTime::now()
                         .duration_since(SystemTime::UNIX_EPOCH)

@@ -5,6 +5,8 @@
 //! the cloud, and each step has its own deadline, so a silent peer can never wedge a caller. This module
 //! knows nothing about what the requests mean; the agents do.
 
+pub mod connect;
+pub mod origin;
 mod session;
 
 pub use session::{Session, Sessions};
@@ -71,6 +73,9 @@ pub enum CloudError {
         #[source]
         source: Option<Cause>,
     },
+    /// A download the rules of [`origin`] do not allow: nothing was sent.
+    #[error("refused: {detail}")]
+    Refused { detail: String },
     /// The connection broke mid-request.
     #[error("connection to cloud broke: {detail}")]
     Io {
@@ -119,6 +124,10 @@ pub struct CloudClient {
     url: CloudUrl,
     proxy: Option<ProxyConfig>,
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// `[cloud].ca_file`, for the TLS of download origins other than the cloud's.
+    ca_file: Option<std::path::PathBuf>,
+    /// That TLS config, built on first use when the cloud itself is plain http.
+    other_tls: Arc<std::sync::OnceLock<Arc<rustls::ClientConfig>>>,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
 }
@@ -134,6 +143,8 @@ impl CloudClient {
             url: cfg.url.clone(),
             proxy: cfg.proxy.clone(),
             tls,
+            ca_file: cfg.ca_file.clone(),
+            other_tls: Arc::default(),
             connect_timeout: cfg.connect_timeout,
             request_timeout: cfg.request_timeout,
         })
@@ -149,9 +160,12 @@ impl CloudClient {
         let deadline = self.connect_timeout;
         let step = async {
             let (tcp, local) = match &self.proxy {
-                None => tcp_connect(&self.url.connect_target(), "connect to cloud").await?,
+                None => {
+                    tcp_connect(&self.url.connect_target(), "connect to cloud", deadline).await?
+                }
                 Some(p) => {
-                    let (mut tcp, local) = tcp_connect(&p.address(), "connect to proxy").await?;
+                    let (mut tcp, local) =
+                        tcp_connect(&p.address(), "connect to proxy", deadline).await?;
                     proxy_connect(&mut tcp, p, &self.url.connect_target()).await?;
                     (tcp, local)
                 }
@@ -302,54 +316,143 @@ impl CloudClient {
             })?
     }
 
-    /// Starts a GET whose body the caller streams (image downloads), with `Range: bytes=<from>-`
-    /// when `range_from` > 0. `url` is absolute or relative to the cloud URL; an absolute URL on
-    /// another host goes through the same proxy and TLS trust. The answer head must arrive within
-    /// the request deadline; the caller bounds each body read.
-    pub async fn get_stream(
+    /// Starts a GET of an image file whose body the caller streams, with `Range: bytes=<from>-`
+    /// when `range_from` > 0, under the rules of [`origin`]: `url` is a path on the cloud's
+    /// origin or an absolute URL; the token goes to the cloud's own origin only; another origin
+    /// must be https and is dialled only at addresses outside the LAN (`lan`: the device
+    /// subnets); redirects are followed up to [`origin::MAX_REDIRECTS`] hops under the same rules.
+    /// Each hop's answer head must arrive within the request deadline; the caller bounds each
+    /// body read.
+    pub async fn get_file(
         &self,
         url: &str,
         token: Option<&str>,
         range_from: u64,
+        lan: &[ipnet::IpNet],
     ) -> Result<http::Response<hyper::body::Incoming>, CloudError> {
-        let (client, path) = if url.starts_with("http://") || url.starts_with("https://") {
-            let target = CloudUrl::parse(url)
-                .map_err(|e| CloudError::bad_body(format!("bad download url {url:?}: {e}")))?;
-            let uri: http::Uri = url
-                .parse()
-                .map_err(|e| CloudError::bad_body(format!("bad download url {url:?}: {e}")))?;
-            let path = uri
-                .path_and_query()
-                .map(|p| p.as_str().to_string())
-                .unwrap_or_else(|| "/".into());
-            let mut c = self.clone();
-            if target.tls != self.url.tls
-                || target.host != self.url.host
-                || target.port != self.url.port
-            {
-                if target.tls && c.tls.is_none() {
-                    c.tls = Some(Arc::new(client_tls_config(None).map_err(|e| {
-                        CloudError::Connect {
-                            stage: "TLS",
-                            detail: e.to_string(),
-                            source: None,
-                        }
-                    })?));
-                }
-                if !target.tls {
-                    c.tls = None;
-                }
+        let refused = |detail: String| CloudError::Refused { detail };
+        let mut at = origin::manifest_url(&self.url, url)
+            .map_err(|e| refused(format!("url {url:?}: {e}")))?;
+        for hop in 0..=origin::MAX_REDIRECTS {
+            let own = at.same_origin(&self.url);
+            if !own && !at.tls {
+                return Err(refused(format!(
+                    "{} is not the cloud's origin ({}) and is plain http: files from any other origin must use https",
+                    at.origin(),
+                    self.url
+                )));
             }
-            c.url = CloudUrl {
-                base_path: String::new(),
-                ..target
+            let io = if own {
+                self.connect().await?.0
+            } else {
+                let addrs = self.checked_addresses(&at, lan).await?;
+                self.connect_other(&at, &addrs).await?
             };
-            (c, path)
-        } else {
-            (self.clone(), self.url.path(url))
+            // The token, and nothing else that identifies the relay, goes to the cloud only.
+            let token = if own { token } else { None };
+            let resp = self.get_head(io, &at, token, range_from).await?;
+            let status = resp.status().as_u16();
+            if !matches!(status, 301 | 302 | 303 | 307 | 308) {
+                return Ok(resp);
+            }
+            if hop == origin::MAX_REDIRECTS {
+                return Err(refused(format!(
+                    "more than {} redirects (the last one from {})",
+                    origin::MAX_REDIRECTS,
+                    at.origin()
+                )));
+            }
+            let location = resp
+                .headers()
+                .get(http::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| {
+                    refused(format!(
+                        "{} answered {status} without a usable Location",
+                        at.origin()
+                    ))
+                })?
+                .to_string();
+            drop(resp);
+            let next = at.join(&location).map_err(refused)?;
+            tracing::debug!(from = %at.origin(), to = %next.origin(), status, "following a download redirect");
+            at = next;
+        }
+        Err(refused("too many redirects".into()))
+    }
+
+    /// A stream to another origin than the cloud's, at one of the checked `addrs`: through the
+    /// proxy (CONNECT to the checked address, so the proxy cannot resolve the name differently)
+    /// or raced directly, then TLS with the system roots and `[cloud].ca_file`.
+    async fn connect_other(
+        &self,
+        at: &origin::FileUrl,
+        addrs: &[SocketAddr],
+    ) -> Result<BoxIo, CloudError> {
+        let deadline = self.connect_timeout;
+        let step = async {
+            let tcp = match &self.proxy {
+                None => {
+                    race_addrs(addrs, "connect to download origin", deadline)
+                        .await?
+                        .0
+                }
+                Some(p) => {
+                    let (mut tcp, _) =
+                        tcp_connect(&p.address(), "connect to proxy", deadline).await?;
+                    proxy_connect(&mut tcp, p, &addrs[0].to_string()).await?;
+                    tcp
+                }
+            };
+            let name = ServerName::try_from(at.host.clone()).map_err(|e| CloudError::Connect {
+                stage: "TLS",
+                detail: format!("bad server name {}: {e}", at.host),
+                source: cause(e),
+            })?;
+            let tls = tokio_rustls::TlsConnector::from(self.other_tls()?)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| CloudError::Connect {
+                    stage: "TLS handshake",
+                    detail: format!("{}: {e}", at.origin()),
+                    source: cause(e),
+                })?;
+            Ok::<BoxIo, CloudError>(Box::new(tls))
         };
-        let (io, _) = client.connect().await?;
-        let rt = client.request_timeout;
+        timeout(deadline, step)
+            .await
+            .map_err(|_| CloudError::Timeout {
+                what: "connecting to a download origin",
+                after: deadline,
+            })?
+    }
+
+    /// TLS for origins other than the cloud's: the system roots plus `[cloud].ca_file` (a
+    /// TLS-inspecting proxy re-signs those too), built once.
+    fn other_tls(&self) -> Result<Arc<rustls::ClientConfig>, CloudError> {
+        if let Some(t) = &self.tls {
+            return Ok(t.clone());
+        }
+        if let Some(t) = self.other_tls.get() {
+            return Ok(t.clone());
+        }
+        let cfg = client_tls_config(self.ca_file.as_deref()).map_err(|e| CloudError::Connect {
+            stage: "TLS",
+            detail: format!("{e:#}"),
+            source: None,
+        })?;
+        Ok(self.other_tls.get_or_init(|| Arc::new(cfg)).clone())
+    }
+
+    /// Sends the GET on `io` and returns the answer head (the body streams after it).
+    async fn get_head(
+        &self,
+        io: BoxIo,
+        at: &origin::FileUrl,
+        token: Option<&str>,
+        range_from: u64,
+    ) -> Result<http::Response<hyper::body::Incoming>, CloudError> {
+        let rt = self.request_timeout;
         let head = async {
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
                 .await
@@ -358,11 +461,11 @@ impl CloudClient {
             tokio::spawn(async move {
                 let _ = conn.await;
             });
-            let mut req = http::Request::get(&path)
-                .header(http::header::HOST, client.url.authority())
+            let mut req = http::Request::get(at.path_and_query())
+                .header(http::header::HOST, at.authority())
                 .header(http::header::USER_AGENT, user_agent());
             if let Some(t) = token {
-                req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+                req = req.header(http::header::AUTHORIZATION, bearer(t)?);
             }
             if range_from > 0 {
                 req = req.header(http::header::RANGE, format!("bytes={range_from}-"));
@@ -465,10 +568,19 @@ pub fn status_error(status: u16, body: &[u8]) -> CloudError {
     }
 }
 
+/// Resolves `target` (`host:port`) and races its addresses ([`connect::race`]), each attempt
+/// bounded by `per_address`. Returns the stream and its local address.
 pub(crate) async fn tcp_connect(
     target: &str,
     stage: &'static str,
+    per_address: Duration,
 ) -> Result<(TcpStream, SocketAddr), CloudError> {
+    let addrs = resolve(target).await?;
+    race_addrs(&addrs, stage, per_address).await
+}
+
+/// The addresses `target` (`host:port`) resolves to, in the resolver's order.
+pub(crate) async fn resolve(target: &str) -> Result<Vec<SocketAddr>, CloudError> {
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host(target)
         .await
         .map_err(|e| CloudError::Connect {
@@ -484,26 +596,27 @@ pub(crate) async fn tcp_connect(
             source: None,
         });
     }
-    let mut last = None;
-    for addr in addrs {
-        match TcpStream::connect(addr).await {
-            Ok(s) => {
-                let _ = s.set_nodelay(true);
-                let local = s.local_addr().map_err(CloudError::io)?;
-                return Ok((s, local));
-            }
-            Err(e) => last = Some((addr, e)),
+    Ok(addrs)
+}
+
+/// Races `addrs`; the error names every address and why it failed.
+pub(crate) async fn race_addrs(
+    addrs: &[SocketAddr],
+    stage: &'static str,
+    per_address: Duration,
+) -> Result<(TcpStream, SocketAddr), CloudError> {
+    match connect::race(addrs, per_address).await {
+        Ok((s, _)) => {
+            let _ = s.set_nodelay(true);
+            let local = s.local_addr().map_err(CloudError::io)?;
+            Ok((s, local))
         }
+        Err(e) => Err(CloudError::Connect {
+            stage,
+            detail: e.to_string(),
+            source: cause(e),
+        }),
     }
-    let (detail, source) = match last {
-        Some((addr, e)) => (format!("{addr}: {e}"), cause(e)),
-        None => (format!("{target}: no addresses"), None),
-    };
-    Err(CloudError::Connect {
-        stage,
-        detail,
-        source,
-    })
 }
 
 /// Asks an HTTP proxy for a tunnel with CONNECT and checks for a 2xx answer.

@@ -31,6 +31,8 @@ pub const DEFAULT_MAX_IMAGES: u32 = 40;
 pub const DEFAULT_MAX_TOTAL: u64 = 30 * 1000 * 1000 * 1000;
 pub const DEFAULT_EDGE_LISTEN: &str = "0.0.0.0:443";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Enough for a site of phones behind one NAT address, far from the whole edge.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
 pub const DEFAULT_ADMIN_SOCKET_NAME: &str = "admin.sock";
 pub const DEFAULT_DEVICE_SUBNETS: [&str; 3] = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"];
 pub const DEFAULT_STATS_INTERVAL: Duration = Duration::from_secs(15 * 60);
@@ -290,6 +292,8 @@ pub struct EdgeConfig {
     pub legacy_http_listen: Option<SocketAddr>,
     /// Open device connections at most; one more gets 503 at once.
     pub max_connections: usize,
+    /// Open connections from one client address (an IPv6 client by its /64) at most.
+    pub max_connections_per_ip: usize,
     /// Deadline for the TLS handshake and for each request's headers (slowloris, idle keep-alive).
     pub header_timeout: Duration,
     /// A connection that moves no byte for this long is closed.

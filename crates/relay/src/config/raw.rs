@@ -52,6 +52,7 @@ pub(super) struct RawEdge {
     pub(super) pfx_password_file: Option<PathBuf>,
     pub(super) legacy_http_listen: Option<String>,
     pub(super) max_connections: Option<usize>,
+    pub(super) max_connections_per_ip: Option<usize>,
     pub(super) header_timeout: Option<String>,
     pub(super) idle_timeout: Option<String>,
     pub(super) max_header_size: Option<String>,

@@ -267,6 +267,11 @@ fn edge(v: &Check, e: RawEdge) -> Result<EdgeConfig> {
             Some(0) => return Err(v.err("edge.max_connections", "must be at least 1")),
             Some(n) => n,
         },
+        max_connections_per_ip: match e.max_connections_per_ip {
+            None => DEFAULT_MAX_CONNECTIONS_PER_IP,
+            Some(0) => return Err(v.err("edge.max_connections_per_ip", "must be at least 1")),
+            Some(n) => n,
+        },
         header_timeout: v.duration(
             "edge.header_timeout",
             &e.header_timeout,

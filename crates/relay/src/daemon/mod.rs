@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::ctx::Ctx;
 use crate::edge::{self, Edge};
 use crate::store::Store;
+use crate::util::live::Live;
 use crate::{agent, ops};
 
 mod dispatch;
@@ -34,8 +35,10 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: impl FnOnce(&ops::Running),
 ) -> Result<()> {
+    // `[devices]` as in force, shared by every job that reads the device subnets.
+    let devices_cfg = Arc::new(Live::new(config.devices.clone()));
     // The certificate is checked before anything else starts: a relay with a bad one must not run.
-    let edge = Edge::new(&config)?;
+    let edge = Edge::new(&config, devices_cfg.clone())?;
     let store = Store::open(&config.state_dir)?;
     let images = match &config.images {
         Some(cfg) => {
@@ -65,7 +68,7 @@ pub async fn run(
         let _ = e.logs.set(device_logs.clone());
     }
     let devices = crate::devices::DevicePlane::new(
-        &config.devices,
+        devices_cfg.clone(),
         &store,
         artifacts.clone(),
         device_logs.clone(),
@@ -90,13 +93,22 @@ pub async fn run(
         warn!(url = %config.cloud.url, "cloud URL is plain http: traffic to the cloud is not encrypted (labs only)");
     }
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
-    let ctx = Ctx::new(config, store, cloud, relay_id, artifacts, device_logs);
+    let ctx = Ctx::new(
+        config,
+        devices_cfg,
+        store,
+        cloud,
+        relay_id,
+        artifacts,
+        device_logs,
+    );
     let running = ops::Running {
         ctx: ctx.clone(),
         images: images.clone(),
         devices: devices.clone(),
         edge: edge.clone(),
         reload: reload_tx,
+        reload_state: Arc::default(),
     };
     let dispatch = Arc::new(dispatch::Jobs {
         running: running.clone(),

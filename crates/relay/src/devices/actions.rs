@@ -189,10 +189,107 @@ fn param_name_ok(n: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "._-[]".contains(c))
 }
 
-/// True for parameter names whose values must never appear in logs or results.
+/// True for parameter names whose values must never appear in logs, results or admin views:
+/// passwords, secrets, tokens, credentials, PINs and keys. Names are split into words at dots,
+/// underscores, dashes, brackets and lower-to-upper case changes (`reg.1.auth.password`,
+/// `apps.restapi.apiKey`, `sec.TLS.customDeviceKey`).
+///
+/// A "key" is a secret when it ends the name (`wifi.wep.key`), when a word that qualifies a
+/// cryptographic key comes before it (`privateKey`, `api_key`, `device.key.1`), or when it is a
+/// compound of such a word (`apikey`, `psk`); a phone's line keys, soft keys and key
+/// assignments (`lineKey.1.category`, `softkey.feature.x`, `key.3.function`) are settings, not
+/// secrets. When in doubt, masked.
 pub fn is_secret_param(name: &str) -> bool {
-    let n = name.to_ascii_lowercase();
-    n.contains("password") || n.contains("passwd") || n.contains("secret") || n.ends_with(".pin")
+    let lower = name.to_ascii_lowercase();
+    if [
+        "passw",
+        "passwd",
+        "secret",
+        "token",
+        "credential",
+        "passphrase",
+        "passcode",
+    ]
+    .iter()
+    .any(|w| lower.contains(w))
+    {
+        return true;
+    }
+    let words = param_words(name);
+    let meaningful: Vec<&str> = words
+        .iter()
+        .map(String::as_str)
+        .filter(|w| !w.bytes().all(|b| b.is_ascii_digit()))
+        .collect();
+    meaningful.iter().enumerate().any(|(i, w)| match *w {
+        "pin" => i + 1 == meaningful.len(),
+        "psk" | "pwd" => true,
+        "key" => {
+            i + 1 == meaningful.len() || (i > 0 && KEY_QUALIFIERS.contains(&meaningful[i - 1]))
+        }
+        w => w
+            .strip_suffix("key")
+            .is_some_and(|q| KEY_QUALIFIERS.contains(&q)),
+    })
+}
+
+/// Words that make the "key" after them a cryptographic key or an API key.
+const KEY_QUALIFIERS: &[&str] = &[
+    "private",
+    "api",
+    "access",
+    "secret",
+    "shared",
+    "preshared",
+    "pre",
+    "encryption",
+    "encrypt",
+    "crypt",
+    "crypto",
+    "session",
+    "auth",
+    "license",
+    "licence",
+    "wep",
+    "wpa",
+    "wpa2",
+    "aes",
+    "sign",
+    "signing",
+    "master",
+    "device",
+    "client",
+    "ssh",
+    "hmac",
+    "srtp",
+    "tls",
+    "sec",
+    "wifi",
+];
+
+/// `sec.TLS.customDeviceKey` → `sec`, `tls`, `custom`, `device`, `key`.
+fn param_words(name: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut prev_lower = false;
+    for c in name.chars() {
+        if !c.is_alphanumeric() {
+            if !cur.is_empty() {
+                words.push(std::mem::take(&mut cur));
+            }
+            prev_lower = false;
+            continue;
+        }
+        if c.is_uppercase() && prev_lower && !cur.is_empty() {
+            words.push(std::mem::take(&mut cur));
+        }
+        prev_lower = c.is_lowercase() || c.is_ascii_digit();
+        cur.extend(c.to_lowercase());
+    }
+    if !cur.is_empty() {
+        words.push(cur);
+    }
+    words
 }
 
 /// Validates a command's parameters (without `target` / `password`, which the caller takes).
@@ -621,28 +718,37 @@ async fn run(op: &Op, s: &mut Session, cx: &OpCx<'_>) -> Result<Done, DeviceErro
     }
 }
 
-/// Masks values of password-like parameters in an exported `name="value"` listing.
+/// Masks values of secret parameters (see [`is_secret_param`]) in an exported listing of
+/// `name="value"` or `name='value'` pairs. The text comes from the device: any byte may be
+/// anywhere, so every cut is at a character boundary found by searching, never computed.
 pub(crate) fn mask_config(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    // Walk `name="value"` pairs; anything else is copied as is.
-    while let Some(eq) = rest.find("=\"") {
-        let (before, after) = rest.split_at(eq);
-        let name_start = before
-            .rfind(|c: char| c.is_whitespace() || c == '<')
-            .map(|i| i + 1)
-            .unwrap_or(0);
-        let name = &before[name_start..];
+    // The next `=` followed by a quote opens a value.
+    while let Some((eq, quote)) =
+        rest.match_indices('=')
+            .find_map(|(i, _)| match rest[i + 1..].chars().next() {
+                Some(q @ ('"' | '\'')) => Some((i, q)),
+                _ => None,
+            })
+    {
+        let before = &rest[..eq];
+        let name = before
+            .rsplit(|c: char| c.is_whitespace() || c == '<' || c == '"' || c == '\'')
+            .next()
+            .unwrap_or("");
         out.push_str(before);
-        out.push_str("=\"");
-        let after = &after[2..];
-        let end = after.find('"').unwrap_or(after.len());
+        out.push('=');
+        out.push(quote);
+        let value_and_rest = &rest[eq + 1 + quote.len_utf8()..];
+        let end = value_and_rest.find(quote).unwrap_or(value_and_rest.len());
+        let (value, after) = value_and_rest.split_at(end);
         if is_secret_param(name) {
             out.push_str("***");
         } else {
-            out.push_str(&after[..end]);
+            out.push_str(value);
         }
-        rest = &after[end..];
+        rest = after;
     }
     out.push_str(rest);
     out
@@ -772,5 +878,73 @@ mod tests {
         assert!(m.contains("reg.1.address=\"1000\""));
         assert!(is_secret_param("device.auth.localAdminPassword"));
         assert!(!is_secret_param("reg.1.address"));
+        // Single quotes, keys and tokens too.
+        let m = mask_config(
+            "<x apps.restapi.apiKey='k-123' sec.token=\"t-456\" lineKey.1.category=\"Line\"/>",
+        );
+        assert!(!m.contains("k-123") && !m.contains("t-456"), "{m}");
+        assert!(m.contains("lineKey.1.category=\"Line\""), "{m}");
+    }
+
+    #[test]
+    fn exports_with_any_text_never_panic() {
+        // A no-break space (two bytes in UTF-8) right before a name, the case that used to cut a
+        // character in half, and other multi-byte text around names and values.
+        let t = "<x\u{a0}reg.1.auth.password=\"hunter2\"\u{a0}a=\"é\"\u{2003}b.pin='1234'/>";
+        let m = mask_config(t);
+        assert!(!m.contains("hunter2") && !m.contains("1234"), "{m}");
+        assert!(m.contains("a=\"é\""), "{m}");
+        for t in [
+            "=",
+            "=\"",
+            "='",
+            "x=\"unterminated",
+            "\u{a0}=\"\u{a0}",
+            "ä=ö\"ü",
+            "==\"\"",
+        ] {
+            let _ = mask_config(t);
+        }
+        // Every prefix of a mixed text: each cut position is a test of its own.
+        let mixed = "<é reg.1.auth.password=\"h\u{a0}i\" k\u{2003}='v' é=\"ü\"";
+        for (i, _) in mixed.char_indices() {
+            let _ = mask_config(&mixed[..i]);
+        }
+    }
+
+    #[test]
+    fn secret_parameter_names() {
+        for secret in [
+            "reg.1.auth.password",
+            "device.auth.localAdminPassword",
+            "voice.voicemail.pin",
+            "apps.restapi.apiKey",
+            "sec.TLS.customDeviceKey",
+            "device.wifi.psk.key",
+            "wifi.wep.key",
+            "sec.srtp.key.1",
+            "provisioning.authToken",
+            "sso.client_secret",
+            "apps.ucdesktop.credentials",
+            "license.key",
+            "device.prov.pwd",
+            "x.private_key",
+            "feature.accesskey",
+        ] {
+            assert!(is_secret_param(secret), "{secret} should be masked");
+        }
+        for setting in [
+            "reg.1.address",
+            "lineKey.1.category",
+            "lineKey.reassignment.enabled",
+            "softkey.feature.newcall",
+            "key.3.function.prim",
+            "up.screenCapture.enabled",
+            "voIpProt.SIP.outboundProxy.address",
+            "mapping.1",
+            "keypad.lock",
+        ] {
+            assert!(!is_secret_param(setting), "{setting} is not a secret");
+        }
     }
 }

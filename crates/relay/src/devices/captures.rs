@@ -331,7 +331,7 @@ pub async fn fetch(
 
 /// Ends captures that reached their limit and fetches their files; forgets old finished ones.
 pub async fn run(plane: Arc<DevicePlane>, shutdown: CancellationToken) -> Result<()> {
-    if !plane.cfg.enabled {
+    if !plane.cfg().enabled {
         shutdown.cancelled().await;
         return Ok(());
     }
@@ -372,7 +372,7 @@ async fn check_one(plane: &Arc<DevicePlane>, mut rec: CaptureRecord) {
         None => plane.password(None),
     };
     let timed_out = now >= ends;
-    let until = Instant::now() + plane.cfg.target_timeout;
+    let until = Instant::now() + plane.cfg().target_timeout;
     let work = async {
         let _guard = plane.lock(&target).await;
         let _permit = plane.session_permit().await?;
@@ -399,7 +399,7 @@ async fn check_one(plane: &Arc<DevicePlane>, mut rec: CaptureRecord) {
             .await
             .map(Some)
     };
-    let outcome = match tokio::time::timeout(plane.cfg.target_timeout, work).await {
+    let outcome = match tokio::time::timeout(plane.cfg().target_timeout, work).await {
         Ok(r) => r,
         Err(_) => Err(Fetch::Failed("the device did not answer in time".into())),
     };

@@ -258,6 +258,11 @@ impl DeviceClient {
         self.timeout
     }
 
+    /// `[devices].identity` as the relay started (a change waits for a restart).
+    pub fn identity(&self) -> DeviceIdentity {
+        self.identity
+    }
+
     /// Whether handshakes are checked against pinned keys (`identity = "tofu"` over HTTPS).
     pub fn pins_keys(&self) -> bool {
         self.identity == DeviceIdentity::Tofu && self.scheme == DeviceScheme::Https

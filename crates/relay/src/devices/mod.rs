@@ -23,6 +23,7 @@ use crate::config::DevicesConfig;
 use crate::ctx::Ctx;
 use crate::protocol::{Command, Outcome, ResultRecord};
 use crate::store::Write;
+use crate::util::live::Live;
 use crate::util::secret::Secret;
 use crate::util::time::rfc3339;
 use anyhow::Result;
@@ -46,7 +47,9 @@ type Recording = (Vec<Write>, oneshot::Sender<Result<(), String>>);
 
 /// Shared state of the device plane. Cheap to share (`Arc`).
 pub struct DevicePlane {
-    pub cfg: DevicesConfig,
+    /// `[devices]` as in force: a reload replaces what it can apply live (subnets, the admin
+    /// password, task concurrency and deadlines); read it per piece of work with [`Self::cfg`].
+    cfg: Arc<Live<DevicesConfig>>,
     pub client: DeviceClient,
     pub store: crate::store::Store,
     /// Where captures, exports and large results wait for upload.
@@ -60,38 +63,48 @@ pub struct DevicePlane {
     pub pins: identity::Pins,
     /// Relay-wide cap on device sessions: commands, task targets and polls all take a permit.
     sessions: Arc<Semaphore>,
+    /// `[devices].max_sessions` as the relay started (the semaphore's size; a change waits for a
+    /// restart).
+    max_sessions: usize,
     recorder: mpsc::Sender<Recording>,
     recorder_rx: Mutex<Option<mpsc::Receiver<Recording>>>,
 }
 
 impl DevicePlane {
     pub fn new(
-        cfg: &DevicesConfig,
+        live: Arc<Live<DevicesConfig>>,
         store: &crate::store::Store,
         artifacts: Arc<crate::artifacts::Artifacts>,
         logs: Arc<crate::devlogs::DeviceLogs>,
     ) -> Result<Arc<DevicePlane>> {
         let (tx, rx) = mpsc::channel(4096);
+        let cfg = live.get();
         Ok(Arc::new(DevicePlane {
-            cfg: cfg.clone(),
-            client: DeviceClient::new(cfg)?,
+            client: DeviceClient::new(&cfg)?,
             store: store.clone(),
             artifacts,
             logs,
             locks: Mutex::new(HashMap::new()),
-            registry: monitor::Registry::load(store, cfg)?,
+            registry: monitor::Registry::load(store, &cfg)?,
+            cfg: live,
             tasks: tasks::Book::load(store)?,
             pins: identity::Pins::load(store)?,
             sessions: Arc::new(Semaphore::new(cfg.max_sessions)),
+            max_sessions: cfg.max_sessions,
             recorder: tx,
             recorder_rx: Mutex::new(Some(rx)),
         }))
     }
 
+    /// `[devices]` as in force now.
+    pub fn cfg(&self) -> Arc<DevicesConfig> {
+        self.cfg.get()
+    }
+
     /// Parses a target and checks it is inside the device subnets. No packet is sent either way.
     pub fn check_target(&self, s: &str) -> Result<Target, String> {
         let t = Target::parse(s)?;
-        if !self.cfg.allows(t.ip) {
+        if !self.cfg().allows(t.ip) {
             return Err(format!(
                 "{t} is outside [devices].subnets; refused, nothing was sent"
             ));
@@ -104,7 +117,7 @@ impl DevicePlane {
         match given {
             Some(p) if !p.is_empty() => Secret::new(p),
             _ => self
-                .cfg
+                .cfg()
                 .admin_password
                 .clone()
                 .unwrap_or_else(|| Secret::new(FACTORY_ADMIN_PASSWORD)),
@@ -133,7 +146,7 @@ impl DevicePlane {
 
     /// Device sessions open now (each holds a permit of `[devices].max_sessions`).
     pub fn sessions_open(&self) -> usize {
-        self.cfg.max_sessions - self.sessions.available_permits()
+        self.max_sessions - self.sessions.available_permits()
     }
 
     /// A device session permit, for work that holds the device lock itself (take the lock first).
@@ -241,7 +254,7 @@ impl DevicePlane {
         if !self.client.pins_keys() {
             return Err(format!(
                 "device keys are not pinned: [devices].identity is \"{}\"",
-                self.cfg.identity.as_str()
+                self.client.identity().as_str()
             ));
         }
         let target = self.check_target(address)?;
@@ -293,7 +306,7 @@ impl DevicePlane {
     /// `expect_new` (after a factory reset the relay ran); `off` when keys are not pinned.
     pub fn identity_of(&self, address: &str) -> Value {
         if !self.client.pins_keys() {
-            return serde_json::json!({ "state": "off", "mode": self.cfg.identity.as_str() });
+            return serde_json::json!({ "state": "off", "mode": self.client.identity().as_str() });
         }
         let Ok(t) = Target::parse(address) else {
             return serde_json::json!({ "state": "unpinned" });
@@ -330,13 +343,13 @@ impl DevicePlane {
             d["identity"] = id;
         }
         serde_json::json!({
-            "enabled": self.cfg.enabled,
-            "poll_interval_s": self.cfg.poll_interval.as_secs(),
-            "identity": self.cfg.identity.as_str(),
+            "enabled": self.cfg().enabled,
+            "poll_interval_s": self.cfg().poll_interval.as_secs(),
+            "identity": self.client.identity().as_str(),
             "counts": reg.counts(),
             "polls": reg.polls.load(Relaxed),
             "sessions_open": self.sessions_open(),
-            "max_sessions": self.cfg.max_sessions,
+            "max_sessions": self.max_sessions,
             "alarms_pending": reg.pending_alarms(),
             "alarms_suppressed": reg.alarms_suppressed.load(Relaxed),
             "alarms_dropped": reg.alarms_dropped.load(Relaxed),
@@ -523,7 +536,7 @@ impl DevicePlane {
             payload: Value::Null,
             cause: None,
         };
-        if !self.cfg.enabled {
+        if !self.cfg().enabled {
             return actions::Done {
                 result: Outcome::NotApplicable,
                 reason: "the device plane is off: relay.toml has no [devices] section".into(),
@@ -560,7 +573,7 @@ impl DevicePlane {
         let password = self.password(password.as_deref());
         info!(command_id = %cmd.id, device = %target, name = %cmd.name, "device command");
         let done = self
-            .run_op(&target, &password, &op, self.cfg.target_timeout, &cmd.id)
+            .run_op(&target, &password, &op, self.cfg().target_timeout, &cmd.id)
             .await;
         info!(command_id = %cmd.id, device = %target, result = done.result.as_str(), reason = %done.reason, "device command finished");
         done

@@ -404,14 +404,6 @@ impl std::str::FromStr for Target {
     }
 }
 
-/// Days, hours, minutes and seconds to seconds; None when a device's numbers overflow.
-fn dhms(d: u64, h: u64, m: u64, s: u64) -> Option<u64> {
-    d.checked_mul(86400)?
-        .checked_add(h.checked_mul(3600)?)?
-        .checked_add(m.checked_mul(60)?)?
-        .checked_add(s)
-}
-
 /// Uptime from `UpTimeSinceLastReboot` ("2 Day 6:16:10") or `UpTime{Days,Hours,Minutes,Seconds}`.
 pub fn parse_uptime(info: &Value) -> Option<u64> {
     if let Some(s) = info.get("UpTimeSinceLastReboot").and_then(Value::as_str) {
@@ -423,10 +415,10 @@ pub fn parse_uptime(info: &Value) -> Option<u64> {
             .split(':')
             .map(|p| p.parse().ok())
             .collect::<Option<_>>()?;
-        if hms.len() != 3 {
+        let [h, m, s] = hms[..] else {
             return None;
-        }
-        return dhms(days, hms[0], hms[1], hms[2]);
+        };
+        return seconds(days, h, m, s);
     }
     let u = info.get("UpTime")?;
     let n = |k: &str| -> Option<u64> {
@@ -436,7 +428,16 @@ pub fn parse_uptime(info: &Value) -> Option<u64> {
             _ => None,
         }
     };
-    dhms(n("Days")?, n("Hours")?, n("Minutes")?, n("Seconds")?)
+    seconds(n("Days")?, n("Hours")?, n("Minutes")?, n("Seconds")?)
+}
+
+/// Days, hours, minutes and seconds as the device gave them, in seconds; None when the sum does
+/// not fit (a device's numbers are not trusted to be sane).
+fn seconds(days: u64, hours: u64, minutes: u64, secs: u64) -> Option<u64> {
+    days.checked_mul(86_400)?
+        .checked_add(hours.checked_mul(3600)?)?
+        .checked_add(minutes.checked_mul(60)?)?
+        .checked_add(secs)
 }
 
 /// A device's text as kept: at most `max` characters, control characters replaced.
@@ -571,7 +572,7 @@ pub async fn poll_one(plane: &DevicePlane, address: &str) -> DeviceReport {
         }
     };
     let password = plane.password(None);
-    let deadline = plane.cfg.request_timeout * 4;
+    let deadline = plane.cfg().request_timeout * 4;
     let outcome = plane
         .with_device(&target, deadline, "poll", async {
             let mut s = plane.open(&target, &password).await?;
@@ -674,7 +675,7 @@ fn changes(prev: Option<&DeviceReport>, now: &DeviceReport) -> Vec<Alarm> {
 
 /// Monitoring's loops: device-list sync, poller, reporter, persistence.
 pub async fn run(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken) -> Result<()> {
-    if !plane.cfg.enabled {
+    if !plane.cfg().enabled {
         shutdown.cancelled().await;
         return Ok(());
     }
@@ -735,14 +736,14 @@ async fn list_sync(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToke
 }
 
 async fn poller(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken) -> Result<()> {
-    if !plane.cfg.monitoring {
+    if !plane.cfg().monitoring {
         shutdown.cancelled().await;
         return Ok(());
     }
-    let sem = Arc::new(Semaphore::new(plane.cfg.poll_concurrency));
-    let interval = plane.cfg.poll_interval;
+    let sem = Arc::new(Semaphore::new(plane.cfg().poll_concurrency));
+    let interval = plane.cfg().poll_interval;
     let tick = (interval / 100).clamp(Duration::from_millis(100), Duration::from_secs(1));
-    let stats_interval = plane.cfg.stats_interval;
+    let stats_interval = plane.cfg().stats_interval;
     let mut work = tokio::task::JoinSet::new();
     loop {
         let now = Instant::now();
@@ -835,7 +836,7 @@ pub async fn poll_stats(plane: &DevicePlane, address: &str) -> Option<DeviceStat
         .get(address)
         .and_then(|k| k.mac.clone());
     let read = plane
-        .with_device(&target, plane.cfg.request_timeout * 2, "stats", async {
+        .with_device(&target, plane.cfg().request_timeout * 2, "stats", async {
             let mut s = plane.open(&target, &password).await?;
             super::health::read_stats(&mut s, address, mac).await
         })
@@ -1195,6 +1196,30 @@ mod tests {
             parse_uptime(&json!({"UpTimeSinceLastReboot": "soon"})),
             None
         );
+        // Numbers a hostile device picks to overflow: no answer, no panic, no wrapped value.
+        let max = u64::MAX.to_string();
+        assert_eq!(
+            parse_uptime(&json!({"UpTimeSinceLastReboot": format!("{max} Day 1:2:3")})),
+            None
+        );
+        assert_eq!(
+            parse_uptime(&json!({"UpTimeSinceLastReboot": format!("0 Day {max}:0:0")})),
+            None
+        );
+        assert_eq!(
+            parse_uptime(
+                &json!({"UpTime": {"Days": 0, "Hours": 0, "Minutes": 1, "Seconds": u64::MAX}})
+            ),
+            None
+        );
+        assert_eq!(
+            parse_uptime(
+                &json!({"UpTime": {"Days": 213_503_982_334_602u64, "Hours": 0, "Minutes": 0, "Seconds": 0}})
+            ),
+            None
+        );
+        let lines = parse_lines(&json!([{"LineNumber": 4_294_967_297u64}, {"LineNumber": "-1"}]));
+        assert_eq!(lines.iter().map(|l| l.line).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(
             parse_firmware(&json!({"Firmware": {"Application": "5.9.3.2857 02-Jul-19 06:14"}})),
             "5.9.3.2857"

@@ -124,6 +124,20 @@ pub fn public_payload(payload: &Value) -> Value {
     p
 }
 
+/// Whether a task is over (nothing of it runs again).
+fn is_final(status: &str) -> bool {
+    matches!(status, "done" | "halted" | "cancelled" | "rejected")
+}
+
+/// A task that is over keeps no secret: its payload becomes what admins see (the device password
+/// and secret parameters masked), in memory and in the store. True when something was masked.
+fn forget_secrets(rec: &mut TaskRecord) -> bool {
+    let public = public_payload(&rec.spec.payload);
+    let changed = public != rec.spec.payload;
+    rec.spec.payload = public;
+    changed
+}
+
 /// Checks a task before it is accepted; the reason names what is wrong.
 pub fn validate(spec: &TaskSpec) -> Result<(), String> {
     if !DEVICE_COMMANDS.contains(&spec.kind.as_str()) {
@@ -163,7 +177,8 @@ fn due_at(spec: &TaskSpec) -> Option<SystemTime> {
     if secs <= 0 {
         return None;
     }
-    Some(SystemTime::UNIX_EPOCH + Duration::new(secs as u64, ts.subsec_nanosecond().max(0) as u32))
+    let nanos = u32::try_from(ts.subsec_nanosecond()).unwrap_or(0);
+    SystemTime::UNIX_EPOCH.checked_add(Duration::new(u64::try_from(secs).ok()?, nanos))
 }
 
 fn progress_record(rec: &TaskRecord, in_progress: u64) -> ResultRecord {
@@ -203,6 +218,8 @@ impl Book {
     /// Loads every task; counts of executing tasks are rebuilt from their finished targets.
     pub fn load(store: &Store) -> Result<Book> {
         let mut tasks = BTreeMap::new();
+        // Finished tasks stored by a build that kept their passwords lose them now.
+        let mut scrubbed = Vec::new();
         for (id, bytes) in store.tasks_all()? {
             let mut rec: TaskRecord = match serde_json::from_slice(&bytes) {
                 Ok(r) => r,
@@ -211,6 +228,9 @@ impl Book {
                     continue;
                 }
             };
+            if is_final(&rec.status) && forget_secrets(&mut rec) {
+                scrubbed.push(task_write(&rec));
+            }
             if rec.status == "executing" {
                 rec.success = 0;
                 rec.failure = 0;
@@ -234,6 +254,13 @@ impl Book {
                     halted: false,
                 },
             );
+        }
+        if !scrubbed.is_empty() {
+            info!(
+                tasks = scrubbed.len(),
+                "finished tasks still held device passwords; removed them from the store"
+            );
+            store.write_batch(&scrubbed)?;
         }
         Ok(Book {
             tasks: Mutex::new(tasks),
@@ -349,7 +376,7 @@ pub async fn accept(ctx: &Ctx, plane: &DevicePlane, cmd: &Command) -> TaskAccept
     let parsed = serde_json::from_value::<TaskSpec>(cmd.params.clone());
     let (spec, verdict) = match parsed {
         Ok(spec) => {
-            let v = if !plane.cfg.enabled {
+            let v = if !plane.cfg().enabled {
                 Err("the device plane is off: relay.toml has no [devices] section".to_string())
             } else {
                 validate(&spec)
@@ -390,6 +417,7 @@ pub async fn accept(ctx: &Ctx, plane: &DevicePlane, cmd: &Command) -> TaskAccept
         rec.status = "rejected".into();
         rec.reason = format!("bad task: {why}");
         rec.finished_at = Some(now);
+        forget_secrets(&mut rec);
     }
     writes.push(task_write(&rec));
     writes.push(Write::Result(progress_record(&rec, 0)));
@@ -429,6 +457,7 @@ pub async fn cancel(plane: &DevicePlane, params: &Value) -> actions::Done {
         e.rec.reason = "cancelled by the cloud".into();
         e.rec.seq += 1;
         e.rec.finished_at = Some(rfc3339(SystemTime::now()));
+        forget_secrets(&mut e.rec);
         e.rec.clone()
     };
     match store_change(plane, &rec).await {
@@ -535,9 +564,8 @@ fn fail(why: &str) -> actions::Done {
 
 /// Forgets the finished tasks past `[devices].task_retention`, in the store and in memory.
 async fn prune(ctx: &Ctx, plane: &DevicePlane) -> Result<()> {
-    let ids = plane
-        .tasks
-        .expired(SystemTime::now(), plane.cfg.task_retention);
+    let retention = plane.cfg().task_retention;
+    let ids = plane.tasks.expired(SystemTime::now(), retention);
     if ids.is_empty() {
         return Ok(());
     }
@@ -553,7 +581,7 @@ async fn prune(ctx: &Ctx, plane: &DevicePlane) -> Result<()> {
     info!(
         tasks = n,
         targets,
-        retention = %humantime::format_duration(plane.cfg.task_retention),
+        retention = %humantime::format_duration(retention),
         "finished tasks past their retention forgotten"
     );
     Ok(())
@@ -569,14 +597,14 @@ fn prune_every(retention: Duration) -> Duration {
 /// forgets finished tasks past their retention.
 pub async fn run(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken) -> Result<()> {
     let mut running = tokio::task::JoinSet::new();
-    let prune_period = prune_every(plane.cfg.task_retention);
     let mut next_prune = tokio::time::Instant::now();
     loop {
         if tokio::time::Instant::now() >= next_prune {
             if let Err(e) = prune(&ctx, &plane).await {
                 warn!(error = %format!("{e:#}"), "cannot prune finished tasks; trying again later");
             }
-            next_prune = tokio::time::Instant::now() + prune_period;
+            // The retention is read each time: a reload may change it.
+            next_prune = tokio::time::Instant::now() + prune_every(plane.cfg().task_retention);
         }
         let now = SystemTime::now();
         let mut next: Option<SystemTime> = None;
@@ -684,13 +712,13 @@ async fn execute_inner(
         .spec
         .concurrency
         .map(|c| c as usize)
-        .unwrap_or(plane.cfg.task_concurrency)
-        .clamp(1, plane.cfg.task_concurrency);
+        .unwrap_or(plane.cfg().task_concurrency)
+        .clamp(1, plane.cfg().task_concurrency);
     let deadline = rec
         .spec
         .target_timeout_s
         .map(Duration::from_secs)
-        .unwrap_or(plane.cfg.target_timeout);
+        .unwrap_or(plane.cfg().target_timeout);
     let sem = Arc::new(Semaphore::new(limit));
     let mut work = tokio::task::JoinSet::new();
     let mut interrupted = false;
@@ -760,6 +788,8 @@ async fn execute_inner(
         }
         e.rec.finished_at = Some(rfc3339(SystemTime::now()));
         e.rec.seq += 1;
+        // The targets are done with the password: it leaves memory and, with this write, the store.
+        forget_secrets(&mut e.rec);
         e.rec.clone()
     };
     plane

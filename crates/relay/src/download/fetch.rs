@@ -2,6 +2,7 @@
 //! SHA-256, fsync, rename into place, record it. A file that fails its hash is discarded, never kept.
 
 use crate::cache::{Catalog, hash_file, hash_prefix, hex};
+use crate::cloud::CloudError;
 use crate::ctx::Ctx;
 use crate::protocol::ErrorCode;
 use crate::util::bytes::human_bytes;
@@ -20,42 +21,49 @@ const ATTEMPTS: u32 = 5;
 const STALL: Duration = Duration::from_secs(30);
 
 /// A shared byte-rate limit for all downloads from the cloud (token bucket, one second of burst).
-#[derive(Clone)]
+/// The rate is given with each call, so a reload that changes `[images].bandwidth_limit` applies to
+/// the next chunk.
+#[derive(Clone, Default)]
 pub struct RateLimit {
-    inner: Option<Arc<tokio::sync::Mutex<(f64, Instant)>>>,
-    rate: f64,
+    /// Tokens and when they were last counted; None until the first limited call.
+    bucket: Arc<tokio::sync::Mutex<Option<(f64, Instant)>>>,
 }
 
 impl RateLimit {
-    pub fn new(bytes_per_s: Option<u64>) -> RateLimit {
-        match bytes_per_s {
-            None => RateLimit {
-                inner: None,
-                rate: 0.0,
-            },
-            Some(r) => RateLimit {
-                inner: Some(Arc::new(tokio::sync::Mutex::new((
-                    r as f64,
-                    Instant::now(),
-                )))),
-                rate: r as f64,
-            },
+    /// Waits until `n` bytes may pass at `bytes_per_s` (no wait when unlimited).
+    pub async fn take(&self, n: usize, bytes_per_s: Option<u64>) {
+        let Some(r) = bytes_per_s else { return };
+        let rate = r as f64;
+        let mut bucket = self.bucket.lock().await;
+        let now = Instant::now();
+        let (tokens, last) = bucket.unwrap_or((rate, now));
+        let mut tokens = (tokens + now.duration_since(last).as_secs_f64() * rate).min(rate);
+        tokens -= n as f64;
+        *bucket = Some((tokens, now));
+        if tokens < 0.0 {
+            // Holding the lock while waiting keeps the order fair between downloads.
+            tokio::time::sleep(Duration::from_secs_f64(-tokens / rate)).await;
         }
     }
+}
 
-    /// Waits until `n` bytes may pass.
-    pub async fn take(&self, n: usize) {
-        let Some(m) = &self.inner else { return };
-        let mut bucket = m.lock().await;
-        let now = Instant::now();
-        bucket.0 =
-            (bucket.0 + now.duration_since(bucket.1).as_secs_f64() * self.rate).min(self.rate);
-        bucket.1 = now;
-        bucket.0 -= n as f64;
-        if bucket.0 < 0.0 {
-            // Holding the lock while waiting keeps the order fair between downloads.
-            tokio::time::sleep(Duration::from_secs_f64(-bucket.0 / self.rate)).await;
-        }
+/// Why one download attempt failed: most failures are retried; a download the origin rules
+/// refuse (see `cloud::origin`) would be refused again, so it fails the file at once.
+#[derive(Debug)]
+enum Fail {
+    Retry(String),
+    Refused(String),
+}
+
+impl From<String> for Fail {
+    fn from(s: String) -> Fail {
+        Fail::Retry(s)
+    }
+}
+
+impl From<&str> for Fail {
+    fn from(s: &str) -> Fail {
+        Fail::Retry(s.to_string())
     }
 }
 
@@ -94,7 +102,12 @@ pub async fn sync_file(
                     }
                 };
             }
-            Err(e) => {
+            Err(Fail::Refused(why)) => {
+                warn!(sha256, url, reason = %why, "image download refused; not retried until the manifest changes");
+                last = why;
+                break;
+            }
+            Err(Fail::Retry(e)) => {
                 last = e;
                 if shutdown.is_cancelled() {
                     return false;
@@ -124,7 +137,7 @@ async fn download(
     size: u64,
     url: &str,
     shutdown: &CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), Fail> {
     let state = catalog.file_state(sha256).ok_or("file no longer listed")?;
     let part = catalog.partial_path(sha256);
     let done_path = catalog.file_path(sha256);
@@ -148,18 +161,20 @@ async fn download(
         offset = 0;
         let _ = std::fs::remove_file(&part);
     }
-    // Free disk before each file, with the configured headroom.
-    let need = size - offset;
-    let free = crate::util::bytes::free_bytes(&catalog.cfg.dir)
+    // Free disk before each file, with the configured headroom (saturating: the size is the
+    // cloud's number and min_free the admin's, and no sum of them may wrap into "enough").
+    let need = size.saturating_sub(offset);
+    let free = crate::util::bytes::free_bytes(&catalog.cfg().dir)
         .map_err(|e| format!("cannot read free disk space: {e}"))?;
-    if free < need + catalog.cfg.min_free {
+    if free < need.saturating_add(catalog.cfg().min_free) {
         return Err(format!(
             "not enough free disk in {}: need {} plus {} headroom, {} free",
-            catalog.cfg.dir.display(),
+            catalog.cfg().dir.display(),
             human_bytes(need),
-            human_bytes(catalog.cfg.min_free),
+            human_bytes(catalog.cfg().min_free),
             human_bytes(free)
-        ));
+        )
+        .into());
     }
 
     // The bytes already on disk count towards the hash.
@@ -177,9 +192,10 @@ async fn download(
 
     if offset < size {
         let token = ctx.sessions.current().map(|s| s.token);
+        let lan = ctx.devices_cfg.get().subnets.clone();
         let resp = ctx
             .cloud
-            .get_stream(url, token.as_deref(), offset)
+            .get_file(url, token.as_deref(), offset, &lan)
             .await
             .map_err(|e| {
                 if e.code() == Some(ErrorCode::TokenInvalid)
@@ -187,7 +203,10 @@ async fn download(
                 {
                     ctx.sessions.invalidate(s.generation);
                 }
-                format!("download of {url}: {e}")
+                match e {
+                    CloudError::Refused { .. } => Fail::Refused(format!("download of {url} {e}")),
+                    e => Fail::Retry(format!("download of {url}: {e}")),
+                }
             })?;
         let status = resp.status().as_u16();
         let mut file = match status {
@@ -196,7 +215,8 @@ async fn download(
                 if start != Some(offset) {
                     return Err(format!(
                         "cloud answered a range starting at {start:?}, asked for {offset}"
-                    ));
+                    )
+                    .into());
                 }
                 tokio::fs::OpenOptions::new()
                     .append(true)
@@ -220,7 +240,7 @@ async fn download(
                 let _ = std::fs::remove_file(&part);
                 return Err("cloud refused the resume range (416); starting over".into());
             }
-            s => return Err(format!("download of {url}: cloud answered {s}")),
+            s => return Err(format!("download of {url}: answered {s}").into()),
         }
         .map_err(|e| format!("cannot open {}: {e}", part.display()))?;
         let mut body = resp.into_body();
@@ -238,29 +258,32 @@ async fn download(
                     return Err(format!(
                         "no data from the cloud for {}s; will resume",
                         STALL.as_secs()
-                    ));
+                    )
+                    .into());
                 }
                 Ok(None) => break,
                 Ok(Some(Err(e))) => {
-                    return Err(format!("download broke at byte {got}: {e}; will resume"));
+                    return Err(format!("download broke at byte {got}: {e}; will resume").into());
                 }
                 Ok(Some(Ok(f))) => f,
             };
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            if got + data.len() as u64 > size {
+            if got.saturating_add(data.len() as u64) > size {
                 drop(file);
                 let _ = std::fs::remove_file(&part);
-                return Err(format!(
-                    "cloud sent more than the listed {size} bytes; discarded"
-                ));
+                return Err(
+                    format!("cloud sent more than the listed {size} bytes; discarded").into(),
+                );
             }
             if !in_window(catalog) {
                 let _ = file.flush().await;
                 return Err("the sync window closed; the download resumes when it opens".into());
             }
-            limiter.take(data.len()).await;
+            limiter
+                .take(data.len(), catalog.cfg().bandwidth_limit)
+                .await;
             file.write_all(&data)
                 .await
                 .map_err(|e| format!("cannot write {}: {e}", part.display()))?;
@@ -277,9 +300,7 @@ async fn download(
             .await
             .map_err(|e| format!("cannot fsync {}: {e}", part.display()))?;
         if got != size {
-            return Err(format!(
-                "download ended at {got} of {size} bytes; will resume"
-            ));
+            return Err(format!("download ended at {got} of {size} bytes; will resume").into());
         }
     }
 
@@ -289,7 +310,8 @@ async fn download(
         state.done.store(0, Ordering::Relaxed);
         return Err(format!(
             "SHA-256 mismatch: the manifest says {sha256}, the download is {actual}; discarded"
-        ));
+        )
+        .into());
     }
     std::fs::rename(&part, &done_path)
         .map_err(|e| format!("cannot move the verified file into place: {e}"))?;
@@ -303,7 +325,7 @@ async fn download(
 
 fn in_window(catalog: &Catalog) -> bool {
     catalog
-        .cfg
+        .cfg()
         .sync_window
         .is_none_or(|w| w.contains(crate::config::SyncWindow::now_local()))
 }
@@ -332,10 +354,10 @@ mod tests {
 
     #[tokio::test]
     async fn rate_limit_paces() {
-        let rl = RateLimit::new(Some(100_000));
+        let rl = RateLimit::default();
         let t = Instant::now();
         for _ in 0..3 {
-            rl.take(100_000).await;
+            rl.take(100_000, Some(100_000)).await;
         }
         // One second of burst, then 100 KB/s.
         assert!(

@@ -61,6 +61,7 @@ pub fn validate(m: &ImageManifest, cfg: &ImagesConfig) -> Result<(), String> {
             if f.url.is_empty() {
                 return Err(format!("image {}: {} has no url", img.id, f.path));
             }
+            check_url(&f.url).map_err(|why| format!("image {}: url {:?} {why}", img.id, f.url))?;
             match sizes.insert(f.sha256.as_str(), f.size) {
                 Some(prev) if prev != f.size => {
                     return Err(format!("SHA-256 {} is listed with two sizes", f.sha256));
@@ -69,8 +70,18 @@ pub fn validate(m: &ImageManifest, cfg: &ImagesConfig) -> Result<(), String> {
             }
         }
     }
-    // Identical files are stored once, so they count once.
-    let total: u64 = sizes.values().sum();
+    // Identical files are stored once, so they count once. The sizes are the cloud's numbers:
+    // a sum past u64 is refused, never wrapped into a small total.
+    let total = sizes
+        .values()
+        .try_fold(0u64, |sum, &size| sum.checked_add(size))
+        .ok_or_else(|| {
+            format!(
+                "manifest sizes add up to more than {} bytes; this relay holds at most {} ([images].max_total)",
+                u64::MAX,
+                human_bytes(cfg.max_total)
+            )
+        })?;
     if total > cfg.max_total {
         return Err(format!(
             "manifest needs {} in total; this relay holds at most {} ([images].max_total)",
@@ -79,6 +90,28 @@ pub fn validate(m: &ImageManifest, cfg: &ImagesConfig) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The shape of a file's URL: a path on the cloud's origin (`/files/x?sig=...`) or an absolute
+/// http(s) URL without user information or fragment. Where it may lead is judged when it is
+/// fetched (`cloud::origin`): that depends on DNS, which can change.
+fn check_url(url: &str) -> Result<(), String> {
+    if url.len() > crate::cloud::origin::MAX_URL {
+        return Err(format!(
+            "is longer than {} bytes",
+            crate::cloud::origin::MAX_URL
+        ));
+    }
+    if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err("contains spaces or control characters".into());
+    }
+    if url.starts_with("//") {
+        return Err("is scheme-relative (//host/...): give the scheme".into());
+    }
+    if url.starts_with('/') {
+        return Ok(());
+    }
+    crate::cloud::origin::FileUrl::parse(url).map(|_| ())
 }
 
 #[cfg(test)]
@@ -134,6 +167,13 @@ mod tests {
         // The same file in two images is stored, and counted, once.
         let shared = manifest(vec![image("a", "/a", 'a', 10), image("b", "/b", 'a', 10)]);
         assert!(validate(&shared, &cfg(2, 10)).is_ok());
+        // Sizes chosen to wrap a u64 sum round to a small total: refused, not wrapped.
+        let wrap = manifest(vec![
+            image("a", "/a", 'a', u64::MAX),
+            image("b", "/b", 'b', 2),
+        ]);
+        let err = validate(&wrap, &cfg(2, 100)).unwrap_err();
+        assert!(err.contains("max_total"), "{err}");
     }
 
     #[test]
@@ -147,6 +187,30 @@ mod tests {
         for (img, words) in cases {
             let err = validate(&manifest(vec![img]), &cfg(5, 100)).unwrap_err();
             assert!(err.contains(words), "{err}");
+        }
+        for (url, words) in [
+            ("ftp://cdn/x", "scheme"),
+            ("https://user:pw@cdn/x", "user information"),
+            ("https://cdn/x#top", "fragment"),
+            ("//cdn/x", "scheme-relative"),
+            ("/files/a b", "spaces"),
+            ("files/a", "not a URL"),
+        ] {
+            let mut img = image("a", "/a", 'a', 1);
+            img.files[0].url = url.into();
+            let err = validate(&manifest(vec![img]), &cfg(5, 100)).unwrap_err();
+            assert!(err.contains(words), "{url}: {err}");
+        }
+        for url in [
+            "/files/a?sig=1&e=2",
+            "https://cdn.example.com/a?X-Amz-Signature=x",
+        ] {
+            let mut img = image("a", "/a", 'a', 1);
+            img.files[0].url = url.into();
+            assert!(
+                validate(&manifest(vec![img]), &cfg(5, 100)).is_ok(),
+                "{url}"
+            );
         }
         let dup = manifest(vec![image("a", "/a", 'a', 1), image("b", "/a", 'b', 1)]);
         assert!(

@@ -25,7 +25,7 @@ use tracing::{info, warn};
 pub async fn run(ctx: Ctx, catalog: Arc<Catalog>, shutdown: CancellationToken) -> Result<()> {
     let mut retry =
         crate::util::backoff::Backoff::new(Duration::from_secs(30), Duration::from_secs(1800));
-    let limiter = fetch::RateLimit::new(catalog.cfg.bandwidth_limit);
+    let limiter = fetch::RateLimit::default();
     let mut sessions = ctx.sessions.subscribe();
     loop {
         let outcome = sync_once(&ctx, &catalog, &limiter, &shutdown).await;
@@ -35,16 +35,16 @@ pub async fn run(ctx: Ctx, catalog: Arc<Catalog>, shutdown: CancellationToken) -
         let wait = match &outcome {
             Ok(true) => {
                 retry.reset();
-                catalog.cfg.sync_interval
+                catalog.cfg().sync_interval
             }
-            Ok(false) => retry.next_delay().min(catalog.cfg.sync_interval),
+            Ok(false) => retry.next_delay().min(catalog.cfg().sync_interval),
             Err(e) => {
                 warn!(error = %e, "image sync did not finish");
-                retry.next_delay().min(catalog.cfg.sync_interval)
+                retry.next_delay().min(catalog.cfg().sync_interval)
             }
         };
         // Outside the sync window, look again when it opens.
-        let wait = match catalog.cfg.sync_window {
+        let wait = match catalog.cfg().sync_window {
             Some(w) if !catalog.pending().is_empty() => {
                 let until = w.minutes_until_open(crate::config::SyncWindow::now_local());
                 if until > 0 {
@@ -94,7 +94,7 @@ async fn sync_once(
         }
     };
     let store = ctx.store.clone();
-    if let Err(why) = manifest::validate(&manifest, &catalog.cfg) {
+    if let Err(why) = manifest::validate(&manifest, &catalog.cfg()) {
         warn!(revision = manifest.revision, reason = %why, "image manifest refused; the previous one stays");
         let (c, w) = (catalog.clone(), why.clone());
         let rev = manifest.revision;
@@ -121,7 +121,7 @@ async fn sync_once(
     if pending.is_empty() {
         return Ok(true);
     }
-    if let Some(w) = catalog.cfg.sync_window
+    if let Some(w) = catalog.cfg().sync_window
         && !w.contains(crate::config::SyncWindow::now_local())
     {
         return Err(format!(
@@ -129,7 +129,7 @@ async fn sync_once(
             pending.len()
         ));
     }
-    let slots = Arc::new(Semaphore::new(catalog.cfg.parallel));
+    let slots = Arc::new(Semaphore::new(catalog.cfg().parallel));
     let mut set = tokio::task::JoinSet::new();
     for (sha, size, url) in pending {
         let (ctx, catalog, limiter, slots, shutdown) = (

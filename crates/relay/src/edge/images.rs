@@ -121,7 +121,7 @@ async fn serve(
         return finish(base, Empty::new().map_err(|n| match n {}).boxed());
     }
     // The cap on devices downloading at once: past it, ask them to come back.
-    let Ok(permit) = catalog.serving.clone().try_acquire_owned() else {
+    let Some(slot) = catalog.try_serve() else {
         catalog.stats.refused_busy.fetch_add(1, Ordering::Relaxed);
         let mut r = text_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -143,10 +143,6 @@ async fn serve(
     };
     catalog
         .stats
-        .downloads_active
-        .fetch_add(1, Ordering::Relaxed);
-    catalog
-        .stats
         .downloads_total
         .fetch_add(1, Ordering::Relaxed);
     let chunks = FileChunks {
@@ -156,7 +152,7 @@ async fn serve(
         socket,
         guard: ActiveGuard {
             catalog: catalog.clone(),
-            _permit: permit,
+            _slot: slot,
         },
     };
     finish(base, BodyExt::boxed(StreamBody::new(chunks)))
@@ -211,19 +207,10 @@ impl futures_util::Stream for FileChunks {
     }
 }
 
-/// Ends an active download when the body is done or the device goes away.
+/// Ends an active download when the body is done or the device goes away (the slot counts it).
 struct ActiveGuard {
     catalog: Arc<Catalog>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.catalog
-            .stats
-            .downloads_active
-            .fetch_sub(1, Ordering::Relaxed);
-    }
+    _slot: crate::cache::ServeSlot,
 }
 
 fn finish(b: http::response::Builder, body: EdgeBody) -> Response<EdgeBody> {

@@ -7,10 +7,13 @@
 //! `[provisioning].upstream` (teeing device logs into the device log store when the relay keeps
 //! them).
 //!
-//! Hostile input is stopped here: a cap on open connections (over it: 503 at once), deadlines on the
-//! TLS handshake, on reading request headers and on any stall, a header size cap, and path checks
-//! before routing. Nothing here caches provisioning answers.
+//! Hostile input is stopped here: caps on open connections in total and per client address,
+//! taken at accept so TLS handshakes count (over them: 503 at once, see [`admission`]); the legacy
+//! listener closes a client outside the device subnets at accept, before reading a byte;
+//! deadlines on the TLS handshake, on reading request headers and on any stall; a header size
+//! cap; and path checks before routing. Nothing here caches provisioning answers.
 
+pub mod admission;
 pub mod body;
 pub mod cert;
 pub mod conn;
@@ -20,12 +23,12 @@ mod router;
 pub mod tls;
 pub mod uploads;
 
-use crate::config::{Config, EdgeConfig};
+use crate::config::{Config, DevicesConfig, EdgeConfig};
+use crate::util::live::Live;
 use conn::{ActivityIo, DeviceConn, SocketState};
 use http::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use ipnet::IpNet;
 use provisioning::{Upstream, UpstreamSlot};
 use router::handle;
 use std::net::SocketAddr;
@@ -34,7 +37,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -51,6 +53,8 @@ pub struct EdgeCounters {
     pub connections_open: AtomicU64,
     pub connections_total: AtomicU64,
     pub connections_refused: AtomicU64,
+    /// Of those, refused by the per-client cap.
+    pub connections_refused_per_ip: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
     pub requests: AtomicU64,
     pub status_2xx: AtomicU64,
@@ -61,12 +65,18 @@ pub struct EdgeCounters {
     pub legacy_forbidden: AtomicU64,
 }
 
-/// What the edge runs with; the certificate and the upstream can change on reload.
+/// What the edge runs with; the certificate, the upstream, the limits and the device subnets can
+/// change on reload.
 pub struct Edge {
-    pub cfg: EdgeConfig,
+    /// `[edge]` as in force: the listen addresses are the ones bound at start; the limits are read
+    /// per connection, so a reload applies them to new connections.
+    cfg: Live<EdgeConfig>,
     pub cert: Arc<tls::CertSlot>,
     pub upstream: UpstreamSlot,
-    pub subnets: Vec<IpNet>,
+    /// `[devices]` as in force (its subnets decide who may use the legacy listener).
+    pub devices: Arc<Live<DevicesConfig>>,
+    /// The connection slots.
+    pub admission: Arc<admission::Admission>,
     pub stats: EdgeStats,
     /// Why the last reload of the certificate was refused, if it was.
     pub reload_error: RwLock<Option<String>>,
@@ -96,7 +106,10 @@ pub struct EdgeListeners {
 
 impl Edge {
     /// Loads and checks the certificate and prepares the upstream; fails with every broken rule named.
-    pub fn new(config: &Config) -> anyhow::Result<Option<Arc<Edge>>> {
+    pub fn new(
+        config: &Config,
+        devices: Arc<Live<DevicesConfig>>,
+    ) -> anyhow::Result<Option<Arc<Edge>>> {
         let Some(e) = &config.edge else {
             return Ok(None);
         };
@@ -128,10 +141,11 @@ impl Edge {
             .transpose()?
             .map(Arc::new);
         Ok(Some(Arc::new(Edge {
-            cfg: e.clone(),
+            cfg: Live::new(e.clone()),
             cert: tls::CertSlot::new(loaded),
             upstream: UpstreamSlot::new(upstream),
-            subnets: config.devices.subnets.clone(),
+            devices,
+            admission: Arc::default(),
             stats: EdgeStats::default(),
             reload_error: RwLock::new(None),
             bound: std::sync::OnceLock::new(),
@@ -144,7 +158,8 @@ impl Edge {
     /// The base URL devices reach this edge at: `https://<first fqdn>[:port]` (the bound port).
     pub fn public_base(&self) -> Option<String> {
         let port = self.bound.get()?.0.port();
-        let host = self.cfg.fqdn.first()?;
+        let cfg = self.cfg();
+        let host = cfg.fqdn.first()?;
         Some(if port == 443 {
             format!("https://{host}")
         } else {
@@ -164,19 +179,30 @@ impl Edge {
             return None;
         }
         let logs = self.logs.get()?;
-        if !logs.collecting() || !self.subnets.iter().any(|n| n.contains(&peer)) {
+        if !logs.collecting() || !self.devices.get().allows(peer.to_canonical()) {
             return None;
         }
         let (mac, kind) = crate::devlogs::log_upload_name(path)?;
         logs.begin(&mac, kind, peer)
     }
 
+    /// `[edge]` as in force now.
+    pub fn cfg(&self) -> Arc<EdgeConfig> {
+        self.cfg.get()
+    }
+
+    /// Installs `[edge]` as a reload left it (the caller keeps what needs a restart as it was).
+    pub fn set_cfg(&self, cfg: EdgeConfig) {
+        self.cfg.set(cfg);
+    }
+
     pub async fn bind(&self) -> anyhow::Result<EdgeListeners> {
         use anyhow::Context;
-        let tls = TcpListener::bind(self.cfg.listen)
+        let cfg = self.cfg();
+        let tls = TcpListener::bind(cfg.listen)
             .await
-            .with_context(|| format!("cannot listen on edge.listen {}", self.cfg.listen))?;
-        let legacy = match self.cfg.legacy_http_listen {
+            .with_context(|| format!("cannot listen on edge.listen {}", cfg.listen))?;
+        let legacy = match cfg.legacy_http_listen {
             None => None,
             Some(a) => Some(
                 TcpListener::bind(a)
@@ -201,14 +227,12 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let tls_cfg = tls::server_config(edge.cert.clone())?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls_cfg);
-    let slots = Arc::new(Semaphore::new(edge.cfg.max_connections));
     let tracker = TaskTracker::new();
     let mut loops = tokio::task::JoinSet::new();
     loops.spawn(accept_loop(
         edge.clone(),
         listeners.tls,
         Some(acceptor),
-        slots.clone(),
         tracker.clone(),
         shutdown.clone(),
     ));
@@ -217,7 +241,6 @@ pub async fn run(
             edge.clone(),
             l,
             None,
-            slots,
             tracker.clone(),
             shutdown.clone(),
         ));
@@ -234,7 +257,6 @@ async fn accept_loop(
     edge: Arc<Edge>,
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    slots: Arc<Semaphore>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -253,24 +275,59 @@ async fn accept_loop(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
         edge.stats
             .local()
             .connections_total
             .fetch_add(1, Ordering::Relaxed);
-        let permit = slots.clone().try_acquire_owned().ok();
+        // Plain HTTP is for the device subnets only: anyone else is closed before a byte is read.
+        if tls.is_none() && !edge.devices.get().allows(peer.ip().to_canonical()) {
+            edge.stats
+                .local()
+                .legacy_forbidden
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(%peer, "plain HTTP from outside [devices].subnets: closed at accept");
+            drop(stream);
+            continue;
+        }
+        let cfg = edge.cfg();
+        let admitted =
+            edge.admission
+                .admit(peer.ip(), cfg.max_connections, cfg.max_connections_per_ip);
+        let (slot, refusal, turn) = match admitted {
+            Ok(slot) => (Some(slot), None, None),
+            Err(why) => {
+                let st = edge.stats.local();
+                st.connections_refused.fetch_add(1, Ordering::Relaxed);
+                if why == admission::Refusal::PerIp {
+                    st.connections_refused_per_ip
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                match edge.admission.tell() {
+                    Some(turn) => {
+                        st.status_5xx.fetch_add(1, Ordering::Relaxed);
+                        (None, Some(why), Some(turn))
+                    }
+                    None => {
+                        // Too many refusals in flight already: no handshake, no answer.
+                        drop(stream);
+                        continue;
+                    }
+                }
+            }
+        };
+        let _ = stream.set_nodelay(true);
         let (edge, tls, shutdown) = (edge.clone(), tls.clone(), shutdown.clone());
         tracker.spawn(async move {
             edge.stats
                 .local()
                 .connections_open
                 .fetch_add(1, Ordering::Relaxed);
-            connection(&edge, stream, peer, tls, permit.is_some(), shutdown).await;
+            connection(&edge, stream, peer, tls, refusal, shutdown).await;
             edge.stats
                 .local()
                 .connections_open
                 .fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
+            drop((slot, turn));
         });
     }
 }
@@ -280,7 +337,7 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    admitted: bool,
+    refusal: Option<admission::Refusal>,
     shutdown: CancellationToken,
 ) {
     let socket = Arc::new(SocketState::new());
@@ -288,15 +345,15 @@ async fn connection(
         inner: stream,
         state: socket.clone(),
     };
-    let deadline = edge.cfg.header_timeout;
+    let deadline = edge.cfg().header_timeout;
     match tls {
-        None => serve_http(edge, io, peer, "http", admitted, socket, shutdown).await,
+        None => serve_http(edge, io, peer, "http", refusal, socket, shutdown).await,
         Some(acceptor) => match tokio::time::timeout(deadline, acceptor.accept(io)).await {
             Ok(Ok(mut tls_io)) => {
                 // rustls buffers up to 64 KiB of outgoing data per connection by default; one
                 // record is enough to keep the socket busy and bounds memory per device.
                 tls_io.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
-                serve_http(edge, tls_io, peer, "https", admitted, socket, shutdown).await
+                serve_http(edge, tls_io, peer, "https", refusal, socket, shutdown).await
             }
             Ok(Err(e)) => {
                 edge.stats
@@ -322,27 +379,20 @@ async fn serve_http<I>(
     mut io: I,
     peer: SocketAddr,
     scheme: &'static str,
-    admitted: bool,
+    refusal: Option<admission::Refusal>,
     socket: Arc<SocketState>,
     shutdown: CancellationToken,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    if !admitted {
-        // Over the connection cap: say so at once rather than leave the device hanging.
-        edge.stats
-            .local()
-            .connections_refused
-            .fetch_add(1, Ordering::Relaxed);
-        edge.stats
-            .local()
-            .status_5xx
-            .fetch_add(1, Ordering::Relaxed);
-        let msg = "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Type: text/plain\r\nContent-Length: 33\r\nConnection: close\r\n\r\n503 relay busy: too many devices\n";
+    if let Some(why) = refusal {
+        // Over a connection cap: say so at once rather than leave the device hanging.
+        let msg = why.answer();
         let _ = tokio::time::timeout(Duration::from_secs(2), io.write_all(msg.as_bytes())).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), io.shutdown()).await;
         return;
     }
+    let cfg = edge.cfg();
     let conn = Arc::new(DeviceConn {
         edge: edge.clone(),
         peer,
@@ -358,12 +408,12 @@ async fn serve_http<I>(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(edge.cfg.header_timeout)
-        .max_buf_size(edge.cfg.max_header_size)
+        .header_read_timeout(cfg.header_timeout)
+        .max_buf_size(cfg.max_header_size)
         .keep_alive(true);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
-    let idle = edge.cfg.idle_timeout;
+    let idle = cfg.idle_timeout;
     let mut shutting_down = false;
     loop {
         tokio::select! {

@@ -51,7 +51,9 @@ pub(super) async fn handle(conn: Arc<DeviceConn>, req: Request<Incoming>) -> Res
 async fn route(conn: &Arc<DeviceConn>, req: Request<Incoming>) -> Response<EdgeBody> {
     let edge = &conn.edge;
     let peer = conn.peer;
-    if conn.scheme == "http" && !edge.subnets.iter().any(|n| n.contains(&peer.ip())) {
+    // The legacy listener already closed strangers at accept; a reload that narrowed the subnets
+    // since this connection was accepted is honoured here.
+    if conn.scheme == "http" && !edge.devices.get().allows(peer.ip().to_canonical()) {
         edge.stats
             .local()
             .legacy_forbidden

@@ -226,7 +226,7 @@ fn api_error(status: http::StatusCode, why: impl std::fmt::Display) -> ApiError 
 }
 
 fn no_devices(ctx: &Running) -> Result<(), ApiError> {
-    if ctx.devices.cfg.enabled {
+    if ctx.devices.cfg().enabled {
         Ok(())
     } else {
         Err(api_error(
@@ -272,7 +272,7 @@ async fn local_op(
             &t,
             &plane.password(None),
             &op,
-            plane.cfg.target_timeout,
+            plane.cfg().target_timeout,
             &id,
         )
         .await;
@@ -421,6 +421,11 @@ async fn reload(State(ctx): State<Running>) -> Json<super::ReloadOutcome> {
     let failed = |why: &str| super::ReloadOutcome {
         ok: false,
         messages: vec![why.to_string()],
+        lines: vec![super::ReloadLine {
+            outcome: "refused".into(),
+            message: why.to_string(),
+        }],
+        restart_needed: Vec::new(),
     };
     if ctx.reload.send(tx).await.is_err() {
         return Json(failed("the relay is shutting down"));

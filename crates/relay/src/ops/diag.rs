@@ -396,6 +396,16 @@ admin_password = "dev-secret"
     }
 
     #[test]
+    fn multibyte_text_around_secrets_never_panics() {
+        // A no-break space before a key, in a file that is not TOML and in one that is.
+        let m =
+            mask_config("[cloud\n\u{a0}pin = \"8675309\"\nx\u{a0}= \"http://u:pw-1@h\u{a0}\"\n");
+        assert!(!m.contains("8675309") && !m.contains("pw-1"), "{m}");
+        let m = mask_config("[devices]\nadmin_password = \"é\u{a0}secret\"\n");
+        assert!(!m.contains("secret\""), "{m}");
+    }
+
+    #[test]
     fn scrub_replaces_every_occurrence() {
         let s = scrub("pin 8675309 and again 8675309", &["8675309".into()]);
         assert_eq!(s, "pin *** and again ***");

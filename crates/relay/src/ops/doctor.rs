@@ -74,15 +74,17 @@ pub struct Report {
 impl Report {
     pub fn render(&self) -> String {
         let mut out = String::new();
+        // Messages quote the cloud, DNS and devices: escaped for the terminal.
+        use crate::util::text::printable;
         for s in &self.checks {
             out.push_str(&format!(
                 "{:<5} {}: {}\n",
                 s.level.label(),
                 s.name,
-                s.message
+                printable(&s.message)
             ));
             if let Some(h) = &s.hint {
-                out.push_str(&format!("      fix: {h}\n"));
+                out.push_str(&format!("      fix: {}\n", printable(h)));
             }
         }
         let count = |l: Level| self.checks.iter().filter(|s| s.level == l).count();
@@ -356,7 +358,7 @@ async fn dns_tcp_tls(r: &mut Run, cfg: &CloudConfig) -> bool {
         return false;
     };
     let t0 = Instant::now();
-    let mut tcp = match tokio::time::timeout(d, cloud::tcp_connect(&target, "connect")).await {
+    let mut tcp = match tokio::time::timeout(d, cloud::tcp_connect(&target, "connect", d)).await {
         Err(_) => {
             r.fail(
                 "tcp",
@@ -1020,7 +1022,10 @@ fn disk(r: &mut Run, config: &Config) {
     let free = crate::util::bytes::free_bytes(&dir).unwrap_or(state_free);
     let cached = dir_size(&images.dir.join("files"));
     // What the cache may still grow by, plus the reserve the download agent keeps untouched.
-    let needed = images.max_total.saturating_sub(cached) + images.min_free;
+    let needed = images
+        .max_total
+        .saturating_sub(cached)
+        .saturating_add(images.min_free);
     let msg = format!(
         "{} free in {}, {} cached, images may take up to {} ([images].max_total)",
         human(free),

@@ -8,7 +8,7 @@ use crate::edge::Edge;
 use crate::util::metrics::{Labels, Registry, global};
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 fn unix_secs(t: SystemTime) -> f64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
@@ -289,12 +289,21 @@ pub fn readiness(ctx: &Running) -> Result<(), String> {
 
 static BOUND: OnceLock<std::net::SocketAddr> = OnceLock::new();
 
+/// Connections the metrics listener serves at once; one more is closed at accept. A scraper
+/// needs one; the rest of the cap is room for a few people with curl.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Deadline for each request head, which also closes a keep-alive connection left idle.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a metrics connection may stay open, whatever it does.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(60);
+
 /// The address the metrics listener bound (a configured port 0 becomes a real port).
 pub fn bound() -> Option<std::net::SocketAddr> {
     BOUND.get().copied()
 }
 
-/// Binds the metrics listener (before the daemon reports ready).
+/// Binds the metrics listener (before the daemon reports ready). It has no authentication, so a
+/// bind beyond loopback is logged as a warning.
 pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     use anyhow::Context;
     let listener = tokio::net::TcpListener::bind(addr)
@@ -303,16 +312,28 @@ pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpL
     if let Ok(a) = listener.local_addr() {
         let _ = BOUND.set(a);
     }
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "{}", beyond_loopback(addr));
+    }
     Ok(listener)
 }
 
-/// Serves `/metrics`, `/healthz` and `/ready` until shutdown.
+/// What `bind` and `ucrelay check` say about metrics served beyond loopback.
+pub fn beyond_loopback(addr: std::net::SocketAddr) -> String {
+    format!(
+        "admin.metrics_listen {addr} is beyond loopback and has no authentication: whoever reaches it reads the relay's metrics; bind it to 127.0.0.1 or a management network"
+    )
+}
+
+/// Serves `/metrics`, `/healthz` and `/ready` until shutdown: at most [`MAX_CONNECTIONS`] at
+/// once, each request head within [`HEADER_TIMEOUT`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     ctx: Running,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
     use axum::{Router, extract::State, http::StatusCode, http::header, routing::get};
+    use hyper_util::rt::{TokioIo, TokioTimer};
     async fn metrics() -> impl axum::response::IntoResponse {
         (
             [(
@@ -340,8 +361,47 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/ready", get(ready))
         .with_state(ctx);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .map_err(|e| anyhow::anyhow!("metrics server failed: {e}"))
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let tracker = tokio_util::task::TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "metrics connection cap reached; closed at accept");
+            continue;
+        };
+        let (app, shutdown) = (app.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            let _slot = slot;
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(true);
+            let conn = b.serve_connection(
+                TokioIo::new(stream),
+                hyper_util::service::TowerToHyperService::new(app),
+            );
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = tokio::time::sleep(CONNECTION_DEADLINE) => {}
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.as_mut()).await;
+                }
+            }
+        });
+    }
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(3), tracker.wait()).await;
+    Ok(())
 }

@@ -32,6 +32,15 @@ pub struct Running {
     pub edge: Option<Arc<Edge>>,
     /// Asks the daemon to reload config and certificate; the answer comes back on the oneshot.
     pub reload: mpsc::Sender<oneshot::Sender<ReloadOutcome>>,
+    /// What the last reload left waiting for a restart.
+    pub reload_state: Arc<ReloadState>,
+}
+
+/// What reloads leave behind for `status`.
+#[derive(Default)]
+pub struct ReloadState {
+    /// Settings the file changes that take effect only after a restart (field names).
+    pub restart_needed: std::sync::Mutex<Vec<String>>,
 }
 
 impl std::ops::Deref for Running {
@@ -45,6 +54,22 @@ impl std::ops::Deref for Running {
 /// What a reload did, line by line, and whether everything asked for was applied.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ReloadOutcome {
+    /// True when everything the file says is in force: nothing refused, nothing waiting for a
+    /// restart.
     pub ok: bool,
+    /// Every line's message, in order.
     pub messages: Vec<String>,
+    /// The same lines, each with what became of it.
+    #[serde(default)]
+    pub lines: Vec<ReloadLine>,
+    /// Settings that take effect only after a restart.
+    #[serde(default)]
+    pub restart_needed: Vec<String>,
+}
+
+/// One line of a reload: `applied`, `refused`, `restart` or `unchanged`, and what.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ReloadLine {
+    pub outcome: String,
+    pub message: String,
 }

@@ -5,6 +5,7 @@ use super::Running;
 use crate::cache::CatalogReport;
 use crate::config::Config;
 use crate::ctx::{AgentStatus, ChannelState, Registration};
+use crate::util::text::printable;
 use crate::util::time::rfc3339;
 use serde::{Deserialize, Serialize};
 use std::time::SystemTime;
@@ -37,6 +38,10 @@ pub struct StatusReport {
     /// What the relay keeps for support work: artifacts waiting for upload, device logs.
     #[serde(default)]
     pub diagnostics: Option<DiagnosticsReport>,
+    /// Settings the config file changes that the running relay applies only after a restart
+    /// (as found by the last reload).
+    #[serde(default)]
+    pub restart_needed: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -153,6 +158,9 @@ pub struct EdgeReport {
     pub connections_open: u64,
     pub connections_total: u64,
     pub connections_refused: u64,
+    /// Of those, refused by `[edge].max_connections_per_ip`.
+    #[serde(default)]
+    pub connections_refused_per_ip: u64,
     pub tls_handshake_failures: u64,
     pub requests: u64,
     pub status_2xx: u64,
@@ -180,15 +188,15 @@ impl EdgeReport {
                 .bound
                 .get()
                 .map(|b| b.0)
-                .unwrap_or(edge.cfg.listen)
+                .unwrap_or(edge.cfg().listen)
                 .to_string(),
             legacy_http_listen: edge
                 .bound
                 .get()
                 .and_then(|b| b.1)
-                .or(edge.cfg.legacy_http_listen)
+                .or(edge.cfg().legacy_http_listen)
                 .map(|a| a.to_string()),
-            fqdn: edge.cfg.fqdn.clone(),
+            fqdn: edge.cfg().fqdn.clone(),
             upstream: upstream.as_ref().map(|u| u.describe()),
             certificate_subject: cert.subject.clone(),
             certificate_sha256: cert.sha256.clone(),
@@ -202,6 +210,7 @@ impl EdgeReport {
             connections_open: st.sum(|c| &c.connections_open),
             connections_total: st.sum(|c| &c.connections_total),
             connections_refused: st.sum(|c| &c.connections_refused),
+            connections_refused_per_ip: st.sum(|c| &c.connections_refused_per_ip),
             tls_handshake_failures: st.sum(|c| &c.tls_handshake_failures),
             requests: st.sum(|c| &c.requests),
             status_2xx: st.sum(|c| &c.status_2xx),
@@ -355,7 +364,7 @@ fn jobs(ctx: &Running) -> Vec<JobReport> {
         state: if on { "on" } else { "off" }.into(),
         detail: detail.into(),
     };
-    let devices = &ctx.devices.cfg;
+    let devices = ctx.devices.cfg();
     vec![
         job(
             "management",
@@ -366,7 +375,7 @@ fn jobs(ctx: &Running) -> Vec<JobReport> {
             "download",
             ctx.images.is_some(),
             &match &ctx.images {
-                Some(c) => format!("image cache in {}", c.cfg.dir.display()),
+                Some(c) => format!("image cache in {}", c.cfg().dir.display()),
                 None => "no [images] section".to_string(),
             },
         ),
@@ -385,12 +394,15 @@ fn jobs(ctx: &Running) -> Vec<JobReport> {
         job(
             "provisioning",
             ctx.edge.is_some(),
-            &match (&ctx.edge, &ctx.config.provisioning) {
-                (Some(e), Some(p)) => {
-                    format!("edge on {}, forwarding to {}", e.cfg.listen, p.upstream)
-                }
-                (Some(e), None) => format!("edge on {}, no [provisioning] upstream", e.cfg.listen),
-                (None, _) => "no [edge] section".to_string(),
+            // The upstream in service, which a reload may have changed.
+            &match &ctx.edge {
+                Some(e) => match e.upstream.get().1 {
+                    Some(u) => {
+                        format!("edge on {}, forwarding to {}", e.cfg().listen, u.describe())
+                    }
+                    None => format!("edge on {}, no [provisioning] upstream", e.cfg().listen),
+                },
+                None => "no [edge] section".to_string(),
             },
         ),
     ]
@@ -455,10 +467,23 @@ impl StatusReport {
         if let Some(r) = &images {
             image_findings(r, &mut found);
         }
-        if ctx.devices.cfg.enabled {
+        if ctx.devices.cfg().enabled {
             device_findings(&ctx.devices, &mut found);
         }
         let diagnostics = DiagnosticsReport::build(ctx, &mut found);
+        let restart_needed = ctx
+            .reload_state
+            .restart_needed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if !restart_needed.is_empty() {
+            found.warnings.push(format!(
+                "the config file changes {} but the running relay applies that only after a restart (systemctl restart ucrelay)",
+                restart_needed.join(", ")
+            ));
+        }
+
         StatusReport {
             version: crate::util::build::VERSION.into(),
             relay_id: ctx.relay_id.to_string(),
@@ -470,7 +495,7 @@ impl StatusReport {
             warnings: found.warnings,
             edge,
             images,
-            devices: ctx.devices.cfg.enabled.then(|| DevicesReport {
+            devices: ctx.devices.cfg().enabled.then(|| DevicesReport {
                 devices: ctx.devices.registry.counts(),
                 tasks: ctx.devices.tasks.counts(),
                 polls: ctx
@@ -481,6 +506,7 @@ impl StatusReport {
             }),
             metrics_listen: crate::ops::metrics::bound().map(|a| a.to_string()),
             diagnostics: Some(diagnostics),
+            restart_needed,
             cloud,
             jobs: jobs(ctx),
         }
@@ -565,9 +591,10 @@ impl StatusReport {
             rows.push((
                 "edge traffic",
                 format!(
-                    "{} open, {} refused, {} TLS failures; {} requests (2xx {}, 4xx {}, 5xx {}), {} bytes out",
+                    "{} open, {} refused ({} by the per-host cap), {} TLS failures; {} requests (2xx {}, 4xx {}, 5xx {}), {} bytes out",
                     e.connections_open,
                     e.connections_refused,
+                    e.connections_refused_per_ip,
                     e.tls_handshake_failures,
                     e.requests,
                     e.status_2xx,
@@ -642,21 +669,23 @@ impl StatusReport {
             };
             rows.push((label, format!("{} - {}", j.state, j.detail)));
         }
+        // Values carry text from the cloud and devices (error messages, image ids, reasons):
+        // escaped, so none of it can act on the terminal.
         let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         let mut out = String::new();
         for (k, v) in rows {
-            out.push_str(&format!("{k:<width$}  {v}\n"));
+            out.push_str(&format!("{k:<width$}  {}\n", printable(&v)));
         }
         if !self.warnings.is_empty() {
             out.push_str("\nwarnings:\n");
             for w in &self.warnings {
-                out.push_str(&format!("  - {w}\n"));
+                out.push_str(&format!("  - {}\n", printable(w)));
             }
         }
         if !self.problems.is_empty() {
             out.push_str("\nproblems:\n");
             for p in &self.problems {
-                out.push_str(&format!("  - {p}\n"));
+                out.push_str(&format!("  - {}\n", printable(p)));
             }
         }
         out

@@ -80,7 +80,7 @@ pub fn summary(ctx: &super::Running) -> String {
     };
     match &ctx.edge {
         Some(e) => {
-            let addr = e.bound.get().map(|b| b.0).unwrap_or(e.cfg.listen);
+            let addr = e.bound.get().map(|b| b.0).unwrap_or(e.cfg().listen);
             format!("{cloud}; edge on {addr}")
         }
         None => cloud,

@@ -1,10 +1,19 @@
-//! Plain-text tables for `ucrelay devices`, `tasks` and `logs`, from the admin API's JSON.
+//! Plain-text tables for `ucrelay devices`, `tasks` and `logs`, from the admin API's JSON. Every
+//! string in them may come from a device or the cloud (models, firmware, task names, reasons), so
+//! each goes through [`printable`]: a control character shows as an escape, never acts.
 
+use crate::util::text::printable;
 use serde_json::Value;
 use std::fmt::Write;
 
-fn s(v: &Value) -> &str {
-    v.as_str().unwrap_or("")
+/// A string field, escaped for the terminal ("" when absent).
+fn s(v: &Value) -> String {
+    printable(v.as_str().unwrap_or("")).into_owned()
+}
+
+/// An optional string field, escaped, or `default`.
+fn s_or(v: &Value, default: &str) -> String {
+    printable(v.as_str().unwrap_or(default)).into_owned()
 }
 
 fn n(v: &Value) -> u64 {
@@ -56,7 +65,7 @@ pub fn render_devices(v: &Value) -> String {
         humantime::format_duration(std::time::Duration::from_secs(n(&v["poll_interval_s"])))
     );
     let empty = vec![];
-    let changed: Vec<&str> = v["devices"]
+    let changed: Vec<String> = v["devices"]
         .as_array()
         .unwrap_or(&empty)
         .iter()
@@ -78,7 +87,7 @@ pub fn render_devices(v: &Value) -> String {
         .iter()
         .map(|d| {
             let l = &d["last"];
-            let key = match s(&d["identity"]["state"]) {
+            let key = match s(&d["identity"]["state"]).as_str() {
                 "changed" => "CHANGED".to_string(),
                 "expect_new" => "reset".to_string(),
                 "" | "off" => "-".to_string(),
@@ -118,7 +127,7 @@ pub fn render_devices(v: &Value) -> String {
                     s(&l["call_state"])
                 )
             } else {
-                s(&l["reason"]).to_string()
+                s(&l["reason"])
             };
             let st = &d["stats"];
             if let (Some(cpu), Some(mem)) = (st["cpu_pct"].as_f64(), st["memory_used_pct"].as_f64())
@@ -129,12 +138,12 @@ pub fn render_devices(v: &Value) -> String {
                 let _ = write!(detail, " [{}]", s(a));
             }
             vec![
-                s(&d["address"]).to_string(),
-                s(&d["mac"]).to_string(),
-                s(&d["state"]).to_string(),
+                s(&d["address"]),
+                s(&d["mac"]),
+                s(&d["state"]),
                 key,
                 lines,
-                s(&l["polled_at"]).to_string(),
+                s(&l["polled_at"]),
                 detail,
             ]
         })
@@ -158,15 +167,15 @@ pub fn render_tasks(v: &Value) -> String {
         .iter()
         .map(|t| {
             vec![
-                s(&t["id"]).to_string(),
-                s(&t["type"]).to_string(),
-                s(&t["status"]).to_string(),
+                s(&t["id"]),
+                s(&t["type"]),
+                s(&t["status"]),
                 n(&t["total"]).to_string(),
                 n(&t["success"]).to_string(),
                 n(&t["failure"]).to_string(),
                 n(&t["in_progress"]).to_string(),
-                t["at"].as_str().unwrap_or("now").to_string(),
-                s(&t["name"]).to_string(),
+                s_or(&t["at"], "now"),
+                s(&t["name"]),
             ]
         })
         .collect();
@@ -196,12 +205,12 @@ pub fn render_task(t: &Value) -> String {
         n(&t["not_applicable"]),
         n(&t["in_progress"])
     );
-    let _ = writeln!(out, "at        {}", t["at"].as_str().unwrap_or("now"));
-    if let Some(p) = t["started_at"].as_str() {
-        let _ = writeln!(out, "started   {p}");
+    let _ = writeln!(out, "at        {}", s_or(&t["at"], "now"));
+    if t["started_at"].is_string() {
+        let _ = writeln!(out, "started   {}", s(&t["started_at"]));
     }
-    if let Some(p) = t["finished_at"].as_str() {
-        let _ = writeln!(out, "finished  {p}");
+    if t["finished_at"].is_string() {
+        let _ = writeln!(out, "finished  {}", s(&t["finished_at"]));
     }
     out.push('\n');
     let empty = vec![];
@@ -209,13 +218,7 @@ pub fn render_task(t: &Value) -> String {
         .as_array()
         .unwrap_or(&empty)
         .iter()
-        .map(|r| {
-            vec![
-                s(&r["target"]).to_string(),
-                s(&r["result"]).to_string(),
-                s(&r["reason"]).to_string(),
-            ]
-        })
+        .map(|r| vec![s(&r["target"]), s(&r["result"]), s(&r["reason"])])
         .collect();
     out.push_str(&table(&["TARGET", "RESULT", "REASON"], &rows));
     out
@@ -264,11 +267,11 @@ pub fn render_backups(v: &Value) -> String {
         .iter()
         .map(|b| {
             vec![
-                s(&b["backup_id"]).to_string(),
-                s(&b["taken_at"]).to_string(),
-                s(&b["source"]).to_string(),
+                s(&b["backup_id"]),
+                s(&b["taken_at"]),
+                s(&b["source"]),
                 n(&b["bytes"]).to_string(),
-                s(&b["target"]).to_string(),
+                s(&b["target"]),
             ]
         })
         .collect();
@@ -313,12 +316,12 @@ pub fn render_logs(v: &Value) -> String {
         .iter()
         .map(|d| {
             vec![
-                s(&d["mac"]).to_string(),
+                s(&d["mac"]),
                 n(&d["files"]).to_string(),
                 human(n(&d["bytes"])),
-                s(&d["last_upload"]).to_string(),
+                s(&d["last_upload"]),
                 match d["capped_at"].as_str() {
-                    Some(at) => format!("STOPPED at the cap ({at})"),
+                    Some(at) => format!("STOPPED at the cap ({})", printable(at)),
                     None => "collecting".into(),
                 },
             ]
@@ -360,5 +363,28 @@ mod tests {
                 "last": {"reason": "device identity changed"}}]}));
         assert!(d.contains("ucrelay devices trust ADDRESS"), "{d}");
         assert!(d.contains("CHANGED"), "{d}");
+    }
+
+    #[test]
+    fn control_characters_from_devices_and_the_cloud_are_escaped() {
+        let d = render_devices(&json!({"enabled": true, "poll_interval_s": 7200,
+            "counts": {"known": 1, "online": 1, "offline": 0},
+            "devices": [{"address": "10.0.0.5", "mac": "0004f2\u{1b}[2J", "state": "online",
+                "last": {"model": "VVX\u{1b}]0;owned\u{7}", "firmware": "5.9\r\nFAKE LINE",
+                    "uptime_s": 60, "call_state": "idle\u{202e}"}}]}));
+        let t = render_tasks(&json!({"tasks": [{"id": "t\u{1b}[1A", "type": "reboot",
+            "status": "done", "name": "night\u{1b}[31m", "at": "x\u{8}"}]}));
+        let one = render_task(&json!({"id": "t", "name": "n\u{1b}[8m", "reason": "r\u{7}",
+            "results": [{"target": "10.0.0.5", "result": "failure", "reason": "bad\u{1b}[0m"}]}));
+        for out in [&d, &t, &one] {
+            assert!(
+                !out.chars()
+                    .any(|c| c.is_control() && c != '\n' || c == '\u{202e}'),
+                "a raw control character reached the table:\n{out:?}"
+            );
+        }
+        assert!(d.contains("VVX\\u{1b}]0;owned\\u{7}"), "{d}");
+        assert!(d.contains("5.9\\r\\nFAKE LINE"), "{d}");
+        assert!(t.contains("night\\u{1b}[31m"), "{t}");
     }
 }

@@ -13,6 +13,13 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The store file could not be created owner-only, or an existing one made so.
+    #[error("cannot make the store {} private to its owner (mode 0600)", path.display())]
+    Private {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// Another process has the database open.
     #[error(
         "store {} is in use by another ucrelay process (only one relay may use a state_dir)",

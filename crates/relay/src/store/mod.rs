@@ -64,11 +64,17 @@ impl Store {
     /// Opens (or creates) the store in `state_dir`, creating the directory when needed. Fails clearly
     /// when another process holds it.
     pub fn open(state_dir: &Path) -> Result<Store> {
-        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::StateDir {
+        create_private_dir(state_dir).map_err(|source| StoreError::StateDir {
             path: state_dir.to_path_buf(),
             source,
         })?;
         let path = state_dir.join(DB_FILE);
+        // The store holds the relay's token and the device passwords tasks carry while they run:
+        // owner only, whatever the umask, also for a file an older build created looser.
+        private_file(&path).map_err(|source| StoreError::Private {
+            path: path.clone(),
+            source,
+        })?;
         let db = match Database::create(&path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
@@ -303,6 +309,42 @@ impl Store {
         let tx = self.db.begin_read()?;
         Ok(tx.open_table(OUTBOX)?.len()?)
     }
+}
+
+/// Creates `dir` (and missing parents) with mode 0700, whatever the umask. An existing directory
+/// is left as it is: under systemd its mode is the unit's `StateDirectoryMode`.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    // `mode` is filtered by the umask; say it again explicitly.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Creates `path` empty with mode 0600 when missing; an existing file loses any group or other
+/// permission bits.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let mode = std::fs::metadata(path)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o700))?;
+    }
+    Ok(())
 }
 
 impl Store {
@@ -779,6 +821,26 @@ mod tests {
             finished_at: "2026-01-01T00:00:00Z".into(),
             progress: None,
         }
+    }
+
+    #[test]
+    fn state_dir_and_store_are_owner_only_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("a/state");
+        // The umask is process-wide; this test only ever loosens what it checks.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        let opened = Store::open(&state);
+        nix::sys::stat::umask(old);
+        drop(opened.unwrap());
+        assert_eq!(mode(&state), 0o700);
+        assert_eq!(mode(&state.join(DB_FILE)), 0o600);
+        // A store an older build left group- and world-readable is tightened at the next open.
+        std::fs::set_permissions(state.join(DB_FILE), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        drop(Store::open(&state).unwrap());
+        assert_eq!(mode(&state.join(DB_FILE)), 0o600);
     }
 
     #[test]

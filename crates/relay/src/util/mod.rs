@@ -4,8 +4,10 @@
 pub mod backoff;
 pub mod build;
 pub mod bytes;
+pub mod live;
 pub mod metrics;
 pub mod paths;
 pub mod secret;
 pub mod shard;
+pub mod text;
 pub mod time;

@@ -741,8 +741,15 @@ async fn sim_set_settings(
     Ok(Json(json!({"tenant": tenant_id, "log_upload": log_upload})))
 }
 
-async fn sim_stats(State(shared): State<Arc<Shared>>) -> Json<state::Stats> {
-    Json(shared.lock().db.p.stats.clone())
+/// The persisted counters, plus `connections`: TCP connections accepted since this process
+/// started (a canary origin in the tests must show 0).
+async fn sim_stats(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    let mut v = serde_json::to_value(shared.lock().db.p.stats.clone()).unwrap_or_default();
+    v["connections"] = shared
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .into();
+    Json(v)
 }
 
 #[derive(Deserialize)]

@@ -10,6 +10,13 @@
 //! File bodies are streamed in chunks and counted as hyper polls them, so a dropped client stops
 //! the count. Test hooks (`POST /sim/images/faults`, memory only) flip one byte of chosen files,
 //! pace every body to a rate, turn Range support off, or fail every request with a status.
+//!
+//! Hostile and CDN hooks, in the same settings: the manifest can list any URL for a file
+//! (another host, loopback, a pre-signed URL with a query), `/files/<name>` can answer with a
+//! redirect, and the cloud can play a CDN origin: files served without the bearer token but only
+//! with the right `signature` query parameter (a pre-signed URL), refusing requests that carry
+//! credentials as S3 does. Every request that carries an `Authorization` header is counted per
+//! name, whatever its answer: an origin that must never see the relay's token shows 0.
 
 use super::Shared;
 use super::api::{self, ApiError, ApiResult};
@@ -385,6 +392,22 @@ pub struct ImageFaults {
     /// Every `/files` request is answered with this status (400-599) before anything else.
     #[serde(default)]
     pub fail_status: Option<u16>,
+    /// The URL the manifest lists for a file, by name, instead of `/files/<name>`: absolute
+    /// (another origin) or a path with a query.
+    #[serde(default)]
+    pub urls: BTreeMap<String, String>,
+    /// `/files/<name>` answers `302 Found` with this `Location` (checked after the token, unless
+    /// `anonymous`).
+    #[serde(default)]
+    pub redirects: BTreeMap<String, String>,
+    /// A CDN origin: `/files` needs no bearer token, and a request that carries an
+    /// `Authorization` header anyway is refused with 400 (and counted).
+    #[serde(default)]
+    pub anonymous: bool,
+    /// Pre-signed URLs: `/files/<name>` is served only when the query carries
+    /// `signature=<this>`; otherwise 403.
+    #[serde(default)]
+    pub signature: Option<String>,
 }
 
 /// Per-file counters of `GET /sim/images`. Kept by file name for the life of the process.
@@ -396,6 +419,9 @@ pub struct FileCounters {
     pub requests: u64,
     /// Those of them that carried a Range header (honoured or not).
     pub range_requests: u64,
+    /// `/files` requests for this name that carried an `Authorization` header, whatever the
+    /// answer (redirects, refusals and unknown names included).
+    pub authorization_seen: u64,
 }
 
 fn count_request(shared: &Shared, name: &str, ranged: bool) {
@@ -424,6 +450,7 @@ pub async fn sim_list(State(shared): State<Arc<Shared>>) -> Json<Vec<Value>> {
                     "bytes_served": c.bytes_served,
                     "requests": c.requests,
                     "range_requests": c.range_requests,
+                    "authorization_seen": c.authorization_seen,
                 })
             })
             .collect(),
@@ -437,10 +464,20 @@ async fn rescan_or_500(shared: &Arc<Shared>) -> ApiResult<u64> {
     })
 }
 
-/// The manifest, after a rescan (`GET /relay/v1/images` once authenticated).
+/// The manifest, after a rescan (`GET /relay/v1/images` once authenticated), with the URLs
+/// the `urls` hook names in place of `/files/<name>`.
 pub async fn manifest(shared: &Arc<Shared>) -> ApiResult<ImageManifest> {
     rescan_or_500(shared).await?;
-    Ok(shared.images.manifest())
+    let mut m = shared.images.manifest();
+    let urls = shared.lock().image_faults.urls.clone();
+    for img in &mut m.images {
+        if let Some(u) = urls.get(&img.id) {
+            for f in &mut img.files {
+                f.url = u.clone();
+            }
+        }
+    }
+    Ok(m)
 }
 
 /// `POST /sim/images/rescan` → the manifest.
@@ -470,6 +507,20 @@ pub async fn sim_set_faults(
         return Err(ApiError::bad_request(
             "rate_bytes_per_s must be at least 1 (null for no limit)",
         ));
+    }
+    if faults.signature.as_deref() == Some("") {
+        return Err(ApiError::bad_request(
+            "signature must not be empty (null for none)",
+        ));
+    }
+    if let Some((name, _)) = faults
+        .redirects
+        .iter()
+        .find(|(_, l)| l.is_empty() || HeaderValue::from_str(l).is_err())
+    {
+        return Err(ApiError::bad_request(format!(
+            "redirect of {name:?} must be a usable Location"
+        )));
     }
     info!(?faults, "image faults set");
     shared.lock().image_faults = faults.clone();
@@ -628,17 +679,27 @@ async fn open_checked(
     }
 }
 
-/// `GET|HEAD /files/{name}` (bearer token).
+/// `GET|HEAD /files/{name}` (bearer token, unless the hooks make this a CDN origin).
 pub async fn serve_file(
     State(shared): State<Arc<Shared>>,
     name: Result<Path<String>, axum::extract::rejection::PathRejection>,
     method: Method,
+    uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> Response {
+    let name = name.map(|Path(n)| n).unwrap_or_default();
+    // Counted before anything can answer: the canary's evidence.
+    if headers.contains_key(header::AUTHORIZATION) {
+        let mut rt = shared.lock();
+        rt.image_counters
+            .entry(name.clone())
+            .or_default()
+            .authorization_seen += 1;
+        warn!(%name, "a /files request carried an Authorization header");
+    }
     if let Some(r) = api::fault_gate(&shared, FILES_PREFIX).await {
         return r;
     }
-    let name = name.map(|Path(n)| n).unwrap_or_default();
     let ranged = headers.contains_key(header::RANGE);
     let faults = shared.lock().image_faults.clone();
     if let Some(status) = faults.fail_status {
@@ -654,10 +715,56 @@ pub async fn serve_file(
         )
         .into_response();
     }
+    if let Err(e) = origin_gate(&shared, &name, &uri, &headers, &faults) {
+        return e.into_response();
+    }
+    if let Some(location) = faults.redirects.get(&name) {
+        count_request(&shared, &name, ranged);
+        debug!(%name, %location, "redirecting a /files request");
+        let mut r = StatusCode::FOUND.into_response();
+        if let Ok(v) = HeaderValue::from_str(location) {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+        return r;
+    }
     match serve_inner(&shared, name, method == Method::HEAD, &headers, &faults).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
+}
+
+/// Who may fetch: the relay with its bearer token, or (as a CDN origin) anyone with the right
+/// signature and no credentials.
+fn origin_gate(
+    shared: &Shared,
+    name: &str,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+    faults: &ImageFaults,
+) -> ApiResult<()> {
+    if faults.anonymous {
+        if headers.contains_key(header::AUTHORIZATION) {
+            return Err(ApiError::bad_request(
+                "this origin serves pre-signed URLs only: a request must not carry credentials",
+            ));
+        }
+    } else {
+        api::bearer_relay(shared, headers)?;
+    }
+    if let Some(want) = &faults.signature {
+        let given = uri.query().unwrap_or("").split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            (k == "signature").then_some(v)
+        });
+        if given != Some(want.as_str()) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                ErrorCode::BadRequest,
+                format!("{name}: missing or wrong signature in the URL"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 async fn serve_inner(
@@ -667,7 +774,6 @@ async fn serve_inner(
     headers: &HeaderMap,
     faults: &ImageFaults,
 ) -> ApiResult<Response> {
-    api::bearer_relay(shared, headers)?;
     let not_found = || ApiError::not_found(format!("no such image file: {name}"));
     if !is_publishable(&name) {
         return Err(not_found());

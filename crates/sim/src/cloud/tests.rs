@@ -29,6 +29,9 @@ fn args(state_file: Option<PathBuf>) -> CloudArgs {
         pin_reset_cooldown: Duration::from_secs(24 * 3600),
         inactive_after: Duration::from_secs(600),
         heartbeat_interval: Duration::from_secs(120),
+        tls_listen: None,
+        tls_cert: None,
+        tls_key: None,
     }
 }
 
@@ -371,7 +374,9 @@ async fn register_heartbeat_results_and_errors() {
     post(addr, "/sim/faults", json!({"mode": "none"})).await;
     assert_eq!(heartbeat(addr, &token).await.0, 200);
 
-    let stats = get(addr, "/sim/stats").await;
+    let mut stats = get(addr, "/sim/stats").await;
+    assert!(stats["connections"].as_u64() > Some(10), "{stats}");
+    stats.as_object_mut().unwrap().remove("connections");
     let expect = json!({
         "image_bytes_served": 0, "heartbeats": 2, "results_received": 3, "duplicate_results": 2,
         "busy_answers": 0, "records_too_large": 1,
@@ -1504,7 +1509,7 @@ async fn image_catalog_manifest_and_revision() {
     assert_eq!(
         list[0],
         json!({"id": "a.bin", "path": "/images/a.bin", "size": 1000, "sha256": sha_a,
-               "bytes_served": 0, "requests": 0, "range_requests": 0})
+               "bytes_served": 0, "requests": 0, "range_requests": 0, "authorization_seen": 0})
     );
     assert_eq!(list.as_array().unwrap().len(), 2);
     cloud.shutdown().await.unwrap();
@@ -1628,6 +1633,76 @@ async fn image_files_ranges_head_and_counters() {
 }
 
 #[tokio::test]
+async fn hostile_and_cdn_hooks() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pseudo_random(1000, 9);
+    std::fs::write(dir.path().join("fw.bin"), &data).unwrap();
+    let (cloud, token) = start_image_cloud(dir.path()).await;
+    let addr = cloud.addr;
+    let t = Some(token.as_str());
+
+    // The manifest lists whatever URL the test names; the redirect answers 302 to it.
+    let (status, v) = post(
+        addr,
+        "/sim/images/faults",
+        json!({"urls": {"fw.bin": "https://127.0.0.1:9/files/fw.bin?x=1"},
+               "redirects": {"fw.bin": "https://cdn.example/fw.bin?signature=s"}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let (status, m) = call(addr, "GET", "/relay/v1/images", t, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        m["images"][0]["files"][0]["url"],
+        "https://127.0.0.1:9/files/fw.bin?x=1"
+    );
+    let (status, _, _) = fetch(addr, "GET", "/files/fw.bin", None, &[]).await;
+    assert_eq!(status, 401, "the cloud's redirect is behind its token");
+    let (status, h, _) = fetch(addr, "GET", "/files/fw.bin", t, &[]).await;
+    assert_eq!(status, 302);
+    assert_eq!(
+        hdr(&h, "location"),
+        Some("https://cdn.example/fw.bin?signature=s")
+    );
+
+    // A CDN origin: no token needed, the signature is, and credentials are refused and counted.
+    let (status, _) = post(
+        addr,
+        "/sim/images/faults",
+        json!({"anonymous": true, "signature": "s3"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _, body) = fetch(
+        addr,
+        "GET",
+        "/files/fw.bin?expires=9&signature=s3",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!((status, &body[..]), (200, &data[..]));
+    let (status, _, _) = fetch(addr, "GET", "/files/fw.bin?signature=nope", None, &[]).await;
+    assert_eq!(status, 403);
+    let (status, _, _) = fetch(addr, "GET", "/files/fw.bin", None, &[]).await;
+    assert_eq!(status, 403);
+    let (status, _, _) = fetch(addr, "GET", "/files/fw.bin?signature=s3", t, &[]).await;
+    assert_eq!(
+        status, 400,
+        "credentials are refused by a pre-signed origin"
+    );
+    let list = get(addr, "/sim/images").await;
+    assert_eq!(list[0]["authorization_seen"], 2, "{list}");
+    assert!(get(addr, "/sim/stats").await["connections"].as_u64() >= Some(8));
+
+    for bad in [json!({"signature": ""}), json!({"redirects": {"a": ""}})] {
+        let (status, _) = post(addr, "/sim/images/faults", bad.clone()).await;
+        assert_eq!(status, 400, "{bad}");
+    }
+    cloud.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn image_fault_hooks() {
     const N: usize = 10_001;
     let dir = tempfile::tempdir().unwrap();
@@ -1640,7 +1715,8 @@ async fn image_fault_hooks() {
 
     // Corrupt: same length, one byte flipped at len/2, wherever the range covers it.
     let (status, v) = post(addr, "/sim/images/faults", json!({"corrupt": ["fw.bin"]})).await;
-    let want = json!({"corrupt": ["fw.bin"], "rate_bytes_per_s": null, "no_range": false, "fail_status": null});
+    let want = json!({"corrupt": ["fw.bin"], "rate_bytes_per_s": null, "no_range": false, "fail_status": null,
+        "urls": {}, "redirects": {}, "anonymous": false, "signature": null});
     assert_eq!((status, &v), (200, &want));
     assert_eq!(get(addr, "/sim/images/faults").await, want);
     let (status, _, body) = fetch(addr, "GET", "/files/fw.bin", t, &[]).await;
