@@ -133,6 +133,21 @@ async fn a_swapped_certificate_gets_no_password_until_someone_trusts_the_new_key
     assert_eq!(st["healthy"], false, "{st}");
     let r = cloud.command("check_sync", json!({"target": a})).await;
     assert_eq!(r["result"], "failure", "still refused after a restart: {r}");
+    // The admin's probe shows the key and stops before the step that carries the password.
+    let (code, out, _) = run_cli(&["devices", "--socket", &socket, "--json", "probe", &a]).await;
+    assert_eq!(code, 1, "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let steps = v["payload"]["steps"].as_array().unwrap();
+    let step = |name: &str| steps.iter().find(|s| s["step"] == name).unwrap().clone();
+    assert_eq!(step("tls")["result"], "failed", "{v}");
+    assert!(
+        step("tls")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not the pinned key"),
+        "{v}"
+    );
+    assert_eq!(step("rest")["result"], "skipped", "{v}");
     assert_eq!(phones.stats().requests, before.requests);
 
     // The admin accepts the key the device presented (a replaced phone).
