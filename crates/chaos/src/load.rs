@@ -358,9 +358,40 @@ fn judge_image(
             }
             r.count("device_image_503", 1);
         }
+        // Withdrawn since the device looked: the path went to the provisioning proxy.
+        502 | 504 => upstream_excuse(world, node, &what, f.status, &f.body, started),
         s => r.violation(format!("{what}: answered {s}")),
     }
-    let _ = started;
+}
+
+/// A 502 or 504 from the provisioning proxy is allowed only while the upstream (the cloud, over
+/// this relay's WAN link) was unreachable, or within the proxy's timeout after.
+fn upstream_excuse(
+    world: &World,
+    node: &RelayNode,
+    what: &str,
+    status: u16,
+    body: &[u8],
+    started: f64,
+) {
+    let r = &world.report;
+    r.count("device_502_504", 1);
+    let grace = PROVISIONING_TIMEOUT.as_secs_f64() + 5.0;
+    let excused = r
+        .events_between(started - 1.0, r.now(), grace)
+        .iter()
+        .any(|e| {
+            matches!(
+                e.kind,
+                "cloud_kill" | "blackhole" | "partition" | "loss" | "latency"
+            ) && (e.target == "cloud" || e.target == node.label())
+        });
+    if !excused {
+        r.violation(format!(
+            "{what} answered {status} while its upstream was reachable: {}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        ));
+    }
 }
 
 fn content_range_start(h: &http::HeaderMap) -> Option<u64> {
@@ -434,27 +465,7 @@ fn judge_provisioning(
         503 if resp.headers.get(http::header::RETRY_AFTER).is_some() => {
             r.count("device_prov_503", 1)
         }
-        502 | 504 => {
-            r.count("device_prov_502_504", 1);
-            // Allowed only while the upstream (the cloud, over this relay's WAN) was unreachable.
-            let grace = PROVISIONING_TIMEOUT.as_secs_f64() + 5.0;
-            let excused = r
-                .events_between(started - 1.0, r.now(), grace)
-                .iter()
-                .any(|e| {
-                    matches!(
-                        e.kind,
-                        "cloud_kill" | "blackhole" | "partition" | "loss" | "latency"
-                    ) && (e.target == "cloud" || e.target == node.label())
-                });
-            if !excused {
-                r.violation(format!(
-                    "{what} answered {} while its upstream was reachable: {}",
-                    resp.status,
-                    String::from_utf8_lossy(&resp.body[..resp.body.len().min(200)])
-                ));
-            }
-        }
+        502 | 504 => upstream_excuse(world, node, &what, resp.status, &resp.body, started),
         s => r.violation(format!(
             "{what} answered {s}{}: {}",
             if s == 503 { " without Retry-After" } else { "" },

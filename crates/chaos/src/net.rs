@@ -97,6 +97,7 @@ pub struct Net {
     /// The cloud's address on the control link.
     pub ctl_ip: Ipv4Addr,
     pub wans: Vec<Wan>,
+    ctl_dev: String,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     torn_down: bool,
 }
@@ -149,9 +150,14 @@ impl Net {
     /// Builds the namespaces and links for `relays` relays and starts the WAN forwarders. `dir`
     /// holds the tap device nodes.
     pub async fn build(dir: &Path, relays: usize, rng: &mut fastrand::Rng) -> Result<Net> {
-        let id = std::process::id();
-        let ns_cloud = format!("{PREFIX}-{id}-cloud");
-        let ns_wan = format!("{PREFIX}-{id}-wan");
+        // Each world of this process gets its own names: a namespace's devices die asynchronously
+        // after `ip netns del`, so the next seed must not reuse them.
+        static WORLDS: AtomicU64 = AtomicU64::new(0);
+        let n = WORLDS.fetch_add(1, Ordering::Relaxed) % 36;
+        let tag = char::from_digit(n as u32, 36).unwrap_or('z');
+        let id = format!("{}{tag}", std::process::id());
+        let ns_cloud = format!("{PREFIX}-{}-{tag}-cloud", std::process::id());
+        let ns_wan = format!("{PREFIX}-{}-{tag}-wan", std::process::id());
         let (a, b) = free_block(rng)?;
         let addr = |host: u8| Ipv4Addr::new(198, a, b, host);
         // Short interface names (15 characters at most): uc<pid><suffix>.
@@ -307,6 +313,7 @@ impl Net {
             ns_wan,
             ctl_ip: addr(2),
             wans,
+            ctl_dev: c0,
             tasks,
             torn_down: false,
         })
@@ -325,6 +332,11 @@ impl Net {
         for t in self.tasks.drain(..) {
             t.abort();
         }
+        // The root ends first: deleting one end of a veth pair removes both at once.
+        for w in &self.wans {
+            let _ = ip(&["link", "del", &w.relay_dev]);
+        }
+        let _ = ip(&["link", "del", &self.ctl_dev]);
         for ns in [&self.ns_cloud, &self.ns_wan] {
             let u = Undo::Netns(ns.clone());
             cleanup::undo(&u);

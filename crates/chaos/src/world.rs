@@ -330,13 +330,13 @@ impl RelayNode {
     }
 }
 
-/// The RSS of an incarnation: its first sample 10 s into its life (warm-up) and its last sample,
-/// when they are at least 10 s apart.
+/// The RSS of an incarnation: its first sample 30 s into its life (warm-up) and its last sample,
+/// when they are at least 20 s apart.
 pub fn rss_span(samples: &[(f64, u64)], lived_s: f64) -> Option<RssSpan> {
     let first = samples.first()?.0;
-    let start = samples.iter().find(|(t, _)| *t >= first + 10.0)?;
+    let start = samples.iter().find(|(t, _)| *t >= first + 30.0)?;
     let end = samples.last()?;
-    (end.0 > start.0 + 10.0).then_some(RssSpan {
+    (end.0 >= start.0 + 20.0).then_some(RssSpan {
         lived_s,
         start: start.1,
         end: end.1,

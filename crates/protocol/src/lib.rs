@@ -306,6 +306,9 @@ pub enum ChannelErrorCode {
     /// The relay's command queue is full: the command was neither stored nor acknowledged. The
     /// cloud sends it again later, backing off.
     Busy,
+    /// The relay cannot store the command now (its disk is full): neither acked nor run. The
+    /// relay reconnects the channel once its store works again, so the cloud sends it again.
+    StorageUnavailable,
     /// A code from a newer peer.
     #[serde(other)]
     Other,

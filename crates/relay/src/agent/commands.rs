@@ -22,6 +22,7 @@ use crate::protocol::{
 use crate::util::time::rfc3339;
 use anyhow::Result;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
@@ -39,6 +40,9 @@ pub struct Runner {
     /// Commands running.
     slots: Arc<Semaphore>,
     tasks: TaskTracker,
+    /// A command was refused because the store could not take it: once the store works again the
+    /// channel reconnects, so the cloud sends it again.
+    refused: AtomicBool,
 }
 
 impl Runner {
@@ -49,7 +53,27 @@ impl Runner {
             queue_size,
             slots: Arc::new(Semaphore::new(RUNNING_MAX.min(queue_size))),
             tasks: TaskTracker::new(),
+            refused: AtomicBool::new(false),
         }
+    }
+
+    /// True (once) when commands were refused for want of storage and the store works again:
+    /// the channel should reconnect so that the cloud sends them again.
+    pub fn take_refused_if_recovered(&self, ctx: &Ctx) -> bool {
+        self.refused.load(Ordering::Relaxed)
+            && ctx.store.trouble().is_none()
+            && self.refused.swap(false, Ordering::Relaxed)
+    }
+
+    fn refuse(&self, ctx: &Ctx, id: String, why: String) -> Option<RelayMessage> {
+        self.refused.store(true, Ordering::Relaxed);
+        let reason = ctx.store.trouble().map(|t| t.message).unwrap_or(why);
+        warn!(command_id = %id, reason = %reason, "command refused: it cannot be stored now");
+        Some(RelayMessage::Error {
+            id: Some(id),
+            code: ChannelErrorCode::StorageUnavailable,
+            message: format!("not acknowledged: {reason}"),
+        })
     }
 
     /// Waits for every command that started to finish.
@@ -90,6 +114,7 @@ async fn accept(runner: &Runner, ctx: &Ctx, cmd: Command) -> Option<RelayMessage
             return Some(RelayMessage::Ack { id });
         }
         Ok(false) => {}
+        Err(e) if e.is_transient() => return runner.refuse(ctx, id, e.to_string()),
         Err(e) => {
             error!(command_id = %id, error = %format!("{e:#}"), "cannot read the store; not acknowledged");
             return None;
@@ -100,6 +125,10 @@ async fn accept(runner: &Runner, ctx: &Ctx, cmd: Command) -> Option<RelayMessage
         return match runner.dispatch.accept_task(&cmd).await {
             TaskAccept::Stored => Some(RelayMessage::Ack { id }),
             TaskAccept::Busy(why) => Some(busy(ctx, id, why)),
+            // The store refuses writes for now (a full disk): refused with the reason.
+            TaskAccept::Failed if ctx.store.trouble().is_some() => {
+                runner.refuse(ctx, id, "the task cannot be stored".into())
+            }
             TaskAccept::Failed => None,
         };
     }
@@ -128,6 +157,7 @@ async fn accept(runner: &Runner, ctx: &Ctx, cmd: Command) -> Option<RelayMessage
             return Some(RelayMessage::Ack { id });
         }
         Ok(true) => {}
+        Err(e) if e.is_transient() => return runner.refuse(ctx, id, e.to_string()),
         Err(e) => {
             // No ack: the cloud sends it again later.
             error!(command_id = %id, error = %format!("{e:#}"), "cannot store command; not acknowledged");
@@ -151,13 +181,29 @@ async fn accept(runner: &Runner, ctx: &Ctx, cmd: Command) -> Option<RelayMessage
 async fn finish(ctx: &Ctx, rec: ResultRecord) {
     let id = rec.command_id.clone();
     let outcome = rec.result;
-    match ctx.store.run(move |s| s.finish(&rec)).await {
-        Ok(()) => {
-            info!(command_id = %id, result = outcome.as_str(), "command finished");
-            ctx.results_wake.notify_one();
-        }
-        Err(e) => {
-            error!(command_id = %id, error = %format!("{e:#}"), "cannot store command result")
+    let mut backoff = crate::util::backoff::Backoff::new(
+        std::time::Duration::from_millis(500),
+        std::time::Duration::from_secs(10),
+    );
+    loop {
+        let r = rec.clone();
+        match ctx.store.run(move |s| s.finish(&r)).await {
+            Ok(()) => {
+                info!(command_id = %id, result = outcome.as_str(), "command finished");
+                ctx.results_wake.notify_one();
+                return;
+            }
+            // The store refuses writes for now (full disk): the result waits in memory. If the
+            // relay stops meanwhile, the command is reported as interrupted at the next start.
+            Err(e) if e.is_transient() => {
+                let d = backoff.next_delay();
+                warn!(command_id = %id, error = %format!("{e:#}"), retry_in = ?d, "cannot store a command result yet");
+                tokio::time::sleep(d).await;
+            }
+            Err(e) => {
+                error!(command_id = %id, error = %format!("{e:#}"), "cannot store command result");
+                return;
+            }
         }
     }
 }

@@ -71,10 +71,34 @@ pub struct Agent {
 /// Commands that are running when shutdown comes are waited for before this returns (the daemon's
 /// grace period bounds the wait); one cut short is reported as interrupted at the next start.
 pub async fn run(ctx: Ctx, agent: Agent, shutdown: CancellationToken) -> Result<()> {
-    commands::recover_interrupted(&ctx).await?;
     let runner = commands::Runner::new(agent.dispatch.clone(), ctx.config.cloud.command_queue);
     let sessions = ctx.sessions.clone();
+    // Commands a crash interrupted get their failure result; on a full disk that waits for space
+    // while everything else runs.
+    let recovery = async {
+        loop {
+            match commands::recover_interrupted(&ctx).await {
+                Ok(()) => return Ok(()),
+                Err(e)
+                    if e.downcast_ref::<crate::store::StoreError>()
+                        .is_some_and(|s| s.is_transient()) =>
+                {
+                    tracing::warn!(error = %format!("{e:#}"), "interrupted commands wait for the store");
+                    if !crate::util::backoff::sleep_or_shutdown(
+                        std::time::Duration::from_secs(2),
+                        &shutdown,
+                    )
+                    .await
+                    {
+                        return Ok(());
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
     let loops = tokio::try_join!(
+        recovery,
         heartbeat::run(
             ctx.clone(),
             sessions.clone(),

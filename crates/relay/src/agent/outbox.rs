@@ -19,6 +19,20 @@ const BATCH: usize = 100;
 const BATCH_BYTES: usize = 4 << 20;
 /// Even without a wake-up, look at the outbox this often.
 const SWEEP: Duration = Duration::from_secs(30);
+/// How soon the outbox is read again after the store refused.
+const STORE_RETRY: Duration = Duration::from_secs(2);
+
+/// A store error in the sender: a full disk or a store reopening after an I/O error is waited out
+/// (the results stay where they are); anything else stops the agent.
+fn store_trouble(ctx: &Ctx, e: &crate::store::StoreError) -> Result<()> {
+    if e.is_transient() {
+        warn!(error = %format!("{e:#}"), "results wait: the store cannot be used now");
+        ctx.status.lock().last_results_error = Some(e.to_string());
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!("{e:#}"))
+    }
+}
 
 pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken) -> Result<()> {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
@@ -28,10 +42,17 @@ pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken)
     loop {
         // Drain while there is a session and something to send.
         while let Some(session) = sessions.current() {
-            let batch = ctx
+            let batch = match ctx
                 .store
                 .run(move |s| s.outbox_batch(batch_size, BATCH_BYTES))
-                .await?;
+                .await
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    store_trouble(&ctx, &e)?;
+                    break;
+                }
+            };
             if batch.is_empty() {
                 break;
             }
@@ -56,7 +77,11 @@ pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken)
                         .map(|(k, _)| *k)
                         .collect();
                     let n = keys.len() as u64;
-                    ctx.store.run(move |s| s.outbox_remove(&keys)).await?;
+                    if let Err(e) = ctx.store.run(move |s| s.outbox_remove(&keys)).await {
+                        // Sent again later; the cloud drops the duplicates by id.
+                        store_trouble(&ctx, &e)?;
+                        break;
+                    }
                     debug!(sent = n, duplicates = ack.duplicates, "results delivered");
                     {
                         let mut st = ctx.status.lock();
@@ -88,7 +113,10 @@ pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken)
                         error!(result_id = %rec.result_id, command_id = %rec.command_id, error = %e,
                             "cloud refused a result (malformed or too large); kept in the store's rejected table, not retried");
                         let (key, why) = (*key, e.to_string());
-                        ctx.store.run(move |s| s.outbox_reject(key, &why)).await?;
+                        if let Err(e) = ctx.store.run(move |s| s.outbox_reject(key, &why)).await {
+                            store_trouble(&ctx, &e)?;
+                            break;
+                        }
                         ctx.status.lock().results_rejected += 1;
                     }
                 }
@@ -108,7 +136,8 @@ pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken)
         tokio::select! {
             _ = ctx.results_wake.notified() => {}
             changed = session_rx.changed() => if changed.is_err() { return Ok(()) },
-            _ = tokio::time::sleep(SWEEP) => {}
+            // While the store refuses work, look again soon: it recovers by itself.
+            _ = tokio::time::sleep(if ctx.store.trouble().is_some() { STORE_RETRY } else { SWEEP }) => {}
             _ = shutdown.cancelled() => return Ok(()),
         }
     }

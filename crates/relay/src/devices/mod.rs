@@ -450,6 +450,11 @@ impl DevicePlane {
         };
     }
 
+    /// True while the store refuses writes for now (a full disk): recording can be tried again.
+    pub fn store_refuses(&self) -> bool {
+        self.store.trouble().is_some()
+    }
+
     /// Stores writes in one group commit shared with other callers; returns once durable.
     pub async fn record(&self, writes: Vec<Write>) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();

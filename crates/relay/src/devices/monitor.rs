@@ -941,7 +941,7 @@ async fn next_batch(ctx: &Ctx, plane: &DevicePlane, single: bool) -> Result<Outg
     } else {
         (ALARM_BATCH, ALARM_BATCH_BYTES)
     };
-    let (batch, pending) = ctx
+    let read = ctx
         .store
         .run(move |s| {
             Ok::<_, crate::store::StoreError>((
@@ -949,7 +949,19 @@ async fn next_batch(ctx: &Ctx, plane: &DevicePlane, single: bool) -> Result<Outg
                 s.alarms_len()?,
             ))
         })
-        .await?;
+        .await;
+    let (batch, pending) = match read {
+        Ok(r) => r,
+        // A store that refuses for now (a full disk): report without the alarms this round.
+        Err(e) if e.is_transient() => {
+            debug!(error = %format!("{e:#}"), "alarms wait: the store cannot be read now");
+            (
+                Vec::new(),
+                plane.registry.pending_alarms.load(Ordering::Relaxed),
+            )
+        }
+        Err(e) => return Err(e.into()),
+    };
     // The store is the truth (alarms from other writers, e.g. device logs, count too).
     plane
         .registry
@@ -1051,12 +1063,20 @@ async fn reporter(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken
                         let ids: Vec<String> = batch.alarms.iter().map(|a| a.id.clone()).collect();
                         if !ids.is_empty() {
                             let n = ids.len() as u64;
-                            ctx.store.run(move |s| s.alarms_remove(&ids)).await?;
-                            let _ = plane.registry.pending_alarms.fetch_update(
-                                Ordering::Relaxed,
-                                Ordering::Relaxed,
-                                |p| Some(p.saturating_sub(n)),
-                            );
+                            match ctx.store.run(move |s| s.alarms_remove(&ids)).await {
+                                Ok(()) => {
+                                    let _ = plane.registry.pending_alarms.fetch_update(
+                                        Ordering::Relaxed,
+                                        Ordering::Relaxed,
+                                        |p| Some(p.saturating_sub(n)),
+                                    );
+                                }
+                                // Sent again later; the cloud keeps an alarm once, by id.
+                                Err(e) if e.is_transient() => {
+                                    warn!(error = %format!("{e:#}"), "delivered alarms stay in the store for now");
+                                }
+                                Err(e) => return Err(e.into()),
+                            }
                         }
                         debug!(
                             reports = batch.reports.len(),
@@ -1162,12 +1182,30 @@ async fn flusher(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken)
             })
             .collect();
         if !writes.is_empty() || !removed.is_empty() {
-            ctx.store
+            let keys: Vec<String> = writes
+                .iter()
+                .filter_map(|w| match w {
+                    Write::Device { address, .. } => Some(address.clone()),
+                    _ => None,
+                })
+                .chain(removed.iter().cloned())
+                .collect();
+            let stored = ctx
+                .store
                 .run(move |s| {
                     s.write_batch(&writes)?;
                     s.devices_remove(&removed)
                 })
-                .await?;
+                .await;
+            match stored {
+                Ok(()) => {}
+                // A full disk: the registry stays in memory and is written once there is space.
+                Err(e) if e.is_transient() => {
+                    debug!(error = %format!("{e:#}"), "device registry waits for the store");
+                    plane.registry.lock().dirty.extend(keys);
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         if stop {
             return Ok(());

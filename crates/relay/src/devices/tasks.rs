@@ -31,6 +31,10 @@ pub const MAX_TARGETS: usize = 100_000;
 pub const MAX_OPEN_TASKS: usize = 1000;
 /// Statuses of a task that will not change again.
 const FINISHED: &[&str] = &["done", "halted", "cancelled", "rejected"];
+/// How long a task that stopped on an error waits before the scheduler resumes it.
+const RESUME_AFTER_ERROR: Duration = Duration::from_secs(5);
+/// How often a task waiting for its store to take writes again looks.
+const STORE_WAIT: Duration = Duration::from_secs(1);
 /// Below this many finished targets the failure threshold is not judged yet.
 const THRESHOLD_SAMPLE: u64 = 10;
 
@@ -657,7 +661,9 @@ pub async fn run(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken)
 
 async fn execute(ctx: Ctx, plane: Arc<DevicePlane>, id: String, shutdown: CancellationToken) {
     if let Err(e) = execute_inner(&ctx, &plane, &id, &shutdown).await {
-        error!(task_id = %id, error = %format!("{e:#}"), "task stopped; it resumes after a restart");
+        error!(task_id = %id, error = %format!("{e:#}"), "task stopped; it resumes in a moment (or after a restart)");
+        // Not at once: the scheduler would start it again in a tight loop.
+        crate::util::backoff::sleep_or_shutdown(RESUME_AFTER_ERROR, &shutdown).await;
     }
     if let Some(e) = plane.tasks.lock().get_mut(&id) {
         e.running = false;
@@ -725,6 +731,19 @@ async fn execute_inner(
     for target in unique_targets(&rec.spec) {
         if finished.contains(&target) {
             continue;
+        }
+        // No new target while the store cannot record its result (a full disk): the device would
+        // be acted on with nowhere to put the outcome.
+        let mut waited = false;
+        while ctx.store.trouble().is_some() && !shutdown.is_cancelled() {
+            if !waited {
+                info!(task_id = %id, "task paused: the store cannot record results now");
+                waited = true;
+            }
+            crate::util::backoff::sleep_or_shutdown(STORE_WAIT, shutdown).await;
+        }
+        if waited && !shutdown.is_cancelled() {
+            info!(task_id = %id, "task resumed: the store takes writes again");
         }
         let permit = tokio::select! {
             p = sem.clone().acquire_owned() => p?,
@@ -828,17 +847,31 @@ async fn finish_target(
         finished_at: now,
         progress: None,
     };
-    plane
-        .record(vec![
+    let writes = || -> Result<Vec<Write>> {
+        Ok(vec![
             Write::TaskTarget {
                 task: task_id.to_string(),
                 target: target.to_string(),
                 value: serde_json::to_vec(&sub)?,
             },
-            Write::Result(rec),
+            Write::Result(rec.clone()),
         ])
-        .await
-        .map_err(anyhow::Error::msg)?;
+    };
+    // The device has acted: keep its outcome in memory until the store takes it (a full disk
+    // recovers), rather than drop it and run the target again after a restart.
+    let mut backoff =
+        crate::util::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+    loop {
+        match plane.record(writes()?).await {
+            Ok(()) => break,
+            Err(e) if plane.store_refuses() => {
+                let d = backoff.next_delay();
+                warn!(task_id, target, error = %e, retry_in = ?d, "cannot record a target's result yet");
+                tokio::time::sleep(d).await;
+            }
+            Err(e) => return Err(anyhow::Error::msg(e)),
+        }
+    }
     let mut book = plane.tasks.lock();
     if let Some(e) = book.get_mut(task_id) {
         e.in_progress = e.in_progress.saturating_sub(1);

@@ -32,6 +32,9 @@ pub struct StatusReport {
     #[serde(default)]
     pub devices: Option<DevicesReport>,
     pub jobs: Vec<JobReport>,
+    /// The store: whether it takes writes, and why not.
+    #[serde(default)]
+    pub store: Option<StoreReport>,
     /// Where `/metrics`, `/healthz` and `/ready` are served (the bound address), when configured.
     #[serde(default)]
     pub metrics_listen: Option<String>,
@@ -101,6 +104,17 @@ impl DiagnosticsReport {
             device_logs_capped: capped,
         }
     }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoreReport {
+    pub path: String,
+    /// False while the store refuses writes (a full disk, reopening after an I/O error).
+    pub writable: bool,
+    /// Why not, in plain words.
+    pub problem: Option<String>,
+    pub problem_since: Option<String>,
+    pub disk_full: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -484,6 +498,25 @@ impl StatusReport {
             ));
         }
 
+        let trouble = ctx.store.trouble();
+        if let Some(t) = &trouble {
+            found.problems.push(if t.disk_full {
+                format!(
+                    "{} since {}; what is stored is kept and served, and the relay recovers by itself once there is space (free some, or grow the filesystem)",
+                    t.message,
+                    rfc3339(t.since)
+                )
+            } else {
+                format!("{} since {}; it is opened again automatically", t.message, rfc3339(t.since))
+            });
+        }
+        let store = Some(StoreReport {
+            path: ctx.store.path().display().to_string(),
+            writable: trouble.is_none(),
+            problem: trouble.as_ref().map(|t| t.message.clone()),
+            problem_since: trouble.as_ref().map(|t| rfc3339(t.since)),
+            disk_full: trouble.as_ref().is_some_and(|t| t.disk_full),
+        });
         StatusReport {
             version: crate::util::build::VERSION.into(),
             relay_id: ctx.relay_id.to_string(),
@@ -509,6 +542,7 @@ impl StatusReport {
             restart_needed,
             cloud,
             jobs: jobs(ctx),
+            store,
         }
     }
 

@@ -477,6 +477,9 @@ pub struct TaskView {
     pub success: u64,
     pub failure: u64,
     pub not_applicable: u64,
+    /// Target results with a new result id for a target that had already reported: a relay that
+    /// ran a finished target again (the latest one counts; this says it happened).
+    pub repeats: u64,
 }
 
 impl TaskView {
@@ -514,6 +517,8 @@ pub struct TaskSummary {
     pub created_at: String,
     /// `seq` of the latest progress record (0 before the first).
     pub progress_seq: u64,
+    /// Targets reported more than once (by distinct results): should stay 0.
+    pub repeated_reports: u64,
 }
 
 /// Outcome of taking in one device-status batch.
@@ -699,6 +704,7 @@ impl Db {
         } else if let Some(target) = &stored.record.target {
             match view.by_target.get(target) {
                 Some(&pos) => {
+                    view.repeats += 1;
                     let old = view.results[pos];
                     view.count(results[old].record.result, false);
                     view.results[pos] = i;
@@ -789,6 +795,7 @@ impl Db {
             at: task.spec.at.clone(),
             created_at: fmt_time(task.created_at),
             progress_seq: progress.map_or(0, |p| p.seq),
+            repeated_reports: view.repeats,
         }
     }
 
