@@ -39,7 +39,7 @@ impl Tmpfs {
 
     pub fn free_bytes(&self) -> u64 {
         nix::sys::statvfs::statvfs(&self.path)
-            .map(|s| (s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64))
+            .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
             .unwrap_or(0)
     }
 

@@ -369,6 +369,10 @@ fn open_tap(path: &Path) -> Result<AsyncFd<std::fs::File>> {
     Ok(fd)
 }
 
+/// Frames waiting for their release time, earliest first (the sequence number keeps equal times in
+/// arrival order).
+type DelayQueue = BinaryHeap<Reverse<(Instant, u64, Vec<u8>)>>;
+
 /// One direction of a WAN link: frames from `src` to `dst`, through the impairment.
 async fn forward(
     src: Arc<AsyncFd<std::fs::File>>,
@@ -377,8 +381,7 @@ async fn forward(
     seed: u64,
 ) {
     use std::io::{Read, Write};
-    // Frames waiting for their time, earliest first (seq keeps equal times in order).
-    let queue: Arc<Mutex<BinaryHeap<Reverse<(Instant, u64, Vec<u8>)>>>> = Default::default();
+    let queue: Arc<Mutex<DelayQueue>> = Default::default();
     let queued = Arc::new(Notify::new());
     let writer = {
         let (queue, queued, state) = (queue.clone(), queued.clone(), state.clone());

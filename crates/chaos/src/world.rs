@@ -458,16 +458,10 @@ impl World {
             let pfx = rdir.join("relay.pfx");
             std::fs::copy(&pkis[0].pfx, &pfx)?;
             std::fs::copy(&pkis[0].password_file, rdir.join("relay.pfx.pass"))?;
-            for i in 0..2 {
-                std::fs::copy(&pkis[i].pfx, rdir.join(format!("good{i}.pfx")))?;
-                std::fs::copy(
-                    &pkis[i].password_file,
-                    rdir.join(format!("good{i}.pfx.pass")),
-                )?;
+            for (i, pki) in pkis.iter().enumerate() {
+                std::fs::copy(&pki.pfx, rdir.join(format!("good{i}.pfx")))?;
+                std::fs::copy(&pki.password_file, rdir.join(format!("good{i}.pfx.pass")))?;
             }
-            let half = PHONES / relays;
-            let first = u32::from(std::net::Ipv4Addr::from(PHONE_BASE)) + (idx * half) as u32;
-            let _ = first;
             let config = rdir.join("relay.toml");
             let cloud_url = format!("http://{}:{CLOUD_PORT}", wan.cloud_ip);
             std::fs::write(
@@ -626,11 +620,9 @@ async fn listen_notify(sock: tokio::net::UnixDatagram, state: Arc<Mutex<Notified
         let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
         for line in msg.lines() {
             match line {
-                "READY=1" => {
-                    if st.ready.is_none() {
-                        st.ready = Some(now);
-                        st.last_pet = Some(now);
-                    }
+                "READY=1" if st.ready.is_none() => {
+                    st.ready = Some(now);
+                    st.last_pet = Some(now);
                 }
                 "WATCHDOG=1" => {
                     st.last_pet = Some(now);

@@ -288,7 +288,7 @@ impl Store {
     }
 
     fn init(&self) -> Result<()> {
-        self.write(|db| Self::init_tables(db))
+        self.write(Self::init_tables)
     }
 
     fn init_tables(db: &Database) -> Result<()> {
