@@ -91,8 +91,13 @@ pub struct Trouble {
 /// How often a closed database is opened again (each attempt may repair the file).
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
+/// redb keeps every page it touched in memory up to its cache size, 1 GiB by default: the relay's
+/// memory would grow with its store for as long as it runs. 16 MiB holds the hot pages of a store
+/// of tens of thousands of records.
+const CACHE_BYTES: usize = 16 << 20;
+
 fn open_db(path: &Path) -> Result<Database> {
-    match Database::create(path) {
+    match Database::builder().set_cache_size(CACHE_BYTES).create(path) {
         Ok(db) => Ok(db),
         Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(StoreError::InUse {
             path: path.to_path_buf(),
