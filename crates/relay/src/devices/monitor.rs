@@ -1108,16 +1108,24 @@ async fn reporter(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken
                             error!(alarm_id = %a.id, device = %a.address, kind = %a.kind, error = %e,
                                 "cloud refused an alarm (malformed or too large); kept in the store's rejected table, not retried");
                             let (id, why) = (a.id.clone(), e.to_string());
-                            ctx.store.run(move |s| s.alarm_reject(&id, &why)).await?;
-                            let _ = plane.registry.pending_alarms.fetch_update(
-                                Ordering::Relaxed,
-                                Ordering::Relaxed,
-                                |p| Some(p.saturating_sub(1)),
-                            );
-                            plane
-                                .registry
-                                .records_rejected
-                                .fetch_add(1, Ordering::Relaxed);
+                            match ctx.store.run(move |s| s.alarm_reject(&id, &why)).await {
+                                Ok(()) => {
+                                    let _ = plane.registry.pending_alarms.fetch_update(
+                                        Ordering::Relaxed,
+                                        Ordering::Relaxed,
+                                        |p| Some(p.saturating_sub(1)),
+                                    );
+                                    plane
+                                        .registry
+                                        .records_rejected
+                                        .fetch_add(1, Ordering::Relaxed);
+                                }
+                                // Refused again later, and set aside once the store takes it.
+                                Err(e) if e.is_transient() => {
+                                    warn!(error = %format!("{e:#}"), "a refused alarm stays in the store for now");
+                                }
+                                Err(e) => return Err(e.into()),
+                            }
                         } else if let Some(r) = batch.reports.first() {
                             // The next poll of the device makes a new report.
                             error!(device = %r.address, error = %e,
