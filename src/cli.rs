@@ -46,8 +46,9 @@ pub enum Command {
     Status(StatusArgs),
     /// List the firmware images and their sync state; `images sync` and `images verify` act on them.
     Images(ImagesArgs),
-    /// List the devices the relay knows and what their last poll found (exit 1 when any is offline);
-    /// `devices probe` and `devices backups` diagnose one device.
+    /// List the devices the relay knows and what their last poll found (exit 1 when any is offline
+    /// or presented a changed key); `devices probe` and `devices backups` diagnose one device,
+    /// `devices trust ADDRESS` accepts a device's new key.
     Devices(DevicesArgs),
     /// List scheduled tasks and their totals; `tasks show ID` lists each target's result.
     Tasks(TasksArgs),
@@ -164,6 +165,16 @@ pub struct DevicesArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum DevicesAction {
+    /// Accept a new certificate key for a device whose key changed (replaced or reset phone):
+    /// the key it last presented, or the one given; with neither, forget its pin so the next key
+    /// it presents is pinned.
+    Trust {
+        /// The device, IP or IP:PORT as `ucrelay devices` lists it.
+        address: String,
+        /// The SHA-256 of the key to pin (64 hex digits, as `ucrelay devices --json` shows it).
+        #[arg(long)]
+        fingerprint: Option<String>,
+    },
     /// Network diagnostics from the relay to one device: ICMP echo, TCP connect, TLS handshake and
     /// one authenticated REST call, each timed (exit 0 when the device answers). Only inside
     /// [devices].subnets.

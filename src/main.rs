@@ -443,7 +443,25 @@ async fn devices(
         None => {
             let v: serde_json::Value = get_json(socket, "/v1/devices").await?;
             print(&v, views::render_devices(&v))?;
-            Ok(exit(v["counts"]["offline"].as_u64().unwrap_or(0) == 0))
+            // A device that presented a changed key is as much a problem as one that is offline.
+            let changed = v["devices"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|d| d["identity"]["state"] == "changed"));
+            Ok(exit(
+                v["counts"]["offline"].as_u64().unwrap_or(0) == 0 && !changed,
+            ))
+        }
+        Some(DevicesAction::Trust {
+            address,
+            fingerprint,
+        }) => {
+            let mut path = format!("/v1/devices/trust?address={}", enc(&address));
+            if let Some(f) = &fingerprint {
+                path.push_str(&format!("&fingerprint={}", enc(f)));
+            }
+            let v: serde_json::Value = call_json(socket, http::Method::POST, &path).await?;
+            print(&v, format!("{}\n", v["done"].as_str().unwrap_or("")))?;
+            Ok(ExitCode::SUCCESS)
         }
         Some(DevicesAction::Probe { target }) => {
             let v: serde_json::Value = call_json(

@@ -495,3 +495,31 @@ async fn sigterm_exits_zero_and_the_store_reopens_clean() {
     assert_eq!(relay.wait_healthy().await["relay_id"], id.as_str());
     assert_eq!(cloud.relays().await.len(), 1);
 }
+
+/// Regression (found by the chaos harness): the dead-peer check ran on the ping ticks, so a
+/// channel that went silent was declared dead up to four ping intervals later, not three.
+#[tokio::test]
+async fn a_silent_channel_is_declared_dead_within_three_ping_intervals() {
+    let cloud = TestCloud::start(cloud_args()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = RelayConfig::new(dir.path(), &cloud.url());
+    cfg.ping_interval = "1s";
+    let relay = Relay::start(&cfg).await;
+    relay.wait_healthy().await;
+    // The cloud goes silent now: the relay's last frame from it came before this moment.
+    cloud.post("/sim/channel/freeze", json!({})).await;
+    let frozen = std::time::Instant::now();
+    loop {
+        let asked = std::time::Instant::now();
+        let s = relay.status().await;
+        if s["cloud"]["channel"] != "connected" {
+            break;
+        }
+        assert!(
+            asked.duration_since(frozen) < Duration::from_millis(3000 + 300),
+            "still connected {:?} after the cloud went silent (three ping intervals: 3 s)",
+            asked.duration_since(frozen)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -939,3 +939,163 @@ async fn sync_wait_returns_promptly_when_everything_is_synced() {
         assert_eq!(code, 0, "round {round}\n{out}\n{err}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// 9. A full disk under the cache mid-download, and a bandwidth limit honest at the sender.
+
+#[tokio::test]
+#[ignore = "needs root: mounts a small tmpfs for the image cache"]
+async fn a_full_cache_disk_mid_download_keeps_the_partial_never_serves_it_and_resumes() {
+    let fx = Fx::new().await;
+    let size = 4_000_000;
+    let data = fx.publish("big.bin", size);
+    let sha = hex_sha256(&data);
+    let cache = fx.dir.path().join("cache");
+    let fs = Tmpfs::mount(&cache, "6m");
+    let mut node = fx
+        .start(&fx.config(
+            "relay",
+            &format!("dir = {cache:?}\nbandwidth_limit = \"1MB/s\"\nmin_free = \"1B\""),
+        ))
+        .await;
+    let part = cache.join("partial").join(format!("{sha}.part"));
+    let len = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    wait_for("the download under way", SYNC_LIMIT, || async {
+        (len(&part) > 300_000).then_some(())
+    })
+    .await;
+
+    // The disk fills up while the file is coming in.
+    fs.fill();
+    wait_for(
+        "the download stopped for want of space",
+        Duration::from_secs(20),
+        || async {
+            node.relay
+                .logs()
+                .contains("not enough free disk")
+                .then_some(())
+        },
+    )
+    .await;
+    let kept = len(&part);
+    assert!(
+        kept > 300_000,
+        "the partial file is kept for the resume ({kept} bytes)"
+    );
+    assert!(
+        !node.cached(&sha).exists(),
+        "nothing unverified is in files/"
+    );
+    node.assert_not_ready("/images/big.bin", &data).await;
+    assert!(
+        node.relay.child.try_wait().unwrap().is_none(),
+        "the relay keeps running"
+    );
+
+    // Space returns: the download resumes from the partial file, by itself. The partial file
+    // only grows from what was kept (never truncated to start over) until it is verified.
+    fs.release();
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Ok(m) = std::fs::metadata(&part) {
+            assert!(
+                m.len() >= kept,
+                "the partial file went from {kept} back to {} bytes",
+                m.len()
+            );
+        }
+        let synced = image(&node.images().await, "big.bin").is_some_and(|i| i["state"] == "synced");
+        if synced {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "big.bin synced after space returned"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    node.assert_serves("/images/big.bin", &data).await;
+    let served = fx.served("big.bin").await;
+    assert!(
+        served["range_requests"].as_u64() >= Some(1),
+        "resumed with a Range request: {served}"
+    );
+    drop(node);
+    drop(fs);
+}
+
+/// Bytes each of the cloud's connections on `port` has had acknowledged by its peer, by peer
+/// address: the sender kernel's own count of what crossed the wire (`ss -ti`).
+fn acked_by_peer(port: u16) -> Vec<(String, u64)> {
+    let out = std::process::Command::new(peer("ss"))
+        .args(["-tinH", "state", "established"])
+        .arg(format!("( sport = :{port} )"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut out = Vec::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        if !line.starts_with(char::is_whitespace) {
+            // Recv-Q Send-Q Local Peer: the peer is the second address.
+            current = line
+                .split_whitespace()
+                .filter(|t| t.contains(':'))
+                .nth(1)
+                .map(str::to_string);
+        } else if let Some(peer) = &current {
+            let acked = line
+                .split_whitespace()
+                .find_map(|t| t.strip_prefix("bytes_acked:"))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            out.push((peer.clone(), acked));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_bandwidth_limit_holds_at_the_sender() {
+    let fx = Fx::new().await;
+    let size = 3_000_000usize;
+    let data = fx.publish("fw.bin", size);
+    let limit = 1_000_000f64;
+    let port = fx.cloud.addr.port();
+    let node = fx
+        .start(&fx.config("relay", "bandwidth_limit = \"1MB/s\"\nparallel = 1"))
+        .await;
+    // Watch the download's connection at the cloud from the moment it appears.
+    let mut first_seen: std::collections::HashMap<String, std::time::Instant> = Default::default();
+    let mut worst = 0f64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut download = None;
+    loop {
+        let now = std::time::Instant::now();
+        for (peer_addr, acked) in acked_by_peer(port) {
+            let since = *first_seen.entry(peer_addr.clone()).or_insert(now);
+            let allowed = limit * (now.duration_since(since).as_secs_f64() + 1.0);
+            worst = worst.max(acked as f64 / allowed);
+            if acked > 100_000 {
+                download = Some(peer_addr);
+            }
+        }
+        let done = node.images().await["images"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|i| i["state"] == "synced"));
+        if done || now > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(download.is_some(), "the download's connection was seen");
+    assert!(
+        worst <= 1.1,
+        "the cloud sent {:.0}% of limit × (elapsed + 1 s) at one point: the kernel took a burst the limit forbids",
+        worst * 100.0
+    );
+    // And the limit is a limit, not a stall: the file arrives at close to the rate.
+    node.wait_synced(&["fw.bin"], Duration::from_secs(10)).await;
+    node.assert_serves("/images/fw.bin", &data).await;
+}

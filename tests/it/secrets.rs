@@ -229,7 +229,7 @@ async fn a_finished_task_leaves_no_secret_in_the_store_which_is_owner_only() {
     for (_, v) in opened.task_targets(&id).unwrap() {
         held.push(v);
     }
-    for (_, r) in opened.outbox_batch(10_000).unwrap() {
+    for (_, r) in opened.outbox_batch(10_000, usize::MAX).unwrap() {
         held.push(serde_json::to_vec(&r).unwrap());
     }
     assert!(!held.is_empty());

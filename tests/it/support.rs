@@ -24,7 +24,8 @@ pub fn peer(program: &str) -> PathBuf {
         "nginx" => "nginx-light",
         "testssl" => "testssl.sh",
         "promtool" => "prometheus (scripts/test extracts promtool alone)",
-        "tc" | "ip" => "iproute2",
+        "tc" | "ip" | "ss" => "iproute2",
+        "bindfs" => "bindfs",
         "runuser" => "util-linux",
         other => other,
     };
@@ -343,4 +344,70 @@ pub fn final_header(head: &str, name: &str) -> Option<String> {
             .eq_ignore_ascii_case(name)
             .then(|| v.trim().to_string())
     })
+}
+
+/// A small real filesystem for a test (root only): a tmpfs of `size` on `path`, unmounted when
+/// dropped. Filling it is the kernel's ENOSPC, not a simulated quota.
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(path: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "ucrelay-test",
+            ])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mount a tmpfs on {}", path.display());
+        Tmpfs {
+            path: path.to_path_buf(),
+        }
+    }
+
+    fn filler(&self) -> PathBuf {
+        self.path.join(".filler")
+    }
+
+    /// Writes a filler file until the kernel refuses more; returns the bytes written.
+    pub fn fill(&self) -> u64 {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.filler())
+            .unwrap();
+        let buf = vec![0x5au8; 1 << 20];
+        let (mut chunk, mut total) = (buf.len(), 0u64);
+        loop {
+            match f.write(&buf[..chunk]) {
+                Ok(0) => return total,
+                Ok(n) => total += n as u64,
+                Err(e) if e.raw_os_error() == Some(28) && chunk > 512 => chunk /= 4,
+                Err(e) if e.raw_os_error() == Some(28) => return total,
+                Err(e) => panic!("filling {}: {e}", self.path.display()),
+            }
+        }
+    }
+
+    /// Gives the space back.
+    pub fn release(&self) {
+        let _ = std::fs::remove_file(self.filler());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
 }

@@ -58,6 +58,7 @@ fn check(ty: &str, text: &str) -> Result<(), String> {
         "ResultsBatch" => round_trip::<ResultsBatch>(text),
         "ResultsAck" => round_trip::<ResultsAck>(text),
         "DeviceStatusBatch" => round_trip::<DeviceStatusBatch>(text),
+        "Alarm" => round_trip::<Alarm>(text),
         "DeviceList" => round_trip::<DeviceList>(text),
         "ImageManifest" => round_trip::<ImageManifest>(text),
         "CloudMessage" => {

@@ -229,6 +229,9 @@ pub enum ErrorCode {
     NotFound,
     /// 429 or 503: slow down; `Retry-After` may say for how long.
     Busy,
+    /// 413: the body, or one record in it, is larger than the cloud takes. The relay sets the
+    /// record aside like one refused with `bad_request`.
+    TooLarge,
     /// 5xx.
     Internal,
     /// 422 on the last chunk of an artifact: the bytes received do not hash to the SHA-256 the
@@ -249,6 +252,7 @@ impl ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Busy => "busy",
+            ErrorCode::TooLarge => "too_large",
             ErrorCode::Internal => "internal",
             ErrorCode::ChecksumMismatch => "checksum_mismatch",
             ErrorCode::Other => "other",
@@ -342,6 +346,12 @@ pub enum ChannelErrorCode {
     UnknownMessage,
     /// Binary frames are not part of the protocol.
     UnsupportedFrame,
+    /// The relay's command queue is full: the command was neither stored nor acknowledged. The
+    /// cloud sends it again later, backing off.
+    Busy,
+    /// The relay cannot store the command now (its disk is full): neither acked nor run. The
+    /// relay reconnects the channel once its store works again, so the cloud sends it again.
+    StorageUnavailable,
     /// A code from a newer peer.
     #[serde(other)]
     Other,
@@ -505,6 +515,36 @@ pub struct FailedRule {
     pub rule: String,
     pub message: String,
 }
+/// Accept a device's new certificate key: params `{"target", "fingerprint"?}`.
+pub const DEVICE_TRUST_COMMAND: &str = "device_trust";
+/// The relay-level commands of v1 (besides [`DEVICE_COMMANDS`] and the task commands).
+pub const RELAY_COMMANDS: &[&str] = &["ping", "relay_status"];
+
+/// Every command name v1 defines; anything else is answered `not_applicable`.
+pub fn is_known_command(name: &str) -> bool {
+    RELAY_COMMANDS.contains(&name)
+        || DEVICE_COMMANDS.contains(&name)
+        || RELAY_DEVICE_COMMANDS.contains(&name)
+        || [
+            TASK_COMMAND,
+            TASK_UPDATE_COMMAND,
+            TASK_CANCEL_COMMAND,
+            DEVICE_TRUST_COMMAND,
+            INSTALL_CERTIFICATE_COMMAND,
+        ]
+        .contains(&name)
+}
+
+/// Alarm kinds monitoring and the device plane raise (`Alarm::kind`).
+pub const ALARM_DEVICE_OFFLINE: &str = "device_offline";
+pub const ALARM_DEVICE_ONLINE: &str = "device_online";
+pub const ALARM_LINE_UNREGISTERED: &str = "line_unregistered";
+pub const ALARM_LINE_REGISTERED: &str = "line_registered";
+/// A device presented a certificate key other than the one the relay pinned; nothing was sent.
+pub const ALARM_IDENTITY_CHANGED: &str = "device_identity_changed";
+/// One poll of a device found more changes than the relay raises alarms for; this one counts the
+/// rest.
+pub const ALARM_SUPPRESSED: &str = "alarms_suppressed";
 
 /// A scheduled task as the cloud sends it (the `params` of a `task` command).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -627,7 +667,7 @@ pub struct Alarm {
     pub mac: Option<String>,
     /// `device_offline`, `device_online`, `line_unregistered`, `line_registered`,
     /// `firmware_upgrade_failed`, `firmware_upgraded`, `config_update_failed`, `config_updated`,
-    /// `device_logs_capped`.
+    /// `device_logs_capped`, `device_identity_changed`, `alarms_suppressed`.
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub line: Option<u32>,

@@ -111,6 +111,8 @@ pub struct AgentStatus {
     pub heartbeats_failed: u64,
     pub heartbeat_interval_s: u64,
     pub commands_received: u64,
+    /// Commands answered `busy` (queue full), neither stored nor acknowledged.
+    pub commands_busy: u64,
     pub channel_errors_sent: u64,
     pub results_sent: u64,
     /// Results the cloud refused as malformed (moved aside, not retried).

@@ -268,6 +268,8 @@ pub async fn start_with_tls(
             shares: HashMap::new(),
             reporters: HashMap::new(),
             artifact_faults: artifacts::ArtifactFaults::default(),
+            busy: HashMap::new(),
+            limits: api::Limits::default(),
         }),
         written: tokio::sync::Mutex::new(0),
         connections: std::sync::atomic::AtomicU64::new(0),
@@ -388,6 +390,10 @@ pub(crate) struct Runtime {
     pub reporters: HashMap<String, std::collections::BTreeMap<String, u64>>,
     /// Test hooks of artifact uploads (`POST /sim/artifacts/faults`); not persisted.
     pub artifact_faults: artifacts::ArtifactFaults,
+    /// Relays that answered `busy`, and until when their commands wait (not persisted).
+    pub busy: HashMap<String, channel::BusyBackoff>,
+    /// Per-record size limits of results and device status (`POST /sim/limits`).
+    pub limits: api::Limits,
 }
 
 impl Runtime {

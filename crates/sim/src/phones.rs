@@ -4,7 +4,10 @@
 //! One listener on `0.0.0.0:PORT` serves every phone: a connection belongs to the phone whose
 //! address it was made to (its local address), and a connection to any other address is reset at
 //! once. TLS and plain HTTP share the port: a first byte of 0x16 (a TLS handshake record) means
-//! TLS, with one self-signed certificate for all phones; anything else is plain HTTP.
+//! TLS, anything else is plain HTTP. Each phone has its own key pair and self-signed certificate
+//! (CN = its MAC), made on its first TLS connection: kept across reboots, replaced by a factory
+//! reset, as real phones do. The test API can make a phone present an impostor's certificate
+//! (another host took over its address), and make it answer like a hostile device.
 //!
 //! What a phone does is in `model` (state and rules) and `api` (the HTTP side). Besides the device
 //! API, every phone answers a test API under `/sim/` (no authentication, no faults): its state,
@@ -17,7 +20,7 @@ mod api;
 pub mod model;
 pub mod uplink;
 
-pub use model::{CallSnapshot, Fault, FaultMode, LineSnapshot, PhoneState, Source};
+pub use model::{CallSnapshot, Fault, FaultMode, Hostile, LineSnapshot, PhoneState, Source};
 
 use anyhow::{Context as _, bail};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -217,6 +220,9 @@ struct Counters {
     auth_failures: AtomicU64,
     /// Reboots started, all phones together (a phone rebooted twice counts twice).
     reboots: AtomicU64,
+    /// Device-API requests being handled now, fleet-wide, and the most there ever were at once.
+    in_flight: AtomicU64,
+    peak_in_flight: AtomicU64,
 }
 
 /// A copy of the fleet-wide counters.
@@ -231,6 +237,9 @@ pub struct PhonesStats {
     pub busy_refusals: u64,
     pub auth_failures: u64,
     pub reboots: u64,
+    /// Device-API requests handled at once, fleet-wide, at the most (since start or the last
+    /// `reset_peak`).
+    pub peak_in_flight: u64,
 }
 
 /// What every connection and handler shares.
@@ -239,8 +248,6 @@ struct Inner {
     phones: Vec<Mutex<Phone>>,
     /// `Polycom:<admin password>`, as Basic credentials decode.
     credentials: String,
-    tls: tokio_rustls::TlsAcceptor,
-    cert_der: Vec<u8>,
     counters: Counters,
     /// Cancelled at shutdown.
     cancel: CancellationToken,
@@ -353,6 +360,51 @@ impl Inner {
         p.log_uploads += 1;
         p.last_upload_status = Some(r.status);
         Ok(r.status)
+    }
+
+    /// The TLS identity phone `idx` presents now: its own key (made on first use, new after a
+    /// factory reset) or, while swapped, an impostor's. The key is made outside the phone's lock.
+    fn tls(&self, idx: usize) -> anyhow::Result<Arc<model::PhoneTls>> {
+        let (generation, swapped) = {
+            let p = self.phone(idx);
+            if let Some(t) = p.current_tls() {
+                return Ok(t.clone());
+            }
+            (p.key_generation, p.swapped)
+        };
+        let made = Arc::new(make_tls(idx, generation, swapped)?);
+        let mut p = self.phone(idx);
+        if let Some(t) = p.current_tls() {
+            // Someone else made it meanwhile.
+            return Ok(t.clone());
+        }
+        if p.key_generation == generation && p.swapped == swapped {
+            if swapped {
+                p.impostor = Some(made.clone());
+            } else {
+                p.tls = Some(made.clone());
+            }
+        }
+        // Reset or swapped meanwhile: this connection still gets what it asked for.
+        Ok(made)
+    }
+
+    fn set_identity(&self, idx: usize, swapped: bool) {
+        let token = {
+            let mut p = self.phone(idx);
+            if p.swapped == swapped {
+                return;
+            }
+            p.swapped = swapped;
+            // An impostor's certificate is made fresh each time one takes over.
+            if swapped {
+                p.impostor = None;
+            }
+            p.take_conn_token()
+        };
+        if let Some(t) = token {
+            t.cancel();
+        }
     }
 
     fn set_fault(&self, idx: usize, fault: Fault) {
@@ -512,9 +564,32 @@ impl Phones {
         stats(&self.inner)
     }
 
-    /// The phones' TLS certificate (DER), for clients that want to pin it.
-    pub fn certificate_der(&self) -> &[u8] {
-        &self.inner.cert_der
+    /// Phone `idx`'s TLS certificate (DER) as presented now, for clients that want to pin it.
+    pub fn certificate_der(&self, idx: usize) -> anyhow::Result<Vec<u8>> {
+        Ok(self.inner.tls(idx)?.cert_der.clone())
+    }
+
+    /// SHA-256 of the key phone `idx` presents now (lowercase hex), making it if needed.
+    pub fn key_fingerprint(&self, idx: usize) -> anyhow::Result<String> {
+        Ok(self.inner.tls(idx)?.key_sha256.clone())
+    }
+
+    /// Makes phone `idx` present an impostor's certificate (another host took over its address),
+    /// or its own again. Open connections are reset.
+    pub fn set_swapped(&self, idx: usize, swapped: bool) {
+        self.inner.set_identity(idx, swapped);
+    }
+
+    /// Makes phone `idx` answer like a hostile device (or like a phone again with `None`).
+    pub fn set_hostile(&self, idx: usize, hostile: Hostile) {
+        self.inner.phone(idx).hostile = hostile;
+    }
+
+    /// Starts counting the peak of concurrent requests again from the requests in flight now.
+    pub fn reset_peak(&self) {
+        let c = &self.inner.counters;
+        c.peak_in_flight
+            .store(c.in_flight.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
     /// Stops accepting, closes every connection and returns once all of that is done.
@@ -549,6 +624,7 @@ fn stats(inner: &Inner) -> PhonesStats {
         busy_refusals: get(&c.busy_refusals),
         auth_failures: get(&c.auth_failures),
         reboots: get(&c.reboots),
+        peak_in_flight: get(&c.peak_in_flight),
     }
 }
 
@@ -565,7 +641,6 @@ pub async fn start(opts: PhonesOptions, shutdown: CancellationToken) -> anyhow::
         .context("listener has no local address")?
         .port();
 
-    let (tls, cert_der) = tls_acceptor()?;
     let uplink = opts.uplink()?;
     let fleet = Fleet {
         base: opts.base_ip,
@@ -590,8 +665,6 @@ pub async fn start(opts: PhonesOptions, shutdown: CancellationToken) -> anyhow::
         fleet,
         phones,
         credentials: format!("Polycom:{}", opts.admin_password),
-        tls,
-        cert_der,
         counters: Counters::default(),
         cancel: shutdown.child_token(),
         tracker: TaskTracker::new(),
@@ -656,16 +729,25 @@ fn raise_fd_limit(count: usize) {
     }
 }
 
-/// One self-signed certificate for every phone (CN `ucrelay-sim-phone`).
-fn tls_acceptor() -> anyhow::Result<(tokio_rustls::TlsAcceptor, Vec<u8>)> {
+/// A new key pair and self-signed certificate for phone `idx`, named after its MAC as device
+/// certificates are (an impostor's names the same MAC: only the key tells them apart).
+fn make_tls(idx: usize, generation: u32, swapped: bool) -> anyhow::Result<model::PhoneTls> {
     use rcgen::{CertificateParams, DnType, KeyPair};
-    let key = KeyPair::generate().context("cannot make the phones' key")?;
-    let mut params = CertificateParams::new(vec!["ucrelay-sim-phone".to_string()])?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "ucrelay-sim-phone");
+    use sha2::Digest as _;
+    let key = KeyPair::generate().context("cannot make a phone's key")?;
+    let mac = model::mac(idx);
+    let mut params = CertificateParams::new(vec![format!("{mac}.phone.sim")])?;
+    params.distinguished_name.push(DnType::CommonName, mac);
     let cert = params.self_signed(&key)?;
     let cert_der = cert.der().to_vec();
+    let key_sha256 = {
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert_der)
+            .map_err(|e| anyhow::anyhow!("cannot read the phone's own certificate: {e}"))?;
+        sha2::Sha256::digest(parsed.tbs_certificate.subject_pki.raw)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
     let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
@@ -674,7 +756,13 @@ fn tls_acceptor() -> anyhow::Result<(tokio_rustls::TlsAcceptor, Vec<u8>)> {
         .with_single_cert(vec![cert.der().clone()], key_der)
         .context("cannot build the phones' TLS config")?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok((tokio_rustls::TlsAcceptor::from(Arc::new(cfg)), cert_der))
+    Ok(model::PhoneTls {
+        generation,
+        swapped,
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
+        cert_der,
+        key_sha256,
+    })
 }
 
 async fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
@@ -756,8 +844,15 @@ async fn connection(stream: TcpStream, inner: Arc<Inner>) {
             .counters
             .tls_connections
             .fetch_add(1, Ordering::Relaxed);
+        let tls = match inner.tls(idx) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(phone = idx, error = %format!("{e:#}"), "sim phones: cannot make the phone's certificate");
+                return;
+            }
+        };
         let handshake = tokio::select! {
-            r = tokio::time::timeout(FIRST_BYTE_TIMEOUT, inner.tls.accept(io)) => r,
+            r = tokio::time::timeout(FIRST_BYTE_TIMEOUT, tls.acceptor.accept(io)) => r,
             _ = token.cancelled() => return,
             _ = inner.cancel.cancelled() => return,
         };

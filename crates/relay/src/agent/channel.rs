@@ -106,6 +106,10 @@ async fn serve(
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_rx = Instant::now();
+    // Fires exactly `dead_after` after the last frame: checking on the ping ticks instead would
+    // notice up to one more interval late.
+    let dead = tokio::time::sleep(dead_after);
+    tokio::pin!(dead);
 
     macro_rules! send {
         ($msg:expr) => {
@@ -125,14 +129,18 @@ async fn serve(
                 let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(None))).await;
                 return "relay shutting down".into();
             }
-            _ = tick.tick() => {
+            _ = &mut dead => {
                 let silent = last_rx.elapsed();
-                if silent >= dead_after {
-                    return format!(
-                        "no frame from cloud for {} ({} pings unanswered): connection presumed dead",
-                        humantime::format_duration(Duration::from_millis(silent.as_millis() as u64)),
-                        MISSED_PINGS
-                    );
+                return format!(
+                    "no frame from cloud for {} ({} pings unanswered): connection presumed dead",
+                    humantime::format_duration(Duration::from_millis(silent.as_millis() as u64)),
+                    MISSED_PINGS
+                );
+            }
+            _ = tick.tick() => {
+                if runner.take_refused_if_recovered(ctx) {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(None))).await;
+                    return "the store takes writes again: reconnecting so the cloud sends the commands refused meanwhile".into();
                 }
                 send!(Message::Ping(Vec::new().into()));
             }
@@ -143,6 +151,7 @@ async fn serve(
                     Some(Ok(m)) => m,
                 };
                 last_rx = Instant::now();
+                dead.as_mut().reset(tokio::time::Instant::from_std(last_rx + dead_after));
                 match msg {
                     Message::Text(text) => {
                         if let Some(reply) = on_text(ctx, runner, dispatch, text.as_str()).await {

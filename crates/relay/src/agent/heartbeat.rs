@@ -217,16 +217,22 @@ async fn heartbeat(
     let pending = ctx.store.run(|s| s.outbox_len()).await.unwrap_or(0);
     let st = ctx.status.snapshot();
     let jobs = dispatch.report();
-    let management = if st.channel == crate::ctx::ChannelState::Connected {
-        AgentState {
-            state: "ok".into(),
-            reason: None,
+    let mut troubles = Vec::new();
+    if st.channel != crate::ctx::ChannelState::Connected {
+        troubles.push("command channel down".to_string());
+    }
+    // A full disk under the store: the cloud learns why commands and tasks are refused.
+    if let Some(t) = ctx.store.trouble() {
+        troubles.push(t.message);
+    }
+    let management = AgentState {
+        state: if troubles.is_empty() {
+            "ok"
+        } else {
+            "degraded"
         }
-    } else {
-        AgentState {
-            state: "degraded".into(),
-            reason: Some("command channel down".into()),
-        }
+        .into(),
+        reason: (!troubles.is_empty()).then(|| troubles.join("; ")),
     };
     let req = HeartbeatRequest {
         seq,

@@ -26,9 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 /// What the management agent asks of the rest of the relay.
 pub trait Dispatch: Send + Sync + 'static {
-    /// Takes a scheduled task (a `task` command): true once it is stored durably and may be
-    /// acknowledged, false to leave it unacknowledged (the cloud sends it again).
-    fn accept_task<'a>(&'a self, cmd: &'a Command) -> BoxFuture<'a, bool>;
+    /// Takes a scheduled task (a `task` command): stored durably (ack it), refused for now (answer
+    /// busy), or not stored (no answer: the cloud sends it again).
+    fn accept_task<'a>(&'a self, cmd: &'a Command) -> BoxFuture<'a, TaskAccept>;
     /// Runs a command that is not the agent's own (`ping` is) to its result.
     fn execute<'a>(&'a self, cmd: &'a Command) -> BoxFuture<'a, ResultRecord>;
     /// What the next heartbeat says about the other jobs.
@@ -87,6 +87,17 @@ pub fn reported_addresses(config: &crate::config::Config) -> Vec<String> {
     out
 }
 
+/// What became of a `task` command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskAccept {
+    /// Stored (or its rejection stored): acknowledge it.
+    Stored,
+    /// Too many tasks are open; answer `busy`, the cloud sends it again later.
+    Busy(String),
+    /// Storing failed: no answer, the cloud sends it again.
+    Failed,
+}
+
 /// The other jobs, as a heartbeat reports them.
 #[derive(Debug, Clone, Default)]
 pub struct JobsReport {
@@ -108,10 +119,34 @@ pub struct Agent {
 /// Commands that are running when shutdown comes are waited for before this returns (the daemon's
 /// grace period bounds the wait); one cut short is reported as interrupted at the next start.
 pub async fn run(ctx: Ctx, agent: Agent, shutdown: CancellationToken) -> Result<()> {
-    commands::recover_interrupted(&ctx).await?;
-    let runner = commands::Runner::new(agent.dispatch.clone());
+    let runner = commands::Runner::new(agent.dispatch.clone(), ctx.config.cloud.command_queue);
     let sessions = ctx.sessions.clone();
+    // Commands a crash interrupted get their failure result; on a full disk that waits for space
+    // while everything else runs.
+    let recovery = async {
+        loop {
+            match commands::recover_interrupted(&ctx).await {
+                Ok(()) => return Ok(()),
+                Err(e)
+                    if e.downcast_ref::<crate::store::StoreError>()
+                        .is_some_and(|s| s.is_transient()) =>
+                {
+                    tracing::warn!(error = %format!("{e:#}"), "interrupted commands wait for the store");
+                    if !crate::util::backoff::sleep_or_shutdown(
+                        std::time::Duration::from_secs(2),
+                        &shutdown,
+                    )
+                    .await
+                    {
+                        return Ok(());
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
     let loops = tokio::try_join!(
+        recovery,
         heartbeat::run(
             ctx.clone(),
             sessions.clone(),

@@ -16,8 +16,25 @@ use tracing::{debug, error, warn};
 /// Results per `POST /relay/v1/results`: a 50,000-target task's results leave in 50 requests (and
 /// 50 removals from the store), not 500, so the outbox keeps up with the devices.
 const BATCH: usize = 1000;
+/// Stored JSON per batch at most (a single larger record is sent alone): a screen capture is
+/// megabytes, and a hundred of them must not make one request.
+const BATCH_BYTES: usize = 4 << 20;
 /// Even without a wake-up, look at the outbox this often.
 const SWEEP: Duration = Duration::from_secs(30);
+/// How soon the outbox is read again after the store refused.
+const STORE_RETRY: Duration = Duration::from_secs(2);
+
+/// A store error in the sender: a full disk or a store reopening after an I/O error is waited out
+/// (the results stay where they are); anything else stops the agent.
+fn store_trouble(ctx: &Ctx, e: &crate::store::StoreError) -> Result<()> {
+    if e.is_transient() {
+        warn!(error = %format!("{e:#}"), "results wait: the store cannot be used now");
+        ctx.status.lock().last_results_error = Some(e.to_string());
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!("{e:#}"))
+    }
+}
 
 pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken) -> Result<()> {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
@@ -27,7 +44,17 @@ pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken)
     loop {
         // Drain while there is a session and something to send.
         while let Some(session) = sessions.current() {
-            let batch = ctx.store.run(move |s| s.outbox_batch(batch_size)).await?;
+            let batch = match ctx
+                .store
+                .run(move |s| s.outbox_batch(batch_size, BATCH_BYTES))
+                .await
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    store_trouble(&ctx, &e)?;
+                    break;
+                }
+            };
             if batch.is_empty() {
                 break;
             }
@@ -52,7 +79,11 @@ pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken)
                         .map(|(k, _)| *k)
                         .collect();
                     let n = keys.len() as u64;
-                    ctx.store.run(move |s| s.outbox_remove(&keys)).await?;
+                    if let Err(e) = ctx.store.run(move |s| s.outbox_remove(&keys)).await {
+                        // Sent again later; the cloud drops the duplicates by id.
+                        store_trouble(&ctx, &e)?;
+                        break;
+                    }
                     debug!(sent = n, duplicates = ack.duplicates, "results delivered");
                     {
                         let mut st = ctx.status.lock();
@@ -72,7 +103,9 @@ pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken)
                         }
                     }
                 }
-                Err(e) if e.code() == Some(ErrorCode::BadRequest) => {
+                // 400: the cloud cannot read something in the batch; 413: something in it is
+                // larger than the cloud takes. Either way one record must not block the rest.
+                Err(e) if matches!(e.code(), Some(ErrorCode::BadRequest | ErrorCode::TooLarge)) => {
                     if batch.len() > 1 {
                         warn!(error = %e, "cloud refused a results batch; sending one at a time to isolate it");
                         batch_size = 1;
@@ -80,9 +113,12 @@ pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken)
                         // Retrying a result the cloud cannot read would block every later one.
                         let (key, rec) = &batch[0];
                         error!(result_id = %rec.result_id, command_id = %rec.command_id, error = %e,
-                            "cloud refused a result as malformed; kept in the store's rejected table, not retried");
+                            "cloud refused a result (malformed or too large); kept in the store's rejected table, not retried");
                         let (key, why) = (*key, e.to_string());
-                        ctx.store.run(move |s| s.outbox_reject(key, &why)).await?;
+                        if let Err(e) = ctx.store.run(move |s| s.outbox_reject(key, &why)).await {
+                            store_trouble(&ctx, &e)?;
+                            break;
+                        }
                         ctx.status.lock().results_rejected += 1;
                     }
                 }
@@ -102,7 +138,8 @@ pub async fn run(ctx: Ctx, sessions: Arc<Sessions>, shutdown: CancellationToken)
         tokio::select! {
             _ = ctx.results_wake.notified() => {}
             changed = session_rx.changed() => if changed.is_err() { return Ok(()) },
-            _ = tokio::time::sleep(SWEEP) => {}
+            // While the store refuses work, look again soon: it recovers by itself.
+            _ = tokio::time::sleep(if ctx.store.trouble().is_some() { STORE_RETRY } else { SWEEP }) => {}
             _ = shutdown.cancelled() => return Ok(()),
         }
     }

@@ -87,6 +87,9 @@ pub struct Catalog {
     /// Asks the agent to fetch the manifest and sync now.
     pub wake: Notify,
     pub stats: ServeStats,
+    /// A download of the current sync round stopped for want of disk space: the agent looks again
+    /// within seconds instead of backing off, so it resumes as soon as space returns.
+    pub space_short: std::sync::atomic::AtomicBool,
 }
 
 /// One device download from the edge, counted in `downloads_active` until dropped.
@@ -166,6 +169,7 @@ impl Catalog {
             inner: RwLock::new(Inner::default()),
             wake: Notify::new(),
             stats: ServeStats::default(),
+            space_short: std::sync::atomic::AtomicBool::new(false),
         };
         let mut inner = Inner {
             refused,
@@ -495,6 +499,7 @@ impl Catalog {
     /// Counts a sync round as started (`images sync --wait` waits for a round that started after it
     /// asked).
     pub(crate) fn start_round(&self) {
+        self.space_short.store(false, Ordering::Relaxed);
         self.inner
             .write()
             .unwrap_or_else(|e| e.into_inner())

@@ -78,12 +78,36 @@ pub async fn race(
     addrs: &[SocketAddr],
     per_address: Duration,
 ) -> Result<(TcpStream, SocketAddr), RaceFailed> {
+    race_with(addrs, per_address, None).await
+}
+
+/// One connection attempt; with `recv_buffer`, the socket's receive buffer is set before the
+/// connection is made (the window scale is fixed at the handshake, so afterwards is too late).
+async fn dial(addr: SocketAddr, recv_buffer: Option<u32>) -> std::io::Result<TcpStream> {
+    let Some(n) = recv_buffer else {
+        return TcpStream::connect(addr).await;
+    };
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_recv_buffer_size(n)?;
+    sock.connect(addr).await
+}
+
+/// [`race`], each socket with `recv_buffer` as its receive buffer when given.
+pub async fn race_with(
+    addrs: &[SocketAddr],
+    per_address: Duration,
+    recv_buffer: Option<u32>,
+) -> Result<(TcpStream, SocketAddr), RaceFailed> {
     let order = interleave(addrs);
     let mut waiting = order.into_iter();
     let mut running = FuturesUnordered::new();
     let mut failed = Vec::new();
     let attempt = |addr: SocketAddr| async move {
-        let r = match tokio::time::timeout(per_address, TcpStream::connect(addr)).await {
+        let r = match tokio::time::timeout(per_address, dial(addr, recv_buffer)).await {
             Ok(r) => r,
             Err(_) => Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,

@@ -130,9 +130,21 @@ pub struct CloudClient {
     other_tls: Arc<std::sync::OnceLock<Arc<rustls::ClientConfig>>>,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// The receive buffer of the sockets this client opens (None: the kernel's). A rate-limited
+    /// download sets a small one, so the kernel cannot take megabytes at line rate before the
+    /// limiter bites (see [`CloudClient::with_recv_buffer`]).
+    recv_buffer: Option<u32>,
 }
 
 impl CloudClient {
+    /// The same client, its connections opened with `recv_buffer` as their receive buffer.
+    pub fn with_recv_buffer(&self, recv_buffer: Option<u32>) -> CloudClient {
+        CloudClient {
+            recv_buffer,
+            ..self.clone()
+        }
+    }
+
     pub fn new(cfg: &CloudConfig) -> anyhow::Result<CloudClient> {
         let tls = if cfg.url.tls {
             Some(Arc::new(client_tls_config(cfg.ca_file.as_deref())?))
@@ -147,6 +159,7 @@ impl CloudClient {
             other_tls: Arc::default(),
             connect_timeout: cfg.connect_timeout,
             request_timeout: cfg.request_timeout,
+            recv_buffer: None,
         })
     }
 
@@ -161,11 +174,22 @@ impl CloudClient {
         let step = async {
             let (tcp, local) = match &self.proxy {
                 None => {
-                    tcp_connect(&self.url.connect_target(), "connect to cloud", deadline).await?
+                    tcp_connect_with(
+                        &self.url.connect_target(),
+                        "connect to cloud",
+                        deadline,
+                        self.recv_buffer,
+                    )
+                    .await?
                 }
                 Some(p) => {
-                    let (mut tcp, local) =
-                        tcp_connect(&p.address(), "connect to proxy", deadline).await?;
+                    let (mut tcp, local) = tcp_connect_with(
+                        &p.address(),
+                        "connect to proxy",
+                        deadline,
+                        self.recv_buffer,
+                    )
+                    .await?;
                     proxy_connect(&mut tcp, p, &self.url.connect_target()).await?;
                     (tcp, local)
                 }
@@ -393,13 +417,23 @@ impl CloudClient {
         let step = async {
             let tcp = match &self.proxy {
                 None => {
-                    race_addrs(addrs, "connect to download origin", deadline)
-                        .await?
-                        .0
+                    race_addrs(
+                        addrs,
+                        "connect to download origin",
+                        deadline,
+                        self.recv_buffer,
+                    )
+                    .await?
+                    .0
                 }
                 Some(p) => {
-                    let (mut tcp, _) =
-                        tcp_connect(&p.address(), "connect to proxy", deadline).await?;
+                    let (mut tcp, _) = tcp_connect_with(
+                        &p.address(),
+                        "connect to proxy",
+                        deadline,
+                        self.recv_buffer,
+                    )
+                    .await?;
                     proxy_connect(&mut tcp, p, &addrs[0].to_string()).await?;
                     tcp
                 }
@@ -550,6 +584,7 @@ pub fn status_error(status: u16, body: &[u8]) -> CloudError {
                 404 => ErrorCode::NotFound,
                 429 | 503 => ErrorCode::Busy,
                 400 => ErrorCode::BadRequest,
+                413 => ErrorCode::TooLarge,
                 s if s >= 500 => ErrorCode::Internal,
                 _ => ErrorCode::Other,
             };
@@ -574,8 +609,18 @@ pub(crate) async fn tcp_connect(
     stage: &'static str,
     per_address: Duration,
 ) -> Result<(TcpStream, SocketAddr), CloudError> {
+    tcp_connect_with(target, stage, per_address, None).await
+}
+
+/// [`tcp_connect`], each socket with `recv_buffer` as its receive buffer when given.
+pub(crate) async fn tcp_connect_with(
+    target: &str,
+    stage: &'static str,
+    per_address: Duration,
+    recv_buffer: Option<u32>,
+) -> Result<(TcpStream, SocketAddr), CloudError> {
     let addrs = resolve(target).await?;
-    race_addrs(&addrs, stage, per_address).await
+    race_addrs(&addrs, stage, per_address, recv_buffer).await
 }
 
 /// The addresses `target` (`host:port`) resolves to, in the resolver's order.
@@ -603,8 +648,9 @@ pub(crate) async fn race_addrs(
     addrs: &[SocketAddr],
     stage: &'static str,
     per_address: Duration,
+    recv_buffer: Option<u32>,
 ) -> Result<(TcpStream, SocketAddr), CloudError> {
-    match connect::race(addrs, per_address).await {
+    match connect::race_with(addrs, per_address, recv_buffer).await {
         Ok((s, _)) => {
             let _ = s.set_nodelay(true);
             let local = s.local_addr().map_err(CloudError::io)?;

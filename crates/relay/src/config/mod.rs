@@ -21,6 +21,12 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(60);
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(2 * 3600);
+/// Commands held at once (running or waiting) before the relay answers `busy`.
+pub const DEFAULT_COMMAND_QUEUE: usize = 1024;
+/// Device sessions open at once, relay-wide.
+pub const DEFAULT_MAX_SESSIONS: usize = 256;
+/// How long finished tasks are kept.
+pub const DEFAULT_TASK_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 pub const DEFAULT_MAX_IMAGES: u32 = 40;
 pub const DEFAULT_MAX_TOTAL: u64 = 30 * 1000 * 1000 * 1000;
 pub const DEFAULT_EDGE_LISTEN: &str = "0.0.0.0:443";
@@ -120,6 +126,9 @@ pub struct CloudConfig {
     /// The addresses the relay reports to the cloud (which places it in a site by them); empty:
     /// discovered (the edge's listen addresses, else the host's interface addresses).
     pub addresses: Vec<std::net::IpAddr>,
+    /// Commands from the channel held at once, running or waiting to run; one more is answered
+    /// `busy` on the channel, neither stored nor acknowledged, so the cloud sends it again later.
+    pub command_queue: usize,
 }
 
 /// Where the PIN comes from. A file is read again before every registration attempt, so an admin who
@@ -413,6 +422,34 @@ pub struct DevicesConfig {
     pub monitoring: bool,
     /// How often each device's CPU and memory (`device/stats`) are read, apart from status polls.
     pub stats_interval: Duration,
+    /// How a device's TLS certificate is checked before the admin password is sent.
+    pub identity: DeviceIdentity,
+    /// Device sessions (connections) open at once across commands, tasks and polls.
+    pub max_sessions: usize,
+    /// Finished tasks (and their per-target results) are forgotten this long after they ended.
+    pub task_retention: Duration,
+}
+
+/// `[devices].identity`: what the relay checks of a device's certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceIdentity {
+    /// Trust on first use: the key a device presents first is pinned; a different key later is
+    /// refused in the handshake, before any credentials are sent (the SSH model).
+    Tofu,
+    /// The chain must lead to `ca_file` (the name is not checked: device certificates name the MAC).
+    Ca,
+    /// Any certificate (the handshake signature is still checked). Also what plain HTTP gets.
+    Off,
+}
+
+impl DeviceIdentity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceIdentity::Tofu => "tofu",
+            DeviceIdentity::Ca => "ca",
+            DeviceIdentity::Off => "off",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -665,6 +702,54 @@ admin_password = "789"
             "edge.pfx_password_file"
         );
         assert!(parse(MINIMAL).unwrap().cloud.addresses.is_empty());
+    }
+
+    #[test]
+    fn device_identity_and_limits() {
+        let dev = |extra: &str| parse(&format!("{MINIMAL}\n[devices]\n{extra}\n"));
+        let c = dev("").unwrap();
+        assert_eq!(
+            c.devices.identity,
+            DeviceIdentity::Tofu,
+            "pinned by default"
+        );
+        assert_eq!(c.devices.max_sessions, DEFAULT_MAX_SESSIONS);
+        assert_eq!(c.devices.task_retention, DEFAULT_TASK_RETENTION);
+        assert_eq!(c.cloud.command_queue, DEFAULT_COMMAND_QUEUE);
+        assert_eq!(
+            dev("scheme = \"http\"").unwrap().devices.identity,
+            DeviceIdentity::Off,
+            "plain HTTP has no identity"
+        );
+        assert_eq!(
+            dev("identity = \"off\"").unwrap().devices.identity,
+            DeviceIdentity::Off
+        );
+        let c = dev("task_retention = \"2s\"\nmax_sessions = 4").unwrap();
+        assert_eq!(c.devices.task_retention, Duration::from_secs(2));
+        assert_eq!(c.devices.max_sessions, 4);
+        for (extra, field, says) in [
+            ("identity = \"trust\"", "devices.identity", "not"),
+            ("identity = \"ca\"", "devices.identity", "ca_file"),
+            (
+                "identity = \"tofu\"\nscheme = \"http\"",
+                "devices.identity",
+                "plain HTTP",
+            ),
+            ("max_sessions = 0", "devices.max_sessions", "out of range"),
+            (
+                "task_retention = \"0s\"",
+                "devices.task_retention",
+                "out of range",
+            ),
+        ] {
+            let e = dev(extra).unwrap_err();
+            assert_eq!(e.field, field, "{extra}");
+            assert!(e.message.contains(says), "{extra}: {e}");
+        }
+        let e = parse(&MINIMAL.replace("pin = \"123456\"", "pin = \"123456\"\ncommand_queue = 0"))
+            .unwrap_err();
+        assert_eq!(e.field, "cloud.command_queue");
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub(super) struct RawCloud {
     pub(super) request_timeout: Option<String>,
     pub(super) reconnect_max: Option<String>,
     pub(super) addresses: Option<Vec<String>>,
+    pub(super) command_queue: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -96,6 +97,9 @@ pub(super) struct RawDevices {
     pub(super) target_timeout: Option<String>,
     pub(super) monitoring: Option<bool>,
     pub(super) stats_interval: Option<String>,
+    pub(super) identity: Option<String>,
+    pub(super) max_sessions: Option<usize>,
+    pub(super) task_retention: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

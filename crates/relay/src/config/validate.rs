@@ -238,6 +238,12 @@ fn cloud(v: &Check, c: RawCloud) -> Result<CloudConfig> {
                 })
                 .collect::<Result<Vec<_>>>()?,
         },
+        command_queue: v.count(
+            "cloud.command_queue",
+            c.command_queue,
+            DEFAULT_COMMAND_QUEUE,
+            65_536,
+        )?,
     })
 }
 
@@ -453,6 +459,40 @@ fn devices(v: &Check, d: Option<RawDevices>) -> Result<DevicesConfig> {
             ));
         }
     };
+    let ca_file = v.ca_file("devices.ca_file", d.ca_file)?;
+    let identity = match (d.identity.as_deref(), scheme, &ca_file) {
+        // Absent: pin on first use, or check the CA when one is given (what ca_file always meant).
+        (None, DeviceScheme::Https, None) => DeviceIdentity::Tofu,
+        (None, DeviceScheme::Https, Some(_)) => DeviceIdentity::Ca,
+        (None, DeviceScheme::Http, _) => DeviceIdentity::Off,
+        (Some("off"), _, None) => DeviceIdentity::Off,
+        (Some(mode @ ("tofu" | "ca")), DeviceScheme::Http, _) => {
+            return Err(v.err(
+                "devices.identity",
+                format!("{mode:?} needs scheme = \"https\": plain HTTP carries no device identity"),
+            ));
+        }
+        (Some("tofu"), _, None) => DeviceIdentity::Tofu,
+        (Some("ca"), _, Some(_)) => DeviceIdentity::Ca,
+        (Some("ca"), _, None) => {
+            return Err(v.err(
+                "devices.identity",
+                "\"ca\" needs devices.ca_file: the CA that signs the device certificates",
+            ));
+        }
+        (Some("tofu" | "off"), _, Some(_)) => {
+            return Err(v.err(
+                "devices.ca_file",
+                "is used only with identity = \"ca\"; remove it or set identity = \"ca\"",
+            ));
+        }
+        (Some(other), _, _) => {
+            return Err(v.err(
+                "devices.identity",
+                format!("{other:?} is not \"tofu\", \"ca\" or \"off\""),
+            ));
+        }
+    };
     Ok(DevicesConfig {
         enabled,
         subnets,
@@ -465,7 +505,7 @@ fn devices(v: &Check, d: Option<RawDevices>) -> Result<DevicesConfig> {
         )?,
         admin_password,
         scheme,
-        ca_file: v.ca_file("devices.ca_file", d.ca_file)?,
+        ca_file,
         request_timeout: v.duration(
             "devices.request_timeout",
             &d.request_timeout,
@@ -489,6 +529,20 @@ fn devices(v: &Check, d: Option<RawDevices>) -> Result<DevicesConfig> {
             DEFAULT_STATS_INTERVAL,
             secs(1),
             secs(7 * 24 * 3600),
+        )?,
+        identity,
+        max_sessions: v.count(
+            "devices.max_sessions",
+            d.max_sessions,
+            DEFAULT_MAX_SESSIONS,
+            4096,
+        )?,
+        task_retention: v.duration(
+            "devices.task_retention",
+            &d.task_retention,
+            DEFAULT_TASK_RETENTION,
+            secs(1),
+            secs(10 * 365 * 24 * 3600),
         )?,
     })
 }

@@ -7,8 +7,9 @@ use crate::devices::{self, DevicePlane};
 use crate::edge;
 use crate::ops::{Running, report::StatusReport};
 use crate::protocol::{
-    AgentState, CertificateUpload, Command, DEVICE_COMMANDS, INSTALL_CERTIFICATE_COMMAND, Outcome,
-    RELAY_DEVICE_COMMANDS, ResultRecord, TASK_CANCEL_COMMAND, TASK_UPDATE_COMMAND,
+    AgentState, CertificateUpload, Command, DEVICE_COMMANDS, DEVICE_TRUST_COMMAND,
+    INSTALL_CERTIFICATE_COMMAND, Outcome, RELAY_DEVICE_COMMANDS, ResultRecord, TASK_CANCEL_COMMAND,
+    TASK_UPDATE_COMMAND,
 };
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
@@ -34,6 +35,7 @@ impl Jobs {
             TASK_CANCEL_COMMAND => done(devices::tasks::cancel(self.devices(), &cmd.params).await),
             TASK_UPDATE_COMMAND => done(devices::tasks::update(self.devices(), &cmd.params).await),
             INSTALL_CERTIFICATE_COMMAND => self.install_certificate(cmd).await,
+            DEVICE_TRUST_COMMAND => self.devices().trust_command(cmd).await,
             "relay_status" => {
                 let ctx = &self.running.ctx;
                 let pending = ctx.store.run(|s| s.outbox_len()).await.unwrap_or(0);
@@ -116,8 +118,15 @@ fn state(state: &str, reason: Option<String>) -> AgentState {
 }
 
 impl agent::Dispatch for Jobs {
-    fn accept_task<'a>(&'a self, cmd: &'a Command) -> BoxFuture<'a, bool> {
-        devices::tasks::accept(&self.running.ctx, self.devices(), cmd).boxed()
+    fn accept_task<'a>(&'a self, cmd: &'a Command) -> BoxFuture<'a, agent::TaskAccept> {
+        async move {
+            match devices::tasks::accept(&self.running.ctx, self.devices(), cmd).await {
+                devices::tasks::TaskAccept::Stored => agent::TaskAccept::Stored,
+                devices::tasks::TaskAccept::Busy(why) => agent::TaskAccept::Busy(why),
+                devices::tasks::TaskAccept::Failed => agent::TaskAccept::Failed,
+            }
+        }
+        .boxed()
     }
 
     fn execute<'a>(&'a self, cmd: &'a Command) -> BoxFuture<'a, ResultRecord> {

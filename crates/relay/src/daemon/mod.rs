@@ -167,6 +167,7 @@ pub async fn run(
         "reload",
         reload::run(running.clone(), hup, reload_rx, jobs.clone()),
     );
+    spawn(&mut set, "store", store_recovery(ctx.clone(), jobs.clone()));
     ready(&running);
     let mut last_status = ops::systemd::summary(&running);
     ops::systemd::ready(&last_status);
@@ -247,15 +248,44 @@ async fn supervise(
     }
 }
 
+/// While the store refuses writes (a full disk, an I/O error), tries a tiny write every
+/// [`STORE_RETRY`]: the first that commits clears the trouble, and everything waiting on the store
+/// (tasks, results, refused commands) goes on by itself.
+async fn store_recovery(ctx: Ctx, shutdown: CancellationToken) -> Result<()> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(STORE_RETRY) => {}
+        }
+        if ctx.store.trouble().is_none() {
+            continue;
+        }
+        match tokio::time::timeout(STORE_RETRY, ctx.store.run(|s| s.probe())).await {
+            Ok(Ok(())) => info!("the store works again"),
+            Ok(Err(e)) if e.is_transient() => {}
+            Ok(Err(e)) => warn!(error = %format!("{e:#}"), "store probe failed"),
+            Err(_) => warn!("the store did not answer a probe within {STORE_RETRY:?}"),
+        }
+    }
+}
+
+/// How often a store that refuses writes is tried again.
+const STORE_RETRY: Duration = Duration::from_secs(2);
+
 /// How often the status line for systemd is recomputed (sent only when it changed).
 const STATUS_REFRESH: Duration = Duration::from_secs(1);
 
-/// A trivial read of the store, bounded by `deadline`.
+/// The store's probe (a tiny durable write, through fsync; a read while it reports a full disk),
+/// bounded by `deadline`. A refusal it gives at once (a full disk) is an answer: the relay is
+/// alive and says why it refuses work, and a restart would not give the disk space back. A store
+/// that does not answer in time hangs, and then only a restart can help.
 async fn store_answers(ctx: &Ctx, deadline: Duration) -> Result<()> {
-    tokio::time::timeout(deadline, ctx.store.run(|s| s.outbox_len()))
-        .await
-        .map_err(|_| anyhow!("the store did not answer a read within {deadline:?}"))??;
-    Ok(())
+    match tokio::time::timeout(deadline, ctx.store.run(|s| s.probe())).await {
+        Err(_) => Err(anyhow!("the store did not answer within {deadline:?}")),
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if e.is_transient() => Ok(()),
+        Ok(Err(e)) => Err(e.into()),
+    }
 }
 
 fn spawn<F>(set: &mut JoinSet<(&'static str, Result<()>)>, name: &'static str, fut: F)

@@ -4,12 +4,13 @@
 //! every section is taken apart field by field (no `..`), so a new setting cannot be added
 //! without deciding here whether a reload applies it.
 //!
-//! Applied live: `[devices]` subnets, admin password, task concurrency and deadline (the device
+//! Applied live: `[devices]` subnets, admin password, task concurrency, deadline and retention (the device
 //! plane, the legacy listener and the download agent read them per piece of work); `[edge]`
 //! certificate (with `fqdn`, `pfx`, `pfx_password_file`) and connection limits and timeouts (new
 //! connections); `[provisioning]`; `[images]` limits, rate, windows and intervals. After a
 //! restart: `state_dir`, `[cloud]`, `[admin]`, `[diagnostics]`, the edge's listen addresses,
-//! adding or removing a section, and the device plane's polling, scheme, CA and request deadline. A refused
+//! adding or removing a section, and the device plane's polling, scheme, CA, identity checks,
+//! session cap and request deadline. A refused
 //! certificate or upstream leaves the old one in service; no connection is cut either way.
 //!
 //! What waits for a restart is kept ([`crate::ops::ReloadState`]) and shown by `status` until
@@ -291,6 +292,7 @@ fn cloud(runs: &CloudConfig, file: &CloudConfig, p: &mut Plan) {
         request_timeout,
         reconnect_max,
         addresses,
+        command_queue,
     } = file;
     p.after_restart("cloud.addresses", &runs.addresses, addresses, |a| {
         format!("{a:?}")
@@ -359,6 +361,12 @@ fn cloud(runs: &CloudConfig, file: &CloudConfig, p: &mut Plan) {
         reconnect_max,
         dur,
     );
+    p.after_restart(
+        "cloud.command_queue",
+        &runs.command_queue,
+        command_queue,
+        num,
+    );
 }
 
 /// `[devices]`: the subnets and the admin password first of all (an admin who narrows the
@@ -377,6 +385,9 @@ fn devices(ctx: &Running, runs: &mut DevicesConfig, file: &DevicesConfig, p: &mu
         target_timeout,
         monitoring,
         stats_interval,
+        identity,
+        max_sessions,
+        task_retention,
     } = file;
     let mut changed = false;
     if p.live("devices.subnets", &runs.subnets, subnets, |n| {
@@ -412,6 +423,15 @@ fn devices(ctx: &Running, runs: &mut DevicesConfig, file: &DevicesConfig, p: &mu
         dur,
     ) {
         runs.target_timeout = *target_timeout;
+        changed = true;
+    }
+    if p.live(
+        "devices.task_retention",
+        &runs.task_retention,
+        task_retention,
+        dur,
+    ) {
+        runs.task_retention = *task_retention;
         changed = true;
     }
     if changed {
@@ -453,6 +473,16 @@ fn devices(ctx: &Running, runs: &mut DevicesConfig, file: &DevicesConfig, p: &mu
         &runs.stats_interval,
         stats_interval,
         dur,
+    );
+    // The device client (its certificate checks) and the session cap are built at start.
+    p.after_restart("devices.identity", &runs.identity, identity, |i| {
+        i.as_str().to_string()
+    });
+    p.after_restart(
+        "devices.max_sessions",
+        &runs.max_sessions,
+        max_sessions,
+        num,
     );
 }
 

@@ -375,7 +375,8 @@ async fn check_one(plane: &Arc<DevicePlane>, mut rec: CaptureRecord) {
     let until = Instant::now() + plane.cfg().target_timeout;
     let work = async {
         let _guard = plane.lock(&target).await;
-        let mut s = plane.client.session(&target, &password).await?;
+        let _permit = plane.session_permit().await?;
+        let mut s = plane.open(&target, &password).await?;
         if !timed_out {
             let v = call(
                 &mut s,

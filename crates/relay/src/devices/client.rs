@@ -3,9 +3,15 @@
 //!
 //! One [`Session`] is one connection used for a few sequential requests, then dropped: phones
 //! process one request at a time and thousands of idle pooled connections would only cost memory.
-//! Every step has a deadline; redirects are never followed; answers are size-capped.
+//! Every step has a deadline; redirects are never followed; answers are size-capped (JSON answers
+//! far below the cap for files).
+//!
+//! With `[devices].identity = "tofu"` each connection gets its own certificate check ([`PinCheck`])
+//! carrying what that device must present: a device whose key is not the pinned one fails the
+//! TLS handshake, so the request carrying the admin password is never written.
 
-use crate::config::{DeviceScheme, DevicesConfig};
+use super::identity::{Expect, Fingerprint};
+use crate::config::{DeviceIdentity, DeviceScheme, DevicesConfig};
 use crate::util::secret::Secret;
 use base64::Engine;
 use bytes::Bytes;
@@ -20,6 +26,11 @@ use std::time::Duration;
 
 /// Largest answer body read from a device (screen captures and config exports included).
 pub const MAX_REPLY: usize = 8 * 1024 * 1024;
+/// Largest JSON answer of the REST API read from a device: a status, a few dozen lines or 20
+/// parameters are a few kilobytes; anything near this is a device misbehaving.
+pub const MAX_JSON_REPLY: usize = 256 * 1024;
+/// Longest API status code kept from a device's answer (real ones are 4 digits).
+const MAX_CODE_LEN: usize = 16;
 
 /// A device address: `IP` or `IP:PORT` (IPv6 as `[IP]:PORT`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -91,6 +102,15 @@ pub enum DeviceError {
     /// TLS handshake failed.
     #[error("TLS handshake with the device failed: {0}")]
     Tls(#[source] Cause),
+    /// The device presented a certificate key other than the pinned one; the handshake was
+    /// aborted before any request (so before the admin password) went out.
+    #[error(
+        "device identity changed: {} presented certificate key {} instead of the pinned key {}; \
+         the admin password was not sent. If the device was replaced or reset, accept the new key with \
+         `ucrelay devices trust {}` or the cloud's device_trust command",
+        .0.address, .0.seen.short(), .0.pinned.short(), .0.address
+    )]
+    IdentityChanged(Box<KeyChange>),
     /// 401: the admin password was refused.
     #[error(
         "device refused the admin password (HTTP 401); set it in the command or [devices].admin_password"
@@ -114,6 +134,17 @@ pub enum DeviceError {
     /// The HTTP exchange failed in a way that is not a lost connection.
     #[error("unreadable answer from the device: {0}")]
     Exchange(#[source] Cause),
+    /// The relay could not store what it learnt about the device (its key), so it did not go on.
+    #[error("cannot record the device's key in the store: {0}")]
+    Store(String),
+}
+
+/// A key a device presented where another one is pinned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyChange {
+    pub address: String,
+    pub pinned: Fingerprint,
+    pub seen: Fingerprint,
 }
 
 /// Equal when they say the same thing (the causes compare by their message).
@@ -171,7 +202,9 @@ pub struct Reply {
 #[derive(Clone)]
 pub struct DeviceClient {
     scheme: DeviceScheme,
+    identity: DeviceIdentity,
     tls: Arc<rustls::ClientConfig>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
     timeout: Duration,
 }
 
@@ -179,7 +212,7 @@ impl DeviceClient {
     pub fn new(cfg: &DevicesConfig) -> anyhow::Result<DeviceClient> {
         let tls = match &cfg.ca_file {
             None => unverified_tls_config()?,
-            Some(ca) => {
+            Some(ca) if cfg.identity == DeviceIdentity::Ca => {
                 let provider = Arc::new(rustls::crypto::ring::default_provider());
                 let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
                     .with_safe_default_protocol_versions()?;
@@ -199,10 +232,14 @@ impl DeviceClient {
                     .with_custom_certificate_verifier(Arc::new(ChainOnly(inner)))
                     .with_no_client_auth()
             }
+            // Validation refuses a ca_file without identity = "ca"; never verify less than asked.
+            Some(_) => anyhow::bail!("devices.ca_file is set but identity is not \"ca\""),
         };
         Ok(DeviceClient {
             scheme: cfg.scheme,
+            identity: cfg.identity,
             tls: Arc::new(tls),
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
             timeout: cfg.request_timeout,
         })
     }
@@ -221,11 +258,28 @@ impl DeviceClient {
         self.timeout
     }
 
-    /// Opens a connection to the device. Credentials are `Polycom:<password>`.
+    /// `[devices].identity` as the relay started (a change waits for a restart).
+    pub fn identity(&self) -> DeviceIdentity {
+        self.identity
+    }
+
+    /// Whether handshakes are checked against pinned keys (`identity = "tofu"` over HTTPS).
+    pub fn pins_keys(&self) -> bool {
+        self.identity == DeviceIdentity::Tofu && self.scheme == DeviceScheme::Https
+    }
+
+    /// The address pins are kept under: the socket address the relay dials.
+    pub fn pin_address(&self, target: &Target) -> String {
+        target.socket_addr(self.scheme).to_string()
+    }
+
+    /// Opens a connection to the device. Credentials are `Polycom:<password>`; nothing is sent
+    /// before the handshake passed. `expect` is what the device's key must be (None: no pin).
     pub async fn session(
         &self,
         target: &Target,
         password: &Secret,
+        expect: Option<Expect>,
     ) -> Result<Session, DeviceError> {
         let addr = target.socket_addr(self.scheme);
         let auth = format!(
@@ -240,6 +294,8 @@ impl DeviceClient {
             auth: http::HeaderValue::from_str(&auth)
                 .map_err(|_| DeviceError::BadReply("password is not valid in a header".into()))?,
             sender: None,
+            expect: expect.filter(|_| self.pins_keys()),
+            seen: None,
         };
         session.connect().await?;
         Ok(session)
@@ -253,9 +309,42 @@ pub struct Session {
     host: String,
     auth: http::HeaderValue,
     sender: Option<SendRequest<Full<Bytes>>>,
+    /// What the device's key must be (None: keys are not pinned).
+    expect: Option<Expect>,
+    /// The key the first handshake of this session saw.
+    seen: Option<Fingerprint>,
 }
 
 impl Session {
+    /// The key this session's handshake saw, when keys are pinned and the handshake verified a
+    /// certificate (a resumed TLS session verifies none: the key is the one it was made with).
+    pub fn observed_key(&self) -> Option<Fingerprint> {
+        self.expect?;
+        self.seen
+    }
+
+    /// The TLS settings of one connection: the shared ones, or with keys pinned, the shared ones
+    /// with this connection's own check.
+    fn tls_for(&self) -> (Arc<rustls::ClientConfig>, Option<Arc<PinCheck>>) {
+        // A reconnect inside the session must meet the key the first handshake saw.
+        let expect = match (self.expect, self.seen) {
+            (Some(_), Some(seen)) => Some(Expect::Key(seen)),
+            (e, None) => e,
+            (None, Some(_)) => None,
+        };
+        let Some(expect) = expect else {
+            return (self.client.tls.clone(), None);
+        };
+        let check = Arc::new(PinCheck {
+            expect,
+            provider: self.client.provider.clone(),
+            seen: std::sync::Mutex::new(None),
+        });
+        let mut cfg = (*self.client.tls).clone();
+        cfg.dangerous().set_certificate_verifier(check.clone());
+        (Arc::new(cfg), Some(check))
+    }
+
     async fn connect(&mut self) -> Result<(), DeviceError> {
         let timeout = self.client.timeout;
         let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(self.addr))
@@ -267,19 +356,31 @@ impl Session {
             DeviceScheme::Http => handshake(TokioIo::new(tcp)).await?,
             DeviceScheme::Https => {
                 let name = ServerName::IpAddress(self.addr.ip().into());
+                let (tls_cfg, check) = self.tls_for();
                 let tls = tokio::time::timeout(
                     timeout,
-                    tokio_rustls::TlsConnector::from(self.client.tls.clone()).connect(name, tcp),
+                    tokio_rustls::TlsConnector::from(tls_cfg).connect(name, tcp),
                 )
                 .await
                 .map_err(|_| DeviceError::Timeout("TLS handshake"))?
                 .map_err(|e| {
+                    // The pin check refused the key: say so, not "TLS failed".
+                    if let Some((pinned, seen)) = check.as_ref().and_then(|c| c.refused()) {
+                        return DeviceError::IdentityChanged(Box::new(KeyChange {
+                            address: self.addr.to_string(),
+                            pinned,
+                            seen,
+                        }));
+                    }
                     if e.kind() == std::io::ErrorKind::InvalidData {
                         DeviceError::Tls(cause(e))
                     } else {
                         DeviceError::Unreachable(cause(e))
                     }
                 })?;
+                if self.seen.is_none() {
+                    self.seen = check.as_ref().and_then(|c| c.seen());
+                }
                 handshake(TokioIo::new(tls)).await?
             }
         };
@@ -289,7 +390,9 @@ impl Session {
 
     /// `GET path`, expecting the JSON envelope.
     pub async fn get(&mut self, path: &str) -> Result<Reply, DeviceError> {
-        let (status, _, body) = self.send(http::Method::GET, path, None).await?;
+        let (status, _, body) = self
+            .send(http::Method::GET, path, None, MAX_JSON_REPLY)
+            .await?;
         envelope(status, &body)
     }
 
@@ -300,13 +403,15 @@ impl Session {
         data: Option<serde_json::Value>,
     ) -> Result<Reply, DeviceError> {
         let body = data.map(|d| serde_json::json!({ "data": d }).to_string().into_bytes());
-        let (status, _, body) = self.send(http::Method::POST, path, body).await?;
+        let (status, _, body) = self
+            .send(http::Method::POST, path, body, MAX_JSON_REPLY)
+            .await?;
         envelope(status, &body)
     }
 
     /// `GET path` for a non-JSON resource (screen capture, config export): content type and body.
     pub async fn get_raw(&mut self, path: &str) -> Result<(String, Bytes), DeviceError> {
-        let (status, ctype, body) = self.send(http::Method::GET, path, None).await?;
+        let (status, ctype, body) = self.send(http::Method::GET, path, None, MAX_REPLY).await?;
         match status {
             200 => Ok((ctype, body)),
             other => Err(http_error(other)),
@@ -318,6 +423,7 @@ impl Session {
         method: http::Method,
         path: &str,
         body: Option<Vec<u8>>,
+        limit: usize,
     ) -> Result<(u16, String, Bytes), DeviceError> {
         // A device may close a kept-alive connection between requests: reconnect once.
         let reusable = self.sender.as_ref().is_some_and(|s| !s.is_closed());
@@ -357,11 +463,19 @@ impl Session {
                 .get(http::header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
-                .to_string();
-            let body = Limited::new(resp.into_body(), MAX_REPLY)
+                .chars()
+                .take(100)
+                .filter(|c| !c.is_control())
+                .collect::<String>();
+            let body = Limited::new(resp.into_body(), limit)
                 .collect()
                 .await
-                .map_err(|e| DeviceError::BadReply(format!("reading the body: {e}")))?
+                .map_err(|e| {
+                    DeviceError::BadReply(format!(
+                        "reading the body (at most {} KiB): {e}",
+                        limit / 1024
+                    ))
+                })?
                 .to_bytes();
             Ok::<_, DeviceError>((status, ctype, body))
         };
@@ -413,7 +527,11 @@ fn envelope(status: u16, body: &[u8]) -> Result<Reply, DeviceError> {
     let v: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| DeviceError::BadReply(format!("not JSON ({e}): {}", preview(body))))?;
     let code = match v.get("Status") {
-        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::String(s)) => s
+            .chars()
+            .take(MAX_CODE_LEN)
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect(),
         Some(serde_json::Value::Number(n)) => n.to_string(),
         _ => {
             return Err(DeviceError::BadReply(format!(
@@ -432,7 +550,9 @@ fn envelope(status: u16, body: &[u8]) -> Result<Reply, DeviceError> {
 
 fn preview(body: &[u8]) -> String {
     let s = String::from_utf8_lossy(&body[..body.len().min(120)]);
-    s.replace(['\n', '\r'], " ")
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// The TLS client settings for devices without `[devices].ca_file`: any certificate is accepted
@@ -495,6 +615,89 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `identity = "tofu"`: one connection's certificate check. The key must be what [`Expect`] says;
+/// anything else aborts the handshake (the request with the admin password is never written). The
+/// handshake signature is checked as always. What was seen is kept for the caller to pin.
+#[derive(Debug)]
+struct PinCheck {
+    expect: Expect,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    seen: std::sync::Mutex<Option<Fingerprint>>,
+}
+
+impl PinCheck {
+    fn seen(&self) -> Option<Fingerprint> {
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// (pinned, seen) when the check refused the key.
+    fn refused(&self) -> Option<(Fingerprint, Fingerprint)> {
+        match (self.expect, self.seen()) {
+            (Expect::Key(k), Some(seen)) if k != seen => Some((k, seen)),
+            _ => None,
+        }
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinCheck {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let Some(fp) = Fingerprint::of_certificate(end_entity.as_ref()) else {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::BadEncoding,
+            ));
+        };
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(fp);
+        if self.expect.admits(&fp) {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

@@ -3,7 +3,10 @@
 //!
 //! Safety first: an address outside `[devices].subnets` is refused before any packet is sent, so the
 //! cloud cannot use the relay as an open proxy. One request at a time per device (phones answer 403
-//! to a second one), a deadline on every step, bounded concurrency everywhere.
+//! to a second one), a deadline on every step, bounded concurrency everywhere: one relay-wide cap
+//! on device sessions (`[devices].max_sessions`) covers commands, tasks and polls together. A
+//! device's key is pinned on first contact (`identity`), and a device presenting another key gets
+//! no password.
 
 pub mod actions;
 pub mod backups;
@@ -11,6 +14,7 @@ pub mod captures;
 pub mod client;
 pub mod export;
 pub mod health;
+pub mod identity;
 pub mod monitor;
 pub mod probe;
 pub mod tasks;
@@ -23,12 +27,12 @@ use crate::util::live::Live;
 use crate::util::secret::Secret;
 use crate::util::time::rfc3339;
 use anyhow::Result;
-use client::{DeviceClient, DeviceError, Target};
+use client::{DeviceClient, DeviceError, Session, Target};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::SystemTime;
-use tokio::sync::{mpsc, oneshot};
+use std::time::{Duration, SystemTime};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -55,6 +59,13 @@ pub struct DevicePlane {
     locks: Mutex<HashMap<Target, Weak<tokio::sync::Mutex<()>>>>,
     pub registry: monitor::Registry,
     pub tasks: tasks::Book,
+    /// Pinned device keys (`identity = "tofu"`).
+    pub pins: identity::Pins,
+    /// Relay-wide cap on device sessions: commands, task targets and polls all take a permit.
+    sessions: Arc<Semaphore>,
+    /// `[devices].max_sessions` as the relay started (the semaphore's size; a change waits for a
+    /// restart).
+    max_sessions: usize,
     recorder: mpsc::Sender<Recording>,
     recorder_rx: Mutex<Option<mpsc::Receiver<Recording>>>,
 }
@@ -77,6 +88,9 @@ impl DevicePlane {
             registry: monitor::Registry::load(store, &cfg)?,
             cfg: live,
             tasks: tasks::Book::load(store)?,
+            pins: identity::Pins::load(store)?,
+            sessions: Arc::new(Semaphore::new(cfg.max_sessions)),
+            max_sessions: cfg.max_sessions,
             recorder: tx,
             recorder_rx: Mutex::new(Some(rx)),
         }))
@@ -130,8 +144,222 @@ impl DevicePlane {
         m.lock_owned().await
     }
 
-    /// Runs one operation on one device with the device lock held and the given deadline. A
-    /// payload too big for a results batch leaves as an artifact.
+    /// Device sessions open now (each holds a permit of `[devices].max_sessions`).
+    pub fn sessions_open(&self) -> usize {
+        self.max_sessions - self.sessions.available_permits()
+    }
+
+    /// A device session permit, for work that holds the device lock itself (take the lock first).
+    pub async fn session_permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, DeviceError> {
+        self.sessions
+            .acquire()
+            .await
+            .map_err(|_| DeviceError::Timeout("the relay is stopping"))
+    }
+
+    /// Runs `work` on `target` with the device lock and a session permit held, within `deadline`
+    /// (a miss is `DeviceError::Timeout(what)`). The lock comes first: a permit is never held while
+    /// waiting for a device, so permit holders always progress. Waiting for the lock or a permit
+    /// is the relay's own queue, not the device's slowness: it does not count against `deadline`.
+    pub async fn with_device<T>(
+        &self,
+        target: &Target,
+        deadline: Duration,
+        what: &'static str,
+        work: impl std::future::Future<Output = Result<T, DeviceError>>,
+    ) -> Result<T, DeviceError> {
+        let _guard = self.lock(target).await;
+        let _permit = self.session_permit().await?;
+        tokio::time::timeout(deadline, work)
+            .await
+            .unwrap_or(Err(DeviceError::Timeout(what)))
+    }
+
+    /// Opens a session with `target` under the identity rules. A first key (or the new key after a
+    /// factory reset) is stored before this returns, so it is pinned before the first request
+    /// carries the password; a refused key is recorded with its alarm.
+    pub async fn open(&self, target: &Target, password: &Secret) -> Result<Session, DeviceError> {
+        let pin_addr = self.client.pin_address(target);
+        let expect = self
+            .client
+            .pins_keys()
+            .then(|| self.pins.expect(&pin_addr, SystemTime::now()));
+        match self.client.session(target, password, expect).await {
+            Ok(s) => {
+                if let Some(seen) = s.observed_key() {
+                    match self.pins.observed(&pin_addr, seen) {
+                        // Fail closed: a pin that is not durable would be forgotten by a restart.
+                        Ok(o) => self.apply(o).await.map_err(DeviceError::Store)?,
+                        // Another contact pinned a different key meanwhile: the session is
+                        // dropped here, before its first request.
+                        Err(pinned) => {
+                            let e = DeviceError::IdentityChanged(Box::new(client::KeyChange {
+                                address: pin_addr.clone(),
+                                pinned,
+                                seen,
+                            }));
+                            let mac = self.registry.mac_of(&target.to_string());
+                            let o = self.pins.refused(&pin_addr, seen, mac);
+                            if let Err(why) = self.apply(o).await {
+                                warn!(device = %target, error = %why, "cannot store the identity change");
+                            }
+                            return Err(e);
+                        }
+                    }
+                }
+                Ok(s)
+            }
+            Err(e) => {
+                if let DeviceError::IdentityChanged(change) = &e {
+                    let mac = self.registry.mac_of(&target.to_string());
+                    let o = self.pins.refused(&pin_addr, change.seen, mac);
+                    if let Err(why) = self.apply(o).await {
+                        warn!(device = %target, error = %why, "cannot store the identity change");
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Stores a pin decision (and its alarm) in one group commit.
+    async fn apply(&self, o: identity::Outcome) -> Result<(), String> {
+        let mut writes = o.writes;
+        let alarm = o.alarm;
+        if let Some(a) = &alarm {
+            writes.push(Write::Alarm {
+                id: a.id.clone(),
+                value: serde_json::to_vec(a).map_err(|e| e.to_string())?,
+            });
+        }
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.record(writes).await?;
+        if alarm.is_some() {
+            self.registry.alarm_stored();
+        }
+        Ok(())
+    }
+
+    /// Accepts a new key for the device at `address` (the admin's `ucrelay devices trust`, the
+    /// cloud's `device_trust`): `fingerprint` when given, else the changed key last seen, else the
+    /// pin is forgotten. Returns what was done.
+    pub async fn trust(
+        &self,
+        address: &str,
+        fingerprint: Option<&str>,
+        by: identity::TrustedBy,
+    ) -> Result<String, String> {
+        if !self.client.pins_keys() {
+            return Err(format!(
+                "device keys are not pinned: [devices].identity is \"{}\"",
+                self.client.identity().as_str()
+            ));
+        }
+        let target = self.check_target(address)?;
+        let fingerprint = fingerprint.map(identity::Fingerprint::parse).transpose()?;
+        let pin_addr = self.client.pin_address(&target);
+        let (said, o) = self.pins.trust(&pin_addr, fingerprint, by)?;
+        self.apply(o)
+            .await
+            .map_err(|e| format!("cannot store the decision: {e}"))?;
+        Ok(said)
+    }
+
+    /// The `device_trust` command from the cloud.
+    pub async fn trust_command(&self, cmd: &Command) -> ResultRecord {
+        let target = cmd.params.get("target").and_then(Value::as_str);
+        let fingerprint = match cmd.params.get("fingerprint") {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(f)) => Ok(Some(f.as_str())),
+            Some(_) => Err("fingerprint must be a string of 64 hex digits".to_string()),
+        };
+        let outcome = match (target, fingerprint) {
+            (None, _) => Err("params.target is required (the device's IP or IP:PORT)".into()),
+            (_, Err(e)) => Err(e),
+            (Some(t), Ok(f)) => self.trust(t, f, identity::TrustedBy::Cloud).await,
+        };
+        let (result, reason, payload) = match outcome {
+            Ok(said) => (
+                Outcome::Success,
+                String::new(),
+                serde_json::json!({ "done": said }),
+            ),
+            Err(why) => (Outcome::Failure, why, Value::Null),
+        };
+        ResultRecord {
+            result_id: uuid::Uuid::new_v4().to_string(),
+            command_id: cmd.id.clone(),
+            target: target.map(|t| t.chars().take(64).collect()),
+            name: cmd.name.clone(),
+            result,
+            reason,
+            payload,
+            finished_at: rfc3339(SystemTime::now()),
+            progress: None,
+        }
+    }
+
+    /// The identity state of the device at `address` (as the registry lists it), for
+    /// `ucrelay devices`: `unpinned`, `pinned`, `changed` (a different key was refused) or
+    /// `expect_new` (after a factory reset the relay ran); `off` when keys are not pinned.
+    pub fn identity_of(&self, address: &str) -> Value {
+        if !self.client.pins_keys() {
+            return serde_json::json!({ "state": "off", "mode": self.client.identity().as_str() });
+        }
+        let Ok(t) = Target::parse(address) else {
+            return serde_json::json!({ "state": "unpinned" });
+        };
+        match self.pins.get(&self.client.pin_address(&t)) {
+            None => serde_json::json!({ "state": "unpinned" }),
+            Some(p) => {
+                let state = if p.changed.is_some() {
+                    "changed"
+                } else if p.expect_new_until.is_some() {
+                    "expect_new"
+                } else {
+                    "pinned"
+                };
+                serde_json::json!({
+                    "state": state,
+                    "key": p.key,
+                    "since": p.since,
+                    "how": p.how,
+                    "changed": p.changed,
+                })
+            }
+        }
+    }
+
+    /// What `ucrelay devices` shows: every known device with its last poll and identity, the
+    /// counts, and the device plane's limits and counters.
+    pub fn report(&self) -> Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        let reg = &self.registry;
+        let mut devices = reg.list();
+        for d in &mut devices {
+            let id = self.identity_of(d["address"].as_str().unwrap_or(""));
+            d["identity"] = id;
+        }
+        serde_json::json!({
+            "enabled": self.cfg().enabled,
+            "poll_interval_s": self.cfg().poll_interval.as_secs(),
+            "identity": self.client.identity().as_str(),
+            "counts": reg.counts(),
+            "polls": reg.polls.load(Relaxed),
+            "sessions_open": self.sessions_open(),
+            "max_sessions": self.max_sessions,
+            "alarms_pending": reg.pending_alarms(),
+            "alarms_suppressed": reg.alarms_suppressed.load(Relaxed),
+            "alarms_dropped": reg.alarms_dropped.load(Relaxed),
+            "records_rejected": reg.records_rejected.load(Relaxed),
+            "devices": devices,
+        })
+    }
+
+    /// Runs one operation on one device with the device lock and a session permit held and the
+    /// given deadline. A payload too big for a results batch leaves as an artifact.
     pub async fn run_op(
         &self,
         target: &Target,
@@ -140,39 +368,48 @@ impl DevicePlane {
         deadline: std::time::Duration,
         command_id: &str,
     ) -> actions::Done {
+        const DEADLINE: &str = "the command's deadline";
         let deadline = deadline + op.extra_time();
-        let until = std::time::Instant::now() + deadline;
-        let work = async {
-            let _guard = self.lock(target).await;
-            if *op == actions::Op::Probe {
-                return probe::probe(self, target, password).await;
-            }
-            match self.client.session(target, password).await {
-                Ok(mut s) => {
-                    let cx = actions::OpCx {
-                        plane: self,
-                        target,
-                        command_id,
-                        deadline: until,
-                        password,
-                    };
-                    actions::perform(op, &mut s, &cx).await
+        let r = self
+            .with_device(target, deadline, DEADLINE, async {
+                if *op == actions::Op::Probe {
+                    return Ok(probe::probe(self, target, password).await);
                 }
-                Err(e) => e.into(),
-            }
-        };
-        let mut done = match tokio::time::timeout(deadline, work).await {
+                let until = std::time::Instant::now() + deadline;
+                let mut s = self.open(target, password).await?;
+                let cx = actions::OpCx {
+                    plane: self,
+                    target,
+                    command_id,
+                    deadline: until,
+                    password,
+                };
+                Ok(actions::perform(op, &mut s, &cx).await)
+            })
+            .await;
+        let mut done = match r {
             Ok(d) => d,
-            Err(_) => actions::Done {
+            Err(e @ DeviceError::Timeout(DEADLINE)) => actions::Done {
                 result: Outcome::Failure,
                 reason: format!(
                     "device did not finish within {}",
                     humantime::format_duration(deadline)
                 ),
                 payload: Value::Null,
-                cause: Some(DeviceError::Timeout("the command's deadline")),
+                cause: Some(e),
             },
+            Err(e) => e.into(),
         };
+        // A factory reset the relay ran: the device comes back with a new key, accept it once.
+        if matches!(op, actions::Op::Reset(actions::ResetMode::Factory))
+            && done.result == Outcome::Success
+            && self.client.pins_keys()
+        {
+            let o = self.pins.expect_new(&self.client.pin_address(target));
+            if let Err(e) = self.apply(o).await {
+                warn!(device = %target, error = %e, "cannot store the factory reset's key expectation");
+            }
+        }
         // A device that answered (even with an error) is one we know about.
         if !done.cause.as_ref().is_some_and(DeviceError::is_unreachable) {
             self.registry.learn(target, None);
@@ -213,6 +450,11 @@ impl DevicePlane {
         };
     }
 
+    /// True while the store refuses writes for now (a full disk): recording can be tried again.
+    pub fn store_refuses(&self) -> bool {
+        self.store.trouble().is_some()
+    }
+
     /// Stores writes in one group commit shared with other callers; returns once durable.
     pub async fn record(&self, writes: Vec<Write>) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
@@ -232,16 +474,16 @@ impl DevicePlane {
         };
         warn!(device = %alarm.address, mac = ?alarm.mac, kind = %alarm.kind, "{}", alarm.message);
         let value = serde_json::to_vec(&alarm).unwrap_or_default();
-        if let Err(e) = self
+        match self
             .record(vec![Write::Alarm {
                 id: alarm.id.clone(),
                 value,
             }])
             .await
         {
-            warn!(error = %e, "cannot store an alarm");
+            Ok(()) => self.registry.alarm_stored(),
+            Err(e) => warn!(error = %e, "cannot store an alarm"),
         }
-        self.registry.wake_reporter();
     }
 
     /// Executes a command about what the relay keeps for a device (backups, logs), without

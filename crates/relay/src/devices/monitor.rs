@@ -2,6 +2,12 @@
 //! `poll_interval`, each at its own fixed offset inside the period so the load is spread evenly, with
 //! bounded concurrency. Reports go to the cloud in batches; alarms (device offline / back, line
 //! unregistered / registered again) are stored until the cloud acknowledges them.
+//!
+//! What a device answers is hostile input: a report keeps at most [`MAX_LINES`] lines and short,
+//! printable strings, one poll raises at most [`MAX_ALARMS_PER_POLL`] alarms for a device (then one
+//! `alarms_suppressed` alarm counts the rest), and the alarms waiting for the cloud are capped. A
+//! batch the cloud refuses as unreadable or too large (400, 413) is sent again one record at a
+//! time, and the record the cloud cannot take is set aside, so the rest keep flowing.
 
 use super::DevicePlane;
 use super::client::{DeviceError, Session, Target};
@@ -9,8 +15,9 @@ use super::health::Health;
 use crate::config::DevicesConfig;
 use crate::ctx::Ctx;
 use crate::protocol::{
-    Alarm, DeviceCounts, DeviceList, DeviceReport, DeviceStats, DeviceStatusBatch, ErrorCode,
-    LineStatus, PATH_DEVICE_STATUS, PATH_DEVICES,
+    ALARM_DEVICE_OFFLINE, ALARM_DEVICE_ONLINE, ALARM_LINE_REGISTERED, ALARM_LINE_UNREGISTERED,
+    ALARM_SUPPRESSED, Alarm, DeviceCounts, DeviceList, DeviceReport, DeviceStats,
+    DeviceStatusBatch, ErrorCode, LineStatus, PATH_DEVICE_STATUS, PATH_DEVICES,
 };
 use crate::store::{Store, Write};
 use crate::util::backoff::Backoff;
@@ -24,11 +31,24 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Reports per `POST /relay/v1/device-status`.
 const REPORT_BATCH: usize = 1000;
 const ALARM_BATCH: usize = 500;
+/// Bytes of reports and of alarms per request at most (one larger record goes alone).
+const REPORT_BATCH_BYTES: usize = 3 << 20;
+const ALARM_BATCH_BYTES: usize = 1 << 20;
+/// Most lines kept of one device (the range `dial` accepts); a device listing more is cut here.
+pub const MAX_LINES: usize = 48;
+/// Longest model, firmware, MAC or call state kept from a device, in characters.
+pub const MAX_FIELD: usize = 64;
+/// Longest line URI kept.
+pub const MAX_URI: usize = 256;
+/// Alarms one poll raises for one device at most; past it, one `alarms_suppressed` alarm.
+pub const MAX_ALARMS_PER_POLL: usize = 8;
+/// Alarms kept waiting for the cloud at most; past it, new ones are dropped and counted.
+pub const MAX_PENDING_ALARMS: u64 = 100_000;
 const REPORT_EVERY: Duration = Duration::from_secs(5);
 
 /// How often reports go to the cloud: every `REPORT_EVERY`, or more often with a short poll
@@ -37,8 +57,6 @@ fn report_every(period: Duration) -> Duration {
     (period / 60).clamp(Duration::from_secs(1), REPORT_EVERY)
 }
 const FLUSH_EVERY: Duration = Duration::from_secs(10);
-/// Device records per store transaction.
-const FLUSH_CHUNK: usize = 2000;
 
 /// A device the relay knows.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -156,6 +174,13 @@ pub struct Registry {
     report_wake: Notify,
     interval: Duration,
     pub polls: AtomicU64,
+    /// Alarms stored and not yet acknowledged (kept in step with the store).
+    pending_alarms: AtomicU64,
+    /// Alarms not raised: past the per-poll cap (summarised), or past the pending cap (dropped).
+    pub alarms_suppressed: AtomicU64,
+    pub alarms_dropped: AtomicU64,
+    /// Status records the cloud refused for good (400, 413) and that were set aside.
+    pub records_rejected: AtomicU64,
 }
 
 /// Fixed offset of a device inside the poll period (FNV-1a of its address). Offsets stop short of
@@ -187,6 +212,7 @@ impl Registry {
                 devices.insert(addr, k);
             }
         }
+        let pending = store.alarms_len()?;
         Ok(Registry {
             inner: Mutex::new(Inner {
                 devices,
@@ -200,11 +226,35 @@ impl Registry {
             report_wake: Notify::new(),
             interval: cfg.poll_interval,
             polls: AtomicU64::new(0),
+            pending_alarms: AtomicU64::new(pending),
+            alarms_suppressed: AtomicU64::new(0),
+            alarms_dropped: AtomicU64::new(0),
+            records_rejected: AtomicU64::new(0),
         })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The MAC the relay knows for a device (from the cloud's list or its last poll).
+    pub fn mac_of(&self, address: &str) -> Option<String> {
+        let g = self.lock();
+        let k = g.devices.get(address)?;
+        k.mac
+            .clone()
+            .or_else(|| k.last.as_ref().and_then(|r| r.report()?.mac))
+    }
+
+    /// One alarm was stored: counts it as pending and wakes the reporter.
+    pub fn alarm_stored(&self) {
+        self.pending_alarms.fetch_add(1, Ordering::Relaxed);
+        self.report_wake.notify_one();
+    }
+
+    /// Alarms stored and not yet acknowledged by the cloud.
+    pub fn pending_alarms(&self) -> u64 {
+        self.pending_alarms.load(Ordering::Relaxed)
     }
 
     /// Records a device the relay talked to because of a command. While the cloud's device list
@@ -261,10 +311,10 @@ impl Registry {
         c
     }
 
-    /// Every known device with its last status, for `ucrelay devices`.
+    /// Every known device with its last status, for `ucrelay devices`. The lock is held only to
+    /// copy the entries; sorting and encoding happen outside it.
     pub fn list(&self) -> Vec<Value> {
-        let g = self.lock();
-        let mut v: Vec<&Known> = g.devices.values().collect();
+        let mut v: Vec<Known> = self.lock().devices.values().cloned().collect();
         v.sort_by(|a, b| {
             let ka = a.address.parse::<Target>().ok();
             let kb = b.address.parse::<Target>().ok();
@@ -356,15 +406,6 @@ impl Registry {
         };
         g.dirty.insert(addr);
         Some(alarm)
-    }
-
-    /// The MAC the relay knows for a device address.
-    pub fn mac_of(&self, address: &str) -> Option<String> {
-        let g = self.lock();
-        let k = g.devices.get(address)?;
-        k.mac
-            .clone()
-            .or_else(|| k.last.as_ref().and_then(|r| r.report()?.mac))
     }
 
     /// Wakes the reporter (alarms were stored).
@@ -477,51 +518,83 @@ fn seconds(days: u64, hours: u64, minutes: u64, secs: u64) -> Option<u64> {
         .checked_add(secs)
 }
 
+/// A device's text as kept: at most `max` characters, control characters replaced.
+pub fn clean(s: &str, max: usize) -> String {
+    s.chars()
+        .take(max)
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect()
+}
+
+/// A device's MAC as 12 lowercase hex digits (separators dropped); None when it is not one.
+fn clean_mac(s: &str) -> Option<String> {
+    if s.len() > MAX_FIELD {
+        return None;
+    }
+    let hex: String = s
+        .chars()
+        .filter(|c| !matches!(c, ':' | '-' | '.'))
+        .collect();
+    (hex.len() == 12 && hex.chars().all(|c| c.is_ascii_hexdigit()))
+        .then(|| hex.to_ascii_lowercase())
+}
+
 pub(crate) fn parse_firmware(info: &Value) -> String {
     if let Some(s) = info.get("FirmwareRelease").and_then(Value::as_str) {
-        return s.to_string();
+        return clean(s, MAX_FIELD);
     }
-    info.get("Firmware")
+    let s = info
+        .get("Firmware")
         .and_then(|f| f.get("Application"))
         .and_then(Value::as_str)
         .and_then(|s| s.split_whitespace().next())
-        .unwrap_or("")
-        .to_string()
+        .unwrap_or("");
+    clean(s, MAX_FIELD)
 }
 
+/// The device's lines: the first [`MAX_LINES`] entries, each line number once.
 fn parse_lines(data: &Value) -> Vec<LineStatus> {
     let Some(arr) = data.as_array() else {
         return vec![];
     };
-    arr.iter()
-        .enumerate()
-        .map(|(i, l)| {
-            // The position when the device gives no usable number (never a truncated one).
-            let position = u32::try_from(i).map_or(u32::MAX, |i| i.saturating_add(1));
-            let line = match l.get("LineNumber") {
-                Some(Value::String(s)) => s.trim().parse().unwrap_or(position),
-                Some(Value::Number(n)) => n
-                    .as_u64()
-                    .and_then(|n| u32::try_from(n).ok())
-                    .unwrap_or(position),
-                _ => position,
-            };
-            let registered = l
-                .get("RegistrationStatus")
-                .and_then(Value::as_str)
-                .is_some_and(|s| s.eq_ignore_ascii_case("registered"));
-            let uri = ["SIPAddress", "Username", "UserID"]
-                .iter()
-                .find_map(|k| l.get(*k).and_then(Value::as_str).filter(|s| !s.is_empty()))
-                .unwrap_or("")
-                .to_string();
-            LineStatus {
-                line,
-                registered,
-                uri,
-            }
-        })
-        .collect()
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (i, l) in arr.iter().take(MAX_LINES).enumerate() {
+        let fallback = i as u32 + 1;
+        let line = match l.get("LineNumber") {
+            Some(Value::String(s)) => s.trim().parse().unwrap_or(fallback),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(fallback),
+            _ => fallback,
+        };
+        if !seen.insert(line) {
+            continue;
+        }
+        let registered = l
+            .get("RegistrationStatus")
+            .and_then(Value::as_str)
+            .is_some_and(|s| s.eq_ignore_ascii_case("registered"));
+        let uri = ["SIPAddress", "Username", "UserID"]
+            .iter()
+            .find_map(|k| l.get(*k).and_then(Value::as_str).filter(|s| !s.is_empty()))
+            .map(|s| clean(s, MAX_URI))
+            .unwrap_or_default();
+        out.push(LineStatus {
+            line,
+            registered,
+            uri,
+        });
+    }
+    if arr.len() > MAX_LINES {
+        debug!(
+            listed = arr.len(),
+            kept = MAX_LINES,
+            "device lists more lines than the relay keeps"
+        );
+    }
+    out
 }
 
 async fn read_status(
@@ -530,16 +603,17 @@ async fn read_status(
     now: SystemTime,
 ) -> Result<(), DeviceError> {
     let info = s.get("/api/v1/mgmt/device/info").await?.data;
-    report.model = info
-        .get("ModelNumber")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
+    report.model = clean(
+        info.get("ModelNumber")
+            .and_then(Value::as_str)
+            .unwrap_or(""),
+        MAX_FIELD,
+    );
     report.firmware = parse_firmware(&info);
     report.mac = info
         .get("MACAddress")
         .and_then(Value::as_str)
-        .map(|m| m.to_ascii_lowercase());
+        .and_then(clean_mac);
     report.uptime_s = parse_uptime(&info);
     report.last_reboot = report
         .uptime_s
@@ -547,12 +621,13 @@ async fn read_status(
         .map(rfc3339);
     report.lines = parse_lines(&s.get("/api/v1/mgmt/lineInfo").await?.data);
     report.call_state = match s.get("/api/v1/webCallControl/callStatus").await {
-        Ok(r) => r
-            .data
-            .get("CallState")
-            .and_then(Value::as_str)
-            .unwrap_or("unknown")
-            .to_string(),
+        Ok(r) => clean(
+            r.data
+                .get("CallState")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown"),
+            MAX_FIELD,
+        ),
         Err(DeviceError::Api(code)) if code == "4007" => "idle".into(),
         Err(e) => return Err(e),
     };
@@ -575,16 +650,13 @@ pub async fn poll_one(plane: &DevicePlane, address: &str) -> DeviceReport {
         }
     };
     let password = plane.password(None);
-    let work = async {
-        let _guard = plane.lock(&target).await;
-        let mut s = plane.client.session(&target, &password).await?;
-        read_status(&mut s, &mut report, now).await
-    };
     let deadline = plane.cfg().request_timeout * 4;
-    let outcome = match tokio::time::timeout(deadline, work).await {
-        Ok(r) => r,
-        Err(_) => Err(DeviceError::Timeout("poll")),
-    };
+    let outcome = plane
+        .with_device(&target, deadline, "poll", async {
+            let mut s = plane.open(&target, &password).await?;
+            read_status(&mut s, &mut report, now).await
+        })
+        .await;
     match outcome {
         Ok(()) => report.online = true,
         Err(e) => {
@@ -596,8 +668,35 @@ pub async fn poll_one(plane: &DevicePlane, address: &str) -> DeviceReport {
     report
 }
 
-/// Alarms raised by going from `prev` to `now`.
-pub fn alarms_for(prev: Option<&DeviceReport>, now: &DeviceReport) -> Vec<Alarm> {
+/// Alarms raised by going from `prev` to `now`: at most [`MAX_ALARMS_PER_POLL`], then one
+/// `alarms_suppressed` alarm saying how many more changes this poll found. Returns the alarms and
+/// how many were suppressed.
+pub fn alarms_for(prev: Option<&DeviceReport>, now: &DeviceReport) -> (Vec<Alarm>, u64) {
+    let mut all = changes(prev, now);
+    if all.len() <= MAX_ALARMS_PER_POLL {
+        return (all, 0);
+    }
+    let rest = (all.len() - MAX_ALARMS_PER_POLL) as u64;
+    all.truncate(MAX_ALARMS_PER_POLL);
+    let mac = all.first().and_then(|a| a.mac.clone());
+    all.push(Alarm {
+        id: uuid::Uuid::new_v4().to_string(),
+        address: now.address.clone(),
+        mac,
+        kind: ALARM_SUPPRESSED.into(),
+        line: None,
+        message: format!(
+            "device {} changed in {rest} more ways in one poll than the {MAX_ALARMS_PER_POLL} alarms \
+             raised for it; its status report has the whole state",
+            now.address
+        ),
+        at: now.polled_at.clone(),
+    });
+    (all, rest)
+}
+
+/// Every change from `prev` to `now` worth an alarm.
+fn changes(prev: Option<&DeviceReport>, now: &DeviceReport) -> Vec<Alarm> {
     let mut out = Vec::new();
     let mk = |kind: &str, line: Option<u32>, message: String| Alarm {
         id: uuid::Uuid::new_v4().to_string(),
@@ -611,12 +710,12 @@ pub fn alarms_for(prev: Option<&DeviceReport>, now: &DeviceReport) -> Vec<Alarm>
     let was_online = prev.map(|p| p.online);
     match (was_online, now.online) {
         (Some(true) | None, false) => out.push(mk(
-            "device_offline",
+            ALARM_DEVICE_OFFLINE,
             None,
             format!("device {} is offline: {}", now.address, now.reason),
         )),
         (Some(false), true) => out.push(mk(
-            "device_online",
+            ALARM_DEVICE_ONLINE,
             None,
             format!("device {} is back online", now.address),
         )),
@@ -630,7 +729,7 @@ pub fn alarms_for(prev: Option<&DeviceReport>, now: &DeviceReport) -> Vec<Alarm>
                 .map(|x| x.registered);
             match (before, l.registered) {
                 (Some(true) | None, false) => out.push(mk(
-                    "line_unregistered",
+                    ALARM_LINE_UNREGISTERED,
                     Some(l.line),
                     format!(
                         "line {} ({}) of {} is not registered",
@@ -638,7 +737,7 @@ pub fn alarms_for(prev: Option<&DeviceReport>, now: &DeviceReport) -> Vec<Alarm>
                     ),
                 )),
                 (Some(false), true) => out.push(mk(
-                    "line_registered",
+                    ALARM_LINE_REGISTERED,
                     Some(l.line),
                     format!(
                         "line {} ({}) of {} is registered again",
@@ -818,18 +917,18 @@ pub async fn poll_stats(plane: &DevicePlane, address: &str) -> Option<DeviceStat
         .devices
         .get(address)
         .and_then(|k| k.mac.clone());
-    let work = async {
-        let _guard = plane.lock(&target).await;
-        let mut s = plane.client.session(&target, &password).await?;
-        super::health::read_stats(&mut s, address, mac).await
-    };
-    match tokio::time::timeout(plane.cfg().request_timeout * 2, work).await {
-        Ok(Ok(st)) => st,
-        Ok(Err(e)) => {
+    let read = plane
+        .with_device(&target, plane.cfg().request_timeout * 2, "stats", async {
+            let mut s = plane.open(&target, &password).await?;
+            super::health::read_stats(&mut s, address, mac).await
+        })
+        .await;
+    match read {
+        Ok(st) => st,
+        Err(e) => {
             debug!(device = %address, error = %e, "no CPU/memory reading");
             None
         }
-        Err(_) => None,
     }
 }
 
@@ -846,74 +945,192 @@ fn record_stats(plane: &DevicePlane, address: &str, st: Option<DeviceStats>) {
 }
 
 async fn record_report(plane: &DevicePlane, report: DeviceReport) {
-    let alarms = {
-        let mut g = plane.registry.lock();
-        let addr = report.address.clone();
-        let share_only = plane.registry.list_in_force.load(Ordering::Relaxed);
-        let Some(k) = g.devices.get_mut(&addr) else {
+    let reg = &plane.registry;
+    // The lock is held to copy the previous report and, later, to store the new one; comparing
+    // them and building alarms happens outside it.
+    let prev = {
+        let mut g = reg.lock();
+        let Some(k) = g.devices.get_mut(&report.address) else {
             return; // forgotten meanwhile
         };
         k.polling = false;
-        if share_only && !k.from_cloud {
+        if reg.list_in_force.load(Ordering::Relaxed) && !k.from_cloud {
             return; // moved to another relay's share while it was polled
         }
-        let prev = k.last.as_ref().and_then(LastReport::report);
-        let alarms = alarms_for(prev.as_ref(), &report);
+        k.last.as_ref().and_then(LastReport::report)
+    };
+    let (alarms, suppressed) = alarms_for(prev.as_ref(), &report);
+    {
+        let mut g = reg.lock();
+        let addr = report.address.clone();
+        let Some(k) = g.devices.get_mut(&addr) else {
+            return;
+        };
         if k.mac.is_none() {
             k.mac = report.mac.clone();
         }
         k.last = Some(LastReport::new(&report));
         g.dirty.insert(addr.clone());
         g.unsent.insert(addr, report);
-        alarms
+    }
+    if suppressed > 0 {
+        reg.alarms_suppressed
+            .fetch_add(suppressed, Ordering::Relaxed);
+    }
+    if alarms.is_empty() {
+        return;
+    }
+    let n = alarms.len() as u64;
+    if reg.pending_alarms().saturating_add(n) > MAX_PENDING_ALARMS {
+        let dropped = reg.alarms_dropped.fetch_add(n, Ordering::Relaxed) + n;
+        warn!(
+            device = %alarms[0].address,
+            pending = reg.pending_alarms(),
+            dropped,
+            "{MAX_PENDING_ALARMS} alarms are waiting for the cloud; this poll's alarms are dropped"
+        );
+        return;
+    }
+    for a in &alarms {
+        warn!(device = %a.address, mac = ?a.mac, kind = %a.kind, "{}", a.message);
+    }
+    let writes = alarms
+        .iter()
+        .map(|a| Write::Alarm {
+            id: a.id.clone(),
+            value: serde_json::to_vec(a).unwrap_or_default(),
+        })
+        .collect();
+    if let Err(e) = plane.record(writes).await {
+        warn!(error = %e, "cannot store alarms");
+        return;
+    }
+    reg.pending_alarms.fetch_add(n, Ordering::Relaxed);
+    reg.report_wake.notify_one();
+}
+
+/// What one `device-status` request carries.
+struct Outgoing {
+    reports: Vec<DeviceReport>,
+    alarms: Vec<Alarm>,
+    stats: Vec<DeviceStats>,
+}
+
+/// Takes the next batch: alarms first (they are durable and in order), then reports and CPU/memory
+/// readings, each within its count and byte budget. `single` (while looking for a record the
+/// cloud refuses) takes one record only. The registry lock is held only to move reports out; their
+/// sizes are measured outside it, and what does not fit goes back unless a newer poll replaced it.
+async fn next_batch(ctx: &Ctx, plane: &DevicePlane, single: bool) -> Result<Outgoing> {
+    let (max_alarms, alarm_bytes) = if single {
+        (1, 0)
+    } else {
+        (ALARM_BATCH, ALARM_BATCH_BYTES)
     };
-    if !alarms.is_empty() {
-        for a in &alarms {
-            warn!(device = %a.address, mac = ?a.mac, kind = %a.kind, "{}", a.message);
+    let read = ctx
+        .store
+        .run(move |s| {
+            Ok::<_, crate::store::StoreError>((
+                s.alarms_batch(max_alarms, alarm_bytes)?,
+                s.alarms_len()?,
+            ))
+        })
+        .await;
+    let (batch, pending) = match read {
+        Ok(r) => r,
+        // A store that refuses for now (a full disk): report without the alarms this round.
+        Err(e) if e.is_transient() => {
+            debug!(error = %format!("{e:#}"), "alarms wait: the store cannot be read now");
+            (
+                Vec::new(),
+                plane.registry.pending_alarms.load(Ordering::Relaxed),
+            )
         }
-        let writes = alarms
+        Err(e) => return Err(e.into()),
+    };
+    // The store is the truth (alarms from other writers, e.g. device logs, count too).
+    plane
+        .registry
+        .pending_alarms
+        .store(pending, Ordering::Relaxed);
+    let alarms: Vec<Alarm> = batch
+        .into_iter()
+        .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+        .collect();
+    if single && !alarms.is_empty() {
+        return Ok(Outgoing {
+            reports: vec![],
+            alarms,
+            stats: vec![],
+        });
+    }
+    let max_reports = if single { 1 } else { REPORT_BATCH };
+    let (taken, stats): (Vec<DeviceReport>, Vec<DeviceStats>) = {
+        let mut g = plane.registry.lock();
+        let keys: Vec<String> = g.unsent.keys().take(max_reports).cloned().collect();
+        let taken: Vec<DeviceReport> = keys.iter().filter_map(|k| g.unsent.remove(k)).collect();
+        // A reading is a few numbers: the count bounds it. One at a time, after the reports, while
+        // isolating.
+        let max_stats = match (single, taken.is_empty()) {
+            (false, _) => REPORT_BATCH,
+            (true, true) => 1,
+            (true, false) => 0,
+        };
+        let keys: Vec<String> = g.unsent_stats.keys().take(max_stats).cloned().collect();
+        let stats = keys
             .iter()
-            .map(|a| Write::Alarm {
-                id: a.id.clone(),
-                value: serde_json::to_vec(a).unwrap_or_default(),
-            })
+            .filter_map(|k| g.unsent_stats.remove(k))
             .collect();
-        if let Err(e) = plane.record(writes).await {
-            warn!(error = %e, "cannot store alarms");
+        (taken, stats)
+    };
+    let mut reports = Vec::with_capacity(taken.len());
+    let mut back = Vec::new();
+    let mut bytes = 0usize;
+    for r in taken {
+        let size = serde_json::to_vec(&r).map(|v| v.len()).unwrap_or(0);
+        bytes = bytes.saturating_add(size);
+        if !reports.is_empty() && bytes > REPORT_BATCH_BYTES {
+            back.push(r);
+        } else {
+            reports.push(r);
         }
-        plane.registry.report_wake.notify_one();
+    }
+    put_back(plane, back, vec![]);
+    Ok(Outgoing {
+        reports,
+        alarms,
+        stats,
+    })
+}
+
+/// Returns reports and readings that were not delivered, unless a newer poll of the same device
+/// replaced them.
+fn put_back(plane: &DevicePlane, reports: Vec<DeviceReport>, stats: Vec<DeviceStats>) {
+    if reports.is_empty() && stats.is_empty() {
+        return;
+    }
+    let mut g = plane.registry.lock();
+    for r in reports {
+        g.unsent.entry(r.address.clone()).or_insert(r);
+    }
+    for st in stats {
+        g.unsent_stats.entry(st.address.clone()).or_insert(st);
     }
 }
 
 async fn reporter(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken) -> Result<()> {
     let mut backoff = Backoff::new(Duration::from_secs(5), Duration::from_secs(300));
+    // After the cloud refused a batch as unreadable or too large: one record per request until the
+    // record it cannot take is found and set aside.
+    let mut single = false;
     loop {
         let mut wait = report_every(plane.cfg().poll_interval);
         if let Some(session) = ctx.sessions.current() {
-            let (reports, stats): (Vec<DeviceReport>, Vec<DeviceStats>) = {
-                let mut g = plane.registry.lock();
-                let keys: Vec<String> = g.unsent.keys().take(REPORT_BATCH).cloned().collect();
-                let reports = keys.iter().filter_map(|k| g.unsent.remove(k)).collect();
-                let keys: Vec<String> = g.unsent_stats.keys().take(REPORT_BATCH).cloned().collect();
-                let stats = keys
-                    .iter()
-                    .filter_map(|k| g.unsent_stats.remove(k))
-                    .collect();
-                (reports, stats)
-            };
-            let alarms: Vec<Alarm> = ctx
-                .store
-                .run(|s| s.alarms_all())
-                .await?
-                .into_iter()
-                .take(ALARM_BATCH)
-                .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
-                .collect();
-            if !reports.is_empty() || !alarms.is_empty() || !stats.is_empty() {
+            let out = next_batch(&ctx, &plane, single).await?;
+            if !out.reports.is_empty() || !out.alarms.is_empty() || !out.stats.is_empty() {
                 let batch = DeviceStatusBatch {
-                    reports,
-                    alarms,
-                    stats,
+                    reports: out.reports,
+                    alarms: out.alarms,
+                    stats: out.stats,
                 };
                 match ctx
                     .cloud
@@ -927,9 +1144,24 @@ async fn reporter(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken
                 {
                     Ok(_) => {
                         backoff.reset();
+                        single = false;
                         let ids: Vec<String> = batch.alarms.iter().map(|a| a.id.clone()).collect();
                         if !ids.is_empty() {
-                            ctx.store.run(move |s| s.alarms_remove(&ids)).await?;
+                            let n = ids.len() as u64;
+                            match ctx.store.run(move |s| s.alarms_remove(&ids)).await {
+                                Ok(()) => {
+                                    let _ = plane.registry.pending_alarms.fetch_update(
+                                        Ordering::Relaxed,
+                                        Ordering::Relaxed,
+                                        |p| Some(p.saturating_sub(n)),
+                                    );
+                                }
+                                // Sent again later; the cloud keeps an alarm once, by id.
+                                Err(e) if e.is_transient() => {
+                                    warn!(error = %format!("{e:#}"), "delivered alarms stay in the store for now");
+                                }
+                                Err(e) => return Err(e.into()),
+                            }
                         }
                         debug!(
                             reports = batch.reports.len(),
@@ -941,22 +1173,66 @@ async fn reporter(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken
                             let g = plane.registry.lock();
                             !g.unsent.is_empty() || !g.unsent_stats.is_empty()
                         };
-                        if more {
+                        if more || plane.registry.pending_alarms() > 0 {
                             wait = Duration::from_millis(50);
+                        }
+                    }
+                    Err(e)
+                        if matches!(
+                            e.code(),
+                            Some(ErrorCode::BadRequest | ErrorCode::TooLarge)
+                        ) =>
+                    {
+                        wait = Duration::from_millis(50);
+                        let n = batch.reports.len() + batch.alarms.len() + batch.stats.len();
+                        if n > 1 {
+                            warn!(error = %e, records = n, "cloud refused a device-status batch; sending one record at a time to find the one it cannot take");
+                            single = true;
+                            put_back(&plane, batch.reports, batch.stats);
+                        } else if let Some(a) = batch.alarms.into_iter().next() {
+                            error!(alarm_id = %a.id, device = %a.address, kind = %a.kind, error = %e,
+                                "cloud refused an alarm (malformed or too large); kept in the store's rejected table, not retried");
+                            let (id, why) = (a.id.clone(), e.to_string());
+                            match ctx.store.run(move |s| s.alarm_reject(&id, &why)).await {
+                                Ok(()) => {
+                                    let _ = plane.registry.pending_alarms.fetch_update(
+                                        Ordering::Relaxed,
+                                        Ordering::Relaxed,
+                                        |p| Some(p.saturating_sub(1)),
+                                    );
+                                    plane
+                                        .registry
+                                        .records_rejected
+                                        .fetch_add(1, Ordering::Relaxed);
+                                }
+                                // Refused again later, and set aside once the store takes it.
+                                Err(e) if e.is_transient() => {
+                                    warn!(error = %format!("{e:#}"), "a refused alarm stays in the store for now");
+                                }
+                                Err(e) => return Err(e.into()),
+                            }
+                        } else if let Some(r) = batch.reports.first() {
+                            // The next poll of the device makes a new report.
+                            error!(device = %r.address, error = %e,
+                                "cloud refused a device report (malformed or too large); dropped");
+                            plane
+                                .registry
+                                .records_rejected
+                                .fetch_add(1, Ordering::Relaxed);
+                        } else if let Some(st) = batch.stats.first() {
+                            error!(device = %st.address, error = %e,
+                                "cloud refused a CPU and memory reading; dropped");
+                            plane
+                                .registry
+                                .records_rejected
+                                .fetch_add(1, Ordering::Relaxed);
                         }
                     }
                     Err(e) => {
                         if e.code() == Some(ErrorCode::TokenInvalid) {
                             ctx.sessions.invalidate(session.generation);
                         }
-                        // Put back what a newer poll has not replaced.
-                        let mut g = plane.registry.lock();
-                        for r in batch.reports {
-                            g.unsent.entry(r.address.clone()).or_insert(r);
-                        }
-                        for st in batch.stats {
-                            g.unsent_stats.entry(st.address.clone()).or_insert(st);
-                        }
+                        put_back(&plane, batch.reports, batch.stats);
                         wait = backoff.next_delay();
                         warn!(error = %e, retry_in = ?wait, "cannot deliver device status");
                     }
@@ -977,35 +1253,52 @@ async fn flusher(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken)
             _ = shutdown.cancelled() => true,
             _ = tokio::time::sleep(FLUSH_EVERY) => false,
         };
-        // A bounded number of records per transaction: a new 50,000-device list marks every
-        // device changed, and one transaction holding all of them would be tens of MB at once.
-        loop {
-            let (writes, removed): (Vec<Write>, Vec<String>) = {
-                let mut g = plane.registry.lock();
-                let dirty: Vec<String> = g.dirty.iter().take(FLUSH_CHUNK).cloned().collect();
-                let mut writes = Vec::new();
-                let mut removed = Vec::new();
-                for addr in dirty {
-                    g.dirty.remove(&addr);
-                    match g.devices.get(&addr) {
-                        Some(k) => writes.push(Write::Device {
-                            address: addr,
-                            value: serde_json::to_vec(k).unwrap_or_default(),
-                        }),
-                        None => removed.push(addr),
-                    }
+        // Copy under the lock, encode outside it.
+        let (changed, removed): (Vec<Known>, Vec<String>) = {
+            let mut g = plane.registry.lock();
+            let dirty: Vec<String> = g.dirty.drain().collect();
+            let mut changed = Vec::new();
+            let mut removed = Vec::new();
+            for addr in dirty {
+                match g.devices.get(&addr) {
+                    Some(k) => changed.push(k.clone()),
+                    None => removed.push(addr),
                 }
-                (writes, removed)
-            };
-            if writes.is_empty() && removed.is_empty() {
-                break;
             }
-            ctx.store
+            (changed, removed)
+        };
+        let writes: Vec<Write> = changed
+            .into_iter()
+            .map(|k| Write::Device {
+                value: serde_json::to_vec(&k).unwrap_or_default(),
+                address: k.address,
+            })
+            .collect();
+        if !writes.is_empty() || !removed.is_empty() {
+            let keys: Vec<String> = writes
+                .iter()
+                .filter_map(|w| match w {
+                    Write::Device { address, .. } => Some(address.clone()),
+                    _ => None,
+                })
+                .chain(removed.iter().cloned())
+                .collect();
+            let stored = ctx
+                .store
                 .run(move |s| {
                     s.write_batch(&writes)?;
                     s.devices_remove(&removed)
                 })
-                .await?;
+                .await;
+            match stored {
+                Ok(()) => {}
+                // A full disk: the registry stays in memory and is written once there is space.
+                Err(e) if e.is_transient() => {
+                    debug!(error = %format!("{e:#}"), "device registry waits for the store");
+                    plane.registry.lock().dirty.extend(keys);
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         if stop {
             return Ok(());
@@ -1103,14 +1396,14 @@ mod tests {
 
     #[test]
     fn alarms_fire_on_transitions_only() {
-        let kinds = |v: Vec<Alarm>| v.into_iter().map(|a| a.kind).collect::<Vec<_>>();
-        assert!(alarms_for(None, &rep(true, &[(1, true)])).is_empty());
+        let kinds = |v: (Vec<Alarm>, u64)| v.0.into_iter().map(|a| a.kind).collect::<Vec<_>>();
+        assert!(alarms_for(None, &rep(true, &[(1, true)])).0.is_empty());
         assert_eq!(
             kinds(alarms_for(None, &rep(false, &[]))),
             ["device_offline"]
         );
         let up = rep(true, &[(1, true), (2, true)]);
-        assert!(alarms_for(Some(&up), &up).is_empty());
+        assert!(alarms_for(Some(&up), &up).0.is_empty());
         assert_eq!(
             kinds(alarms_for(Some(&up), &rep(false, &[]))),
             ["device_offline"]
@@ -1122,7 +1415,48 @@ mod tests {
         let l2down = rep(true, &[(1, true), (2, false)]);
         assert_eq!(kinds(alarms_for(Some(&up), &l2down)), ["line_unregistered"]);
         assert_eq!(kinds(alarms_for(Some(&l2down), &up)), ["line_registered"]);
-        assert!(alarms_for(Some(&l2down), &l2down).is_empty());
+        assert!(alarms_for(Some(&l2down), &l2down).0.is_empty());
+    }
+
+    #[test]
+    fn one_poll_raises_a_bounded_number_of_alarms() {
+        let all: Vec<(u32, bool)> = (1..=40).map(|l| (l, true)).collect();
+        let none: Vec<(u32, bool)> = (1..=40).map(|l| (l, false)).collect();
+        let (alarms, rest) = alarms_for(Some(&rep(true, &all)), &rep(true, &none));
+        assert_eq!(alarms.len(), MAX_ALARMS_PER_POLL + 1);
+        assert_eq!(rest, 40 - MAX_ALARMS_PER_POLL as u64);
+        assert_eq!(alarms.last().unwrap().kind, ALARM_SUPPRESSED);
+        assert!(alarms.last().unwrap().message.contains("32 more"));
+    }
+
+    #[test]
+    fn hostile_answers_are_cut_down() {
+        let lines: Vec<Value> = (0..5000)
+            .map(|i| json!({"LineNumber": (i % 3).to_string(), "RegistrationStatus": "Registered", "SIPAddress": "x".repeat(10_000)}))
+            .collect();
+        let l = parse_lines(&Value::Array(lines));
+        assert_eq!(l.len(), 3, "duplicate line numbers count once");
+        assert!(l.iter().all(|x| x.uri.chars().count() == MAX_URI));
+        let many: Vec<Value> = (1..5000).map(|i| json!({"LineNumber": i})).collect();
+        assert_eq!(parse_lines(&Value::Array(many)).len(), MAX_LINES);
+        assert_eq!(clean("a\u{1b}[2Jb", 10), "a\u{fffd}[2Jb");
+        assert_eq!(clean(&"é".repeat(100), 5).chars().count(), 5);
+        assert_eq!(
+            clean_mac("00:04:F2:AB:CD:EF").as_deref(),
+            Some("0004f2abcdef")
+        );
+        assert_eq!(clean_mac("x".repeat(1 << 20).as_str()), None);
+        assert_eq!(clean_mac("0004f2"), None);
+        assert_eq!(
+            parse_uptime(&json!({"UpTimeSinceLastReboot": "18446744073709551615 Day 0:0:0"})),
+            None
+        );
+        assert_eq!(
+            parse_uptime(
+                &json!({"UpTime": {"Days": u64::MAX, "Hours": 1, "Minutes": 0, "Seconds": 0}})
+            ),
+            None
+        );
     }
 
     #[test]

@@ -206,21 +206,52 @@ pub async fn probe(plane: &DevicePlane, target: &Target, password: &Secret) -> D
             match hs {
                 Ok(Ok(tls)) => {
                     let (_, c) = tls.get_ref();
+                    let key = c
+                        .peer_certificates()
+                        .and_then(|certs| certs.first())
+                        .and_then(|der| super::identity::Fingerprint::of_certificate(der.as_ref()));
                     let detail = format!(
-                        "{} {}",
+                        "{} {}{}",
                         c.protocol_version()
                             .map(|v| format!("{v:?}"))
                             .unwrap_or_default(),
                         c.negotiated_cipher_suite()
                             .map(|s| format!("{:?}", s.suite()))
+                            .unwrap_or_default(),
+                        key.map(|k| format!(", certificate key {}", k.short()))
                             .unwrap_or_default()
                     );
-                    steps.push(step(
-                        "tls",
-                        "ok",
-                        Some(t0.elapsed()),
-                        detail.trim().to_string(),
-                    ));
+                    // The handshake above checks nothing of the key; the pin decides whether the
+                    // REST step (which carries the password) may go on.
+                    let pinned = match (plane.client.pins_keys(), key) {
+                        (true, Some(seen)) => match plane.pins.expect(
+                            &plane.client.pin_address(target),
+                            std::time::SystemTime::now(),
+                        ) {
+                            super::identity::Expect::Key(k) if k != seen => Some(k),
+                            _ => None,
+                        },
+                        _ => None,
+                    };
+                    match pinned {
+                        None => steps.push(step(
+                            "tls",
+                            "ok",
+                            Some(t0.elapsed()),
+                            detail.trim().to_string(),
+                        )),
+                        Some(k) => {
+                            let why = format!(
+                                "{}: not the pinned key {}; the REST step (with the password) is not tried. \
+                                 If the device was replaced or reset, `ucrelay devices trust {}`",
+                                detail.trim(),
+                                k.short(),
+                                plane.client.pin_address(target)
+                            );
+                            steps.push(step("tls", "failed", Some(t0.elapsed()), why.clone()));
+                            failure.get_or_insert(why);
+                        }
+                    }
                 }
                 Ok(Err(e)) => {
                     let why = format!("TLS handshake failed: {e}");
@@ -244,8 +275,10 @@ pub async fn probe(plane: &DevicePlane, target: &Target, password: &Secret) -> D
         ));
     } else {
         let t0 = Instant::now();
+        // Through the identity check like every session that carries the password: a device
+        // presenting another key than the pinned one gets no request.
         let rest = async {
-            let mut s = plane.client.session(target, password).await?;
+            let mut s = plane.open(target, password).await?;
             actions::device_info(&mut s).await
         };
         match tokio::time::timeout(timeout * 2, rest).await {

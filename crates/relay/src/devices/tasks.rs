@@ -2,6 +2,10 @@
 //! the cloud is reachable then, fanned out to their targets with bounded concurrency and a deadline
 //! per target. Every finished target is stored (with its result in the outbox) in one transaction, so
 //! after `kill -9` the relay resumes the unfinished targets and never re-runs a finished one.
+//!
+//! Bounded: at most [`MAX_OPEN_TASKS`] tasks are scheduled or executing at once (one more is
+//! answered busy), and a finished task is forgotten, with its per-target results,
+//! `[devices].task_retention` after it ended.
 
 use super::DevicePlane;
 use super::actions;
@@ -10,7 +14,7 @@ use crate::protocol::{
     Command, DEVICE_COMMANDS, Outcome, ResultRecord, TaskCounts, TaskProgress, TaskSpec,
 };
 use crate::store::{Store, Write};
-use crate::util::time::rfc3339;
+use crate::util::time::{parse_rfc3339, rfc3339};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -23,6 +27,14 @@ use tracing::{error, info, warn};
 
 /// Most targets one task may have (a tenant's whole fleet).
 pub const MAX_TARGETS: usize = 100_000;
+/// Most tasks scheduled or executing at once; one more is answered busy.
+pub const MAX_OPEN_TASKS: usize = 1000;
+/// Statuses of a task that will not change again.
+const FINISHED: &[&str] = &["done", "halted", "cancelled", "rejected"];
+/// How long a task that stopped on an error waits before the scheduler resumes it.
+const RESUME_AFTER_ERROR: Duration = Duration::from_secs(5);
+/// How often a task waiting for its store to take writes again looks.
+const STORE_WAIT: Duration = Duration::from_secs(1);
 /// Below this many finished targets the failure threshold is not judged yet.
 const THRESHOLD_SAMPLE: u64 = 10;
 
@@ -305,6 +317,33 @@ impl Book {
         self.lock().contains_key(id)
     }
 
+    /// Tasks scheduled or executing.
+    pub fn open(&self) -> usize {
+        self.lock()
+            .values()
+            .filter(|e| !FINISHED.contains(&e.rec.status.as_str()))
+            .count()
+    }
+
+    /// Finished tasks whose end is more than `retention` before `now`, oldest first.
+    fn expired(&self, now: SystemTime, retention: Duration) -> Vec<String> {
+        let Some(cutoff) = now.checked_sub(retention) else {
+            return vec![];
+        };
+        self.lock()
+            .iter()
+            .filter(|(_, e)| !e.running && FINISHED.contains(&e.rec.status.as_str()))
+            .filter(|(_, e)| {
+                e.rec
+                    .finished_at
+                    .as_deref()
+                    .and_then(parse_rfc3339)
+                    .is_some_and(|ended| ended < cutoff)
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     pub fn counts(&self) -> TaskCounts {
         let mut c = TaskCounts::default();
         for e in self.lock().values() {
@@ -367,10 +406,22 @@ fn summary(e: &Entry) -> Value {
     })
 }
 
+/// What became of a `task` command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskAccept {
+    /// Stored (or its rejection stored): acknowledge it.
+    Stored,
+    /// [`MAX_OPEN_TASKS`] are open: answer busy, the cloud sends it again later.
+    Busy(String),
+    /// Storing failed: no answer, the cloud sends it again.
+    Failed,
+}
+
 /// Takes a `task` command off the channel: validates and stores it (or its rejection) before the
 /// ack. A command naming a task this relay holds already (`task_id`) adds its targets to it.
-/// Returns false when storing failed (no ack: the cloud sends it again).
-pub async fn accept(ctx: &Ctx, plane: &DevicePlane, cmd: &Command) -> bool {
+/// Busy when [`MAX_OPEN_TASKS`] are open (a new task; a further share of one held is taken);
+/// Failed when storing failed (no ack: the cloud sends it again).
+pub async fn accept(ctx: &Ctx, plane: &DevicePlane, cmd: &Command) -> TaskAccept {
     let now = rfc3339(SystemTime::now());
     let parsed = serde_json::from_value::<TaskSpec>(cmd.params.clone());
     let task_id = parsed
@@ -381,14 +432,24 @@ pub async fn accept(ctx: &Ctx, plane: &DevicePlane, cmd: &Command) -> bool {
         .unwrap_or_else(|| cmd.id.clone());
     if task_id == cmd.id && plane.tasks.contains(&cmd.id) {
         info!(task_id = %cmd.id, "task already received; acknowledging again");
-        return true;
+        return TaskAccept::Stored;
     }
     if let Ok(spec) = &parsed
         && task_id != cmd.id
         && plane.tasks.contains(&task_id)
         && plane.cfg().enabled
     {
-        return grant(ctx, plane, cmd, &task_id, spec).await;
+        return if grant(ctx, plane, cmd, &task_id, spec).await {
+            TaskAccept::Stored
+        } else {
+            TaskAccept::Failed
+        };
+    }
+    let open = plane.tasks.open();
+    if open >= MAX_OPEN_TASKS {
+        return TaskAccept::Busy(format!(
+            "relay busy: {open} tasks are scheduled or executing (at most {MAX_OPEN_TASKS}); not stored, send it again later"
+        ));
     }
     let (spec, verdict) = match parsed {
         Ok(spec) => {
@@ -442,7 +503,7 @@ pub async fn accept(ctx: &Ctx, plane: &DevicePlane, cmd: &Command) -> bool {
     writes.push(Write::Result(progress_record(&rec, 0)));
     if let Err(e) = plane.record(writes).await {
         error!(task_id = %rec.id, error = %e, "cannot store task; not acknowledged");
-        return false;
+        return TaskAccept::Failed;
     }
     if verdict.is_ok() {
         info!(task_id = %rec.id, r#type = %rec.spec.kind, targets = rec.total, at = ?rec.spec.at, leased = rec.spec.lease_s.is_some(), "task scheduled");
@@ -453,7 +514,7 @@ pub async fn accept(ctx: &Ctx, plane: &DevicePlane, cmd: &Command) -> bool {
         .lock()
         .insert(rec.id.clone(), Entry::new(rec, Some(Instant::now())));
     plane.tasks.wake.notify_one();
-    true
+    TaskAccept::Stored
 }
 
 /// Targets of task `id` that this relay has finished, from the store.
@@ -740,10 +801,50 @@ fn fail(why: &str) -> actions::Done {
     }
 }
 
-/// The scheduler: starts each task at its time (and resumes tasks a restart interrupted).
+/// Forgets the finished tasks past `[devices].task_retention`, in the store and in memory.
+async fn prune(ctx: &Ctx, plane: &DevicePlane) -> Result<()> {
+    let retention = plane.cfg().task_retention;
+    let ids = plane.tasks.expired(SystemTime::now(), retention);
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let n = ids.len();
+    let batch = ids.clone();
+    let targets = ctx.store.run(move |s| s.tasks_prune(&batch)).await?;
+    {
+        let mut book = plane.tasks.lock();
+        for id in &ids {
+            book.remove(id);
+        }
+    }
+    info!(
+        tasks = n,
+        targets,
+        retention = %humantime::format_duration(retention),
+        "finished tasks past their retention forgotten"
+    );
+    Ok(())
+}
+
+/// How often finished tasks are looked at for pruning: a tenth of the retention, between 1 s and
+/// an hour.
+fn prune_every(retention: Duration) -> Duration {
+    (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600))
+}
+
+/// The scheduler: starts each task at its time (and resumes tasks a restart interrupted), and
+/// forgets finished tasks past their retention.
 pub async fn run(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken) -> Result<()> {
     let mut running = tokio::task::JoinSet::new();
+    let mut next_prune = tokio::time::Instant::now();
     loop {
+        if tokio::time::Instant::now() >= next_prune {
+            if let Err(e) = prune(&ctx, &plane).await {
+                warn!(error = %format!("{e:#}"), "cannot prune finished tasks; trying again later");
+            }
+            // The retention is read each time: a reload may change it.
+            next_prune = tokio::time::Instant::now() + prune_every(plane.cfg().task_retention);
+        }
         let now = SystemTime::now();
         let mut next: Option<SystemTime> = None;
         let mut start = Vec::new();
@@ -773,7 +874,8 @@ pub async fn run(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken)
         let wait = next
             .and_then(|t| t.duration_since(SystemTime::now()).ok())
             .unwrap_or(Duration::from_secs(60))
-            .min(Duration::from_secs(60));
+            .min(Duration::from_secs(60))
+            .min(next_prune.saturating_duration_since(tokio::time::Instant::now()));
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = plane.tasks.wake.notified() => {}
@@ -794,7 +896,9 @@ pub async fn run(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken)
 
 async fn execute(ctx: Ctx, plane: Arc<DevicePlane>, id: String, shutdown: CancellationToken) {
     if let Err(e) = execute_inner(&ctx, &plane, &id, &shutdown).await {
-        error!(task_id = %id, error = %format!("{e:#}"), "task stopped; it resumes after a restart");
+        error!(task_id = %id, error = %format!("{e:#}"), "task stopped; it resumes in a moment (or after a restart)");
+        // Not at once: the scheduler would start it again in a tight loop.
+        crate::util::backoff::sleep_or_shutdown(RESUME_AFTER_ERROR, &shutdown).await;
     }
     if let Some(e) = plane.tasks.lock().get_mut(&id) {
         e.running = false;
@@ -903,6 +1007,19 @@ async fn execute_inner(
                 interrupted = true;
                 break;
             }
+        }
+        // No new target while the store cannot record its result (a full disk): the device would
+        // be acted on with nowhere to put the outcome.
+        let mut waited = false;
+        while ctx.store.trouble().is_some() && !shutdown.is_cancelled() {
+            if !waited {
+                info!(task_id = %id, "task paused: the store cannot record results now");
+                waited = true;
+            }
+            crate::util::backoff::sleep_or_shutdown(STORE_WAIT, shutdown).await;
+        }
+        if waited && !shutdown.is_cancelled() {
+            info!(task_id = %id, "task resumed: the store takes writes again");
         }
         let permit = tokio::select! {
             p = sem.clone().acquire_owned() => p?,
@@ -1083,17 +1200,31 @@ async fn finish_target(
         finished_at: now,
         progress: None,
     };
-    plane
-        .record(vec![
+    let writes = || -> Result<Vec<Write>> {
+        Ok(vec![
             Write::TaskTarget {
                 task: task_id.to_string(),
                 target: target.to_string(),
                 value: serde_json::to_vec(&sub)?,
             },
-            Write::Result(rec),
+            Write::Result(rec.clone()),
         ])
-        .await
-        .map_err(anyhow::Error::msg)?;
+    };
+    // The device has acted: keep its outcome in memory until the store takes it (a full disk
+    // recovers), rather than drop it and run the target again after a restart.
+    let mut backoff =
+        crate::util::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+    loop {
+        match plane.record(writes()?).await {
+            Ok(()) => break,
+            Err(e) if plane.store_refuses() => {
+                let d = backoff.next_delay();
+                warn!(task_id, target, error = %e, retry_in = ?d, "cannot record a target's result yet");
+                tokio::time::sleep(d).await;
+            }
+            Err(e) => return Err(anyhow::Error::msg(e)),
+        }
+    }
     let mut book = plane.tasks.lock();
     if let Some(e) = book.get_mut(task_id) {
         e.in_progress = e.in_progress.saturating_sub(1);

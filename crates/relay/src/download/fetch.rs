@@ -20,24 +20,42 @@ const ATTEMPTS: u32 = 5;
 /// No byte for this long from the cloud: the download is abandoned and resumed.
 const STALL: Duration = Duration::from_secs(30);
 
-/// A shared byte-rate limit for all downloads from the cloud (token bucket, one second of burst).
-/// The rate is given with each call, so a reload that changes `[images].bandwidth_limit` applies to
-/// the next chunk.
+/// A shared byte-rate limit for all downloads from the cloud: a token bucket with half a second of
+/// burst, honest at the sender. The rate is given with each call, so a reload that changes
+/// `[images].bandwidth_limit` applies to the next chunk. What the WAN carries is what the limiter
+/// lets through plus what is buffered ahead of it (the socket's receive buffer, and one read in
+/// the HTTP reader), so each download's socket gets a small receive buffer
+/// ([`RateLimit::recv_buffer`]): at any moment the bytes sent since a download began stay within
+/// `limit × (elapsed + 1 s)`.
 #[derive(Clone, Default)]
 pub struct RateLimit {
     /// Tokens and when they were last counted; None until the first limited call.
     bucket: Arc<tokio::sync::Mutex<Option<(f64, Instant)>>>,
 }
 
+/// The bucket holds at most this many seconds of the rate.
+const BURST_S: f64 = 0.5;
+
 impl RateLimit {
+    /// The receive buffer for one download's socket at `bytes_per_s` with `parallel` downloads: a
+    /// tenth of a second of the rate shared among them, at least 4 KiB, at most 4 MiB; None
+    /// without a limit. The kernel doubles what is asked, and the HTTP reader may hold one read
+    /// of that much more, so the downloads hold at most 0.4 s of the rate ahead of the limiter;
+    /// with its 0.5 s of burst that is within the one second allowed.
+    pub fn recv_buffer(bytes_per_s: Option<u64>, parallel: usize) -> Option<u32> {
+        let share = bytes_per_s? as f64 / 10.0 / parallel.max(1) as f64;
+        Some(share.clamp(4096.0, 4.0 * 1024.0 * 1024.0) as u32)
+    }
+
     /// Waits until `n` bytes may pass at `bytes_per_s` (no wait when unlimited).
     pub async fn take(&self, n: usize, bytes_per_s: Option<u64>) {
         let Some(r) = bytes_per_s else { return };
         let rate = r as f64;
         let mut bucket = self.bucket.lock().await;
         let now = Instant::now();
-        let (tokens, last) = bucket.unwrap_or((rate, now));
-        let mut tokens = (tokens + now.duration_since(last).as_secs_f64() * rate).min(rate);
+        let (tokens, last) = bucket.unwrap_or((rate * BURST_S, now));
+        let mut tokens =
+            (tokens + now.duration_since(last).as_secs_f64() * rate).min(rate * BURST_S);
         tokens -= n as f64;
         *bucket = Some((tokens, now));
         if tokens < 0.0 {
@@ -167,6 +185,7 @@ async fn download(
     let free = crate::util::bytes::free_bytes(&catalog.cfg().dir)
         .map_err(|e| format!("cannot read free disk space: {e}"))?;
     if free < need.saturating_add(catalog.cfg().min_free) {
+        catalog.space_short.store(true, Ordering::Relaxed);
         return Err(format!(
             "not enough free disk in {}: need {} plus {} headroom, {} free",
             catalog.cfg().dir.display(),
@@ -193,8 +212,10 @@ async fn download(
     if offset < size {
         let token = ctx.sessions.current().map(|s| s.token);
         let lan = ctx.devices_cfg.get().subnets.clone();
+        let cfg = catalog.cfg();
         let resp = ctx
             .cloud
+            .with_recv_buffer(RateLimit::recv_buffer(cfg.bandwidth_limit, cfg.parallel))
             .get_file(url, token.as_deref(), offset, &lan)
             .await
             .map_err(|e| {
@@ -284,9 +305,10 @@ async fn download(
             limiter
                 .take(data.len(), catalog.cfg().bandwidth_limit)
                 .await;
+            // A full disk mid-file: the partial file stays for the resume, never served.
             file.write_all(&data)
                 .await
-                .map_err(|e| format!("cannot write {}: {e}", part.display()))?;
+                .map_err(|e| write_error(catalog, &part, &e))?;
             hasher.update(&data);
             got += data.len() as u64;
             state.done.store(got, Ordering::Relaxed);
@@ -295,10 +317,12 @@ async fn download(
                 .bytes_fetched
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
         }
-        file.flush().await.map_err(|e| e.to_string())?;
+        file.flush()
+            .await
+            .map_err(|e| write_error(catalog, &part, &e))?;
         file.sync_all()
             .await
-            .map_err(|e| format!("cannot fsync {}: {e}", part.display()))?;
+            .map_err(|e| write_error(catalog, &part, &e))?;
         if got != size {
             return Err(format!("download ended at {got} of {size} bytes; will resume").into());
         }
@@ -321,6 +345,22 @@ async fn download(
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// Says why a write to the partial file failed; a full disk marks the round short of space.
+fn write_error(catalog: &Catalog, part: &std::path::Path, e: &std::io::Error) -> String {
+    if matches!(
+        e.raw_os_error(),
+        Some(nix::libc::ENOSPC) | Some(nix::libc::EDQUOT)
+    ) {
+        catalog.space_short.store(true, Ordering::Relaxed);
+        format!(
+            "not enough free disk: cannot write {}: {e}; the partial file is kept and the download resumes when space returns",
+            part.display()
+        )
+    } else {
+        format!("cannot write {}: {e}", part.display())
+    }
 }
 
 fn in_window(catalog: &Catalog) -> bool {
@@ -359,11 +399,14 @@ mod tests {
         for _ in 0..3 {
             rl.take(100_000, Some(100_000)).await;
         }
-        // One second of burst, then 100 KB/s.
+        // Half a second of burst, then 100 KB/s.
         assert!(
-            t.elapsed() >= Duration::from_millis(1900),
+            t.elapsed() >= Duration::from_millis(2400),
             "{:?}",
             t.elapsed()
         );
+        assert_eq!(RateLimit::recv_buffer(Some(100_000), 1), Some(10_000));
+        assert_eq!(RateLimit::recv_buffer(Some(1000), 2), Some(4096));
+        assert_eq!(RateLimit::recv_buffer(None, 2), None);
     }
 }

@@ -20,6 +20,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+/// How soon a sync round that ran out of disk space is tried again.
+const SPACE_RETRY: Duration = Duration::from_secs(5);
+
 /// Runs the download agent until shutdown: syncs at start, on a wake-up (heartbeat revision change,
 /// channel message, `ucrelay images sync`), every `sync_interval`, and retries failures with backoff.
 pub async fn run(ctx: Ctx, catalog: Arc<Catalog>, shutdown: CancellationToken) -> Result<()> {
@@ -42,6 +45,15 @@ pub async fn run(ctx: Ctx, catalog: Arc<Catalog>, shutdown: CancellationToken) -
                 warn!(error = %e, "image sync did not finish");
                 retry.next_delay().min(catalog.cfg().sync_interval)
             }
+        };
+        // Short of disk space: look again soon, so the sync resumes as soon as space returns.
+        let wait = if catalog
+            .space_short
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            wait.min(SPACE_RETRY)
+        } else {
+            wait
         };
         // Outside the sync window, look again when it opens.
         let wait = match catalog.cfg().sync_window {

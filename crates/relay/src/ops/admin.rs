@@ -62,6 +62,7 @@ pub async fn serve(
         .route("/v1/images/sync", post(images_sync))
         .route("/v1/images/verify", post(images_verify))
         .route("/v1/devices", get(devices))
+        .route("/v1/devices/trust", post(devices_trust))
         .route("/v1/tasks", get(tasks))
         .route("/v1/tasks/{id}", get(task))
         .route("/v1/probe/{target}", post(probe))
@@ -133,14 +134,42 @@ async fn images_verify(State(ctx): State<Running>) -> Result<Json<serde_json::Va
 }
 
 async fn devices(State(ctx): State<Running>) -> Json<serde_json::Value> {
-    let reg = &ctx.devices.registry;
-    Json(serde_json::json!({
-        "enabled": ctx.devices.cfg().enabled,
-        "poll_interval_s": ctx.devices.cfg().poll_interval.as_secs(),
-        "counts": reg.counts(),
-        "polls": reg.polls.load(std::sync::atomic::Ordering::Relaxed),
-        "devices": reg.list(),
-    }))
+    // 50,000 devices take a while to encode: off the async workers.
+    let plane = ctx.devices.clone();
+    Json(
+        tokio::task::spawn_blocking(move || plane.report())
+            .await
+            .unwrap_or_else(|e| serde_json::json!({"error": e.to_string()})),
+    )
+}
+
+#[derive(serde::Deserialize)]
+struct TrustQuery {
+    address: String,
+    #[serde(default)]
+    fingerprint: Option<String>,
+}
+
+/// `ucrelay devices trust ADDRESS [--fingerprint F]`: accept a device's new key.
+async fn devices_trust(
+    State(ctx): State<Running>,
+    axum::extract::Query(q): axum::extract::Query<TrustQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    match ctx
+        .devices
+        .trust(
+            &q.address,
+            q.fingerprint.as_deref(),
+            crate::devices::identity::TrustedBy::Admin,
+        )
+        .await
+    {
+        Ok(said) => Ok(Json(serde_json::json!({"ok": true, "done": said}))),
+        Err(why) => Err((
+            http::StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({"error": why})),
+        )),
+    }
 }
 
 async fn tasks(State(ctx): State<Running>) -> Json<serde_json::Value> {

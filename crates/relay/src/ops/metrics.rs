@@ -164,6 +164,12 @@ fn register_cloud(r: &Registry, ctx: &Running) {
     );
     let c = ctx.clone();
     r.counter_fn(
+        "ucrelay_commands_busy_total",
+        "Commands answered busy on the channel because the command queue was full",
+        move || c.status.lock().commands_busy,
+    );
+    let c = ctx.clone();
+    r.counter_fn(
         "ucrelay_results_sent_total",
         "Results acknowledged by the cloud",
         move || c.status.lock().results_sent,

@@ -32,6 +32,9 @@ pub struct StatusReport {
     #[serde(default)]
     pub devices: Option<DevicesReport>,
     pub jobs: Vec<JobReport>,
+    /// The store: whether it takes writes, and why not.
+    #[serde(default)]
+    pub store: Option<StoreReport>,
     /// Where `/metrics`, `/healthz` and `/ready` are served (the bound address), when configured.
     #[serde(default)]
     pub metrics_listen: Option<String>,
@@ -125,6 +128,17 @@ pub struct FleetReport {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoreReport {
+    pub path: String,
+    /// False while the store refuses writes (a full disk, reopening after an I/O error).
+    pub writable: bool,
+    /// Why not, in plain words.
+    pub problem: Option<String>,
+    pub problem_since: Option<String>,
+    pub disk_full: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DevicesReport {
     pub devices: crate::protocol::DeviceCounts,
     pub tasks: crate::protocol::TaskCounts,
@@ -156,6 +170,9 @@ pub struct CloudReport {
     pub heartbeats_failed: u64,
     pub heartbeat_interval_s: u64,
     pub commands_received: u64,
+    /// Commands answered `busy` because `[cloud].command_queue` was full.
+    #[serde(default)]
+    pub commands_busy: u64,
     pub results_pending: u64,
     pub results_sent: u64,
     pub results_rejected: u64,
@@ -312,7 +329,7 @@ impl CloudReport {
         };
         if s.results_rejected > 0 {
             problems.push(format!(
-                "{} results were refused by the cloud as malformed and set aside (see the logs)",
+                "{} results were refused by the cloud as malformed or too large and set aside (see the logs)",
                 s.results_rejected
             ));
         }
@@ -347,6 +364,7 @@ impl CloudReport {
             heartbeats_failed: s.heartbeats_failed,
             heartbeat_interval_s: s.heartbeat_interval_s,
             commands_received: s.commands_received,
+            commands_busy: s.commands_busy,
             results_pending,
             results_sent: s.results_sent,
             results_rejected: s.results_rejected,
@@ -458,6 +476,37 @@ pub struct JobReport {
     pub detail: String,
 }
 
+/// Devices presenting a changed key, and device-status records the relay could not deliver.
+fn device_findings(plane: &crate::devices::DevicePlane, found: &mut Findings) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let changed = plane.pins.changed();
+    if !changed.is_empty() {
+        let mut list = changed.clone();
+        list.truncate(5);
+        found.problems.push(format!(
+            "{} device(s) presented a certificate key other than the pinned one and get no password ({}{}): \
+             `ucrelay devices` shows them; if a device was replaced or reset, `ucrelay devices trust ADDRESS`",
+            changed.len(),
+            list.join(", "),
+            if changed.len() > 5 { ", ..." } else { "" }
+        ));
+    }
+    let reg = &plane.registry;
+    let rejected = reg.records_rejected.load(Relaxed);
+    if rejected > 0 {
+        found.problems.push(format!(
+            "{rejected} device-status records were refused by the cloud as malformed or too large and set aside (see the logs)"
+        ));
+    }
+    let dropped = reg.alarms_dropped.load(Relaxed);
+    if dropped > 0 {
+        found.problems.push(format!(
+            "{dropped} alarms were dropped: {} alarms are waiting for the cloud, the most the relay keeps",
+            reg.pending_alarms()
+        ));
+    }
+}
+
 /// What is wrong (the relay is unhealthy) and what deserves a look, gathered while building.
 #[derive(Default)]
 struct Findings {
@@ -478,6 +527,9 @@ impl StatusReport {
         if let Some(r) = &images {
             image_findings(r, &mut found);
         }
+        if ctx.devices.cfg().enabled {
+            device_findings(&ctx.devices, &mut found);
+        }
         let diagnostics = DiagnosticsReport::build(ctx, &mut found);
         let restart_needed = ctx
             .reload_state
@@ -492,6 +544,25 @@ impl StatusReport {
             ));
         }
 
+        let trouble = ctx.store.trouble();
+        if let Some(t) = &trouble {
+            found.problems.push(if t.disk_full {
+                format!(
+                    "{} since {}; what is stored is kept and served, and the relay recovers by itself once there is space (free some, or grow the filesystem)",
+                    t.message,
+                    rfc3339(t.since)
+                )
+            } else {
+                format!("{} since {}; it is opened again automatically", t.message, rfc3339(t.since))
+            });
+        }
+        let store = Some(StoreReport {
+            path: ctx.store.path().display().to_string(),
+            writable: trouble.is_none(),
+            problem: trouble.as_ref().map(|t| t.message.clone()),
+            problem_since: trouble.as_ref().map(|t| rfc3339(t.since)),
+            disk_full: trouble.as_ref().is_some_and(|t| t.disk_full),
+        });
         StatusReport {
             version: crate::util::build::VERSION.into(),
             relay_id: ctx.relay_id.to_string(),
@@ -532,6 +603,7 @@ impl StatusReport {
             restart_needed,
             cloud,
             jobs: jobs(ctx),
+            store,
         }
     }
 
@@ -590,10 +662,17 @@ impl StatusReport {
         ));
         rows.push((
             "commands",
-            format!(
-                "{} received, {} results sent, {} pending",
-                c.commands_received, c.results_sent, c.results_pending
-            ),
+            if c.commands_busy > 0 {
+                format!(
+                    "{} received, {} answered busy (queue full), {} results sent, {} pending",
+                    c.commands_received, c.commands_busy, c.results_sent, c.results_pending
+                )
+            } else {
+                format!(
+                    "{} received, {} results sent, {} pending",
+                    c.commands_received, c.results_sent, c.results_pending
+                )
+            },
         ));
         if let Some(e) = &self.edge {
             rows.push(("edge", format!("{} (fqdn {})", e.listen, e.fqdn.join(", "))));

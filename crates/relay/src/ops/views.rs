@@ -65,12 +65,34 @@ pub fn render_devices(v: &Value) -> String {
         humantime::format_duration(std::time::Duration::from_secs(n(&v["poll_interval_s"])))
     );
     let empty = vec![];
+    let changed: Vec<String> = v["devices"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .filter(|d| d["identity"]["state"] == "changed")
+        .map(|d| s(&d["address"]))
+        .collect();
+    if !changed.is_empty() {
+        let _ = writeln!(
+            out,
+            "{} device(s) presented a certificate key other than the pinned one and got no password: {}\n\
+             if a device was replaced or reset, accept its new key with `ucrelay devices trust ADDRESS`\n",
+            changed.len(),
+            changed.join(", ")
+        );
+    }
     let rows: Vec<Vec<String>> = v["devices"]
         .as_array()
         .unwrap_or(&empty)
         .iter()
         .map(|d| {
             let l = &d["last"];
+            let key = match s(&d["identity"]["state"]).as_str() {
+                "changed" => "CHANGED".to_string(),
+                "expect_new" => "reset".to_string(),
+                "" | "off" => "-".to_string(),
+                other => other.to_string(),
+            };
             let lines = l["lines"]
                 .as_array()
                 .map(|ls| {
@@ -119,6 +141,7 @@ pub fn render_devices(v: &Value) -> String {
                 s(&d["address"]),
                 s(&d["mac"]),
                 s(&d["state"]),
+                key,
                 lines,
                 s(&l["polled_at"]),
                 detail,
@@ -126,7 +149,9 @@ pub fn render_devices(v: &Value) -> String {
         })
         .collect();
     out.push_str(&table(
-        &["ADDRESS", "MAC", "STATE", "LINES", "POLLED", "DETAIL"],
+        &[
+            "ADDRESS", "MAC", "STATE", "KEY", "LINES", "POLLED", "DETAIL",
+        ],
         &rows,
     ));
     out
@@ -332,6 +357,12 @@ mod tests {
             "devices": [{"address": "10.0.0.5", "state": "offline", "last": {"reason": "device unreachable"}}]}));
         assert!(d.contains("1 devices known: 0 online, 1 offline"));
         assert!(d.contains("10.0.0.5"));
+        let d = render_devices(&json!({"enabled": true, "poll_interval_s": 7200,
+            "counts": {"known": 1, "online": 1, "offline": 0},
+            "devices": [{"address": "10.0.0.6", "state": "online", "identity": {"state": "changed"},
+                "last": {"reason": "device identity changed"}}]}));
+        assert!(d.contains("ucrelay devices trust ADDRESS"), "{d}");
+        assert!(d.contains("CHANGED"), "{d}");
     }
 
     #[test]

@@ -45,17 +45,68 @@ pub enum StoreError {
     /// The blocking task running the operation died (a panic inside it).
     #[error("store task failed: {0}")]
     Task(String),
+    /// The database was closed after an I/O error and cannot be opened again yet (each operation
+    /// tries again, at most once a second).
+    #[error("store {} is unavailable: {reason}", path.display())]
+    Unavailable {
+        path: PathBuf,
+        disk_full: bool,
+        reason: String,
+    },
 }
 
 impl StoreError {
     /// True when the disk under the store is full: the operation can succeed once space returns.
     pub fn is_disk_full(&self) -> bool {
+        let full = |e: &std::io::Error| {
+            matches!(
+                e.raw_os_error(),
+                Some(nix::libc::ENOSPC) | Some(nix::libc::EDQUOT)
+            )
+        };
         match self {
-            StoreError::Db(redb::Error::Io(e)) => e.raw_os_error() == Some(nix::libc::ENOSPC),
-            StoreError::StateDir { source, .. } => source.raw_os_error() == Some(nix::libc::ENOSPC),
+            StoreError::Db(redb::Error::Io(e)) => full(e),
+            StoreError::StateDir { source, .. } => full(source),
+            StoreError::Open {
+                source: redb::DatabaseError::Storage(redb::StorageError::Io(e)),
+                ..
+            } => full(e),
+            StoreError::Unavailable { disk_full, .. } => *disk_full,
             _ => false,
         }
     }
+
+    /// True when redb needs the database closed and opened again before it works again: after
+    /// an I/O error it refuses every operation with `PreviousIo`.
+    pub fn closes_database(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Db(redb::Error::Io(_) | redb::Error::PreviousIo)
+        )
+    }
+
+    /// True when the store is refusing work for now (full disk, reopening after an I/O error),
+    /// as opposed to a bug or a corrupt record: the caller waits and tries again.
+    pub fn is_transient(&self) -> bool {
+        self.is_disk_full()
+            || self.closes_database()
+            || matches!(self, StoreError::Unavailable { .. })
+    }
+}
+
+/// An error with its causes, `a: b: c`, for logs and status.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let next = c.to_string();
+        if !s.contains(&next) {
+            s.push_str(": ");
+            s.push_str(&next);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 macro_rules! from_redb {

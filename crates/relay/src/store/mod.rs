@@ -3,15 +3,24 @@
 //!
 //! Calls are synchronous (a commit fsyncs); async code goes through [`Store::run`], which moves the
 //! work to the blocking pool. Large blobs (firmware) never live here: only their metadata.
+//!
+//! A full disk (or any I/O error) is survived, not fatal. redb refuses every operation after an
+//! I/O error (`PreviousIo`) until the database is closed and opened again, so the store does that
+//! itself: the first operation that fails with an I/O error closes the database (waiting for the
+//! operations in flight, which hold it shared), records why in [`Store::trouble`], and the next
+//! operation opens it again, at most once a second. Until that succeeds every operation fails at
+//! once with [`StoreError::Unavailable`], so callers refuse new work instead of blocking, and what
+//! was committed before stays committed. The trouble clears with the first write that commits.
 
 mod error;
 
-pub use error::StoreError;
+pub use error::{StoreError, error_chain};
 
 use crate::protocol::{Command, ResultRecord};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -37,6 +46,9 @@ const TASK_TARGETS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new(
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 /// Device plane: monitoring alarms not yet acknowledged by the cloud, by alarm id.
 const ALARMS: TableDefinition<&str, &[u8]> = TableDefinition::new("alarms");
+/// Device plane: the certificate key pinned for each device, by the socket address the relay dials
+/// (JSON owned by `devices::identity`).
+const DEVICE_PINS: TableDefinition<&str, &[u8]> = TableDefinition::new("device_pins");
 /// Artifacts stored on disk and not yet confirmed by the cloud, by artifact id (JSON owned by
 /// `artifacts`); the file itself lives in `<state_dir>/artifacts/`.
 const ARTIFACTS: TableDefinition<&str, &[u8]> = TableDefinition::new("artifacts");
@@ -49,14 +61,52 @@ const CAPTURES: TableDefinition<&str, &[u8]> = TableDefinition::new("captures");
 const DONE_KEEP: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 const SCHEMA_VERSION: &str = "1";
-/// Memory redb may use to cache pages of the store file.
-const STORE_CACHE_BYTES: usize = 8 << 20;
 pub const DB_FILE: &str = "ucrelay.redb";
 
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
+    inner: Arc<Shared>,
+}
+
+struct Shared {
     path: PathBuf,
+    /// The open database; `None` after an I/O error closed it, until it is opened again. Every
+    /// operation holds it shared for its whole length, so closing waits for them.
+    db: RwLock<Option<Database>>,
+    /// Why the store cannot be written now, if it cannot.
+    trouble: Mutex<Option<Trouble>>,
+    /// When an open was last tried while the database was closed.
+    last_open: Mutex<Option<Instant>>,
+}
+
+/// Why the store cannot take writes now: shown by `ucrelay status` and sent in heartbeats.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trouble {
+    /// The filesystem under the store is full (ENOSPC, EDQUOT): it recovers once space returns.
+    pub disk_full: bool,
+    pub message: String,
+    pub since: SystemTime,
+}
+
+/// How often a closed database is opened again (each attempt may repair the file).
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
+
+/// redb keeps every page it touched in memory up to its cache size, 1 GiB by default: the relay's
+/// memory would grow with its store for as long as it runs. 16 MiB holds the hot pages of a store
+/// of tens of thousands of records.
+const CACHE_BYTES: usize = 16 << 20;
+
+fn open_db(path: &Path) -> Result<Database> {
+    match Database::builder().set_cache_size(CACHE_BYTES).create(path) {
+        Ok(db) => Ok(db),
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(StoreError::InUse {
+            path: path.to_path_buf(),
+        }),
+        Err(source) => Err(StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 impl Store {
@@ -74,32 +124,180 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        // A bounded page cache: redb's default lets it grow to a gigabyte, and writing the
-        // records of 50,000 devices every few seconds would keep tens of MB of pages in memory.
-        let db = match redb::Builder::new()
-            .set_cache_size(STORE_CACHE_BYTES)
-            .create(&path)
-        {
-            Ok(db) => db,
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                return Err(StoreError::InUse { path });
-            }
-            Err(source) => return Err(StoreError::Open { path, source }),
-        };
+        let db = open_db(&path)?;
         let store = Store {
-            db: Arc::new(db),
-            path,
+            inner: Arc::new(Shared {
+                path,
+                db: RwLock::new(Some(db)),
+                trouble: Mutex::new(None),
+                last_open: Mutex::new(None),
+            }),
         };
-        store.init()?;
+        match store.init() {
+            Ok(()) => {}
+            // Starting on a full disk: what is stored stays readable; writes wait for space.
+            Err(e) if e.is_disk_full() => {
+                tracing::warn!(error = %format!("{e:#}"), "the disk under the store is full; starting anyway, new work is refused until space returns");
+            }
+            Err(e) => return Err(e),
+        }
         Ok(store)
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.inner.path
+    }
+
+    /// Why the store cannot take writes now (a full disk, an I/O error), or `None` when it can.
+    pub fn trouble(&self) -> Option<Trouble> {
+        self.inner
+            .trouble
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Runs one operation on the open database (opening it again first if an I/O error closed
+    /// it). An I/O error closes it for the next operation to reopen; a write that commits clears
+    /// the recorded trouble.
+    fn with<T>(&self, write: bool, f: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
+        self.ensure_open()?;
+        let outcome = {
+            let guard = self.inner.db.read().unwrap_or_else(|e| e.into_inner());
+            match guard.as_ref() {
+                Some(db) => f(db),
+                None => return Err(self.unavailable()),
+            }
+        };
+        match &outcome {
+            Ok(_) if write => {
+                let mut t = self.inner.trouble.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(old) = t.take() {
+                    tracing::info!(was = %old.message, "the store takes writes again");
+                }
+            }
+            Ok(_) => {}
+            Err(e) if e.closes_database() => self.close_after(e),
+            Err(_) => {}
+        }
+        outcome
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
+        self.with(false, f)
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
+        self.with(true, f)
+    }
+
+    fn unavailable(&self) -> StoreError {
+        let t = self.trouble();
+        StoreError::Unavailable {
+            path: self.inner.path.clone(),
+            disk_full: t.as_ref().is_some_and(|t| t.disk_full),
+            reason: t
+                .map(|t| t.message)
+                .unwrap_or_else(|| "closed after an I/O error".into()),
+        }
+    }
+
+    /// Records why the store failed; a later `PreviousIo` does not hide the first cause.
+    fn note(&self, e: &StoreError) {
+        let mut t = self.inner.trouble.lock().unwrap_or_else(|e| e.into_inner());
+        let disk_full = e.is_disk_full();
+        let keep = matches!(&*t, Some(old) if old.disk_full && !disk_full);
+        if !keep {
+            let since = t.as_ref().map_or_else(SystemTime::now, |old| old.since);
+            *t = Some(Trouble {
+                disk_full,
+                message: if disk_full {
+                    format!(
+                        "the disk under the store {} is full; new commands and tasks are refused until space returns",
+                        self.inner.path.display()
+                    )
+                } else {
+                    format!(
+                        "store {} failed: {}",
+                        self.inner.path.display(),
+                        error_chain(e)
+                    )
+                },
+                since,
+            });
+        }
+    }
+
+    /// Closes the database after an I/O error (waiting for the operations in flight).
+    fn close_after(&self, e: &StoreError) {
+        self.note(e);
+        let mut db = self.inner.db.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = db.take() {
+            tracing::warn!(error = %error_chain(e), "store I/O failed; closing it to open it again");
+            drop(old);
+        }
+    }
+
+    /// Opens the database again if an I/O error closed it, at most once every [`REOPEN_EVERY`].
+    fn ensure_open(&self) -> Result<()> {
+        if self
+            .inner
+            .db
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
+            return Ok(());
+        }
+        let mut db = self.inner.db.write().unwrap_or_else(|e| e.into_inner());
+        if db.is_some() {
+            return Ok(());
+        }
+        {
+            let mut last = self
+                .inner
+                .last_open
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+                return Err(self.unavailable());
+            }
+            *last = Some(Instant::now());
+        }
+        match open_db(&self.inner.path) {
+            Ok(opened) => {
+                tracing::info!(path = %self.inner.path.display(), "store opened again");
+                *db = Some(opened);
+                Ok(())
+            }
+            Err(e) => {
+                drop(db);
+                self.note(&e);
+                Err(self.unavailable())
+            }
+        }
+    }
+
+    /// Proves the store works end to end with a tiny durable write (through fsync). The daemon
+    /// runs it for the watchdog (an answer, even a refusal, means the store is alive; no answer
+    /// means it hangs) and, while the store reports trouble, every couple of seconds: the write
+    /// that commits is what clears the trouble once space returns.
+    pub fn probe(&self) -> Result<()> {
+        self.write(|db| {
+            let tx = db.begin_write()?;
+            tx.open_table(META)?
+                .insert("alive_at", unix_now().to_string().as_str())?;
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     fn init(&self) -> Result<()> {
-        let tx = self.db.begin_write()?;
+        self.write(Self::init_tables)
+    }
+
+    fn init_tables(db: &Database) -> Result<()> {
+        let tx = db.begin_write()?;
         {
             let mut meta = tx.open_table(META)?;
             let existing = meta.get("schema_version")?.map(|v| v.value().to_string());
@@ -124,6 +322,7 @@ impl Store {
             tx.open_table(TASK_TARGETS)?;
             tx.open_table(DEVICES)?;
             tx.open_table(ALARMS)?;
+            tx.open_table(DEVICE_PINS)?;
             tx.open_table(ARTIFACTS)?;
             tx.open_table(BACKUPS)?;
             tx.open_table(CAPTURES)?;
@@ -173,131 +372,176 @@ impl Store {
         Ok(meta.get("relay_id")?.map(|v| v.value().to_string()))
     }
 
-    /// The relay's identity: generated on first start, then always the same.
+    /// The relay's identity: generated on first start, then always the same. Read without a
+    /// write when it exists, so a relay starts on a full disk.
     pub fn relay_id(&self) -> Result<String> {
-        let tx = self.db.begin_write()?;
-        let id = {
-            let mut meta = tx.open_table(META)?;
-            let existing = meta.get("relay_id")?.map(|v| v.value().to_string());
-            match existing {
-                Some(id) => id,
-                None => {
-                    let id = uuid::Uuid::new_v4().to_string();
-                    meta.insert("relay_id", id.as_str())?;
-                    id
+        let existing = self.read(|db| {
+            let tx = db.begin_read()?;
+            Ok(tx
+                .open_table(META)?
+                .get("relay_id")?
+                .map(|v| v.value().to_string()))
+        })?;
+        if let Some(id) = existing {
+            return Ok(id);
+        }
+        self.write(|db| {
+            let tx = db.begin_write()?;
+            let id = {
+                let mut meta = tx.open_table(META)?;
+                let existing = meta.get("relay_id")?.map(|v| v.value().to_string());
+                match existing {
+                    Some(id) => id,
+                    None => {
+                        let id = uuid::Uuid::new_v4().to_string();
+                        meta.insert("relay_id", id.as_str())?;
+                        id
+                    }
                 }
-            }
-        };
-        tx.commit()?;
-        Ok(id)
+            };
+            tx.commit()?;
+            Ok(id)
+        })
     }
 
     /// Stores a command before it is acknowledged to the cloud.
     pub fn inbox_put(&self, cmd: &Command) -> Result<()> {
-        let bytes = serde_json::to_vec(cmd)?;
-        let tx = self.db.begin_write()?;
-        tx.open_table(INBOX)?
-            .insert(cmd.id.as_str(), bytes.as_slice())?;
-        tx.commit()?;
-        Ok(())
+        self.write(|db| {
+            let bytes = serde_json::to_vec(cmd)?;
+            let tx = db.begin_write()?;
+            tx.open_table(INBOX)?
+                .insert(cmd.id.as_str(), bytes.as_slice())?;
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     /// Whether a command id is pending or finished: a command the cloud sends again (its ack was
     /// lost) is acknowledged again but never run twice.
     pub fn command_seen(&self, id: &str) -> Result<bool> {
-        let tx = self.db.begin_read()?;
-        Ok(tx.open_table(INBOX)?.get(id)?.is_some() || tx.open_table(DONE)?.get(id)?.is_some())
+        self.read(|db| {
+            let tx = db.begin_read()?;
+            Ok(tx.open_table(INBOX)?.get(id)?.is_some() || tx.open_table(DONE)?.get(id)?.is_some())
+        })
     }
 
     pub fn inbox_all(&self) -> Result<Vec<Command>> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(INBOX)?;
-        let mut out = Vec::new();
-        for entry in table.iter()? {
-            let (_, v) = entry?;
-            match serde_json::from_slice::<Command>(v.value()) {
-                Ok(cmd) => out.push(cmd),
-                Err(e) => tracing::warn!(error = %e, "skipping unreadable inbox entry"),
+        self.read(|db| {
+            let tx = db.begin_read()?;
+            let table = tx.open_table(INBOX)?;
+            let mut out = Vec::new();
+            for entry in table.iter()? {
+                let (_, v) = entry?;
+                match serde_json::from_slice::<Command>(v.value()) {
+                    Ok(cmd) => out.push(cmd),
+                    Err(e) => tracing::warn!(error = %e, "skipping unreadable inbox entry"),
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Stores a result in the outbox and, in the same transaction, drops its command from the inbox:
     /// a command is never both finished and pending.
     pub fn finish(&self, rec: &ResultRecord) -> Result<()> {
-        let bytes = serde_json::to_vec(rec)?;
-        let tx = self.db.begin_write()?;
-        {
-            let mut outbox = tx.open_table(OUTBOX)?;
-            let next = outbox.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
-            outbox.insert(next, bytes.as_slice())?;
-            tx.open_table(INBOX)?.remove(rec.command_id.as_str())?;
-            tx.open_table(DONE)?
-                .insert(rec.command_id.as_str(), unix_now())?;
-        }
-        tx.commit()?;
-        crate::util::metrics::global()
-            .commands
-            .inc(&[("name", &rec.name), ("result", rec.result.as_str())]);
-        Ok(())
+        self.write(|db| {
+            let bytes = serde_json::to_vec(rec)?;
+            let tx = db.begin_write()?;
+            {
+                let mut outbox = tx.open_table(OUTBOX)?;
+                let next = outbox.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+                outbox.insert(next, bytes.as_slice())?;
+                tx.open_table(INBOX)?.remove(rec.command_id.as_str())?;
+                tx.open_table(DONE)?
+                    .insert(rec.command_id.as_str(), unix_now())?;
+            }
+            tx.commit()?;
+            // The name comes from the cloud: only names this relay knows become label values, so a
+            // cloud cannot grow the metric without bound.
+            let name = if crate::protocol::is_known_command(&rec.name) {
+                rec.name.as_str()
+            } else {
+                "other"
+            };
+            crate::util::metrics::global()
+                .commands
+                .inc(&[("name", name), ("result", rec.result.as_str())]);
+            Ok(())
+        })
     }
 
-    /// The oldest `max` results, with their outbox keys.
-    pub fn outbox_batch(&self, max: usize) -> Result<Vec<(u64, ResultRecord)>> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(OUTBOX)?;
-        let mut out = Vec::new();
-        for entry in table.iter()?.take(max) {
-            let (k, v) = entry?;
-            match serde_json::from_slice::<ResultRecord>(v.value()) {
-                Ok(rec) => out.push((k.value(), rec)),
-                Err(e) => {
-                    tracing::error!(key = k.value(), error = %e, "unreadable outbox entry kept for inspection")
+    /// The oldest results, with their outbox keys: at most `max` of them and, past the first, no
+    /// more than `max_bytes` of stored JSON together (a record larger than that goes alone).
+    pub fn outbox_batch(&self, max: usize, max_bytes: usize) -> Result<Vec<(u64, ResultRecord)>> {
+        self.read(|db| {
+            let tx = db.begin_read()?;
+            let table = tx.open_table(OUTBOX)?;
+            let mut out = Vec::new();
+            let mut bytes = 0usize;
+            for entry in table.iter()?.take(max) {
+                let (k, v) = entry?;
+                bytes = bytes.saturating_add(v.value().len());
+                if !out.is_empty() && bytes > max_bytes {
+                    break;
+                }
+                match serde_json::from_slice::<ResultRecord>(v.value()) {
+                    Ok(rec) => out.push((k.value(), rec)),
+                    Err(e) => {
+                        tracing::error!(key = k.value(), error = %e, "unreadable outbox entry kept for inspection")
+                    }
                 }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Drops results the cloud acknowledged.
     pub fn outbox_remove(&self, keys: &[u64]) -> Result<()> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut table = tx.open_table(OUTBOX)?;
-            for k in keys {
-                table.remove(*k)?;
+        self.write(|db| {
+            let tx = db.begin_write()?;
+            {
+                let mut table = tx.open_table(OUTBOX)?;
+                for k in keys {
+                    table.remove(*k)?;
+                }
             }
-        }
-        tx.commit()?;
-        Ok(())
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     /// Moves a result the cloud refused for good out of the outbox, so it cannot block the rest.
     pub fn outbox_reject(&self, key: u64, reason: &str) -> Result<()> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut outbox = tx.open_table(OUTBOX)?;
-            let entry = outbox.remove(key)?.map(|v| v.value().to_vec());
-            if let Some(bytes) = entry {
-                let mut rec: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-                rec["rejected_because"] = serde_json::Value::String(reason.to_string());
-                tx.open_table(REJECTED)?
-                    .insert(key, serde_json::to_vec(&rec)?.as_slice())?;
+        self.write(|db| {
+            let tx = db.begin_write()?;
+            {
+                let mut outbox = tx.open_table(OUTBOX)?;
+                let entry = outbox.remove(key)?.map(|v| v.value().to_vec());
+                if let Some(bytes) = entry {
+                    let mut rec: serde_json::Value =
+                        serde_json::from_slice(&bytes).unwrap_or_default();
+                    rec["rejected_because"] = serde_json::Value::String(reason.to_string());
+                    tx.open_table(REJECTED)?
+                        .insert(key, serde_json::to_vec(&rec)?.as_slice())?;
+                }
             }
-        }
-        tx.commit()?;
-        Ok(())
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     pub fn rejected_len(&self) -> Result<u64> {
-        let tx = self.db.begin_read()?;
-        Ok(tx.open_table(REJECTED)?.len()?)
+        self.read(|db| {
+            let tx = db.begin_read()?;
+            Ok(tx.open_table(REJECTED)?.len()?)
+        })
     }
 
     pub fn outbox_len(&self) -> Result<u64> {
-        let tx = self.db.begin_read()?;
-        Ok(tx.open_table(OUTBOX)?.len()?)
+        self.read(|db| {
+            let tx = db.begin_read()?;
+            Ok(tx.open_table(OUTBOX)?.len()?)
+        })
     }
 }
 
@@ -339,58 +583,66 @@ fn private_file(path: &Path) -> std::io::Result<()> {
 
 impl Store {
     pub fn image_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        let tx = self.db.begin_read()?;
-        Ok(tx
-            .open_table(IMAGE_META)?
-            .get(key)?
-            .map(|v| v.value().to_vec()))
+        self.read(|db| {
+            let tx = db.begin_read()?;
+            Ok(tx
+                .open_table(IMAGE_META)?
+                .get(key)?
+                .map(|v| v.value().to_vec()))
+        })
     }
 
     /// Sets (or with `None` removes) a download-agent note.
     pub fn set_image_meta(&self, key: &str, value: Option<&[u8]>) -> Result<()> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut t = tx.open_table(IMAGE_META)?;
-            match value {
-                Some(v) => {
-                    t.insert(key, v)?;
-                }
-                None => {
-                    t.remove(key)?;
+        self.write(|db| {
+            let tx = db.begin_write()?;
+            {
+                let mut t = tx.open_table(IMAGE_META)?;
+                match value {
+                    Some(v) => {
+                        t.insert(key, v)?;
+                    }
+                    None => {
+                        t.remove(key)?;
+                    }
                 }
             }
-        }
-        tx.commit()?;
-        Ok(())
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     pub fn image_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
-        let tx = self.db.begin_read()?;
-        let t = tx.open_table(IMAGE_FILES)?;
-        let mut out = Vec::new();
-        for e in t.iter()? {
-            let (k, v) = e?;
-            out.push((k.value().to_string(), v.value().to_vec()));
-        }
-        Ok(out)
+        self.read(|db| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(IMAGE_FILES)?;
+            let mut out = Vec::new();
+            for e in t.iter()? {
+                let (k, v) = e?;
+                out.push((k.value().to_string(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
     }
 
     /// Writes (or with `None` deletes) one image file record, durably.
     pub fn set_image_file(&self, sha256: &str, value: Option<&[u8]>) -> Result<()> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut t = tx.open_table(IMAGE_FILES)?;
-            match value {
-                Some(v) => {
-                    t.insert(sha256, v)?;
-                }
-                None => {
-                    t.remove(sha256)?;
+        self.write(|db| {
+            let tx = db.begin_write()?;
+            {
+                let mut t = tx.open_table(IMAGE_FILES)?;
+                match value {
+                    Some(v) => {
+                        t.insert(sha256, v)?;
+                    }
+                    None => {
+                        t.remove(sha256)?;
+                    }
                 }
             }
-        }
-        tx.commit()?;
-        Ok(())
+            tx.commit()?;
+            Ok(())
+        })
     }
 }
 
@@ -422,6 +674,11 @@ pub enum Write {
         id: String,
         value: Vec<u8>,
     },
+    /// A device's pinned key (insert or replace), or `None` to forget it.
+    Pin {
+        address: String,
+        value: Option<Vec<u8>>,
+    },
 }
 
 impl Store {
@@ -431,65 +688,78 @@ impl Store {
         if writes.is_empty() {
             return Ok(());
         }
-        let tx = self.db.begin_write()?;
-        {
-            let mut outbox = tx.open_table(OUTBOX)?;
-            let mut inbox = tx.open_table(INBOX)?;
-            let mut done = tx.open_table(DONE)?;
-            let mut tasks = tx.open_table(TASKS)?;
-            let mut targets = tx.open_table(TASK_TARGETS)?;
-            let mut devices = tx.open_table(DEVICES)?;
-            let mut alarms = tx.open_table(ALARMS)?;
-            let mut next = outbox.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
-            let now = unix_now();
-            for w in writes {
-                match w {
-                    Write::Result(rec) => {
-                        outbox.insert(next, serde_json::to_vec(rec)?.as_slice())?;
-                        next += 1;
-                    }
-                    Write::CommandDone(rec) => {
-                        outbox.insert(next, serde_json::to_vec(rec)?.as_slice())?;
-                        next += 1;
-                        inbox.remove(rec.command_id.as_str())?;
-                        done.insert(rec.command_id.as_str(), now)?;
-                    }
-                    Write::CommandSeen(id) => {
-                        inbox.remove(id.as_str())?;
-                        done.insert(id.as_str(), now)?;
-                    }
-                    Write::Task { id, value } => {
-                        tasks.insert(id.as_str(), value.as_slice())?;
-                    }
-                    Write::TaskTarget {
-                        task,
-                        target,
-                        value,
-                    } => {
-                        targets.insert((task.as_str(), target.as_str()), value.as_slice())?;
-                    }
-                    Write::Device { address, value } => {
-                        devices.insert(address.as_str(), value.as_slice())?;
-                    }
-                    Write::Alarm { id, value } => {
-                        alarms.insert(id.as_str(), value.as_slice())?;
+        self.write(|db| {
+            let tx = db.begin_write()?;
+            {
+                let mut outbox = tx.open_table(OUTBOX)?;
+                let mut inbox = tx.open_table(INBOX)?;
+                let mut done = tx.open_table(DONE)?;
+                let mut tasks = tx.open_table(TASKS)?;
+                let mut targets = tx.open_table(TASK_TARGETS)?;
+                let mut devices = tx.open_table(DEVICES)?;
+                let mut alarms = tx.open_table(ALARMS)?;
+                let mut pins = tx.open_table(DEVICE_PINS)?;
+                let mut next = outbox.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+                let now = unix_now();
+                for w in writes {
+                    match w {
+                        Write::Result(rec) => {
+                            outbox.insert(next, serde_json::to_vec(rec)?.as_slice())?;
+                            next += 1;
+                        }
+                        Write::CommandDone(rec) => {
+                            outbox.insert(next, serde_json::to_vec(rec)?.as_slice())?;
+                            next += 1;
+                            inbox.remove(rec.command_id.as_str())?;
+                            done.insert(rec.command_id.as_str(), now)?;
+                        }
+                        Write::CommandSeen(id) => {
+                            inbox.remove(id.as_str())?;
+                            done.insert(id.as_str(), now)?;
+                        }
+                        Write::Task { id, value } => {
+                            tasks.insert(id.as_str(), value.as_slice())?;
+                        }
+                        Write::TaskTarget {
+                            task,
+                            target,
+                            value,
+                        } => {
+                            targets.insert((task.as_str(), target.as_str()), value.as_slice())?;
+                        }
+                        Write::Device { address, value } => {
+                            devices.insert(address.as_str(), value.as_slice())?;
+                        }
+                        Write::Alarm { id, value } => {
+                            alarms.insert(id.as_str(), value.as_slice())?;
+                        }
+                        Write::Pin { address, value } => match value {
+                            Some(v) => {
+                                pins.insert(address.as_str(), v.as_slice())?;
+                            }
+                            None => {
+                                pins.remove(address.as_str())?;
+                            }
+                        },
                     }
                 }
             }
-        }
-        tx.commit()?;
-        Ok(())
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     fn all_of(&self, def: TableDefinition<&str, &[u8]>) -> Result<Vec<(String, Vec<u8>)>> {
-        let tx = self.db.begin_read()?;
-        let t = tx.open_table(def)?;
-        let mut out = Vec::new();
-        for e in t.iter()? {
-            let (k, v) = e?;
-            out.push((k.value().to_string(), v.value().to_vec()));
-        }
-        Ok(out)
+        self.read(|db| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(def)?;
+            let mut out = Vec::new();
+            for e in t.iter()? {
+                let (k, v) = e?;
+                out.push((k.value().to_string(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
     }
 
     pub fn tasks_all(&self) -> Result<Vec<(String, Vec<u8>)>> {
@@ -497,24 +767,28 @@ impl Store {
     }
 
     pub fn task(&self, id: &str) -> Result<Option<Vec<u8>>> {
-        let tx = self.db.begin_read()?;
-        Ok(tx.open_table(TASKS)?.get(id)?.map(|v| v.value().to_vec()))
+        self.read(|db| {
+            let tx = db.begin_read()?;
+            Ok(tx.open_table(TASKS)?.get(id)?.map(|v| v.value().to_vec()))
+        })
     }
 
     /// The finished targets of one task.
     pub fn task_targets(&self, task: &str) -> Result<Vec<(String, Vec<u8>)>> {
-        let tx = self.db.begin_read()?;
-        let t = tx.open_table(TASK_TARGETS)?;
-        let mut out = Vec::new();
-        for e in t.range((task, "")..)? {
-            let (k, v) = e?;
-            let (tk, target) = k.value();
-            if tk != task {
-                break;
+        self.read(|db| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(TASK_TARGETS)?;
+            let mut out = Vec::new();
+            for e in t.range((task, "")..)? {
+                let (k, v) = e?;
+                let (tk, target) = k.value();
+                if tk != task {
+                    break;
+                }
+                out.push((target.to_string(), v.value().to_vec()));
             }
-            out.push((target.to_string(), v.value().to_vec()));
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     pub fn devices_all(&self) -> Result<Vec<(String, Vec<u8>)>> {
@@ -525,31 +799,128 @@ impl Store {
         if addresses.is_empty() {
             return Ok(());
         }
-        let tx = self.db.begin_write()?;
-        {
-            let mut t = tx.open_table(DEVICES)?;
-            for a in addresses {
-                t.remove(a.as_str())?;
+        self.write(|db| {
+            let tx = db.begin_write()?;
+            {
+                let mut t = tx.open_table(DEVICES)?;
+                for a in addresses {
+                    t.remove(a.as_str())?;
+                }
             }
-        }
-        tx.commit()?;
-        Ok(())
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     pub fn alarms_all(&self) -> Result<Vec<(String, Vec<u8>)>> {
         self.all_of(ALARMS)
     }
 
-    pub fn alarms_remove(&self, ids: &[String]) -> Result<()> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut t = tx.open_table(ALARMS)?;
-            for id in ids {
-                t.remove(id.as_str())?;
+    /// Pending alarms in id order: at most `max`, and past the first no more than `max_bytes`.
+    pub fn alarms_batch(&self, max: usize, max_bytes: usize) -> Result<Vec<(String, Vec<u8>)>> {
+        self.read(|db| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(ALARMS)?;
+            let mut out = Vec::new();
+            let mut bytes = 0usize;
+            for e in t.iter()?.take(max) {
+                let (k, v) = e?;
+                bytes = bytes.saturating_add(v.value().len());
+                if !out.is_empty() && bytes > max_bytes {
+                    break;
+                }
+                out.push((k.value().to_string(), v.value().to_vec()));
             }
-        }
-        tx.commit()?;
-        Ok(())
+            Ok(out)
+        })
+    }
+
+    pub fn alarms_len(&self) -> Result<u64> {
+        self.read(|db| {
+            let tx = db.begin_read()?;
+            Ok(tx.open_table(ALARMS)?.len()?)
+        })
+    }
+
+    /// Moves an alarm the cloud refused for good (400, 413) out of the pending alarms into the
+    /// rejected table, kept for inspection, so it cannot block the others.
+    pub fn alarm_reject(&self, id: &str, reason: &str) -> Result<()> {
+        self.write(|db| {
+            let tx = db.begin_write()?;
+            {
+                let mut alarms = tx.open_table(ALARMS)?;
+                let entry = alarms.remove(id)?.map(|v| v.value().to_vec());
+                if let Some(bytes) = entry {
+                    let mut rec: serde_json::Value =
+                        serde_json::from_slice(&bytes).unwrap_or_default();
+                    rec["rejected_because"] = serde_json::Value::String(reason.to_string());
+                    rec["record"] = serde_json::Value::String("alarm".into());
+                    let mut rejected = tx.open_table(REJECTED)?;
+                    let next = rejected.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+                    rejected.insert(next, serde_json::to_vec(&rec)?.as_slice())?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    pub fn pins_all(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        self.all_of(DEVICE_PINS)
+    }
+
+    /// Forgets finished tasks and their per-target results. Each id stays known as a handled
+    /// command (from now), so a cloud that sends the task again does not run it a second time.
+    pub fn tasks_prune(&self, ids: &[String]) -> Result<u64> {
+        self.write(|db| {
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            let tx = db.begin_write()?;
+            let mut targets_removed = 0u64;
+            {
+                let mut tasks = tx.open_table(TASKS)?;
+                let mut targets = tx.open_table(TASK_TARGETS)?;
+                let mut done = tx.open_table(DONE)?;
+                let now = unix_now();
+                for id in ids {
+                    tasks.remove(id.as_str())?;
+                    let keys: Vec<String> = {
+                        let mut keys = Vec::new();
+                        for e in targets.range((id.as_str(), "")..)? {
+                            let (k, _) = e?;
+                            let (tk, target) = k.value();
+                            if tk != id.as_str() {
+                                break;
+                            }
+                            keys.push(target.to_string());
+                        }
+                        keys
+                    };
+                    for t in &keys {
+                        targets.remove((id.as_str(), t.as_str()))?;
+                    }
+                    targets_removed += keys.len() as u64;
+                    done.insert(id.as_str(), now)?;
+                }
+            }
+            tx.commit()?;
+            Ok(targets_removed)
+        })
+    }
+
+    pub fn alarms_remove(&self, ids: &[String]) -> Result<()> {
+        self.write(|db| {
+            let tx = db.begin_write()?;
+            {
+                let mut t = tx.open_table(ALARMS)?;
+                for id in ids {
+                    t.remove(id.as_str())?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
     }
 }
 
@@ -557,18 +928,22 @@ impl Store {
     /// A setting the relay keeps for itself (`meta` table), e.g. the cloud's last word on device
     /// logs.
     pub fn setting(&self, key: &str) -> Result<Option<String>> {
-        let tx = self.db.begin_read()?;
-        Ok(tx
-            .open_table(META)?
-            .get(key)?
-            .map(|v| v.value().to_string()))
+        self.read(|db| {
+            let tx = db.begin_read()?;
+            Ok(tx
+                .open_table(META)?
+                .get(key)?
+                .map(|v| v.value().to_string()))
+        })
     }
 
     pub fn set_setting(&self, key: &str, value: &str) -> Result<()> {
-        let tx = self.db.begin_write()?;
-        tx.open_table(META)?.insert(key, value)?;
-        tx.commit()?;
-        Ok(())
+        self.write(|db| {
+            let tx = db.begin_write()?;
+            tx.open_table(META)?.insert(key, value)?;
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     pub fn artifacts_all(&self) -> Result<Vec<(String, Vec<u8>)>> {
@@ -577,36 +952,40 @@ impl Store {
 
     /// Writes (or with `None` deletes) one artifact record, durably.
     pub fn set_artifact(&self, id: &str, value: Option<&[u8]>) -> Result<()> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut t = tx.open_table(ARTIFACTS)?;
-            match value {
-                Some(v) => {
-                    t.insert(id, v)?;
-                }
-                None => {
-                    t.remove(id)?;
+        self.write(|db| {
+            let tx = db.begin_write()?;
+            {
+                let mut t = tx.open_table(ARTIFACTS)?;
+                match value {
+                    Some(v) => {
+                        t.insert(id, v)?;
+                    }
+                    None => {
+                        t.remove(id)?;
+                    }
                 }
             }
-        }
-        tx.commit()?;
-        Ok(())
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     /// The backups of one device, oldest first.
     pub fn backups(&self, mac: &str) -> Result<Vec<(String, Vec<u8>)>> {
-        let tx = self.db.begin_read()?;
-        let t = tx.open_table(BACKUPS)?;
-        let mut out = Vec::new();
-        for e in t.range((mac, "")..)? {
-            let (k, v) = e?;
-            let (m, id) = k.value();
-            if m != mac {
-                break;
+        self.read(|db| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(BACKUPS)?;
+            let mut out = Vec::new();
+            for e in t.range((mac, "")..)? {
+                let (k, v) = e?;
+                let (m, id) = k.value();
+                if m != mac {
+                    break;
+                }
+                out.push((id.to_string(), v.value().to_vec()));
             }
-            out.push((id.to_string(), v.value().to_vec()));
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Adds a backup and, in the same transaction, drops the oldest ones beyond `keep`. Returns the
@@ -618,52 +997,58 @@ impl Store {
         value: &[u8],
         keep: usize,
     ) -> Result<Vec<String>> {
-        let tx = self.db.begin_write()?;
-        let dropped = {
-            let mut t = tx.open_table(BACKUPS)?;
-            t.insert((mac, id), value)?;
-            let mut ids = Vec::new();
-            for e in t.range((mac, "")..)? {
-                let (k, _) = e?;
-                let (m, id) = k.value();
-                if m != mac {
-                    break;
+        self.write(|db| {
+            let tx = db.begin_write()?;
+            let dropped = {
+                let mut t = tx.open_table(BACKUPS)?;
+                t.insert((mac, id), value)?;
+                let mut ids = Vec::new();
+                for e in t.range((mac, "")..)? {
+                    let (k, _) = e?;
+                    let (m, id) = k.value();
+                    if m != mac {
+                        break;
+                    }
+                    ids.push(id.to_string());
                 }
-                ids.push(id.to_string());
-            }
-            let extra = ids.len().saturating_sub(keep);
-            let dropped: Vec<String> = ids.into_iter().take(extra).collect();
-            for d in &dropped {
-                t.remove((mac, d.as_str()))?;
-            }
-            dropped
-        };
-        tx.commit()?;
-        Ok(dropped)
+                let extra = ids.len().saturating_sub(keep);
+                let dropped: Vec<String> = ids.into_iter().take(extra).collect();
+                for d in &dropped {
+                    t.remove((mac, d.as_str()))?;
+                }
+                dropped
+            };
+            tx.commit()?;
+            Ok(dropped)
+        })
     }
 
     /// Removes one backup; false when there was none.
     pub fn backup_remove(&self, mac: &str, id: &str) -> Result<bool> {
-        let tx = self.db.begin_write()?;
-        let found = tx.open_table(BACKUPS)?.remove((mac, id))?.is_some();
-        tx.commit()?;
-        Ok(found)
+        self.write(|db| {
+            let tx = db.begin_write()?;
+            let found = tx.open_table(BACKUPS)?.remove((mac, id))?.is_some();
+            tx.commit()?;
+            Ok(found)
+        })
     }
 
     /// Every device with at least one backup, and how many.
     pub fn backup_counts(&self) -> Result<Vec<(String, u64)>> {
-        let tx = self.db.begin_read()?;
-        let t = tx.open_table(BACKUPS)?;
-        let mut out: Vec<(String, u64)> = Vec::new();
-        for e in t.iter()? {
-            let (k, _) = e?;
-            let (m, _) = k.value();
-            match out.last_mut() {
-                Some((last, n)) if last == m => *n += 1,
-                _ => out.push((m.to_string(), 1)),
+        self.read(|db| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(BACKUPS)?;
+            let mut out: Vec<(String, u64)> = Vec::new();
+            for e in t.iter()? {
+                let (k, _) = e?;
+                let (m, _) = k.value();
+                match out.last_mut() {
+                    Some((last, n)) if last == m => *n += 1,
+                    _ => out.push((m.to_string(), 1)),
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     pub fn captures_all(&self) -> Result<Vec<(String, Vec<u8>)>> {
@@ -672,20 +1057,22 @@ impl Store {
 
     /// Writes (or with `None` deletes) one capture record, durably.
     pub fn set_capture(&self, id: &str, value: Option<&[u8]>) -> Result<()> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut t = tx.open_table(CAPTURES)?;
-            match value {
-                Some(v) => {
-                    t.insert(id, v)?;
-                }
-                None => {
-                    t.remove(id)?;
+        self.write(|db| {
+            let tx = db.begin_write()?;
+            {
+                let mut t = tx.open_table(CAPTURES)?;
+                match value {
+                    Some(v) => {
+                        t.insert(id, v)?;
+                    }
+                    None => {
+                        t.remove(id)?;
+                    }
                 }
             }
-        }
-        tx.commit()?;
-        Ok(())
+            tx.commit()?;
+            Ok(())
+        })
     }
 }
 
@@ -775,17 +1162,84 @@ mod tests {
             s.command_seen("c2").unwrap(),
             "finished commands stay known"
         );
-        let batch = s.outbox_batch(10).unwrap();
+        let batch = s.outbox_batch(10, usize::MAX).unwrap();
         let ids: Vec<_> = batch.iter().map(|(_, r)| r.result_id.as_str()).collect();
         assert_eq!(ids, ["r1", "r2"]);
         s.outbox_remove(&[batch[0].0]).unwrap();
         assert_eq!(s.outbox_len().unwrap(), 1);
         drop(s);
         let s = Store::open(dir.path()).unwrap();
-        let left = s.outbox_batch(10).unwrap();
+        let left = s.outbox_batch(10, usize::MAX).unwrap();
         assert_eq!(left[0].1.result_id, "r2");
         s.outbox_reject(left[0].0, "bad").unwrap();
         assert_eq!((s.outbox_len().unwrap(), s.rejected_len().unwrap()), (0, 1));
+    }
+
+    #[test]
+    fn outbox_batches_are_bounded_by_bytes_but_never_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let mut big = rec("big", "c0");
+        big.payload = serde_json::json!("x".repeat(10_000));
+        s.finish(&big).unwrap();
+        for i in 1..5 {
+            s.finish(&rec(&format!("r{i}"), &format!("c{i}"))).unwrap();
+        }
+        // The first record is over the byte budget on its own: it goes alone.
+        let b = s.outbox_batch(100, 1000).unwrap();
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].1.result_id, "big");
+        s.outbox_remove(&[b[0].0]).unwrap();
+        let one = serde_json::to_vec(&rec("r1", "c1")).unwrap().len();
+        let b = s.outbox_batch(100, one * 2 + 10).unwrap();
+        assert_eq!(
+            b.len(),
+            2,
+            "two small records fit the budget, the third does not"
+        );
+        assert_eq!(s.outbox_batch(3, usize::MAX).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn pruned_tasks_leave_their_id_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.write_batch(&[
+            Write::CommandSeen("t1".into()),
+            Write::Task {
+                id: "t1".into(),
+                value: b"{}".to_vec(),
+            },
+            Write::TaskTarget {
+                task: "t1".into(),
+                target: "10.0.0.1".into(),
+                value: b"{}".to_vec(),
+            },
+            Write::TaskTarget {
+                task: "t1".into(),
+                target: "10.0.0.2".into(),
+                value: b"{}".to_vec(),
+            },
+            Write::Task {
+                id: "t2".into(),
+                value: b"{}".to_vec(),
+            },
+            Write::TaskTarget {
+                task: "t2".into(),
+                target: "10.0.0.1".into(),
+                value: b"{}".to_vec(),
+            },
+        ])
+        .unwrap();
+        assert_eq!(s.tasks_prune(&["t1".into()]).unwrap(), 2);
+        assert!(s.task("t1").unwrap().is_none());
+        assert!(s.task_targets("t1").unwrap().is_empty());
+        assert!(s.command_seen("t1").unwrap());
+        assert_eq!(
+            s.task_targets("t2").unwrap().len(),
+            1,
+            "other tasks untouched"
+        );
     }
 
     #[test]

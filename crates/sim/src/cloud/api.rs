@@ -42,6 +42,41 @@ const MAX_BODY: usize = 16 << 20;
 pub const MAX_RESULTS_PER_BATCH: usize = 1000;
 /// Longest id (relay, result, command) accepted.
 const MAX_ID_LEN: usize = 200;
+/// Most commands one `POST /sim/flood` creates.
+const MAX_FLOOD: usize = 100_000;
+
+/// Per-record limits of what relays post (`GET`/`POST /sim/limits`): a result, device report or
+/// alarm larger than this, as JSON, makes the whole batch 413 `too_large`, naming the record.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub(crate) struct Limits {
+    pub max_record_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_record_bytes: MAX_BODY,
+        }
+    }
+}
+
+/// 413 `too_large` for record `what` of `size` bytes when it is over the limit.
+pub(crate) fn check_record_size(shared: &Shared, what: &str, size: usize) -> ApiResult<()> {
+    let limit = shared.lock().limits.max_record_bytes;
+    if size <= limit {
+        return Ok(());
+    }
+    {
+        let mut rt = shared.lock();
+        rt.db.p.stats.records_too_large += 1;
+        rt.changed();
+    }
+    Err(ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::TooLarge,
+        format!("{what} is {size} bytes; at most {limit} per record"),
+    ))
+}
 
 /// An error answer: HTTP status plus protocol error code and a message in plain words.
 #[derive(Debug)]
@@ -140,6 +175,8 @@ pub(crate) fn router(shared: Arc<Shared>) -> axum::Router {
         .route("/sim/tenants/{tenant}/reset-pin", post(sim_reset_pin))
         .route("/sim/stats", get(sim_stats))
         .route("/sim/commands", post(sim_create_command))
+        .route("/sim/flood", post(sim_flood))
+        .route("/sim/limits", get(sim_get_limits).post(sim_set_limits))
         .route("/sim/commands/{id}", get(sim_get_command))
         .route("/sim/results", get(sim_results))
         .route(
@@ -207,7 +244,7 @@ pub(crate) async fn read_body(body: Body) -> ApiResult<bytes::Bytes> {
     axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorCode::BadRequest,
+            ErrorCode::TooLarge,
             format!("cannot read the request body (at most {MAX_BODY} bytes): {e}"),
         )
     })
@@ -591,6 +628,8 @@ async fn results_inner(
     // The whole batch is checked before anything is stored: a bad batch changes nothing.
     for (i, r) in batch.results.iter().enumerate() {
         check_result(i, r)?;
+        let size = serde_json::to_vec(r).map(|v| v.len()).unwrap_or(0);
+        check_record_size(shared, &format!("results[{i}]"), size)?;
     }
     let (outcome, generation) = {
         let mut rt = shared.lock();
@@ -1105,6 +1144,73 @@ pub(crate) async fn enqueue_command(
     info!(%relay_id, command_id = %id, %name, state = state.as_str(), "command created");
     persist(shared, generation).await?;
     Ok((relay_id, state))
+}
+
+#[derive(Deserialize)]
+struct Flood {
+    #[serde(default)]
+    relay_id: Option<String>,
+    name: String,
+    #[serde(default)]
+    params: Option<Value>,
+    count: usize,
+}
+
+/// `POST /sim/flood`: a hostile cloud's command flood. `count` commands are created at once, under
+/// one lock, and pushed down the relay's channel back to back (as a busy relay allows). Answers
+/// their ids.
+async fn sim_flood(State(shared): State<Arc<Shared>>, body: Body) -> ApiResult<Json<Value>> {
+    let req: Flood = parse(&read_body(body).await?)?;
+    if req.name.is_empty() {
+        return Err(ApiError::bad_request("name must not be empty"));
+    }
+    if !(1..=MAX_FLOOD).contains(&req.count) {
+        return Err(ApiError::bad_request(format!(
+            "count must be 1 to {MAX_FLOOD}"
+        )));
+    }
+    let params = req.params.unwrap_or_else(|| json!({}));
+    let (relay_id, ids, generation) = {
+        let mut rt = shared.lock();
+        let relay_id = target_relay(&rt, req.relay_id)?;
+        let mut ids = Vec::with_capacity(req.count);
+        for _ in 0..req.count {
+            let id = format!("cmd-{}", uuid::Uuid::new_v4());
+            rt.db.add_command(CommandRecord {
+                id: id.clone(),
+                relay_id: relay_id.clone(),
+                name: req.name.clone(),
+                params: params.clone(),
+                state: CommandState::Queued,
+                result: None,
+                created_at: shared.now(),
+            });
+            let idx = rt.db.p.commands.len() - 1;
+            rt.deliver_command(idx);
+            ids.push(id);
+        }
+        (relay_id, ids, rt.changed())
+    };
+    info!(%relay_id, count = ids.len(), name = %req.name, "command flood created");
+    persist(&shared, generation).await?;
+    Ok(Json(json!({"relay_id": relay_id, "command_ids": ids})))
+}
+
+async fn sim_get_limits(State(shared): State<Arc<Shared>>) -> Json<Limits> {
+    Json(shared.lock().limits)
+}
+
+async fn sim_set_limits(State(shared): State<Arc<Shared>>, body: Body) -> ApiResult<Json<Limits>> {
+    let req: Limits = parse(&read_body(body).await?)?;
+    if req.max_record_bytes == 0 {
+        return Err(ApiError::bad_request("max_record_bytes must be at least 1"));
+    }
+    shared.lock().limits = req;
+    info!(
+        max_record_bytes = req.max_record_bytes,
+        "per-record limit set"
+    );
+    Ok(Json(req))
 }
 
 async fn sim_get_command(

@@ -5,6 +5,12 @@
 //! One channel per relay: a new connection closes the older one. The test API can freeze a
 //! connection (no more reads or writes, socket kept open) to play a half-open peer. It does not
 //! ping the relay itself: keepalive is the relay's job.
+//!
+//! A relay whose queue is full answers a command with an `error` of code `busy`: the command goes
+//! back to the queue, and the relay's commands wait (new ones too) for [`BUSY_BASE`], then go out
+//! again, oldest first. A retry the relay answers with busy only (it acknowledged none of them, so
+//! it made no progress) doubles the next wait, up to [`BUSY_CAP`]; a retry in which it took some
+//! commands keeps the wait short.
 
 use super::api::{ApiError, bearer_relay};
 use super::state::CommandState;
@@ -17,7 +23,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -31,6 +37,27 @@ const MAX_INBOUND: usize = 1 << 20;
 
 /// How long a close frame may take to go out before the socket is just dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// First wait after a relay answered busy.
+pub const BUSY_BASE: Duration = Duration::from_millis(250);
+/// Longest wait between retries to a busy relay.
+pub const BUSY_CAP: Duration = Duration::from_secs(10);
+
+/// The backoff towards one relay that answered busy.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BusyBackoff {
+    /// Commands wait until then.
+    pub until: Instant,
+    pub step: Duration,
+    /// The relay acknowledged a command since this wait began: it is making progress.
+    pub acked: bool,
+}
+
+impl BusyBackoff {
+    pub fn waiting(&self, now: Instant) -> bool {
+        now < self.until
+    }
+}
 
 /// A frame waiting to be written, with an optional notice once it is on the socket.
 pub(crate) struct Outgoing {
@@ -72,6 +99,14 @@ impl Runtime {
         let Some(cmd) = self.db.p.commands.get_mut(idx) else {
             return;
         };
+        // A relay that answered busy gets nothing until its backoff is over.
+        if self
+            .busy
+            .get(&cmd.relay_id)
+            .is_some_and(|b| b.waiting(Instant::now()))
+        {
+            return;
+        }
         let Some(conn) = self.channels.get(&cmd.relay_id) else {
             return;
         };
@@ -296,7 +331,7 @@ where
     info!(%relay_id, %session_id, reason, "channel disconnected");
 }
 
-fn handle_text(shared: &Shared, relay_id: &str, text: &str) {
+fn handle_text(shared: &Arc<Shared>, relay_id: &str, text: &str) {
     let msg = match serde_json::from_str::<RelayMessage>(text) {
         Ok(m) => m,
         Err(e) => {
@@ -312,12 +347,32 @@ fn handle_text(shared: &Shared, relay_id: &str, text: &str) {
         RelayMessage::Ack { id } => match rt.db.command_mut(&id) {
             Some(cmd) if cmd.relay_id == relay_id => {
                 cmd.advance(CommandState::Acked);
+                if let Some(b) = rt.busy.get_mut(relay_id) {
+                    b.acked = true;
+                }
                 rt.changed();
             }
             _ => {
                 warn!(%relay_id, command_id = %id, "channel: ack for a command this relay was not sent")
             }
         },
+        RelayMessage::Error {
+            id: Some(id),
+            code: ChannelErrorCode::Busy,
+            message,
+        } => {
+            let requeued = rt.db.requeue(&id, relay_id);
+            rt.db.p.stats.busy_answers += 1;
+            rt.changed();
+            info!(%relay_id, command_id = %id, requeued, %message, "channel: relay busy; backing off");
+            rt.channel_errors.push(ChannelErrorEntry {
+                relay_id: relay_id.to_owned(),
+                id: Some(id),
+                code: ChannelErrorCode::Busy,
+                message,
+            });
+            back_off(shared, &mut rt, relay_id);
+        }
         RelayMessage::Error { id, code, message } => {
             warn!(%relay_id, command_id = ?id, code = ?code, %message, "channel: relay reported an error");
             rt.channel_errors.push(ChannelErrorEntry {
@@ -328,4 +383,41 @@ fn handle_text(shared: &Shared, relay_id: &str, text: &str) {
             });
         }
     }
+}
+
+/// A relay answered busy: unless it is already waiting (this answer belongs to the burst that
+/// started the wait), its commands wait a backoff step, doubled from the last one when the relay
+/// took none of the commands sent since that wait began; then the waiting commands go out again.
+fn back_off(shared: &Arc<Shared>, rt: &mut super::Runtime, relay_id: &str) {
+    let now = Instant::now();
+    let step = match rt.busy.get(relay_id) {
+        Some(b) if b.waiting(now) => return,
+        Some(b) if !b.acked => (b.step * 2).min(BUSY_CAP),
+        _ => BUSY_BASE,
+    };
+    rt.busy.insert(
+        relay_id.to_owned(),
+        BusyBackoff {
+            until: now + step,
+            step,
+            acked: false,
+        },
+    );
+    let shared2 = shared.clone();
+    let relay = relay_id.to_owned();
+    shared.tracker.spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep(step) => {}
+            _ = shared2.cancel.cancelled() => return,
+        }
+        let mut rt = shared2.lock();
+        let queued = rt.db.queued_commands(&relay);
+        for idx in &queued {
+            rt.deliver_command(*idx);
+        }
+        if !queued.is_empty() {
+            rt.changed();
+            info!(%relay, commands = queued.len(), "busy backoff over; commands sent again");
+        }
+    });
 }

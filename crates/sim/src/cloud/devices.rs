@@ -4,8 +4,8 @@
 
 use super::Shared;
 use super::api::{
-    ApiError, ApiResult, bearer_relay, check_id, enqueue_command, fault_gate, parse, persist,
-    read_body, target_relay,
+    ApiError, ApiResult, bearer_relay, check_id, check_record_size, enqueue_command, fault_gate,
+    parse, persist, read_body, target_relay,
 };
 use super::state::{TaskRecord, is_rfc3339};
 use crate::protocol::{
@@ -584,6 +584,8 @@ async fn device_status_inner(shared: &Shared, headers: &HeaderMap, body: Body) -
                 "reports[{i}].address must not be empty"
             )));
         }
+        let size = serde_json::to_vec(r).map(|v| v.len()).unwrap_or(0);
+        check_record_size(shared, &format!("reports[{i}]"), size)?;
     }
     for (i, a) in batch.alarms.iter().enumerate() {
         check_id(&format!("alarms[{i}].id"), &a.id)?;
@@ -592,6 +594,8 @@ async fn device_status_inner(shared: &Shared, headers: &HeaderMap, body: Body) -
                 "alarms[{i}] needs an address and a kind"
             )));
         }
+        let size = serde_json::to_vec(a).map(|v| v.len()).unwrap_or(0);
+        check_record_size(shared, &format!("alarms[{i}]"), size)?;
     }
     let (out, generation) = {
         let mut rt = shared.lock();

@@ -359,6 +359,10 @@ pub struct Stats {
     pub artifact_bytes_received: u64,
     /// Artifacts whose bytes did not hash to the announced SHA-256 (dropped; sent again).
     pub artifact_checksum_mismatches: u64,
+    /// Commands a relay answered `busy` on its channel (sent again after a backoff).
+    pub busy_answers: u64,
+    /// Batches refused with 413 because one record was over the per-record limit.
+    pub records_too_large: u64,
 }
 
 /// An artifact a relay announced, and how far its upload is. The bytes are in the artifact
@@ -545,6 +549,9 @@ pub struct TaskView {
     pub success: u64,
     pub failure: u64,
     pub not_applicable: u64,
+    /// Target results with a new result id for a target that had already reported: a relay that
+    /// ran a finished target again (the latest one counts; this says it happened).
+    pub repeats: u64,
 }
 
 impl TaskView {
@@ -587,6 +594,8 @@ pub struct TaskSummary {
     pub created_at: String,
     /// `seq` of the latest progress record (0 before the first).
     pub progress_seq: u64,
+    /// Targets reported more than once (by distinct results): should stay 0.
+    pub repeated_reports: u64,
 }
 
 /// Outcome of taking in one device-status batch.
@@ -660,6 +669,28 @@ impl Db {
         self.command_index
             .insert(cmd.id.clone(), self.p.commands.len());
         self.p.commands.push(cmd);
+    }
+
+    /// A command the relay answered `busy`: not delivered after all, it waits to be sent again.
+    pub fn requeue(&mut self, id: &str, relay_id: &str) -> bool {
+        match self.command_mut(id) {
+            Some(c) if c.relay_id == relay_id && c.state == CommandState::Sent => {
+                c.state = CommandState::Queued;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Commands of `relay_id` waiting to be sent (never sent, or answered `busy`), oldest first.
+    pub fn queued_commands(&self, relay_id: &str) -> Vec<usize> {
+        self.p
+            .commands
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.relay_id == relay_id && c.state == CommandState::Queued)
+            .map(|(i, _)| i)
+            .collect()
     }
 
     /// Commands to (re)send when `relay_id` connects: those never sent, and those sent on an earlier
@@ -753,6 +784,7 @@ impl Db {
         } else if let Some(target) = &stored.record.target {
             match view.by_target.get(target) {
                 Some(&pos) => {
+                    view.repeats += 1;
                     let old = view.results[pos];
                     if results[old].relay_id == stored.relay_id {
                         view.count(results[old].record.result, false);
@@ -884,6 +916,7 @@ impl Db {
             at: task.spec.at.clone(),
             created_at: fmt_time(task.created_at),
             progress_seq: progress.iter().map(|p| p.seq).max().unwrap_or(0),
+            repeated_reports: view.repeats,
         }
     }
 

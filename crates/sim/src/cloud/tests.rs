@@ -324,6 +324,41 @@ async fn register_heartbeat_results_and_errors() {
     let (status, v) = call(addr, "POST", PATH_RESULTS, Some(&token), Some(&bad)).await;
     assert_eq!((status, error_code(&v)), (400, "bad_request"), "{v}");
 
+    // A record over the per-record limit makes the batch 413 too_large, naming the record.
+    assert_eq!(
+        post(addr, "/sim/limits", json!({"max_record_bytes": 300})).await,
+        (200, json!({"max_record_bytes": 300}))
+    );
+    let mut two: Value =
+        serde_json::from_str(&result_body(&[("res-4", "c"), ("res-5", "c")])).unwrap();
+    two["results"][1]["reason"] = json!("x".repeat(400));
+    let (status, v) = call(
+        addr,
+        "POST",
+        PATH_RESULTS,
+        Some(&token),
+        Some(&two.to_string()),
+    )
+    .await;
+    assert_eq!((status, error_code(&v)), (413, "too_large"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("results[1]"),
+        "{v}"
+    );
+    let (status, _) = call(
+        addr,
+        "POST",
+        PATH_RESULTS,
+        Some(&token),
+        Some(&result_body(&[("res-4", "c")])),
+    )
+    .await;
+    assert_eq!(status, 200, "the small record alone is taken");
+    post(addr, "/sim/limits", json!({"max_record_bytes": 16 << 20})).await;
+
     // Fault injection covers the protocol endpoints, not the test API.
     assert_eq!(
         post(addr, "/sim/faults", json!({"mode": "http_500"})).await,
@@ -343,7 +378,8 @@ async fn register_heartbeat_results_and_errors() {
     assert!(stats["connections"].as_u64() > Some(10), "{stats}");
     stats.as_object_mut().unwrap().remove("connections");
     let expect = json!({
-        "image_bytes_served": 0, "heartbeats": 2, "results_received": 2, "duplicate_results": 2,
+        "image_bytes_served": 0, "heartbeats": 2, "results_received": 3, "duplicate_results": 2,
+        "busy_answers": 0, "records_too_large": 1,
         "registrations": 1, "registrations_rejected": 5, "channel_connections": 0,
         "faulted_requests": 2, "device_status_reports": 1, "channel_bad_frames": 0,
         "provisioning_requests": 0, "provisioning_unauthorized": 0,
@@ -411,6 +447,81 @@ async fn pin_reset_window_and_stale_tokens() {
     assert_eq!(heartbeat(addr, &old_token).await.0, 200);
     register_ok(addr, "r-1", "123456").await;
     register_ok(addr, "r-2", &new_pin).await;
+    cloud.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_busy_relay_gets_its_commands_again_after_a_backoff() {
+    let cloud = start_cloud(args(None)).await;
+    let addr = cloud.addr;
+    let token = register_ok(addr, "r-1", "123456").await;
+    let mut ws = connect_ws(addr, &token).await;
+    assert_eq!(next_json(&mut ws).await["type"], "hello");
+
+    let (status, v) = post(addr, "/sim/flood", json!({"name": "ping", "count": 3})).await;
+    assert_eq!(status, 200, "{v}");
+    let ids: Vec<String> = v["command_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_str().unwrap().to_owned())
+        .collect();
+    for id in &ids {
+        assert_eq!(next_json(&mut ws).await["id"].as_str(), Some(id.as_str()));
+    }
+    // The relay takes the first and is busy for the others.
+    let send = |v: Value| Message::text(v.to_string());
+    ws.send(send(json!({"type": "ack", "id": ids[0]})))
+        .await
+        .unwrap();
+    for id in &ids[1..] {
+        ws.send(send(
+            json!({"type": "error", "id": id, "code": "busy", "message": "queue full"}),
+        ))
+        .await
+        .unwrap();
+    }
+    ping_roundtrip(&mut ws).await;
+    assert_eq!(
+        get(addr, &format!("/sim/commands/{}", ids[1])).await["state"],
+        "queued"
+    );
+    assert_eq!(get(addr, "/sim/stats").await["busy_answers"], 2);
+    // New commands wait for the backoff too, then everything waiting goes out, oldest first.
+    let (_, v) = post(addr, "/sim/commands", json!({"name": "ping"})).await;
+    assert_eq!(v["state"], "queued", "nothing is pushed to a busy relay");
+    let fourth = v["command_id"].as_str().unwrap().to_owned();
+    let started = std::time::Instant::now();
+    assert_eq!(
+        next_json(&mut ws).await["id"].as_str(),
+        Some(ids[1].as_str())
+    );
+    assert!(
+        started.elapsed() >= channel::BUSY_BASE / 2,
+        "sent again only after the backoff"
+    );
+    assert_eq!(
+        next_json(&mut ws).await["id"].as_str(),
+        Some(ids[2].as_str())
+    );
+    assert_eq!(
+        next_json(&mut ws).await["id"].as_str(),
+        Some(fourth.as_str())
+    );
+    // Busy again for one of them: the next wait is longer.
+    ws.send(send(
+        json!({"type": "error", "id": ids[2], "code": "busy", "message": "queue full"}),
+    ))
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(
+        next_json(&mut ws).await["id"].as_str(),
+        Some(ids[2].as_str())
+    );
+    assert!(started.elapsed() >= channel::BUSY_BASE, "the step doubled");
+    let (status, _) = post(addr, "/sim/flood", json!({"name": "ping", "count": 0})).await;
+    assert_eq!(status, 400);
     cloud.shutdown().await.unwrap();
 }
 

@@ -7,7 +7,7 @@
 //! code in the envelope's `Status` string.
 
 use super::Inner;
-use super::model::{self, Code, FaultMode, Source};
+use super::model::{self, Code, FaultMode, Hostile, Source};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Full, Limited};
@@ -115,6 +115,24 @@ fn authorized(inner: &Inner, headers: &http::HeaderMap) -> bool {
         .is_ok_and(|d| d == inner.credentials.as_bytes())
 }
 
+/// Counts a device-API request as in flight until it is answered.
+struct InFlight(Arc<Inner>);
+
+impl InFlight {
+    fn start(inner: &Arc<Inner>) -> InFlight {
+        let c = &inner.counters;
+        let now = c.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        c.peak_in_flight.fetch_max(now, Ordering::Relaxed);
+        InFlight(inner.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Every request of a phone connection.
 pub(super) async fn handle(
     inner: Arc<Inner>,
@@ -137,6 +155,7 @@ pub(super) async fn handle(
         }
         return Ok(sim(&inner, idx, &parts.method, &path, &body));
     }
+    let _in_flight = InFlight::start(&inner);
     if !authorized(&inner, &parts.headers) {
         inner.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
         return Ok(unauthorized());
@@ -281,6 +300,12 @@ fn device(
     let Some((want, ep)) = endpoint(path) else {
         return not_found();
     };
+    let hostile = inner.phone(idx).hostile;
+    if hostile != Hostile::None
+        && let Some(r) = hostile_answer(inner, idx, hostile, ep)
+    {
+        return r;
+    }
     if method != want {
         let mut r = reply(StatusCode::METHOD_NOT_ALLOWED, &json!({"Status": "4000"}));
         r.headers_mut().insert(
@@ -440,6 +465,101 @@ fn device(
             *resp.status_mut() = StatusCode::OK;
             with_headers(resp, "image/bmp")
         }
+    }
+}
+
+/// What a hostile phone answers instead of endpoint `ep`; None where it answers like a phone.
+fn hostile_answer(inner: &Inner, idx: usize, hostile: Hostile, ep: Endpoint) -> Option<Resp> {
+    use Endpoint::*;
+    let long = |c: char, n: usize| -> String {
+        // Terminal escapes and a newline in the middle: what must never reach an admin's screen.
+        let mut s = String::with_capacity(n + 16);
+        s.push_str("\u{1b}[2J\u{1b}[31mpwned\n");
+        s.extend(std::iter::repeat_n(c, n));
+        s
+    };
+    match (hostile, ep) {
+        (Hostile::None, _) => None,
+        (Hostile::HugeReplies, _) => {
+            static HUGE: OnceLock<Bytes> = OnceLock::new();
+            let body = HUGE
+                .get_or_init(|| {
+                    let mut b = Vec::with_capacity(model::HUGE_REPLY + 64);
+                    b.extend_from_slice(br#"{"Status":"2000","data":{"ModelNumber":""#);
+                    b.resize(model::HUGE_REPLY - 3, b'A');
+                    b.extend_from_slice(br#""}}"#);
+                    Bytes::from(b)
+                })
+                .clone();
+            Some(with_headers(
+                Response::new(Full::new(body)),
+                "application/json",
+            ))
+        }
+        (Hostile::LongStrings, DeviceInfo) => Some(data(json!({
+            "ModelNumber": long('M', 40_000),
+            "FirmwareRelease": long('F', 40_000),
+            "MACAddress": long('0', 40_000),
+            "UpTimeSinceLastReboot": "1 Day 0:00:00",
+        }))),
+        (Hostile::LongStrings, LineInfo) => Some(data(json!([
+            {"LineNumber": "1", "RegistrationStatus": "Registered", "SIPAddress": long('u', 60_000)},
+            {"LineNumber": "2", "RegistrationStatus": "Registered", "SIPAddress": long('v', 60_000)},
+        ]))),
+        (Hostile::LongStrings, CallStatus) => Some(data(json!({"CallState": long('c', 60_000)}))),
+        (Hostile::Malformed, DeviceInfo) => {
+            // Nesting far deeper than any JSON parser should follow.
+            let depth = 100_000;
+            let mut b = String::with_capacity(depth * 2 + 32);
+            b.push_str(r#"{"Status":"2000","data":"#);
+            b.extend(std::iter::repeat_n('[', depth));
+            b.extend(std::iter::repeat_n(']', depth));
+            b.push('}');
+            Some(with_headers(
+                Response::new(Full::new(Bytes::from(b))),
+                "application/json",
+            ))
+        }
+        (Hostile::Malformed, LineInfo) => Some(reply(
+            StatusCode::OK,
+            &json!({"Status": "2000", "data": {"LineNumber": {"not": "a list"}}}),
+        )),
+        (Hostile::Malformed, _) => Some(with_headers(
+            Response::new(Full::new(Bytes::from_static(
+                b"{\"Status\": \"2000\", \"data\": \x00\xff<html>",
+            ))),
+            "application/json",
+        )),
+        (Hostile::ManyLines, LineInfo) => {
+            let lines: Vec<Value> = (1..=model::MANY_LINES)
+                .map(|line| {
+                    json!({
+                        "LineNumber": line.to_string(),
+                        "RegistrationStatus": if line % 2 == 0 { "Registered" } else { "Unregistered" },
+                        "SIPAddress": format!("sip:{line}@{}", model::PBX_DOMAIN),
+                    })
+                })
+                .collect();
+            Some(data(Value::Array(lines)))
+        }
+        (Hostile::FlappingLines, LineInfo) => {
+            let registered = {
+                let mut p = inner.phone(idx);
+                p.flap = !p.flap;
+                p.flap
+            };
+            let lines: Vec<Value> = (1..=model::FLAPPING_LINES)
+                .map(|line| {
+                    json!({
+                        "LineNumber": line.to_string(),
+                        "RegistrationStatus": if registered { "Registered" } else { "Unregistered" },
+                        "SIPAddress": format!("sip:{}{line:02}@{}", 1000 + idx, model::PBX_DOMAIN),
+                    })
+                })
+                .collect();
+            Some(data(Value::Array(lines)))
+        }
+        _ => None,
     }
 }
 
@@ -756,6 +876,16 @@ struct FaultRequest {
 }
 
 #[derive(Deserialize)]
+struct HostileRequest {
+    mode: Hostile,
+}
+
+#[derive(Deserialize)]
+struct IdentityRequest {
+    swapped: bool,
+}
+
+#[derive(Deserialize)]
 struct LinesRequest {
     line: u8,
     registered: bool,
@@ -872,6 +1002,16 @@ fn sim_inner(
                 p.set_param(fleet, source, k, v, now);
             }
             reply(StatusCode::OK, &json!({"set": req.params.len()}))
+        }
+        ("POST", "/sim/hostile") => {
+            let req: HostileRequest = parse(body)?;
+            inner.phone(idx).hostile = req.mode;
+            reply(StatusCode::OK, &json!({"hostile": req.mode}))
+        }
+        ("POST", "/sim/identity") => {
+            let req: IdentityRequest = parse(body)?;
+            inner.set_identity(idx, req.swapped);
+            reply(StatusCode::OK, &json!({"swapped": req.swapped}))
         }
         ("POST", "/sim/upgrade") => {
             let req: UpgradeRequest = parse(body)?;

@@ -110,6 +110,34 @@ pub enum FaultMode {
     Hang,
 }
 
+/// What a hostile or broken phone answers instead of the API (`POST /sim/hostile`): the device
+/// side of the relay's bounds on what a device may return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Hostile {
+    /// Answers like a phone.
+    #[default]
+    None,
+    /// Every API answer is a [`HUGE_REPLY`]-byte body.
+    HugeReplies,
+    /// Envelopes whose strings (model, firmware, MAC, line URIs, call state) are tens of
+    /// kilobytes, with terminal escape sequences in them.
+    LongStrings,
+    /// Answers that are not the API's envelope: broken JSON, wrong types, nesting thousands deep.
+    Malformed,
+    /// `lineInfo` lists [`MANY_LINES`] lines.
+    ManyLines,
+    /// Every `lineInfo` answer flips the registration of [`FLAPPING_LINES`] lines.
+    FlappingLines,
+}
+
+/// Size of a `huge_replies` answer: twice the relay's cap on any device answer.
+pub const HUGE_REPLY: usize = 16 << 20;
+/// Lines a `many_lines` phone lists.
+pub const MANY_LINES: usize = 2000;
+/// Lines a `flapping_lines` phone lists.
+pub const FLAPPING_LINES: usize = 48;
+
 /// Default delay of the `slow` fault.
 pub const DEFAULT_SLOW_MS: u32 = 2000;
 
@@ -362,6 +390,27 @@ pub fn dial_kind(s: &str) -> Option<&'static str> {
     }
 }
 
+/// One TLS identity of a phone: the acceptor presenting it and its key's fingerprint.
+pub struct PhoneTls {
+    /// `key_generation` it was made for, and whether it is an impostor's.
+    pub generation: u32,
+    pub swapped: bool,
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub cert_der: Vec<u8>,
+    /// SHA-256 of the certificate's SubjectPublicKeyInfo, lowercase hex.
+    pub key_sha256: String,
+}
+
+impl std::fmt::Debug for PhoneTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PhoneTls")
+            .field("generation", &self.generation)
+            .field("swapped", &self.swapped)
+            .field("key_sha256", &self.key_sha256)
+            .finish()
+    }
+}
+
 /// One simulated phone.
 #[derive(Debug)]
 pub struct Phone {
@@ -369,6 +418,18 @@ pub struct Phone {
     /// A device-API request is being processed (the API serves one at a time).
     pub busy: bool,
     pub fault: Fault,
+    pub hostile: Hostile,
+    /// Registration state a `flapping_lines` phone answers next.
+    pub flap: bool,
+    /// Bumped by a factory reset: the phone makes a new key pair, as real phones do. A reboot
+    /// keeps the key.
+    pub key_generation: u32,
+    /// Another host took over the phone's address: connections present that host's certificate.
+    pub swapped: bool,
+    /// The phone's own TLS identity (made on first use, again after a factory reset).
+    pub tls: Option<std::sync::Arc<PhoneTls>>,
+    /// The identity an impostor presents while `swapped`.
+    pub impostor: Option<std::sync::Arc<PhoneTls>>,
     /// When the phone came up (in the future while it is rebooting).
     booted_at: Instant,
     /// Uptime it already had at `booted_at` (only before its first simulated reboot).
@@ -411,6 +472,12 @@ impl Phone {
             idx: idx as u32,
             busy: false,
             fault: Fault::default(),
+            hostile: Hostile::None,
+            flap: false,
+            key_generation: 0,
+            swapped: false,
+            tls: None,
+            impostor: None,
             booted_at: now,
             uptime_base: initial_uptime(idx),
             reboots: 0,
@@ -441,6 +508,17 @@ impl Phone {
 
     pub fn idx(&self) -> usize {
         self.idx as usize
+    }
+
+    /// The TLS identity presented now, when it has been made.
+    pub fn current_tls(&self) -> Option<&std::sync::Arc<PhoneTls>> {
+        let slot = if self.swapped {
+            &self.impostor
+        } else {
+            &self.tls
+        };
+        slot.as_ref()
+            .filter(|t| t.swapped || t.generation == self.key_generation)
     }
 
     /// Down while rebooting: every connection is reset.
@@ -698,6 +776,8 @@ impl Phone {
         self.overrides = None;
         self.cleared_seeds = 0;
         self.refresh_capture_with(fleet, now);
+        // A factory reset wipes the device certificate too: the phone makes a new key.
+        self.key_generation = self.key_generation.wrapping_add(1);
     }
 
     /// The REST API answers only while `apps.restapi.enabled` is "1".
@@ -844,6 +924,13 @@ pub struct PhoneState {
     pub log_uploads: u32,
     /// HTTP status of the last upload the phone made (a log, a capture).
     pub last_upload_status: Option<u16>,
+    pub hostile: Hostile,
+    /// Factory resets so far: each gave the phone a new key.
+    pub key_generation: u32,
+    /// Whether an impostor's certificate is presented.
+    pub swapped: bool,
+    /// Fingerprint of the key presented now (None until the first TLS connection made it).
+    pub key_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -905,6 +992,10 @@ impl Phone {
             failed_upgrades: self.failed_upgrades,
             log_uploads: self.log_uploads,
             last_upload_status: self.last_upload_status,
+            hostile: self.hostile,
+            key_generation: self.key_generation,
+            swapped: self.swapped,
+            key_sha256: self.current_tls().map(|t| t.key_sha256.clone()),
         }
     }
 }

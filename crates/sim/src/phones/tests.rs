@@ -844,7 +844,7 @@ async fn injected_faults() {
 async fn tls_and_plain_http_on_one_port() {
     let phones = fleet(2, [127, 0, 2, 10], |_| {}).await;
     // The phone's own certificate, pinned: it names the MAC, not the address, so no CA check fits.
-    let cfg = pinned_client_config(phones.certificate_der().to_vec());
+    let cfg = pinned_client_config(phones.certificate_der(1).unwrap());
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
     let tcp = TcpStream::connect(phones.addr(1)).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("127.0.2.11").unwrap();
@@ -853,7 +853,7 @@ async fn tls_and_plain_http_on_one_port() {
         .unwrap()
         .unwrap();
     let peer = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
-    assert_eq!(peer, phones.certificate_der());
+    assert_eq!(peer, phones.certificate_der(1).unwrap());
     let (_, cert) = x509_parser::parse_x509_certificate(&peer).unwrap();
     let cn = cert
         .subject()
@@ -862,7 +862,7 @@ async fn tls_and_plain_http_on_one_port() {
         .unwrap()
         .as_str()
         .unwrap();
-    assert_eq!(cn, "ucrelay-sim-phone");
+    assert_eq!(cn, phones.mac(1), "device certificates name the MAC");
 
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
@@ -996,6 +996,134 @@ async fn many_phones_answer_at_once() {
 }
 
 /// A TLS client that trusts exactly one certificate (and still checks the handshake signature).
+/// Whether a TLS handshake with phone `idx` succeeds when its certificate must be `der`.
+async fn handshake_with(phones: &Phones, idx: usize, der: Vec<u8>) -> bool {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(pinned_client_config(der)));
+    let tcp = TcpStream::connect(phones.addr(idx)).await.unwrap();
+    let name = rustls_pki_types::ServerName::IpAddress(phones.ip(idx).into());
+    tokio::time::timeout(GUARD, connector.connect(name, tcp))
+        .await
+        .unwrap()
+        .is_ok()
+}
+
+#[tokio::test]
+async fn each_phone_keeps_its_key_until_a_factory_reset_and_impostors_differ() {
+    let phones = fleet(2, [127, 0, 4, 10], |o| {
+        o.reboot_time = Duration::from_millis(100)
+    })
+    .await;
+    let own = phones.certificate_der(0).unwrap();
+    let key0 = phones.key_fingerprint(0).unwrap();
+    assert_eq!(key0.len(), 64);
+    assert_ne!(
+        key0,
+        phones.key_fingerprint(1).unwrap(),
+        "one key per phone"
+    );
+    assert!(handshake_with(&phones, 0, own.clone()).await);
+    assert_eq!(sim_state(&phones, 0).await["key_sha256"], key0);
+
+    // A reboot keeps the key.
+    phones.reboot(0);
+    wait_up(&phones, 0).await;
+    assert_eq!(phones.key_fingerprint(0).unwrap(), key0);
+    assert!(handshake_with(&phones, 0, own.clone()).await);
+
+    // An impostor at the address presents another key; the phone back presents its own again.
+    sim_post(&phones, 0, "/sim/identity", json!({"swapped": true})).await;
+    let impostor = phones.key_fingerprint(0).unwrap();
+    assert_ne!(impostor, key0);
+    assert!(!handshake_with(&phones, 0, own.clone()).await);
+    assert_eq!(sim_state(&phones, 0).await["swapped"], true);
+    sim_post(&phones, 0, "/sim/identity", json!({"swapped": false})).await;
+    assert_eq!(phones.key_fingerprint(0).unwrap(), key0);
+    assert!(handshake_with(&phones, 0, own.clone()).await);
+
+    // A factory reset makes a new key.
+    assert_eq!(
+        api(&phones, 0, "POST", "/api/v1/mgmt/factoryReset", None).await,
+        ok()
+    );
+    wait_up(&phones, 0).await;
+    let reset = phones.key_fingerprint(0).unwrap();
+    assert_ne!(reset, key0);
+    assert_ne!(reset, impostor);
+    assert!(!handshake_with(&phones, 0, own).await);
+    assert_eq!(phones.state(0).key_generation, 1);
+    phones.shutdown().await;
+}
+
+async fn wait_up(phones: &Phones, idx: usize) {
+    let t = Instant::now();
+    while phones.is_down(idx) {
+        assert!(t.elapsed() < GUARD, "phone {idx} stays down");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn hostile_phones_answer_as_told() {
+    let phones = fleet(1, [127, 0, 4, 50], |_| {}).await;
+    let info = "/api/v1/mgmt/device/info";
+    let lines = "/api/v1/mgmt/lineInfo";
+    let set = |mode: &str| json!({ "mode": mode });
+
+    sim_post(&phones, 0, "/sim/hostile", set("huge_replies")).await;
+    let a = call(phones.addr(0), "GET", info, Some(AUTH), None)
+        .await
+        .unwrap();
+    assert_eq!(a.body.len(), model::HUGE_REPLY);
+
+    sim_post(&phones, 0, "/sim/hostile", set("long_strings")).await;
+    let (_, v) = api(&phones, 0, "GET", info, None).await;
+    assert!(v["data"]["ModelNumber"].as_str().unwrap().len() > 40_000);
+    assert!(
+        v["data"]["ModelNumber"]
+            .as_str()
+            .unwrap()
+            .contains('\u{1b}')
+    );
+
+    sim_post(&phones, 0, "/sim/hostile", set("malformed")).await;
+    let a = call(phones.addr(0), "GET", info, Some(AUTH), None)
+        .await
+        .unwrap();
+    assert!(
+        serde_json::from_slice::<Value>(&a.body).is_err(),
+        "too deep to parse"
+    );
+    let a = call(
+        phones.addr(0),
+        "GET",
+        "/api/v1/webCallControl/callStatus",
+        Some(AUTH),
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(serde_json::from_slice::<Value>(&a.body).is_err());
+
+    sim_post(&phones, 0, "/sim/hostile", set("many_lines")).await;
+    let (_, v) = api(&phones, 0, "GET", lines, None).await;
+    assert_eq!(v["data"].as_array().unwrap().len(), model::MANY_LINES);
+
+    sim_post(&phones, 0, "/sim/hostile", set("flapping_lines")).await;
+    let (_, a) = api(&phones, 0, "GET", lines, None).await;
+    let (_, b) = api(&phones, 0, "GET", lines, None).await;
+    assert_eq!(a["data"].as_array().unwrap().len(), model::FLAPPING_LINES);
+    assert_ne!(
+        a["data"][0]["RegistrationStatus"], b["data"][0]["RegistrationStatus"],
+        "every answer flips"
+    );
+
+    sim_post(&phones, 0, "/sim/hostile", set("none")).await;
+    let (_, v) = api(&phones, 0, "GET", lines, None).await;
+    assert_eq!(v["data"].as_array().unwrap().len(), 2);
+    assert!(phones.stats().peak_in_flight >= 1);
+    phones.shutdown().await;
+}
+
 fn pinned_client_config(der: Vec<u8>) -> rustls::ClientConfig {
     use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
     use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
