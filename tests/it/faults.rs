@@ -36,10 +36,12 @@ async fn store_disk_full_refuses_new_work_says_why_and_recovers_by_itself() {
 
     // The disk fills up; then a task of 3,000 targets arrives and its results need room.
     fs.fill();
+    // Named for the relay: the cloud would otherwise answer these unreachable targets itself.
+    let relay_id = relay.status().await["relay_id"].clone();
     let task = cloud
         .post(
             "/sim/tasks",
-            json!({"type": "reboot", "targets": outside_targets(3000)}),
+            json!({"type": "reboot", "relay_id": relay_id, "targets": outside_targets(3000)}),
         )
         .await;
     let task_id = task["task_id"].as_str().expect("task_id").to_string();
