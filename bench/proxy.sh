@@ -46,10 +46,11 @@ fqdn=relay.bench.test
 file=000000000000.cfg
 results=$here/results-proxy.md
 # Pin mode: the proxy under test gets CPU 1 alone and one worker; everything else shares CPU 0.
-proxy_cpus=$(nproc)
+ncpus=$(nproc) # before any pinning: nproc counts the CPUs this process may use
+proxy_cpus=$ncpus
 proxy_wrap=()
 if [[ $pin == 1 ]]; then
-    (($(nproc) >= 2)) || { echo "[bench] error: BENCH_PIN=1 needs at least 2 CPUs" >&2; exit 1; }
+    ((ncpus >= 2)) || { echo "[bench] error: BENCH_PIN=1 needs at least 2 CPUs" >&2; exit 1; }
     proxy_cpus=1
     proxy_wrap=(taskset -c 1)
     results=$here/results-proxy-pinned.md
@@ -331,7 +332,7 @@ start_pingora() { # log|nolog
     local extra_args=()
     [[ $1 == log ]] && extra_args=(--access-log "$tmp/logs/pingora-access.log")
     [[ $pingora_steal == 0 ]] && extra_args+=(--no-work-stealing)
-    say "starting Pingora ($pingora_threads threads, access log $([[ $1 == log ]] && echo on || echo off), https://127.0.0.1:$pingora_port)"
+    say "starting Pingora (threads $pingora_threads, access log $([[ $1 == log ]] && echo on || echo off), https://127.0.0.1:$pingora_port)"
     "${proxy_wrap[@]}" "$pingora_bin" --listen "127.0.0.1:$pingora_port" \
         --cert "$pki/nginx-chain.pem" --key "$pki/nginx-key.pem" \
         --upstream "127.0.0.1:$upstream_port" --threads "$pingora_threads" "${extra_args[@]}" \
@@ -392,7 +393,7 @@ rows=$tmp/rows.tsv
 : >"$rows"
 idle_pct() { # "idle0 total0" "idle1 total1" -> idle share in %
     awk -v a="$1" -v b="$2" 'BEGIN { split(a, x, " "); split(b, y, " "); t = y[2] - x[2]
-        printf "%.0f", t > 0 ? (y[1] - x[1]) * 100 / t : 0 }'
+        printf "%.0f", (t > 0 ? (y[1] - x[1]) * 100 / t : 0) }'
 }
 measure() { # label kind(relay|pingora|nginx) mode(log|nolog) port conns round
     local label=$1 kind=$2 mode=$3 port=$4 n=$5 round=$6
@@ -552,18 +553,18 @@ if [[ $pin == 1 ]]; then
     worker_setup="nginx worker_processes 1, upstream keepalive 64; ucrelay TOKIO_WORKER_THREADS=1"
 else
     placement="wrk, the proxies and the upstream share these CPUs"
-    worker_setup="nginx worker_processes auto, upstream keepalive 64; ucrelay on tokio's default runtime ($(nproc) workers)"
+    worker_setup="nginx worker_processes auto, upstream keepalive 64; ucrelay on tokio's default runtime ($ncpus workers)"
 fi
 server_lines="- nginx $(nginx -v 2>&1 | sed 's/^nginx version: nginx\///'), $worker_setup"
 if [[ -n $pingora_bin ]]; then
-    server_lines+=$'\n'"- Pingora ${pingora_version:-?} (bench/pingora, rustls): $pingora_threads threads, $([[ $pingora_steal == 0 ]] && echo "one single-threaded runtime per thread" || echo "one work-stealing tokio runtime"), its connector's keep-alive pool to the upstream"
+    server_lines+=$'\n'"- Pingora ${pingora_version:-?} (bench/pingora, rustls): threads $pingora_threads, $([[ $pingora_steal == 0 ]] && echo "one single-threaded runtime per thread" || echo "one work-stealing tokio runtime"), its connector's keep-alive pool to the upstream"
 fi
 report=$(
     cat <<EOF
 # ucrelay provisioning-proxy benchmark
 
 - when: $(date -u '+%Y-%m-%d %H:%M UTC'); ucrelay $head_sha$dirty, release build
-- machine: $(nproc) CPUs ($cpu_model), kernel $(uname -r); $placement
+- machine: $ncpus CPUs ($cpu_model), kernel $(uname -r); $placement
 - load: wrk $(dpkg-query -W -f '${Version}' wrk 2>/dev/null || echo '?'), $threads threads, $rounds rounds of $duration per row, each after a $warmup warm-up, GET of a 2048-byte \`$file\`, keep-alive
 - niceness of everything measured: $bench_nice
 $server_lines
