@@ -141,15 +141,22 @@ reset_hwm() { # pids...: start VmHWM afresh (root or owner only; harmless when r
         { echo 5 >"/proc/$pid/clear_refs"; } 2>/dev/null || true
     done
 }
-server_pids() { # relay|nginx: the relay, or nginx's master and workers (`relay_pid`, `nginx_pid`)
+server_pids() { # relay|pingora|nginx: the relay, Pingora, or nginx's master and workers
+    # (`relay_pid`, `pingora_pid`, `nginx_pid`)
     if [[ $1 == relay ]]; then
         echo "$relay_pid"
+    elif [[ $1 == pingora ]]; then
+        echo "$pingora_pid"
     else
         { echo "$nginx_pid"; pgrep -P "$nginx_pid" || true; } | tr '\n' ' '
     fi
 }
 # CPU ticks of the whole machine, busy and total, from /proc/stat.
 machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
+# Idle (idle + iowait) and total CPU ticks from /proc/stat, of the whole machine or of one CPU.
+idle_ticks() { # [cpuN]
+    awk -v c="${1:-cpu}" '$1 == c {print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9; exit}' /proc/stat
+}
 # CPU ticks of everything this script runs: its long-lived children (and nginx workers), plus
 # itself and every child it has reaped (wrk, curl, awk...).
 own_ticks() {
