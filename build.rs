@@ -28,19 +28,24 @@ fn main() {
         _ if !own_checkout => "unknown".into(),
         _ => {
             // Rebuild when HEAD moves: HEAD itself (branch switch, detached commit), packed-refs
-            // (where a branch may live after `git gc`) and the directory of the branch's own ref
-            // (a commit rewrites the file, or creates it when the branch was packed). Only paths
-            // that exist are named: cargo treats a missing one as changed, and would rebuild the
-            // binary on every run.
+            // (where a branch may live after `git gc`) and the branch's own ref: the file when it
+            // exists (a commit rewrites it), else its directory (a commit creates the file when
+            // the branch was packed). Watching the directory while the file exists would rebuild
+            // on every commit to any other branch, worktrees included. Only paths that exist are
+            // named: cargo treats a missing one as changed, and would rebuild on every run.
             let mut watch = Vec::new();
             for p in ["HEAD", "packed-refs"] {
                 watch.extend(git(&["rev-parse", "--git-path", p]));
             }
             if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"])
                 && let Some(path) = git(&["rev-parse", "--git-path", &branch])
-                && let Some(dir) = std::path::Path::new(&path).parent()
             {
-                watch.push(dir.to_string_lossy().into_owned());
+                let file = std::path::Path::new(&path);
+                if file.exists() {
+                    watch.push(path);
+                } else if let Some(dir) = file.parent() {
+                    watch.push(dir.to_string_lossy().into_owned());
+                }
             }
             for path in watch {
                 if std::path::Path::new(&path).exists() {

@@ -35,6 +35,7 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: impl FnOnce(&ops::Running),
 ) -> Result<()> {
+    crate::util::memory::tune();
     // `[devices]` as in force, shared by every job that reads the device subnets.
     let devices_cfg = Arc::new(Live::new(config.devices.clone()));
     // The certificate is checked before anything else starts: a relay with a bad one must not run.
@@ -214,6 +215,8 @@ async fn supervise(
     pet.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut status_tick = tokio::time::interval(STATUS_REFRESH);
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut trim_tick = tokio::time::interval(MEMORY_TRIM);
+    trim_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The store's answer must come well within the pet interval.
     let store_deadline = watchdog
         .map(|w| (w / 2).min(Duration::from_secs(5)))
@@ -236,6 +239,10 @@ async fn supervise(
                     Ok(()) => ops::systemd::watchdog(),
                     Err(e) => warn!(error = %format!("{e:#}"), "store health check failed; not petting the systemd watchdog"),
                 }
+            }
+            // Inline: well under a millisecond, and a blocking-pool thread would be one more arena.
+            _ = trim_tick.tick() => {
+                crate::util::memory::trim();
             }
             _ = status_tick.tick() => {
                 let now = ops::systemd::summary(ctx);
@@ -274,6 +281,8 @@ const STORE_RETRY: Duration = Duration::from_secs(2);
 
 /// How often the status line for systemd is recomputed (sent only when it changed).
 const STATUS_REFRESH: Duration = Duration::from_secs(1);
+/// How often free allocator memory goes back to the kernel (see `util::memory`).
+const MEMORY_TRIM: Duration = Duration::from_secs(30);
 
 /// The store's probe (a tiny durable write, through fsync; a read while it reports a full disk),
 /// bounded by `deadline`. A refusal it gives at once (a full disk) is an answer: the relay is
