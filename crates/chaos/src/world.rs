@@ -330,17 +330,40 @@ impl RelayNode {
     }
 }
 
-/// The RSS of an incarnation: its first sample 30 s into its life (warm-up) and its last sample,
-/// when they are at least 20 s apart.
+/// The RSS of an incarnation, as two medians: of the samples in the minute's second half-minute
+/// after it started (the first 30 s are warm-up) and of its last 30 s; judged only when it lived
+/// long enough for the two windows not to overlap (90 s). Medians, because RSS moves with the work
+/// in flight (a results batch of a few MiB comes and goes every few seconds): one sample against
+/// one sample would judge where a burst happened to be, not whether memory grows.
 pub fn rss_span(samples: &[(f64, u64)], lived_s: f64) -> Option<RssSpan> {
     let first = samples.first()?.0;
-    let start = samples.iter().find(|(t, _)| *t >= first + 30.0)?;
-    let end = samples.last()?;
-    (end.0 >= start.0 + 20.0).then_some(RssSpan {
+    let last = samples.last()?.0;
+    let (warm, window) = (first + WARM_UP_S, RSS_WINDOW_S);
+    if last - window < warm + window {
+        return None;
+    }
+    let start = median(
+        samples
+            .iter()
+            .filter(|(t, _)| *t >= warm && *t < warm + window),
+    )?;
+    let end = median(samples.iter().filter(|(t, _)| *t > last - window))?;
+    Some(RssSpan {
         lived_s,
-        start: start.1,
-        end: end.1,
+        start,
+        end,
     })
+}
+
+/// Seconds after a relay starts before its RSS counts.
+const WARM_UP_S: f64 = 30.0;
+/// Width of the windows whose medians are compared.
+const RSS_WINDOW_S: f64 = 30.0;
+
+fn median<'a>(samples: impl Iterator<Item = &'a (f64, u64)>) -> Option<u64> {
+    let mut v: Vec<u64> = samples.map(|(_, b)| *b).collect();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied()
 }
 
 /// Resident memory of a process, bytes.
@@ -631,5 +654,38 @@ async fn listen_notify(sock: tokio::net::UnixDatagram, state: Arc<Mutex<Notified
                 _ => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rss_span;
+
+    const MB: u64 = 1_000_000;
+
+    fn series(secs: u32, rss: impl Fn(u32) -> u64) -> Vec<(f64, u64)> {
+        (0..=secs).map(|t| (f64::from(t), rss(t))).collect()
+    }
+
+    #[test]
+    fn a_burst_at_the_end_is_not_growth() {
+        // Flat at 22 MB, with a results batch of 4 MB in flight during the last 5 s.
+        let s = series(300, |t| if t > 295 { 26 * MB } else { 22 * MB });
+        let span = rss_span(&s, 300.0).expect("judged");
+        assert_eq!((span.start, span.end), (22 * MB, 22 * MB));
+    }
+
+    #[test]
+    fn steady_growth_is_seen() {
+        // 20 MB growing by 30 KB a second: 29 MB after five minutes.
+        let s = series(300, |t| 20 * MB + u64::from(t) * 30_000);
+        let span = rss_span(&s, 300.0).expect("judged");
+        assert!(span.start < 22 * MB && span.end > 28 * MB, "{span:?}");
+    }
+
+    #[test]
+    fn a_short_life_is_not_judged() {
+        assert!(rss_span(&series(80, |_| 20 * MB), 80.0).is_none());
+        assert!(rss_span(&[], 0.0).is_none());
     }
 }
