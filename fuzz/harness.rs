@@ -18,8 +18,11 @@ use ucrelay_relay::protocol::{
 };
 use ucrelay_relay::util::paths;
 
+/// One target's body: one input in, a panic when a promise is broken.
+pub type Target = fn(&[u8]);
+
 /// The targets by name, as the corpus directories are named.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("config", config),
     ("manifest", manifest),
     ("channel", channel),
@@ -78,13 +81,19 @@ pub fn manifest(data: &[u8]) {
             assert!(m.images.len() <= cfg.max_images as usize);
             for f in m.images.iter().flat_map(|i| &i.files) {
                 // Every accepted path is one the edge would route to the cache.
-                let decoded = paths::check(&f.path, None).expect("accepted path fails the edge check");
+                let decoded =
+                    paths::check(&f.path, None).expect("accepted path fails the edge check");
                 assert!(!decoded.ends_with('/'));
                 assert!(f.size > 0);
             }
             // Duplicates count once, so the sum over all files may exceed the limit, but one file
             // alone never does.
-            assert!(m.images.iter().flat_map(|i| &i.files).all(|f| f.size <= cfg.max_total));
+            assert!(
+                m.images
+                    .iter()
+                    .flat_map(|i| &i.files)
+                    .all(|f| f.size <= cfg.max_total)
+            );
         }
     }
 }
@@ -106,7 +115,8 @@ pub fn channel(data: &[u8]) {
         }
         Ok(CloudMessage::Command(cmd)) => {
             command(&cmd);
-            serde_json::to_string(&RelayMessage::Ack { id: cmd.id }).expect("an ack always encodes");
+            serde_json::to_string(&RelayMessage::Ack { id: cmd.id })
+                .expect("an ack always encodes");
         }
         Ok(CloudMessage::Hello { .. } | CloudMessage::ImagesSync { .. }) => {}
     }
