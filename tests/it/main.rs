@@ -10,6 +10,7 @@ mod download;
 mod edge;
 mod faults;
 mod fleet;
+mod fuzz_corpus;
 mod hostile_cloud;
 mod hostile_devices;
 mod metrics;

@@ -583,21 +583,28 @@ pub struct Info {
 
 pub async fn device_info(s: &mut Session) -> Result<Info, DeviceError> {
     let raw = call(s, "/api/v1/mgmt/device/info", None, true).await?;
-    Ok(Info {
-        mac: raw
-            .get("MACAddress")
-            .and_then(Value::as_str)
-            .map(|m| m.to_ascii_lowercase())
-            .filter(|m| crate::devlogs::valid_mac(m)),
-        model: raw
-            .get("ModelNumber")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string(),
-        firmware: super::monitor::parse_firmware(&raw),
-        uptime_s: super::monitor::parse_uptime(&raw),
-        raw,
-    })
+    Ok(Info::from_raw(raw))
+}
+
+impl Info {
+    /// Reads `device/info` data as the device sent it; fields it lacks are left empty.
+    pub fn from_raw(raw: Value) -> Info {
+        Info {
+            mac: raw
+                .get("MACAddress")
+                .and_then(Value::as_str)
+                .map(|m| m.to_ascii_lowercase())
+                .filter(|m| crate::devlogs::valid_mac(m)),
+            model: raw
+                .get("ModelNumber")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            firmware: super::monitor::parse_firmware(&raw),
+            uptime_s: super::monitor::parse_uptime(&raw),
+            raw,
+        }
+    }
 }
 
 async fn run(op: &Op, s: &mut Session, cx: &OpCx<'_>) -> Result<Done, DeviceError> {

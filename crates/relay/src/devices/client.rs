@@ -518,8 +518,10 @@ fn http_error(status: u16) -> DeviceError {
     }
 }
 
-/// Decodes the envelope. `Status` is a string in real answers; a number is accepted too.
-fn envelope(status: u16, body: &[u8]) -> Result<Reply, DeviceError> {
+/// Decodes the envelope of a device's REST answer (`{"Status": "2000", "data": ...}`) given its
+/// HTTP status. `Status` is a string in real answers; a number is accepted too. Public for the
+/// fuzz targets and the corpus replay test.
+pub fn envelope(status: u16, body: &[u8]) -> Result<Reply, DeviceError> {
     if status != 200 {
         // Some firmware puts a Status code in error answers too; the HTTP status says enough.
         return Err(http_error(status));

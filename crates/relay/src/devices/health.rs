@@ -22,12 +22,15 @@ pub enum Health {
     UpgradeOk(String),
 }
 
+/// A device's number, given as a JSON number or a string. "NaN", "inf" and "1e400" parse as f64 but
+/// measure nothing (and would reach the cloud as `null`): they count as absent.
 fn number(v: Option<&Value>) -> Option<f64> {
-    match v? {
+    let x = match v? {
         Value::Number(n) => n.as_f64(),
         Value::String(s) => s.trim().trim_end_matches('%').trim().parse().ok(),
         _ => None,
-    }
+    }?;
+    x.is_finite().then_some(x)
 }
 
 /// `device/stats` data: `CPU{Average}`, `Memory{Total, Used, SReclaim}` (numbers or strings).
@@ -44,8 +47,9 @@ pub fn parse_stats(
     let used = number(mem.get("Used"))?.max(0.0);
     let reclaim = number(mem.get("SReclaim")).unwrap_or(0.0).max(0.0);
     let in_use = (used - reclaim).max(0.0).min(total);
+    // The ratio first: `in_use * 100` overflows to infinity for a huge (finite) reading.
     let pct = if total > 0.0 {
-        in_use * 100.0 / total
+        in_use / total * 100.0
     } else {
         0.0
     };
@@ -193,5 +197,25 @@ mod tests {
         .unwrap();
         assert_eq!((s.cpu_pct, s.memory_used_pct), (7.0, 40.0));
         assert!(parse_stats(&json!({"CPU": {}}), "x", None, at).is_none());
+    }
+
+    /// Found by the `device_reply` fuzz target: numbers that parse as f64 but are not finite
+    /// reached the report as NaN (sent as `null`, which the cloud cannot read as a number), and
+    /// huge readings made the percentage infinite.
+    #[test]
+    fn stats_refuse_non_finite_and_stay_in_range() {
+        let at = SystemTime::UNIX_EPOCH;
+        for cpu in ["NaN", "inf", "-inf", "1e400"] {
+            let v = json!({"CPU": {"Average": cpu}, "Memory": {"Total": "100", "Used": "40"}});
+            assert!(parse_stats(&v, "x", None, at).is_none(), "{cpu}");
+        }
+        let v = json!({"CPU": {"Average": "5"}, "Memory": {"Total": "NaN", "Used": "40"}});
+        assert!(parse_stats(&v, "x", None, at).is_none());
+        let v = json!({"CPU": {"Average": "5"}, "Memory": {"Total": "1e300", "Used": "1e300"}});
+        let s = parse_stats(&v, "x", None, at).unwrap();
+        assert_eq!(s.memory_used_pct, 100.0);
+        assert_eq!(s.memory_total, u64::MAX);
+        let text = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<DeviceStats>(&text).unwrap(), s);
     }
 }

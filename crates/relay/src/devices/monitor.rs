@@ -539,7 +539,8 @@ fn clean_mac(s: &str) -> Option<String> {
         .then(|| hex.to_ascii_lowercase())
 }
 
-pub(crate) fn parse_firmware(info: &Value) -> String {
+/// The firmware version from `device/info` data (`FirmwareRelease`, else `Firmware.Application`).
+pub fn parse_firmware(info: &Value) -> String {
     if let Some(s) = info.get("FirmwareRelease").and_then(Value::as_str) {
         return clean(s, MAX_FIELD);
     }
@@ -552,8 +553,8 @@ pub(crate) fn parse_firmware(info: &Value) -> String {
     clean(s, MAX_FIELD)
 }
 
-/// The device's lines: the first [`MAX_LINES`] entries, each line number once.
-fn parse_lines(data: &Value) -> Vec<LineStatus> {
+/// The device's lines from `lineInfo` data: the first [`MAX_LINES`] entries, each line number once.
+pub fn parse_lines(data: &Value) -> Vec<LineStatus> {
     let Some(arr) = data.as_array() else {
         return vec![];
     };

@@ -218,15 +218,20 @@ fn finish(b: http::response::Builder, body: EdgeBody) -> Response<EdgeBody> {
         .unwrap_or_else(|e| text_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()))
 }
 
-enum RangeSpec {
+/// What a `Range` header asks of a file, as [`parse_range`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeSpec {
+    /// No usable single range: the whole file is answered (200).
     None,
+    /// The range starts past the end: 416.
     Unsatisfiable,
     /// Inclusive first and last byte.
     Range(u64, u64),
 }
 
-/// One byte range per RFC 9110 §14.1.2. Several ranges are answered with the whole file.
-fn parse_range(v: &str, size: u64) -> RangeSpec {
+/// One byte range per RFC 9110 §14.1.2. Several ranges are answered with the whole file. Public
+/// for the fuzz targets and the corpus replay test; a `Range(a, b)` always has `a <= b < size`.
+pub fn parse_range(v: &str, size: u64) -> RangeSpec {
     let Some(spec) = v.trim().strip_prefix("bytes=") else {
         return RangeSpec::None;
     };
