@@ -148,10 +148,26 @@ impl PinSource {
     }
 }
 
+/// Largest secret file read (a PIN, a password: a few bytes in practice).
+pub const MAX_SECRET_FILE: u64 = 64 * 1024;
+
 /// Reads a one-line secret file (PIN, password), trimming the trailing newline.
 pub fn read_secret_file(p: &Path) -> Result<Secret, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+    // Bounded: a path to /dev/zero or a log file must be an error, not all of memory.
+    let mut bytes = Vec::new();
+    file.take(MAX_SECRET_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+    if bytes.len() as u64 > MAX_SECRET_FILE {
+        return Err(format!(
+            "{} is larger than {MAX_SECRET_FILE} bytes; it should hold one secret",
+            p.display()
+        ));
+    }
     let text =
-        std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+        String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8 text", p.display()))?;
     let value = text.trim();
     if value.is_empty() {
         return Err(format!("{} is empty", p.display()));
@@ -536,6 +552,21 @@ pin = "123456"
 
     fn field_of(text: &str) -> String {
         parse(text).expect_err("config should be rejected").field
+    }
+
+    #[test]
+    fn a_secret_file_is_read_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("pin");
+        std::fs::write(&ok, "123456\n").unwrap();
+        assert_eq!(read_secret_file(&ok).unwrap().expose(), "123456");
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'7'; MAX_SECRET_FILE as usize + 1]).unwrap();
+        let e = read_secret_file(&big).unwrap_err();
+        assert!(e.contains("larger than"), "{e}");
+        // An endless file ends at the bound too.
+        let e = read_secret_file(Path::new("/dev/zero")).unwrap_err();
+        assert!(e.contains("larger than"), "{e}");
     }
 
     #[test]
