@@ -594,55 +594,16 @@ impl Store {
 
     /// Sets (or with `None` removes) a download-agent note.
     pub fn set_image_meta(&self, key: &str, value: Option<&[u8]>) -> Result<()> {
-        self.write(|db| {
-            let tx = db.begin_write()?;
-            {
-                let mut t = tx.open_table(IMAGE_META)?;
-                match value {
-                    Some(v) => {
-                        t.insert(key, v)?;
-                    }
-                    None => {
-                        t.remove(key)?;
-                    }
-                }
-            }
-            tx.commit()?;
-            Ok(())
-        })
+        self.set_in(IMAGE_META, key, value)
     }
 
     pub fn image_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
-        self.read(|db| {
-            let tx = db.begin_read()?;
-            let t = tx.open_table(IMAGE_FILES)?;
-            let mut out = Vec::new();
-            for e in t.iter()? {
-                let (k, v) = e?;
-                out.push((k.value().to_string(), v.value().to_vec()));
-            }
-            Ok(out)
-        })
+        self.all_of(IMAGE_FILES)
     }
 
     /// Writes (or with `None` deletes) one image file record, durably.
     pub fn set_image_file(&self, sha256: &str, value: Option<&[u8]>) -> Result<()> {
-        self.write(|db| {
-            let tx = db.begin_write()?;
-            {
-                let mut t = tx.open_table(IMAGE_FILES)?;
-                match value {
-                    Some(v) => {
-                        t.insert(sha256, v)?;
-                    }
-                    None => {
-                        t.remove(sha256)?;
-                    }
-                }
-            }
-            tx.commit()?;
-            Ok(())
-        })
+        self.set_in(IMAGE_FILES, sha256, value)
     }
 }
 
@@ -741,6 +702,31 @@ impl Store {
                                 pins.remove(address.as_str())?;
                             }
                         },
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Writes (or with `None` deletes) one record of a table keyed by text, durably.
+    fn set_in(
+        &self,
+        def: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<()> {
+        self.write(|db| {
+            let tx = db.begin_write()?;
+            {
+                let mut t = tx.open_table(def)?;
+                match value {
+                    Some(v) => {
+                        t.insert(key, v)?;
+                    }
+                    None => {
+                        t.remove(key)?;
                     }
                 }
             }
@@ -952,22 +938,7 @@ impl Store {
 
     /// Writes (or with `None` deletes) one artifact record, durably.
     pub fn set_artifact(&self, id: &str, value: Option<&[u8]>) -> Result<()> {
-        self.write(|db| {
-            let tx = db.begin_write()?;
-            {
-                let mut t = tx.open_table(ARTIFACTS)?;
-                match value {
-                    Some(v) => {
-                        t.insert(id, v)?;
-                    }
-                    None => {
-                        t.remove(id)?;
-                    }
-                }
-            }
-            tx.commit()?;
-            Ok(())
-        })
+        self.set_in(ARTIFACTS, id, value)
     }
 
     /// The backups of one device, oldest first.
@@ -1057,22 +1028,7 @@ impl Store {
 
     /// Writes (or with `None` deletes) one capture record, durably.
     pub fn set_capture(&self, id: &str, value: Option<&[u8]>) -> Result<()> {
-        self.write(|db| {
-            let tx = db.begin_write()?;
-            {
-                let mut t = tx.open_table(CAPTURES)?;
-                match value {
-                    Some(v) => {
-                        t.insert(id, v)?;
-                    }
-                    None => {
-                        t.remove(id)?;
-                    }
-                }
-            }
-            tx.commit()?;
-            Ok(())
-        })
+        self.set_in(CAPTURES, id, value)
     }
 }
 
