@@ -7,23 +7,7 @@ use crate::support::*;
 use serde_json::{Value, json};
 use std::net::Ipv4Addr;
 use std::time::Duration;
-use ucrelay_sim::phones::{self, Hostile, Phones, PhonesOptions};
-
-async fn fleet(count: usize, base: Ipv4Addr) -> (Phones, tokio_util::sync::CancellationToken) {
-    let token = tokio_util::sync::CancellationToken::new();
-    let mut opts = PhonesOptions::new(count, base);
-    opts.reboot_time = Duration::from_millis(300);
-    let phones = phones::start(opts, token.clone())
-        .await
-        .expect("phones start");
-    (phones, token)
-}
-
-fn devices_section(subnet: &str, poll: &str) -> String {
-    format!(
-        "\n[devices]\nsubnets = [\"{subnet}\"]\npoll_interval = \"{poll}\"\nadmin_password = \"456\"\nrequest_timeout = \"2s\"\ntarget_timeout = \"5s\"\n"
-    )
-}
+use ucrelay_sim::phones::Hostile;
 
 async fn devices_json(relay: &Relay) -> Value {
     ucrelay_relay::ops::admin::get_json(&relay.socket, "/v1/devices")

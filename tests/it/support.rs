@@ -411,3 +411,27 @@ impl Drop for Tmpfs {
             .status();
     }
 }
+
+/// `count` simulated phones from `base` on, rebooting in 300 ms; they stop with the token.
+pub async fn fleet(
+    count: usize,
+    base: std::net::Ipv4Addr,
+) -> (
+    ucrelay_sim::phones::Phones,
+    tokio_util::sync::CancellationToken,
+) {
+    let token = tokio_util::sync::CancellationToken::new();
+    let mut opts = ucrelay_sim::phones::PhonesOptions::new(count, base);
+    opts.reboot_time = Duration::from_millis(300);
+    let phones = ucrelay_sim::phones::start(opts, token.clone())
+        .await
+        .expect("phones start");
+    (phones, token)
+}
+
+/// A `[devices]` section for the phones of `subnet`, polled every `poll`.
+pub fn devices_section(subnet: &str, poll: &str) -> String {
+    format!(
+        "\n[devices]\nsubnets = [\"{subnet}\"]\npoll_interval = \"{poll}\"\nadmin_password = \"456\"\nrequest_timeout = \"2s\"\ntarget_timeout = \"5s\"\n"
+    )
+}
