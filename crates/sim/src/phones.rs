@@ -362,8 +362,8 @@ impl Inner {
         Ok(r.status)
     }
 
-    /// The TLS identity phone `idx` presents now: its own key (made on first use, new after a
-    /// factory reset) or, while swapped, an impostor's. The key is made outside the phone's lock.
+    /// The TLS identity phone `idx` presents now: its own key (made at start, new after a factory
+    /// reset, made on first use then) or, while swapped, an impostor's. The key is made outside the phone's lock.
     fn tls(&self, idx: usize) -> anyhow::Result<Arc<model::PhoneTls>> {
         let (generation, swapped) = {
             let p = self.phone(idx);
@@ -671,6 +671,7 @@ pub async fn start(opts: PhonesOptions, shutdown: CancellationToken) -> anyhow::
         answer_delay: opts.answer_delay_ms,
         uplink: std::sync::RwLock::new(uplink),
     });
+    make_keys(&inner).await?;
     inner.tracker.spawn(accept_loop(listener, inner.clone()));
     // Phones that provision do a first round as they come up, spread over a few seconds.
     if inner.uplink().provisioning.is_some() {
@@ -688,6 +689,34 @@ pub async fn start(opts: PhonesOptions, shutdown: CancellationToken) -> anyhow::
     }
     info!(port, count = opts.count, first = %opts.base_ip, "sim phones started");
     Ok(Phones { port, inner })
+}
+
+/// A phone has its key from its first boot, not from its first TLS contact: every phone's key is
+/// made before the fleet answers, on every core. Otherwise a benchmark's first wave of handshakes
+/// would also pay for 50,000 key generations that no real fleet does at that moment. A factory
+/// reset or an impostor still makes its key on first use.
+async fn make_keys(inner: &Arc<Inner>) -> anyhow::Result<()> {
+    let n = inner.phones.len();
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |w| w.get())
+        .clamp(1, n.max(1));
+    let mut set = tokio::task::JoinSet::new();
+    for first in 0..workers {
+        let me = inner.clone();
+        set.spawn_blocking(move || -> anyhow::Result<()> {
+            for idx in (first..n).step_by(workers) {
+                if me.cancel.is_cancelled() {
+                    break;
+                }
+                me.tls(idx)?;
+            }
+            Ok(())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.context("a key-making thread failed")??;
+    }
+    Ok(())
 }
 
 /// CLI entry: starts the fleet, prints the readiness line, runs until SIGINT/SIGTERM.
