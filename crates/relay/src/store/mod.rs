@@ -496,9 +496,16 @@ impl Store {
     }
 
     /// Drops results the cloud acknowledged.
+    ///
+    /// The removal is not made durable on its own: it rides on the next durable commit (the next
+    /// result, pin or task write) or on a clean close. A `kill -9` in between brings the removed
+    /// results back and they are sent again, which the cloud drops by result id. So a busy outbox
+    /// costs no fsync per batch; the device plane's results pay the only one.
     pub fn outbox_remove(&self, keys: &[u64]) -> Result<()> {
         self.write(|db| {
-            let tx = db.begin_write()?;
+            let mut tx = db.begin_write()?;
+            tx.set_durability(redb::Durability::None)
+                .map_err(redb::Error::from)?;
             {
                 let mut table = tx.open_table(OUTBOX)?;
                 for k in keys {
