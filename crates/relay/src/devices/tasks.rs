@@ -29,8 +29,6 @@ use tracing::{error, info, warn};
 pub const MAX_TARGETS: usize = 100_000;
 /// Most tasks scheduled or executing at once; one more is answered busy.
 pub const MAX_OPEN_TASKS: usize = 1000;
-/// Statuses of a task that will not change again.
-const FINISHED: &[&str] = &["done", "halted", "cancelled", "rejected"];
 /// How long a task that stopped on an error waits before the scheduler resumes it.
 const RESUME_AFTER_ERROR: Duration = Duration::from_secs(5);
 /// How often a task waiting for its store to take writes again looks.
@@ -172,9 +170,13 @@ pub fn public_payload(payload: &Value) -> Value {
     p
 }
 
-/// Whether a task is over (nothing of it runs again).
+/// Whether a task is over: nothing of it runs again unless the cloud grants it more targets.
+/// (`revoked` too: its unfinished targets went to another relay.)
 fn is_final(status: &str) -> bool {
-    matches!(status, "done" | "halted" | "cancelled" | "rejected")
+    matches!(
+        status,
+        "done" | "halted" | "cancelled" | "rejected" | "revoked"
+    )
 }
 
 /// A task that is over keeps no secret: its payload becomes what admins see (the device password
@@ -321,7 +323,7 @@ impl Book {
     pub fn open(&self) -> usize {
         self.lock()
             .values()
-            .filter(|e| !FINISHED.contains(&e.rec.status.as_str()))
+            .filter(|e| !is_final(&e.rec.status))
             .count()
     }
 
@@ -332,7 +334,7 @@ impl Book {
         };
         self.lock()
             .iter()
-            .filter(|(_, e)| !e.running && FINISHED.contains(&e.rec.status.as_str()))
+            .filter(|(_, e)| !e.running && is_final(&e.rec.status))
             .filter(|(_, e)| {
                 e.rec
                     .finished_at
@@ -675,6 +677,7 @@ pub fn leases(ctx: &Ctx, plane: &Arc<DevicePlane>, list: &[String], as_of: Insta
 }
 
 fn close_revoked(rec: &mut TaskRecord) {
+    forget_secrets(rec);
     rec.status = "revoked".into();
     rec.reason = "the cloud gave this task's unfinished targets to another relay".into();
     rec.finished_at = Some(rfc3339(SystemTime::now()));
@@ -1343,6 +1346,38 @@ mod tests {
                 "confirmed more than half a lease ago"
             );
         }
+    }
+
+    #[test]
+    fn a_revoked_task_is_finished_not_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut sp = spec("reboot", &["10.0.0.1"], json!({"password": "s3cret"}));
+        sp.lease_s = Some(60);
+        sp.lease_id = Some("l1".into());
+        let mut rec = TaskRecord {
+            id: "t".into(),
+            total: 1,
+            spec: sp,
+            status: "executing".into(),
+            reason: String::new(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+            started_at: None,
+            finished_at: None,
+            seq: 2,
+            success: 0,
+            failure: 0,
+            not_applicable: 0,
+        };
+        close_revoked(&mut rec);
+        assert_eq!(rec.spec.payload, json!({"password": "***"}), "no secret kept");
+        store.write_batch(&[task_write(&rec)]).unwrap();
+        let book = Book::load(&store).unwrap();
+        // Not one of MAX_OPEN_TASKS for ever, and forgotten after the retention like the others.
+        assert_eq!(book.open(), 0);
+        assert_eq!(book.counts().done, 1);
+        let later = SystemTime::now() + Duration::from_secs(3600);
+        assert_eq!(book.expired(later, Duration::from_secs(60)), ["t"]);
     }
 
     #[test]
