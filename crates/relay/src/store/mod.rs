@@ -416,6 +416,27 @@ impl Store {
         })
     }
 
+    /// Forgets the finished command ids remembered for longer than [`DONE_KEEP`] (a start does it
+    /// too; a relay that runs for months does it every hour, or the table grows with every command
+    /// it ever ran). Returns how many were forgotten.
+    pub fn forget_old_commands(&self) -> Result<u64> {
+        self.forget_commands_before(unix_now().saturating_sub(DONE_KEEP.as_secs()))
+    }
+
+    fn forget_commands_before(&self, cutoff: u64) -> Result<u64> {
+        self.write(|db| {
+            let tx = db.begin_write()?;
+            let gone = {
+                let mut done = tx.open_table(DONE)?;
+                let before = done.len()?;
+                done.retain(|_, at| at >= cutoff)?;
+                before - done.len()?
+            };
+            tx.commit()?;
+            Ok(gone)
+        })
+    }
+
     /// Whether a command id is pending or finished: a command the cloud sends again (its ack was
     /// lost) is acknowledged again but never run twice.
     pub fn command_seen(&self, id: &str) -> Result<bool> {
@@ -1242,6 +1263,19 @@ mod tests {
             1,
             "other tasks untouched"
         );
+    }
+
+    #[test]
+    fn finished_command_ids_are_forgotten_after_the_keep_period_while_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.write_batch(&[Write::CommandSeen("c1".into())]).unwrap();
+        s.finish(&rec("r2", "c2")).unwrap();
+        assert_eq!(s.forget_old_commands().unwrap(), 0, "both are recent");
+        assert!(s.command_seen("c1").unwrap() && s.command_seen("c2").unwrap());
+        // A week and a moment later (without a restart): both forgotten.
+        assert_eq!(s.forget_commands_before(unix_now() + 1).unwrap(), 2);
+        assert!(!s.command_seen("c1").unwrap() && !s.command_seen("c2").unwrap());
     }
 
     #[test]
