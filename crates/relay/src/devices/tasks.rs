@@ -756,8 +756,9 @@ pub async fn accept(ctx: &Ctx, plane: &DevicePlane, cmd: &Command) -> TaskAccept
         let mut book = plane.tasks.lock();
         if verdict.is_ok() {
             book.insert(rec.id.clone(), Entry::new(rec, Some(Instant::now())));
-        } else {
-            // Rejected: over before it began, in the store only.
+        } else if book.remove(&rec.id).is_some() || !held {
+            // Rejected: over before it began, in the store only. (A share of a task held already,
+            // sent while the device plane is off, replaces it: counted once.)
             book.finished += 1;
         }
     }
