@@ -257,14 +257,30 @@ async fn supervise(
 
 /// While the store refuses writes (a full disk, an I/O error), tries a tiny write every
 /// [`STORE_RETRY`]: the first that commits clears the trouble, and everything waiting on the store
-/// (tasks, results, refused commands) goes on by itself.
+/// (tasks, results, refused commands) goes on by itself. Every [`FORGET_COMMANDS`] it forgets the
+/// finished command ids past their keep period, so that table does not grow with the relay's
+/// uptime.
 async fn store_recovery(ctx: Ctx, shutdown: CancellationToken) -> Result<()> {
+    let mut next_forget = tokio::time::Instant::now() + FORGET_COMMANDS;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(STORE_RETRY) => {}
         }
         if ctx.store.trouble().is_none() {
+            if tokio::time::Instant::now() >= next_forget {
+                next_forget = tokio::time::Instant::now() + FORGET_COMMANDS;
+                match ctx.store.run(|s| s.forget_old_commands()).await {
+                    Ok(0) => {}
+                    Ok(n) => info!(
+                        commands = n,
+                        "finished command ids past their keep period forgotten"
+                    ),
+                    Err(e) => {
+                        warn!(error = %format!("{e:#}"), "cannot forget old command ids; trying again later")
+                    }
+                }
+            }
             continue;
         }
         match tokio::time::timeout(STORE_RETRY, ctx.store.run(|s| s.probe())).await {
@@ -278,6 +294,8 @@ async fn store_recovery(ctx: Ctx, shutdown: CancellationToken) -> Result<()> {
 
 /// How often a store that refuses writes is tried again.
 const STORE_RETRY: Duration = Duration::from_secs(2);
+/// How often finished command ids past their keep period are forgotten while running.
+const FORGET_COMMANDS: Duration = Duration::from_secs(3600);
 
 /// How often the status line for systemd is recomputed (sent only when it changed).
 const STATUS_REFRESH: Duration = Duration::from_secs(1);

@@ -6,6 +6,12 @@
 //! Bounded: at most [`MAX_OPEN_TASKS`] tasks are scheduled or executing at once (one more is
 //! answered busy), and a finished task is forgotten, with its per-target results,
 //! `[devices].task_retention` after it ended.
+//!
+//! Memory follows the open work, not the history: only scheduled and executing tasks are held in
+//! memory ([`Book`]). A task that ends leaves memory once its final record is stored; from then on
+//! the store is its only copy, and what reads finished tasks (`ucrelay tasks`, a task the cloud
+//! sends again, a further grant, the expiry) reads them there, a page at a time. A start reads the
+//! open tasks into memory and only counts the finished ones.
 
 use super::DevicePlane;
 use super::actions;
@@ -29,8 +35,10 @@ use tracing::{error, info, warn};
 pub const MAX_TARGETS: usize = 100_000;
 /// Most tasks scheduled or executing at once; one more is answered busy.
 pub const MAX_OPEN_TASKS: usize = 1000;
-/// Statuses of a task that will not change again.
-const FINISHED: &[&str] = &["done", "halted", "cancelled", "rejected"];
+/// Task records read per page when walking the store (at start, for `ucrelay tasks`, for expiry).
+const PAGE: usize = 256;
+/// ...and no more bytes than this per page past its first record.
+const PAGE_BYTES: usize = 4 << 20;
 /// How long a task that stopped on an error waits before the scheduler resumes it.
 const RESUME_AFTER_ERROR: Duration = Duration::from_secs(5);
 /// How often a task waiting for its store to take writes again looks.
@@ -127,12 +135,152 @@ impl Entry {
     }
 }
 
-/// Every task the relay knows, in memory, mirrored in the store at each state change.
+/// The tasks the relay works on: the open ones (scheduled, executing) in memory, mirrored in the
+/// store at each state change; finished ones in the store only.
 pub struct Book {
-    tasks: Mutex<BTreeMap<String, Entry>>,
+    tasks: Mutex<Held>,
+    store: Store,
     wake: Notify,
     /// Wakes executors waiting for a lease to be confirmed.
     lease_wake: Notify,
+}
+
+/// What [`Book`] holds under its lock.
+struct Held {
+    /// Open tasks by id (and, for a moment, one that ended while its final record is stored).
+    open: BTreeMap<String, Entry>,
+    /// Finished tasks in the store and not in memory: the `done` of [`Book::counts`] without a
+    /// read of the store. Changed only with `open`, under the same lock.
+    finished: u64,
+}
+
+impl Held {
+    /// Task `id` ended and its final record (sequence `seq`) is stored: it leaves memory, unless
+    /// it changed meanwhile (a grant reopened it).
+    fn settle(&mut self, id: &str, seq: u64) {
+        if self
+            .open
+            .get(id)
+            .is_some_and(|e| e.rec.seq == seq && is_final(&e.rec.status))
+        {
+            self.open.remove(id);
+            self.finished += 1;
+        }
+    }
+}
+
+impl std::ops::Deref for Held {
+    type Target = BTreeMap<String, Entry>;
+    fn deref(&self) -> &Self::Target {
+        &self.open
+    }
+}
+
+impl std::ops::DerefMut for Held {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.open
+    }
+}
+
+/// What listing and expiry read of a stored task: everything but its targets, which may be many.
+#[derive(Deserialize)]
+struct Head {
+    id: String,
+    status: String,
+    #[serde(default)]
+    reason: String,
+    created_at: String,
+    #[serde(default)]
+    started_at: Option<String>,
+    #[serde(default)]
+    finished_at: Option<String>,
+    total: u64,
+    #[serde(default)]
+    success: u64,
+    #[serde(default)]
+    failure: u64,
+    #[serde(default)]
+    not_applicable: u64,
+    spec: HeadSpec,
+}
+
+#[derive(Deserialize)]
+struct HeadSpec {
+    #[serde(default)]
+    name: String,
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    payload: Value,
+    #[serde(default)]
+    at: Option<String>,
+    #[serde(default)]
+    lease_s: Option<u64>,
+    #[serde(default)]
+    lease_id: Option<String>,
+}
+
+impl Head {
+    fn of(r: &TaskRecord) -> Head {
+        Head {
+            id: r.id.clone(),
+            status: r.status.clone(),
+            reason: r.reason.clone(),
+            created_at: r.created_at.clone(),
+            started_at: r.started_at.clone(),
+            finished_at: r.finished_at.clone(),
+            total: r.total,
+            success: r.success,
+            failure: r.failure,
+            not_applicable: r.not_applicable,
+            spec: HeadSpec {
+                name: r.spec.name.clone(),
+                kind: r.spec.kind.clone(),
+                payload: Value::Null,
+                at: r.spec.at.clone(),
+                lease_s: r.spec.lease_s,
+                lease_id: r.spec.lease_id.clone(),
+            },
+        }
+    }
+
+    fn leased(&self) -> bool {
+        self.spec.lease_id.is_some() && self.spec.lease_s.is_some()
+    }
+}
+
+/// Walks every stored task record a page at a time: memory holds one page, never the history.
+fn each_page<E: From<crate::store::StoreError>>(
+    store: &Store,
+    mut f: impl FnMut(Vec<(String, Vec<u8>)>) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.tasks_page(after.as_deref(), PAGE, PAGE_BYTES)?;
+        let Some((last, _)) = page.last() else {
+            return Ok(());
+        };
+        after = Some(last.clone());
+        f(page)?;
+    }
+}
+
+/// Finished tasks in the store whose end is before `cutoff`.
+fn expired_in(store: &Store, cutoff: SystemTime) -> Result<Vec<String>> {
+    let mut ids = Vec::new();
+    each_page::<anyhow::Error>(store, |page| {
+        for (id, bytes) in page {
+            let Ok(h) = serde_json::from_slice::<Head>(&bytes) else {
+                continue;
+            };
+            let ended = h.finished_at.as_deref().and_then(parse_rfc3339);
+            if is_final(&h.status) && ended.is_some_and(|t| t < cutoff) {
+                ids.push(id);
+            }
+        }
+        Ok(())
+    })?;
+    Ok(ids)
 }
 
 fn unique_targets(spec: &TaskSpec) -> Vec<String> {
@@ -172,9 +320,13 @@ pub fn public_payload(payload: &Value) -> Value {
     p
 }
 
-/// Whether a task is over (nothing of it runs again).
+/// Whether a task is over: nothing of it runs again unless the cloud grants it more targets.
+/// (`revoked` too: its unfinished targets went to another relay.)
 fn is_final(status: &str) -> bool {
-    matches!(status, "done" | "halted" | "cancelled" | "rejected")
+    matches!(
+        status,
+        "done" | "halted" | "cancelled" | "rejected" | "revoked"
+    )
 }
 
 /// A task that is over keeps no secret: its payload becomes what admins see (the device password
@@ -263,90 +415,115 @@ fn task_write(rec: &TaskRecord) -> Write {
 }
 
 impl Book {
-    /// Loads every task; counts of executing tasks are rebuilt from their finished targets.
+    /// Loads the open tasks (counts of executing ones rebuilt from their finished targets) and
+    /// counts the finished ones, reading the store a page at a time: a store with a long history
+    /// costs a walk at start, not memory.
     pub fn load(store: &Store) -> Result<Book> {
-        let mut tasks = BTreeMap::new();
-        // Finished tasks stored by a build that kept their passwords lose them now.
-        let mut scrubbed = Vec::new();
-        for (id, bytes) in store.tasks_all()? {
-            let mut rec: TaskRecord = match serde_json::from_slice(&bytes) {
-                Ok(r) => r,
-                Err(e) => {
-                    error!(task_id = %id, error = %e, "unreadable task record; skipped");
+        let mut open = BTreeMap::new();
+        let mut finished = 0u64;
+        let mut scrubbed = 0usize;
+        each_page::<anyhow::Error>(store, |page| {
+            // Finished tasks stored by a build that kept their passwords lose them now.
+            let mut scrub = Vec::new();
+            for (id, bytes) in page {
+                let head: Head = match serde_json::from_slice(&bytes) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        error!(task_id = %id, error = %e, "unreadable task record; skipped");
+                        continue;
+                    }
+                };
+                if is_final(&head.status) {
+                    finished += 1;
+                    if public_payload(&head.spec.payload) != head.spec.payload
+                        && let Ok(mut rec) = serde_json::from_slice::<TaskRecord>(&bytes)
+                        && forget_secrets(&mut rec)
+                    {
+                        scrub.push(task_write(&rec));
+                    }
                     continue;
                 }
-            };
-            if is_final(&rec.status) && forget_secrets(&mut rec) {
-                scrubbed.push(task_write(&rec));
-            }
-            if rec.status == "executing" {
-                rec.success = 0;
-                rec.failure = 0;
-                rec.not_applicable = 0;
-                for (_, v) in store.task_targets(&id)? {
-                    if let Ok(sub) = serde_json::from_slice::<SubResult>(&v) {
-                        match sub.result {
-                            Outcome::Success => rec.success += 1,
-                            Outcome::Failure => rec.failure += 1,
-                            Outcome::NotApplicable => rec.not_applicable += 1,
-                        }
+                let mut rec: TaskRecord = match serde_json::from_slice(&bytes) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        error!(task_id = %id, error = %e, "unreadable task record; skipped");
+                        continue;
                     }
+                };
+                if rec.status == "executing" {
+                    rec.success = 0;
+                    rec.failure = 0;
+                    rec.not_applicable = 0;
+                    store.task_targets_each(&id, |_, v| {
+                        if let Ok(sub) = serde_json::from_slice::<SubResult>(v) {
+                            match sub.result {
+                                Outcome::Success => rec.success += 1,
+                                Outcome::Failure => rec.failure += 1,
+                                Outcome::NotApplicable => rec.not_applicable += 1,
+                            }
+                        }
+                    })?;
                 }
+                open.insert(id, Entry::new(rec, None));
             }
-            tasks.insert(id, Entry::new(rec, None));
-        }
-        if !scrubbed.is_empty() {
+            if !scrub.is_empty() {
+                scrubbed += scrub.len();
+                store.write_batch(&scrub)?;
+            }
+            Ok(())
+        })?;
+        if scrubbed > 0 {
             info!(
-                tasks = scrubbed.len(),
+                tasks = scrubbed,
                 "finished tasks still held device passwords; removed them from the store"
             );
-            store.write_batch(&scrubbed)?;
         }
         Ok(Book {
-            tasks: Mutex::new(tasks),
+            tasks: Mutex::new(Held { open, finished }),
+            store: store.clone(),
             wake: Notify::new(),
             lease_wake: Notify::new(),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
         self.tasks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn contains(&self, id: &str) -> bool {
-        self.lock().contains_key(id)
+    /// Whether the relay holds task `id`, open (in memory) or finished (in the store).
+    async fn known(&self, id: &str) -> Result<bool, crate::store::StoreError> {
+        if self.lock().contains_key(id) {
+            return Ok(true);
+        }
+        let id = id.to_owned();
+        self.store.run(move |s| s.task_exists(&id)).await
     }
 
     /// Tasks scheduled or executing.
     pub fn open(&self) -> usize {
         self.lock()
             .values()
-            .filter(|e| !FINISHED.contains(&e.rec.status.as_str()))
+            .filter(|e| !is_final(&e.rec.status))
             .count()
     }
 
-    /// Finished tasks whose end is more than `retention` before `now`, oldest first.
-    fn expired(&self, now: SystemTime, retention: Duration) -> Vec<String> {
-        let Some(cutoff) = now.checked_sub(retention) else {
-            return vec![];
-        };
-        self.lock()
-            .iter()
-            .filter(|(_, e)| !e.running && FINISHED.contains(&e.rec.status.as_str()))
-            .filter(|(_, e)| {
-                e.rec
-                    .finished_at
-                    .as_deref()
-                    .and_then(parse_rfc3339)
-                    .is_some_and(|ended| ended < cutoff)
-            })
-            .map(|(id, _)| id.clone())
-            .collect()
+    /// Tasks held in memory: the open ones (and one that ended, while its end is stored).
+    pub fn in_memory(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// See [`Held::settle`].
+    fn settle(&self, id: &str, seq: u64) {
+        self.lock().settle(id, seq);
     }
 
     pub fn counts(&self) -> TaskCounts {
-        let mut c = TaskCounts::default();
-        for e in self.lock().values() {
+        let book = self.lock();
+        let mut c = TaskCounts {
+            done: book.finished,
+            ..TaskCounts::default()
+        };
+        for e in book.values() {
             match e.rec.status.as_str() {
                 "scheduled" => c.scheduled += 1,
                 "executing" => c.executing += 1,
@@ -356,15 +533,57 @@ impl Book {
         c
     }
 
-    /// Summaries for `ucrelay tasks`, newest first.
-    pub fn list(&self) -> Vec<Value> {
-        let mut v: Vec<Value> = self.lock().values().map(summary).collect();
+    /// Summaries for `ucrelay tasks`, newest first: the open tasks from memory, the finished ones
+    /// from the store.
+    pub async fn list(&self) -> Result<Vec<Value>, crate::store::StoreError> {
+        // Memory first: a task that ends meanwhile shows as it was, not twice.
+        let open: Vec<(String, Value)> = self
+            .lock()
+            .iter()
+            .map(|(id, e)| (id.clone(), summary(e)))
+            .collect();
+        let skip: HashSet<String> = open.iter().map(|(id, _)| id.clone()).collect();
+        let mut v = self
+            .store
+            .run(move |s| {
+                let mut out = Vec::new();
+                each_page::<crate::store::StoreError>(s, |page| {
+                    for (id, bytes) in page {
+                        if skip.contains(&id) {
+                            continue;
+                        }
+                        if let Ok(h) = serde_json::from_slice::<Head>(&bytes) {
+                            out.push(stored_summary(&h));
+                        }
+                    }
+                    Ok(())
+                })?;
+                Ok::<_, crate::store::StoreError>(out)
+            })
+            .await?;
+        v.extend(open.into_iter().map(|(_, s)| s));
         v.sort_by(|a, b| b["created_at"].as_str().cmp(&a["created_at"].as_str()));
-        v
+        Ok(v)
     }
 
-    pub fn get(&self, id: &str) -> Option<(TaskRecord, Value)> {
-        self.lock().get(id).map(|e| (e.rec.clone(), summary(e)))
+    /// One task and its summary: from memory while open, else from the store.
+    pub async fn get(
+        &self,
+        id: &str,
+    ) -> Result<Option<(TaskRecord, Value)>, crate::store::StoreError> {
+        if let Some(found) = self.lock().get(id).map(|e| (e.rec.clone(), summary(e))) {
+            return Ok(Some(found));
+        }
+        let key = id.to_owned();
+        let Some(bytes) = self.store.run(move |s| s.task(&key)).await? else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_slice::<TaskRecord>(&bytes)
+            .ok()
+            .map(|rec| {
+                let s = stored_summary(&Head::of(&rec));
+                (rec, s)
+            }))
     }
 
     /// Unfinished targets of leased tasks: the relay's share of the fleet's task work.
@@ -381,7 +600,27 @@ impl Book {
 }
 
 fn summary(e: &Entry) -> Value {
-    let r = &e.rec;
+    let h = Head::of(&e.rec);
+    let lease = match () {
+        _ if !h.leased() => "none",
+        _ if e.revoked => "revoked",
+        _ if e.paused => "paused: waiting for the cloud to confirm the lease",
+        _ => "held",
+    };
+    summary_of(&h, e.in_progress, lease)
+}
+
+/// The summary of a task only the store holds (nothing of it runs).
+fn stored_summary(h: &Head) -> Value {
+    let lease = match () {
+        _ if !h.leased() => "none",
+        _ if h.status == "revoked" => "revoked",
+        _ => "held",
+    };
+    summary_of(h, 0, lease)
+}
+
+fn summary_of(r: &Head, in_progress: u64, lease: &str) -> Value {
     json!({
         "id": r.id,
         "name": if r.spec.name.is_empty() { &r.spec.kind } else { &r.spec.name },
@@ -392,17 +631,12 @@ fn summary(e: &Entry) -> Value {
         "success": r.success,
         "failure": r.failure,
         "not_applicable": r.not_applicable,
-        "in_progress": e.in_progress,
+        "in_progress": in_progress,
         "at": r.spec.at,
         "created_at": r.created_at,
         "started_at": r.started_at,
         "finished_at": r.finished_at,
-        "lease": match (&r.spec.lease_id, r.spec.lease_s) {
-            (Some(_), Some(_)) if e.revoked => "revoked",
-            (Some(_), Some(_)) if e.paused => "paused: waiting for the cloud to confirm the lease",
-            (Some(_), Some(_)) => "held",
-            _ => "none",
-        },
+        "lease": lease,
     })
 }
 
@@ -430,13 +664,22 @@ pub async fn accept(ctx: &Ctx, plane: &DevicePlane, cmd: &Command) -> TaskAccept
         .and_then(|s| s.task_id.clone())
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| cmd.id.clone());
-    if task_id == cmd.id && plane.tasks.contains(&cmd.id) {
+    // Finished tasks are in the store only: a task the cloud sends again, or a further share of
+    // one that ended, is looked up there.
+    let held = match plane.tasks.known(&task_id).await {
+        Ok(h) => h,
+        Err(e) => {
+            error!(task_id = %task_id, error = %format!("{e:#}"), "cannot read the store; task not acknowledged");
+            return TaskAccept::Failed;
+        }
+    };
+    if task_id == cmd.id && held {
         info!(task_id = %cmd.id, "task already received; acknowledging again");
         return TaskAccept::Stored;
     }
     if let Ok(spec) = &parsed
         && task_id != cmd.id
-        && plane.tasks.contains(&task_id)
+        && held
         && plane.cfg().enabled
     {
         return if grant(ctx, plane, cmd, &task_id, spec).await {
@@ -509,10 +752,16 @@ pub async fn accept(ctx: &Ctx, plane: &DevicePlane, cmd: &Command) -> TaskAccept
         info!(task_id = %rec.id, r#type = %rec.spec.kind, targets = rec.total, at = ?rec.spec.at, leased = rec.spec.lease_s.is_some(), "task scheduled");
     }
     let _ = ctx;
-    plane
-        .tasks
-        .lock()
-        .insert(rec.id.clone(), Entry::new(rec, Some(Instant::now())));
+    {
+        let mut book = plane.tasks.lock();
+        if verdict.is_ok() {
+            book.insert(rec.id.clone(), Entry::new(rec, Some(Instant::now())));
+        } else if book.remove(&rec.id).is_some() || !held {
+            // Rejected: over before it began, in the store only. (A share of a task held already,
+            // sent while the device plane is off, replaces it: counted once.)
+            book.finished += 1;
+        }
+    }
     plane.tasks.wake.notify_one();
     TaskAccept::Stored
 }
@@ -552,6 +801,25 @@ async fn drop_unstarted(ctx: &Ctx, plane: &DevicePlane, id: &str) -> Result<usiz
 /// A further share of a task this relay holds: the targets join the task (under the same lease,
 /// or under a new one that replaces a lease taken back), and the task runs again if it had ended.
 async fn grant(ctx: &Ctx, plane: &DevicePlane, cmd: &Command, id: &str, spec: &TaskSpec) -> bool {
+    if !plane.tasks.lock().contains_key(id) {
+        // A task that ended is in the store only: it comes back into memory for the grant.
+        let key = id.to_owned();
+        let stored = match ctx.store.run(move |s| s.task(&key)).await {
+            Ok(b) => b.and_then(|b| serde_json::from_slice::<TaskRecord>(&b).ok()),
+            Err(e) => {
+                error!(task_id = %id, error = %format!("{e:#}"), "cannot read the task; not acknowledged");
+                return false;
+            }
+        };
+        let Some(rec) = stored else {
+            return false;
+        };
+        let mut book = plane.tasks.lock();
+        if !book.contains_key(id) {
+            book.insert(id.to_owned(), Entry::new(rec, None));
+            book.finished = book.finished.saturating_sub(1);
+        }
+    }
     let new_lease = plane
         .tasks
         .lock()
@@ -596,6 +864,10 @@ async fn grant(ctx: &Ctx, plane: &DevicePlane, cmd: &Command, id: &str, spec: &T
             e.rec.finished_at = None;
             e.rec.reason.clear();
         }
+        if is_final(&e.rec.status) {
+            // Still over: it keeps no password.
+            forget_secrets(&mut e.rec);
+        }
         e.rec.seq += 1;
         info!(task_id = %id, added = n, total = e.rec.total, "task granted more targets");
         e.rec.clone()
@@ -609,6 +881,7 @@ async fn grant(ctx: &Ctx, plane: &DevicePlane, cmd: &Command, id: &str, spec: &T
         error!(task_id = %id, error = %e, "cannot store the task's new targets; not acknowledged");
         return false;
     }
+    plane.tasks.settle(id, rec.seq);
     plane.tasks.wake.notify_one();
     plane.tasks.lease_wake.notify_waiters();
     true
@@ -660,10 +933,13 @@ pub fn leases(ctx: &Ctx, plane: &Arc<DevicePlane>, list: &[String], as_of: Insta
                             _ => None,
                         }
                     };
-                    if let Some(rec) = rec
-                        && let Err(e) = store_change(&plane, &rec).await
-                    {
-                        error!(task_id = %id, error = %e, "cannot store the task's end");
+                    if let Some(rec) = rec {
+                        match store_change(&plane, &rec).await {
+                            Ok(()) => plane.tasks.settle(&id, rec.seq),
+                            Err(e) => {
+                                error!(task_id = %id, error = %e, "cannot store the task's end")
+                            }
+                        }
                     }
                 }
                 Err(e) => {
@@ -675,6 +951,7 @@ pub fn leases(ctx: &Ctx, plane: &Arc<DevicePlane>, list: &[String], as_of: Insta
 }
 
 fn close_revoked(rec: &mut TaskRecord) {
+    forget_secrets(rec);
     rec.status = "revoked".into();
     rec.reason = "the cloud gave this task's unfinished targets to another relay".into();
     rec.finished_at = Some(rfc3339(SystemTime::now()));
@@ -692,15 +969,21 @@ pub async fn cancel(plane: &DevicePlane, params: &Value) -> actions::Done {
             Ok(e) => e,
             Err(done) => return done,
         };
-        e.rec.status = "cancelled".into();
-        e.rec.reason = "cancelled by the cloud".into();
-        e.rec.seq += 1;
-        e.rec.finished_at = Some(rfc3339(SystemTime::now()));
-        forget_secrets(&mut e.rec);
-        e.rec.clone()
+        e.map(|e| {
+            e.rec.status = "cancelled".into();
+            e.rec.reason = "cancelled by the cloud".into();
+            e.rec.seq += 1;
+            e.rec.finished_at = Some(rfc3339(SystemTime::now()));
+            forget_secrets(&mut e.rec);
+            e.rec.clone()
+        })
+    };
+    let Some(rec) = rec else {
+        return not_held(plane, id, "cancelled").await;
     };
     match store_change(plane, &rec).await {
         Ok(()) => {
+            plane.tasks.settle(id, rec.seq);
             info!(task_id = %id, "task cancelled");
             actions::Done {
                 result: Outcome::Success,
@@ -720,32 +1003,16 @@ pub async fn update(plane: &DevicePlane, params: &Value) -> actions::Done {
     };
     let rec = {
         let mut book = plane.tasks.lock();
-        let e = match scheduled(&mut book, id, "edited") {
-            Ok(e) => e,
+        match scheduled(&mut book, id, "edited") {
+            Ok(Some(e)) => Some(edit(e, params)),
+            Ok(None) => None,
             Err(done) => return done,
-        };
-        let mut spec = match serde_json::to_value(&e.rec.spec) {
-            Ok(v) => v,
-            Err(e) => return fail(&format!("cannot edit: {e}")),
-        };
-        if let (Some(dst), Some(src)) = (spec.as_object_mut(), params.as_object()) {
-            for (k, v) in src {
-                if k != "task_id" {
-                    dst.insert(k.clone(), v.clone());
-                }
-            }
         }
-        let spec: TaskSpec = match serde_json::from_value(spec) {
-            Ok(s) => s,
-            Err(e) => return fail(&format!("bad task fields: {e}")),
-        };
-        if let Err(why) = validate(&spec) {
-            return fail(&format!("bad task: {why}"));
-        }
-        e.rec.total = unique_targets(&spec).len() as u64;
-        e.rec.spec = spec;
-        e.rec.seq += 1;
-        e.rec.clone()
+    };
+    let rec = match rec {
+        None => return not_held(plane, id, "edited").await,
+        Some(Err(done)) => return done,
+        Some(Ok(rec)) => rec,
     };
     match store_change(plane, &rec).await {
         Ok(()) => {
@@ -762,23 +1029,60 @@ pub async fn update(plane: &DevicePlane, params: &Value) -> actions::Done {
     }
 }
 
+/// Applies a `task_update` to a scheduled task; the refusal says why not.
+fn edit(e: &mut Entry, params: &Value) -> Result<TaskRecord, actions::Done> {
+    let mut spec =
+        serde_json::to_value(&e.rec.spec).map_err(|e| fail(&format!("cannot edit: {e}")))?;
+    if let (Some(dst), Some(src)) = (spec.as_object_mut(), params.as_object()) {
+        for (k, v) in src {
+            if k != "task_id" {
+                dst.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    let spec: TaskSpec =
+        serde_json::from_value(spec).map_err(|e| fail(&format!("bad task fields: {e}")))?;
+    validate(&spec).map_err(|why| fail(&format!("bad task: {why}")))?;
+    e.rec.total = unique_targets(&spec).len() as u64;
+    e.rec.spec = spec;
+    e.rec.seq += 1;
+    Ok(e.rec.clone())
+}
+
 /// The task named by `task_cancel` or `task_update`, if it is still scheduled (`verb` says what
-/// was asked, for the refusal).
+/// was asked, for the refusal); `None` when memory does not hold it (see [`not_held`]).
 fn scheduled<'a>(
     book: &'a mut BTreeMap<String, Entry>,
     id: &str,
     verb: &str,
-) -> Result<&'a mut Entry, actions::Done> {
+) -> Result<Option<&'a mut Entry>, actions::Done> {
     let Some(e) = book.get_mut(id) else {
-        return Err(fail(&format!("unknown task {id:?}")));
+        return Ok(None);
     };
     if e.rec.status != "scheduled" || e.running {
-        return Err(fail(&format!(
-            "task {id} is {}; only a scheduled task can be {verb}",
-            e.rec.status
-        )));
+        return Err(not_scheduled(id, &e.rec.status, verb));
     }
-    Ok(e)
+    Ok(Some(e))
+}
+
+fn not_scheduled(id: &str, status: &str, verb: &str) -> actions::Done {
+    fail(&format!(
+        "task {id} is {status}; only a scheduled task can be {verb}"
+    ))
+}
+
+/// The refusal for a `task_cancel` or `task_update` naming a task memory does not hold: one that
+/// ended (in the store only) or one the relay never had.
+async fn not_held(plane: &DevicePlane, id: &str, verb: &str) -> actions::Done {
+    let key = id.to_owned();
+    match plane.store.run(move |s| s.task(&key)).await {
+        Ok(Some(bytes)) => match serde_json::from_slice::<Head>(&bytes) {
+            Ok(h) => not_scheduled(id, &h.status, verb),
+            Err(e) => fail(&format!("task {id} cannot be read: {e}")),
+        },
+        Ok(None) => fail(&format!("unknown task {id:?}")),
+        Err(e) => fail(&format!("cannot read the task: {e}")),
+    }
 }
 
 /// Stores a changed task together with the progress record that tells the cloud.
@@ -801,10 +1105,21 @@ fn fail(why: &str) -> actions::Done {
     }
 }
 
-/// Forgets the finished tasks past `[devices].task_retention`, in the store and in memory.
+/// Forgets the finished tasks past `[devices].task_retention`. They are found in the store, read a
+/// page at a time; memory holds only open tasks, which are never pruned.
 async fn prune(ctx: &Ctx, plane: &DevicePlane) -> Result<()> {
     let retention = plane.cfg().task_retention;
-    let ids = plane.tasks.expired(SystemTime::now(), retention);
+    let Some(cutoff) = SystemTime::now().checked_sub(retention) else {
+        return Ok(());
+    };
+    let ids = ctx.store.run(move |s| expired_in(s, cutoff)).await?;
+    // A task a grant brought back into memory meanwhile is open again: kept.
+    let ids: Vec<String> = {
+        let book = plane.tasks.lock();
+        ids.into_iter()
+            .filter(|id| !book.contains_key(id))
+            .collect()
+    };
     if ids.is_empty() {
         return Ok(());
     }
@@ -813,9 +1128,8 @@ async fn prune(ctx: &Ctx, plane: &DevicePlane) -> Result<()> {
     let targets = ctx.store.run(move |s| s.tasks_prune(&batch)).await?;
     {
         let mut book = plane.tasks.lock();
-        for id in &ids {
-            book.remove(id);
-        }
+        let gone = ids.iter().filter(|id| !book.contains_key(*id)).count() as u64;
+        book.finished = book.finished.saturating_sub(gone);
     }
     info!(
         tasks = n,
@@ -895,28 +1209,41 @@ pub async fn run(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken)
 }
 
 async fn execute(ctx: Ctx, plane: Arc<DevicePlane>, id: String, shutdown: CancellationToken) {
-    if let Err(e) = execute_inner(&ctx, &plane, &id, &shutdown).await {
-        error!(task_id = %id, error = %format!("{e:#}"), "task stopped; it resumes in a moment (or after a restart)");
-        // Not at once: the scheduler would start it again in a tight loop.
-        crate::util::backoff::sleep_or_shutdown(RESUME_AFTER_ERROR, &shutdown).await;
-    }
-    if let Some(e) = plane.tasks.lock().get_mut(&id) {
+    let ended = match execute_inner(&ctx, &plane, &id, &shutdown).await {
+        Ok(ended) => ended,
+        Err(e) => {
+            error!(task_id = %id, error = %format!("{e:#}"), "task stopped; it resumes in a moment (or after a restart)");
+            // Not at once: the scheduler would start it again in a tight loop.
+            crate::util::backoff::sleep_or_shutdown(RESUME_AFTER_ERROR, &shutdown).await;
+            None
+        }
+    };
+    // Under one lock: a grant cannot bring the task back from the store between it leaving
+    // memory and its executor letting go of it.
+    let mut book = plane.tasks.lock();
+    if let Some(e) = book.get_mut(&id) {
         e.running = false;
         e.in_progress = 0;
     }
+    if let Some(seq) = ended {
+        // Its end is stored: the task leaves memory (unless a grant reopened it meanwhile).
+        book.settle(&id, seq);
+    }
 }
 
+/// Runs task `id` until it has nothing left to start. Returns the sequence of the final record it
+/// stored when the task ended (`None` when it stopped short: shutdown, new targets).
 async fn execute_inner(
     ctx: &Ctx,
     plane: &Arc<DevicePlane>,
     id: &str,
     shutdown: &CancellationToken,
-) -> Result<()> {
+) -> Result<Option<u64>> {
     // scheduled -> executing, durably, before the first target is touched.
     let (rec, fresh) = {
         let mut book = plane.tasks.lock();
         let Some(e) = book.get_mut(id) else {
-            return Ok(());
+            return Ok(None);
         };
         let fresh = e.rec.status == "scheduled";
         if fresh {
@@ -1082,16 +1409,16 @@ async fn execute_inner(
     }
     if interrupted {
         info!(task_id = %id, "relay stopping; the task's unfinished targets resume at the next start");
-        return Ok(());
+        return Ok(None);
     }
     let rec = {
         let mut book = plane.tasks.lock();
         let Some(e) = book.get_mut(id) else {
-            return Ok(());
+            return Ok(None);
         };
         if e.epoch != epoch {
             // Targets came in after the last look: the scheduler starts the task again.
-            return Ok(());
+            return Ok(None);
         }
         // The targets are done with the password: it leaves memory and, with this write, the store.
         forget_secrets(&mut e.rec);
@@ -1121,7 +1448,7 @@ async fn execute_inner(
         .await
         .map_err(anyhow::Error::msg)?;
     info!(task_id = %id, status = %rec.status, success = rec.success, failure = rec.failure, not_applicable = rec.not_applicable, "task finished");
-    Ok(())
+    Ok(Some(rec.seq))
 }
 
 /// What the lease allows a leased task's executor to do next.
@@ -1343,6 +1670,297 @@ mod tests {
                 "confirmed more than half a lease ago"
             );
         }
+    }
+
+    /// A relay's device plane on a fresh state directory, with its recorder and scheduler
+    /// running; `[devices].subnets` is 127.0.99.0/24, so a task aimed elsewhere fails each target
+    /// at once without a packet sent.
+    struct Plane {
+        ctx: Ctx,
+        plane: Arc<DevicePlane>,
+        stop: CancellationToken,
+        jobs: tokio::task::JoinSet<Result<()>>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Plane {
+        async fn start() -> Plane {
+            let dir = tempfile::tempdir().unwrap();
+            let text = format!(
+                "state_dir = {:?}\n[cloud]\nurl = \"https://cloud.example.com\"\ntenant_id = \"acme\"\npin = \"123456\"\n[devices]\nsubnets = [\"127.0.99.0/24\"]\nmonitoring = false\n",
+                dir.path().join("state")
+            );
+            let config =
+                crate::config::Config::from_str_at(&text, &dir.path().join("relay.toml")).unwrap();
+            let store = Store::open(&config.state_dir).unwrap();
+            let artifacts = crate::artifacts::Artifacts::open(
+                &config.state_dir,
+                config.diagnostics.artifacts_max_total,
+                &store,
+            )
+            .unwrap();
+            let logs =
+                crate::devlogs::DeviceLogs::open(&config.state_dir, &config.diagnostics, &store)
+                    .unwrap();
+            let live = Arc::new(crate::util::live::Live::new(config.devices.clone()));
+            let plane =
+                DevicePlane::new(live.clone(), &store, artifacts.clone(), logs.clone()).unwrap();
+            let cloud = crate::cloud::CloudClient::new(&config.cloud).unwrap();
+            let ctx = Ctx::new(config, live, store, cloud, "r1".into(), artifacts, logs);
+            let stop = CancellationToken::new();
+            let mut jobs = tokio::task::JoinSet::new();
+            jobs.spawn(super::super::recorder(
+                ctx.clone(),
+                plane.clone(),
+                stop.clone(),
+            ));
+            jobs.spawn(run(ctx.clone(), plane.clone(), stop.clone()));
+            Plane {
+                ctx,
+                plane,
+                stop,
+                jobs,
+                _dir: dir,
+            }
+        }
+
+        async fn accept(&self, id: &str, params: Value) -> TaskAccept {
+            let cmd = Command {
+                id: id.into(),
+                name: "task".into(),
+                params,
+            };
+            accept(&self.ctx, &self.plane, &cmd).await
+        }
+
+        /// Waits (polling the book, at most 20 s) until `pred` holds of its counts.
+        async fn wait_counts(&self, pred: impl Fn(&TaskCounts) -> bool) -> TaskCounts {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let c = self.plane.tasks.counts();
+                if pred(&c) {
+                    return c;
+                }
+                assert!(Instant::now() < deadline, "counts never got there: {c:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
+        async fn stop(mut self) {
+            self.stop.cancel();
+            while let Some(r) = self.jobs.join_next().await {
+                r.unwrap().unwrap();
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn finished_tasks_leave_memory_and_are_read_from_the_store() {
+        let p = Plane::start().await;
+        let outside = json!({"type": "check_sync", "targets": ["10.9.9.1", "10.9.9.2"]});
+        for i in 0..3 {
+            assert_eq!(
+                p.accept(&format!("t{i}"), outside.clone()).await,
+                TaskAccept::Stored
+            );
+        }
+        assert_eq!(
+            p.accept("bad", json!({"type": "explode", "targets": ["10.9.9.1"]}))
+                .await,
+            TaskAccept::Stored
+        );
+        let later = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1)).to_string();
+        assert_eq!(
+            p.accept(
+                "later",
+                json!({"type": "check_sync", "targets": ["127.0.99.1"], "at": later})
+            )
+            .await,
+            TaskAccept::Stored
+        );
+        let c = p.wait_counts(|c| c.done == 4).await;
+        assert_eq!((c.scheduled, c.executing, c.done), (1, 0, 4));
+        // Memory holds the open work only: the scheduled task.
+        assert_eq!(p.plane.tasks.in_memory(), 1);
+
+        // `ucrelay tasks` still lists every task, the finished ones from the store.
+        let list = p.plane.tasks.list().await.unwrap();
+        let status = |id: &str| {
+            list.iter()
+                .find(|t| t["id"] == id)
+                .map(|t| t["status"].as_str().unwrap().to_string())
+        };
+        assert_eq!(list.len(), 5, "{list:?}");
+        for i in 0..3 {
+            assert_eq!(status(&format!("t{i}")).as_deref(), Some("done"));
+        }
+        assert_eq!(status("bad").as_deref(), Some("rejected"));
+        assert_eq!(status("later").as_deref(), Some("scheduled"));
+        let (rec, summary) = p.plane.tasks.get("t0").await.unwrap().unwrap();
+        assert_eq!(rec.spec.targets.len(), 2);
+        assert_eq!(
+            (summary["failure"].as_u64(), summary["total"].as_u64()),
+            (Some(2), Some(2))
+        );
+
+        // A finished task the cloud sends again is known from the store: acknowledged, not run.
+        assert_eq!(p.accept("t1", outside.clone()).await, TaskAccept::Stored);
+        assert_eq!(p.plane.tasks.in_memory(), 1);
+        assert_eq!(p.plane.tasks.counts().done, 4);
+        // Cancelling a finished one says what it is, as before.
+        let done = cancel(&p.plane, &json!({"task_id": "t2"})).await;
+        assert_eq!(done.result, Outcome::Failure);
+        assert_eq!(
+            done.reason,
+            "task t2 is done; only a scheduled task can be cancelled"
+        );
+        let done = cancel(&p.plane, &json!({"task_id": "nope"})).await;
+        assert_eq!(done.reason, "unknown task \"nope\"");
+        // Cancelling the scheduled one finishes it: memory is empty.
+        let done = cancel(&p.plane, &json!({"task_id": "later"})).await;
+        assert_eq!(done.result, Outcome::Success, "{}", done.reason);
+        assert_eq!(p.plane.tasks.in_memory(), 0);
+        assert_eq!(p.plane.tasks.counts().done, 5);
+        assert_eq!(p.plane.tasks.list().await.unwrap().len(), 5);
+        p.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_further_grant_brings_a_finished_task_back_and_it_leaves_again() {
+        let p = Plane::start().await;
+        let first = json!({"type": "check_sync", "targets": ["10.9.9.1"]});
+        assert_eq!(p.accept("t", first).await, TaskAccept::Stored);
+        p.wait_counts(|c| c.done == 1).await;
+        assert_eq!(p.plane.tasks.in_memory(), 0);
+        let more = json!({"type": "check_sync", "targets": ["10.9.9.2"], "task_id": "t"});
+        assert_eq!(p.accept("g1", more).await, TaskAccept::Stored);
+        // It ran again, for the new target only, and left memory once more.
+        p.wait_counts(|c| c.done == 1 && c.executing == 0).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let rec = loop {
+            let (rec, _) = p.plane.tasks.get("t").await.unwrap().unwrap();
+            if rec.status == "done" && rec.total == 2 && p.plane.tasks.in_memory() == 0 {
+                break rec;
+            }
+            assert!(Instant::now() < deadline, "{rec:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(rec.failure, 2, "{rec:?}");
+        assert_eq!(p.plane.tasks.counts().done, 1);
+        p.stop().await;
+    }
+
+    fn stored(id: &str, status: &str, targets: usize, payload: Value) -> Write {
+        let targets: Vec<&str> = vec!["10.0.0.1"; targets];
+        let mut sp = spec("reboot", &targets, payload);
+        sp.targets = (0..sp.targets.len())
+            .map(|i| format!("10.0.{}.{}", i / 250, i % 250))
+            .collect();
+        let rec = TaskRecord {
+            id: id.into(),
+            total: sp.targets.len() as u64,
+            spec: sp,
+            status: status.into(),
+            reason: String::new(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+            started_at: None,
+            finished_at: is_final(status).then(|| "2026-01-02T00:00:00Z".into()),
+            seq: 3,
+            success: 0,
+            failure: 0,
+            not_applicable: 0,
+        };
+        task_write(&rec)
+    }
+
+    #[test]
+    fn a_restart_on_a_long_history_loads_only_the_open_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // More finished tasks than a page, each with a sizeable target list.
+        let mut writes: Vec<Write> = (0..1500)
+            .map(|i| {
+                stored(
+                    &format!("f{i:05}"),
+                    FINAL[i % FINAL.len()],
+                    200,
+                    Value::Null,
+                )
+            })
+            .collect();
+        writes.push(stored("open-exec", "executing", 3, Value::Null));
+        writes.push(stored("open-sched", "scheduled", 1, Value::Null));
+        // Stored by a build that kept the password of a finished task.
+        writes.push(stored("f-secret", "done", 1, json!({"password": "s3cret"})));
+        for t in ["10.0.0.0", "10.0.0.1"] {
+            writes.push(Write::TaskTarget {
+                task: "open-exec".into(),
+                target: t.into(),
+                value: serde_json::to_vec(&SubResult {
+                    result: Outcome::Success,
+                    reason: String::new(),
+                    finished_at: "2026-01-01T00:00:01Z".into(),
+                })
+                .unwrap(),
+            });
+        }
+        store.write_batch(&writes).unwrap();
+
+        let book = Book::load(&store).unwrap();
+        assert_eq!(book.in_memory(), 2, "only the open tasks are in memory");
+        let c = book.counts();
+        assert_eq!((c.scheduled, c.executing, c.done), (1, 1, 1501));
+        assert_eq!(book.open(), 2);
+        let b = book.lock();
+        let exec = &b["open-exec"].rec;
+        assert_eq!(
+            (exec.success, exec.total),
+            (2, 3),
+            "rebuilt from its targets"
+        );
+        drop(b);
+        // The old password is gone from the store, without the record staying in memory.
+        let text = String::from_utf8(store.task("f-secret").unwrap().unwrap()).unwrap();
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains("***"), "{text}");
+    }
+
+    const FINAL: &[&str] = &["done", "halted", "cancelled", "rejected", "revoked"];
+
+    #[test]
+    fn a_revoked_task_is_finished_not_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut sp = spec("reboot", &["10.0.0.1"], json!({"password": "s3cret"}));
+        sp.lease_s = Some(60);
+        sp.lease_id = Some("l1".into());
+        let mut rec = TaskRecord {
+            id: "t".into(),
+            total: 1,
+            spec: sp,
+            status: "executing".into(),
+            reason: String::new(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+            started_at: None,
+            finished_at: None,
+            seq: 2,
+            success: 0,
+            failure: 0,
+            not_applicable: 0,
+        };
+        close_revoked(&mut rec);
+        assert_eq!(
+            rec.spec.payload,
+            json!({"password": "***"}),
+            "no secret kept"
+        );
+        store.write_batch(&[task_write(&rec)]).unwrap();
+        let book = Book::load(&store).unwrap();
+        // Not one of MAX_OPEN_TASKS for ever, and forgotten after the retention like the others.
+        assert_eq!(book.open(), 0);
+        assert_eq!(book.counts().done, 1);
+        let later = SystemTime::now() + Duration::from_secs(3600);
+        assert_eq!(expired_in(&store, later).unwrap(), ["t"]);
     }
 
     #[test]

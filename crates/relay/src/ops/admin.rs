@@ -172,15 +172,28 @@ async fn devices_trust(
     }
 }
 
-async fn tasks(State(ctx): State<Running>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "tasks": ctx.devices.tasks.list() }))
+async fn tasks(State(ctx): State<Running>) -> Result<Json<serde_json::Value>, ApiError> {
+    // Finished tasks are read from the store.
+    let list = ctx.devices.tasks.list().await.map_err(|e| {
+        api_error(
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            format_args!("{e:#}"),
+        )
+    })?;
+    Ok(Json(serde_json::json!({ "tasks": list })))
 }
 
 async fn task(
     State(ctx): State<Running>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let Some((rec, mut summary)) = ctx.devices.tasks.get(&id) else {
+    let found = ctx.devices.tasks.get(&id).await.map_err(|e| {
+        api_error(
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            format_args!("{e:#}"),
+        )
+    })?;
+    let Some((rec, mut summary)) = found else {
         return Err((
             http::StatusCode::NOT_FOUND,
             Json(serde_json::json!({"error": format!("no task {id:?}")})),

@@ -416,6 +416,27 @@ impl Store {
         })
     }
 
+    /// Forgets the finished command ids remembered for longer than [`DONE_KEEP`] (a start does it
+    /// too; a relay that runs for months does it every hour, or the table grows with every command
+    /// it ever ran). Returns how many were forgotten.
+    pub fn forget_old_commands(&self) -> Result<u64> {
+        self.forget_commands_before(unix_now().saturating_sub(DONE_KEEP.as_secs()))
+    }
+
+    fn forget_commands_before(&self, cutoff: u64) -> Result<u64> {
+        self.write(|db| {
+            let tx = db.begin_write()?;
+            let gone = {
+                let mut done = tx.open_table(DONE)?;
+                let before = done.len()?;
+                done.retain(|_, at| at >= cutoff)?;
+                before - done.len()?
+            };
+            tx.commit()?;
+            Ok(gone)
+        })
+    }
+
     /// Whether a command id is pending or finished: a command the cloud sends again (its ack was
     /// lost) is acknowledged again but never run twice.
     pub fn command_seen(&self, id: &str) -> Result<bool> {
@@ -759,6 +780,37 @@ impl Store {
         self.all_of(TASKS)
     }
 
+    /// Task records in id order after `after` (from the first without): at most `max` of them and,
+    /// past the first, no more than `max_bytes` together. Walking the tasks a page at a time holds
+    /// one page in memory, not the store's whole history.
+    pub fn tasks_page(
+        &self,
+        after: Option<&str>,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
+        use std::ops::Bound;
+        self.read(|db| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(TASKS)?;
+            let from = match after {
+                Some(a) => Bound::Excluded(a),
+                None => Bound::Unbounded,
+            };
+            let mut out = Vec::new();
+            let mut bytes = 0usize;
+            for e in t.range::<&str>((from, Bound::Unbounded))?.take(max) {
+                let (k, v) = e?;
+                bytes = bytes.saturating_add(v.value().len());
+                if !out.is_empty() && bytes > max_bytes {
+                    break;
+                }
+                out.push((k.value().to_string(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
+    }
+
     pub fn task(&self, id: &str) -> Result<Option<Vec<u8>>> {
         self.read(|db| {
             let tx = db.begin_read()?;
@@ -766,21 +818,36 @@ impl Store {
         })
     }
 
+    /// Whether a task record is stored (without copying it out).
+    pub fn task_exists(&self, id: &str) -> Result<bool> {
+        self.read(|db| {
+            let tx = db.begin_read()?;
+            Ok(tx.open_table(TASKS)?.get(id)?.is_some())
+        })
+    }
+
     /// The finished targets of one task.
     pub fn task_targets(&self, task: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut out = Vec::new();
+        self.task_targets_each(task, |target, v| out.push((target.to_string(), v.to_vec())))?;
+        Ok(out)
+    }
+
+    /// Calls `f` with each finished target of one task (target, stored value), in target order,
+    /// without collecting them.
+    pub fn task_targets_each(&self, task: &str, mut f: impl FnMut(&str, &[u8])) -> Result<()> {
         self.read(|db| {
             let tx = db.begin_read()?;
             let t = tx.open_table(TASK_TARGETS)?;
-            let mut out = Vec::new();
             for e in t.range((task, "")..)? {
                 let (k, v) = e?;
                 let (tk, target) = k.value();
                 if tk != task {
                     break;
                 }
-                out.push((target.to_string(), v.value().to_vec()));
+                f(target, v.value());
             }
-            Ok(out)
+            Ok(())
         })
     }
 
@@ -1203,6 +1270,52 @@ mod tests {
             1,
             "other tasks untouched"
         );
+    }
+
+    #[test]
+    fn finished_command_ids_are_forgotten_after_the_keep_period_while_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.write_batch(&[Write::CommandSeen("c1".into())]).unwrap();
+        s.finish(&rec("r2", "c2")).unwrap();
+        assert_eq!(s.forget_old_commands().unwrap(), 0, "both are recent");
+        assert!(s.command_seen("c1").unwrap() && s.command_seen("c2").unwrap());
+        // A week and a moment later (without a restart): both forgotten.
+        assert_eq!(s.forget_commands_before(unix_now() + 1).unwrap(), 2);
+        assert!(!s.command_seen("c1").unwrap() && !s.command_seen("c2").unwrap());
+    }
+
+    #[test]
+    fn tasks_are_walked_a_page_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let writes: Vec<Write> = (0..10)
+            .map(|i| Write::Task {
+                id: format!("t{i}"),
+                value: vec![b'x'; 100],
+            })
+            .collect();
+        s.write_batch(&writes).unwrap();
+        let keys = |page: Vec<(String, Vec<u8>)>| -> Vec<String> {
+            page.into_iter().map(|(k, _)| k).collect()
+        };
+        assert_eq!(
+            keys(s.tasks_page(None, 3, usize::MAX).unwrap()),
+            ["t0", "t1", "t2"]
+        );
+        assert_eq!(
+            keys(s.tasks_page(Some("t2"), 3, usize::MAX).unwrap()),
+            ["t3", "t4", "t5"]
+        );
+        // Bounded by bytes too, but never empty.
+        assert_eq!(
+            keys(s.tasks_page(Some("t5"), 10, 250).unwrap()),
+            ["t6", "t7"]
+        );
+        assert_eq!(keys(s.tasks_page(Some("t5"), 10, 1).unwrap()), ["t6"]);
+        assert!(s.tasks_page(Some("t9"), 10, usize::MAX).unwrap().is_empty());
+        assert!(s.task_exists("t4").unwrap());
+        assert!(!s.task_exists("t10").unwrap());
     }
 
     #[test]
