@@ -15,6 +15,7 @@ use crate::store::{Store, Write};
 use crate::util::time::rfc3339;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
@@ -113,7 +114,8 @@ pub struct Changed {
     pub at: String,
 }
 
-/// One device's pin, as stored.
+/// One device's pin, as stored. A relay holds one per device it ever reached (50,000 for a tenant's
+/// fleet), so it is kept small: the usual `how` is a constant, a rare key change is boxed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Pin {
     pub key: Fingerprint,
@@ -122,13 +124,13 @@ pub struct Pin {
     /// How it came to be pinned: `first_use`, `factory_reset`, `trusted_by_admin`,
     /// `trusted_by_cloud`.
     #[serde(default)]
-    pub how: String,
+    pub how: Cow<'static, str>,
     /// Unix seconds until which one new key is accepted (set by a factory reset the relay ran).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expect_new_until: Option<u64>,
     /// The last different key a handshake presented, until the admin or the cloud decides.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub changed: Option<Changed>,
+    pub changed: Option<Box<Changed>>,
 }
 
 /// How long after a factory reset the relay ran it accepts the device's new key.
@@ -299,10 +301,10 @@ impl Pins {
         if p.changed.as_ref().is_some_and(|c| c.key == seen) {
             return Outcome::default();
         }
-        p.changed = Some(Changed {
+        p.changed = Some(Box::new(Changed {
             key: seen,
             at: rfc3339(now),
-        });
+        }));
         let message = format!(
             "device {address} presented certificate key {} instead of the key pinned on {} ({}); \
              the admin password was not sent. If the device was replaced or reset, accept the new \

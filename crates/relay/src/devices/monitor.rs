@@ -74,7 +74,7 @@ pub struct Known {
     pub last: Option<LastReport>,
     /// The last CPU and memory reading.
     #[serde(default)]
-    pub last_stats: Option<DeviceStats>,
+    pub last_stats: Option<Box<DeviceStats>>,
     /// A `config_update_failed` alarm is standing (cleared by `config_updated`).
     #[serde(default)]
     pub config_update_failed: bool,
@@ -420,6 +420,9 @@ impl Registry {
         let listed: HashSet<&str> = list.devices.iter().map(|d| d.address.as_str()).collect();
         let mut g = self.lock();
         let mut added = 0;
+        // One table of the list's size at once, not a doubling (and a copy) every few thousand.
+        let more = list.devices.len().saturating_sub(g.devices.len());
+        g.devices.reserve(more);
         for d in &list.devices {
             let addr = match Target::parse(&d.address) {
                 Ok(t) => t.to_string(),
@@ -940,7 +943,7 @@ fn record_stats(plane: &DevicePlane, address: &str, st: Option<DeviceStats>) {
     };
     k.stats_polling = false;
     let Some(st) = st else { return };
-    k.last_stats = Some(st.clone());
+    k.last_stats = Some(Box::new(st.clone()));
     g.dirty.insert(address.to_string());
     g.unsent_stats.insert(address.to_string(), st);
 }
