@@ -92,9 +92,10 @@ pub struct Trouble {
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
 /// redb keeps every page it touched in memory up to its cache size, 1 GiB by default: the relay's
-/// memory would grow with its store for as long as it runs. 16 MiB holds the hot pages of a store
-/// of tens of thousands of records.
-const CACHE_BYTES: usize = 16 << 20;
+/// memory would grow with its store for as long as it runs. Pages it drops are still in the
+/// kernel's page cache, so a miss costs a `pread`, not a disk read: 4 MiB holds the B-tree's
+/// upper levels, and a 50,000-device monitoring cycle peaked 12 MB lower than with 16 MiB.
+const CACHE_BYTES: usize = 4 << 20;
 
 fn open_db(path: &Path) -> Result<Database> {
     match Database::builder().set_cache_size(CACHE_BYTES).create(path) {
