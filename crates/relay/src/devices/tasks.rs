@@ -1746,6 +1746,22 @@ mod tests {
             }
         }
 
+        /// A task counts as done once its final record is stored; it leaves memory right after.
+        async fn wait_in_memory(&self, n: usize) {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let held = self.plane.tasks.in_memory();
+                if held == n {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{held} tasks in memory, never {n}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
         async fn stop(mut self) {
             self.stop.cancel();
             while let Some(r) = self.jobs.join_next().await {
@@ -1781,7 +1797,7 @@ mod tests {
         let c = p.wait_counts(|c| c.done == 4).await;
         assert_eq!((c.scheduled, c.executing, c.done), (1, 0, 4));
         // Memory holds the open work only: the scheduled task.
-        assert_eq!(p.plane.tasks.in_memory(), 1);
+        p.wait_in_memory(1).await;
 
         // `ucrelay tasks` still lists every task, the finished ones from the store.
         let list = p.plane.tasks.list().await.unwrap();
@@ -1831,7 +1847,7 @@ mod tests {
         let first = json!({"type": "check_sync", "targets": ["10.9.9.1"]});
         assert_eq!(p.accept("t", first).await, TaskAccept::Stored);
         p.wait_counts(|c| c.done == 1).await;
-        assert_eq!(p.plane.tasks.in_memory(), 0);
+        p.wait_in_memory(0).await;
         let more = json!({"type": "check_sync", "targets": ["10.9.9.2"], "task_id": "t"});
         assert_eq!(p.accept("g1", more).await, TaskAccept::Stored);
         // It ran again, for the new target only, and left memory once more.
