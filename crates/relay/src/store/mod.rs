@@ -88,6 +88,34 @@ pub struct Trouble {
     pub since: SystemTime,
 }
 
+/// Copies entries of a string-keyed table in order: at most `max`, and past the first no more than
+/// `max_bytes` of values.
+fn take_bounded<'a>(
+    entries: impl Iterator<
+        Item = std::result::Result<
+            (
+                redb::AccessGuard<'a, &'static str>,
+                redb::AccessGuard<'a, &'static [u8]>,
+            ),
+            redb::StorageError,
+        >,
+    >,
+    max: usize,
+    max_bytes: usize,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    for e in entries.take(max) {
+        let (k, v) = e?;
+        bytes = bytes.saturating_add(v.value().len());
+        if !out.is_empty() && bytes > max_bytes {
+            break;
+        }
+        out.push((k.value().to_string(), v.value().to_vec()));
+    }
+    Ok(out)
+}
+
 /// How often a closed database is opened again (each attempt may repair the file).
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
@@ -798,17 +826,7 @@ impl Store {
                 Some(a) => Bound::Excluded(a),
                 None => Bound::Unbounded,
             };
-            let mut out = Vec::new();
-            let mut bytes = 0usize;
-            for e in t.range::<&str>((from, Bound::Unbounded))?.take(max) {
-                let (k, v) = e?;
-                bytes = bytes.saturating_add(v.value().len());
-                if !out.is_empty() && bytes > max_bytes {
-                    break;
-                }
-                out.push((k.value().to_string(), v.value().to_vec()));
-            }
-            Ok(out)
+            take_bounded(t.range::<&str>((from, Bound::Unbounded))?, max, max_bytes)
         })
     }
 
@@ -882,17 +900,7 @@ impl Store {
         self.read(|db| {
             let tx = db.begin_read()?;
             let t = tx.open_table(ALARMS)?;
-            let mut out = Vec::new();
-            let mut bytes = 0usize;
-            for e in t.iter()?.take(max) {
-                let (k, v) = e?;
-                bytes = bytes.saturating_add(v.value().len());
-                if !out.is_empty() && bytes > max_bytes {
-                    break;
-                }
-                out.push((k.value().to_string(), v.value().to_vec()));
-            }
-            Ok(out)
+            take_bounded(t.iter()?, max, max_bytes)
         })
     }
 
