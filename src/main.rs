@@ -148,6 +148,8 @@ fn init_logging(
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    // The allocator's arena cap and thresholds hold for arenas made after this: before any thread.
+    ucrelay_relay::util::memory::tune();
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)

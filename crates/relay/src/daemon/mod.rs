@@ -35,6 +35,7 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: impl FnOnce(&ops::Running),
 ) -> Result<()> {
+    // Again for an embedder (the demo) whose runtime was built elsewhere; a no-op when repeated.
     crate::util::memory::tune();
     // `[devices]` as in force, shared by every job that reads the device subnets.
     let devices_cfg = Arc::new(Live::new(config.devices.clone()));

@@ -220,6 +220,12 @@ impl Store {
         self.with(true, f)
     }
 
+    /// A write whose commit is not durable (`Durability::None`): redb writes nothing to the file
+    /// for it yet, so its success says nothing about the disk and does not clear the trouble.
+    fn write_lazily<T>(&self, f: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
+        self.with(false, f)
+    }
+
     fn unavailable(&self) -> StoreError {
         let t = self.trouble();
         StoreError::Unavailable {
@@ -552,7 +558,7 @@ impl Store {
     /// results back and they are sent again, which the cloud drops by result id. So a busy outbox
     /// costs no fsync per batch; the device plane's results pay the only one.
     pub fn outbox_remove(&self, keys: &[u64]) -> Result<()> {
-        self.write(|db| {
+        self.write_lazily(|db| {
             let mut tx = db.begin_write()?;
             tx.set_durability(redb::Durability::None)
                 .map_err(redb::Error::from)?;
@@ -1212,6 +1218,39 @@ mod tests {
         assert_eq!(left[0].1.result_id, "r2");
         s.outbox_reject(left[0].0, "bad").unwrap();
         assert_eq!((s.outbox_len().unwrap(), s.rejected_len().unwrap()), (0, 1));
+    }
+
+    #[test]
+    fn only_a_durable_write_says_the_store_takes_writes_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.finish(&rec("r1", "c1")).unwrap();
+        s.finish(&rec("r2", "c2")).unwrap();
+        s.note(&StoreError::Schema {
+            found: "test".into(),
+            known: "test",
+        });
+        assert!(s.trouble().is_some());
+        // Removing delivered results commits without writing the file: it proves nothing.
+        let batch = s.outbox_batch(1, usize::MAX).unwrap();
+        s.outbox_remove(&[batch[0].0]).unwrap();
+        assert!(
+            s.trouble().is_some(),
+            "a non-durable commit cleared the trouble"
+        );
+        // A durable write does.
+        s.finish(&rec("r3", "c3")).unwrap();
+        assert!(s.trouble().is_none());
+        // The removal became durable with it: gone after a reopen.
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        let ids: Vec<_> = s
+            .outbox_batch(10, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|(_, r)| r.result_id)
+            .collect();
+        assert_eq!(ids, ["r2", "r3"]);
     }
 
     #[test]
