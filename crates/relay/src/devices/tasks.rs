@@ -152,6 +152,9 @@ struct Held {
     /// Finished tasks in the store and not in memory: the `done` of [`Book::counts`] without a
     /// read of the store. Changed only with `open`, under the same lock.
     finished: u64,
+    /// Finished tasks the expiry is deleting from the store now: a grant does not bring them back
+    /// (their finished targets are going, so the task would run them again).
+    pruning: HashSet<String>,
 }
 
 impl Held {
@@ -479,7 +482,11 @@ impl Book {
             );
         }
         Ok(Book {
-            tasks: Mutex::new(Held { open, finished }),
+            tasks: Mutex::new(Held {
+                open,
+                finished,
+                pruning: HashSet::new(),
+            }),
             store: store.clone(),
             wake: Notify::new(),
             lease_wake: Notify::new(),
@@ -815,6 +822,10 @@ async fn grant(ctx: &Ctx, plane: &DevicePlane, cmd: &Command, id: &str, spec: &T
             return false;
         };
         let mut book = plane.tasks.lock();
+        if book.pruning.contains(id) {
+            warn!(task_id = %id, "a further share of a task past its retention, being forgotten now; not acknowledged");
+            return false;
+        }
         if !book.contains_key(id) {
             book.insert(id.to_owned(), Entry::new(rec, None));
             book.finished = book.finished.saturating_sub(1);
@@ -835,6 +846,8 @@ async fn grant(ctx: &Ctx, plane: &DevicePlane, cmd: &Command, id: &str, spec: &T
     let rec = {
         let mut book = plane.tasks.lock();
         let Some(e) = book.get_mut(id) else {
+            // It ended and left memory meanwhile: the cloud sends the share again.
+            warn!(task_id = %id, "the task ended while a further share was applied; not acknowledged");
             return false;
         };
         let have: HashSet<String> = e
@@ -1114,23 +1127,33 @@ async fn prune(ctx: &Ctx, plane: &DevicePlane) -> Result<()> {
     };
     let ids = ctx.store.run(move |s| expired_in(s, cutoff)).await?;
     // A task a grant brought back into memory meanwhile is open again: kept.
+    // Those not in memory are marked, under the same lock, so that no grant brings one back while
+    // its records are deleted.
     let ids: Vec<String> = {
-        let book = plane.tasks.lock();
-        ids.into_iter()
+        let mut book = plane.tasks.lock();
+        let ids: Vec<String> = ids
+            .into_iter()
             .filter(|id| !book.contains_key(id))
-            .collect()
+            .collect();
+        book.pruning.extend(ids.iter().cloned());
+        ids
     };
     if ids.is_empty() {
         return Ok(());
     }
     let n = ids.len();
     let batch = ids.clone();
-    let targets = ctx.store.run(move |s| s.tasks_prune(&batch)).await?;
+    let pruned = ctx.store.run(move |s| s.tasks_prune(&batch)).await;
     {
         let mut book = plane.tasks.lock();
-        let gone = ids.iter().filter(|id| !book.contains_key(*id)).count() as u64;
-        book.finished = book.finished.saturating_sub(gone);
+        for id in &ids {
+            book.pruning.remove(id);
+        }
+        if pruned.is_ok() {
+            book.finished = book.finished.saturating_sub(n as u64);
+        }
     }
+    let targets = pruned?;
     info!(
         tasks = n,
         targets,
@@ -1838,6 +1861,22 @@ mod tests {
         assert_eq!(p.plane.tasks.in_memory(), 0);
         assert_eq!(p.plane.tasks.counts().done, 5);
         assert_eq!(p.plane.tasks.list().await.unwrap().len(), 5);
+        p.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_grant_does_not_bring_back_a_task_being_forgotten() {
+        let p = Plane::start().await;
+        let first = json!({"type": "check_sync", "targets": ["10.9.9.1"]});
+        assert_eq!(p.accept("t", first).await, TaskAccept::Stored);
+        p.wait_counts(|c| c.done == 1).await;
+        p.wait_in_memory(0).await;
+        // The expiry has marked it and is deleting its records.
+        p.plane.tasks.lock().pruning.insert("t".into());
+        let more = json!({"type": "check_sync", "targets": ["10.9.9.2"], "task_id": "t"});
+        assert_eq!(p.accept("g1", more).await, TaskAccept::Failed);
+        assert_eq!(p.plane.tasks.in_memory(), 0);
+        assert_eq!(p.plane.tasks.counts().done, 1);
         p.stop().await;
     }
 
