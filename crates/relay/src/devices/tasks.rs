@@ -1769,6 +1769,16 @@ mod tests {
             }
         }
 
+        /// A plane where task `id` (one target) has finished and left memory.
+        async fn with_finished_task(id: &str) -> Plane {
+            let p = Plane::start().await;
+            let first = json!({"type": "check_sync", "targets": ["10.9.9.1"]});
+            assert_eq!(p.accept(id, first).await, TaskAccept::Stored);
+            p.wait_counts(|c| c.done == 1).await;
+            p.wait_in_memory(0).await;
+            p
+        }
+
         /// A task counts as done once its final record is stored; it leaves memory right after.
         async fn wait_in_memory(&self, n: usize) {
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -1866,11 +1876,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_grant_does_not_bring_back_a_task_being_forgotten() {
-        let p = Plane::start().await;
-        let first = json!({"type": "check_sync", "targets": ["10.9.9.1"]});
-        assert_eq!(p.accept("t", first).await, TaskAccept::Stored);
-        p.wait_counts(|c| c.done == 1).await;
-        p.wait_in_memory(0).await;
+        let p = Plane::with_finished_task("t").await;
         // The expiry has marked it and is deleting its records.
         p.plane.tasks.lock().pruning.insert("t".into());
         let more = json!({"type": "check_sync", "targets": ["10.9.9.2"], "task_id": "t"});
@@ -1882,11 +1888,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_further_grant_brings_a_finished_task_back_and_it_leaves_again() {
-        let p = Plane::start().await;
-        let first = json!({"type": "check_sync", "targets": ["10.9.9.1"]});
-        assert_eq!(p.accept("t", first).await, TaskAccept::Stored);
-        p.wait_counts(|c| c.done == 1).await;
-        p.wait_in_memory(0).await;
+        let p = Plane::with_finished_task("t").await;
         let more = json!({"type": "check_sync", "targets": ["10.9.9.2"], "task_id": "t"});
         assert_eq!(p.accept("g1", more).await, TaskAccept::Stored);
         // It ran again, for the new target only, and left memory once more.
