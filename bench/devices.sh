@@ -123,10 +123,13 @@ task_id=$(jq -n --slurpfile t "$tmp/targets.json" '{type: "reboot", targets: $t[
     curl -sf -X POST -H 'content-type: application/json' --data-binary @- "$cloud_url/sim/tasks" | jq -r .task_id)
 [[ -n $task_id && $task_id != null ]] || die "task not created"
 done_n=0
+fail_n=0
 for _ in $(seq 3000); do
     # The summaries, not the task itself: that carries every target's result.
-    read -r status done_n fail_n < <(curl -sf "$cloud_url/sim/tasks" | jq -r --arg id "$task_id" '.[] | select(.id == $id) | "\(.status) \(.success + .failure + .not_applicable) \(.failure)"')
-    [[ $status == done && $done_n -ge $task_phones ]] && break
+    if task_progress "$cloud_url" "$task_id"; then
+        done_n=$task_done fail_n=$task_failed
+        [[ $task_status == done && $done_n -ge $task_phones ]] && break
+    fi
     sleep 0.1
 done
 t1=$(date +%s.%N)

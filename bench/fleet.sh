@@ -127,7 +127,7 @@ done_n=0
 status=""
 for _ in $(seq 6000); do
     # The list of summaries, not the task itself: that carries every target's result.
-    read -r status done_n < <(curl -sf "$cloud_url/sim/tasks" | jq -r --arg id "$task_id" '.[] | select(.id == $id) | "\(.status) \(.success + .failure + .not_applicable)"')
+    task_progress "$cloud_url" "$task_id" && status=$task_status done_n=$task_done
     if [[ -z $killed_at ]] && ((done_n >= phones / 2)); then
         kill -KILL "$relay_pid_a"
         killed_at=$(date +%s.%N)

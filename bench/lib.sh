@@ -152,6 +152,24 @@ server_pids() { # relay|pingora|nginx: the relay, Pingora, or nginx's master and
     fi
 }
 # CPU ticks of the whole machine, busy and total, from /proc/stat.
+# task_progress CLOUD_URL TASK_ID: sets task_status, task_done (success + failure + not
+# applicable) and task_failed from the cloud's task summaries, or returns 1 before the task is
+# listed. Read with bash alone, no jq: these benchmarks poll ten times a second for half a minute
+# while the machine is saturated, and a jq per poll cost it 3-4 CPU s, taken from the processes
+# being measured. The world holds this one task, so each field appears once.
+task_progress() {
+    local sums field
+    sums=$(curl -sf "$1/sim/tasks") || return 1
+    [[ $sums =~ \"id\":\"$2\" && $sums =~ \"status\":\"([a-z_]+)\" ]] || return 1
+    task_status=${BASH_REMATCH[1]}
+    task_done=0
+    for field in success failure not_applicable; do
+        [[ $sums =~ \"$field\":([0-9]+) ]] && task_done=$((task_done + BASH_REMATCH[1]))
+    done
+    task_failed=0
+    if [[ $sums =~ \"failure\":([0-9]+) ]]; then task_failed=${BASH_REMATCH[1]}; fi
+}
+
 machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
 # Idle (idle + iowait) and total CPU ticks from /proc/stat, of the whole machine or of one CPU.
 idle_ticks() { # [cpuN]

@@ -541,6 +541,9 @@ pub struct IngestOutcome {
 /// up to date as results arrive, so that reading a task never scans all results.
 #[derive(Debug, Default)]
 pub struct TaskView {
+    /// How many distinct targets the task names: counted once, as a task's targets never change
+    /// (a summary is read every time a tenant's task list is, and a task can name 50,000).
+    pub targets: u64,
     /// Each relay's progress record with the highest `progress.seq`.
     pub progress: HashMap<String, usize>,
     /// The result of each target, in the order targets first reported.
@@ -555,6 +558,13 @@ pub struct TaskView {
 }
 
 impl TaskView {
+    fn of(task: &TaskRecord) -> TaskView {
+        TaskView {
+            targets: unique_count(&task.spec.targets),
+            ..TaskView::default()
+        }
+    }
+
     fn count(&mut self, outcome: Outcome, add: bool) {
         let n = match outcome {
             Outcome::Success => &mut self.success,
@@ -637,7 +647,7 @@ impl Db {
             .enumerate()
             .map(|(i, t)| (t.id.clone(), i))
             .collect();
-        let task_views = p.tasks.iter().map(|_| TaskView::default()).collect();
+        let task_views = p.tasks.iter().map(TaskView::of).collect();
         let seen_alarms = p.alarms.iter().map(|a| a.alarm.id.clone()).collect();
         let mut db = Db {
             p,
@@ -836,8 +846,8 @@ impl Db {
 
     pub fn add_task(&mut self, task: TaskRecord) {
         self.task_index.insert(task.id.clone(), self.p.tasks.len());
+        self.task_views.push(TaskView::of(&task));
         self.p.tasks.push(task);
-        self.task_views.push(TaskView::default());
     }
 
     /// Index of task `id` in `p.tasks`.
@@ -872,7 +882,7 @@ impl Db {
             .values()
             .filter_map(|&i| self.p.results[i].record.progress.as_ref())
             .collect();
-        let targets = unique_count(&task.spec.targets);
+        let targets = view.targets;
         let (status, reason, total) = if holders.len() <= 1 && !self.cloud_answered(t) {
             // One relay holds the task: its own word, as it reports it.
             let latest = progress.iter().max_by_key(|p| p.seq);
