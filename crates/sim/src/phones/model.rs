@@ -277,11 +277,10 @@ pub fn initial_uptime(idx: usize) -> Duration {
     Duration::from_secs(hours * 3600 + secs)
 }
 
-/// The parameters a phone starts with, per source. Computed from the index on demand rather
-/// than stored per phone.
-pub fn seeds(idx: usize, lines: u8) -> Vec<(Source, String, String)> {
+/// The parameters every phone starts with, per source; [`seeds`] adds those of each line.
+const FIXED_SEEDS: [(Source, &str, &str); 27] = {
     use Source::*;
-    let mut v: Vec<(Source, String, String)> = [
+    [
         (Default, "apps.restapi.enabled", "1"),
         (Default, "up.screenCapture.enabled", "0"),
         (Default, "diags.pcap.enabled", "0"),
@@ -314,9 +313,16 @@ pub fn seeds(idx: usize, lines: u8) -> Vec<(Source, String, String)> {
         (Device, "device.prov.serverName", PROV_SERVER),
         (Device, "device.prov.serverType", "HTTPS"),
     ]
-    .into_iter()
-    .map(|(s, n, v)| (s, n.to_owned(), v.to_owned()))
-    .collect();
+};
+
+/// The parameters a phone starts with, per source. Computed from the index on demand rather
+/// than stored per phone.
+pub fn seeds(idx: usize, lines: u8) -> Vec<(Source, String, String)> {
+    use Source::*;
+    let mut v: Vec<(Source, String, String)> = FIXED_SEEDS
+        .iter()
+        .map(|&(s, n, v)| (s, n.to_owned(), v.to_owned()))
+        .collect();
     for line in 1..=lines {
         let user = line_user(idx, line);
         v.push((Default, format!("reg.{line}.address"), String::new()));
@@ -330,6 +336,28 @@ pub fn seeds(idx: usize, lines: u8) -> Vec<(Source, String, String)> {
         ));
     }
     v
+}
+
+/// The value `source` starts with for `name`: what [`seeds`] holds, found without building it
+/// (a phone looks parameters up on every request).
+pub fn seed(idx: usize, lines: u8, source: Source, name: &str) -> Option<String> {
+    if let Some(&(_, _, v)) = FIXED_SEEDS
+        .iter()
+        .find(|(s, n, _)| *s == source && *n == name)
+    {
+        return Some(v.to_owned());
+    }
+    let (digits, field) = name.strip_prefix("reg.")?.split_once('.')?;
+    let line: u8 = digits.parse().ok().filter(|l| (1..=lines).contains(l))?;
+    if digits != line.to_string() {
+        return None; // "reg.01.label" or "reg.+1.label" is not line 1's
+    }
+    match (source, field) {
+        (Source::Default, "address") => Some(String::new()),
+        (Source::ConfigFiles, "address" | "label" | "auth.userId") => Some(line_user(idx, line)),
+        (Source::ConfigFiles, "displayName") => Some(format!("Phone {idx} line {line}")),
+        _ => None,
+    }
 }
 
 /// The call in progress.
@@ -687,10 +715,7 @@ impl Phone {
         if self.cleared_seeds & source.bit() != 0 {
             return None;
         }
-        seeds(self.idx(), fleet.lines)
-            .into_iter()
-            .find(|(s, n, _)| *s == source && n == name)
-            .map(|(_, _, v)| v)
+        seed(self.idx(), fleet.lines, source, name)
     }
 
     /// The value in force and where it comes from, skipping the sources in `skip`.
@@ -1011,6 +1036,38 @@ mod tests {
             lines: 2,
             reboot_time: Duration::from_secs(3),
             capture_rate: 1000,
+        }
+    }
+
+    #[test]
+    fn a_seed_looked_up_is_the_one_the_list_holds() {
+        for lines in [1u8, 2, 12] {
+            let all = seeds(77, lines);
+            for (source, name, value) in &all {
+                assert_eq!(
+                    seed(77, lines, *source, name).as_deref(),
+                    Some(value.as_str()),
+                    "{source:?} {name}"
+                );
+            }
+            let others = [Source::Cloud, Source::Web, Source::Local];
+            for (_, name, _) in &all {
+                for s in others {
+                    assert_eq!(seed(77, lines, s, name), None, "{s:?} {name}");
+                }
+            }
+        }
+        for name in [
+            "reg.3.label",
+            "reg.0.label",
+            "reg.01.label",
+            "reg.+1.label",
+            "reg.1.nope",
+            "reg.1",
+            "reg.",
+            "nope",
+        ] {
+            assert_eq!(seed(77, 2, Source::ConfigFiles, name), None, "{name}");
         }
     }
 
