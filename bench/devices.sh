@@ -15,8 +15,9 @@
 #      under 100 MB RSS).
 #
 # Knobs (environment): BENCH_TASK_PHONES, BENCH_POLL_PHONES, BENCH_POLL_PERIOD (seconds, default
-# 300), BENCH_TASK_CONCURRENCY (task_concurrency, default 1024), BENCH_BIN (a release binary to
-# use instead of building one), BENCH_KEEP=1 (keep the temp dir).
+# 300), BENCH_TASK_CONCURRENCY (task_concurrency and max_sessions, default 512: a task works on at
+# most max_sessions targets at once, whatever its own limit), BENCH_BIN (a release binary to use
+# instead of building one), BENCH_KEEP=1 (keep the temp dir).
 # A benchmark, not a test: exits 0 whatever the numbers are. Output: Markdown on stdout and in
 # bench/results-devices.md. All traffic stays on 127.0.0.0/8.
 set -euo pipefail
@@ -24,7 +25,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
 task_phones=${BENCH_TASK_PHONES:-50000}
-task_concurrency=${BENCH_TASK_CONCURRENCY:-1024}
+task_concurrency=${BENCH_TASK_CONCURRENCY:-512}
 poll_phones=${BENCH_POLL_PHONES:-50000}
 poll_period=${BENCH_POLL_PERIOD:-300}
 results=$here/results-devices.md
@@ -87,6 +88,7 @@ subnets = ["127.0.0.0/8"]
 poll_interval = "$poll"
 request_timeout = "10s"
 task_concurrency = $task_concurrency
+max_sessions = $task_concurrency
 EOF
     RUST_LOG=warn "$bin" run --config "$dir/relay.toml" 2>"$dir/relay.err" &
     relay_pid=$!
@@ -191,7 +193,7 @@ load_after=$(cut -d' ' -f1-3 /proc/loadavg)
     echo
     echo "- when: $(date -u '+%Y-%m-%d %H:%M UTC'); ucrelay $(git -C "$repo" rev-parse --short HEAD), release build, RUST_LOG=warn"
     echo "- machine: $(nproc) cores, shared: load average $load_before before, $load_after after; reference cloud, phone simulator and relay on the same machine"
-    echo "- relay: task_concurrency $task_concurrency; the task's phones answer after 50-200 ms"
+    echo "- relay: task_concurrency and max_sessions $task_concurrency; the task's phones answer after 50-200 ms"
     echo
     echo "| run | devices | wall s | relay CPU s | relay CPU cores avg | relay peak RSS MB | outcome | target |"
     echo "|---|--:|--:|--:|--:|--:|---|---|"

@@ -83,6 +83,7 @@ subnets = ["127.0.0.0/8"]
 poll_interval = "2h"
 request_timeout = "10s"
 task_concurrency = $concurrency
+max_sessions = $concurrency
 EOF
     RUST_LOG=warn "$bin" run --config "$dir/relay.toml" 2>"$dir/relay.err" &
     local pid=$!
@@ -159,7 +160,7 @@ split_ok=$(awk -v d="$dev" 'BEGIN { print (d <= 10) ? "met" : "**not met**" }')
     echo
     echo "- when: $(date -u '+%Y-%m-%d %H:%M UTC'); ucrelay $(git -C "$repo" rev-parse --short HEAD), release build, RUST_LOG=warn"
     echo "- machine: $(nproc) cores, shared: load average $load_before before, $load_after after; cloud, $phones phones (answering after 50-200 ms) and two relays on the same machine"
-    echo "- cloud --inactive-after $inactive_after, relays heartbeat every 2s, task_concurrency $concurrency each"
+    echo "- cloud --inactive-after $inactive_after, relays heartbeat every 2s, task_concurrency and max_sessions $concurrency each"
     echo
     echo "| measure | result | target |"
     echo "|---|---|---|"

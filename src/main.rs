@@ -687,6 +687,13 @@ fn check(path: &std::path::Path) -> ExitCode {
             {
                 println!("warn  {}", ucrelay_relay::ops::metrics::beyond_loopback(a));
             }
+            let d = &c.devices;
+            if d.enabled && d.task_concurrency > d.max_sessions {
+                println!(
+                    "warn  devices.task_concurrency ({}) is above devices.max_sessions ({}): a task works on at most {} targets at once; raise max_sessions too",
+                    d.task_concurrency, d.max_sessions, d.max_sessions
+                );
+            }
             let mut failed = false;
             if let Some(e) = &c.edge {
                 use ucrelay_relay::edge::cert::{self, Level};

@@ -72,6 +72,31 @@ async fn config_errors_name_their_field_and_change_nothing() {
     assert!(err.contains("cloud.pin_file"), "{err}");
 }
 
+/// A task limit the session limit cannot honour is accepted with a warning that says which wins.
+#[tokio::test]
+async fn check_warns_when_tasks_ask_for_more_sessions_than_the_relay_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    let p = path.to_str().unwrap();
+    std::fs::write(&path, format!("{GOOD}[devices]\ntask_concurrency = 1024\n")).unwrap();
+    let (code, out, err) = run_cli(&["check", "--config", p]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.lines().any(|l| l.starts_with("warn")
+            && l.contains("devices.task_concurrency (1024)")
+            && l.contains("devices.max_sessions (256)")),
+        "{out}"
+    );
+    std::fs::write(
+        &path,
+        format!("{GOOD}[devices]\ntask_concurrency = 1024\nmax_sessions = 1024\n"),
+    )
+    .unwrap();
+    let (code, out, _) = run_cli(&["check", "--config", p]).await;
+    assert_eq!(code, 0);
+    assert!(!out.contains("task_concurrency"), "{out}");
+}
+
 #[tokio::test]
 async fn check_accepts_the_shipped_example_configs() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("relay-config");
