@@ -136,13 +136,18 @@ fn init_logging(
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer);
+        .with_writer(writer.clone());
     match format {
         LogFormat::Json => builder.json().init(),
-        // Colour only for a person at a terminal: never in the journal, a file or a pipe.
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-            .init(),
+        LogFormat::Text => {
+            // Colour only for a person at a terminal: never in the journal, a file or a pipe.
+            let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            if !ansi {
+                // Access lines in the same text, from their own formatter (ops::logwriter).
+                logwriter::install_access(&writer);
+            }
+            builder.with_ansi(ansi).init();
+        }
     }
     guard
 }

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Instant;
-use tracing::info;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type EdgeBody = BoxBody<Bytes, BoxError>;
@@ -37,7 +36,7 @@ pub fn text_response(status: StatusCode, text: &str) -> Response<EdgeBody> {
 }
 
 pub(super) struct AccessLine {
-    pub method: String,
+    pub method: http::Method,
     pub path: String,
     pub status: u16,
     pub mac: Option<String>,
@@ -88,17 +87,15 @@ impl Drop for AccessLogBody {
                 .local()
                 .bytes_out
                 .fetch_add(self.bytes, Ordering::Relaxed);
-            info!(
-                target: "ucrelay::access",
-                method = %l.method,
-                path = %l.path,
-                status = l.status,
-                bytes = self.bytes,
-                duration_ms = l.started.elapsed().as_millis() as u64,
-                client = %self.conn.peer.ip(),
-                mac = %l.mac.as_deref().unwrap_or("-"),
-                "request"
-            );
+            crate::ops::logwriter::log_access(&crate::ops::logwriter::AccessRecord {
+                method: l.method.as_str(),
+                path: &l.path,
+                status: l.status,
+                bytes: self.bytes,
+                duration_ms: l.started.elapsed().as_millis() as u64,
+                client: self.conn.peer.ip(),
+                mac: l.mac.as_deref(),
+            });
         }
     }
 }

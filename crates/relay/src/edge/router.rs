@@ -37,7 +37,7 @@ pub(super) async fn handle(conn: Arc<DeviceConn>, req: Request<Incoming>) -> Res
         inner: body,
         bytes: 0,
         line: Some(AccessLine {
-            method: method.to_string(),
+            method,
             path,
             status: status.as_u16(),
             mac,

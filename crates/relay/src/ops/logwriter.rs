@@ -10,11 +10,16 @@
 //!
 //! Nothing is dropped: when stderr cannot keep up and [`CAP`] bytes are waiting, loggers wait for
 //! the writer. The guard writes what is left on exit.
+//!
+//! The access line has a formatter of its own ([`access`]), as nginx's log module has: it writes
+//! the same text `tracing`'s formatter would, without the generic field visiting, so a proxied
+//! request pays for its line about what nginx pays for its own.
 
+use std::cell::RefCell;
 use std::io::Write;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::Level;
 
 /// Bytes that make the writer write without waiting for [`LINGER`].
@@ -198,6 +203,110 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
     }
 }
 
+// ----- the access log's own formatter
+
+/// One device request, as the access log writes it.
+pub struct AccessRecord<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub status: u16,
+    pub bytes: u64,
+    pub duration_ms: u64,
+    pub client: std::net::IpAddr,
+    /// The phone's MAC, when its User-Agent names one.
+    pub mac: Option<&'a str>,
+}
+
+/// Where [`access`] writes, once [`install_access`] set it.
+static ACCESS: OnceLock<Arc<Shared>> = OnceLock::new();
+
+/// Sends access lines written by [`access`] to `writer`'s buffer. For the plain-text log format
+/// without colours only: JSON and coloured output keep `tracing`'s formatter. False when `writer`
+/// has no writer thread or one was installed already.
+pub fn install_access(writer: &LogWriter) -> bool {
+    writer
+        .shared
+        .as_ref()
+        .is_some_and(|s| ACCESS.set(s.clone()).is_ok())
+}
+
+thread_local! {
+    /// Each thread's line being formatted, and the second its timestamp prefix was made for.
+    static LINE: RefCell<(Vec<u8>, u64, [u8; 19])> = const { RefCell::new((Vec::new(), u64::MAX, [0; 19])) };
+}
+
+/// Logs one device request: an `INFO` event of target `ucrelay::access`, written by [`access`]'s
+/// own formatter when it is installed, else through `tracing`. Either way the log filter decides
+/// (`RUST_LOG=warn` or `ucrelay::access=off` turns it off).
+pub fn log_access(r: &AccessRecord<'_>) {
+    if tracing::enabled!(target: "ucrelay::access", Level::INFO) && !access(r) {
+        via_tracing(r);
+    }
+}
+
+fn via_tracing(r: &AccessRecord<'_>) {
+    tracing::info!(
+        target: "ucrelay::access",
+        method = %r.method,
+        path = %r.path,
+        status = r.status,
+        bytes = r.bytes,
+        duration_ms = r.duration_ms,
+        client = %r.client,
+        mac = %r.mac.unwrap_or("-"),
+        "request"
+    );
+}
+
+/// Writes `r` as `tracing`'s text formatter writes the event of [`via_tracing`]. False when
+/// [`install_access`] was not called.
+fn access(r: &AccessRecord<'_>) -> bool {
+    let Some(shared) = ACCESS.get() else {
+        return false;
+    };
+    LINE.with_borrow_mut(|(buf, second, prefix)| {
+        buf.clear();
+        format_access(buf, second, prefix, SystemTime::now(), r);
+        shared.append(buf, false);
+        if buf.capacity() > 16 * 1024 {
+            *buf = Vec::new(); // one long path must not stay in every thread
+        }
+    });
+    true
+}
+
+fn format_access(
+    buf: &mut Vec<u8>,
+    second: &mut u64,
+    prefix: &mut [u8; 19],
+    now: SystemTime,
+    r: &AccessRecord<'_>,
+) {
+    // `2026-12-07T15:00:00.123456Z`, the prefix remade once a second.
+    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    if since.as_secs() != *second {
+        *second = since.as_secs();
+        let t = jiff::Timestamp::from_second(i64::try_from(since.as_secs()).unwrap_or(0))
+            .unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+        let text = t.strftime("%Y-%m-%dT%H:%M:%S").to_string();
+        let n = text.len().min(prefix.len());
+        prefix[..n].copy_from_slice(&text.as_bytes()[..n]);
+    }
+    buf.extend_from_slice(prefix);
+    let _ = writeln!(
+        buf,
+        ".{:06}Z  INFO ucrelay::access: request method={} path={} status={} bytes={} duration_ms={} client={} mac={}",
+        since.subsec_micros(),
+        r.method,
+        r.path,
+        r.status,
+        r.bytes,
+        r.duration_ms,
+        r.client,
+        r.mac.unwrap_or("-"),
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,6 +395,74 @@ mod tests {
         writeln!(w.make_writer(), "last").unwrap();
         drop(guard);
         assert_eq!(sink.text(), "info\nwarn\nlast\n");
+    }
+
+    fn record<'a>(path: &'a str, mac: Option<&'a str>) -> AccessRecord<'a> {
+        AccessRecord {
+            method: "GET",
+            path,
+            status: 200,
+            bytes: 2048,
+            duration_ms: 3,
+            client: "192.0.2.7".parse().unwrap(),
+            mac,
+        }
+    }
+
+    /// What `tracing`'s text formatter writes for the same record, as the daemon configures it.
+    fn tracing_line(r: &AccessRecord<'_>) -> String {
+        let sink = Sink::default();
+        let out = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || out.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || via_tracing(r));
+        sink.text()
+    }
+
+    fn own_line(r: &AccessRecord<'_>, now: SystemTime) -> String {
+        let mut buf = Vec::new();
+        let (mut second, mut prefix) = (u64::MAX, [0u8; 19]);
+        format_access(&mut buf, &mut second, &mut prefix, now, r);
+        String::from_utf8(buf).unwrap()
+    }
+
+    #[test]
+    fn the_access_line_is_the_one_tracing_would_write() {
+        for r in [
+            record("/provisioning/0004f2abcdef.cfg", Some("0004f2abcdef")),
+            record("/", None),
+            record("/a%20b/%C3%A9?x=1", None),
+        ] {
+            let theirs = tracing_line(&r);
+            let ours = own_line(&r, SystemTime::now());
+            // Everything after the timestamp is the same.
+            let (_, theirs_rest) = theirs.split_once(' ').unwrap();
+            let (ts, ours_rest) = ours.split_once(' ').unwrap();
+            assert_eq!(ours_rest, theirs_rest);
+            assert!(ts.len() == 27 && ts.ends_with('Z'), "{ts}");
+        }
+    }
+
+    #[test]
+    fn the_access_timestamp_is_utc_to_the_microsecond() {
+        let r = record("/", None);
+        let at = |s: u64, us: u64| UNIX_EPOCH + Duration::from_secs(s) + Duration::from_micros(us);
+        assert!(own_line(&r, at(0, 0)).starts_with("1970-01-01T00:00:00.000000Z  INFO "));
+        assert!(
+            own_line(&r, at(1_796_650_981, 42)).starts_with("2026-12-07T13:43:01.000042Z  INFO ")
+        );
+        // The prefix made for one second is not reused for the next.
+        let (mut buf, mut second, mut prefix) = (Vec::new(), u64::MAX, [0u8; 19]);
+        format_access(&mut buf, &mut second, &mut prefix, at(59, 999_999), &r);
+        format_access(&mut buf, &mut second, &mut prefix, at(60, 1), &r);
+        let text = String::from_utf8(buf).unwrap();
+        let stamps: Vec<&str> = text.lines().map(|l| &l[..27]).collect();
+        assert_eq!(
+            stamps,
+            ["1970-01-01T00:00:59.999999Z", "1970-01-01T00:01:00.000001Z"]
+        );
     }
 
     struct Cs;
