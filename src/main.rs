@@ -113,20 +113,20 @@ fn install_panic_hook() {
     }));
 }
 
-/// Logs go to stderr through `ops::logwriter`: a request never waits on a log write (one access
+/// Logs go to stderr through `util::logwriter`: a request never waits on a log write (one access
 /// line per device request would otherwise be a syscall on the request path), lines are batched,
 /// warnings and errors go out at once, and nothing is dropped. The guard writes the rest on exit.
 fn init_logging(
     format: LogFormat,
     default_level: &str,
-) -> Option<ucrelay_relay::ops::logwriter::LogGuard> {
+) -> Option<ucrelay_relay::util::logwriter::LogGuard> {
     use std::io::IsTerminal;
     // rustls warns on every handshake whose SNI is an IP address (scanners, phones configured
     // with the relay's IP); that is the client's business, not an operator's.
     let default = format!("{default_level},rustls=error");
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    use ucrelay_relay::ops::logwriter::{self, LogWriter};
+    use ucrelay_relay::util::logwriter::{self, LogWriter};
     let (writer, guard) = match logwriter::spawn(std::io::stderr()) {
         Ok((w, g)) => (w, Some(g)),
         Err(e) => {
@@ -143,7 +143,7 @@ fn init_logging(
             // Colour only for a person at a terminal: never in the journal, a file or a pipe.
             let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
             if !ansi {
-                // Access lines in the same text, from their own formatter (ops::logwriter).
+                // Access lines in the same text, from their own formatter (util::logwriter).
                 logwriter::install_access(&writer);
             }
             builder.with_ansi(ansi).init();

@@ -87,7 +87,7 @@ impl Drop for AccessLogBody {
                 .local()
                 .bytes_out
                 .fetch_add(self.bytes, Ordering::Relaxed);
-            crate::ops::logwriter::log_access(&crate::ops::logwriter::AccessRecord {
+            crate::util::logwriter::log_access(&crate::util::logwriter::AccessRecord {
                 method: l.method.as_str(),
                 path: &l.path,
                 status: l.status,

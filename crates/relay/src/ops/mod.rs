@@ -7,7 +7,6 @@
 pub mod admin;
 pub mod diag;
 pub mod doctor;
-pub mod logwriter;
 pub mod metrics;
 pub mod report;
 pub mod systemd;

@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod build;
 pub mod bytes;
 pub mod live;
+pub mod logwriter;
 pub mod memory;
 pub mod metrics;
 pub mod net;
