@@ -121,11 +121,9 @@ const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
 /// redb keeps every page it touched in memory up to its cache size, 1 GiB by default: the relay's
 /// memory would grow with its store for as long as it runs. Pages it drops are still in the
-/// kernel's page cache, so a miss costs a `pread`, not a disk read. Whatever the size, the cache
-/// fills as the store is read after each start, so it is also how much a relay's memory grows
-/// once it runs: with 4 MiB, each lifetime of a relay under the chaos soak grew by up to 2-3 MB
-/// of a 20 MB RSS as its 3 MB store came into the cache. 1 MiB holds the B-tree's upper levels
-/// and the pages being written.
+/// kernel's page cache, so a miss costs a `pread`, not a disk read. 1 MiB holds the B-tree's upper
+/// levels and the pages being written: a 50,000-device monitoring cycle peaked at 92.5 MB with it
+/// (97.1 MB with 4 MiB), for about 1 s more on a 50,000-target task.
 const CACHE_BYTES: usize = 1 << 20;
 
 fn open_db(path: &Path) -> Result<Database> {
