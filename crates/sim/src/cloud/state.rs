@@ -541,8 +541,8 @@ pub struct IngestOutcome {
 /// up to date as results arrive, so that reading a task never scans all results.
 #[derive(Debug, Default)]
 pub struct TaskView {
-    /// How many distinct targets the task names: counted once, as a task's targets never change
-    /// (a summary is read every time a tenant's task list is, and a task can name 50,000).
+    /// How many distinct targets the task names: counted when it is added or edited, not at every
+    /// summary (a tenant's task list is read often, and a task can name 50,000).
     pub targets: u64,
     /// Each relay's progress record with the highest `progress.seq`.
     pub progress: HashMap<String, usize>,
@@ -831,7 +831,9 @@ impl Db {
                 spec.insert(k.clone(), v.clone());
             }
         }
-        if let Ok(new) = serde_json::from_value(serde_json::Value::Object(spec)) {
+        if let Ok(new) = serde_json::from_value::<TaskSpec>(serde_json::Value::Object(spec)) {
+            // An edit can change the targets: count them again.
+            self.task_views[t].targets = unique_count(&new.targets);
             self.p.tasks[t].spec = new;
         }
     }
