@@ -151,7 +151,6 @@ server_pids() { # relay|pingora|nginx: the relay, Pingora, or nginx's master and
         { echo "$nginx_pid"; pgrep -P "$nginx_pid" || true; } | tr '\n' ' '
     fi
 }
-# CPU ticks of the whole machine, busy and total, from /proc/stat.
 # task_progress CLOUD_URL TASK_ID: sets task_status, task_done (success + failure + not
 # applicable) and task_failed from the cloud's task summaries, or returns 1 before the task is
 # listed. Read with bash alone, no jq: these benchmarks poll ten times a second for half a minute
@@ -170,6 +169,7 @@ task_progress() {
     if [[ $sums =~ \"failure\":([0-9]+) ]]; then task_failed=${BASH_REMATCH[1]}; fi
 }
 
+# CPU ticks of the whole machine, busy and total, from /proc/stat.
 machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
 # Idle (idle + iowait) and total CPU ticks from /proc/stat, of the whole machine or of one CPU.
 idle_ticks() { # [cpuN]

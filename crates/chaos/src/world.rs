@@ -336,8 +336,8 @@ impl RelayNode {
 /// the work in flight, and what a leak raises is what the relay keeps between bursts: the second
 /// one-hour run judged relay-a on a 20-second burst (9.7 MB of buffers while its store came back
 /// from a full disk, given back by the next minute) that filled more than half of its last window,
-/// so a median said 38.8% growth where the floors (from a 10 s sampler) said 3.9%. A burst longer than the window still
-/// counts.
+/// so a median said 38.8% growth where the floors (from a 10 s sampler) said 3.9%. A burst
+/// longer than the window still counts.
 pub fn rss_span(samples: &[(f64, u64)], lived_s: f64) -> Option<RssSpan> {
     let first = samples.first()?.0;
     let last = samples.last()?.0;

@@ -304,9 +304,11 @@ impl Store {
             Ok(opened) => {
                 tracing::info!(path = %self.inner.path.display(), "store opened again");
                 *db = Some(opened);
+                drop(db);
                 // Opening after an I/O error repairs the file. Under the chaos soak the relay's own
                 // memory rose by 1-2 MB at such a reopen (a 3 MB store); what the repair freed
-                // would otherwise wait for the daemon's next trim, up to a minute.
+                // would otherwise wait for the daemon's next trim, up to a minute. (Not under the
+                // lock: readers and writers need not wait for it.)
                 crate::util::memory::trim();
                 Ok(())
             }

@@ -237,7 +237,8 @@ thread_local! {
 
 /// Logs one device request: an `INFO` event of target `ucrelay::access`, written by [`access`]'s
 /// own formatter when it is installed, else through `tracing`. Either way the log filter decides
-/// (`RUST_LOG=warn` or `ucrelay::access=off` turns it off).
+/// by target and level (`RUST_LOG=warn` or `ucrelay::access=off` turns it off; a filter on the
+/// event's field names is not looked at).
 pub fn log_access(r: &AccessRecord<'_>) {
     if tracing::enabled!(target: "ucrelay::access", Level::INFO) && !access(r) {
         via_tracing(r);
@@ -258,39 +259,57 @@ fn via_tracing(r: &AccessRecord<'_>) {
     );
 }
 
-/// Writes `r` as `tracing`'s text formatter writes the event of [`via_tracing`]. False when
-/// [`install_access`] was not called.
+/// Writes `r` as `tracing`'s text formatter writes the event of [`via_tracing`]. False when it
+/// cannot (no [`install_access`], a clock outside the years 1970-9999, a thread being torn down):
+/// the caller logs through `tracing` then.
 fn access(r: &AccessRecord<'_>) -> bool {
     let Some(shared) = ACCESS.get() else {
         return false;
     };
-    LINE.with_borrow_mut(|(buf, second, prefix)| {
+    LINE.try_with(|line| {
+        let Ok(mut line) = line.try_borrow_mut() else {
+            return false;
+        };
+        let (buf, second, prefix) = &mut *line;
         buf.clear();
-        format_access(buf, second, prefix, SystemTime::now(), r);
+        if !format_access(buf, second, prefix, SystemTime::now(), r) {
+            return false;
+        }
         shared.append(buf, false);
         if buf.capacity() > 16 * 1024 {
             *buf = Vec::new(); // one long path must not stay in every thread
         }
-    });
-    true
+        true
+    })
+    .unwrap_or(false)
 }
 
+/// False, with nothing written, when `now` is before 1970 or after 9999 (`tracing` writes those
+/// years differently).
 fn format_access(
     buf: &mut Vec<u8>,
     second: &mut u64,
     prefix: &mut [u8; 19],
     now: SystemTime,
     r: &AccessRecord<'_>,
-) {
+) -> bool {
     // `2026-12-07T15:00:00.123456Z`, the prefix remade once a second.
-    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let Ok(since) = now.duration_since(UNIX_EPOCH) else {
+        return false;
+    };
     if since.as_secs() != *second {
-        *second = since.as_secs();
-        let t = jiff::Timestamp::from_second(i64::try_from(since.as_secs()).unwrap_or(0))
-            .unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+        let Some(t) = i64::try_from(since.as_secs())
+            .ok()
+            .and_then(|s| jiff::Timestamp::from_second(s).ok())
+        else {
+            return false;
+        };
         let text = t.strftime("%Y-%m-%dT%H:%M:%S").to_string();
-        let n = text.len().min(prefix.len());
-        prefix[..n].copy_from_slice(&text.as_bytes()[..n]);
+        if text.len() != prefix.len() {
+            return false;
+        }
+        prefix.copy_from_slice(text.as_bytes());
+        *second = since.as_secs();
     }
     buf.extend_from_slice(prefix);
     let _ = writeln!(
@@ -305,6 +324,7 @@ fn format_access(
         r.client,
         r.mac.unwrap_or("-"),
     );
+    true
 }
 
 #[cfg(test)]
@@ -424,7 +444,7 @@ mod tests {
     fn own_line(r: &AccessRecord<'_>, now: SystemTime) -> String {
         let mut buf = Vec::new();
         let (mut second, mut prefix) = (u64::MAX, [0u8; 19]);
-        format_access(&mut buf, &mut second, &mut prefix, now, r);
+        assert!(format_access(&mut buf, &mut second, &mut prefix, now, r));
         String::from_utf8(buf).unwrap()
     }
 
@@ -455,14 +475,34 @@ mod tests {
         );
         // The prefix made for one second is not reused for the next.
         let (mut buf, mut second, mut prefix) = (Vec::new(), u64::MAX, [0u8; 19]);
-        format_access(&mut buf, &mut second, &mut prefix, at(59, 999_999), &r);
-        format_access(&mut buf, &mut second, &mut prefix, at(60, 1), &r);
+        assert!(format_access(
+            &mut buf,
+            &mut second,
+            &mut prefix,
+            at(59, 999_999),
+            &r
+        ));
+        assert!(format_access(
+            &mut buf,
+            &mut second,
+            &mut prefix,
+            at(60, 1),
+            &r
+        ));
         let text = String::from_utf8(buf).unwrap();
         let stamps: Vec<&str> = text.lines().map(|l| &l[..27]).collect();
         assert_eq!(
             stamps,
             ["1970-01-01T00:00:59.999999Z", "1970-01-01T00:01:00.000001Z"]
         );
+        // A clock tracing writes otherwise is left to tracing.
+        let before = UNIX_EPOCH - Duration::from_secs(1);
+        let far = UNIX_EPOCH + Duration::from_secs(300_000_000_000);
+        for t in [before, far] {
+            let mut buf = Vec::new();
+            assert!(!format_access(&mut buf, &mut second, &mut prefix, t, &r));
+            assert!(buf.is_empty());
+        }
     }
 
     struct Cs;
