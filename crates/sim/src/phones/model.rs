@@ -318,24 +318,39 @@ const FIXED_SEEDS: [(Source, &str, &str); 27] = {
 /// The parameters a phone starts with, per source. Computed from the index on demand rather
 /// than stored per phone.
 pub fn seeds(idx: usize, lines: u8) -> Vec<(Source, String, String)> {
-    use Source::*;
     let mut v: Vec<(Source, String, String)> = FIXED_SEEDS
         .iter()
         .map(|&(s, n, v)| (s, n.to_owned(), v.to_owned()))
         .collect();
     for line in 1..=lines {
-        let user = line_user(idx, line);
-        v.push((Default, format!("reg.{line}.address"), String::new()));
-        v.push((ConfigFiles, format!("reg.{line}.address"), user.clone()));
-        v.push((ConfigFiles, format!("reg.{line}.label"), user.clone()));
-        v.push((ConfigFiles, format!("reg.{line}.auth.userId"), user));
-        v.push((
-            ConfigFiles,
-            format!("reg.{line}.displayName"),
-            format!("Phone {idx} line {line}"),
-        ));
+        v.extend(LINE_SEEDS.iter().map(|&(s, field)| {
+            (
+                s,
+                format!("reg.{line}.{field}"),
+                line_seed(idx, line, s, field),
+            )
+        }));
     }
     v
+}
+
+/// The parameters each line `reg.<line>.<field>` starts with, per source; values by [`line_seed`].
+const LINE_SEEDS: [(Source, &str); 5] = [
+    (Source::Default, "address"),
+    (Source::ConfigFiles, "address"),
+    (Source::ConfigFiles, "label"),
+    (Source::ConfigFiles, "auth.userId"),
+    (Source::ConfigFiles, "displayName"),
+];
+
+/// The value `source` starts a line parameter of [`LINE_SEEDS`] with (the firmware's default is
+/// empty).
+fn line_seed(idx: usize, line: u8, source: Source, field: &str) -> String {
+    match (source, field) {
+        (Source::Default, _) => String::new(),
+        (_, "displayName") => format!("Phone {idx} line {line}"),
+        _ => line_user(idx, line),
+    }
 }
 
 /// The value `source` starts with for `name`: what [`seeds`] holds, found without building it
@@ -352,12 +367,10 @@ pub fn seed(idx: usize, lines: u8, source: Source, name: &str) -> Option<String>
     if digits != line.to_string() {
         return None; // "reg.01.label" or "reg.+1.label" is not line 1's
     }
-    match (source, field) {
-        (Source::Default, "address") => Some(String::new()),
-        (Source::ConfigFiles, "address" | "label" | "auth.userId") => Some(line_user(idx, line)),
-        (Source::ConfigFiles, "displayName") => Some(format!("Phone {idx} line {line}")),
-        _ => None,
-    }
+    LINE_SEEDS
+        .iter()
+        .any(|&(s, f)| s == source && f == field)
+        .then(|| line_seed(idx, line, source, field))
 }
 
 /// The call in progress.
