@@ -1561,3 +1561,277 @@ async fn upstream_connections_are_reused_pooled_and_replaced_when_closed() {
     assert_eq!(count(&e, "status_2xx"), 5, "{e}");
     up.task.abort();
 }
+
+/// An upstream that answers each path with a different framing, and keeps every request head it
+/// read.
+struct FramingUpstream {
+    addr: SocketAddr,
+    heads: Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FramingUpstream {
+    async fn start() -> FramingUpstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = heads.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let mut chunk = [0u8; 4096];
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                            }
+                        }
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end);
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap())
+                            })
+                            .unwrap_or(0);
+                        while buf.len() < length {
+                            let mut chunk = [0u8; 4096];
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                            }
+                        }
+                        let body: Vec<u8> = buf.drain(..length).collect();
+                        seen.lock().unwrap().push(head.clone());
+                        let target = head.split(' ').nth(1).unwrap_or("").to_string();
+                        let answer: Vec<u8> = match target.as_str() {
+                            "/len" => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Kind: length\r\n\r\nhello".to_vec(),
+                            "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Kind: chunked\r\n\r\n3\r\nhel\r\n2;ext=1\r\nlo\r\n0\r\nX-Trailer: t\r\n\r\n".to_vec(),
+                            "/early" => b"HTTP/1.1 103 Early Hints\r\nLink: </x.cfg>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+                            "/not-modified" => b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n".to_vec(),
+                            "/echo" => {
+                                let mut a = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", head.len() + body.len()).into_bytes();
+                                a.extend_from_slice(head.as_bytes());
+                                a.extend_from_slice(&body);
+                                a
+                            }
+                            "/until-close" => {
+                                let _ = sock.write_all(b"HTTP/1.1 200 OK\r\nX-Kind: close\r\n\r\nto the end").await;
+                                return;
+                            }
+                            "/cut" => {
+                                let _ = sock.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf").await;
+                                return;
+                            }
+                            "/smuggle" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc".to_vec(),
+                            _ => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
+                        };
+                        if sock.write_all(&answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        FramingUpstream { addr, heads, task }
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+}
+
+async fn request_on(
+    sender: &mut SendRequest<Empty<Bytes>>,
+    port: u16,
+    method: http::Method,
+    path: &str,
+    extra: &[(&str, &str)],
+) -> Result<(http::response::Parts, Bytes), String> {
+    sender.ready().await.map_err(|e| e.to_string())?;
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, format!("{FQDN}:{port}"));
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        sender.send_request(req.body(Empty::new()).unwrap()),
+    )
+    .await
+    .map_err(|_| "no answer in 10 s".to_string())?
+    .map_err(|e| e.to_string())?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((parts, body))
+}
+
+#[tokio::test]
+async fn the_direct_path_frames_every_answer_and_hands_what_it_does_not_take_to_the_general_server()
+{
+    let s = Setup::new().await;
+    let up = FramingUpstream::start().await;
+    let r = s
+        .relay(
+            "direct",
+            &EdgeSpec::new(&s.cert, &format!("http://{}", up.addr)),
+        )
+        .await;
+    let port = r.port;
+    use http::Method;
+
+    // One device connection, every framing in turn; hyper's client checks each answer's framing
+    // as strictly as a phone would, and the connection must stay usable after each.
+    let mut phone = http1(tls_connect(&s.pki.ca, port).await).await;
+    let (p, body) = request_on(&mut phone, port, Method::GET, "/len", &[])
+        .await
+        .unwrap();
+    assert_eq!((p.status.as_u16(), &body[..]), (200, &b"hello"[..]));
+    assert_eq!(p.headers["x-kind"], "length");
+    let (p, body) = request_on(&mut phone, port, Method::GET, "/chunked", &[])
+        .await
+        .unwrap();
+    assert_eq!((p.status.as_u16(), &body[..]), (200, &b"hello"[..]));
+    assert_eq!(p.headers["transfer-encoding"], "chunked");
+    let (p, body) = request_on(&mut phone, port, Method::GET, "/early", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (p.status.as_u16(), &body[..]),
+        (200, &b"ok"[..]),
+        "the interim answer is not passed on"
+    );
+    let (p, body) = request_on(&mut phone, port, Method::HEAD, "/len", &[])
+        .await
+        .unwrap();
+    assert_eq!((p.status.as_u16(), body.len()), (200, 0));
+    assert_eq!(
+        p.headers["content-length"], "5",
+        "HEAD keeps the length of the body it does not get"
+    );
+    let (p, body) = request_on(&mut phone, port, Method::GET, "/not-modified", &[])
+        .await
+        .unwrap();
+    assert_eq!((p.status.as_u16(), body.len()), (304, 0));
+    let (p, body) = request_on(
+        &mut phone,
+        port,
+        Method::GET,
+        "/echo",
+        &[
+            ("x-custom", "kept as is"),
+            ("connection", "keep-alive"),
+            ("x-forwarded-for", "10.1.2.3"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(p.status, 200);
+    let echo = String::from_utf8_lossy(&body).to_ascii_lowercase();
+    for line in [
+        "get /echo http/1.1".to_string(),
+        format!("host: {}", up.addr),
+        "x-custom: kept as is".into(),
+        "x-forwarded-for: 10.1.2.3, 127.0.0.1".into(),
+        "x-forwarded-proto: https".into(),
+        format!("x-forwarded-host: {FQDN}:{port}"),
+    ] {
+        assert!(
+            echo.lines().any(|l| l == line),
+            "upstream should see {line:?}:\n{echo}"
+        );
+    }
+    assert!(
+        !echo.contains("connection:"),
+        "hop-by-hop header forwarded:\n{echo}"
+    );
+    // A request the direct path does not take (a Connection header naming another header): the
+    // general server answers it and what follows, on the same connection.
+    let (p, body) = request_on(
+        &mut phone,
+        port,
+        Method::GET,
+        "/echo",
+        &[("connection", "x-hop"), ("x-hop", "secret")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(p.status, 200);
+    assert!(
+        !String::from_utf8_lossy(&body)
+            .to_ascii_lowercase()
+            .contains("x-hop")
+    );
+    let (p, body) = request_on(&mut phone, port, Method::GET, "/chunked", &[])
+        .await
+        .unwrap();
+    assert_eq!((p.status.as_u16(), &body[..]), (200, &b"hello"[..]));
+
+    // Pipelined requests in one write, a POST with a body among them: from there on the general
+    // server answers, which frames the last, close-delimited answer its own way.
+    let raw = raw_exchange(
+        &s.pki.ca,
+        port,
+        format!(
+            "GET /len HTTP/1.1\r\nHost: {FQDN}\r\n\r\nPOST /echo HTTP/1.1\r\nHost: {FQDN}\r\nContent-Length: 4\r\n\r\nbodyGET /until-close HTTP/1.1\r\nHost: {FQDN}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 200 OK\r\n"), "{raw}");
+    assert_eq!(raw.matches("HTTP/1.1 200 OK").count(), 3, "{raw}");
+    assert!(raw.contains("\r\n\r\nhello"), "{raw}");
+    assert!(
+        raw.to_ascii_lowercase().contains("post /echo http/1.1") && raw.contains("body"),
+        "{raw}"
+    );
+    assert!(raw.contains("to the end"), "{raw}");
+    // The same close-delimited answer on the direct path: passed on as it came, then closed.
+    let raw = raw_exchange(
+        &s.pki.ca,
+        port,
+        format!("GET /until-close HTTP/1.1\r\nHost: {FQDN}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(raw.contains("\r\nconnection: close\r\n"), "{raw}");
+    assert!(raw.ends_with("\r\n\r\nto the end"), "{raw}");
+
+    // An answer cut short or framed two ways: the device's connection ends (it cannot be told
+    // otherwise mid-body) or gets a 502; never the bytes past a framing the relay cannot trust.
+    let mut phone = http1(tls_connect(&s.pki.ca, port).await).await;
+    assert!(
+        request_on(&mut phone, port, Method::GET, "/cut", &[])
+            .await
+            .is_err(),
+        "a cut body is an error at the device"
+    );
+    let mut phone = http1(tls_connect(&s.pki.ca, port).await).await;
+    let (p, body) = request_on(&mut phone, port, Method::GET, "/smuggle", &[])
+        .await
+        .unwrap();
+    assert_eq!(p.status, 502, "{body:?}");
+    let (p, _) = request_on(&mut phone, port, Method::GET, "/len", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        p.status, 200,
+        "the device connection stays usable after a 502"
+    );
+
+    let e = r.edge().await;
+    assert_eq!(count(&e, "status_5xx"), 1, "{e}");
+    assert!(
+        up.heads()
+            .iter()
+            .all(|h| !h.to_ascii_lowercase().contains("x-hop"))
+    );
+    up.task.abort();
+}

@@ -252,6 +252,15 @@ impl Catalog {
     }
 
     /// Resolves a device path.
+    /// Whether `path` is an image path of the cache (synced or not).
+    pub fn lists(&self, path: &str) -> bool {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner
+            .paths
+            .get(path)
+            .is_some_and(|sha| inner.files.contains_key(sha))
+    }
+
     pub fn lookup(&self, path: &str) -> Lookup {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         let Some(sha) = inner.paths.get(path) else {

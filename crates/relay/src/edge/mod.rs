@@ -428,6 +428,27 @@ async fn serve_http<I>(
         upstream: edge.upstream.get(),
         lanes: provisioning::LaneSlot::default(),
     });
+    // The usual request goes the direct path; the first one that path does not take hands the
+    // connection, with what was read of it, to the general server below.
+    let io = if conn.upstream.1.is_some() {
+        let direct = provisioning::direct::serve(
+            &conn,
+            io,
+            &shutdown,
+            cfg.header_timeout,
+            cfg.max_header_size,
+        );
+        match watch_idle(direct, &socket, cfg.idle_timeout).await {
+            Some(provisioning::direct::Served::Handoff(io)) => io,
+            Some(provisioning::direct::Served::Closed) => return,
+            None => {
+                debug!(%peer, "closing a connection idle for {:?}", cfg.idle_timeout);
+                return;
+            }
+        }
+    } else {
+        provisioning::direct::Rewind::new(Vec::new(), io)
+    };
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let conn = conn.clone();
         async move { Ok::<_, std::convert::Infallible>(handle(conn, req).await) }
@@ -459,6 +480,25 @@ async fn serve_http<I>(
                 if socket.idle_for() >= idle {
                     debug!(%peer, "closing a connection idle for {idle:?}");
                     return;
+                }
+            }
+        }
+    }
+}
+
+/// Runs `work` while the connection moves bytes; `None` once it has been idle for `idle`.
+async fn watch_idle<F: std::future::Future>(
+    work: F,
+    socket: &SocketState,
+    idle: Duration,
+) -> Option<F::Output> {
+    let mut work = std::pin::pin!(work);
+    loop {
+        tokio::select! {
+            out = work.as_mut() => return Some(out),
+            _ = tokio::time::sleep(Duration::from_secs(1).min(idle)) => {
+                if socket.idle_for() >= idle {
+                    return None;
                 }
             }
         }

@@ -5,11 +5,13 @@
 use super::body::{AccessLine, AccessLogBody, EdgeBody, text_response};
 use super::conn::DeviceConn;
 use super::images;
+use super::provisioning::Upstream;
 use super::uploads;
 use crate::util::paths;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -98,9 +100,42 @@ async fn route(conn: &Arc<DeviceConn>, req: Request<Incoming>) -> Response<EdgeB
     }
 }
 
+/// The upstream a request for `path` goes to when forwarding is all that applies to it: it passes
+/// the checks `route` makes and is neither an upload nor an image path. `None` sends the request
+/// the long way, through `route`, which answers every other case. Borrowed from the connection
+/// unless a reload changed the upstream since it started.
+pub(crate) fn plain_upstream<'c>(
+    conn: &'c DeviceConn,
+    path: &str,
+    query: Option<&str>,
+) -> Option<Cow<'c, Arc<Upstream>>> {
+    let edge = &conn.edge;
+    if conn.scheme == "http" && !edge.devices.get().allows(conn.peer.ip().to_canonical()) {
+        return None;
+    }
+    let decoded = paths::check(path, query).ok()?;
+    if uploads::is_upload(path) {
+        return None;
+    }
+    if let Some(cache) = edge.images.get()
+        && cache.lists(&decoded)
+    {
+        return None;
+    }
+    if conn.upstream.0 == edge.upstream.generation() {
+        conn.upstream.1.as_ref().map(Cow::Borrowed)
+    } else {
+        edge.upstream.get().1.map(Cow::Owned)
+    }
+}
+
 /// The MAC from a phone's User-Agent, `... (SN:0004f2e765da) ...`, when present.
 fn device_mac(headers: &http::HeaderMap) -> Option<String> {
-    let ua = headers.get(header::USER_AGENT)?.to_str().ok()?;
+    mac_in_user_agent(headers.get(header::USER_AGENT)?.to_str().ok()?)
+}
+
+/// The MAC in a User-Agent value.
+pub(crate) fn mac_in_user_agent(ua: &str) -> Option<String> {
     let rest = &ua[ua.find("(SN:")? + 4..];
     let mac: String = rest.chars().take_while(|c| c.is_ascii_hexdigit()).collect();
     (mac.len() == 12).then(|| mac.to_ascii_lowercase())

@@ -179,6 +179,56 @@ impl Pool {
     }
 }
 
+/// Idle upstream connections of the direct path, newest last. Nothing reads them while they wait:
+/// one the upstream closed meanwhile is found out when it is taken (a read that does not wait),
+/// or at the latest when a request on it gets no answer, which the direct path then sends again
+/// on a new connection.
+#[derive(Default)]
+pub struct RawPool {
+    idle: Mutex<Vec<(UpIo, Instant)>>,
+}
+
+impl RawPool {
+    fn lock(&self) -> MutexGuard<'_, Vec<(UpIo, Instant)>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The most recently used connection that is still open.
+    pub fn take(&self) -> Option<UpIo> {
+        loop {
+            let (mut io, at) = self.lock().pop()?;
+            if at.elapsed() < IDLE && still_open(&mut io) {
+                return Some(io);
+            }
+        }
+    }
+
+    pub fn put(&self, io: UpIo) {
+        let mut idle = self.lock();
+        idle.retain(|(_, at)| at.elapsed() < IDLE);
+        if idle.len() >= POOL_MAX {
+            idle.remove(0);
+        }
+        idle.push((io, Instant::now()));
+    }
+
+    pub fn len(&self) -> usize {
+        let mut idle = self.lock();
+        idle.retain_mut(|(io, at)| at.elapsed() < IDLE && still_open(io));
+        idle.len()
+    }
+}
+
+/// An idle connection is open while a read would wait: end of stream, an error or bytes nobody
+/// asked for all mean it cannot carry a request.
+fn still_open(io: &mut UpIo) -> bool {
+    use tokio::io::AsyncRead;
+    let mut byte = [0u8; 1];
+    let mut buf = tokio::io::ReadBuf::new(&mut byte);
+    let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+    Pin::new(io).poll_read(&mut cx, &mut buf).is_pending()
+}
+
 /// What a device connection keeps between its requests: the pool its upstream connections belong
 /// to, and the lane the last request used, which goes back to that pool when the device
 /// connection ends. The slot holds on to the pool so that a request does not have to take a

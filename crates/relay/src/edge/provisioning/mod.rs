@@ -3,6 +3,7 @@
 //! X-Forwarded-* added), bodies stream both ways, nothing is cached. Upstream connections are kept
 //! alive and reused (see `lane`).
 
+pub mod direct;
 mod lane;
 mod tee;
 
@@ -13,7 +14,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, he
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 pub use lane::LaneSlot;
-use lane::{Lane, LaneBody, Pool, SendError, UpIo};
+use lane::{Lane, LaneBody, Pool, RawPool, SendError, UpIo};
 use rustls::pki_types::ServerName;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +31,8 @@ pub struct Upstream {
     connect_timeout: Duration,
     timeout: Duration,
     pool: Arc<Pool>,
+    /// Idle connections of the direct path (`direct`), which keeps no task per connection.
+    raw_pool: RawPool,
     // Worked out once, not per request.
     target: String,
     host: HeaderValue,
@@ -79,6 +82,7 @@ impl Upstream {
             connect_timeout: cfg.connect_timeout,
             timeout: cfg.timeout,
             pool: Arc::new(Pool::default()),
+            raw_pool: RawPool::default(),
         })
     }
 
@@ -102,12 +106,20 @@ impl Upstream {
 
     /// Idle upstream connections waiting for a device connection.
     pub fn idle_connections(&self) -> usize {
-        self.pool.len()
+        self.pool.len() + self.raw_pool.len()
+    }
+
+    /// A new connection to the upstream, ready for HTTP/1 requests.
+    async fn connect(&self) -> Result<Lane, Fail> {
+        let io = self.connect_io().await?;
+        Lane::handshake(io)
+            .await
+            .map_err(|e| Fail::Connect(format!("{}: {e}", self.target)))
     }
 
     /// A new connection to the upstream: TCP, then TLS for an https upstream, each with the
     /// connect deadline.
-    async fn connect(&self) -> Result<Lane, Fail> {
+    async fn connect_io(&self) -> Result<UpIo, Fail> {
         let deadline = self.connect_timeout;
         let tcp = match tokio::time::timeout(deadline, TcpStream::connect(&self.target)).await {
             Err(_) => {
@@ -139,9 +151,7 @@ impl Upstream {
                 }
             }
         };
-        Lane::handshake(io)
-            .await
-            .map_err(|e| Fail::Connect(format!("{}: {e}", self.target)))
+        Ok(io)
     }
 
     /// Sends the request on the device connection's lane, a pooled connection or a new one. A
