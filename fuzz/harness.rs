@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 use ucrelay_relay::config::{Config, ImagesConfig};
 use ucrelay_relay::devices::{actions, client, health, monitor, tasks};
 use ucrelay_relay::edge::images::{RangeSpec, parse_range};
+use ucrelay_relay::edge::provisioning::direct::probe_answer;
 use ucrelay_relay::edge::{cert, uploads};
 use ucrelay_relay::protocol::{
     CertificateUpload, CloudMessage, Command, DEVICE_COMMANDS, DeviceStats,
@@ -30,6 +31,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("range", range),
     ("path", path),
     ("pfx", pfx),
+    ("upstream_answer", upstream_answer),
 ];
 
 /// Config text → raw TOML → validated config. The file "lives" in a directory that does not
@@ -200,6 +202,61 @@ pub fn range(data: &[u8]) {
     for size in [0, 1, 1000, u64::MAX] {
         if let RangeSpec::Range(a, b) = parse_range(v, size) {
             assert!(a <= b && b < size, "{v:?} on {size} bytes gave {a}-{b}");
+        }
+    }
+}
+
+/// What a provisioning upstream answers, as the edge's direct path reads it (the first byte says
+/// whether the request was a HEAD). Promises: the head the device gets is one well-formed HTTP/1.1
+/// head with the upstream's status and no hop-by-hop header but the framing the relay adds; a
+/// body end, when found, lies within the input.
+pub fn upstream_answer(data: &[u8]) {
+    let Some((first, answer)) = data.split_first() else {
+        return;
+    };
+    let Ok(Some(probed)) = probe_answer(answer, first & 1 == 1) else {
+        return;
+    };
+    let (status, head, end) = (probed.status, probed.head, probed.body_end);
+    assert!((200..1000).contains(&status), "status {status} passed on");
+    if let Some(end) = end {
+        assert!(
+            end <= answer.len(),
+            "body end {end} past the {} bytes",
+            answer.len()
+        );
+    }
+    let text = String::from_utf8_lossy(&head);
+    let Some(lines) = text.strip_suffix("\r\n\r\n") else {
+        panic!("the device head does not end with an empty line: {text:?}");
+    };
+    let mut lines = lines.split("\r\n");
+    let first = lines.next().unwrap_or_default();
+    assert!(
+        first.starts_with(&format!("HTTP/1.1 {status} ")),
+        "status line {first:?}"
+    );
+    for line in lines {
+        let (name, _) = line
+            .split_once(": ")
+            .unwrap_or_else(|| panic!("header line {line:?} has no ': '"));
+        assert!(
+            !name.is_empty() && !name.contains(['\r', '\n', ' ', ':']),
+            "header name {name:?}"
+        );
+        let name = name.to_ascii_lowercase();
+        assert!(
+            !matches!(
+                name.as_str(),
+                "keep-alive" | "proxy-connection" | "te" | "trailer" | "upgrade"
+            ),
+            "hop-by-hop header {name} passed on"
+        );
+        if name == "transfer-encoding" {
+            assert_eq!(line.to_ascii_lowercase(), "transfer-encoding: chunked");
+        }
+        if name == "connection" {
+            assert_eq!(line.to_ascii_lowercase(), "connection: close");
         }
     }
 }
