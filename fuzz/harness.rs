@@ -208,8 +208,9 @@ pub fn range(data: &[u8]) {
 
 /// What a provisioning upstream answers, as the edge's direct path reads it (the first byte says
 /// whether the request was a HEAD). Promises: the head the device gets is one well-formed HTTP/1.1
-/// head with the upstream's status and no hop-by-hop header but the framing the relay adds; a
-/// body end, when found, lies within the input.
+/// head with the upstream's status and no hop-by-hop header but the framing the relay adds, never
+/// a length beside chunked nor two lengths; a body end, when found, lies within the
+/// input.
 pub fn upstream_answer(data: &[u8]) {
     let Some((first, answer)) = data.split_first() else {
         return;
@@ -230,6 +231,14 @@ pub fn upstream_answer(data: &[u8]) {
     let Some(lines) = text.strip_suffix("\r\n\r\n") else {
         panic!("the device head does not end with an empty line: {text:?}");
     };
+    let lower = lines.to_ascii_lowercase();
+    let lengths = lower.matches("\r\ncontent-length:").count();
+    let chunked = lower.contains("\r\ntransfer-encoding:");
+    assert!(lengths <= 1, "{lengths} lengths passed on: {text:?}");
+    assert!(
+        !(chunked && lengths > 0),
+        "both framings passed on: {text:?}"
+    );
     let mut lines = lines.split("\r\n");
     let first = lines.next().unwrap_or_default();
     assert!(

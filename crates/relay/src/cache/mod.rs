@@ -251,7 +251,6 @@ impl Catalog {
         }
     }
 
-    /// Resolves a device path.
     /// Whether `path` is an image path of the cache (synced or not).
     pub fn lists(&self, path: &str) -> bool {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
@@ -261,6 +260,7 @@ impl Catalog {
             .is_some_and(|sha| inner.files.contains_key(sha))
     }
 
+    /// Resolves a device path.
     pub fn lookup(&self, path: &str) -> Lookup {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         let Some(sha) = inner.paths.get(path) else {

@@ -185,9 +185,9 @@ fn plan<'c>(conn: &'c DeviceConn, buf: &[u8], up_head: &mut Vec<u8>) -> Step<'c>
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
         return Step::Handoff;
     };
-    // Visible ASCII only, as the general server's URI parser takes it; anything else gets its
-    // answer there.
-    if !target.bytes().all(|b| b.is_ascii_graphic()) {
+    // Only the characters the general server's URI parser takes without complaint, and no
+    // fragment; anything else gets its answer (a 400, mostly) there.
+    if !target_chars_plain(target) {
         return Step::Handoff;
     }
     let is_head = match method {
@@ -234,8 +234,8 @@ fn plan<'c>(conn: &'c DeviceConn, buf: &[u8], up_head: &mut Vec<u8>) -> Step<'c>
             if forwarded_for.is_none() {
                 forwarded_for = Some(h.value);
             }
-        } else if name.eq_ignore_ascii_case("user-agent") {
-            user_agent = std::str::from_utf8(h.value).ok();
+        } else if name.eq_ignore_ascii_case("user-agent") && user_agent.is_none() {
+            user_agent = Some(std::str::from_utf8(h.value).unwrap_or(""));
         }
     }
     let Some(upstream) = router::plain_upstream(conn, path, query) else {
@@ -259,8 +259,12 @@ fn plan<'c>(conn: &'c DeviceConn, buf: &[u8], up_head: &mut Vec<u8>) -> Step<'c>
     push_header(up_head, b"host", upstream.host.as_bytes());
     let ip = conn.peer.ip();
     up_head.extend_from_slice(b"x-forwarded-for: ");
+    // A previous hop's list is kept when it is plain text, as `HeaderValue::to_str` has it.
     if let Some(prev) = forwarded_for.map(<[u8]>::trim_ascii)
         && !prev.is_empty()
+        && prev
+            .iter()
+            .all(|b| *b == b'\t' || (b' '..=b'~').contains(b))
     {
         up_head.extend_from_slice(prev);
         up_head.extend_from_slice(b", ");
@@ -278,6 +282,24 @@ fn plan<'c>(conn: &'c DeviceConn, buf: &[u8], up_head: &mut Vec<u8>) -> Step<'c>
         close,
         path: path.to_string(),
         mac: user_agent.and_then(router::mac_in_user_agent),
+    })
+}
+
+/// Whether every byte of a request target is one `http::Uri` takes as it is: its path and query
+/// tables (http 1.x `PathAndQuery`), without `#`, which it would cut off.
+fn target_chars_plain(target: &str) -> bool {
+    let mut in_query = false;
+    target.bytes().all(|b| match b {
+        b'?' => {
+            in_query = true;
+            true
+        }
+        b'#' => false,
+        _ if in_query => matches!(b, 0x21 | 0x24..=0x3B | 0x3D | 0x3F..=0x7E),
+        _ => matches!(
+            b,
+            0x21 | 0x24..=0x3B | 0x3D | 0x40..=0x5F | 0x61..=0x7A | 0x7C | 0x7E | b'"' | b'{' | b'}'
+        ),
     })
 }
 
@@ -346,7 +368,7 @@ async fn send_and_read(
                 )));
             }
         }
-        buf.reserve(READ_CHUNK);
+        buf.reserve(4096);
         match io.read_buf(buf).await {
             Ok(0) if !received => {
                 return Err(HeadError::Nothing(
@@ -380,6 +402,9 @@ fn read_answer_head(
         let (Some(code), Some(version)) = (resp.code, resp.version) else {
             return Err("invalid answer head".into());
         };
+        if code < 100 {
+            return Err(format!("invalid status {code}"));
+        }
         if code == 101 {
             return Err("the upstream switched protocols unasked".into());
         }
@@ -440,14 +465,31 @@ fn read_answer_head(
         });
         out.extend_from_slice(reason.unwrap_or("").as_bytes());
         out.extend_from_slice(b"\r\n");
+        // The framing headers are the relay's own: one Content-Length, or chunked and no length
+        // (never both, whatever the upstream sent). A bodiless answer keeps the upstream's
+        // length, once (a HEAD's is the GET's).
         for h in resp.headers.iter() {
-            if is_one_of(h.name, &HOP_BY_HOP) || named_in_connection(resp.headers, h.name) {
+            if is_one_of(h.name, &HOP_BY_HOP)
+                || h.name.eq_ignore_ascii_case("content-length")
+                || named_in_connection(resp.headers, h.name)
+            {
                 continue;
             }
             push_header(out, h.name.as_bytes(), h.value);
         }
-        if framing == Framing::Chunked {
-            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        if !resp
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("date"))
+        {
+            push_header(out, b"date", http_date().as_bytes());
+        }
+        match (framing, lengths) {
+            (Framing::Length(n), _) | (Framing::Empty, Some(n)) => {
+                let _ = write!(out, "content-length: {n}\r\n");
+            }
+            (Framing::Chunked, _) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            (Framing::Empty | Framing::Close, _) => {}
         }
         if close || framing == Framing::Close {
             out.extend_from_slice(b"connection: close\r\n");
@@ -494,6 +536,26 @@ pub struct Probed {
     pub body_end: Option<usize>,
 }
 
+/// Now as an HTTP date, made once a second per thread (a recipient passing on an answer without
+/// a Date adds one, RFC 9110 §6.6.1).
+fn http_date() -> std::rc::Rc<str> {
+    thread_local! {
+        static NOW: std::cell::RefCell<(u64, std::rc::Rc<str>)> =
+            std::cell::RefCell::new((u64::MAX, std::rc::Rc::from("")));
+    }
+    let now = std::time::SystemTime::now();
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    NOW.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        if cached.0 != secs {
+            *cached = (secs, std::rc::Rc::from(httpdate::fmt_http_date(now)));
+        }
+        cached.1.clone()
+    })
+}
+
 /// Whether the answer's `Connection` header names `name` (which makes it hop-by-hop).
 fn named_in_connection(headers: &[httparse::Header<'_>], name: &str) -> bool {
     headers
@@ -503,8 +565,8 @@ fn named_in_connection(headers: &[httparse::Header<'_>], name: &str) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
 }
 
+/// A status code as its three digits (100..=999, as `read_answer_head` takes them).
 fn itoa3(code: u16) -> String {
-    // httparse takes three digits only, so this is 100..=999.
     code.to_string()
 }
 
@@ -528,6 +590,8 @@ struct Chunks {
     line: usize,
     size: u64,
     digits: usize,
+    /// Past the size's digits: whitespace, then `;` extensions or the line's end.
+    after_size: bool,
     in_ext: bool,
     /// Data bytes seen, for the access line.
     data: u64,
@@ -570,11 +634,18 @@ impl Chunks {
                         if b == b'\n' {
                             return Err("bare LF in chunk size line");
                         }
-                    } else if b == b';' || b == b' ' || b == b'\t' {
+                    } else if b == b';' {
                         if self.digits == 0 {
                             return Err("chunk size missing");
                         }
                         self.in_ext = true;
+                    } else if b == b' ' || b == b'\t' {
+                        if self.digits == 0 {
+                            return Err("chunk size missing");
+                        }
+                        self.after_size = true;
+                    } else if self.after_size {
+                        return Err("invalid chunk size");
                     } else {
                         let d = (b as char).to_digit(16).ok_or("invalid chunk size")?;
                         self.digits += 1;
@@ -595,7 +666,8 @@ impl Chunks {
                     } else {
                         ChunkState::Data
                     };
-                    (self.size, self.digits, self.line, self.in_ext) = (0, 0, 0, false);
+                    (self.size, self.digits, self.line) = (0, 0, 0);
+                    (self.after_size, self.in_ext) = (false, false);
                 }
                 ChunkState::Data => {
                     let take =
@@ -672,18 +744,24 @@ async fn exchange(
     buf: &mut Vec<u8>,
     out: &mut Vec<u8>,
     plan: &Plan<'_>,
+    close: bool,
 ) -> Result<(Answer, super::UpIo), Fail> {
-    let reused = held.or_else(|| up.raw_pool.take());
+    // The connection the last request used is checked like a pooled one: bytes the upstream sent
+    // past that answer's end, or its close, show here (a read that does not wait; tokio knows
+    // from the last short read that nothing is pending, so this costs no system call).
+    let reused = held
+        .and_then(|mut io| super::lane::still_open(&mut io).then_some(io))
+        .or_else(|| up.raw_pool.take());
     let (mut io, fresh) = match reused {
         Some(io) => (io, false),
         None => (up.connect_io().await?, true),
     };
-    match send_and_read(&mut io, head, buf, out, plan.is_head, plan.close).await {
+    match send_and_read(&mut io, head, buf, out, plan.is_head, close).await {
         Ok(a) => Ok((a, io)),
         Err(HeadError::Nothing(why)) if !fresh => {
             debug!(upstream = %up.base, %why, "a kept-alive upstream connection was gone; using a new one");
             let mut io = up.connect_io().await?;
-            match send_and_read(&mut io, head, buf, out, plan.is_head, plan.close).await {
+            match send_and_read(&mut io, head, buf, out, plan.is_head, close).await {
                 Ok(a) => Ok((a, io)),
                 Err(HeadError::Nothing(why) | HeadError::Bad(why)) => Err(Fail::Upstream(why)),
             }
@@ -806,20 +884,29 @@ where
             false
         }
     };
-    dev.flush().await.map_err(|_| (Cut::Device, sent))?;
     Ok(Relayed { bytes: sent, clean })
 }
 
+/// Writes to the device and flushes, so that nothing waits in the TLS layer while the next
+/// piece is read from the upstream.
 async fn write<D: AsyncWrite + Unpin>(
     dev: &mut D,
     data: &[u8],
     sent: u64,
 ) -> Result<(), (Cut, u64)> {
-    dev.write_all(data).await.map_err(|_| (Cut::Device, sent))
+    dev.write_all(data).await.map_err(|_| (Cut::Device, sent))?;
+    dev.flush().await.map_err(|_| (Cut::Device, sent))
 }
 
-/// The edge's own short answer (502, 504), as `body::text_response` words it.
-fn own_answer(out: &mut Vec<u8>, status: http::StatusCode, text: &str, close: bool) {
+/// The edge's own short answer (502, 504), as `body::text_response` words it; the body's length,
+/// which a HEAD answer announces without sending.
+fn own_answer(
+    out: &mut Vec<u8>,
+    status: http::StatusCode,
+    text: &str,
+    is_head: bool,
+    close: bool,
+) -> u64 {
     let body = format!(
         "{} {}: {text}\n",
         status.as_u16(),
@@ -835,11 +922,16 @@ fn own_answer(out: &mut Vec<u8>, status: http::StatusCode, text: &str, close: bo
         )
         .as_bytes(),
     );
+    push_header(out, b"date", http_date().as_bytes());
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
+    if is_head {
+        return 0;
+    }
     out.extend_from_slice(body.as_bytes());
+    body.len() as u64
 }
 
 /// Counts and logs one answered request, as the router does for the long way.
@@ -893,6 +985,11 @@ where
         // closes a kept-alive connection that sends no next one.
         let deadline = tokio::time::Instant::now() + header_timeout;
         let plan = loop {
+            if shutdown.is_cancelled() {
+                // No new request once the relay shuts down, pipelined or half-read ones included.
+                buf.clear();
+                break None;
+            }
             if !buf.is_empty() {
                 match plan(conn, &buf, &mut up_head) {
                     Step::Take(p) => break Some(p),
@@ -900,8 +997,6 @@ where
                     Step::Partial if buf.len() >= max_head => break None,
                     Step::Partial => {}
                 }
-            } else if shutdown.is_cancelled() {
-                break None;
             }
             buf.reserve(4096);
             let limit = max_head.saturating_sub(buf.len()).max(1) as u64;
@@ -914,8 +1009,7 @@ where
                         Ok(0)
                     }
                 },
-                // Between requests a shutdown closes the connection; within one it waits.
-                _ = shutdown.cancelled(), if buf.is_empty() => Ok(0),
+                _ = shutdown.cancelled() => Ok(0),
             };
             match read {
                 Ok(0) | Err(_) => {
@@ -941,7 +1035,17 @@ where
             }
             owner = Some(up.clone());
         }
-        let exchange = exchange(up, lane.take(), &up_head, &mut up_buf, &mut out, &plan);
+        // The answer in flight when the relay shuts down is its last on this connection.
+        let close = plan.close || shutdown.is_cancelled();
+        let exchange = exchange(
+            up,
+            lane.take(),
+            &up_head,
+            &mut up_buf,
+            &mut out,
+            &plan,
+            close,
+        );
         let answered = tokio::time::timeout(up.timeout, exchange).await;
         let (answer, mut up_io) = match answered {
             Ok(Ok(a)) => a,
@@ -964,11 +1068,11 @@ where
                     ),
                 };
                 crate::util::metrics::global().edge_request(status.as_u16(), started.elapsed());
-                own_answer(&mut out, status, &text, plan.close);
+                let bytes = own_answer(&mut out, status, &text, plan.is_head, close);
                 let ok = io.write_all(&out).await.is_ok() && io.flush().await.is_ok();
-                record(conn, &plan, status.as_u16(), 0, started);
+                record(conn, &plan, status.as_u16(), bytes, started);
                 buf.drain(..plan.head_len);
-                if !ok || plan.close {
+                if !ok || close {
                     let _ = io.shutdown().await;
                     break Served::Closed;
                 }
@@ -986,13 +1090,19 @@ where
         )
         .await;
         buf.drain(..plan.head_len);
+        // What a large answer grew is not kept for the connection's idle time.
+        for b in [&mut up_buf, &mut out] {
+            if b.capacity() > 8192 {
+                *b = Vec::new();
+            }
+        }
         match relayed {
             Ok(r) => {
                 record(conn, &plan, answer.status, r.bytes, started);
                 if answer.reusable && r.clean {
                     lane = Some(up_io);
                 }
-                if plan.close || answer.framing == Framing::Close {
+                if close || answer.framing == Framing::Close {
                     let _ = io.shutdown().await;
                     break Served::Closed;
                 }
@@ -1060,6 +1170,7 @@ mod tests {
             b"ffffffffffffffffff\r\n",
             b"0\r\n\n",
             b";ext\r\n",
+            b"5 6\r\nhello\r\n",
         ] {
             assert!(
                 scan_in_steps(bad, 1).is_err(),
@@ -1084,7 +1195,7 @@ mod tests {
 
     #[test]
     fn an_answer_head_loses_its_hop_by_hop_headers_and_keeps_the_rest_as_written() {
-        let raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-Polycom-Config: Yes\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\nhello";
+        let raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nDate: Mon, 07 Dec 2026 18:00:00 GMT\r\nContent-Length: 5\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-Polycom-Config: Yes\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\nhello";
         let (a, head, buf) = answer(raw, false, false);
         let a = a.unwrap().unwrap();
         assert_eq!(
@@ -1093,7 +1204,7 @@ mod tests {
         );
         assert_eq!(
             head,
-            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Polycom-Config: Yes\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n"
+            "HTTP/1.1 200 OK\r\nDate: Mon, 07 Dec 2026 18:00:00 GMT\r\nX-Polycom-Config: Yes\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\ncontent-length: 5\r\n\r\n"
         );
         assert_eq!(
             &buf[a.head_len..],
@@ -1157,11 +1268,13 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nBad Header: x\r\n\r\n",
+            b"HTTP/1.1 000 Zero\r\n\r\n",
+            b"HTTP/1.1 099 Low\r\n\r\n",
         ] {
             let (a, _, _) = answer(raw, false, false);
             assert!(a.is_err(), "{:?}", String::from_utf8_lossy(raw));
         }
-        let (a, _, _) = answer(
+        let (a, head, _) = answer(
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
             false,
             false,
@@ -1172,6 +1285,61 @@ mod tests {
             (Framing::Chunked, false),
             "the chunks decide"
         );
+        assert!(
+            !head.to_ascii_lowercase().contains("content-length"),
+            "never both: {head}"
+        );
+        // A Connection header naming the length does not take the framing away.
+        let (a, head, _) = answer(
+            b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+            false,
+            false,
+        );
+        assert_eq!(a.unwrap().unwrap().framing, Framing::Length(2));
+        assert_eq!(head.matches("content-length: 2\r\n").count(), 1, "{head}");
+        assert!(
+            head.contains("\r\ndate: "),
+            "a Date is added when missing: {head}"
+        );
+    }
+
+    #[test]
+    fn targets_the_general_uri_parser_would_refuse_or_cut_go_the_long_way() {
+        for ok in [
+            "/",
+            "/0004f2e765da.cfg",
+            "/a/b-c_d.~x?q=1&r=%20s",
+            "/{x}\"y\"",
+            "/p?`{|}",
+        ] {
+            assert!(target_chars_plain(ok), "{ok}");
+        }
+        for bad in [
+            "/a<b>.cfg",
+            "/a`b",
+            "/a b",
+            "/x.ld#frag",
+            "/p?q=\"x\"",
+            "/p?<",
+            "/\u{e9}",
+        ] {
+            assert!(!target_chars_plain(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_relays_own_answer_to_a_head_request_has_no_body() {
+        let mut out = Vec::new();
+        let n = own_answer(&mut out, http::StatusCode::BAD_GATEWAY, "down", true, false);
+        let text = String::from_utf8(out.clone()).unwrap();
+        assert_eq!(n, 0);
+        assert!(text.ends_with("\r\n\r\n"), "{text}");
+        assert!(text.contains("content-length: 22\r\n"), "{text}");
+        let n = own_answer(&mut out, http::StatusCode::BAD_GATEWAY, "down", false, true);
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(n, 22);
+        assert!(text.ends_with("\r\n\r\n502 Bad Gateway: down\n"), "{text}");
+        assert!(text.contains("connection: close\r\n"), "{text}");
     }
 
     #[test]

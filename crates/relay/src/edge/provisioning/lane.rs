@@ -221,7 +221,7 @@ impl RawPool {
 
 /// An idle connection is open while a read would wait: end of stream, an error or bytes nobody
 /// asked for all mean it cannot carry a request.
-fn still_open(io: &mut UpIo) -> bool {
+pub(super) fn still_open(io: &mut UpIo) -> bool {
     use tokio::io::AsyncRead;
     let mut byte = [0u8; 1];
     let mut buf = tokio::io::ReadBuf::new(&mut byte);
