@@ -5,7 +5,10 @@
 //! files from the image cache, [`uploads`] takes the files devices deliver into one-time slots of
 //! the artifact store (packet captures), [`provisioning`] forwards everything else to
 //! `[provisioning].upstream` (teeing device logs into the device log store when the relay keeps
-//! them).
+//! them). A connection is first served by the provisioning handler's direct path
+//! ([`provisioning::direct`]: a bodiless GET or HEAD forwarded by the edge's own HTTP/1 code, the
+//! bulk of provisioning traffic); the first request it does not take hands the connection to the
+//! general server (hyper) and the router, which answer everything else.
 //!
 //! Hostile input is stopped here: caps on open connections in total and per client address,
 //! taken at accept so TLS handshakes count (over them: 503 at once, see [`admission`]); the legacy

@@ -4,17 +4,19 @@
 //! Such a request is forwarded without building a request or header map on either side: the
 //! device's head is parsed in place, rewritten into the upstream's head (hop-by-hop headers
 //! dropped, Host replaced, X-Forwarded-* added, everything else in the device's order and
-//! spelling), and the upstream's answer goes back with its head rewritten the same way and its
-//! body passed through as it came, framed by its own Content-Length or chunked encoding. That is
-//! what nginx's proxy module does, and it spends less per request than a general HTTP stack that
-//! turns each message into a typed request and back.
+//! spelling), and the upstream's answer goes back with its head rewritten the same way, the
+//! framing headers written by the relay (one Content-Length, or chunked), and its body passed
+//! through as it came while the relay follows the framing to find its end. That is what nginx's
+//! proxy module does, and it spends less per request than a general HTTP stack that turns each
+//! message into a typed request and back.
 //!
 //! Everything else takes the long way: a request with a body, an upgrade, an `Expect`, HTTP/1.0,
-//! an image or upload path, a head that does not parse, anything this module is not certain of.
-//! The connection is then handed, with the bytes already read, to the general server (`hyper`),
-//! which answers it and every later request on it. Nothing is answered here that the general
-//! server would answer differently, except that the device sees the upstream's header order and
-//! spelling.
+//! an image or upload path, a target `http::Uri` would refuse, a head that does not parse,
+//! anything this module is not certain of. The connection is then handed, with the bytes already
+//! read, to the general server (`hyper`), which answers it and every later request on it. An
+//! upstream answer the relay cannot frame with certainty (two different lengths, a transfer
+//! coding other than chunked, a 101) is a 502, never passed on. What the device sees differs from
+//! the general server's answer only in the header order and spelling, which are the upstream's.
 
 use super::{Fail, Upstream};
 use crate::edge::conn::DeviceConn;
