@@ -434,13 +434,15 @@ async fn serve_http<I>(
     // The usual request goes the direct path; the first one that path does not take hands the
     // connection, with what was read of it, to the general server below.
     let io = if conn.upstream.1.is_some() {
-        let direct = provisioning::direct::serve(
+        // Boxed: its state (upstream connect, TLS, the body relay) is freed at the hand-off instead
+        // of sizing every connection's task, image downloads included.
+        let direct = Box::pin(provisioning::direct::serve(
             &conn,
             io,
             &shutdown,
             cfg.header_timeout,
             cfg.max_header_size,
-        );
+        ));
         match watch_idle(direct, &socket, cfg.idle_timeout).await {
             Some(provisioning::direct::Served::Handoff(io)) => io,
             Some(provisioning::direct::Served::Closed) => return,
