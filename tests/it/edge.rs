@@ -1640,6 +1640,7 @@ impl FramingUpstream {
                                 let _ = sock.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf").await;
                                 return;
                             }
+                            "/bad-chunks" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_vec(),
                             "/smuggle" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc".to_vec(),
                             _ => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
                         };
@@ -1836,9 +1837,20 @@ async fn the_direct_path_frames_every_answer_and_hands_what_it_does_not_take_to_
         p.status, 200,
         "the device connection stays usable after a 502"
     );
+    let (p, _) = request_on(&mut phone, port, Method::GET, "/bad-chunks", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        p.status, 502,
+        "chunks broken from the first byte: nothing was sent yet"
+    );
+    let (p, _) = request_on(&mut phone, port, Method::GET, "/len", &[])
+        .await
+        .unwrap();
+    assert_eq!(p.status, 200);
 
     let e = r.edge().await;
-    assert_eq!(count(&e, "status_5xx"), 1, "{e}");
+    assert_eq!(count(&e, "status_5xx"), 2, "{e}");
     assert!(
         up.heads()
             .iter()

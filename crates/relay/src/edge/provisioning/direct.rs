@@ -15,8 +15,10 @@
 //! anything this module is not certain of. The connection is then handed, with the bytes already
 //! read, to the general server (`hyper`), which answers it and every later request on it. An
 //! upstream answer the relay cannot frame with certainty (two different lengths, a transfer
-//! coding other than chunked, a 101) is a 502, never passed on. What the device sees differs from
-//! the general server's answer only in the header order and spelling, which are the upstream's.
+//! coding other than chunked, a 101, a length list such as `5, 5`) is a 502, never passed on.
+//! Besides that, what the device sees differs from the general server's answer in the header order
+//! and spelling, which are the upstream's, and for an answer without a length or chunks, which
+//! goes to the device as it came and closes its connection (the general server would chunk it).
 
 use super::{Fail, Upstream};
 use crate::edge::conn::DeviceConn;
@@ -40,6 +42,9 @@ const UP_MAX_HEADERS: usize = 100;
 const UP_MAX_HEAD: usize = 64 * 1024;
 /// Bytes read from the upstream at a time while a body streams.
 const READ_CHUNK: usize = 16 * 1024;
+/// Room for an answer's head and a typical config file in one read; also about what a connection
+/// keeps of each buffer between requests.
+const FIRST_READ: usize = 8 * 1024;
 /// The longest chunk-size line taken (size, extensions, CRLF), and the longest trailer line.
 const MAX_CHUNK_LINE: usize = 4096;
 
@@ -370,7 +375,7 @@ async fn send_and_read(
                 )));
             }
         }
-        buf.reserve(4096);
+        buf.reserve(FIRST_READ);
         match io.read_buf(buf).await {
             Ok(0) if !received => {
                 return Err(HeadError::Nothing(
@@ -470,6 +475,7 @@ fn read_answer_head(
         // The framing headers are the relay's own: one Content-Length, or chunked and no length
         // (never both, whatever the upstream sent). A bodiless answer keeps the upstream's
         // length, once (a HEAD's is the GET's).
+        let mut dated = false;
         for h in resp.headers.iter() {
             if is_one_of(h.name, &HOP_BY_HOP)
                 || h.name.eq_ignore_ascii_case("content-length")
@@ -477,13 +483,10 @@ fn read_answer_head(
             {
                 continue;
             }
+            dated |= h.name.eq_ignore_ascii_case("date");
             push_header(out, h.name.as_bytes(), h.value);
         }
-        if !resp
-            .headers
-            .iter()
-            .any(|h| h.name.eq_ignore_ascii_case("date"))
-        {
+        if !dated {
             push_header(out, b"date", http_date().as_bytes());
         }
         match (framing, lengths) {
@@ -741,18 +744,19 @@ impl Chunks {
 /// once: the request (a GET or HEAD) is safe to send again.
 async fn exchange(
     up: &Upstream,
-    held: Option<super::UpIo>,
+    held: Option<(super::UpIo, Instant)>,
     head: &[u8],
     buf: &mut Vec<u8>,
     out: &mut Vec<u8>,
     plan: &Plan<'_>,
     close: bool,
 ) -> Result<(Answer, super::UpIo), Fail> {
-    // The connection the last request used is checked like a pooled one: bytes the upstream sent
-    // past that answer's end, or its close, show here (a read that does not wait; tokio knows
-    // from the last short read that nothing is pending, so this costs no system call).
+    // The connection the last request used is checked like a pooled one: its idle time, and bytes
+    // the upstream sent past that answer's end or its close (a read that does not wait; after a
+    // short read tokio knows nothing is pending, so it usually costs no system call).
     let reused = held
-        .and_then(|mut io| super::lane::still_open(&mut io).then_some(io))
+        .filter(|(_, at)| at.elapsed() < super::lane::IDLE)
+        .and_then(|(mut io, _)| super::lane::still_open(&mut io).then_some(io))
         .or_else(|| up.raw_pool.take());
     let (mut io, fresh) = match reused {
         Some(io) => (io, false),
@@ -778,6 +782,8 @@ enum Cut {
     Device,
     /// The upstream broke the answer off or framed it wrongly.
     Upstream(String),
+    /// The body was framed wrongly from its first bytes: nothing went to the device.
+    Refused(String),
 }
 
 /// What a body relay sent.
@@ -832,9 +838,7 @@ where
         }
         Framing::Chunked => {
             let mut chunks = Chunks::default();
-            let end = chunks
-                .scan(rest)
-                .map_err(|e| (Cut::Upstream(e.into()), 0))?;
+            let end = chunks.scan(rest).map_err(|e| (Cut::Refused(e.into()), 0))?;
             out.extend_from_slice(&rest[..end.unwrap_or(rest.len())]);
             let mut clean = end.is_none_or(|e| e == rest.len());
             write(dev, out, 0).await?;
@@ -979,7 +983,7 @@ where
     let mut out = Vec::new();
     // The upstream connection the requests use, kept between them, and the upstream it belongs
     // to (a reference taken once, not per request).
-    let mut lane: Option<super::UpIo> = None;
+    let mut lane: Option<(super::UpIo, Instant)> = None;
     let mut owner: Option<Arc<Upstream>> = None;
     let served = loop {
         // A whole request head, or the reason there is none. As in the general server, the
@@ -1032,8 +1036,8 @@ where
         if !owner.as_ref().is_some_and(|o| Arc::ptr_eq(o, up)) {
             // First request, or a reload replaced the upstream: a held lane goes back to the pool
             // of the upstream it belongs to.
-            if let (Some(old), Some(io)) = (owner.take(), lane.take()) {
-                old.raw_pool.put(io);
+            if let (Some(old), Some((io, at))) = (owner.take(), lane.take()) {
+                old.raw_pool.put(io, at);
             }
             owner = Some(up.clone());
         }
@@ -1049,6 +1053,9 @@ where
             close,
         );
         let answered = tokio::time::timeout(up.timeout, exchange).await;
+        // A shutdown that began while the upstream answered makes this the last answer too.
+        let said_close = close;
+        let close = close || shutdown.is_cancelled();
         let (answer, mut up_io) = match answered {
             Ok(Ok(a)) => a,
             failed => {
@@ -1081,7 +1088,12 @@ where
                 continue;
             }
         };
-        crate::util::metrics::global().edge_request(answer.status, started.elapsed());
+        if close && !said_close && answer.framing != Framing::Close {
+            // `out` holds the device head alone so far: say close before its empty line.
+            out.truncate(out.len().saturating_sub(2));
+            out.extend_from_slice(b"connection: close\r\n\r\n");
+        }
+        let head_at = started.elapsed();
         let relayed = relay_body(
             &mut io,
             &mut up_io,
@@ -1092,19 +1104,48 @@ where
         )
         .await;
         buf.drain(..plan.head_len);
-        // What a large answer grew is not kept for the connection's idle time.
-        for b in [&mut up_buf, &mut out] {
-            if b.capacity() > 8192 {
+        // What a large answer or head grew is not kept for the connection's idle time.
+        for (b, keep) in [
+            (&mut up_buf, FIRST_READ),
+            (&mut out, 2 * FIRST_READ),
+            (&mut up_head, FIRST_READ),
+        ] {
+            if b.capacity() > keep {
                 *b = Vec::new();
             }
         }
+        if buf.is_empty() && buf.capacity() > FIRST_READ {
+            buf = Vec::new();
+        }
+        let status = match &relayed {
+            Err((Cut::Refused(_), _)) => http::StatusCode::BAD_GATEWAY.as_u16(),
+            _ => answer.status,
+        };
+        crate::util::metrics::global().edge_request(status, head_at);
         match relayed {
             Ok(r) => {
                 record(conn, &plan, answer.status, r.bytes, started);
                 if answer.reusable && r.clean {
-                    lane = Some(up_io);
+                    lane = Some((up_io, Instant::now()));
                 }
                 if close || answer.framing == Framing::Close {
+                    let _ = io.shutdown().await;
+                    break Served::Closed;
+                }
+            }
+            Err((Cut::Refused(why), _)) => {
+                // Nothing went to the device yet: it gets a 502, as for a head the relay refused.
+                tracing::warn!(upstream = %up.base, error = %why, "provisioning server failed");
+                let bytes = own_answer(
+                    &mut out,
+                    http::StatusCode::BAD_GATEWAY,
+                    "provisioning server failed",
+                    plan.is_head,
+                    close,
+                );
+                let ok = io.write_all(&out).await.is_ok() && io.flush().await.is_ok();
+                record(conn, &plan, status, bytes, started);
+                if !ok || close {
                     let _ = io.shutdown().await;
                     break Served::Closed;
                 }
@@ -1119,8 +1160,8 @@ where
             }
         }
     };
-    if let (Some(owner), Some(io)) = (owner, lane) {
-        owner.raw_pool.put(io);
+    if let (Some(owner), Some((io, at))) = (owner, lane) {
+        owner.raw_pool.put(io, at);
     }
     served
 }
@@ -1404,6 +1445,12 @@ mod tests {
         assert_eq!(dev, b"HEAD\r\n3\r\nabc\r\n0\r\n\r\n");
         let (r, _) = relay(Framing::Chunked, b"3\r\nabc\r\n", b"").await;
         assert_eq!(r, Err(3));
+        let (r, dev) = relay(Framing::Chunked, b"zz\r\n", b"").await;
+        assert_eq!(r, Err(0));
+        assert!(
+            dev.is_empty(),
+            "nothing sent: the device can still get a 502"
+        );
         let (r, dev) = relay(Framing::Close, b"to ", b"the end").await;
         assert_eq!(r, Ok((10, false)));
         assert_eq!(dev, b"HEAD\r\nto the end");

@@ -203,13 +203,17 @@ impl RawPool {
         }
     }
 
-    pub fn put(&self, io: UpIo) {
+    /// Keeps `io`, last used at `at`.
+    pub fn put(&self, io: UpIo, at: Instant) {
+        if at.elapsed() >= IDLE {
+            return;
+        }
         let mut idle = self.lock();
         idle.retain(|(_, at)| at.elapsed() < IDLE);
         if idle.len() >= POOL_MAX {
             idle.remove(0);
         }
-        idle.push((io, Instant::now()));
+        idle.push((io, at));
     }
 
     pub fn len(&self) -> usize {
