@@ -48,18 +48,8 @@ const FIRST_READ: usize = 8 * 1024;
 /// The longest chunk-size line taken (size, extensions, CRLF), and the longest trailer line.
 const MAX_CHUNK_LINE: usize = 4096;
 
-/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1), and the ones the
-/// relay writes itself.
-const NOT_FORWARDED: [&str; 14] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Request headers the relay writes itself (or, for `Expect`, has answered).
+const REWRITTEN: [&str; 5] = [
     "expect",
     "host",
     "x-forwarded-for",
@@ -67,18 +57,12 @@ const NOT_FORWARDED: [&str; 14] = [
     "x-forwarded-host",
 ];
 
-/// Hop-by-hop headers of an answer.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
+/// Whether `name` describes one connection only (RFC 9110 §7.6.1), as the general path's list has it.
+fn hop_by_hop(name: &str) -> bool {
+    super::HOP_BY_HOP
+        .iter()
+        .any(|h| h.as_str().eq_ignore_ascii_case(name))
+}
 
 fn is_one_of(name: &str, list: &[&str]) -> bool {
     list.iter().any(|n| n.eq_ignore_ascii_case(name))
@@ -258,7 +242,7 @@ fn plan<'c>(conn: &'c DeviceConn, buf: &[u8], up_head: &mut Vec<u8>) -> Step<'c>
     up_head.extend_from_slice(target.as_bytes());
     up_head.extend_from_slice(b" HTTP/1.1\r\n");
     for h in req.headers.iter() {
-        if is_one_of(h.name, &NOT_FORWARDED) {
+        if hop_by_hop(h.name) || is_one_of(h.name, &REWRITTEN) {
             continue;
         }
         push_header(up_head, h.name.as_bytes(), h.value);
@@ -477,7 +461,7 @@ fn read_answer_head(
         // length, once (a HEAD's is the GET's).
         let mut dated = false;
         for h in resp.headers.iter() {
-            if is_one_of(h.name, &HOP_BY_HOP)
+            if hop_by_hop(h.name)
                 || h.name.eq_ignore_ascii_case("content-length")
                 || named_in_connection(resp.headers, h.name)
             {
@@ -662,9 +646,7 @@ impl Chunks {
                     }
                 }
                 ChunkState::SizeLf => {
-                    if b != b'\n' {
-                        return Err("chunk size line not ended by CRLF");
-                    }
+                    expect(b, b'\n', "chunk size line not ended by CRLF")?;
                     self.left = self.size;
                     self.state = if self.size == 0 {
                         ChunkState::TrailerStart
@@ -686,15 +668,11 @@ impl Chunks {
                     continue;
                 }
                 ChunkState::DataCr => {
-                    if b != b'\r' {
-                        return Err("chunk data not followed by CRLF");
-                    }
+                    expect(b, b'\r', "chunk data not followed by CRLF")?;
                     self.state = ChunkState::DataLf;
                 }
                 ChunkState::DataLf => {
-                    if b != b'\n' {
-                        return Err("chunk data not followed by CRLF");
-                    }
+                    expect(b, b'\n', "chunk data not followed by CRLF")?;
                     self.state = ChunkState::Size;
                 }
                 ChunkState::TrailerStart => {
@@ -719,15 +697,11 @@ impl Chunks {
                     }
                 }
                 ChunkState::TrailerLf => {
-                    if b != b'\n' {
-                        return Err("trailer line not ended by CRLF");
-                    }
+                    expect(b, b'\n', "trailer line not ended by CRLF")?;
                     self.state = ChunkState::TrailerStart;
                 }
                 ChunkState::EndLf => {
-                    if b != b'\n' {
-                        return Err("chunked body not ended by CRLF");
-                    }
+                    expect(b, b'\n', "chunked body not ended by CRLF")?;
                     self.state = ChunkState::Done;
                     return Ok(Some(i + 1));
                 }
@@ -737,6 +711,11 @@ impl Chunks {
         }
         Ok((self.state == ChunkState::Done).then_some(data.len()))
     }
+}
+
+/// The byte a chunked body must have here, or why it is refused.
+fn expect(b: u8, want: u8, why: &'static str) -> Result<(), &'static str> {
+    if b == want { Ok(()) } else { Err(why) }
 }
 
 /// Sends the request on the held connection, a pooled one or a new one. A kept-alive connection
