@@ -17,11 +17,7 @@ pub type EdgeBody = BoxBody<Bytes, BoxError>;
 
 /// A short plain-text answer of the edge's own (errors, refusals).
 pub fn text_response(status: StatusCode, text: &str) -> Response<EdgeBody> {
-    let body = format!(
-        "{} {}: {text}\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or("")
-    );
+    let body = text_body(status, text);
     let mut resp = Response::new(
         Full::new(Bytes::from(body))
             .map_err(|never| match never {})
@@ -33,6 +29,15 @@ pub fn text_response(status: StatusCode, text: &str) -> Response<EdgeBody> {
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
+}
+
+/// The text of the edge's own answers: `502 Bad Gateway: why`.
+pub fn text_body(status: StatusCode, text: &str) -> String {
+    format!(
+        "{} {}: {text}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    )
 }
 
 pub(super) struct AccessLine {

@@ -24,15 +24,7 @@ pub(super) async fn handle(conn: Arc<DeviceConn>, req: Request<Incoming>) -> Res
     let mac = device_mac(req.headers());
     let resp = route(&conn, req).await;
     let status = resp.status();
-    let stats = conn.edge.stats.local();
-    stats.requests.fetch_add(1, Ordering::Relaxed);
-    let counter = match status.as_u16() {
-        200..=299 => &stats.status_2xx,
-        300..=399 => &stats.status_3xx,
-        400..=499 => &stats.status_4xx,
-        _ => &stats.status_5xx,
-    };
-    counter.fetch_add(1, Ordering::Relaxed);
+    count_answer(conn.edge.stats.local(), status.as_u16());
     crate::util::metrics::global().edge_request(status.as_u16(), started.elapsed());
     let (parts, body) = resp.into_parts();
     let logged = AccessLogBody {
@@ -83,15 +75,7 @@ async fn route(conn: &Arc<DeviceConn>, req: Request<Incoming>) -> Response<EdgeB
     {
         return answer;
     }
-    // The connection's upstream, unless a reload has changed it since the connection started.
-    let reloaded;
-    let upstream = if conn.upstream.0 == edge.upstream.generation() {
-        conn.upstream.1.as_ref()
-    } else {
-        reloaded = edge.upstream.get().1;
-        reloaded.as_ref()
-    };
-    match upstream {
+    match upstream_of(conn) {
         Some(up) => up.forward(req, conn).await,
         None => text_response(
             StatusCode::NOT_FOUND,
@@ -122,11 +106,28 @@ pub(crate) fn plain_upstream<'c>(
     {
         return None;
     }
-    if conn.upstream.0 == edge.upstream.generation() {
+    upstream_of(conn)
+}
+
+/// The connection's upstream, unless a reload has changed it since the connection started.
+fn upstream_of(conn: &DeviceConn) -> Option<Cow<'_, Arc<Upstream>>> {
+    if conn.upstream.0 == conn.edge.upstream.generation() {
         conn.upstream.1.as_ref().map(Cow::Borrowed)
     } else {
-        edge.upstream.get().1.map(Cow::Owned)
+        conn.edge.upstream.get().1.map(Cow::Owned)
     }
+}
+
+/// Counts one answered request by its status class.
+pub(crate) fn count_answer(stats: &super::EdgeCounters, status: u16) {
+    stats.requests.fetch_add(1, Ordering::Relaxed);
+    let counter = match status {
+        200..=299 => &stats.status_2xx,
+        300..=399 => &stats.status_3xx,
+        400..=499 => &stats.status_4xx,
+        _ => &stats.status_5xx,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
 }
 
 /// The MAC from a phone's User-Agent, `... (SN:0004f2e765da) ...`, when present.

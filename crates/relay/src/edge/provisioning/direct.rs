@@ -446,9 +446,7 @@ fn read_answer_head(
 
         // The device's head: the status line, the end-to-end headers, and the framing.
         out.clear();
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(itoa3(code).as_bytes());
-        out.push(b' ');
+        let _ = write!(out, "HTTP/1.1 {code} ");
         let reason = resp.reason.filter(|r| !r.is_empty()).or_else(|| {
             http::StatusCode::from_u16(code)
                 .ok()
@@ -552,11 +550,6 @@ fn named_in_connection(headers: &[httparse::Header<'_>], name: &str) -> bool {
         .filter(|h| h.name.eq_ignore_ascii_case("connection"))
         .flat_map(|h| h.value.split(|b| *b == b','))
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
-}
-
-/// A status code as its three digits (100..=999, as `read_answer_head` takes them).
-fn itoa3(code: u16) -> String {
-    code.to_string()
 }
 
 /// A Content-Length value: digits only, no sign, no overflow.
@@ -892,11 +885,7 @@ fn own_answer(
     is_head: bool,
     close: bool,
 ) -> u64 {
-    let body = format!(
-        "{} {}: {text}\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or("")
-    );
+    let body = crate::edge::body::text_body(status, text);
     out.clear();
     out.extend_from_slice(
         format!(
@@ -922,14 +911,7 @@ fn own_answer(
 /// Counts and logs one answered request, as the router does for the long way.
 fn record(conn: &DeviceConn, plan: &Plan<'_>, status: u16, bytes: u64, started: Instant) {
     let stats = conn.edge.stats.local();
-    stats.requests.fetch_add(1, Ordering::Relaxed);
-    let counter = match status {
-        200..=299 => &stats.status_2xx,
-        300..=399 => &stats.status_3xx,
-        400..=499 => &stats.status_4xx,
-        _ => &stats.status_5xx,
-    };
-    counter.fetch_add(1, Ordering::Relaxed);
+    router::count_answer(stats, status);
     stats.bytes_out.fetch_add(bytes, Ordering::Relaxed);
     crate::util::logwriter::log_access(&crate::util::logwriter::AccessRecord {
         method: if plan.is_head { "HEAD" } else { "GET" },
