@@ -23,6 +23,10 @@ pub const TENANT: &str = "chaos";
 pub const PIN: &str = "424242";
 /// The relays' channel ping interval; a silent channel is dead after three of them.
 pub const PING_INTERVAL: Duration = Duration::from_secs(2);
+/// The relays' `poll_interval` (and `stats_interval`): one monitoring cycle over every phone a
+/// minute, so polling is work that flows all the time and a relay's device table (the last report
+/// of each phone it polls) is renewed within its first minute, not over ten.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(60);
 /// What the harness tells each relay its systemd watchdog is (WATCHDOG_USEC).
 pub const WATCHDOG: Duration = Duration::from_secs(10);
 /// The relays' provisioning timeout: a 504 may come this long after the upstream broke.
@@ -199,7 +203,15 @@ impl RelayNode {
             .create(true)
             .append(true)
             .open(&self.log)?;
+        // The environment systemd gives the unit, not the harness's: a RUST_BACKTRACE left in an
+        // operator's shell makes every error capture a stack walk, which reads the executable's
+        // unwind tables into memory and costs CPU the relay never spends in service.
         let child = Command::new(&self.bin)
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
             .args(["run", "--config"])
             .arg(&self.config)
             .env("NOTIFY_SOCKET", &self.notify_path)
@@ -330,10 +342,12 @@ impl RelayNode {
     }
 }
 
-/// The RSS of an incarnation, as two floors: the lowest sample in the minute's second half-minute
-/// after it started (the first 30 s are warm-up) and the lowest in its last 30 s; judged only when
-/// it lived long enough for the two windows not to overlap (90 s). Floors, because RSS moves with
-/// the work in flight, and what a leak raises is what the relay keeps between bursts: the second
+/// The RSS of an incarnation, as two floors: the lowest sample in the half-minute after warm-up and
+/// the lowest in its last half-minute; judged only when it lived long enough for the two windows
+/// not to overlap (two minutes). Warm-up is one monitoring cycle ([`POLL_INTERVAL`]): until every
+/// device has been polled once, the relay is still replacing the reports it loaded from its store,
+/// and the heap they end up in is part of its steady state. Floors, because RSS moves with the
+/// work in flight, and what a leak raises is what the relay keeps between bursts: the second
 /// one-hour run judged relay-a on a 20-second burst (9.7 MB of buffers while its store came back
 /// from a full disk, given back by the next minute) that filled more than half of its last window,
 /// so a median said 38.8% growth where the floors (from a 10 s sampler) said 3.9%. A burst
@@ -358,8 +372,8 @@ pub fn rss_span(samples: &[(f64, u64)], lived_s: f64) -> Option<RssSpan> {
     })
 }
 
-/// Seconds after a relay starts before its RSS counts.
-const WARM_UP_S: f64 = 30.0;
+/// Seconds after a relay starts before its RSS counts: one monitoring cycle.
+const WARM_UP_S: f64 = POLL_INTERVAL.as_secs_f64();
 /// Width of the windows whose floors are compared.
 const RSS_WINDOW_S: f64 = 30.0;
 
@@ -527,7 +541,8 @@ sync_interval = "20s"
 
 [devices]
 subnets = ["127.77.0.0/16"]
-poll_interval = "10m"
+poll_interval = "{poll}s"
+stats_interval = "{poll}s"
 admin_password = "456"
 request_timeout = "5s"
 target_timeout = "15s"
@@ -535,6 +550,7 @@ task_concurrency = 32
 "#,
                     store = store.path.display(),
                     ping = PING_INTERVAL.as_secs(),
+                    poll = POLL_INTERVAL.as_secs(),
                     socket = rdir.join("admin.sock").display(),
                     pfx = pfx.display(),
                     pass = rdir.join("relay.pfx.pass").display(),
@@ -690,6 +706,19 @@ mod tests {
         let s = series(300, |t| if t > 260 { 25 * MB } else { 22 * MB });
         let span = rss_span(&s, 300.0).expect("judged");
         assert_eq!((span.start, span.end), (22 * MB, 25 * MB));
+    }
+
+    #[test]
+    fn what_fills_during_the_first_cycle_is_warm_up_and_growth_after_it_is_seen() {
+        // 20 MB at start, 2 MB more as the first monitoring cycle renews every report, then flat.
+        let fill = |t: u32| 20 * MB + u64::from(t.min(60)) * 2 * MB / 60;
+        let span = rss_span(&series(300, fill), 300.0).expect("judged");
+        assert_eq!((span.start, span.end), (22 * MB, 22 * MB));
+        // The same, with 15 KB a second kept from then on: 3.2 MB more by the end, over 10%.
+        let leak = |t: u32| fill(t) + u64::from(t.saturating_sub(60)) * 15_000;
+        let span = rss_span(&series(300, leak), 300.0).expect("judged");
+        let growth = (span.end - span.start) as f64 / span.start as f64;
+        assert!(growth > 0.10, "{span:?}: {growth}");
     }
 
     #[test]
