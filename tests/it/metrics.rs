@@ -103,6 +103,46 @@ async fn metrics_health_and_readiness() {
     ] {
         assert!(text.contains(want), "scrape lacks {want:?}:\n{text}");
     }
+    // The process figures are the relay's own: compared with what /proc says of its pid.
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("scrape lacks {name}:\n{text}"))
+            .parse()
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    let pid = relay.child.id().expect("the relay runs");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap()
+        * 1024.0;
+    let scraped = value("process_resident_memory_bytes");
+    assert!(
+        (scraped - rss).abs() < rss * 0.5,
+        "scrape says {scraped} resident, /proc/{pid} says {rss}"
+    );
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as f64;
+    assert!((value("process_open_fds") - fds).abs() <= 8.0, "{fds} open");
+    assert!(value("process_threads") >= 2.0);
+    let in_use = value("ucrelay_heap_in_use_bytes");
+    assert!(
+        in_use > 100_000.0 && in_use < scraped,
+        "heap in use {in_use}"
+    );
+    let started = value("process_start_time_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        started < now && now - started < 600.0,
+        "started {started}, now {now}"
+    );
 
     {
         let tool = peer("promtool");
