@@ -134,6 +134,11 @@ async fn metrics_health_and_readiness() {
         in_use > 100_000.0 && in_use < scraped,
         "heap in use {in_use}"
     );
+    // `status` carries the same account.
+    let m = &healthy["memory"];
+    assert!(m["resident_bytes"].as_u64().unwrap() > 1 << 20, "{m}");
+    assert!(m["heap_in_use_bytes"].as_u64().unwrap() > 100_000, "{m}");
+    assert!(m["open_fds"].as_u64().unwrap() >= 3, "{m}");
     let started = value("process_start_time_seconds");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

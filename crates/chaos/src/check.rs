@@ -27,8 +27,8 @@ pub struct Totals {
     pub device_requests: u64,
     pub tasks: u64,
     pub commands: u64,
-    /// Per relay: the incarnation whose RSS grew most (start, end bytes).
-    pub rss: BTreeMap<String, (u64, u64)>,
+    /// Per relay: the incarnation whose RSS grew most.
+    pub rss: BTreeMap<String, RssSpan>,
     pub wedges: u64,
     pub violations: Vec<String>,
 }
@@ -44,13 +44,13 @@ impl Totals {
         self.device_requests += o.device_requests;
         self.tasks += o.tasks;
         self.commands += o.commands;
-        for (k, (s, e)) in &o.rss {
+        for (k, span) in &o.rss {
             let worse = self
                 .rss
                 .get(k)
-                .is_none_or(|(s0, e0)| growth(*s, *e) > growth(*s0, *e0));
+                .is_none_or(|old| growth(span.start, span.end) > growth(old.start, old.end));
             if worse {
-                self.rss.insert(k.clone(), (*s, *e));
+                self.rss.insert(k.clone(), *span);
             }
         }
         self.wedges += o.wedges;
@@ -64,18 +64,18 @@ impl Totals {
             .map(|k| format!("{k}:{}", self.faults.get(*k).copied().unwrap_or(0)))
             .collect();
         let mb = |b: u64| format!("{:.1}", b as f64 / 1e6);
-        let rss = |pick: fn(&(u64, u64)) -> u64| {
+        let rss = |pick: fn(&RssSpan) -> Option<u64>| {
             if self.rss.is_empty() {
                 return "n/a".to_string();
             }
             self.rss
                 .iter()
-                .map(|(k, v)| format!("{k}:{}", mb(pick(v))))
+                .map(|(k, v)| format!("{k}:{}", pick(v).map_or_else(|| "n/a".into(), mb)))
                 .collect::<Vec<_>>()
                 .join(",")
         };
         format!(
-            "chaos-figures profile={profile} seeds={} elapsed_s={} faults={} results_delivered={} duplicates={} bad_bytes={} device_requests={} tasks={} commands={} rss_start_mb={} rss_end_mb={} wedges={} violations={}",
+            "chaos-figures profile={profile} seeds={} elapsed_s={} faults={} results_delivered={} duplicates={} bad_bytes={} device_requests={} tasks={} commands={} rss_start_mb={} rss_end_mb={} heap_start_mb={} heap_end_mb={} wedges={} violations={}",
             seeds
                 .iter()
                 .map(u64::to_string)
@@ -89,8 +89,10 @@ impl Totals {
             self.device_requests,
             self.tasks,
             self.commands,
-            rss(|v| v.0),
-            rss(|v| v.1),
+            rss(|v| Some(v.start)),
+            rss(|v| Some(v.end)),
+            rss(|v| v.heap.map(|h| h.0)),
+            rss(|v| v.heap.map(|h| h.1)),
             self.wedges,
             self.violations.len(),
         )
@@ -188,8 +190,8 @@ pub async fn run_seed(bin: &Path, dir: &Path, profile: &Profile, seed: u64) -> R
 
     let mut totals = Totals::default();
     for r in &world.relays {
-        if let Some((s, e)) = rss_verdict(&world, r).await {
-            totals.rss.insert(r.name.clone(), (s, e));
+        if let Some(span) = rss_verdict(&world, r).await {
+            totals.rss.insert(r.name.clone(), span);
         }
     }
     let stats = world.cloud.get("/sim/stats").await.unwrap_or_default();
@@ -245,12 +247,16 @@ async fn registered(world: &World) -> bool {
         .all(|r| r.id().is_some_and(|id| ids.contains(id.as_str())))
 }
 
+/// How often each relay's heap in use is read from its `status`.
+const HEAP_EVERY: Duration = Duration::from_secs(5);
+
 /// Like systemd with `Restart=on-failure` and `WatchdogSec=`: a relay that exits by itself is a
 /// broken promise (and is started again); one that stops petting the watchdog is a wedge (killed
-/// and started again). Also samples each relay's RSS once a second.
+/// and started again). Also samples each relay's RSS once a second, and its heap in use.
 async fn watch_relay(world: Arc<World>, node: Arc<RelayNode>, stop: CancellationToken) {
     let report = &world.report;
     let mut last_rss = Instant::now();
+    let mut last_heap = Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -307,6 +313,18 @@ async fn watch_relay(world: Arc<World>, node: Arc<RelayNode>, stop: Cancellation
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push((report.now(), rss));
+            }
+        }
+        // The allocator's account, less often: it costs the relay a status report.
+        if notified.ready.is_some() && last_heap.elapsed() >= HEAP_EVERY {
+            last_heap = Instant::now();
+            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(2), node.status()).await
+                && let Some(h) = s["memory"]["heap_in_use_bytes"].as_u64()
+            {
+                node.heap
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((report.now(), h));
             }
         }
     }
@@ -518,7 +536,7 @@ async fn exactly_once(world: &World, load: &Load) {
 
 /// Each relay's memory: of its incarnations that lived long enough past warm-up, the one that grew
 /// most must have grown less than 10%.
-async fn rss_verdict(world: &World, node: &RelayNode) -> Option<(u64, u64)> {
+async fn rss_verdict(world: &World, node: &RelayNode) -> Option<RssSpan> {
     let mut spans: Vec<RssSpan> = node
         .rss_history
         .lock()
@@ -526,16 +544,24 @@ async fn rss_verdict(world: &World, node: &RelayNode) -> Option<(u64, u64)> {
         .clone();
     if let Some(started) = node.proc.lock().await.as_ref().map(|p| p.started) {
         let samples = node.rss.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(s) = rss_span(&samples, started.elapsed().as_secs_f64()) {
+        let heap = node.heap.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(s) = rss_span(&samples, &heap, started.elapsed().as_secs_f64()) {
             spans.push(s);
         }
     }
-    let worst = spans
+    let worst = *spans
         .iter()
         .max_by(|a, b| growth(a.start, a.end).total_cmp(&growth(b.start, b.end)))?;
     if growth(worst.start, worst.end) >= 0.10 {
+        let heap = worst.heap.map_or_else(String::new, |(s, e)| {
+            format!(
+                "; heap in use {:.1} MB to {:.1} MB",
+                s as f64 / 1e6,
+                e as f64 / 1e6
+            )
+        });
         world.report.violation(format!(
-            "{}: RSS grew {:.1}% after warm-up ({:.1} MB to {:.1} MB over {:.0} s)",
+            "{}: RSS grew {:.1}% after warm-up ({:.1} MB to {:.1} MB over {:.0} s{heap})",
             node.label(),
             growth(worst.start, worst.end) * 100.0,
             worst.start as f64 / 1e6,
@@ -543,5 +569,5 @@ async fn rss_verdict(world: &World, node: &RelayNode) -> Option<(u64, u64)> {
             worst.lived_s
         ));
     }
-    Some((worst.start, worst.end))
+    Some(worst)
 }

@@ -174,6 +174,8 @@ pub struct RelayNode {
     pub incarnations: Mutex<u32>,
     /// RSS samples (seconds since the run started, bytes) of the current incarnation.
     pub rss: Mutex<Vec<(f64, u64)>>,
+    /// Heap-in-use samples of the current incarnation, from its `status`.
+    pub heap: Mutex<Vec<(f64, u64)>>,
     /// (start, end, first sample after warm-up, last sample) of every finished incarnation.
     pub rss_history: Mutex<Vec<RssSpan>>,
 }
@@ -183,6 +185,9 @@ pub struct RssSpan {
     pub lived_s: f64,
     pub start: u64,
     pub end: u64,
+    /// The allocator's live bytes (`status` memory.heap_in_use_bytes), floors over the same two
+    /// windows: flat when what grew is free space the allocator kept, rising with a leak.
+    pub heap: Option<(u64, u64)>,
 }
 
 impl RelayNode {
@@ -199,6 +204,7 @@ impl RelayNode {
         *self.notified.lock().unwrap_or_else(|e| e.into_inner()) = Notified::default();
         *self.edge_port.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.rss.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.heap.lock().unwrap_or_else(|e| e.into_inner()).clear();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -308,7 +314,8 @@ impl RelayNode {
     /// Keeps the RSS figures of an incarnation that ended.
     pub fn close_incarnation(&self, started: Instant) {
         let samples = std::mem::take(&mut *self.rss.lock().unwrap_or_else(|e| e.into_inner()));
-        if let Some(span) = rss_span(&samples, started.elapsed().as_secs_f64()) {
+        let heap = std::mem::take(&mut *self.heap.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Some(span) = rss_span(&samples, &heap, started.elapsed().as_secs_f64()) {
             self.rss_history
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -352,23 +359,24 @@ impl RelayNode {
 /// from a full disk, given back by the next minute) that filled more than half of its last window,
 /// so a median said 38.8% growth where the floors (from a 10 s sampler) said 3.9%. A burst
 /// longer than the window still counts.
-pub fn rss_span(samples: &[(f64, u64)], lived_s: f64) -> Option<RssSpan> {
+pub fn rss_span(samples: &[(f64, u64)], heap: &[(f64, u64)], lived_s: f64) -> Option<RssSpan> {
     let first = samples.first()?.0;
     let last = samples.last()?.0;
     let (warm, window) = (first + WARM_UP_S, RSS_WINDOW_S);
     if last - window < warm + window {
         return None;
     }
-    let start = floor(
-        samples
-            .iter()
-            .filter(|(t, _)| *t >= warm && *t < warm + window),
-    )?;
-    let end = floor(samples.iter().filter(|(t, _)| *t > last - window))?;
+    let in_start = |t: f64| t >= warm && t < warm + window;
+    let in_end = |t: f64| t > last - window;
+    let start = floor(samples.iter().filter(|(t, _)| in_start(*t)))?;
+    let end = floor(samples.iter().filter(|(t, _)| in_end(*t)))?;
+    let heap = floor(heap.iter().filter(|(t, _)| in_start(*t)))
+        .zip(floor(heap.iter().filter(|(t, _)| in_end(*t))));
     Some(RssSpan {
         lived_s,
         start,
         end,
+        heap,
     })
 }
 
@@ -581,6 +589,7 @@ task_concurrency = 32
                 edge_port: Mutex::new(None),
                 incarnations: Mutex::new(0),
                 rss: Mutex::new(Vec::new()),
+                heap: Mutex::new(Vec::new()),
                 rss_history: Mutex::new(Vec::new()),
                 dir: rdir,
             }));
@@ -688,7 +697,7 @@ mod tests {
     fn a_burst_at_the_end_is_not_growth() {
         // Flat at 22 MB, with a results batch of 4 MB in flight during the last 5 s.
         let s = series(300, |t| if t > 295 { 26 * MB } else { 22 * MB });
-        let span = rss_span(&s, 300.0).expect("judged");
+        let span = rss_span(&s, &[], 300.0).expect("judged");
         assert_eq!((span.start, span.end), (22 * MB, 22 * MB));
     }
 
@@ -696,7 +705,7 @@ mod tests {
     fn a_burst_over_half_the_last_window_is_not_growth() {
         // The second hour's relay-a: flat at 24 MB, 9 MB of buffers for the last 20 s.
         let s = series(128, |t| if t > 108 { 33 * MB } else { 24 * MB });
-        let span = rss_span(&s, 128.0).expect("judged");
+        let span = rss_span(&s, &[], 128.0).expect("judged");
         assert_eq!((span.start, span.end), (24 * MB, 24 * MB));
     }
 
@@ -704,7 +713,7 @@ mod tests {
     fn memory_kept_through_the_last_window_is_growth() {
         // Flat at 22 MB, then 3 MB more that stays for the last 40 s.
         let s = series(300, |t| if t > 260 { 25 * MB } else { 22 * MB });
-        let span = rss_span(&s, 300.0).expect("judged");
+        let span = rss_span(&s, &[], 300.0).expect("judged");
         assert_eq!((span.start, span.end), (22 * MB, 25 * MB));
     }
 
@@ -712,26 +721,45 @@ mod tests {
     fn what_fills_during_the_first_cycle_is_warm_up_and_growth_after_it_is_seen() {
         // 20 MB at start, 2 MB more as the first monitoring cycle renews every report, then flat.
         let fill = |t: u32| 20 * MB + u64::from(t.min(60)) * 2 * MB / 60;
-        let span = rss_span(&series(300, fill), 300.0).expect("judged");
+        let span = rss_span(&series(300, fill), &[], 300.0).expect("judged");
         assert_eq!((span.start, span.end), (22 * MB, 22 * MB));
         // The same, with 15 KB a second kept from then on: 3.2 MB more by the end, over 10%.
         let leak = |t: u32| fill(t) + u64::from(t.saturating_sub(60)) * 15_000;
-        let span = rss_span(&series(300, leak), 300.0).expect("judged");
+        let span = rss_span(&series(300, leak), &[], 300.0).expect("judged");
         let growth = (span.end - span.start) as f64 / span.start as f64;
         assert!(growth > 0.10, "{span:?}: {growth}");
+    }
+
+    #[test]
+    fn the_heap_is_judged_over_the_same_windows() {
+        // RSS up 3 MB at 260 s; the heap in use, sampled every 5 s, flat at 2 MB but for a 4 MB
+        // burst that a single sample caught in each window.
+        let s = series(300, |t| if t > 260 { 25 * MB } else { 22 * MB });
+        let heap: Vec<(f64, u64)> = (0..=60)
+            .map(|i| {
+                let t = i * 5;
+                (
+                    f64::from(t),
+                    if t == 70 || t == 285 { 6 * MB } else { 2 * MB },
+                )
+            })
+            .collect();
+        let span = rss_span(&s, &heap, 300.0).expect("judged");
+        assert_eq!(span.heap, Some((2 * MB, 2 * MB)));
+        assert_eq!(rss_span(&s, &[], 300.0).expect("judged").heap, None);
     }
 
     #[test]
     fn steady_growth_is_seen() {
         // 20 MB growing by 30 KB a second: 29 MB after five minutes.
         let s = series(300, |t| 20 * MB + u64::from(t) * 30_000);
-        let span = rss_span(&s, 300.0).expect("judged");
+        let span = rss_span(&s, &[], 300.0).expect("judged");
         assert!(span.start < 22 * MB && span.end > 28 * MB, "{span:?}");
     }
 
     #[test]
     fn a_short_life_is_not_judged() {
-        assert!(rss_span(&series(80, |_| 20 * MB), 80.0).is_none());
-        assert!(rss_span(&[], 0.0).is_none());
+        assert!(rss_span(&series(80, |_| 20 * MB), &[], 80.0).is_none());
+        assert!(rss_span(&[], &[], 0.0).is_none());
     }
 }

@@ -48,6 +48,34 @@ pub struct StatusReport {
     /// (as found by the last reload).
     #[serde(default)]
     pub restart_needed: Vec<String>,
+    /// The process's memory: resident, and the allocator's account of it.
+    #[serde(default)]
+    pub memory: Option<MemoryReport>,
+}
+
+/// What the relay holds in memory. `heap_in_use_bytes` is live data (it rises with a leak);
+/// `resident_bytes` adds code, stacks and the free space the allocator keeps.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemoryReport {
+    pub resident_bytes: u64,
+    pub heap_in_use_bytes: Option<u64>,
+    pub heap_free_bytes: Option<u64>,
+    pub threads: u64,
+    pub open_fds: u64,
+}
+
+impl MemoryReport {
+    pub fn now() -> Option<MemoryReport> {
+        let p = crate::util::memory::process()?;
+        let h = crate::util::memory::heap();
+        Some(MemoryReport {
+            resident_bytes: p.resident,
+            heap_in_use_bytes: h.map(|h| h.in_use),
+            heap_free_bytes: h.map(|h| h.free),
+            threads: p.threads,
+            open_fds: p.open_fds,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -584,6 +612,7 @@ impl StatusReport {
                     .load(std::sync::atomic::Ordering::Relaxed),
             }),
             metrics_listen: crate::ops::metrics::bound().map(|a| a.to_string()),
+            memory: MemoryReport::now(),
             fleet: Some(FleetReport {
                 site: s.site.as_ref().map(|x| x.name.clone()),
                 site_isolated: s.site.as_ref().is_some_and(|x| x.isolated),
@@ -628,6 +657,22 @@ impl StatusReport {
             ),
             ("cloud", format!("{} (tenant {})", c.url, c.tenant_id)),
         ];
+        if let Some(m) = &self.memory {
+            let mb = |b: u64| b as f64 / 1e6;
+            let heap = m
+                .heap_in_use_bytes
+                .map(|h| format!(", {:.1} MB heap in use", mb(h)))
+                .unwrap_or_default();
+            rows.push((
+                "memory",
+                format!(
+                    "{:.1} MB resident{heap}, {} threads, {} open files",
+                    mb(m.resident_bytes),
+                    m.threads,
+                    m.open_fds
+                ),
+            ));
+        }
         if let Some(p) = &c.proxy {
             rows.push(("proxy", p.clone()));
         }
