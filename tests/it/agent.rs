@@ -45,6 +45,14 @@ async fn registers_and_heartbeats_are_seen_by_the_cloud() {
     let (code, out, _) = run_cli(&["status", "--socket", &sock]).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("healthy") && out.contains(&relay_id), "{out}");
+    let memory = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("memory"))
+        .unwrap_or_else(|| panic!("no memory row:\n{out}"));
+    assert!(
+        memory.contains("MB resident") && memory.contains("MB heap in use"),
+        "{memory}"
+    );
     let (code, out, _) = run_cli(&["status", "--socket", &sock, "--json"]).await;
     assert_eq!(code, 0);
     let v: Value = serde_json::from_str(&out).unwrap();
