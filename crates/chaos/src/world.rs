@@ -176,7 +176,7 @@ pub struct RelayNode {
     pub rss: Mutex<Vec<(f64, u64)>>,
     /// Heap-in-use samples of the current incarnation, from its `status`.
     pub heap: Mutex<Vec<(f64, u64)>>,
-    /// (start, end, first sample after warm-up, last sample) of every finished incarnation.
+    /// The memory verdict of every finished incarnation that lived long enough for one.
     pub rss_history: Mutex<Vec<RssSpan>>,
 }
 
@@ -222,7 +222,6 @@ impl RelayNode {
             .arg(&self.config)
             .env("NOTIFY_SOCKET", &self.notify_path)
             .env("WATCHDOG_USEC", WATCHDOG.as_micros().to_string())
-            .env_remove("WATCHDOG_PID")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -732,20 +731,25 @@ mod tests {
 
     #[test]
     fn the_heap_is_judged_over_the_same_windows() {
-        // RSS up 3 MB at 260 s; the heap in use, sampled every 5 s, flat at 2 MB but for a 4 MB
-        // burst that a single sample caught in each window.
+        // RSS up 3 MB at 260 s. The heap in use, sampled every 5 s: 1 MB during warm-up, 2 MB in
+        // the first window, 3 MB between the windows, 2.5 MB in the last; a 4 MB burst that a
+        // single sample caught in each window.
         let s = series(300, |t| if t > 260 { 25 * MB } else { 22 * MB });
         let heap: Vec<(f64, u64)> = (0..=60)
             .map(|i| {
                 let t = i * 5;
-                (
-                    f64::from(t),
-                    if t == 70 || t == 285 { 6 * MB } else { 2 * MB },
-                )
+                let h = match t {
+                    70 | 285 => 6 * MB,
+                    0..60 => MB,
+                    60..90 => 2 * MB,
+                    271.. => 5 * MB / 2,
+                    _ => 3 * MB,
+                };
+                (f64::from(t), h)
             })
             .collect();
         let span = rss_span(&s, &heap, 300.0).expect("judged");
-        assert_eq!(span.heap, Some((2 * MB, 2 * MB)));
+        assert_eq!(span.heap, Some((2 * MB, 5 * MB / 2)));
         assert_eq!(rss_span(&s, &[], 300.0).expect("judged").heap, None);
     }
 

@@ -5,10 +5,11 @@ use super::Running;
 use crate::cache::Catalog;
 use crate::ctx::{ChannelState, Registration};
 use crate::edge::Edge;
+use crate::util::memory::{Heap, Process, heap, process};
 use crate::util::metrics::{Labels, Registry, global};
-use std::sync::Arc;
 use std::sync::OnceLock;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 fn unix_secs(t: SystemTime) -> f64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
@@ -34,45 +35,76 @@ fn label(k: &'static str, v: &str) -> Labels {
     vec![(k, v.to_string())]
 }
 
-/// Uptime, build, and the process's memory, threads and files (the names Prometheus's client
-/// libraries give them), with the allocator's own account beside the RSS: a leak raises
-/// `ucrelay_heap_in_use_bytes`, fragmentation only the RSS.
-fn register_process(r: &Registry, ctx: &Running) {
-    use crate::util::memory::{Process, heap, process};
-    let read = |f: fn(&Process) -> u64| move || process().map_or(f64::NAN, |p| f(&p) as f64);
-    r.gauge_fn(
-        "process_resident_memory_bytes",
-        "Resident memory (VmRSS), bytes",
-        read(|p| p.resident),
-    );
-    r.gauge_fn(
-        "process_virtual_memory_bytes",
-        "Virtual memory (VmSize), bytes",
-        read(|p| p.virtual_size),
-    );
-    r.gauge_fn("process_threads", "Threads", read(|p| p.threads));
-    r.gauge_fn(
-        "process_open_fds",
-        "Open file descriptors",
-        read(|p| p.open_fds),
-    );
-    if heap().is_some() {
-        r.gauge_fn(
-            "ucrelay_heap_in_use_bytes",
-            "Bytes the allocator has handed out and not had back (live data)",
-            || heap().map_or(f64::NAN, |h| h.in_use as f64),
-        );
-        r.gauge_fn(
-            "ucrelay_heap_free_bytes",
-            "Free bytes the allocator keeps in its arenas",
-            || heap().map_or(f64::NAN, |h| h.free as f64),
-        );
+/// One reading of `/proc/self` and of the allocator, shared by the gauges of a scrape (each gauge
+/// is read on its own; mallinfo2 takes every arena's lock).
+fn snapshot() -> Option<(Process, Option<Heap>)> {
+    static LAST: Mutex<Option<(Instant, Process, Option<Heap>)>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((at, p, h)) = *last
+        && at.elapsed() < Duration::from_secs(1)
+    {
+        return Some((p, h));
     }
-    let c = ctx.clone();
+    let (p, h) = (process()?, heap());
+    *last = Some((Instant::now(), p, h));
+    Some((p, h))
+}
+
+/// Uptime, build, and the process's memory, threads and files (the names Prometheus's client
+/// libraries give them), with the allocator's own account beside the RSS (glibc only): a leak
+/// raises `ucrelay_heap_in_use_bytes`; fragmentation raises the RSS and the free bytes, not it.
+fn register_process(r: &Registry, ctx: &Running) {
+    let read = |f: fn(&Process) -> Option<u64>| {
+        move || {
+            snapshot()
+                .and_then(|(p, _)| f(&p))
+                .map_or(f64::NAN, |v| v as f64)
+        }
+    };
+    if let Some((p, h)) = snapshot() {
+        r.gauge_fn(
+            "process_resident_memory_bytes",
+            "Resident memory (VmRSS), bytes",
+            read(|p| Some(p.resident)),
+        );
+        r.gauge_fn(
+            "process_virtual_memory_bytes",
+            "Virtual memory (VmSize), bytes",
+            read(|p| Some(p.virtual_size)),
+        );
+        r.gauge_fn("process_threads", "Threads", read(|p| Some(p.threads)));
+        if p.open_fds.is_some() {
+            r.gauge_fn(
+                "process_open_fds",
+                "Open file descriptors",
+                read(|p| p.open_fds),
+            );
+        }
+        if h.is_some() {
+            let heap = |f: fn(&Heap) -> u64| {
+                move || {
+                    snapshot()
+                        .and_then(|(_, h)| h)
+                        .map_or(f64::NAN, |h| f(&h) as f64)
+                }
+            };
+            r.gauge_fn(
+                "ucrelay_heap_in_use_bytes",
+                "Bytes the allocator has handed out and not had back (live data)",
+                heap(|h| h.in_use),
+            );
+            r.gauge_fn(
+                "ucrelay_heap_free_bytes",
+                "Free bytes the allocator keeps in its arenas",
+                heap(|h| h.free),
+            );
+        }
+    }
+    let started = unix_secs(ctx.started_at);
     r.gauge_fn(
         "process_start_time_seconds",
         "When the relay started, seconds since the Unix epoch",
-        move || unix_secs(SystemTime::now()) - c.started.elapsed().as_secs_f64(),
+        move || started,
     );
     let c = ctx.clone();
     r.gauge_fn(

@@ -61,7 +61,8 @@ pub struct MemoryReport {
     pub heap_in_use_bytes: Option<u64>,
     pub heap_free_bytes: Option<u64>,
     pub threads: u64,
-    pub open_fds: u64,
+    #[serde(default)]
+    pub open_fds: Option<u64>,
 }
 
 impl MemoryReport {
@@ -663,13 +664,16 @@ impl StatusReport {
                 .heap_in_use_bytes
                 .map(|h| format!(", {:.1} MB heap in use", mb(h)))
                 .unwrap_or_default();
+            let fds = m
+                .open_fds
+                .map(|n| format!(", {n} open files"))
+                .unwrap_or_default();
             rows.push((
                 "memory",
                 format!(
-                    "{:.1} MB resident{heap}, {} threads, {} open files",
+                    "{:.1} MB resident{heap}, {} threads{fds}",
                     mb(m.resident_bytes),
-                    m.threads,
-                    m.open_fds
+                    m.threads
                 ),
             ));
         }

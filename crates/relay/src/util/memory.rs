@@ -91,13 +91,14 @@ pub fn heap() -> Option<Heap> {
     }
 }
 
-/// The process's figures from `/proc/self`: resident and virtual bytes, threads, open files.
+/// The process's figures from `/proc/self`: resident and virtual bytes, threads, open files (when
+/// `/proc/self/fd` can be listed).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Process {
     pub resident: u64,
     pub virtual_size: u64,
     pub threads: u64,
-    pub open_fds: u64,
+    pub open_fds: Option<u64>,
 }
 
 /// Reads [`Process`]; `None` where `/proc` is not mounted.
@@ -113,12 +114,17 @@ pub fn process() -> Option<Process> {
             .ok()
     };
     let kib = |v: u64| v.saturating_mul(1024);
-    let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count();
+    // Not counting the descriptor that lists them.
+    let open_fds = std::fs::read_dir("/proc/self/fd").ok().map(|d| {
+        u64::try_from(d.count())
+            .unwrap_or(u64::MAX)
+            .saturating_sub(1)
+    });
     Some(Process {
         resident: kib(field("VmRSS")?),
         virtual_size: kib(field("VmSize")?),
         threads: field("Threads")?,
-        open_fds: u64::try_from(open_fds).unwrap_or(u64::MAX),
+        open_fds,
     })
 }
 
@@ -135,16 +141,20 @@ mod tests {
             .expect("RssAnon in /proc/self/status")
     }
 
+    /// The two tests below measure the allocator's process-wide figures: one at a time.
+    static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn the_allocator_counts_what_is_live() {
+        let _alone = ALONE.lock().unwrap_or_else(|e| e.into_inner());
         let before = heap().expect("glibc gives its account").in_use;
-        // 64 MiB in 8 KiB blocks, below the mmap threshold: counted in the arenas. Other tests
+        // 32 MiB in 8 KiB blocks, below the mmap threshold: counted in the arenas. Other tests
         // allocate and free meanwhile in this process, so only half of it must show.
-        let blocks: Vec<Vec<u8>> = (0..8 * 1024).map(|_| vec![7u8; 8 * 1024]).collect();
+        let blocks: Vec<Vec<u8>> = (0..4 * 1024).map(|_| vec![7u8; 8 * 1024]).collect();
         let during = heap().expect("glibc gives its account").in_use;
         assert!(
-            during >= before.saturating_add(32 << 20),
-            "in use went from {before} to {during} with 64 MiB live"
+            during >= before.saturating_add(16 << 20),
+            "in use went from {before} to {during} with 32 MiB live"
         );
         drop(blocks);
         let p = process().expect("/proc/self");
@@ -152,11 +162,15 @@ mod tests {
             p.resident > 1 << 20 && p.virtual_size >= p.resident,
             "{p:?}"
         );
-        assert!(p.threads >= 1 && p.open_fds >= 3, "{p:?}");
+        assert!(
+            p.threads >= 1 && p.open_fds.is_some_and(|n| n >= 3),
+            "{p:?}"
+        );
     }
 
     #[test]
     fn trim_gives_back_the_holes_a_burst_left() {
+        let _alone = ALONE.lock().unwrap_or_else(|e| e.into_inner());
         tune();
         // In a thread of its own (its own arena, as a blocking-pool thread would have): 24 MiB
         // of small blocks, all freed but the last, which pins the top of the heap so glibc
