@@ -128,6 +128,11 @@ pub fn process() -> Option<Process> {
     })
 }
 
+/// Tests that measure the allocator's process-wide figures (here and in the store) take this
+/// lock, so that no two of them run at once.
+#[cfg(all(test, target_os = "linux", target_env = "gnu"))]
+pub(crate) static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[cfg(all(test, target_os = "linux", target_env = "gnu"))]
 mod tests {
     use super::*;
@@ -140,9 +145,6 @@ mod tests {
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .expect("RssAnon in /proc/self/status")
     }
-
-    /// The two tests below measure the allocator's process-wide figures: one at a time.
-    static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     #[test]
     fn the_allocator_counts_what_is_live() {
