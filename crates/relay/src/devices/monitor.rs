@@ -1463,6 +1463,193 @@ mod tests {
         );
     }
 
+    /// A cloud that takes `device-status` batches and refuses (400) any batch carrying the alarm
+    /// `REFUSED`, as one that finds it malformed; it keeps the ids of what it took.
+    #[derive(Default)]
+    struct StatusCloud {
+        /// Refusals of the refused alarm sent alone (the relay looking for the record to set aside).
+        refused_alone: AtomicU64,
+        reports: Mutex<Vec<String>>,
+        alarms: Mutex<Vec<String>>,
+    }
+
+    const REFUSED: &str = "a1-refused";
+
+    impl StatusCloud {
+        /// Serves on 127.0.0.1:0 (bound before it returns, so it takes connections at once).
+        async fn start() -> (Arc<StatusCloud>, String) {
+            use axum::{Json, extract::State, http::StatusCode};
+            async fn device_status(
+                State(cloud): State<Arc<StatusCloud>>,
+                Json(b): Json<DeviceStatusBatch>,
+            ) -> (StatusCode, Json<Value>) {
+                if b.alarms.iter().any(|a| a.id == REFUSED) {
+                    if b.alarms.len() == 1 && b.reports.is_empty() && b.stats.is_empty() {
+                        cloud.refused_alone.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let e = json!({"error": {"code": "bad_request", "message": "malformed alarm"}});
+                    return (StatusCode::BAD_REQUEST, Json(e));
+                }
+                let mut reports = cloud.reports.lock().unwrap();
+                reports.extend(b.reports.into_iter().map(|r| r.address));
+                let mut alarms = cloud.alarms.lock().unwrap();
+                alarms.extend(b.alarms.into_iter().map(|a| a.id));
+                (StatusCode::OK, Json(json!({})))
+            }
+            let cloud = Arc::new(StatusCloud::default());
+            let app = axum::Router::new()
+                .route(PATH_DEVICE_STATUS, axum::routing::post(device_status))
+                .with_state(cloud.clone());
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            (cloud, url)
+        }
+
+        fn took(&self, report: &str, alarm: &str) -> bool {
+            self.reports.lock().unwrap().iter().any(|r| r == report)
+                && self.alarms.lock().unwrap().iter().any(|a| a == alarm)
+        }
+    }
+
+    /// A relay's context and device plane on a fresh state directory, talking to `cloud_url`.
+    async fn plane_for(cloud_url: &str) -> (Ctx, Arc<DevicePlane>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "state_dir = {:?}\n[cloud]\nurl = \"{cloud_url}\"\ntenant_id = \"acme\"\npin = \"123456\"\n[devices]\nsubnets = [\"10.0.0.0/24\"]\npoll_interval = \"1m\"\n",
+            dir.path().join("state")
+        );
+        let config =
+            crate::config::Config::from_str_at(&text, &dir.path().join("relay.toml")).unwrap();
+        let store = Store::open(&config.state_dir).unwrap();
+        let artifacts = crate::artifacts::Artifacts::open(
+            &config.state_dir,
+            config.diagnostics.artifacts_max_total,
+            &store,
+        )
+        .unwrap();
+        let logs = crate::devlogs::DeviceLogs::open(&config.state_dir, &config.diagnostics, &store)
+            .unwrap();
+        let live = Arc::new(crate::util::live::Live::new(config.devices.clone()));
+        let plane =
+            DevicePlane::new(live.clone(), &store, artifacts.clone(), logs.clone()).unwrap();
+        let cloud = crate::cloud::CloudClient::new(&config.cloud).unwrap();
+        let ctx = Ctx::new(config, live, store, cloud, "r1".into(), artifacts, logs);
+        (ctx, plane, dir)
+    }
+
+    /// Stores an alarm and has the reporter count it, as a poll that raised it does.
+    fn store_alarm(ctx: &Ctx, plane: &DevicePlane, id: &str) {
+        let a = Alarm {
+            id: id.into(),
+            address: "10.0.0.9".into(),
+            mac: None,
+            kind: ALARM_DEVICE_OFFLINE.into(),
+            line: None,
+            message: "device offline".into(),
+            at: "2026-01-01T00:00:00Z".into(),
+        };
+        let value = serde_json::to_vec(&a).unwrap();
+        let w = Write::Alarm {
+            id: id.into(),
+            value,
+        };
+        ctx.store.write_batch(&[w]).unwrap();
+        plane.registry.alarm_stored();
+    }
+
+    /// Waits (at most 20 s) until `probe` answers, failing at once if the reporter has ended.
+    async fn while_reporting<T>(
+        what: &str,
+        job: &mut tokio::task::JoinHandle<Result<()>>,
+        mut probe: impl FnMut() -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(v) = probe() {
+                return v;
+            }
+            if job.is_finished() {
+                panic!("the reporter ended before {what}: {:?}", job.await);
+            }
+            assert!(Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The chaos harness's find (19e9ba8): the cloud refuses an alarm for good while the disk under
+    /// the store is full, so the alarm cannot be set aside yet. The reporter (and with it the
+    /// monitoring job) goes on, the alarm stays pending, and once the store takes writes again it
+    /// is set aside and reports flow as before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_alarm_waits_out_a_full_disk_instead_of_stopping_the_reporter() {
+        let (cloud, url) = StatusCloud::start().await;
+        let (ctx, plane, _dir) = plane_for(&url).await;
+        ctx.sessions.set("token".into());
+        store_alarm(&ctx, &plane, REFUSED);
+        plane
+            .registry
+            .lock()
+            .unsent
+            .insert("10.0.0.9".into(), rep(true, &[(1, true)]));
+        ctx.store.set_disk_full(true);
+        let stop = CancellationToken::new();
+        let mut job = tokio::spawn(reporter(ctx.clone(), plane.clone(), stop.clone()));
+
+        // Refused alone, not set aside (the store refuses the write), refused again.
+        while_reporting("the alarm was refused twice", &mut job, || {
+            (cloud.refused_alone.load(Ordering::Relaxed) >= 2).then_some(())
+        })
+        .await;
+        assert!(ctx.store.trouble().is_some_and(|t| t.disk_full));
+        // The store is read whenever it is open again (at most a second after a failed write).
+        let (pending, rejected) = while_reporting("the store read", &mut job, || {
+            Some((ctx.store.alarms_len().ok()?, ctx.store.rejected_len().ok()?))
+        })
+        .await;
+        assert_eq!((pending, rejected), (1, 0), "the alarm stays pending");
+        assert_eq!(plane.registry.pending_alarms(), 1);
+        assert_eq!(plane.registry.records_rejected.load(Ordering::Relaxed), 0);
+
+        // Space returns: the next refusal sets it aside.
+        ctx.store.set_disk_full(false);
+        while_reporting("the alarm set aside", &mut job, || {
+            (plane.registry.records_rejected.load(Ordering::Relaxed) == 1).then_some(())
+        })
+        .await;
+        assert_eq!(plane.registry.pending_alarms(), 0);
+        assert_eq!(ctx.store.alarms_len().unwrap(), 0);
+        assert_eq!(ctx.store.rejected_len().unwrap(), 1);
+
+        // Later reports and alarms flow.
+        let later = DeviceReport {
+            address: "10.0.0.10".into(),
+            ..rep(false, &[])
+        };
+        plane
+            .registry
+            .lock()
+            .unsent
+            .insert(later.address.clone(), later);
+        store_alarm(&ctx, &plane, "a2-later");
+        while_reporting("a later report and alarm delivered", &mut job, || {
+            cloud.took("10.0.0.10", "a2-later").then_some(())
+        })
+        .await;
+        while_reporting("the delivered alarm removed", &mut job, || {
+            (ctx.store.alarms_len().ok()? == 0).then_some(())
+        })
+        .await;
+        assert_eq!(plane.registry.pending_alarms(), 0);
+        assert!(
+            !cloud.alarms.lock().unwrap().iter().any(|a| a == REFUSED),
+            "the refused alarm was never taken"
+        );
+        assert!(ctx.store.trouble().is_none());
+        stop.cancel();
+        job.await.unwrap().unwrap();
+    }
+
     #[test]
     fn offsets_spread_inside_the_period() {
         let p = Duration::from_secs(300);

@@ -77,6 +77,9 @@ struct Shared {
     trouble: Mutex<Option<Trouble>>,
     /// When an open was last tried while the database was closed.
     last_open: Mutex<Option<Instant>>,
+    /// Tests only: the disk is full (see [`Store::set_disk_full`]).
+    #[cfg(test)]
+    disk_full: std::sync::atomic::AtomicBool,
 }
 
 /// Why the store cannot take writes now: shown by `ucrelay status` and sent in heartbeats.
@@ -161,6 +164,8 @@ impl Store {
                 db: RwLock::new(Some(db)),
                 trouble: Mutex::new(None),
                 last_open: Mutex::new(None),
+                #[cfg(test)]
+                disk_full: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         match store.init() {
@@ -218,7 +223,28 @@ impl Store {
     }
 
     fn write<T>(&self, f: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
+        #[cfg(test)]
+        if self
+            .inner
+            .disk_full
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return self.with(true, |_| {
+                let enospc = std::io::Error::from_raw_os_error(nix::libc::ENOSPC);
+                Err(StoreError::Db(redb::Error::Io(enospc)))
+            });
+        }
         self.with(true, f)
+    }
+
+    /// Tests only: while `full`, every durable write fails with `ENOSPC` as on a full disk, and the
+    /// store takes the path a real one takes (it closes, records the trouble, opens again); reads
+    /// work whenever the database is open. Nothing of this is in a build that is not a test.
+    #[cfg(test)]
+    pub(crate) fn set_disk_full(&self, full: bool) {
+        self.inner
+            .disk_full
+            .store(full, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A write whose commit is not durable (`Durability::None`): redb writes nothing to the file
