@@ -674,3 +674,32 @@ pub async fn run(ctx: Ctx, plane: Arc<DevicePlane>, shutdown: CancellationToken)
     while set.join_next().await.is_some() {}
     r.map(|_| ())
 }
+
+/// A relay's context and device plane on a fresh state directory, for the unit tests of the
+/// plane's jobs: `cloud_url` is where the cloud client points, `devices` the `[devices]` lines.
+#[cfg(test)]
+pub(crate) fn plane_for_test(
+    cloud_url: &str,
+    devices: &str,
+) -> (Ctx, Arc<DevicePlane>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "state_dir = {:?}\n[cloud]\nurl = \"{cloud_url}\"\ntenant_id = \"acme\"\npin = \"123456\"\n[devices]\n{devices}",
+        dir.path().join("state")
+    );
+    let config = crate::config::Config::from_str_at(&text, &dir.path().join("relay.toml")).unwrap();
+    let store = crate::store::Store::open(&config.state_dir).unwrap();
+    let artifacts = crate::artifacts::Artifacts::open(
+        &config.state_dir,
+        config.diagnostics.artifacts_max_total,
+        &store,
+    )
+    .unwrap();
+    let logs =
+        crate::devlogs::DeviceLogs::open(&config.state_dir, &config.diagnostics, &store).unwrap();
+    let live = Arc::new(Live::new(config.devices.clone()));
+    let plane = DevicePlane::new(live.clone(), &store, artifacts.clone(), logs.clone()).unwrap();
+    let cloud = crate::cloud::CloudClient::new(&config.cloud).unwrap();
+    let ctx = Ctx::new(config, live, store, cloud, "r1".into(), artifacts, logs);
+    (ctx, plane, dir)
+}

@@ -1513,29 +1513,11 @@ mod tests {
     }
 
     /// A relay's context and device plane on a fresh state directory, talking to `cloud_url`.
-    async fn plane_for(cloud_url: &str) -> (Ctx, Arc<DevicePlane>, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
-        let text = format!(
-            "state_dir = {:?}\n[cloud]\nurl = \"{cloud_url}\"\ntenant_id = \"acme\"\npin = \"123456\"\n[devices]\nsubnets = [\"10.0.0.0/24\"]\npoll_interval = \"1m\"\n",
-            dir.path().join("state")
-        );
-        let config =
-            crate::config::Config::from_str_at(&text, &dir.path().join("relay.toml")).unwrap();
-        let store = Store::open(&config.state_dir).unwrap();
-        let artifacts = crate::artifacts::Artifacts::open(
-            &config.state_dir,
-            config.diagnostics.artifacts_max_total,
-            &store,
+    fn plane_for(cloud_url: &str) -> (Ctx, Arc<DevicePlane>, tempfile::TempDir) {
+        crate::devices::plane_for_test(
+            cloud_url,
+            "subnets = [\"10.0.0.0/24\"]\npoll_interval = \"1m\"\n",
         )
-        .unwrap();
-        let logs = crate::devlogs::DeviceLogs::open(&config.state_dir, &config.diagnostics, &store)
-            .unwrap();
-        let live = Arc::new(crate::util::live::Live::new(config.devices.clone()));
-        let plane =
-            DevicePlane::new(live.clone(), &store, artifacts.clone(), logs.clone()).unwrap();
-        let cloud = crate::cloud::CloudClient::new(&config.cloud).unwrap();
-        let ctx = Ctx::new(config, live, store, cloud, "r1".into(), artifacts, logs);
-        (ctx, plane, dir)
     }
 
     /// Stores an alarm and has the reporter count it, as a poll that raised it does.
@@ -1584,7 +1566,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_refused_alarm_waits_out_a_full_disk_instead_of_stopping_the_reporter() {
         let (cloud, url) = StatusCloud::start().await;
-        let (ctx, plane, _dir) = plane_for(&url).await;
+        let (ctx, plane, _dir) = plane_for(&url);
         ctx.sessions.set("token".into());
         store_alarm(&ctx, &plane, REFUSED);
         plane

@@ -1708,28 +1708,10 @@ mod tests {
 
     impl Plane {
         async fn start() -> Plane {
-            let dir = tempfile::tempdir().unwrap();
-            let text = format!(
-                "state_dir = {:?}\n[cloud]\nurl = \"https://cloud.example.com\"\ntenant_id = \"acme\"\npin = \"123456\"\n[devices]\nsubnets = [\"127.0.99.0/24\"]\nmonitoring = false\n",
-                dir.path().join("state")
+            let (ctx, plane, dir) = crate::devices::plane_for_test(
+                "https://cloud.example.com",
+                "subnets = [\"127.0.99.0/24\"]\nmonitoring = false\n",
             );
-            let config =
-                crate::config::Config::from_str_at(&text, &dir.path().join("relay.toml")).unwrap();
-            let store = Store::open(&config.state_dir).unwrap();
-            let artifacts = crate::artifacts::Artifacts::open(
-                &config.state_dir,
-                config.diagnostics.artifacts_max_total,
-                &store,
-            )
-            .unwrap();
-            let logs =
-                crate::devlogs::DeviceLogs::open(&config.state_dir, &config.diagnostics, &store)
-                    .unwrap();
-            let live = Arc::new(crate::util::live::Live::new(config.devices.clone()));
-            let plane =
-                DevicePlane::new(live.clone(), &store, artifacts.clone(), logs.clone()).unwrap();
-            let cloud = crate::cloud::CloudClient::new(&config.cloud).unwrap();
-            let ctx = Ctx::new(config, live, store, cloud, "r1".into(), artifacts, logs);
             let stop = CancellationToken::new();
             let mut jobs = tokio::task::JoinSet::new();
             jobs.spawn(super::super::recorder(
