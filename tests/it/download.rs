@@ -988,15 +988,32 @@ async fn a_full_cache_disk_mid_download_keeps_the_partial_never_serves_it_and_re
         "nothing unverified is in files/"
     );
     node.assert_not_ready("/images/big.bin", &data).await;
+    // The disk stays full past the download's own attempts (about 15 s), so the sync round ends
+    // short of space.
+    wait_for(
+        "the sync round ended short of space",
+        Duration::from_secs(40),
+        || async {
+            image(&node.images().await, "big.bin")
+                .is_some_and(|i| i["state"] == "failed")
+                .then_some(())
+        },
+    )
+    .await;
     assert!(
         node.relay.child.try_wait().unwrap().is_none(),
         "the relay keeps running"
     );
+    assert_eq!(len(&part), kept, "the partial file is kept as it was");
 
-    // Space returns: the download resumes from the partial file, by itself. The partial file
-    // only grows from what was kept (never truncated to start over) until it is verified.
+    // Space returns: the download resumes from the partial file, by itself, within seconds (a
+    // round short of space is tried again after 5 s, not after the sync's retry backoff, which
+    // draws 3-30 s and grows). The partial file only grows from what was kept (never truncated
+    // to start over) until it is verified.
     fs.release();
-    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let released = std::time::Instant::now();
+    let deadline = released + Duration::from_secs(40);
+    let mut resumed = false;
     loop {
         if let Ok(m) = std::fs::metadata(&part) {
             assert!(
@@ -1004,11 +1021,16 @@ async fn a_full_cache_disk_mid_download_keeps_the_partial_never_serves_it_and_re
                 "the partial file went from {kept} back to {} bytes",
                 m.len()
             );
+            resumed |= m.len() > kept;
         }
         let synced = image(&node.images().await, "big.bin").is_some_and(|i| i["state"] == "synced");
         if synced {
             break;
         }
+        assert!(
+            resumed || released.elapsed() < Duration::from_secs(12),
+            "the download had not resumed 12 s after space returned ({kept} bytes kept)"
+        );
         assert!(
             std::time::Instant::now() < deadline,
             "big.bin synced after space returned"
