@@ -11,6 +11,17 @@ use std::sync::Mutex;
 /// Prefix of every name the harness gives to something outside the process.
 pub const PREFIX: &str = "ucchaos";
 
+/// A file in a scratch directory kept on purpose (`--keep`): the next run's sweep leaves it.
+pub const KEPT: &str = "KEPT";
+
+/// Marks `dir` as kept for the operator, so that no later run's sweep removes it.
+pub fn mark_kept(dir: &Path) -> std::io::Result<()> {
+    std::fs::write(
+        dir.join(KEPT),
+        "kept with --keep (CHAOS_KEEP=1); remove this directory by hand\n",
+    )
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Undo {
     /// A child process, killed only while it is still our child.
@@ -88,7 +99,8 @@ fn pid_alive(pid: u32) -> bool {
 }
 
 /// Removes what a harness that died without cleaning up left behind: its namespaces, its mounts
-/// and its scratch directory (their names carry its pid).
+/// and its scratch directory (their names carry its pid), unless that directory was kept on
+/// purpose.
 pub fn sweep_stale() {
     let dead = |name: &str| -> bool {
         name.strip_prefix(PREFIX)
@@ -125,7 +137,7 @@ pub fn sweep_stale() {
     if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if dead(&name) {
+            if dead(&name) && !e.path().join(KEPT).exists() {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
@@ -141,4 +153,33 @@ pub fn install_panic_hook() {
         // Whatever panicked, the world it ran in is gone now: stop rather than limp on.
         std::process::exit(101);
     }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sweep_leaves_a_kept_directory_of_a_dead_harness() {
+        // A pid no process has now: what a harness killed earlier would have left.
+        let dead = (1_000_000..4_000_000u32)
+            .rev()
+            .find(|p| !pid_alive(*p))
+            .expect("a free pid");
+        let me = std::process::id();
+        let dir = |tag: &str| std::env::temp_dir().join(format!("{PREFIX}-{dead}-seed0-{tag}{me}"));
+        let (kept, left) = (dir("kept"), dir("left"));
+        for d in [&kept, &left] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join("relay.log"), "a line\n").unwrap();
+        }
+        mark_kept(&kept).unwrap();
+        sweep_stale();
+        let survived = kept.join("relay.log").exists();
+        let swept = !left.exists();
+        let _ = std::fs::remove_dir_all(&kept);
+        let _ = std::fs::remove_dir_all(&left);
+        assert!(survived, "a directory kept with --keep was swept");
+        assert!(swept, "a dead harness's scratch directory was left");
+    }
 }

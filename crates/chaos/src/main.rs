@@ -162,7 +162,9 @@ async fn run(args: Args) -> Result<bool> {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        if !args.keep {
+        if args.keep {
+            cleanup::mark_kept(&dir)?;
+        } else {
             cleanup::push(cleanup::Undo::RemoveDir(dir.clone()));
         }
         let totals = check::run_seed(&bin, &dir, &profile, seed).await?;
